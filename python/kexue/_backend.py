@@ -1,0 +1,181 @@
+"""Which implementation serves a call: ``triton``, ``cuda``, ``cpu`` (the C++ module) or ``torch``.
+
+Each op family registers the backends it has (:func:`register`). :func:`select` picks, per call,
+the first backend in order of preference that can serve the tensor; ``KEXUE_BACKEND`` (read on
+every call) or :func:`use_backend` forces one, and a forced backend that cannot serve the tensor
+raises :class:`BackendUnavailableError` with every backend's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+NAMES = ("triton", "cuda", "cpu", "torch")
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced that cannot serve this call."""
+
+
+# --------------------------------------------------------------------------------------------
+# What is installed. Each probe runs once and remembers why a backend is missing.
+
+
+def _probe_native():
+    try:
+        return importlib.import_module("kexue._C"), None
+    except Exception as exc:  # an ImportError, or an undefined symbol from an ABI mismatch
+        return None, f"kexue._C failed to import: {type(exc).__name__}: {exc}"
+
+
+def _probe_triton():
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton failed to import: {type(exc).__name__}: {exc}"
+    return True, None
+
+
+_native, _native_error = _probe_native()
+_triton_ok, _triton_error = _probe_triton()
+if _native is None:
+    warnings.warn(
+        f"{_native_error}. kexue falls back to the torch reference on CPU "
+        "(run `python -m kexue.env` for details).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def native():
+    """The compiled module ``kexue._C``, or None."""
+    return _native
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _device_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device``, or None if it can."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if _native is None:
+            return _native_error
+        return None if device.type == "cpu" else f"the C++ CPU path serves CPU tensors, not {device.type}"
+    if name == "cuda":
+        if _native is None:
+            return _native_error
+        if not getattr(_native, "WITH_CUDA", False):
+            return "kexue._C was built without CUDA (torch without CUDA, or nvcc not found at build time)"
+        return None if device.type == "cuda" else f"the CUDA path serves CUDA tensors, not {device.type}"
+    if name == "triton":
+        if not _triton_ok:
+            return _triton_error
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreting():
+            return None
+        return f"triton serves CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device.type}"
+    raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry of implementations per op family.
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    dtypes: tuple[torch.dtype, ...]
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+
+
+def register(op: str, backend: str, fn: Callable, dtypes: tuple[torch.dtype, ...]) -> None:
+    if backend not in NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {NAMES}")
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, dtypes)
+
+
+def reasons(op: str, tensor: torch.Tensor) -> dict[str, str | None]:
+    """For every backend, why it cannot serve ``op`` on ``tensor`` (None: it can)."""
+    impls = _REGISTRY.get(op, {})
+    out: dict[str, str | None] = {}
+    for name in NAMES:
+        impl = impls.get(name)
+        if impl is None:
+            out[name] = f"{op} has no {name} implementation"
+            continue
+        why = _device_reason(name, tensor.device)
+        if why is None and tensor.dtype not in impl.dtypes:
+            why = f"{name} {op} supports {', '.join(str(d) for d in impl.dtypes)}, not {tensor.dtype}"
+        out[name] = why
+    return out
+
+
+_forced = threading.local()
+
+
+def forced() -> str | None:
+    """The backend forced by :func:`use_backend` or ``KEXUE_BACKEND``, or None."""
+    name = getattr(_forced, "name", None) or os.environ.get("KEXUE_BACKEND") or None
+    if name is not None and name not in NAMES:
+        raise ValueError(f"KEXUE_BACKEND={name!r} is not a backend; expected one of {NAMES}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force ``name`` for calls made inside the block (None: automatic choice)."""
+    if name is not None and name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def select(op: str, tensor: torch.Tensor) -> tuple[str, Callable]:
+    """The backend that serves ``op`` on ``tensor``: ``(name, implementation)``."""
+    why = reasons(op, tensor)
+    name = forced()
+    if name is not None:
+        if why[name] is not None:
+            detail = "; ".join(f"{b}: {r or 'available'}" for b, r in why.items())
+            raise BackendUnavailableError(f"backend {name!r} was forced but cannot serve {op} ({detail})")
+        return name, _REGISTRY[op][name].fn
+    for candidate in _PREFERENCE.get(tensor.device.type, ("torch",)):
+        if why[candidate] is None:
+            return candidate, _REGISTRY[op][candidate].fn
+    detail = "; ".join(f"{b}: {r}" for b, r in why.items())
+    raise BackendUnavailableError(f"no backend can serve {op} on {tensor.device} {tensor.dtype} ({detail})")
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What is available: for each backend, ``{"available": bool, "reason": str | None}``.
+
+    ``cpu`` and ``torch`` are judged for CPU tensors, ``triton`` and ``cuda`` for CUDA tensors.
+    """
+    devices = {"triton": "cuda", "cuda": "cuda", "cpu": "cpu", "torch": "cpu"}
+    out = {}
+    for name in NAMES:
+        why = _device_reason(name, torch.device(devices[name]))
+        if why is None and devices[name] == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is visible to torch"
+        out[name] = {"available": why is None, "reason": why}
+    return out

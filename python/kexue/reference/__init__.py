@@ -1,0 +1,9 @@
+"""Plain PyTorch implementations written for clarity.
+
+They are the oracle of every test (run them in float64) and the ``torch`` backend, the fallback
+where nothing faster is available. Each function mirrors one kernel family, step for step.
+"""
+
+from kexue.reference.entropy_norm import entropy_normalize_backward, entropy_normalize_forward
+
+__all__ = ["entropy_normalize_forward", "entropy_normalize_backward"]

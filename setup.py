@@ -1,0 +1,83 @@
+"""Build kexue and its native module kexue._C.
+
+The C++ CPU sources always build. The CUDA sources build too when the installed torch has CUDA
+and nvcc is found; otherwise the module is CPU-only and the Triton kernels serve CUDA tensors.
+KEXUE_NO_NATIVE=1 skips the native build entirely (kexue then runs on the torch reference).
+Install with ``pip install --no-build-isolation -e .`` after torch is installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda(torch) -> tuple[bool, str]:
+    if os.environ.get("KEXUE_NO_CUDA") == "1":
+        return False, "KEXUE_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "the installed torch has no CUDA"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return False, "nvcc not found"
+    return True, f"torch CUDA {torch.version.cuda}"
+
+
+def _extensions():
+    if os.environ.get("KEXUE_NO_NATIVE") == "1":
+        print("kexue: KEXUE_NO_NATIVE=1, skipping kexue._C", file=sys.stderr)
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fno-trapping-math lets GCC turn float selects into vector blends (we never read FP flags).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    use_cuda, why = _want_cuda(torch)
+    print(f"kexue: CUDA sources {'on' if use_cuda else 'off'} ({why})", file=sys.stderr)
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("KEXUE_WITH_CUDA", None))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        if os.environ.get("KEXUE_NVCC_RESOURCE_USAGE") == "1":
+            nvcc.append("--resource-usage")
+        ext = CUDAExtension(
+            "kexue._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "kexue._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="kexue",
+    version="0.1.0",
+    description="Fused GPU kernels with fast CPU fallbacks for PyTorch",
+    packages=[*find_packages("python"), "kexue.triton_kernels"],
+    package_dir={"": "python", "kexue.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "hypothesis"],
+        "bench": ["matplotlib"],
+        "transformers": ["transformers"],
+    },
+)
