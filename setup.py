@@ -39,7 +39,7 @@ def _extensions():
 
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fno-trapping-math lets GCC turn float selects into vector blends (we never read FP flags).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     use_cuda, why = _want_cuda(torch)
@@ -47,7 +47,7 @@ def _extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("KEXUE_WITH_CUDA", None))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         if os.environ.get("KEXUE_NVCC_RESOURCE_USAGE") == "1":
             nvcc.append("--resource-usage")
         ext = CUDAExtension(

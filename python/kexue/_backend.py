@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -126,12 +125,14 @@ def reasons(op: str, tensor: torch.Tensor) -> dict[str, str | None]:
     return out
 
 
-_forced = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own device threads,
+# and the forced choice must reach them too.
+_forced_name: str | None = None
 
 
 def forced() -> str | None:
     """The backend forced by :func:`use_backend` or ``KEXUE_BACKEND``, or None."""
-    name = getattr(_forced, "name", None) or os.environ.get("KEXUE_BACKEND") or None
+    name = _forced_name or os.environ.get("KEXUE_BACKEND") or None
     if name is not None and name not in NAMES:
         raise ValueError(f"KEXUE_BACKEND={name!r} is not a backend; expected one of {NAMES}")
     return name
@@ -139,15 +140,16 @@ def forced() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force ``name`` for calls made inside the block (None: automatic choice)."""
+    """Force ``name`` for calls made inside the block, in every thread (None: automatic choice)."""
     if name is not None and name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    global _forced_name
+    previous = _forced_name
+    _forced_name = name
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced_name = previous
 
 
 def select(op: str, tensor: torch.Tensor) -> tuple[str, Callable]:

@@ -30,11 +30,15 @@ enum RowKind : int {
 };
 
 // support: number of finite entries; ties: number of entries equal to the row maximum.
+// The two thresholds are compared in double on every backend, so that a target of exactly
+// float(log n) lands in the same class on the CPU, in CUDA (where fast-math logf is approximate)
+// and in the reference. A NaN target makes the row invalid.
 template <typename T>
 KEXUE_HOST_DEVICE int classify_row(T target, long long support, long long ties, bool has_nan) {
-  if (has_nan || support == 0) return kInvalid;
-  if (target >= ::log(static_cast<T>(support))) return kUniform;
-  if (target <= ::log(static_cast<T>(ties))) return kArgmax;
+  const double t = static_cast<double>(target);
+  if (has_nan || support == 0 || t != t) return kInvalid;
+  if (t >= ::log(static_cast<double>(support))) return kUniform;
+  if (t <= ::log(static_cast<double>(ties))) return kArgmax;
   return kNewton;
 }
 

@@ -4,7 +4,9 @@
 // ops layer; outputs are allocated here; reductions accumulate in float32 (float64 for float64).
 #pragma once
 
-#include <torch/extension.h>
+// ATen only, not torch/extension.h: the .cu files include this header, and the Python headers
+// behind torch/extension.h double nvcc's compile time.
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -45,10 +45,12 @@ def _shifted_logits(x: Tensor, logits: bool) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def _classify(z_has_nan: Tensor, support: Tensor, ties: Tensor, target: Tensor) -> Tensor:
+    # Thresholds compared in float64 on every backend (see classify_row in the shared header).
+    t = target.double()
     kind = torch.full_like(support, NEWTON)
-    kind = torch.where(target <= torch.log(ties.to(target.dtype)), ARGMAX, kind)
-    kind = torch.where(target >= torch.log(support.to(target.dtype)), UNIFORM, kind)
-    kind = torch.where(z_has_nan | (support == 0), INVALID, kind)
+    kind = torch.where(t <= torch.log(ties.double()), ARGMAX, kind)
+    kind = torch.where(t >= torch.log(support.double()), UNIFORM, kind)
+    kind = torch.where(z_has_nan | (support == 0) | torch.isnan(t), INVALID, kind)
     return kind
 
 
@@ -121,8 +123,9 @@ def entropy_normalize_forward(
     e = torch.where((kind == ARGMAX)[:, None], (finite & (u == 0)).to(ct), e)
     s0 = e.sum(-1)
     y = e / s0[:, None]
-    y = torch.where((kind == INVALID)[:, None], math.nan, y)
-    stats = torch.stack([m, torch.log(s0)], dim=-1)
+    invalid = kind == INVALID
+    y = torch.where(invalid[:, None], math.nan, y)
+    stats = torch.where(invalid[:, None], math.nan, torch.stack([m, torch.log(s0)], dim=-1))
     return y.to(x.dtype), gamma, stats
 
 

@@ -1,0 +1,136 @@
+"""Timing peers against each other in one process: warm-up apart, alternating rounds, quantiles.
+
+Absolute times on a shared machine drift (other jobs, frequency changes), so peers are timed in
+rounds that visit every peer once, in an order rotated each round; a slow minute then hurts all
+peers alike and their ratio stays meaningful. Each sample is the mean over enough back-to-back
+calls to last ``run_s`` (timer resolution and launch jitter average out); the result is the
+median of the samples with their 20% and 80% quantiles.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long to time each peer. ``--quick`` uses a smaller plan."""
+
+    warmup_s: float = 1.0  # calls after the first (which pays for compilation and lazy set-up): at least one
+    run_s: float = 0.2  # each sample lasts at least this long
+    min_runs: int = 3  # the slowest peers (the eager reference) get only this many
+    max_runs: int = 15
+    budget_s: float = 10.0  # time per peer per case beyond which a peer gets only min_runs samples
+
+
+FULL = Plan()
+QUICK = Plan(warmup_s=0.05, run_s=0.01, min_runs=3, max_runs=5, budget_s=1.0)
+
+
+@dataclass(frozen=True)
+class Timing:
+    samples: list[float]  # seconds per call, one per run
+    calls_per_run: int
+    first_call_s: float  # the first call alone: compilation, allocator growth, lazy imports
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def q20(self) -> float:
+        return float(np.quantile(self.samples, 0.2))
+
+    @property
+    def q80(self) -> float:
+        return float(np.quantile(self.samples, 0.8))
+
+
+class Clock:
+    """Seconds per call of a callable, waiting for the device to finish (CUDA events on GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def per_call(self, fn: Callable[[], Any], calls: int) -> float:
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+
+
+def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> tuple[float, float]:
+    """``(first call, mean warm call)`` in seconds.
+
+    Warm-up runs for a set time rather than a set count: fast calls get many (their mean is what
+    sizes the samples, and one call is too noisy for that), slow ones a single call.
+    """
+    first = clock.per_call(fn, 1)
+    spent, count = 0.0, 0
+    while count == 0 or spent < plan.warmup_s:
+        spent += clock.per_call(fn, 1)
+        count += 1
+    return first, spent / count
+
+
+def time_peers(
+    fns: dict[str, Callable[[], Any]], clock: Clock, plan: Plan
+) -> dict[str, Timing | BaseException]:
+    """Time every callable of ``fns``; a callable that raises gets its exception instead."""
+    results: dict[str, Timing | BaseException] = {}
+    first: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    runs: dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            first[name], estimate = _warm_up(clock, fn, plan)
+        except Exception as exc:  # a peer failing is a result to report, not a reason to stop
+            results[name] = exc
+            continue
+        calls[name] = max(1, math.ceil(plan.run_s / max(estimate, 1e-9)))
+        affordable = int(plan.budget_s / max(estimate * calls[name], 1e-9))
+        runs[name] = min(plan.max_runs, max(plan.min_runs, affordable))
+
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    # The collector would otherwise run at whichever peer's turn it happens to come due.
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(max(runs.values(), default=0)):
+            due = [name for name in runs if len(samples[name]) < runs[name] and name not in results]
+            shift = round_ % len(due) if due else 0
+            for name in due[shift:] + due[:shift]:
+                try:
+                    samples[name].append(clock.per_call(fns[name], calls[name]))
+                except Exception as exc:
+                    results[name] = exc
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    for name in runs:
+        if name not in results:
+            results[name] = Timing(samples[name], calls[name], first[name])
+    return {name: results[name] for name in fns}
