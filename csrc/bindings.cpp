@@ -14,6 +14,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("logits"), arg("max_iter"), arg("tol"));
   m.def("entropy_normalize_backward_cpu", &kexue::entropy_normalize_backward_cpu, nogil, arg("grad_y"),
         arg("grad_gamma"), arg("x"), arg("gamma"), arg("stats"), arg("logits"));
+  m.def("sign_optim_step_cpu", &kexue::sign_optim_step_cpu, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
+        arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
+  m.def("biohash_activations_cpu", &kexue::biohash_activations_cpu, nogil, arg("indices"), arg("offsets"),
+        arg("weights"), arg("synapses_t"));
+  m.def("biohash_sparse_cpu", &kexue::biohash_sparse_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),
+        arg("synapses_t"), arg("k"), arg("packed"));
+  m.def("biohash_topk_cpu", &kexue::biohash_topk_cpu, nogil, arg("activations"), arg("k"), arg("packed"));
+  m.def("biohash_update_cpu", &kexue::biohash_update_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),
+        arg("synapses_t"), arg("lr"), arg("delta"), arg("rank"), arg("prec"), arg("tiny"));
+  m.def("hamming_topk_cpu", &kexue::hamming_topk_cpu, nogil, arg("queries"), arg("database"), arg("n"));
 #ifdef KEXUE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("entropy_normalize_forward_cuda", &kexue::entropy_normalize_forward_cuda, nogil, arg("x"), arg("target"),

@@ -8,7 +8,9 @@
 // behind torch/extension.h double nvcc's compile time.
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
+#include <vector>
 
 namespace kexue {
 
@@ -22,6 +24,35 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cpu(const at::Tens
                                                                   const at::Tensor& grad_gamma, const at::Tensor& x,
                                                                   const at::Tensor& gamma, const at::Tensor& stats,
                                                                   bool logits);
+
+// Lion / Tiger: one fused step over a list of tensors, in place on params, exp_avgs and row_seen.
+// hyper (T, kNumFloats) float64 and ints (T, kNumInts) int64 are the per-tensor table described
+// in csrc/include/kexue/sign_optim.h; masks (ChildTuning-D, bool) may be None;
+// row_seen (uint8 per row) may be empty tensors, meaning none.
+void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
+                         const at::Tensor& ints);
+
+// BioHash / FlyVec (csrc/cpu/biohash.cpp). Sparse rows are CSR: indices (nnz,) int64, offsets
+// (B+1,) int64, optional weights (nnz,) in the compute dtype. synapses_t is the (N, K) contiguous
+// transpose of the (K, N) synapses. Codes are uint8: packed (B, ceil(K/8)) or dense 0/1 (B, K).
+at::Tensor biohash_activations_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                                   const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t);
+at::Tensor biohash_sparse_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                              const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t, int64_t k,
+                              bool packed);
+// Winner-take-all of precomputed (B, K) float32/float64 activations (the dense-input path).
+at::Tensor biohash_topk_cpu(const at::Tensor& activations, int64_t k, bool packed);
+// One FlyVec minibatch step, in place on synapses_t (float32/float64). Returns (winners (B,) int64,
+// scaled activation of each winner (B,)).
+std::tuple<at::Tensor, at::Tensor> biohash_update_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                                                      const std::optional<at::Tensor>& weights,
+                                                      at::Tensor synapses_t, double lr, double delta, int64_t rank,
+                                                      double prec, double tiny);
+// The n nearest packed codes of each query: (distances (Q, n) int64, indices (Q, n) int64).
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& database,
+                                                    int64_t n);
 
 #ifdef KEXUE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_normalize_forward_cuda(const at::Tensor& x,

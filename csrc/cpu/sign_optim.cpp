@@ -1,0 +1,475 @@
+// Lion / Tiger on CPU: one fused multi-tensor step over every parameter handed in.
+//
+// The tensors are cut into work items of ~64k elements (whole rows for tensors updated row by
+// row) and at::parallel_for runs over the items of all tensors at once, so a step over many small
+// tensors keeps every thread busy and a step over a few large ones splits them. Each element is
+// read and written once: read param, grad, momentum; write param, momentum.
+//
+// Two reductions must finish before the update they feed, so they run in a pre-pass over the
+// same items: Tiger's whole-tensor RMS(theta) (an extra read of the params) and the NaN guard's
+// any(isnan(grad)) (an extra read of the grads). Per-row quantities (row RMS, whether a row of an
+// embedding table has any gradient) are computed in the main pass, on a row that is about to be
+// updated and so sits in cache. Partial sums are kept per item and added in item order: results
+// do not depend on the number of threads.
+//
+// The element arithmetic is in csrc/include/kexue/sign_optim.h (shared with CUDA). Here: loops
+// over float tiles that the compiler vectorizes, compiled per instruction set (simd.h); 16-bit
+// tensors are converted tile by tile into float buffers that stay in L1.
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "kexue/ops.h"
+#include "kexue/sign_optim.h"
+#include "simd.h"
+
+namespace kexue {
+namespace {
+
+using namespace sign_optim;
+
+constexpr int64_t kChunk = 65536;  // elements per work item (as ATen's multi_tensor_apply)
+constexpr int64_t kTile = 1024;    // elements per float tile (4 KB per buffer)
+
+// ---------------------------------------------------------------------------------------------
+// Vectorized loops over float tiles. Everything they call is inline, so each clone is complete.
+
+template <bool kGate, bool kNewMomentum, bool kUpdate, bool kGateStep>
+inline __attribute__((always_inline)) void update_loop(float* __restrict th, float* __restrict m,
+                                                       const float* __restrict g, const float* __restrict gate,
+                                                       int64_t n, const Coefs& k, float gscale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = kGate ? g[i] * gate[i] : g[i] * gscale;
+    const float mi = m[i];
+    const float mn = new_momentum(mi, gi, k);
+    if (kUpdate) {
+      const float tn = stepped(th[i], direction(mi, mn, gi, k, kNewMomentum), k);
+      th[i] = (kGate && kGateStep) ? (gate[i] != 0.f ? tn : th[i]) : tn;
+    }
+    m[i] = mn;
+  }
+}
+
+enum Variant : int { kVGate = 1, kVNewMomentum = 2, kVUpdate = 4, kVGateStep = 8 };
+
+template <int V>
+inline __attribute__((always_inline)) void run_variant(float* th, float* m, const float* g, const float* gate,
+                                                       int64_t n, const Coefs& k, float gscale) {
+  update_loop<(V & kVGate) != 0, (V & kVNewMomentum) != 0, (V & kVUpdate) != 0, (V & kVGateStep) != 0>(
+      th, m, g, gate, n, k, gscale);
+}
+
+// The update of one tile, in place on th (params) and m (momentum), in float.
+KEXUE_CPU_CLONES void update_tile(float* th, float* m, const float* g, const float* gate, int64_t n,
+                                  const Coefs& k, float gscale, int variant) {
+  switch (variant) {
+#define KEXUE_CASE(V) \
+  case V:             \
+    run_variant<V>(th, m, g, gate, n, k, gscale); break;
+    KEXUE_CASE(0) KEXUE_CASE(1) KEXUE_CASE(2) KEXUE_CASE(3) KEXUE_CASE(4) KEXUE_CASE(5) KEXUE_CASE(6)
+    KEXUE_CASE(7) KEXUE_CASE(8) KEXUE_CASE(9) KEXUE_CASE(10) KEXUE_CASE(11) KEXUE_CASE(12) KEXUE_CASE(13)
+    KEXUE_CASE(14) KEXUE_CASE(15)
+#undef KEXUE_CASE
+  }
+}
+
+// ChildTuning-F: gate = gscale where the hash keeps the element, else 0.
+KEXUE_CPU_CLONES void bernoulli_gate(float* gate, int64_t n, uint64_t start, uint32_t k0, uint32_t k1,
+                                     uint32_t threshold, float gscale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    gate[i] = keep_element(element_bits(k0, k1, start + static_cast<uint64_t>(i)), threshold) ? gscale : 0.f;
+  }
+}
+
+// ChildTuning-D: gate = gscale where the fixed mask is set, else 0.
+KEXUE_CPU_CLONES void mask_gate(float* gate, const uint8_t* mask, int64_t n, float gscale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) gate[i] = mask[i] != 0 ? gscale : 0.f;
+}
+
+KEXUE_CPU_CLONES void shrink_tile(float* th, int64_t n, float shrink, float centre) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) th[i] = nan_shrink(th[i], shrink, centre);
+}
+
+KEXUE_CPU_CLONES void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
+}
+
+KEXUE_CPU_CLONES void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+}
+
+KEXUE_CPU_CLONES void float_to_bf16_stochastic(const float* src, uint16_t* dst, int64_t n, uint64_t start,
+                                               uint32_t k0, uint32_t k1) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = float_to_bf16_bits_stochastic(src[i], element_bits(k0, k1, start + static_cast<uint64_t>(i)));
+  }
+}
+
+// float16 through the compiler's _Float16 where it has one (GCC >= 12 on x86-64): the x86-64-v3
+// clone then converts 8 values per F16C instruction instead of c10::Half's bit manipulation.
+#if defined(__FLT16_MAX__)
+KEXUE_CPU_CLONES void half_to_float(const c10::Half* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    _Float16 h;
+    std::memcpy(&h, src + i, sizeof(h));
+    dst[i] = static_cast<float>(h);
+  }
+}
+KEXUE_CPU_CLONES void float_to_half(const float* src, c10::Half* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const _Float16 h = static_cast<_Float16>(src[i]);  // round to nearest even, as c10::Half
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+}
+#else
+void half_to_float(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+void float_to_half(const float* src, c10::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+#endif
+
+// Sum of squares accumulated in double (RMS of a tensor of 1e8 float32 values stays exact to
+// ~1e-12), and the two per-row tests.
+KEXUE_CPU_CLONES double sum_squares(const float* x, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return s;
+}
+
+KEXUE_CPU_CLONES bool any_nonzero(const float* x, int64_t n) {
+  int found = 0;
+#pragma omp simd reduction(| : found)
+  for (int64_t i = 0; i < n; ++i) found |= x[i] != 0.f;  // NaN counts as nonzero
+  return found != 0;
+}
+
+KEXUE_CPU_CLONES bool any_nan(const float* x, int64_t n) {
+  int found = 0;
+#pragma omp simd reduction(| : found)
+  for (int64_t i = 0; i < n; ++i) found |= x[i] != x[i];
+  return found != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage types: float, bfloat16 (bits) and half, loaded into and stored from float tiles.
+
+enum class Storage { kFloat, kBFloat16, kHalf };
+
+Storage storage_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Storage::kFloat;
+    case at::kBFloat16: return Storage::kBFloat16;
+    case at::kHalf: return Storage::kHalf;
+    default: TORCH_CHECK(false, "sign_optim_step: unsupported dtype ", t.scalar_type());
+  }
+  return Storage::kFloat;
+}
+
+// A float view of n elements at ptr + offset: the memory itself for float tensors, else `buf`
+// filled by conversion.
+const float* load(const void* ptr, Storage s, int64_t offset, int64_t n, float* buf) {
+  switch (s) {
+    case Storage::kFloat: return static_cast<const float*>(ptr) + offset;
+    case Storage::kBFloat16: bf16_to_float(static_cast<const uint16_t*>(ptr) + offset, buf, n); return buf;
+    case Storage::kHalf: half_to_float(static_cast<const c10::Half*>(ptr) + offset, buf, n); return buf;
+  }
+  return buf;
+}
+
+// Writable float view: as load, but for float tensors the caller updates memory in place.
+float* load_mut(void* ptr, Storage s, int64_t offset, int64_t n, float* buf) {
+  if (s == Storage::kFloat) return static_cast<float*>(ptr) + offset;
+  load(ptr, s, offset, n, buf);
+  return buf;
+}
+
+// Writes a tile back (nothing to do for float, which was updated in place).
+void store(const float* src, void* ptr, Storage s, int64_t offset, int64_t n, bool stochastic, uint32_t k0,
+           uint32_t k1) {
+  switch (s) {
+    case Storage::kFloat: return;
+    case Storage::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(ptr) + offset;
+      if (stochastic) {
+        float_to_bf16_stochastic(src, dst, n, static_cast<uint64_t>(offset), k0, k1);
+      } else {
+        float_to_bf16(src, dst, n);
+      }
+      return;
+    }
+    case Storage::kHalf: float_to_half(src, static_cast<c10::Half*>(ptr) + offset, n); return;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table, decoded once per call.
+
+struct Job {
+  void* param;
+  const void* grad;
+  void* mom;
+  const uint8_t* mask;  // ChildTuning-D, or null
+  uint8_t* seen;        // rows seen with a gradient in Tiger's accumulation window, or null
+  Storage ps, ms;       // param (= grad) and momentum storage
+  int64_t numel, row_len, flags, nan_group;
+  double lr, wd;
+  float c_m, c_g, m_m, m_g, gscale, shrink, centre;
+  uint32_t mask_k0, mask_k1, mask_threshold, round_k0, round_k1;
+
+  bool has(int64_t f) const { return (flags & f) != 0; }
+  bool by_rows() const { return row_len > 0 && has(kRmsRow | kLazyRows); }
+};
+
+struct Item {
+  int64_t job, begin, end;  // element range of one tensor
+};
+
+// Float coefficients for a learning rate that already includes any RMS factor.
+Coefs coefs_for(const Job& j, double lr) {
+  Coefs k;
+  k.lr = static_cast<float>(lr);
+  k.decay = static_cast<float>(1.0 - lr * j.wd);
+  k.c_m = j.c_m, k.c_g = j.c_g, k.m_m = j.m_m, k.m_g = j.m_g;
+  return k;
+}
+
+// Per-thread float tiles.
+struct Tiles {
+  float th[kTile], m[kTile], g[kTile], gate[kTile];
+};
+
+// The update of elements [begin, end) of one tensor with fixed coefficients.
+void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t) {
+  int variant = 0;
+  const bool gated = j.has(kMaskF) || (j.has(kMaskD) && j.mask != nullptr);
+  if (gated) variant |= kVGate;
+  if (j.has(kUseNewMomentum)) variant |= kVNewMomentum;
+  if (update) variant |= kVUpdate;
+  if (gated && j.has(kMaskUpdate)) variant |= kVGateStep;
+  const bool stochastic = j.has(kStochasticRound) && j.ps == Storage::kBFloat16;
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    const float* g = load(j.grad, j.ps, s, n, t.g);
+    float* m = load_mut(j.mom, j.ms, s, n, t.m);
+    float* th = update ? load_mut(j.param, j.ps, s, n, t.th) : t.th;
+    if (j.has(kMaskF)) {
+      bernoulli_gate(t.gate, n, static_cast<uint64_t>(s), j.mask_k0, j.mask_k1, j.mask_threshold, j.gscale);
+    } else if (gated) {
+      mask_gate(t.gate, j.mask + s, n, j.gscale);
+    }
+    update_tile(th, m, g, t.gate, n, k, j.gscale, variant);
+    store(m, j.mom, j.ms, s, n, false, 0, 0);
+    if (update) store(th, j.param, j.ps, s, n, stochastic, j.round_k0, j.round_k1);
+  }
+}
+
+// Rows [row_begin, row_end) of a tensor updated row by row (row RMS and/or lazy rows).
+void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bool update, Tiles& t) {
+  const int64_t len = j.row_len;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t s = r * len;
+    bool present = false;  // any nonzero gradient in this row
+    double ssq = 0.0;
+    for (int64_t o = 0; o < len; o += kTile) {
+      const int64_t n = std::min(kTile, len - o);
+      present = present || any_nonzero(load(j.grad, j.ps, s + o, n, t.g), n);
+      if (j.has(kRmsRow) && update) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
+    }
+    bool live = true;
+    if (j.has(kLazyRows)) {
+      live = present || (j.seen != nullptr && j.seen[r] != 0);
+      if (j.seen != nullptr) j.seen[r] = update ? 0 : static_cast<uint8_t>(live);
+      // An absent row whose momentum is frozen does not change at all.
+      if (!present && j.has(kFreezeAbsent)) continue;
+    }
+    const double row_lr = j.has(kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
+    update_range(j, s, s + len, coefs_for(j, row_lr), update && live, t);
+  }
+}
+
+void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t) {
+  for (int64_t s = begin; s < end; s += kTile) {
+    const int64_t n = std::min(kTile, end - s);
+    float* th = load_mut(j.param, j.ps, s, n, t.th);
+    shrink_tile(th, n, j.shrink, j.centre);
+    store(th, j.param, j.ps, s, n, j.has(kStochasticRound) && j.ps == Storage::kBFloat16, j.round_k0, j.round_k1);
+  }
+}
+
+// Work items: ~kChunk elements each, whole rows for tensors updated row by row.
+std::vector<Item> make_items(const std::vector<Job>& jobs, bool (*wanted)(const Job&)) {
+  std::vector<Item> items;
+  for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) {
+    const Job& j = jobs[i];
+    if (j.numel == 0 || !wanted(j)) continue;
+    const int64_t step = j.by_rows() ? std::max<int64_t>(1, kChunk / j.row_len) * j.row_len : kChunk;
+    for (int64_t b = 0; b < j.numel; b += step) items.push_back({i, b, std::min(j.numel, b + step)});
+  }
+  return items;
+}
+
+std::vector<Job> decode(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                        const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
+                        const at::Tensor& ints) {
+  const int64_t T = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && masks.size() == params.size() &&
+                  row_seen.size() == params.size(),
+              "sign_optim_step: params, grads, exp_avgs, masks and row_seen must have the same length");
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
+                  hyper.dim() == 2 && hyper.size(0) == T && hyper.size(1) == kNumFloats,
+              "sign_optim_step: hyper must be a contiguous CPU float64 tensor of shape (", T, ", ", kNumFloats, ")");
+  TORCH_CHECK(ints.device().is_cpu() && ints.scalar_type() == at::kLong && ints.is_contiguous() && ints.dim() == 2 &&
+                  ints.size(0) == T && ints.size(1) == kNumInts,
+              "sign_optim_step: ints must be a contiguous CPU int64 tensor of shape (", T, ", ", kNumInts, ")");
+  const double* h = hyper.data_ptr<double>();
+  const int64_t* in = ints.data_ptr<int64_t>();
+  std::vector<Job> jobs(T);
+  for (int64_t i = 0; i < T; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor& m = exp_avgs[i];
+    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && m.device().is_cpu(),
+                "sign_optim_step: tensor ", i, " is not on the CPU");
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(), "sign_optim_step: tensor ", i,
+                " (param, grad or momentum) is not contiguous");
+    TORCH_CHECK(g.numel() == p.numel() && m.numel() == p.numel(), "sign_optim_step: tensor ", i,
+                ": grad and momentum must have as many elements as the param");
+    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "sign_optim_step: tensor ", i,
+                ": grad dtype must equal the param dtype");
+    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16, "sign_optim_step: tensor ", i,
+                ": momentum must be float32 or bfloat16");
+    Job& j = jobs[i];
+    const double* hr = h + i * kNumFloats;
+    const int64_t* ir = in + i * kNumInts;
+    j.param = p.data_ptr();
+    j.grad = g.data_ptr();
+    j.mom = m.data_ptr();
+    j.ps = storage_of(p);
+    j.ms = storage_of(m);
+    j.numel = p.numel();
+    j.flags = ir[kFlags];
+    j.nan_group = ir[kNanGroup];
+    j.row_len = ir[kRowLen];
+    TORCH_CHECK(j.nan_group < T, "sign_optim_step: tensor ", i, ": NaN group out of range");
+    if (j.by_rows()) {
+      TORCH_CHECK(j.numel % j.row_len == 0, "sign_optim_step: tensor ", i, ": numel is not a multiple of row_len");
+    }
+    j.mask = nullptr;
+    if (masks[i].has_value() && masks[i]->defined()) {
+      const at::Tensor& mk = *masks[i];
+      TORCH_CHECK(mk.device().is_cpu() && mk.is_contiguous() && mk.numel() == j.numel &&
+                      (mk.scalar_type() == at::kBool || mk.scalar_type() == at::kByte),
+                  "sign_optim_step: mask ", i, " must be a contiguous CPU bool tensor shaped like its param");
+      j.mask = static_cast<const uint8_t*>(mk.data_ptr());
+    }
+    j.seen = nullptr;
+    if (row_seen[i].numel() > 0 && j.by_rows()) {  // an empty tensor stands for "none"
+      const at::Tensor& sn = row_seen[i];
+      TORCH_CHECK(sn.device().is_cpu() && sn.is_contiguous() && sn.scalar_type() == at::kByte &&
+                      sn.numel() == j.numel / j.row_len,
+                  "sign_optim_step: row_seen ", i, " must be a contiguous CPU uint8 tensor with one entry per row");
+      j.seen = static_cast<uint8_t*>(sn.data_ptr());
+    }
+    j.lr = hr[kLr];
+    j.wd = hr[kWd];
+    j.c_m = static_cast<float>(hr[kCm]);
+    j.c_g = static_cast<float>(hr[kCg]);
+    j.m_m = static_cast<float>(hr[kMm]);
+    j.m_g = static_cast<float>(hr[kMg]);
+    j.gscale = static_cast<float>(hr[kGscale]);
+    j.shrink = static_cast<float>(hr[kShrink]);
+    j.centre = static_cast<float>(hr[kCentre]);
+    j.mask_k0 = static_cast<uint32_t>(ir[kMaskK0]);
+    j.mask_k1 = static_cast<uint32_t>(ir[kMaskK1]);
+    j.mask_threshold = static_cast<uint32_t>(ir[kMaskThreshold]);
+    j.round_k0 = static_cast<uint32_t>(ir[kRoundK0]);
+    j.round_k1 = static_cast<uint32_t>(ir[kRoundK1]);
+  }
+  return jobs;
+}
+
+}  // namespace
+
+void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
+                         const at::Tensor& ints) {
+  std::vector<Job> jobs = decode(params, grads, exp_avgs, masks, row_seen, hyper, ints);
+  const int64_t T = static_cast<int64_t>(jobs.size());
+
+  // Pre-pass: whole-tensor sums of squares and NaN flags, one partial per item.
+  std::vector<Item> pre = make_items(jobs, [](const Job& j) {
+    return (j.has(kRmsTensor) && j.has(kUpdate)) || j.nan_group >= 0;
+  });
+  std::vector<double> part_ssq(pre.size(), 0.0);
+  std::vector<uint8_t> part_nan(pre.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(pre.size()), 1, [&](int64_t lo, int64_t hi) {
+    float buf[kTile];
+    for (int64_t it = lo; it < hi; ++it) {
+      const Item& item = pre[it];
+      const Job& j = jobs[item.job];
+      const bool rms = j.has(kRmsTensor) && j.has(kUpdate);
+      double ssq = 0.0;
+      bool nan = false;
+      for (int64_t s = item.begin; s < item.end; s += kTile) {
+        const int64_t n = std::min(kTile, item.end - s);
+        if (rms) ssq += sum_squares(load(j.param, j.ps, s, n, buf), n);
+        if (j.nan_group >= 0) nan = nan || any_nan(load(j.grad, j.ps, s, n, buf), n);
+      }
+      part_ssq[it] = ssq;
+      part_nan[it] = nan;
+    }
+  });
+  std::vector<double> ssq(T, 0.0);
+  std::vector<uint8_t> group_nan(T, 0);
+  for (size_t it = 0; it < pre.size(); ++it) {
+    const Job& j = jobs[pre[it].job];
+    ssq[pre[it].job] += part_ssq[it];
+    if (j.nan_group >= 0 && part_nan[it]) group_nan[j.nan_group] = 1;
+  }
+  std::vector<double> lr(T);
+  std::vector<uint8_t> shrink(T);
+  for (int64_t i = 0; i < T; ++i) {
+    const Job& j = jobs[i];
+    const bool rms = j.has(kRmsTensor) && j.has(kUpdate) && j.numel > 0;
+    lr[i] = rms ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
+    shrink[i] = j.nan_group >= 0 && group_nan[j.nan_group];
+  }
+
+  // Main pass.
+  std::vector<Item> items = make_items(jobs, [](const Job&) { return true; });
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    Tiles tiles;
+    for (int64_t it = lo; it < hi; ++it) {
+      const Item& item = items[it];
+      const Job& j = jobs[item.job];
+      if (shrink[item.job]) {
+        shrink_range(j, item.begin, item.end, tiles);
+      } else if (j.by_rows()) {
+        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], j.has(kUpdate), tiles);
+      } else {
+        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), j.has(kUpdate), tiles);
+      }
+    }
+  });
+}
+
+}  // namespace kexue

@@ -1,0 +1,154 @@
+// Sign optimizers (Lion, Tiger): the per-element arithmetic and the step table shared by the CPU
+// and CUDA kernels. See shared/spec/sign_optim.md, python/kexue/reference/sign_optim.py (the
+// oracle and the torch backend) and python/kexue/optim/_sign_base.py (which fills the table).
+//
+// One fused step updates a list of tensors. Each tensor i has a row of doubles and a row of
+// int64s in two (T, kNumFloats) / (T, kNumInts) tables, so that one call can serve every param
+// group: Lion and Tiger are the same element update with different coefficients,
+//
+//   g' = g * gscale                   gscale: -1 for maximize, 1/p for ChildTuning, 0 where masked
+//   m' = m_m * m + m_g * g'           Lion: (beta2, 1 - beta2); Tiger: (b1, b2) of its accumulation rule
+//   c  = Tiger ? m' : c_m * m + c_g * g'    Lion: (beta1, 1 - beta1), from the OLD momentum
+//   theta' = theta * (1 - lr*wd) - lr * sign(c)      only where the element may move
+//
+// lr is the table's lr times RMS(theta) (whole tensor, or per row) when Tiger asks for it. A
+// tensor flagged by the NaN guard instead keeps m and shrinks theta towards a centre.
+#pragma once
+
+#include "kexue/macros.h"
+
+#include <cstdint>
+#include <cstring>
+
+namespace kexue {
+namespace sign_optim {
+
+// Columns of the float table (doubles; the kernels round them to float32 once per tensor).
+enum FloatSlot : int {
+  kLr = 0,      // learning rate before any RMS factor (0 on Tiger's accumulation micro-steps)
+  kWd = 1,      // decoupled weight decay lambda
+  kCm = 2,      // coefficient of the old momentum in c (Lion)
+  kCg = 3,      // coefficient of the gradient in c (Lion)
+  kMm = 4,      // coefficient of the old momentum in the new momentum
+  kMg = 5,      // coefficient of the gradient in the new momentum
+  kGscale = 6,  // multiplier of every kept gradient element (sign: maximize; 1/p: ChildTuning)
+  kShrink = 7,  // NaN guard: theta <- (theta - centre) * shrink + centre
+  kCentre = 8,
+  kNumFloats = 9,
+};
+
+// Columns of the int table.
+enum IntSlot : int {
+  kFlags = 0,
+  kNanGroup = 1,       // -1: no NaN guard; tensors sharing a group id share one "found NaN" flag
+  kRowLen = 2,         // elements per row (last dimension) for row-wise RMS / lazy rows, else 0
+  kMaskK0 = 3,         // ChildTuning-F: keys of the counter-based hash, and the keep threshold
+  kMaskK1 = 4,
+  kMaskThreshold = 5,  // keep an element iff (bits >> 8) < threshold, threshold = round(p * 2^24)
+  kRoundK0 = 6,        // stochastic rounding of bfloat16 params: keys of the hash
+  kRoundK1 = 7,
+  kNumInts = 8,
+};
+
+enum Flag : int64_t {
+  kUseNewMomentum = 1 << 0,  // Tiger: the direction is sign(m'), not sign(c)
+  kUpdate = 1 << 1,          // theta is stepped by this call (Tiger skips it on accumulation micro-steps)
+  kRmsTensor = 1 << 2,       // lr *= RMS(theta) over the whole tensor
+  kRmsRow = 1 << 3,          // lr *= RMS(theta) over each row
+  kLazyRows = 1 << 4,        // embedding-drift guard: rows whose gradient is all zero do not move
+  kFreezeAbsent = 1 << 5,    // ... and keep their momentum too
+  kMaskF = 1 << 6,           // ChildTuning-F: Bernoulli(p) gradient mask from the hash
+  kMaskD = 1 << 7,           // ChildTuning-D: fixed mask tensor
+  kMaskUpdate = 1 << 8,      // masked elements are not stepped either (they never move)
+  kStochasticRound = 1 << 9, // bfloat16 params are stored with stochastic rounding
+};
+
+// ---------------------------------------------------------------------------------------------
+// Counter-based random bits: a pure function of (key, element index), so masks and rounding are
+// reproducible and independent of threads, chunking and device. The keys come from the host
+// (splitmix64 of seed, parameter index, step and stream; see the reference).
+
+// "lowbias32" integer hash (C. Wellons): a bijection on 32 bits with good avalanche.
+KEXUE_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+KEXUE_HOST_DEVICE uint32_t element_bits(uint32_t k0, uint32_t k1, uint64_t index) {
+  const uint32_t lo = static_cast<uint32_t>(index);
+  const uint32_t hi = static_cast<uint32_t>(index >> 32);
+  return mix32(mix32(lo ^ k0) ^ hi ^ k1);
+}
+
+// ChildTuning-F keeps an element with probability threshold / 2^24.
+KEXUE_HOST_DEVICE bool keep_element(uint32_t bits, uint32_t threshold) { return (bits >> 8) < threshold; }
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 storage as raw bits (the CPU and CUDA code share one definition of rounding).
+
+KEXUE_HOST_DEVICE uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+KEXUE_HOST_DEVICE float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// Round to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN.
+KEXUE_HOST_DEVICE uint16_t float_to_bf16_bits(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+}
+
+// Stochastic rounding: add 16 random bits below the kept mantissa and truncate, so x rounds up
+// with probability equal to its distance from the lower neighbour. Unbiased: E[round(x)] = x.
+KEXUE_HOST_DEVICE uint16_t float_to_bf16_bits_stochastic(float x, uint32_t bits) {
+  const uint32_t u = float_bits(x);
+  const uint32_t finite = (u & 0x7f800000u) != 0x7f800000u;
+  const uint32_t rounded = (u + (bits & 0xffffu)) >> 16;
+  return finite ? static_cast<uint16_t>(rounded) : float_to_bf16_bits(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element update.
+
+// torch.sign: sign(0) = 0 (a zero interpolation gives no step), and NaN stays NaN so that a
+// diverged momentum shows up in the parameters instead of being silently ignored.
+KEXUE_HOST_DEVICE float sign_of(float c) { return c > 0.f ? 1.f : (c < 0.f ? -1.f : c); }
+
+// Coefficients of one tensor (or one row, when the RMS factor is per row), rounded to float32.
+struct Coefs {
+  float lr;     // lr including the RMS factor
+  float decay;  // 1 - lr * wd, formed in double before rounding
+  float c_m, c_g, m_m, m_g;
+};
+
+// New momentum from the (already scaled/masked) gradient.
+KEXUE_HOST_DEVICE float new_momentum(float m, float g, const Coefs& k) { return k.m_m * m + k.m_g * g; }
+
+// Direction of the step: Lion interpolates the OLD momentum with the gradient; Tiger uses m'.
+KEXUE_HOST_DEVICE float direction(float m, float m_new, float g, const Coefs& k, bool use_new_momentum) {
+  return sign_of(use_new_momentum ? m_new : k.c_m * m + k.c_g * g);
+}
+
+// Decoupled weight decay from theta_{t-1} and the sign step: theta (1 - lr wd) - lr sign(c),
+// the order of the official Lion code (decay first).
+KEXUE_HOST_DEVICE float stepped(float theta, float s, const Coefs& k) { return theta * k.decay - k.lr * s; }
+
+// Tiger's NaN guard: momentum untouched, theta pulled towards the centre (1 for norm gains).
+KEXUE_HOST_DEVICE float nan_shrink(float theta, float shrink, float centre) {
+  return (theta - centre) * shrink + centre;
+}
+
+}  // namespace sign_optim
+}  // namespace kexue
