@@ -1,0 +1,543 @@
+// BioHash / FlyVec on CPU: hashing of sparse inputs, the FlyVec learning step, Hamming search.
+//
+// Layout. The kernels take the synapses transposed, `wt` = (N, K) contiguous (the Python layer
+// passes `synapses.t()`, a free view when the (K, N) synapses are stored input-major): the column
+// of input i, the K numbers a token adds to the activations, is then one contiguous run that the
+// gather streams through, instead of K cache lines N elements apart.
+//
+// Exactness. Activations are summed token by token in row order with a separate multiply and add
+// (no fused multiply-add: the pragmas below), exactly like python/kexue/reference/biohash.py, so
+// codes agree with the reference bit for bit. Winner-take-all uses the order keys of
+// csrc/include/kexue/biohash.h (ties to the lowest unit index).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "kexue/biohash.h"
+#include "kexue/ops.h"
+#include "simd.h"
+
+namespace kexue {
+namespace {
+
+using biohash::KeyOf;
+using biohash::order_key;
+
+// ---------------------------------------------------------------------------------------------
+// Gather-sum: acc += w * column. Overloads for float storage (vectorized, multiversioned) and a
+// generic one (double, and 16-bit storage converted to float on the fly).
+
+KEXUE_CPU_CLONES void add_column(float* acc, const float* col, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += col[i];
+}
+
+KEXUE_CPU_CLONES void add_scaled_column(float* acc, const float* col, float w, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = w * col[i];  // rounded on its own, as torch's w * col is
+    acc[i] += p;
+  }
+}
+
+template <typename T, typename A>
+void add_column(A* acc, const T* col, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(col[i]);
+}
+
+template <typename T, typename A>
+void add_scaled_column(A* acc, const T* col, A w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A p = w * static_cast<A>(col[i]);
+    acc[i] += p;
+  }
+}
+
+// Activations of one CSR row into acc (K values).
+template <typename T, typename A>
+void row_activations(const int64_t* ids, const A* w, int64_t len, const T* wt, int64_t K, A* acc) {
+  std::fill(acc, acc + K, A(0));
+  for (int64_t j = 0; j < len; ++j) {
+    const T* col = wt + ids[j] * K;
+    if (w == nullptr) {
+      add_column(acc, col, K);
+    } else {
+      add_scaled_column(acc, col, w[j], K);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Winner-take-all.
+
+KEXUE_CPU_CLONES void keys_of(const float* a, int64_t n, uint32_t* keys) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) keys[i] = order_key(a[i]);
+}
+void keys_of(const double* a, int64_t n, uint64_t* keys) {
+  for (int64_t i = 0; i < n; ++i) keys[i] = order_key(a[i]);
+}
+
+KEXUE_CPU_CLONES int64_t count_at_least(const uint32_t* keys, int64_t n, uint32_t c) {
+  int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int64_t i = 0; i < n; ++i) count += keys[i] >= c;
+  return count;
+}
+int64_t count_at_least(const uint64_t* keys, int64_t n, uint64_t c) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += keys[i] >= c;
+  return count;
+}
+
+// The k-th largest key (1 <= k <= n) and how many keys are strictly larger.
+template <typename Key>
+std::pair<Key, int64_t> kth_key(const Key* keys, int64_t n, int64_t k) {
+  constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
+  Key threshold = 0;
+  for (int b = kBits - 1; b >= 0; --b) {
+    const Key bit = Key(1) << b;
+    threshold = biohash::refine_threshold(threshold, bit, count_at_least(keys, n, threshold | bit), k);
+  }
+  int64_t greater = 0;
+  for (int64_t i = 0; i < n; ++i) greater += keys[i] > threshold;
+  return {threshold, greater};
+}
+
+// Writes the code of one row: packed (code_bytes(K) bytes) or dense (K bytes of 0/1).
+template <typename Key>
+void write_code(const Key* keys, int64_t K, int64_t k, bool packed, uint8_t* out) {
+  const int64_t nb = biohash::code_bytes(K);
+  if (packed) std::memset(out, 0, nb);
+  if (k == K) {
+    if (packed) {
+      for (int64_t mu = 0; mu < K; ++mu) out[mu >> 3] |= biohash::bit_of(mu);
+    } else {
+      std::memset(out, 1, K);
+    }
+    return;
+  }
+  const auto [threshold, greater] = kth_key(keys, K, k);
+  int64_t ties_left = k - greater;  // units equal to the threshold that still win, lowest index first
+  for (int64_t mu = 0; mu < K; ++mu) {
+    bool win = keys[mu] > threshold;
+    if (!win && keys[mu] == threshold && ties_left > 0) {
+      win = true;
+      --ties_left;
+    }
+    if (packed) {
+      if (win) out[mu >> 3] |= biohash::bit_of(mu);
+    } else {
+      out[mu] = win ? 1 : 0;
+    }
+  }
+}
+
+// Index of the unit ranked `rank`-th (1 = the winner).
+template <typename Key>
+int64_t unit_of_rank(const Key* keys, int64_t K, int64_t rank) {
+  if (rank == 1) {
+    Key best = 0;
+    for (int64_t mu = 0; mu < K; ++mu) best = keys[mu] > best ? keys[mu] : best;
+    for (int64_t mu = 0; mu < K; ++mu) {
+      if (keys[mu] == best) return mu;
+    }
+    return 0;
+  }
+  const auto [threshold, greater] = kth_key(keys, K, rank);
+  int64_t tie = rank - greater;  // the tie-th unit (in index order) equal to the threshold
+  for (int64_t mu = 0; mu < K; ++mu) {
+    if (keys[mu] == threshold && --tie == 0) return mu;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks (the Python layer validates user input; these guard the native boundary).
+
+void check_csr(const at::Tensor& indices, const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
+               const at::Tensor& wt) {
+  TORCH_CHECK(indices.device().is_cpu() && offsets.device().is_cpu() && wt.device().is_cpu(),
+              "biohash CPU kernels take CPU tensors");
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong && indices.is_contiguous(),
+              "indices must be a contiguous int64 (nnz,) tensor");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.is_contiguous(),
+              "offsets must be a contiguous int64 (B+1,) tensor");
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "synapses_t must be a contiguous (N, K) tensor");
+  if (weights.has_value()) {
+    const auto acc = wt.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == indices.size(0) && weights->scalar_type() == acc &&
+                    weights->is_contiguous(),
+                "weights must be a contiguous (nnz,) tensor of the compute dtype");
+  }
+}
+
+// Rows per task: a task should hold a few hundred thousand multiply-adds.
+int64_t row_grain(int64_t K, int64_t nnz, int64_t rows) {
+  const int64_t per_row = std::max<int64_t>(1, K * std::max<int64_t>(1, nnz / std::max<int64_t>(rows, 1)));
+  return std::max<int64_t>(1, 262144 / per_row);
+}
+
+template <typename A>
+using Key = typename KeyOf<A>::type;
+
+// Runs fn(row, acc) for every CSR row in parallel with acc holding the row's activations.
+template <typename T, typename A, typename Fn>
+void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
+  const int64_t rows = offsets.size(0) - 1;
+  const int64_t K = wt.size(1);
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const T* wtp = wt.data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(K);
+    std::vector<Key<A>> keys(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t start = off[r];
+      row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
+      fn(r, acc.data(), keys.data());
+    }
+  });
+}
+
+#define KEXUE_DISPATCH_SYNAPSES(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+at::Tensor biohash_activations_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                                   const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t) {
+  check_csr(indices, offsets, weights, synapses_t);
+  const int64_t rows = offsets.size(0) - 1, K = synapses_t.size(1);
+  const auto acc_dtype = synapses_t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({rows, K}, synapses_t.options().dtype(acc_dtype));
+  KEXUE_DISPATCH_SYNAPSES(synapses_t.scalar_type(), "biohash_activations_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const A* w = weights.has_value() ? weights->data_ptr<A>() : nullptr;
+    A* o = out.data_ptr<A>();
+    for_each_row<scalar_t, A>(indices, offsets, w, synapses_t, [&](int64_t r, const A* acc, Key<A>*) {
+      std::copy(acc, acc + K, o + r * K);
+    });
+  });
+  return out;
+}
+
+at::Tensor biohash_sparse_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                              const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t, int64_t k,
+                              bool packed) {
+  check_csr(indices, offsets, weights, synapses_t);
+  const int64_t rows = offsets.size(0) - 1, K = synapses_t.size(1);
+  TORCH_CHECK(k >= 1 && k <= K, "k must lie in [1, K]");
+  const int64_t width = packed ? biohash::code_bytes(K) : K;
+  auto out = at::empty({rows, width}, synapses_t.options().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  KEXUE_DISPATCH_SYNAPSES(synapses_t.scalar_type(), "biohash_sparse_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const A* w = weights.has_value() ? weights->data_ptr<A>() : nullptr;
+    for_each_row<scalar_t, A>(indices, offsets, w, synapses_t, [&](int64_t r, const A* acc, Key<A>* keys) {
+      keys_of(acc, K, keys);
+      write_code(keys, K, k, packed, o + r * width);
+    });
+  });
+  return out;
+}
+
+at::Tensor biohash_topk_cpu(const at::Tensor& activations, int64_t k, bool packed) {
+  TORCH_CHECK(activations.device().is_cpu() && activations.dim() == 2 && activations.is_contiguous() &&
+                  (activations.scalar_type() == at::kFloat || activations.scalar_type() == at::kDouble),
+              "activations must be a contiguous float32 or float64 (B, K) CPU tensor");
+  const int64_t rows = activations.size(0), K = activations.size(1);
+  TORCH_CHECK(k >= 1 && k <= K, "k must lie in [1, K]");
+  const int64_t width = packed ? biohash::code_bytes(K) : K;
+  auto out = at::empty({rows, width}, activations.options().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES(activations.scalar_type(), "biohash_topk_cpu", [&] {
+    const scalar_t* a = activations.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<Key<scalar_t>> keys(K);
+      for (int64_t r = begin; r < end; ++r) {
+        keys_of(a + r * K, K, keys.data());
+        write_code(keys.data(), K, k, packed, o + r * width);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The learning step (reference: biohash_update_ in python/kexue/reference/biohash.py).
+
+namespace {
+
+// Hebbian entries (unit mu gets +value at input i), bucketed by input i in a stable order so that
+// each element's contributions are summed in the reference's order.
+template <typename A>
+struct Hebbian {
+  std::vector<int64_t> start;  // (N + 1) bucket offsets
+  std::vector<int64_t> unit;
+  std::vector<A> value;
+};
+
+template <typename A>
+Hebbian<A> bucket_hebbian(const int64_t* ids, const int64_t* off, const A* w, int64_t rows, int64_t N,
+                          const int64_t* winners, const int64_t* second, A delta) {
+  Hebbian<A> h;
+  h.start.assign(N + 1, 0);
+  const int64_t nnz = off[rows];
+  const int passes = second == nullptr ? 1 : 2;
+  for (int pass = 0; pass < passes; ++pass) {
+    for (int64_t j = 0; j < nnz; ++j) ++h.start[ids[j] + 1];
+  }
+  for (int64_t i = 0; i < N; ++i) h.start[i + 1] += h.start[i];
+  h.unit.resize(h.start[N]);
+  h.value.resize(h.start[N]);
+  std::vector<int64_t> fill(h.start.begin(), h.start.end() - 1);
+  // All winner contributions first, then the anti-Hebbian ones: the reference's order.
+  for (int pass = 0; pass < passes; ++pass) {
+    const int64_t* units = pass == 0 ? winners : second;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = off[r]; j < off[r + 1]; ++j) {
+        const A wj = w == nullptr ? A(1) : w[j];
+        const int64_t slot = fill[ids[j]]++;
+        h.unit[slot] = units[r];
+        h.value[slot] = pass == 0 ? wj : -delta * wj;
+      }
+    }
+  }
+  return h;
+}
+
+// ds for row i of wt (all K units): ds = nx * W + hebb, nx = -xx on active units and 0 elsewhere.
+// `sum` and `touched` are K-long scratch, all zero on entry and on exit.
+template <typename A>
+void ds_row(const A* wrow, const A* nx, const uint8_t* active, const Hebbian<A>& h, int64_t i, int64_t K, A* ds,
+            A* sum, uint8_t* touched) {
+  for (int64_t mu = 0; mu < K; ++mu) ds[mu] = nx[mu] * wrow[mu];
+  const int64_t b = h.start[i], e = h.start[i + 1];
+  for (int64_t s = b; s < e; ++s) {
+    const int64_t mu = h.unit[s];
+    sum[mu] += h.value[s];
+    touched[mu] = 1;
+  }
+  for (int64_t s = b; s < e; ++s) {
+    const int64_t mu = h.unit[s];
+    if (touched[mu]) {
+      if (active[mu]) ds[mu] = ds[mu] + sum[mu];
+      sum[mu] = A(0);
+      touched[mu] = 0;
+    }
+  }
+}
+
+template <typename A>
+A abs_max(const A* x, int64_t n) {
+  A m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = std::abs(x[i]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor> update_impl(const at::Tensor& indices, const at::Tensor& offsets, const A* w,
+                                               at::Tensor& wt, double lr, double delta, int64_t rank, double prec,
+                                               double tiny) {
+  const int64_t rows = offsets.size(0) - 1, N = wt.size(0), K = wt.size(1);
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  A* wtp = wt.data_ptr<A>();
+  auto winners_t = at::empty({rows}, offsets.options());
+  auto s_win_t = at::empty({rows}, wt.options());
+  int64_t* winners = winners_t.data_ptr<int64_t>();
+  A* s_win = s_win_t.data_ptr<A>();
+  const bool anti = delta != 0.0;
+  std::vector<int64_t> second(anti ? rows : 0);
+  std::vector<A> s_second(anti ? rows : 0);
+
+  // 1. Winners by the raw activation, and the scaled activation of each chosen unit.
+  at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
+    std::vector<A> raw(K), scaled(w == nullptr ? 0 : K);
+    std::vector<Key<A>> keys(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t start = off[r], len = off[r + 1] - start;
+      row_activations(ids + start, static_cast<const A*>(nullptr), len, static_cast<const A*>(wtp), K, raw.data());
+      const A* s = raw.data();
+      if (w != nullptr) {
+        row_activations(ids + start, w + start, len, static_cast<const A*>(wtp), K, scaled.data());
+        s = scaled.data();
+      }
+      keys_of(raw.data(), K, keys.data());
+      winners[r] = unit_of_rank(keys.data(), K, 1);
+      s_win[r] = s[winners[r]];
+      if (anti) {
+        second[r] = unit_of_rank(keys.data(), K, rank);
+        s_second[r] = s[second[r]];
+      }
+    }
+  });
+
+  // 2. xx per unit, in sample order (deterministic), then the active units.
+  std::vector<A> nx(K, A(0));
+  std::vector<uint8_t> active(K, 0);
+  {
+    std::vector<A> xx(K, A(0));
+    for (int64_t r = 0; r < rows; ++r) xx[winners[r]] += s_win[r];
+    const A d = static_cast<A>(delta);
+    if (anti) {
+      for (int64_t r = 0; r < rows; ++r) xx[second[r]] += -d * s_second[r];
+    }
+    for (int64_t mu = 0; mu < K; ++mu) {
+      active[mu] = xx[mu] != A(0);
+      nx[mu] = active[mu] ? -xx[mu] : A(0);
+    }
+  }
+  const Hebbian<A> hebb =
+      bucket_hebbian<A>(ids, off, w, rows, N, winners, anti ? second.data() : nullptr, static_cast<A>(delta));
+
+  // 3. max |ds| over the whole matrix, without storing ds.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+  const int64_t chunks = (N + grain - 1) / grain;
+  std::vector<A> chunk_max(std::max<int64_t>(chunks, 1), A(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<A> ds(K), sum(K, A(0));
+    std::vector<uint8_t> touched(K, 0);
+    for (int64_t c = cb; c < ce; ++c) {
+      A m = 0;
+      for (int64_t i = c * grain; i < std::min(N, (c + 1) * grain); ++i) {
+        ds_row(wtp + i * K, nx.data(), active.data(), hebb, i, K, ds.data(), sum.data(), touched.data());
+        const A rm = abs_max(ds.data(), K);
+        m = rm > m ? rm : m;
+      }
+      chunk_max[c] = m;
+    }
+  });
+  A nc = 0;
+  for (A m : chunk_max) nc = m > nc ? m : nc;
+
+  // 4. W += lr / max(nc, prec) * ds, leaving changes of at most `tiny`.
+  const A p = static_cast<A>(prec);
+  const A scale = static_cast<A>(lr) / (nc > p ? nc : p);
+  const A small = static_cast<A>(tiny);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<A> ds(K), sum(K, A(0));
+    std::vector<uint8_t> touched(K, 0);
+    for (int64_t c = cb; c < ce; ++c) {
+      for (int64_t i = c * grain; i < std::min(N, (c + 1) * grain); ++i) {
+        A* wrow = wtp + i * K;
+        ds_row(wrow, nx.data(), active.data(), hebb, i, K, ds.data(), sum.data(), touched.data());
+#pragma omp simd
+        for (int64_t mu = 0; mu < K; ++mu) {
+          const A change = scale * ds[mu];
+          wrow[mu] = std::abs(change) > small ? wrow[mu] + change : wrow[mu];
+        }
+      }
+    }
+  });
+  return {winners_t, s_win_t};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> biohash_update_cpu(const at::Tensor& indices, const at::Tensor& offsets,
+                                                      const std::optional<at::Tensor>& weights,
+                                                      at::Tensor synapses_t, double lr, double delta, int64_t rank,
+                                                      double prec, double tiny) {
+  check_csr(indices, offsets, weights, synapses_t);
+  TORCH_CHECK(synapses_t.scalar_type() == at::kFloat || synapses_t.scalar_type() == at::kDouble,
+              "biohash_update_cpu takes float32 or float64 synapses");
+  TORCH_CHECK(rank >= 1 && rank <= synapses_t.size(1), "rank must lie in [1, K]");
+  TORCH_CHECK(synapses_t.size(1) >= 1, "K must be at least 1");
+  if (synapses_t.scalar_type() == at::kDouble) {
+    return update_impl<double>(indices, offsets, weights ? weights->data_ptr<double>() : nullptr, synapses_t, lr,
+                               delta, rank, prec, tiny);
+  }
+  return update_impl<float>(indices, offsets, weights ? weights->data_ptr<float>() : nullptr, synapses_t, lr, delta,
+                            rank, prec, tiny);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hamming top-n.
+
+namespace {
+
+// Hamming distance of two packed codes of nb bytes: 64-bit words, then the tail bytes.
+KEXUE_CPU_CLONES int64_t hamming(const uint8_t* a, const uint8_t* b, int64_t nb) {
+  int64_t d = 0;
+  int64_t i = 0;
+  for (; i + 8 <= nb; i += 8) {
+    uint64_t x, y;
+    std::memcpy(&x, a + i, 8);
+    std::memcpy(&y, b + i, 8);
+    d += __builtin_popcountll(x ^ y);
+  }
+  for (; i < nb; ++i) d += __builtin_popcount(static_cast<unsigned>(a[i] ^ b[i]));
+  return d;
+}
+
+KEXUE_CPU_CLONES void hamming_row(const uint8_t* q, const uint8_t* db, int64_t D, int64_t nb, int32_t* dist) {
+  for (int64_t d = 0; d < D; ++d) dist[d] = static_cast<int32_t>(hamming(q, db + d * nb, nb));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& database,
+                                                    int64_t n) {
+  TORCH_CHECK(queries.device().is_cpu() && database.device().is_cpu(), "hamming_topk_cpu takes CPU tensors");
+  TORCH_CHECK(queries.dim() == 2 && database.dim() == 2 && queries.scalar_type() == at::kByte &&
+                  database.scalar_type() == at::kByte && queries.is_contiguous() && database.is_contiguous() &&
+                  queries.size(1) == database.size(1),
+              "queries and database must be contiguous uint8 (Q, nb) and (D, nb) tensors");
+  const int64_t Q = queries.size(0), D = database.size(0), nb = queries.size(1);
+  TORCH_CHECK(n >= 0 && n <= D, "n must lie in [0, D]");
+  auto dist_out = at::empty({Q, n}, queries.options().dtype(at::kLong));
+  auto idx_out = at::empty({Q, n}, queries.options().dtype(at::kLong));
+  const uint8_t* qp = queries.data_ptr<uint8_t>();
+  const uint8_t* dbp = database.data_ptr<uint8_t>();
+  int64_t* dop = dist_out.data_ptr<int64_t>();
+  int64_t* iop = idx_out.data_ptr<int64_t>();
+  const int64_t max_dist = nb * 8;
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(D * std::max<int64_t>(nb, 1), 1));
+  at::parallel_for(0, Q, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> dist(D);
+    std::vector<int64_t> slot(max_dist + 2);
+    for (int64_t q = begin; q < end; ++q) {
+      hamming_row(qp + q * nb, dbp, D, nb, dist.data());
+      // Counting sort on the distance, stopping at the n-th: slot[v] = first output position of v.
+      std::fill(slot.begin(), slot.end(), 0);
+      for (int64_t d = 0; d < D; ++d) ++slot[dist[d] + 1];
+      for (int64_t v = 0; v <= max_dist; ++v) slot[v + 1] += slot[v];
+      int64_t* od = dop + q * n;
+      int64_t* oi = iop + q * n;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t pos = slot[dist[d]];
+        if (pos < n) {
+          od[pos] = dist[d];
+          oi[pos] = d;
+        }
+        ++slot[dist[d]];
+      }
+    }
+  });
+  return {dist_out, idx_out};
+}
+
+}  // namespace kexue
