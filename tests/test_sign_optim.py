@@ -17,8 +17,12 @@ from kexue.reference import sign_optim as R
 
 from tests.sign_optim_helpers import EPS32, Trace, assert_rounded, snapshot
 
+from tests.conftest import DEVICE, triton_unavailable_reason
+
 NATIVE = kexue.backends()["cpu"]["available"]
-BACKENDS = ["cpu", "torch"] if NATIVE else ["torch"]
+# The Triton kernels run on CPU tensors in the interpreter (tests/conftest.py) when there is no GPU.
+BACKENDS = (["cpu"] if NATIVE else []) + ["torch"] + (
+    ["triton"] if DEVICE.type == "cpu" and triton_unavailable_reason() is None else [])
 
 # Odd sizes: a single element, sizes that are not multiples of the 1024-element tile, a tensor
 # spanning two 65536-element work items, rows of an embedding table, and an empty tensor.

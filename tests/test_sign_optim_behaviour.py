@@ -43,7 +43,7 @@ def train(opt_factory, shapes, steps, backend, dtype=torch.float32, grads_seed=0
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_is_bitwise_identical(backend):
-    shapes = [(3, 700), (150_000,)]
+    shapes = [(3, 700), (70_001,)]  # two work items in the second tensor
 
     def factory(seed):
         return lambda ps: Lion(ps, lr=5e-2, weight_decay=0.1, child_tuning="F", stochastic_rounding=True, seed=seed)
@@ -74,20 +74,24 @@ def test_independent_of_thread_count():
     assert all(torch.equal(x, y) for x, y in zip(one, many, strict=True))
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="kexue._C not built")
-def test_backends_agree_bitwise_on_masks_and_rounding():
-    """The C++ kernel and the torch backend draw the same ChildTuning-F masks and roundings."""
-    shapes = [(5, 300)]
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_backends_agree_bitwise_on_masks_and_rounding(backend):
+    """The kernels and the torch backend draw the same ChildTuning-F masks and roundings."""
+    shapes = [(5, 300), (70_001,)]
 
     def factory(ps):
-        return Lion(ps, lr=5e-2, child_tuning="F", reserve_p=0.3, seed=5, mask_update=True)
+        return Lion(ps, lr=5e-2, child_tuning="F", reserve_p=0.3, seed=5, mask_update=True,
+                    stochastic_rounding=True)
 
-    a, opt_a = train(factory, shapes, 2, "cpu", torch.bfloat16)
-    b, opt_b = train(factory, shapes, 2, "torch", torch.bfloat16)
-    moved_a = a[0] != make_params(shapes, torch.bfloat16, seed=1)[0]
-    moved_b = b[0] != make_params(shapes, torch.bfloat16, seed=1)[0]
-    assert torch.equal(moved_a, moved_b)
-    assert_rounded(a[0], b[0].double(), b[0].double().abs(), "cpu vs torch backend")
+    start = make_params(shapes, torch.bfloat16, seed=1)
+    a, _ = train(factory, shapes, 2, backend, torch.bfloat16)
+    b, _ = train(factory, shapes, 2, "torch", torch.bfloat16)
+    for x, y, x0 in zip(a, b, start, strict=True):
+        assert torch.equal(x != x0, y != x0)  # the same elements moved: the same masks
+        # The same stochastic roundings: equal bits except where float32 arithmetic differs by an
+        # ulp right at a rounding boundary (FMA contraction in the kernels), which is rare.
+        assert (x.view(torch.int16) != y.view(torch.int16)).double().mean() < 1e-3
+        assert_rounded(x, y.double(), y.double().abs(), f"{backend} vs torch backend")
 
 
 def test_child_tuning_f_mask_statistics():
@@ -221,7 +225,9 @@ def train_embedding(opt_cls, guard, backend, steps=300, **kw):
     return emb.weight.detach(), after_last_seen, rare
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# 600 interpreted launches for Triton on a machine without GPU: in `make test-all` only.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
+                                     for b in BACKENDS])
 @pytest.mark.parametrize("opt_cls, kw", [(Lion, dict(lr=0.05, weight_decay=0.1)),
                                          (Tiger, dict(lr=0.05, weight_decay=0.1, nan_guard=None))])
 def test_embedding_drift_and_guard(backend, opt_cls, kw):

@@ -5,10 +5,10 @@ per device to :func:`sign_optim_step` together with a per-tensor table of coeffi
 (layout: csrc/include/kexue/sign_optim.h, mirrored in :mod:`kexue.reference.sign_optim`). The op
 updates params, momenta and the per-row "seen" flags in place and returns nothing.
 
-Backends: ``cpu`` (the C++ kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table interpreted
-in PyTorch, :func:`kexue.reference.sign_optim.fused_step`). A Triton kernel and a CUDA kernel
-register here later (see :func:`_register_backends`); their element arithmetic is
-csrc/include/kexue/sign_optim.h. Never autotune them: the step writes its inputs.
+Backends: ``triton`` (triton_kernels/sign_optim.py: one launch per dtype pair over a table of
+tensor addresses), ``cpu`` (the C++ kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table
+interpreted in PyTorch, :func:`kexue.reference.sign_optim.fused_step`). The element arithmetic
+is csrc/include/kexue/sign_optim.h. Never autotune the kernels: the step writes its inputs.
 """
 
 from __future__ import annotations
@@ -29,10 +29,14 @@ def _register_backends() -> None:
     native = _backend.native()
     if native is not None and hasattr(native, "sign_optim_step_cpu"):
         _backend.register(OP, "cpu", native.sign_optim_step_cpu, PARAM_DTYPES)
-    # "triton" (one launch over a table of pointers, fixed block size, no autotune) and "cuda"
-    # (csrc/cuda/sign_optim.cu, multi_tensor_apply-style) register here once they exist; the
-    # table must then live on the device (copy `hyper`/`ints` there, pointers in an int64 tensor).
+    _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
+    # "cuda" (csrc/cuda/sign_optim.cu, multi_tensor_apply-style) registers here once it exists.
 
+
+def _triton_module():
+    from kexue.triton_kernels import sign_optim
+
+    return sign_optim
 
 _register_backends()
 

@@ -1,0 +1,429 @@
+"""Lion / Tiger: the fused multi-tensor step in Triton (CUDA tensors; CPU tensors in the interpreter).
+
+The contract is the one of ``kexue::sign_optim_step`` (python/kexue/ops/sign_optim.py): lists of
+params, grads, momenta, optional ChildTuning-D masks and per-row "seen" flags, and a per-tensor
+table of coefficients and flags (csrc/include/kexue/sign_optim.h). Every tensor of a call is
+served by one launch per (param dtype, momentum dtype), not one per tensor: the kernels read the
+tensors' addresses from a table, as ATen's multi_tensor_apply does, and each program takes one
+work item of at most ``CHUNK`` elements (whole rows for tensors updated row by row).
+
+Up to three launches, because two reductions must finish before the update that reads them:
+
+1. ``_prepass_kernel`` (only if a tensor needs it): per work item, the sum of squares of theta
+   (Tiger's whole-tensor RMS) and whether the gradient holds a NaN (Tiger's guard);
+2. ``_finish_kernel``: per tensor, adds its items' partial sums in a fixed order (so that two runs
+   give identical bits: no float atomics) into the effective learning rate, and raises the NaN
+   flag of the tensor's guard group (an integer atomic max, which is order-independent);
+3. ``_step_kernel``: the update. Per-row quantities (row RMS, whether a row of an embedding table
+   has any gradient) are computed by the program that owns the row, in a first sweep over it,
+   right before the row is updated.
+
+Each element is read and written once by the update (param, grad, momentum in; param, momentum
+out), plus the pre-pass reads of theta / grad where Tiger asks for them. The arithmetic is in
+float32 registers whatever the storage dtype; per-tensor coefficients are formed in float64 and
+rounded once, as the C++ kernel does. Never autotune these kernels: they write their inputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import triton
+import triton.language as tl
+
+# Table layout: mirrors csrc/include/kexue/sign_optim.h and kexue.reference.sign_optim (a test
+# checks that the three agree). This module must import without kexue (tests/gpu_compile.py).
+LR, WD, C_M, C_G, M_M, M_G, GSCALE, SHRINK, CENTRE = range(9)
+NUM_FLOATS = 9
+FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 = range(8)
+NUM_INTS = 8
+USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+MASK_UPDATE, STOCHASTIC_ROUND = 1 << 8, 1 << 9
+
+# The same flags as constexpr globals, readable inside @triton.jit functions.
+_K_NEW_MOMENTUM = tl.constexpr(USE_NEW_MOMENTUM)
+_K_UPDATE = tl.constexpr(UPDATE)
+_K_RMS_TENSOR = tl.constexpr(RMS_TENSOR)
+_K_RMS_ROW = tl.constexpr(RMS_ROW)
+_K_LAZY_ROWS = tl.constexpr(LAZY_ROWS)
+_K_FREEZE_ABSENT = tl.constexpr(FREEZE_ABSENT)
+_K_MASK_F = tl.constexpr(MASK_F)
+_K_MASK_D = tl.constexpr(MASK_D)
+_K_MASK_UPDATE = tl.constexpr(MASK_UPDATE)
+_K_STOCHASTIC = tl.constexpr(STOCHASTIC_ROUND)
+
+# Columns of the address table.
+A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
+NUM_ADDRS = 5
+
+CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
+BLOCK = 1024  # elements per tile of the element-wise sweeps
+ROW_COLS = 128  # columns per tile of the row-wise sweeps (rows of any length: looped)
+NUM_WARPS = 8
+
+# Storage codes of the constexpr dtype arguments.
+_F32, _BF16, _F16 = 0, 1, 2
+_CODES = {torch.float32: _F32, torch.bfloat16: _BF16, torch.float16: _F16}
+_TL_NAMES = {_F32: "fp32", _BF16: "bf16", _F16: "fp16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Element pieces.
+
+
+@triton.jit
+def _float_ptr(addr, CODE: tl.constexpr):
+    """An int64 address as a pointer to the storage type ``CODE``."""
+    if CODE == 0:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif CODE == 1:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    return ptr
+
+
+@triton.jit
+def _mix32(x):
+    """The "lowbias32" integer hash of sign_optim.h, on uint32 (multiplication wraps mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _element_bits(k0, k1, index):
+    """32 random bits per element index (int64), the same function as element_bits() in C++."""
+    index = index.to(tl.int64)
+    lo = index.to(tl.uint32)  # truncation: the low word
+    hi = (index >> 32).to(tl.uint32)
+    return _mix32(_mix32(lo ^ k0) ^ hi ^ k1)
+
+
+@triton.jit
+def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
+    """Store float32 ``x`` in the storage type: round to nearest even, or (bfloat16 with
+    ``stochastic``) add 16 random bits below the kept mantissa and truncate."""
+    if CODE == 0:
+        tl.store(ptr + offs, x, mask=inb)
+    elif CODE == 1:
+        # On the bits, as float_to_bf16_bits() in C++ (the interpreter's own cast truncates).
+        u = x.to(tl.uint32, bitcast=True)
+        bits = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        bits = tl.where(x != x, (u >> 16) | 0x40, bits)  # NaN stays a quiet NaN
+        if stochastic:
+            noise = _element_bits(k0, k1, offs) & 0xFFFF
+            bits = tl.where((u & 0x7F800000) != 0x7F800000, (u + noise) >> 16, bits)
+        tl.store(ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=inb)
+    else:
+        tl.store(ptr + offs, x.to(tl.float16), mask=inb)
+
+
+@triton.jit
+def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, decay, c_m, c_g, m_m, m_g, gscale,
+                 flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
+                 PARAM: tl.constexpr, MOM: tl.constexpr):
+    """One tile of the element update (sign_optim.h): momentum always, theta if UPDATE.
+
+    ``live``: elements whose row may move; ``freeze``: elements whose momentum stays (absent rows
+    under FREEZE_ABSENT); ``lr``/``decay``: scalars or per-row columns.
+    """
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    gated = ((flags & _K_MASK_F) != 0) | use_dmask
+    if (flags & _K_MASK_F) != 0:
+        keep = (_element_bits(mk0, mk1, offs) >> 8) < mthr
+    elif use_dmask:
+        keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+    else:
+        keep = inb
+    g = tl.where(keep, g * gscale, 0.0)
+    m_new = m_m * m + m_g * g
+    if (flags & _K_UPDATE) != 0:
+        if (flags & _K_NEW_MOMENTUM) != 0:  # Tiger: the new momentum
+            c = m_new
+        else:  # Lion: interpolate the OLD momentum with the gradient
+            c = c_m * m + c_g * g
+        s = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))  # sign(0) = 0, NaN stays NaN
+        theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        stepped = theta * decay - lr * s
+        movable = live & (keep | ~(gated & ((flags & _K_MASK_UPDATE) != 0)))  # masked ones stay
+        theta = tl.where(movable, stepped, theta)
+        _store_float(p_ptr, offs, inb, theta, PARAM, stochastic, rk0, rk1)
+    m_new = tl.where(freeze, m, m_new)
+    _store_float(m_ptr, offs, inb, m_new, MOM, False, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@triton.jit
+def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
+                    PARAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Per work item: sum of squares of theta (if RMS_TENSOR and UPDATE), any NaN in the grad."""
+    it = tl.program_id(0).to(tl.int64)
+    t = tl.load(items_ptr + 3 * it)
+    begin = tl.load(items_ptr + 3 * it + 1)
+    end = tl.load(items_ptr + 3 * it + 2)
+    flags = tl.load(ints_ptr + t * 8 + 0)
+    rms = ((flags & _K_RMS_TENSOR) != 0) & ((flags & _K_UPDATE) != 0)
+    guard = tl.load(ints_ptr + t * 8 + 1) >= 0
+    p_ptr = _float_ptr(tl.load(addr_ptr + t * 5 + 0), PARAM)
+    g_ptr = _float_ptr(tl.load(addr_ptr + t * 5 + 1), PARAM)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    found = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(begin, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        inb = offs < end
+        if rms:
+            x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            acc += x * x
+        if guard:
+            g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            found = tl.maximum(found, (g != g).to(tl.int32))
+    tl.store(ssq_ptr + it, tl.sum(acc, axis=0))
+    tl.store(nan_ptr + it, tl.max(found, axis=0))
+
+
+@triton.jit
+def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr, BLOCK: tl.constexpr):
+    """Per tensor: lr * RMS(theta) from its items' partial sums (fixed order), and its NaN flag
+    into its guard group."""
+    i = tl.program_id(0).to(tl.int64)
+    t = tl.load(fin_ptr + 4 * i)
+    first = tl.load(fin_ptr + 4 * i + 1)
+    count = tl.load(fin_ptr + 4 * i + 2)
+    numel = tl.load(fin_ptr + 4 * i + 3)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    found = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(first, first + count, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        inb = offs < first + count
+        acc += tl.load(ssq_ptr + offs, mask=inb, other=0.0).to(tl.float64)
+        found = tl.maximum(found, tl.load(nan_ptr + offs, mask=inb, other=0))
+    lr = tl.load(hyper_ptr + t * 9 + 0)
+    tl.store(lr_ptr + t, lr * tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float64)))
+    group = tl.load(ints_ptr + t * 8 + 1)
+    if (group >= 0) & (tl.max(found, axis=0) != 0):
+        tl.atomic_max(group_nan_ptr + group, 1)
+
+
+@triton.jit
+def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr,
+                 PARAM: tl.constexpr, MOM: tl.constexpr, BLOCK: tl.constexpr, ROW_COLS: tl.constexpr):
+    """The update of one work item: NaN-guard shrink, row by row, or element by element."""
+    it = tl.program_id(0).to(tl.int64)
+    t = tl.load(items_ptr + 3 * it)
+    begin = tl.load(items_ptr + 3 * it + 1)
+    end = tl.load(items_ptr + 3 * it + 2)
+    h = hyper_ptr + t * 9
+    iv = ints_ptr + t * 8
+    av = addr_ptr + t * 5
+    flags = tl.load(iv + 0)
+    group = tl.load(iv + 1)
+    row_len = tl.load(iv + 2)
+    p_ptr = _float_ptr(tl.load(av + 0), PARAM)
+    g_ptr = _float_ptr(tl.load(av + 1), PARAM)
+    m_ptr = _float_ptr(tl.load(av + 2), MOM)
+    mask_addr = tl.load(av + 3)
+    seen_addr = tl.load(av + 4)
+    mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+    seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
+    stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
+    rk0 = tl.load(iv + 6).to(tl.uint32)
+    rk1 = tl.load(iv + 7).to(tl.uint32)
+    update = (flags & _K_UPDATE) != 0
+    ROWS: tl.constexpr = BLOCK // ROW_COLS
+
+    shrink_now = (group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)
+    if shrink_now:
+        # Tiger's NaN guard: momentum untouched, theta <- (theta - centre) * shrink + centre.
+        shrink = tl.load(h + 7).to(tl.float32)
+        centre = tl.load(h + 8).to(tl.float32)
+        for s in range(begin, end, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            inb = offs < end
+            theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
+    else:
+        lr64 = tl.load(h + 0)
+        if ((flags & _K_RMS_TENSOR) != 0) & update:
+            lr64 = tl.load(lr_ptr + t)  # lr * RMS(theta), from _finish_kernel
+        wd = tl.load(h + 1)
+        c_m = tl.load(h + 2).to(tl.float32)
+        c_g = tl.load(h + 3).to(tl.float32)
+        m_m = tl.load(h + 4).to(tl.float32)
+        m_g = tl.load(h + 5).to(tl.float32)
+        gscale = tl.load(h + 6).to(tl.float32)
+        use_dmask = ((flags & _K_MASK_D) != 0) & (mask_addr != 0)
+        mk0 = tl.load(iv + 3).to(tl.uint32)
+        mk1 = tl.load(iv + 4).to(tl.uint32)
+        mthr = tl.load(iv + 5).to(tl.uint32)
+        by_rows = (row_len > 0) & ((flags & (_K_RMS_ROW | _K_LAZY_ROWS)) != 0)
+        if by_rows:
+            lazy = (flags & _K_LAZY_ROWS) != 0
+            row_rms = ((flags & _K_RMS_ROW) != 0) & update
+            cols0 = tl.arange(0, ROW_COLS)
+            for r0 in range(begin // row_len, end // row_len, ROWS):
+                rows = r0 + tl.arange(0, ROWS)
+                row_ok = rows < end // row_len
+                # First sweep over the rows: any gradient (lazy rows), sum of squares (row RMS).
+                present = tl.zeros([ROWS], dtype=tl.int32)
+                ssq = tl.zeros([ROWS], dtype=tl.float32)
+                for c0 in range(0, row_len, ROW_COLS):
+                    cols = c0 + cols0
+                    offs = rows[:, None] * row_len + cols[None, :]
+                    inb = row_ok[:, None] & (cols < row_len)[None, :]
+                    if lazy:
+                        g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+                        present = tl.maximum(present, tl.max((g != 0).to(tl.int32), axis=1))  # NaN counts
+                    if row_rms:
+                        x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+                        ssq += tl.sum(x * x, axis=1)
+                live = row_ok
+                freeze = rows < 0  # all False
+                if lazy:
+                    is_present = present != 0
+                    live = is_present
+                    if seen_addr != 0:
+                        was_seen = tl.load(seen_ptr + rows, mask=row_ok, other=0) != 0
+                        live = is_present | was_seen
+                        # Remembered until the window's update micro-step, which clears it.
+                        tl.store(seen_ptr + rows, (live & ~update).to(tl.uint8), mask=row_ok)
+                    if (flags & _K_FREEZE_ABSENT) != 0:
+                        freeze = ~is_present
+                if row_rms:
+                    row_lr64 = lr64 * tl.sqrt(ssq.to(tl.float64) / row_len.to(tl.float64))
+                else:
+                    row_lr64 = lr64 + tl.zeros([ROWS], dtype=tl.float64)
+                row_lr = row_lr64.to(tl.float32)
+                row_decay = (1.0 - row_lr64 * wd).to(tl.float32)
+                # Second sweep: the update, with the row's coefficients.
+                for c0 in range(0, row_len, ROW_COLS):
+                    cols = c0 + cols0
+                    offs = rows[:, None] * row_len + cols[None, :]
+                    inb = row_ok[:, None] & (cols < row_len)[None, :]
+                    _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live[:, None] & inb,
+                                 freeze[:, None] & inb, row_lr[:, None], row_decay[:, None], c_m, c_g, m_m, m_g,
+                                 gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1, PARAM, MOM)
+        else:
+            lr = lr64.to(tl.float32)
+            decay = (1.0 - lr64 * wd).to(tl.float32)
+            for s in range(begin, end, BLOCK):
+                offs = s + tl.arange(0, BLOCK)
+                inb = offs < end
+                _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, inb, offs < 0, lr, decay, c_m, c_g,
+                             m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1, PARAM, MOM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher.
+
+
+def _items(tensors: list[int], numels: list[int], row_lens: list[int]) -> tuple[list[tuple], list[tuple]]:
+    """Work items ``[tensor, begin, end]`` of CHUNK elements (whole rows where ``row_lens[t]``),
+    and for each tensor ``(tensor, first item, item count, numel)``."""
+    items, spans = [], []
+    for t in tensors:
+        n, row_len = numels[t], row_lens[t]
+        step = max(1, CHUNK // row_len) * row_len if row_len > 0 else CHUNK
+        spans.append((t, len(items), -(-n // step), n))
+        items.extend((t, b, min(n, b + step)) for b in range(0, n, step))
+    return items, spans
+
+
+def _table(rows: list[tuple], width: int, device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, width).to(device)
+
+
+def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, ints: torch.Tensor) -> None:
+    """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen."""
+    T = len(params)
+    if T == 0:
+        return
+    device = params[0].device
+    iv = ints.tolist()
+    numels = [p.numel() for p in params]
+    # Row-wise work items only where the kernel goes row by row (as by_rows() in C++).
+    row_lens = [r[ROW_LEN] if r[ROW_LEN] > 0 and r[FLAGS] & (RMS_ROW | LAZY_ROWS) else 0 for r in iv]
+    addr = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(),
+                          0 if mk is None else mk.data_ptr(), s.data_ptr() if s.numel() > 0 else 0]
+                         for p, g, m, mk, s in zip(params, grads, exp_avgs, masks, row_seen, strict=True)],
+                        dtype=torch.int64).to(device)
+    hyper_d = hyper.to(device=device, dtype=torch.float64)
+    ints_d = ints.to(device=device, dtype=torch.int64)
+
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for t in range(T):
+        if numels[t] > 0:
+            buckets[(_CODES[params[t].dtype], _CODES[exp_avgs[t].dtype])].append(t)
+
+    def wants_prepass(t: int) -> bool:
+        flags = iv[t][FLAGS]
+        return bool(flags & RMS_TENSOR and flags & UPDATE) or iv[t][NAN_GROUP] >= 0
+
+    lr_eff = hyper_d  # not read unless a pre-pass ran
+    group_nan = torch.zeros(T, dtype=torch.int32, device=device)
+    pre = {key: [t for t in ts if wants_prepass(t)] for key, ts in buckets.items()}
+    if any(pre.values()):
+        # One partial sum and NaN flag per pre-pass item, all buckets in one buffer; each bucket
+        # writes its slice, then _finish_kernel reads every tensor's span of it.
+        spans, launches, total = [], [], 0
+        for (pcode, _), ts in pre.items():
+            if ts:
+                items, bucket_spans = _items(ts, numels, [0] * T)
+                spans += [(t, total + first, count, n) for t, first, count, n in bucket_spans]
+                launches.append((pcode, total, items))
+                total += len(items)
+        ssq = torch.empty(total, dtype=torch.float32, device=device)
+        nan = torch.empty(total, dtype=torch.int32, device=device)
+        for pcode, offset, items in launches:
+            _prepass_kernel[(len(items),)](_table(items, 3, device), addr, ints_d, ssq[offset:], nan[offset:],
+                                           PARAM=pcode, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        lr_eff = torch.empty(T, dtype=torch.float64, device=device)
+        _finish_kernel[(len(spans),)](_table(spans, 4, device), hyper_d, ints_d, ssq, nan, lr_eff, group_nan,
+                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
+    for (pcode, mcode), ts in buckets.items():
+        items, _ = _items(ts, numels, row_lens)
+        _step_kernel[(len(items),)](_table(items, 3, device), addr, hyper_d, ints_d, lr_eff, group_nan,
+                                    PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
+                                    num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launcher can pick, for tests/gpu_compile.py.
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    for pcode, pname in _TL_NAMES.items():
+        configs.append({
+            "kernel": _prepass_kernel, "name": f"sign_optim_prepass_{pname}", "num_warps": NUM_WARPS,
+            "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "ints_ptr": "*i64", "ssq_ptr": "*fp32",
+                          "nan_ptr": "*i32", "PARAM": "constexpr", "BLOCK": "constexpr"},
+            "constexprs": {"PARAM": pcode, "BLOCK": BLOCK},
+        })
+        for mcode in (_F32, _BF16):
+            configs.append({
+                "kernel": _step_kernel, "name": f"sign_optim_step_{pname}_m{_TL_NAMES[mcode]}",
+                "num_warps": NUM_WARPS,
+                "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
+                              "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "PARAM": "constexpr",
+                              "MOM": "constexpr", "BLOCK": "constexpr", "ROW_COLS": "constexpr"},
+                "constexprs": {"PARAM": pcode, "MOM": mcode, "BLOCK": BLOCK, "ROW_COLS": ROW_COLS},
+            })
+    configs.append({
+        "kernel": _finish_kernel, "name": "sign_optim_finish", "num_warps": NUM_WARPS,
+        "signature": {"fin_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64", "ssq_ptr": "*fp32",
+                      "nan_ptr": "*i32", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": BLOCK},
+    })
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
