@@ -304,7 +304,7 @@ class SignOptimizer(torch.optim.Optimizer):
             flags |= table.STOCHASTIC_ROUND
             ints[table.ROUND_K0], ints[table.ROUND_K1] = table.stream_keys(
                 group["seed"], e.flat_index, t, table.ROUND_STREAM)
-        floats[table.GSCALE] = gscale
+        floats[table.GSCALE] = gscale * self._unscale
         ints[table.FLAGS] = flags
         self._algorithm_row(e, t, floats, ints)
         return floats, ints, mask, state.get("row_seen")
@@ -312,13 +312,37 @@ class SignOptimizer(torch.optim.Optimizer):
     # -----------------------------------------------------------------------------------------
     # The step.
 
+    # torch.amp.GradScaler hands the step its scale and inf flag (``grad_scale``/``found_inf``
+    # attributes) instead of unscaling the gradients itself: the 1/scale is fused into the kernel's
+    # gradient multiplier, so the gradients are read once.
+    _step_supports_amp_scaling = True
+    _unscale = 1.0
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimization step (one micro-step for Tiger with gradient accumulation)."""
+        """Perform one optimization step (one micro-step for Tiger with gradient accumulation).
+
+        Under ``torch.amp.GradScaler.step(optimizer)`` the gradients are unscaled inside the fused
+        kernel, and a step whose scaled gradients held an inf or NaN is skipped entirely (params,
+        momenta and step counters unchanged), as torch's fused optimizers do. Reading the scaler's
+        flag costs one host synchronisation per step on CUDA.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        self._unscale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        try:
+            self._fused_step()
+        finally:
+            self._unscale = 1.0
+        return loss
+
+    def _fused_step(self) -> None:
         entries = self._collect()
         for e in entries:
             self._init_state(e)
@@ -329,7 +353,6 @@ class SignOptimizer(torch.optim.Optimizer):
             self._run(bucket)
         for e in entries:
             self.state[e.param]["step"] += 1
-        return loss
 
     def _run(self, bucket: list[_Entry]) -> None:
         params, grads, moms, masks, seen, rows_f, rows_i = [], [], [], [], [], [], []
