@@ -40,7 +40,7 @@ FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 
 NUM_INTS = 8
 USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = 1 << 4, 1 << 5, 1 << 6, 1 << 7
-MASK_UPDATE, STOCHASTIC_ROUND = 1 << 8, 1 << 9
+MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW = 1 << 8, 1 << 9, 1 << 10
 
 # The same flags as constexpr globals, readable inside @triton.jit functions.
 _K_NEW_MOMENTUM = tl.constexpr(USE_NEW_MOMENTUM)
@@ -53,6 +53,7 @@ _K_MASK_F = tl.constexpr(MASK_F)
 _K_MASK_D = tl.constexpr(MASK_D)
 _K_MASK_UPDATE = tl.constexpr(MASK_UPDATE)
 _K_STOCHASTIC = tl.constexpr(STOCHASTIC_ROUND)
+_K_SHRINK_NOW = tl.constexpr(SHRINK_NOW)
 
 # Columns of the address table.
 A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
@@ -240,7 +241,8 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr
     update = (flags & _K_UPDATE) != 0
     ROWS: tl.constexpr = BLOCK // ROW_COLS
 
-    shrink_now = (group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)
+    shrink_now = ((group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)) | (
+        (flags & _K_SHRINK_NOW) != 0)
     if shrink_now:
         # Tiger's NaN guard: momentum untouched, theta <- (theta - centre) * shrink + centre.
         shrink = tl.load(h + 7).to(tl.float32)

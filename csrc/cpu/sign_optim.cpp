@@ -451,7 +451,7 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
     const Job& j = jobs[i];
     const bool rms = j.has(kRmsTensor) && j.has(kUpdate) && j.numel > 0;
     lr[i] = rms ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
-    shrink[i] = j.nan_group >= 0 && group_nan[j.nan_group];
+    shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || j.has(kShrinkNow);
   }
 
   // Main pass.

@@ -61,6 +61,7 @@ enum Flag : int64_t {
   kMaskD = 1 << 7,           // ChildTuning-D: fixed mask tensor
   kMaskUpdate = 1 << 8,      // masked elements are not stepped either (they never move)
   kStochasticRound = 1 << 9, // bfloat16 params are stored with stochastic rounding
+  kShrinkNow = 1 << 10,       // NaN guard decided on the host (sharded tensors): shrink this call
 };
 
 // ---------------------------------------------------------------------------------------------

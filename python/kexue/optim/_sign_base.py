@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from kexue.ops import sign_optim as ops
+from kexue.optim._sharded import complete_reductions, local, sharded_last_dim
 from kexue.reference import sign_optim as table
 
 _COMMON_DEFAULTS: dict[str, Any] = {
@@ -177,7 +178,7 @@ class SignOptimizer(torch.optim.Optimizer):
                              f"parameter {tuple(p.shape)} on {p.device}")
         seen = state.get("row_seen")
         if seen is not None:
-            rows = p.numel() // p.shape[-1] if p.dim() >= 1 and p.shape[-1] > 0 else 0
+            rows = local(p).numel() // p.shape[-1] if p.dim() >= 1 and p.shape[-1] > 0 else 0
             if not isinstance(seen, Tensor) or seen.shape != (rows,) or (devices and seen.device != p.device):
                 raise ValueError(f"{where()}: state 'row_seen' must be a tensor of shape ({rows},) on {p.device}")
 
@@ -209,6 +210,9 @@ class SignOptimizer(torch.optim.Optimizer):
         elif group["embedding"] and p.dim() < 2:
             problem = ValueError(f"an 'embedding' group holds tables of rows (at least 2 dims), "
                                  f"got shape {tuple(p.shape)}")
+        elif group["embedding"] and sharded_last_dim(p):
+            problem = ValueError("an 'embedding' table must not be sharded along its last dimension "
+                                 "(its rows would straddle ranks); shard it along dim 0")
         if problem is not None:
             raise type(problem)(f"{self._where(gi, pi, group)}: {problem}")
         where = functools.partial(self._where, gi, pi, group)
@@ -252,8 +256,9 @@ class SignOptimizer(torch.optim.Optimizer):
         group, p = e.group, e.param
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=group["momentum_dtype"], device=p.device)
-        elif state["exp_avg"].dtype != group["momentum_dtype"] or not state["exp_avg"].is_contiguous():
+            # zeros_like: a DTensor parameter gets a DTensor momentum sharded like it
+            state["exp_avg"] = torch.zeros_like(p, dtype=group["momentum_dtype"], memory_format=torch.contiguous_format)
+        elif state["exp_avg"].dtype != group["momentum_dtype"] or not local(state["exp_avg"]).is_contiguous():
             state["exp_avg"] = state["exp_avg"].to(group["momentum_dtype"]).contiguous()
         if "step" not in state:
             state["step"] = 0
@@ -261,7 +266,8 @@ class SignOptimizer(torch.optim.Optimizer):
             state["step"] = int(state["step"])
         if group["embedding"] and group["drift_guard"] and self._needs_row_seen(group):
             if "row_seen" not in state:
-                state["row_seen"] = torch.zeros(p.numel() // p.shape[-1], dtype=torch.uint8, device=p.device)
+                rows = local(p).numel() // p.shape[-1]  # the rows of this rank's shard
+                state["row_seen"] = torch.zeros(rows, dtype=torch.uint8, device=p.device)
         else:
             state.pop("row_seen", None)
 
@@ -363,18 +369,21 @@ class SignOptimizer(torch.optim.Optimizer):
             rows_f.append(floats)
             rows_i.append(ints)
             # The kernel needs contiguous memory; an odd parameter is updated through a copy.
-            params.append(e.param if e.param.is_contiguous() else e.param.contiguous())
-            grads.append(e.grad.contiguous())
-            moms.append(state["exp_avg"])
-            masks.append(None if mask is None else mask.contiguous())
+            # DTensors (FSDP2) are updated through their local shards.
+            param = local(e.param)
+            params.append(param if param.is_contiguous() else param.contiguous())
+            grads.append(local(e.grad).contiguous())
+            moms.append(local(state["exp_avg"]))
+            masks.append(None if mask is None else local(mask).contiguous())
             seen.append(_no_rows() if row_seen is None else row_seen)
         self._link_nan_groups(rows_i)
+        complete_reductions([e.param for e in bucket], [e.grad for e in bucket], rows_f, rows_i)
         hyper = torch.tensor(rows_f, dtype=torch.float64).reshape(len(bucket), table.NUM_FLOATS)
         ints = torch.tensor(rows_i, dtype=torch.int64).reshape(len(bucket), table.NUM_INTS)
         ops.fused_step(params, grads, moms, masks, seen, hyper, ints)
         for e, work in zip(bucket, params, strict=True):
-            if work is not e.param:
-                e.param.copy_(work)
+            if work is not local(e.param):
+                local(e.param).copy_(work)
 
     @staticmethod
     def _link_nan_groups(rows_i: list[list[int]]) -> None:

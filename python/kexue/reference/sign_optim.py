@@ -41,6 +41,7 @@ MASK_F = 1 << 6
 MASK_D = 1 << 7
 MASK_UPDATE = 1 << 8
 STOCHASTIC_ROUND = 1 << 9
+SHRINK_NOW = 1 << 10  # the NaN guard was decided on the host (sharded tensors)
 
 # Streams of random bits drawn from one (seed, parameter, step).
 MASK_STREAM = 1
@@ -344,7 +345,7 @@ def fused_step(
         ct = _compute_dtype(p.dtype)
         round_keys = (ir[ROUND_K0], ir[ROUND_K1])
         theta = p.detach().reshape(-1).to(ct)
-        if ir[NAN_GROUP] >= 0 and nan_found[ir[NAN_GROUP]]:
+        if (ir[NAN_GROUP] >= 0 and nan_found[ir[NAN_GROUP]]) or flags & SHRINK_NOW:
             shrink, centre = (torch.tensor(hr[j], dtype=ct) for j in (SHRINK, CENTRE))
             _store_param(p, (theta - centre) * shrink + centre, flags, round_keys)
             continue
