@@ -69,17 +69,22 @@ def _sizes(total: int, count: int) -> list[int]:
     return sizes.tolist()
 
 
-def _inputs(total: int, device: torch.device, quick: bool) -> dict[str, Any]:
+def _inputs(total: int, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32,
+            tensors: int = TENSORS) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     params = []
-    for n in _sizes(total, TENSORS):
-        p = (torch.randn(n, generator=gen) * 0.02).to(device).requires_grad_()
-        p.grad = (torch.randn(n, generator=gen) * 1e-3).to(device)
+    for n in _sizes(total, tensors):
+        p = (torch.randn(n, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(n, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
     return {"params": params, "quick": quick}
 
 
 def _kexue(cls: type, options: dict, backend: str) -> Callable[[dict], Thunk]:
+    if cls is Tiger:
+        # The bench's tensors are flat: without this Tiger would treat them as biases (no RMS).
+        options = {"kind": "matrix", **options}
+
     def build(inputs: dict) -> Thunk:
         params = inputs["params"]
         opt = cls(params, lr=LR, **options)
@@ -115,7 +120,12 @@ def _lion_pytorch(inputs: dict) -> Thunk:
         import lion_pytorch
     except ImportError:
         raise Unavailable("lion-pytorch is not installed (pip install lion-pytorch)") from None
-    return lion_pytorch.Lion(inputs["params"], lr=LR).step
+    try:
+        opt = lion_pytorch.Lion(inputs["params"], lr=LR)
+        opt.step()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise Unavailable(f"lion-pytorch: {exc}") from None
+    return opt.step
 
 
 def _pytorch_optimizer(name: str) -> Callable[[dict], Thunk]:
@@ -124,7 +134,12 @@ def _pytorch_optimizer(name: str) -> Callable[[dict], Thunk]:
             import pytorch_optimizer
         except ImportError:
             raise Unavailable("pytorch-optimizer is not installed (pip install pytorch-optimizer)") from None
-        return getattr(pytorch_optimizer, name)(inputs["params"], lr=LR).step
+        try:
+            opt = getattr(pytorch_optimizer, name)(inputs["params"], lr=LR)
+            opt.step()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise Unavailable(f"pytorch-optimizer {name}: {exc}") from None
+        return opt.step
 
     return build
 
@@ -186,3 +201,79 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         ))
         seen_modes.add(mode)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling CLI: python -m bench.sign_optim --algo lion --params 100M --dtype bf16 ...
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _count(text: str) -> int:
+    """'100M', '2.5e6', '1G', '50000' -> an int."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def profile_case(algo: str, total: int, tensors: int, dtype: str, momentum_dtype: str, device: torch.device,
+                 options: dict) -> Case:
+    """One Case for :func:`main`: the given size and dtypes, all peers."""
+    size, msize = _DTYPES[dtype].itemsize, _DTYPES[momentum_dtype].itemsize
+    per_param = 3 * size + 2 * msize
+    if algo == "tiger":  # the pre-pass: params for the RMS, grads for the NaN guard
+        per_param += size * ((options.get("rms_scale", True) is not False) + (options.get("nan_guard", "tensor") is not None))
+    options = {**options, "momentum_dtype": _DTYPES[momentum_dtype]}
+    return Case(name=f"{total / 1e6:g}M {dtype} in {tensors} tensors, {momentum_dtype} momentum", mode=algo,
+                bytes=per_param * total, setup=functools.partial(_inputs, total, device, False, _DTYPES[dtype], tensors),
+                peers=_peers(algo, options, device), headline=True,
+                params={"params": total, "tensors": tensors, "dtype": dtype, "bytes_per_param": per_param,
+                        "momentum_dtype": momentum_dtype})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Step time, parameters per second and achieved bandwidth of Lion/Tiger against the peers."""
+    import argparse
+
+    from bench._env import describe, row_fields
+    from bench._memory import measure_floor
+    from bench._rows import add_ratios
+    from bench._table import fmt_time, format_family
+    from bench._timing import FULL, QUICK, Clock
+    from bench.run import run_case
+
+    parser = argparse.ArgumentParser(prog="python -m bench.sign_optim", description=main.__doc__)
+    parser.add_argument("--algo", choices=("lion", "tiger"), default="lion")
+    parser.add_argument("--params", default="100M", help="parameter count, e.g. 100M, 2.5e7 (default 100M)")
+    parser.add_argument("--tensors", type=int, default=TENSORS, help=f"split into this many tensors ({TENSORS})")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="parameter dtype")
+    parser.add_argument("--momentum-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--no-nan-guard", action="store_true", help="Tiger without its NaN guard")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="few, short runs")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total = _count(args.params)
+    if total < args.tensors or args.tensors < 1:
+        parser.error(f"--params ({total}) must be at least --tensors ({args.tensors}) >= 1")
+    options = {"nan_guard": None} if args.no_nan_guard and args.algo == "tiger" else {}
+    env = describe(device)
+    plan = QUICK if args.quick else FULL
+    clock = Clock(device)
+    print(f"{args.algo} step, {total:,} {args.dtype} parameters in {args.tensors} tensors, "
+          f"{args.momentum_dtype} momentum, on {env['device']} ({env['threads']} threads, torch {env['torch']})")
+    floor = measure_floor(device, clock, plan, args.quick)
+    case = profile_case(args.algo, total, args.tensors, args.dtype, args.momentum_dtype, device, options)
+    rows = run_case("sign_optim", case, device, clock, plan, floor["gbps"], row_fields(device))
+    add_ratios(rows)
+    print(format_family("sign_optim", rows, [], floor))
+    print("\nparameters per second (median step):")
+    for r in rows:
+        if r["median_s"]:
+            print(f"  {r['peer']:<20} {fmt_time(r['median_s']):>10}   {total / r['median_s'] / 1e9:8.3f} G params/s")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
