@@ -28,11 +28,13 @@ from bench._case import Case, Unavailable
 from bench._env import describe, row_fields
 from bench._memory import measure_floor, peak_bytes
 from bench._plot import plot
+from bench._readme import update as update_readme
 from bench._rows import add_ratios, make_row
 from bench._table import fmt_time, format_family
 from bench._timing import FULL, QUICK, Clock, Plan, Timing, time_peers
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
 _NOT_FAMILIES = {"run"}
 BUSY_LOAD_PER_CPU = 0.5  # load average per CPU above which the header warns about other jobs
 
@@ -93,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch.set_num_threads(N) for the run (default: torch's own choice)")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the README's results table (a run without --quick does)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
@@ -150,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(record, indent=1, default=str))
     png_path = plot(rows, floor, env, args.out / "bench.png")
     print(f"\nwrote {json_path} and {png_path} ({fmt_time(time.perf_counter() - started)} in all)")
+    if not args.quick and not args.no_readme and update_readme(README, headlines, rows, env):
+        print(f"updated the results table in {README}")
     return 0
 
 

@@ -70,3 +70,22 @@ def test_plot_written(quick_run):
     _, out = quick_run
     png = out / "bench.png"
     assert png.exists() and png.stat().st_size > 0
+
+
+def test_readme_table_is_rewritten_between_markers(tmp_path):
+    from bench import _readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{_readme.START}\nold\n| other | c | r | 1x | <= 1x | yes |\n{_readme.END}\ntail\n")
+    headline = {"mode": "forward", "numerator": "kexue", "denominator": "softmax", "goal": "<=", "bound": 3.0,
+                "case": "4096x4096 fp32", "value": 2.5, "met": True, "reason": None}
+    rows = [{"family": "entropy_norm", "case": "4096x4096 fp32", "mode": "forward", "peer": p, "median_s": t}
+            for p, t in (("kexue", 0.05), ("softmax", 0.02))]
+    env = {"device": "cpu", "threads": 2, "torch": "2", "kexue": "0", "date": "today"}
+    assert _readme.update(readme, {"entropy_norm": [headline]}, rows, env)
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith("tail\n") and "old" not in text
+    assert "| entropy_norm | 4096x4096 fp32 | kexue / softmax time (forward) | 2.50x" in text
+    assert "| other | c | r | 1x | <= 1x | yes |" in text  # a family not run this time keeps its line
+    readme.write_text("no markers")
+    assert not _readme.update(readme, {}, rows, env)
