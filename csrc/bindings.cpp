@@ -30,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("logits"), arg("max_iter"), arg("tol"));
   m.def("entropy_normalize_backward_cuda", &kexue::entropy_normalize_backward_cuda, nogil, arg("grad_y"),
         arg("grad_gamma"), arg("x"), arg("gamma"), arg("stats"), arg("logits"));
+  m.def("sign_optim_step_cuda", &kexue::sign_optim_step_cuda, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
+        arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
 #else
   m.attr("WITH_CUDA") = false;
 #endif

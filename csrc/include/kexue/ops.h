@@ -62,6 +62,10 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cuda(const at::Ten
                                                                    const at::Tensor& grad_gamma, const at::Tensor& x,
                                                                    const at::Tensor& gamma, const at::Tensor& stats,
                                                                    bool logits);
+// Lion / Tiger on CUDA tensors (csrc/cuda/sign_optim.cu): the contract of sign_optim_step_cpu.
+void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                          const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints);
 #endif
 
 }  // namespace kexue

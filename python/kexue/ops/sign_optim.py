@@ -6,7 +6,7 @@ per device to :func:`sign_optim_step` together with a per-tensor table of coeffi
 updates params, momenta and the per-row "seen" flags in place and returns nothing.
 
 Backends: ``triton`` (triton_kernels/sign_optim.py: one launch per dtype pair over a table of
-tensor addresses), ``cpu`` (the C++ kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table
+tensor addresses), ``cuda`` (csrc/cuda/sign_optim.cu, the same structure), ``cpu`` (the C++ kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table
 interpreted in PyTorch, :func:`kexue.reference.sign_optim.fused_step`). The element arithmetic
 is csrc/include/kexue/sign_optim.h. Never autotune the kernels: the step writes its inputs.
 """
@@ -29,8 +29,9 @@ def _register_backends() -> None:
     native = _backend.native()
     if native is not None and hasattr(native, "sign_optim_step_cpu"):
         _backend.register(OP, "cpu", native.sign_optim_step_cpu, PARAM_DTYPES)
+        if getattr(native, "WITH_CUDA", False):
+            _backend.register(OP, "cuda", native.sign_optim_step_cuda, PARAM_DTYPES)
     _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
-    # "cuda" (csrc/cuda/sign_optim.cu, multi_tensor_apply-style) registers here once it exists.
 
 
 def _triton_module():
