@@ -221,17 +221,14 @@ void store(const float* src, void* ptr, Storage s, int64_t offset, int64_t n, bo
 // ---------------------------------------------------------------------------------------------
 // The table, decoded once per call.
 
-struct Job {
+struct Job : TableRow {
   void* param;
   const void* grad;
   void* mom;
   const uint8_t* mask;  // ChildTuning-D, or null
   uint8_t* seen;        // rows seen with a gradient in Tiger's accumulation window, or null
   Storage ps, ms;       // param (= grad) and momentum storage
-  int64_t numel, row_len, flags, nan_group;
-  double lr, wd;
-  float c_m, c_g, m_m, m_g, gscale, shrink, centre;
-  uint32_t mask_k0, mask_k1, mask_threshold, round_k0, round_k1;
+  int64_t numel;
 
   bool has(int64_t f) const { return (flags & f) != 0; }
   bool by_rows() const { return row_len > 0 && has(kRmsRow | kLazyRows); }
@@ -365,9 +362,7 @@ std::vector<Job> decode(const std::vector<at::Tensor>& params, const std::vector
     j.ps = storage_of(p);
     j.ms = storage_of(m);
     j.numel = p.numel();
-    j.flags = ir[kFlags];
-    j.nan_group = ir[kNanGroup];
-    j.row_len = ir[kRowLen];
+    static_cast<TableRow&>(j) = decode_row(hr, ir);
     TORCH_CHECK(j.nan_group < T, "sign_optim_step: tensor ", i, ": NaN group out of range");
     if (j.by_rows()) {
       TORCH_CHECK(j.numel % j.row_len == 0, "sign_optim_step: tensor ", i, ": numel is not a multiple of row_len");
@@ -388,20 +383,6 @@ std::vector<Job> decode(const std::vector<at::Tensor>& params, const std::vector
                   "sign_optim_step: row_seen ", i, " must be a contiguous CPU uint8 tensor with one entry per row");
       j.seen = static_cast<uint8_t*>(sn.data_ptr());
     }
-    j.lr = hr[kLr];
-    j.wd = hr[kWd];
-    j.c_m = static_cast<float>(hr[kCm]);
-    j.c_g = static_cast<float>(hr[kCg]);
-    j.m_m = static_cast<float>(hr[kMm]);
-    j.m_g = static_cast<float>(hr[kMg]);
-    j.gscale = static_cast<float>(hr[kGscale]);
-    j.shrink = static_cast<float>(hr[kShrink]);
-    j.centre = static_cast<float>(hr[kCentre]);
-    j.mask_k0 = static_cast<uint32_t>(ir[kMaskK0]);
-    j.mask_k1 = static_cast<uint32_t>(ir[kMaskK1]);
-    j.mask_threshold = static_cast<uint32_t>(ir[kMaskThreshold]);
-    j.round_k0 = static_cast<uint32_t>(ir[kRoundK0]);
-    j.round_k1 = static_cast<uint32_t>(ir[kRoundK1]);
   }
   return jobs;
 }

@@ -64,6 +64,38 @@ enum Flag : int64_t {
   kShrinkNow = 1 << 10,       // NaN guard decided on the host (sharded tensors): shrink this call
 };
 
+// The scalar columns of one table row, decoded once per call by the CPU and CUDA hosts. The
+// coefficients are rounded to float32 here, once per tensor; lr and wd stay double because the
+// decay 1 - lr*wd is formed in double after any RMS factor.
+struct TableRow {
+  int64_t flags, nan_group, row_len;
+  double lr, wd;
+  float c_m, c_g, m_m, m_g, gscale, shrink, centre;
+  uint32_t mask_k0, mask_k1, mask_threshold, round_k0, round_k1;
+};
+
+inline TableRow decode_row(const double* h, const int64_t* i) {
+  TableRow r;
+  r.flags = i[kFlags];
+  r.nan_group = i[kNanGroup];
+  r.row_len = i[kRowLen];
+  r.lr = h[kLr];
+  r.wd = h[kWd];
+  r.c_m = static_cast<float>(h[kCm]);
+  r.c_g = static_cast<float>(h[kCg]);
+  r.m_m = static_cast<float>(h[kMm]);
+  r.m_g = static_cast<float>(h[kMg]);
+  r.gscale = static_cast<float>(h[kGscale]);
+  r.shrink = static_cast<float>(h[kShrink]);
+  r.centre = static_cast<float>(h[kCentre]);
+  r.mask_k0 = static_cast<uint32_t>(i[kMaskK0]);
+  r.mask_k1 = static_cast<uint32_t>(i[kMaskK1]);
+  r.mask_threshold = static_cast<uint32_t>(i[kMaskThreshold]);
+  r.round_k0 = static_cast<uint32_t>(i[kRoundK0]);
+  r.round_k1 = static_cast<uint32_t>(i[kRoundK1]);
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Counter-based random bits: a pure function of (key, element index), so masks and rounding are
 // reproducible and independent of threads, chunking and device. The keys come from the host
