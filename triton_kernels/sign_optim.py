@@ -60,7 +60,7 @@ A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
 NUM_ADDRS = 5
 
 CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
-BLOCK = 1024  # elements per tile of the element-wise sweeps
+BLOCK = 512  # elements per tile of the element-wise sweeps
 ROW_COLS = 128  # columns per tile of the row-wise sweeps (rows of any length: looped)
 NUM_WARPS = 8
 
