@@ -45,18 +45,21 @@ def rope_angles(length: int, head_size: int, base: float = 10000.0, dtype=torch.
     return (pos[:, None] * inv_freq[None, :]).to(dtype)
 
 
-def apply_rope(x: Tensor, layout: str = "interleaved", base: float = 10000.0) -> Tensor:
+def apply_rope(x: Tensor, layout: str = "interleaved", base: float = 10000.0, inverse: bool = False) -> Tensor:
     """Rotate ``x (..., L, d)`` by its positions along dim -2.
 
     ``interleaved`` (bert4keras / bert4torch GlobalPointer): pair c is channels (2c, 2c+1),
     ``x'[2c] = x[2c] cos - x[2c+1] sin``, ``x'[2c+1] = x[2c+1] cos + x[2c] sin``.
     ``half`` (GPT-NeoX / LLaMA ``rotate_half``): pair c is channels (c, c + d/2).
+    ``inverse`` applies the transpose ``R_p^T = R_{-p}`` (the gradient through the rotation).
     """
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
     length, d = x.shape[-2], x.shape[-1]
     ang = rope_angles(length, d, base)
     cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    if inverse:
+        sin = -sin
     if layout == "interleaved":
         a, b = x[..., 0::2], x[..., 1::2]
     else:
@@ -184,13 +187,40 @@ def global_pointer_loss_forward(q, k, start_bias, end_bias, mask, labels, rope, 
     return neg + pos, torch.stack((neg, pos), -1)
 
 
+def score_grad_to_inputs(ds, q, k, rope, rope_base):
+    """``(dq, dk, d_start_bias, d_end_bias)`` from ``ds = dL/ds (B, T, L, L)`` (zero where masked).
+
+    The kernels' backward step for step: bias gradients are the row and column sums, the types
+    that share a head add up into ``G``, then ``dq = G k / sqrt(d)``, ``dk = G^T q / sqrt(d)`` in
+    the rotated frame, rotated back by ``R^T``.
+    """
+    ct = ds.dtype
+    qr, kr = q.to(ct), k.to(ct)
+    if rope is not None:
+        qr, kr = apply_rope(qr, rope, rope_base), apply_rope(kr, rope, rope_base)
+    d = q.shape[-1]
+    g = ds.sum(1, keepdim=True) if q.shape[1] == 1 else ds
+    dqr = torch.einsum("bhij,bhjd->bhid", g, kr) / math.sqrt(d)
+    dkr = torch.einsum("bhij,bhid->bhjd", g, qr) / math.sqrt(d)
+    if rope is not None:
+        dqr, dkr = apply_rope(dqr, rope, rope_base, inverse=True), apply_rope(dkr, rope, rope_base, inverse=True)
+    return dqr, dkr, ds.sum(-1), ds.sum(-2)
+
+
 def global_pointer_loss_backward(grad, q, k, start_bias, end_bias, mask, labels, rope, rope_base, tril_mask):
-    """Gradients ``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * loss)`` (autograd here)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, start_bias, end_bias)]
-        loss, _ = global_pointer_loss_forward(*leaves, mask, labels, rope, rope_base, tril_mask)
-        grads = torch.autograd.grad(loss, leaves, grad.to(loss.dtype))
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, start_bias, end_bias)))
+    """Gradients ``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * loss)``.
+
+    ``dL/ds = g e^{s - lse_neg}`` at negatives, ``-g e^{-s - lse_pos}`` at positives, 0 where
+    masked (a positive on a masked span is left out, as in the kernels).
+    """
+    s = global_pointer_scores(q, k, start_bias, end_bias, mask, rope, tril_mask, rope_base)
+    neg, pos = loss_parts(s, labels)
+    g = grad.to(s.dtype)[..., None, None]
+    valid = torch.isfinite(s)
+    ds = torch.where(labels, -g * torch.exp(-s - pos[..., None, None]), g * torch.exp(s - neg[..., None, None]))
+    ds = torch.where(valid, ds, 0.0)
+    grads = score_grad_to_inputs(ds, q, k, rope, rope_base)
+    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
 
 
 def global_pointer_scores_forward(q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask):
@@ -200,13 +230,11 @@ def global_pointer_scores_forward(q, k, start_bias, end_bias, mask, rope, rope_b
 
 def global_pointer_scores_backward(grad, q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask):
     """Gradients ``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over unmasked spans."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, start_bias, end_bias)]
-        s = global_pointer_scores(*leaves, mask, rope, tril_mask, rope_base)
-        ok = torch.isfinite(s)
-        s = torch.where(ok, s, 0.0)
-        grads = torch.autograd.grad(s, leaves, torch.where(ok, grad.to(s.dtype), 0.0))
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, start_bias, end_bias)))
+    batch, _, length, _ = q.shape
+    ok = span_mask(mask, batch, length, tril_mask, q.device)
+    ds = torch.where(ok, grad.to(compute_dtype(q.dtype)), 0.0)
+    grads = score_grad_to_inputs(ds, q, k, rope, rope_base)
+    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
 
 
 # ---------------------------------------------------------------------------------------------
