@@ -95,12 +95,6 @@ def _ref_scores_backward(grad, q, k, sb, eb, mask, rope, base, tril):
     return reference.global_pointer_scores_backward(grad, q, k, sb, eb, mask, _ROPE_NAMES[rope], base, tril)
 
 
-def _triton_module():
-    from kexue.triton_kernels import global_pointer
-
-    return global_pointer
-
-
 def _register_backends() -> None:
     _backend.register(OP_LOSS, "torch", (_ref_loss_forward, _ref_loss_backward), _ALL_FLOATS)
     _backend.register(OP_SCORES, "torch", (_ref_scores_forward, _ref_scores_backward), _ALL_FLOATS)
@@ -112,16 +106,9 @@ def _register_backends() -> None:
         _backend.register(OP_SCORES, "cpu",
                           (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
                           _ALL_FLOATS)
-    try:
-        import importlib.util
-
-        has_triton_module = importlib.util.find_spec("kexue.triton_kernels.global_pointer") is not None
-    except (ImportError, ValueError):
-        has_triton_module = False
-    if has_triton_module:
-        _backend.register(OP_LOSS, "triton",
-                          (lambda *a: _triton_module().loss_forward(*a), lambda *a: _triton_module().loss_backward(*a)),
-                          _FLOATS)
+    # The Triton loss kernels (triton_kernels/global_pointer.py) pass the interpreter tests but still
+    # use a stack when compiled for sm_80/sm_90, so they are not registered yet: CUDA tensors run
+    # on the torch reference. Register them here once tests/gpu_compile.py accepts them.
 
 
 _register_backends()
