@@ -18,8 +18,19 @@ head and over the other axis in tiles, recomputing the ``(BLOCK_M, BLOCK_N)`` sc
 RoPE is applied in-kernel from ``(L, d/2)`` cos/sin tables computed in float64 by the launcher; a
 rotary pair is the channels ``(c * PAIR_MUL, c * PAIR_MUL + PAIR_OFF)``: (2c, 2c+1) for the
 interleaved layout, (c, c + d/2) for rotate_half, and without RoPE the tables are cos 1, sin 0.
-Dots run in float32 with ``input_precision=DOT_PRECISION`` (exact fp32, no TF32) whatever the storage
-dtype. Block sizes depend on the head size only (:func:`tile_for`); ``AOT_CONFIGS`` lists every one.
+Dots run in float32 with ``input_precision="ieee"`` (exact fp32, no TF32) whatever the storage
+dtype. Block sizes depend on the head size only (:func:`tile_for`).
+
+STATUS: correct in the Triton interpreter (tests/test_triton_global_pointer.py), but not yet
+shippable: compiled ahead of time for sm_80 / sm_90 every configuration keeps LOCAL 0 but has a
+stack frame (STACK 500..13000 bytes; REG at the 255 ceiling, or oddly REG 32 for the row
+backward), which tests/gpu_compile.py rejects. Ruled out so far (no change): 16x16 and 32x32
+tiles, TF32 and 3xTF32 dots, int32 in-head offsets, scalar type-loop bounds, contiguous rotary
+pairs, no label loads, no cos/sin loads; the PTX has no alloca, no .local and no calls, so the
+frame is ptxas spilling. The kernels are therefore not registered as a kexue backend (CUDA tensors
+use the torch reference for the loss) and ``AOT_CONFIGS`` is empty; :func:`candidate_configs`
+lists what the launchers would use, for whoever takes this up (feed them to
+``tests/gpu_compile.compile_config``).
 """
 
 from __future__ import annotations
@@ -51,10 +62,11 @@ def _pairs(c, HALF, D, PAIR_MUL, PAIR_OFF):
 def _load_rotated(ptr, base, pos, pos_ok, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL, PAIR_OFF, scale):
     """Rows ``pos`` of one head, rotated by their position and scaled: (a, b) halves in fp32."""
     ca, cb, ma, mb = _pairs(c, HALF, D, PAIR_MUL, PAIR_OFF)
-    rows = base + pos.to(tl.int64)[:, None] * D
-    a = tl.load(ptr + rows + ca[None, :], mask=pos_ok[:, None] & ma[None, :], other=0.0).to(tl.float32)
-    b = tl.load(ptr + rows + cb[None, :], mask=pos_ok[:, None] & mb[None, :], other=0.0).to(tl.float32)
-    tab = pos.to(tl.int64)[:, None] * HALF + c[None, :]
+    head = ptr + base  # int64 scalar base; int32 offsets within one head
+    rows = pos[:, None] * D
+    a = tl.load(head + rows + ca[None, :], mask=pos_ok[:, None] & ma[None, :], other=0.0).to(tl.float32)
+    b = tl.load(head + rows + cb[None, :], mask=pos_ok[:, None] & mb[None, :], other=0.0).to(tl.float32)
+    tab = pos[:, None] * HALF + c[None, :]
     tmask = pos_ok[:, None] & (c < HALF)[None, :]
     cs = tl.load(cos_ptr + tab, mask=tmask, other=1.0)
     sn = tl.load(sin_ptr + tab, mask=tmask, other=0.0)
@@ -65,14 +77,15 @@ def _load_rotated(ptr, base, pos, pos_ok, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL
 def _store_unrotated(ptr, base, pos, pos_ok, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL, PAIR_OFF, ga, gb):
     """Gradient wrt the un-rotated rows: R^T (ga, gb), stored in ptr's dtype."""
     ca, cb, ma, mb = _pairs(c, HALF, D, PAIR_MUL, PAIR_OFF)
-    tab = pos.to(tl.int64)[:, None] * HALF + c[None, :]
+    tab = pos[:, None] * HALF + c[None, :]
     tmask = pos_ok[:, None] & (c < HALF)[None, :]
     cs = tl.load(cos_ptr + tab, mask=tmask, other=1.0)
     sn = tl.load(sin_ptr + tab, mask=tmask, other=0.0)
-    rows = base + pos.to(tl.int64)[:, None] * D
+    head = ptr + base
+    rows = pos[:, None] * D
     out_ty = ptr.dtype.element_ty
-    tl.store(ptr + rows + ca[None, :], (ga * cs + gb * sn).to(out_ty), mask=pos_ok[:, None] & ma[None, :])
-    tl.store(ptr + rows + cb[None, :], (gb * cs - ga * sn).to(out_ty), mask=pos_ok[:, None] & mb[None, :])
+    tl.store(head + rows + ca[None, :], (ga * cs + gb * sn).to(out_ty), mask=pos_ok[:, None] & ma[None, :])
+    tl.store(head + rows + cb[None, :], (gb * cs - ga * sn).to(out_ty), mask=pos_ok[:, None] & mb[None, :])
 
 
 @triton.jit
@@ -104,8 +117,8 @@ def _lse_rows_to_one(m, s):
 
 @triton.jit
 def _labels_tile(lab_ptr, bt, L, i, j, row_in, col_in):
-    offs = (bt * L + i.to(tl.int64))[:, None] * L + j[None, :]
-    return tl.load(lab_ptr + offs, mask=row_in[:, None] & col_in[None, :], other=0) != 0
+    block = lab_ptr + bt * L * L  # int64 scalar base of (b, t); int32 offsets inside (L < 46341)
+    return tl.load(block + i[:, None] * L + j[None, :], mask=row_in[:, None] & col_in[None, :], other=0) != 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,14 +135,16 @@ def _gp_loss_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, cos_ptr
     b = pid_bh // H
     h = pid_bh % H
     c = tl.arange(0, BLOCK_H)
-    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in = i < L
     row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
     qa, qb = _load_rotated(q_ptr, pid_bh * L * D, i, row_in, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL, PAIR_OFF, scale)
-    t0 = tl.where(H == 1, 0, h)
-    t1 = tl.where(H == 1, T, h + 1)
-    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N, 0)
-    for t in range(t0, t1):
+    # the types of this head: all T when q/k are shared (H = 1), else type h alone
+    n_types = T // H
+    t0 = h * (H // T)
+    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
+    for tt in range(0, n_types):
+        t = t0 + tt
         bt = b * T + t
         sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
         m_neg = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -179,16 +194,18 @@ def _gp_loss_bwd_rows_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, co
     b = pid_bh // H
     h = pid_bh % H
     c = tl.arange(0, BLOCK_H)
-    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in = i < L
     row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
     qa, qb = _load_rotated(q_ptr, pid_bh * L * D, i, row_in, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL, PAIR_OFF, scale)
     dqa = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
-    t0 = tl.where(H == 1, 0, h)
-    t1 = tl.where(H == 1, T, h + 1)
-    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N, 0)
-    for t in range(t0, t1):
+    # the types of this head: all T when q/k are shared (H = 1), else type h alone
+    n_types = T // H
+    t0 = h * (H // T)
+    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
+    for tt in range(0, n_types):
+        t = t0 + tt
         bt = b * T + t
         g = tl.load(grad_ptr + bt)
         ln = tl.load(lse_ptr + bt * 2)
@@ -222,16 +239,18 @@ def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, co
     b = pid_bh // H
     h = pid_bh % H
     c = tl.arange(0, BLOCK_H)
-    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
     col_in = j < L
     col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
     ka, kb = _load_rotated(k_ptr, pid_bh * L * D, j, col_in, c, cos_ptr, sin_ptr, HALF, D, PAIR_MUL, PAIR_OFF, 1.0)
     dka = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
     dkb = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    t0 = tl.where(H == 1, 0, h)
-    t1 = tl.where(H == 1, T, h + 1)
-    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1) * BLOCK_N, L), L)
-    for t in range(t0, t1):
+    # the types of this head: all T when q/k are shared (H = 1), else type h alone
+    n_types = T // H
+    t0 = h * (H // T)
+    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1).to(tl.int32) * BLOCK_N, L), L)
+    for tt in range(0, n_types):
+        t = t0 + tt
         bt = b * T + t
         g = tl.load(grad_ptr + bt)
         ln = tl.load(lse_ptr + bt * 2)
