@@ -241,3 +241,12 @@ def test_against_installed_bert4torch(name):
     with torch.no_grad():
         # bert4torch computes its RoPE angles in float32: agreement to ~1e-6, not 1e-12
         assert same_scores(ours(x, mask), theirs(x, mask)) < 1e-5
+
+
+@pytest.mark.slow
+def test_end_to_end_example_fits():
+    import runpy
+
+    example = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                                          "global_pointer_ner.py"))
+    assert example["main"](["--steps", "120"]) > 0.95
