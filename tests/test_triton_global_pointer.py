@@ -3,8 +3,7 @@
 Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1): small shapes with lengths that are not multiples of the tile, padding, one
 token, shared and per-type heads, every RoPE layout, with and without the tril mask, dense and
-sparse labels, fp32/fp16/bf16. The kernels are called through their launchers (they are not yet a
-registered backend: see STATUS in triton_kernels/global_pointer.py).
+sparse labels, fp32/bf16, through the launchers and through the public op (the triton backend).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kexue.ops import global_pointer_loss
 from kexue.ops.global_pointer import labels_to_csr
 from kexue.reference import global_pointer as ref
 from tests.helpers import assert_close
@@ -87,3 +87,35 @@ def test_sparse_labels_and_masked_positive():
     bad[0, 1, 3, 3] = False
     loss, _ = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, bad, 1, 1e4, True, tile=SMALL)
     assert loss[1, 0] == float("inf") and torch.isfinite(loss[0]).all() and torch.isfinite(loss[1, 1])
+
+
+def test_public_op_on_the_triton_backend(triton_backend):
+    q, k, sb, eb, mask, labels = problem(2, 1, 3, 19, 8, torch.float32, True, seed=4)
+    q3, k3 = q[:, 0].clone().requires_grad_(), k[:, 0].clone().requires_grad_()
+    sbu, ebu = sb.transpose(1, 2).clone().requires_grad_(), eb.transpose(1, 2).clone().requires_grad_()
+    loss = global_pointer_loss(q3, k3, sbu, ebu, labels.nonzero(), mask, reduction="sum")
+    grads = torch.autograd.grad(loss, (q3, k3, sbu, ebu))
+    args64 = [t.double() for t in (q, k, sb, eb)]
+    loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
+    assert_close(loss, loss64.sum(), torch.float32, "loss")
+    grads64 = ref.global_pointer_loss_backward(torch.ones(2, 3, dtype=torch.float64), *args64, mask, labels,
+                                               "interleaved", 1e4, True)
+    expected = (grads64[0][:, 0], grads64[1][:, 0], grads64[2].transpose(1, 2), grads64[3].transpose(1, 2))
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected):
+        assert_close(a, b, torch.float32, name)
+    with pytest.raises(ValueError, match=r"labels\[0, 1\]"):
+        bad = labels.clone()
+        bad[0, 1, 4, 2] = True
+        global_pointer_loss(q3, k3, sbu, ebu, bad, mask)
+
+
+def test_large_heads_fall_back_to_the_reference(triton_backend):
+    d = K.MAX_HEAD_SIZE + 2
+    q, k, sb, eb, mask, labels = problem(1, 1, 2, 9, d, torch.float32, True, seed=5)
+    with pytest.raises(ValueError, match="head sizes up to"):
+        K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, 1, 1e4, True)
+    loss = global_pointer_loss(q[:, 0], k[:, 0], sb.transpose(1, 2), eb.transpose(1, 2), labels, mask,
+                               reduction="none")
+    loss64, _ = ref.global_pointer_loss_forward(*[t.double() for t in (q, k, sb, eb)], mask, labels, "interleaved",
+                                                1e4, True)
+    assert_close(loss, loss64, torch.float32, "loss")

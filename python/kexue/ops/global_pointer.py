@@ -95,6 +95,26 @@ def _ref_scores_backward(grad, q, k, sb, eb, mask, rope, base, tril):
     return reference.global_pointer_scores_backward(grad, q, k, sb, eb, mask, _ROPE_NAMES[rope], base, tril)
 
 
+def _triton_module():
+    from kexue.triton_kernels import global_pointer
+
+    return global_pointer
+
+
+def _triton_loss_forward(q, *args):
+    kernels = _triton_module()
+    if q.shape[-1] > kernels.MAX_HEAD_SIZE:  # beyond the compiled tiles: the reference
+        return _ref_loss_forward(q, *args)
+    return kernels.loss_forward(q, *args)
+
+
+def _triton_loss_backward(grad, q, *args):
+    kernels = _triton_module()
+    if q.shape[-1] > kernels.MAX_HEAD_SIZE:
+        return _ref_loss_backward(grad, q, *args)
+    return kernels.loss_backward(grad, q, *args)
+
+
 def _register_backends() -> None:
     _backend.register(OP_LOSS, "torch", (_ref_loss_forward, _ref_loss_backward), _ALL_FLOATS)
     _backend.register(OP_SCORES, "torch", (_ref_scores_forward, _ref_scores_backward), _ALL_FLOATS)
@@ -106,9 +126,9 @@ def _register_backends() -> None:
         _backend.register(OP_SCORES, "cpu",
                           (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
                           _ALL_FLOATS)
-    # The Triton loss kernels (triton_kernels/global_pointer.py) pass the interpreter tests but still
-    # use a stack when compiled for sm_80/sm_90, so they are not registered yet: CUDA tensors run
-    # on the torch reference. Register them here once tests/gpu_compile.py accepts them.
+    # The loss only: the scores op (for users who want the dense tensor) has no Triton kernel, so
+    # on CUDA it runs on the reference.
+    _backend.register(OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS)
 
 
 _register_backends()
