@@ -22,7 +22,8 @@ Peak memory on CPU is not visible to the harness (bench/_memory.py measures CUDA
 module also measures it itself, in a fresh subprocess per (peer, shape): the growth of the
 process's peak resident set over one call, with glibc's mmap threshold pinned low so that freed
 buffers really leave the process. ``python -m bench.global_pointer --memory`` prints the headline
-shape's peaks and the curve over L = 128 .. 2048, and draws the curve.
+shape's peaks and the curve over L = 128 .. 2048, and draws the curve; ``--headline`` times the
+issue's case directly (single thread by default).
 """
 
 from __future__ import annotations
@@ -260,15 +261,48 @@ def _plot_curve(rows: list[dict], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def headline_timing(threads: int = 1, compiled: bool = True, runs: int = 5) -> None:
+    """The issue's case (B=8, L=512, T=16, d=64, fp32) timed directly: medians of ``runs``
+    alternating calls per peer after two warm-up calls, printed with the ratios. A short way to
+    the headline numbers when the full bench (three shapes, torch.compile per shape) is too long."""
+    import statistics
+    import time
+
+    torch.set_num_threads(threads)
+    for mode in ("full", "forward"):
+        inputs = make_inputs(8, 512, 16, 64, torch.float32, torch.device("cpu"), mode)
+        fns = {"kexue": _kexue(inputs), "reference": _reference(inputs)}
+        if compiled:
+            fns["reference-compiled"] = _reference_compiled(inputs)
+        for fn in fns.values():
+            fn(), fn()
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(runs):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        ratios = ", ".join(f"{name}/kexue {t / med['kexue']:.2f}x" for name, t in med.items() if name != "kexue")
+        times = ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in med.items())
+        print(f"B=8 L=512 T=16 d=64 fp32 {mode}, {threads} thread(s): {times} | {ratios}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.global_pointer")
     parser.add_argument("--memory", action="store_true", help="peak memory at the headline shape and the curve")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(CURVE_LENGTHS))
+    parser.add_argument("--headline", action="store_true", help="time the issue's case directly (1 thread)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for --headline")
+    parser.add_argument("--no-compile", action="store_true", help="--headline without torch.compile(reference)")
     parser.add_argument("--peak", nargs=6, metavar=("PEER", "B", "L", "T", "D", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak:
         peer, b, length, t, d, mode = args.peak
         print(_peak_in_this_process(peer, int(b), int(length), int(t), int(d), mode))
+        return 0
+    if args.headline:
+        headline_timing(args.threads, not args.no_compile)
         return 0
     if args.memory:
         memory_report(args.lengths, out=Path(__file__).resolve().parent / "results" / "global_pointer_memory.png")
