@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import os
 import subprocess
 import sys

@@ -15,7 +15,7 @@ import kexue
 from kexue.ops import global_pointer_decode, global_pointer_loss, global_pointer_scores, multilabel_crossentropy
 from kexue.ops import global_pointer as ops
 from kexue.reference import global_pointer as ref
-from tests.helpers import RTOL, assert_close, rel_err
+from tests.helpers import assert_close, rel_err
 
 NATIVE = kexue.backends()["cpu"]["available"]
 CPU_BACKENDS = ["cpu", "torch"] if NATIVE else ["torch"]
