@@ -24,6 +24,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biohash_update_cpu", &kexue::biohash_update_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),
         arg("synapses_t"), arg("lr"), arg("delta"), arg("rank"), arg("prec"), arg("tiny"));
   m.def("hamming_topk_cpu", &kexue::hamming_topk_cpu, nogil, arg("queries"), arg("database"), arg("n"));
+  m.def("global_pointer_loss_forward_cpu", &kexue::global_pointer_loss_forward_cpu, nogil, arg("q"), arg("k"),
+        arg("start_bias"), arg("end_bias"), arg("mask"), arg("row_ptr"), arg("cols"), arg("dense"), arg("rope"),
+        arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_loss_backward_cpu", &kexue::global_pointer_loss_backward_cpu, nogil, arg("grad"), arg("q"),
+        arg("k"), arg("start_bias"), arg("end_bias"), arg("mask"), arg("row_ptr"), arg("cols"), arg("dense"), arg("lse"),
+        arg("rope"), arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_scores_forward_cpu", &kexue::global_pointer_scores_forward_cpu, nogil, arg("q"), arg("k"),
+        arg("start_bias"), arg("end_bias"), arg("mask"), arg("rope"), arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_scores_backward_cpu", &kexue::global_pointer_scores_backward_cpu, nogil, arg("grad"),
+        arg("q"), arg("k"), arg("start_bias"), arg("end_bias"), arg("mask"), arg("rope"), arg("rope_base"),
+        arg("tril_mask"));
 #ifdef KEXUE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("entropy_normalize_forward_cuda", &kexue::entropy_normalize_forward_cuda, nogil, arg("x"), arg("target"),

@@ -54,6 +54,29 @@ std::tuple<at::Tensor, at::Tensor> biohash_update_cpu(const at::Tensor& indices,
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& database,
                                                     int64_t n);
 
+// GlobalPointer (csrc/cpu/global_pointer.cpp). q, k (B, H, L, d) with H in {1, T}; start_bias,
+// end_bias (B, T, L) in q's dtype; mask (B, L) bool; rope 0 none / 1 interleaved / 2 half.
+// Loss positives as CSR over rows (b, t, i): row_ptr (B*T*L + 1,) int64, cols (N,) int64; or, when
+// `dense` is 4-D, dense (B, T, L, L) bool labels (row_ptr and cols are then ignored).
+// Loss forward returns loss (B, T) and lse (B, T, 2) = (log(1 + sum_neg e^s), log(1 + sum_pos e^-s))
+// in the compute dtype; the backwards return (dq, dk, d_start_bias, d_end_bias) in q's dtype.
+std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                   const at::Tensor& start_bias,
+                                                                   const at::Tensor& end_bias, const at::Tensor& mask,
+                                                                   const at::Tensor& row_ptr, const at::Tensor& cols,
+                                                                   const at::Tensor& dense, int64_t rope,
+                                                                   double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, const at::Tensor& row_ptr, const at::Tensor& cols,
+    const at::Tensor& dense, const at::Tensor& lse, int64_t rope, double rope_base, bool tril_mask);
+at::Tensor global_pointer_scores_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+                                             const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope,
+                                             double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope, double rope_base, bool tril_mask);
+
 #ifdef KEXUE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_normalize_forward_cuda(const at::Tensor& x,
                                                                               const at::Tensor& target, bool logits,

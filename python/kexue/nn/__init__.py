@@ -3,3 +3,8 @@
 from kexue.nn.entropy_norm import EntropyNormalize
 
 __all__ = ["EntropyNormalize"]
+
+# GlobalPointer
+from kexue.nn.global_pointer import EfficientGlobalPointer, GlobalPointer, GPLinker  # noqa: E402
+
+__all__ += ["EfficientGlobalPointer", "GlobalPointer", "GPLinker"]

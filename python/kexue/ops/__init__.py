@@ -3,3 +3,13 @@
 from kexue.ops.entropy_norm import entropy_normalize
 
 __all__ = ["entropy_normalize"]
+
+# GlobalPointer
+from kexue.ops.global_pointer import (  # noqa: E402
+    global_pointer_decode,
+    global_pointer_loss,
+    global_pointer_scores,
+    multilabel_crossentropy,
+)
+
+__all__ += ["global_pointer_decode", "global_pointer_loss", "global_pointer_scores", "multilabel_crossentropy"]

@@ -7,3 +7,8 @@ where nothing faster is available. Each function mirrors one kernel family, step
 from kexue.reference.entropy_norm import entropy_normalize_backward, entropy_normalize_forward
 
 __all__ = ["entropy_normalize_forward", "entropy_normalize_backward"]
+
+# GlobalPointer
+from kexue.reference import global_pointer  # noqa: E402
+
+__all__ += ["global_pointer"]

@@ -1,0 +1,121 @@
+"""The Triton kernels of the GlobalPointer loss against the float64 reference.
+
+Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1): small shapes with lengths that are not multiples of the tile, padding, one
+token, shared and per-type heads, every RoPE layout, with and without the tril mask, dense and
+sparse labels, fp32/bf16, through the launchers and through the public op (the triton backend).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kexue.ops import global_pointer_loss
+from kexue.ops.global_pointer import labels_to_csr
+from kexue.reference import global_pointer as ref
+from tests.helpers import assert_close
+
+pytest.importorskip("triton")
+from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
+
+SMALL = K.Tile(16, 16, 16, 4)
+EMPTY = torch.zeros(0, dtype=torch.int64)
+ROPE_NAMES = {0: None, 1: "interleaved", 2: "half"}
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def problem(batch, heads, types, length, d, dtype, tril, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(batch, heads, length, d, generator=g, dtype=torch.float64).to(dtype)
+    sb = torch.randn(batch, types, length, generator=g, dtype=torch.float64).to(dtype)
+    eb = torch.randn(batch, types, length, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if length > 2:
+        mask[-1, length - length // 3:] = False
+    ok = ref.span_mask(mask, batch, length, tril, "cpu").expand(batch, types, length, length)
+    labels = (torch.rand(batch, types, length, length, generator=g) < 0.1) & ok
+    return q, k, sb, eb, mask, labels
+
+
+# (B, H, T, L, d, rope, tril, tile)
+CASES = [
+    (2, 1, 3, 37, 8, 1, True, SMALL),
+    (2, 2, 2, 20, 6, 2, False, SMALL),
+    (1, 1, 2, 1, 4, 1, True, SMALL),
+    (2, 1, 2, 33, 5, 0, True, SMALL),  # odd head size without RoPE
+    (1, 1, 2, 70, 8, 1, True, None),  # the launcher's own tile (64 x 64)
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_matches_oracle(case, dtype):
+    batch, heads, types, length, d, rope, tril, tile = case
+    q, k, sb, eb, mask, labels = problem(batch, heads, types, length, d, dtype, tril, seed=length + d)
+    loss, lse = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, rope, 1e4, tril, tile=tile)
+    args64 = [t.double() for t in (q, k, sb, eb)]
+    loss64, lse64 = ref.global_pointer_loss_forward(*args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
+    assert loss.dtype == torch.float32
+    assert_close(loss, loss64, torch.float32, "loss")
+    assert_close(lse, lse64, torch.float32, "lse")
+    grad = torch.rand(batch, types, generator=torch.Generator().manual_seed(1))
+    grads = K.loss_backward(grad, q, k, sb, eb, mask, EMPTY, EMPTY, labels, lse, rope, 1e4, tril, tile=tile)
+    grads64 = ref.global_pointer_loss_backward(grad.double(), *args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, name)
+
+
+def test_sparse_labels_and_masked_positive():
+    q, k, sb, eb, mask, labels = problem(2, 1, 2, 21, 8, torch.float32, True, seed=3)
+    row_ptr, cols = labels_to_csr(labels.nonzero(), 2, 2, 21)
+    dense_loss, _ = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, 1, 1e4, True, tile=SMALL)
+    sparse_loss, _ = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, torch.zeros(0, dtype=torch.bool), 1, 1e4,
+                                    True, tile=SMALL)
+    assert torch.equal(dense_loss, sparse_loss)
+    bad = labels.clone()
+    bad[1, 0, 5, 2] = True  # start > end: below the diagonal
+    bad[0, 1, 3, 3] = False
+    loss, _ = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, bad, 1, 1e4, True, tile=SMALL)
+    assert loss[1, 0] == float("inf") and torch.isfinite(loss[0]).all() and torch.isfinite(loss[1, 1])
+
+
+def test_public_op_on_the_triton_backend(triton_backend):
+    q, k, sb, eb, mask, labels = problem(2, 1, 3, 19, 8, torch.float32, True, seed=4)
+    q3, k3 = q[:, 0].clone().requires_grad_(), k[:, 0].clone().requires_grad_()
+    sbu, ebu = sb.transpose(1, 2).clone().requires_grad_(), eb.transpose(1, 2).clone().requires_grad_()
+    loss = global_pointer_loss(q3, k3, sbu, ebu, labels.nonzero(), mask, reduction="sum")
+    grads = torch.autograd.grad(loss, (q3, k3, sbu, ebu))
+    args64 = [t.double() for t in (q, k, sb, eb)]
+    loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
+    assert_close(loss, loss64.sum(), torch.float32, "loss")
+    grads64 = ref.global_pointer_loss_backward(torch.ones(2, 3, dtype=torch.float64), *args64, mask, labels,
+                                               "interleaved", 1e4, True)
+    expected = (grads64[0][:, 0], grads64[1][:, 0], grads64[2].transpose(1, 2), grads64[3].transpose(1, 2))
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected):
+        assert_close(a, b, torch.float32, name)
+    with pytest.raises(ValueError, match=r"labels\[0, 1\]"):
+        bad = labels.clone()
+        bad[0, 1, 4, 2] = True
+        global_pointer_loss(q3, k3, sbu, ebu, bad, mask)
+
+
+def test_large_heads_fall_back_to_the_reference(triton_backend):
+    d = K.MAX_HEAD_SIZE + 2
+    q, k, sb, eb, mask, labels = problem(1, 1, 2, 9, d, torch.float32, True, seed=5)
+    with pytest.raises(ValueError, match="head sizes up to"):
+        K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, 1, 1e4, True)
+    loss = global_pointer_loss(q[:, 0], k[:, 0], sb.transpose(1, 2), eb.transpose(1, 2), labels, mask,
+                               reduction="none")
+    loss64, _ = ref.global_pointer_loss_forward(*[t.double() for t in (q, k, sb, eb)], mask, labels, "interleaved",
+                                                1e4, True)
+    assert_close(loss, loss64, torch.float32, "loss")
