@@ -24,6 +24,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biohash_update_cpu", &kexue::biohash_update_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),
         arg("synapses_t"), arg("lr"), arg("delta"), arg("rank"), arg("prec"), arg("tiny"));
   m.def("hamming_topk_cpu", &kexue::hamming_topk_cpu, nogil, arg("queries"), arg("database"), arg("n"));
+  m.def("logn_attention_forward_cpu", &kexue::logn_attention_forward_cpu, nogil, arg("q"), arg("k"), arg("v"),
+        arg("key_padding_mask"), arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"),
+        arg("min_n"), arg("gradmax"));
+  m.def("logn_attention_backward_cpu", &kexue::logn_attention_backward_cpu, nogil, arg("grad_out"),
+        arg("grad_lse"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("key_padding_mask"),
+        arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"), arg("min_n"), arg("gradmax"));
 #ifdef KEXUE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("entropy_normalize_forward_cuda", &kexue::entropy_normalize_forward_cuda, nogil, arg("x"), arg("target"),

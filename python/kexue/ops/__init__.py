@@ -3,3 +3,7 @@
 from kexue.ops.entropy_norm import entropy_normalize
 
 __all__ = ["entropy_normalize"]
+
+from kexue.ops.logn_attention import logn_attention  # noqa: E402
+
+__all__ += ["logn_attention"]
