@@ -224,7 +224,7 @@ def logn_attention(
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
         key gets zeros and ``lse = 0``, and no gradient. NaN in a query, or in a key or value it
-        sees, propagates to its output.
+        sees, propagates to its output (a NaN value may reach queries that do not see it).
     """
     _check_qkv(q, k, v)
     if cu_seqlens is not None:

@@ -18,7 +18,8 @@ float64 inputs give the oracle. The math is shared/spec/logn_attention.md; the r
 * A query that sees no key (all keys padded, or a causal query before the first key) gets a zero
   output and ``lse = 0``, a finite value chosen so that the backward's ``exp(s - lse)`` is 0 there;
   its gradients are zero.
-* NaN in a query, or in a key or value the query sees, propagates to that query's output.
+* NaN in a query propagates to that query's output; NaN in a key or value propagates to every
+  query that sees it (and may reach others: a hidden key's weight is 0, and 0 * NaN is NaN).
 """
 
 from __future__ import annotations
