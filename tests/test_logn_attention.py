@@ -19,6 +19,16 @@ ops_mod = sys.modules["kexue.ops.logn_attention"]
 ref = sys.modules["kexue.reference.logn_attention"]
 attn = kexue.ops.logn_attention
 
+@pytest.fixture(autouse=True)
+def poison():
+    """torch.empty (at::empty in C++ too) returns NaN-filled memory in deterministic mode, so an
+    output element a kernel forgets to write fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 # Backends that run on this machine's CPU tensors (triton is tested in test_triton_logn_attention.py).
 CPU_BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
 

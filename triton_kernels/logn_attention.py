@@ -34,12 +34,23 @@ class Tiles(NamedTuple):
     num_warps: int
 
 
-def tiles(head_dim: int, backward: bool) -> Tiles:
-    """The fixed configuration for a head size (power-of-two padded) and pass."""
-    d = triton.next_power_of_2(head_dim)
+def tiles(head_dim: int, backward: bool, dtype: torch.dtype) -> Tiles:
+    """The fixed configuration for a head size, pass and dtype (chosen so that every one compiles
+    for sm_80 and sm_90 without spills; float32 dots without TF32 hold whole operands in
+    registers, hence its smaller tiles)."""
+    d = block_d(head_dim)
+    if dtype == torch.float32:
+        if backward:
+            return Tiles(16, 32, 4) if d <= 64 else Tiles(16, 32, 8)
+        return Tiles(32, 32, 4) if d <= 64 else Tiles(32, 32, 8)
     if backward:
-        return Tiles(32, 64, 4) if d <= 64 else Tiles(32, 32, 8)
+        return Tiles(32, 64, 4) if d <= 32 else (Tiles(32, 64, 8) if d <= 64 else Tiles(32, 32, 8))
     return Tiles(64, 64, 4) if d <= 64 else Tiles(64, 32, 8)
+
+
+def block_d(head_dim: int) -> int:
+    """head_dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +65,8 @@ def _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.con
     else:
         last = tl.zeros_like(rows) + Lk
     if HAS_MASK:
-        return tl.load(prefix_ptr + b * (Lk + 1) + last)
-    return last
+        return tl.load(prefix_ptr + b * (Lk + 1) + last).to(tl.int32)
+    return last.to(tl.int32)
 
 
 @triton.jit
@@ -274,7 +285,7 @@ def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
         mask_u8 = torch.zeros(1, dtype=torch.uint8, device=q.device)
     scalars = (float(scale), 1.0 / math.log(train_len), max(1.0, float(min_n)), 1.0 / math.sqrt(d))
     flags = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, LOGN=bool(logn), CLIP=bool(clip),
-                 GRADMAX=bool(gradmax), IEEE=_dot_mode(q), BLOCK_D=triton.next_power_of_2(d))
+                 GRADMAX=bool(gradmax), IEEE=_dot_mode(q), BLOCK_D=block_d(d))
     return mask_u8, prefix, scalars, flags
 
 
@@ -288,7 +299,7 @@ def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
     if out.numel() == 0:
         return out, lse
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
-    t = tiles(d, backward=False)
+    t = tiles(d, backward=False, dtype=q.dtype)
     grid = (triton.cdiv(lq, t.block_m), b * hq)
     _logn_fwd_kernel[grid](q, k, v, mask_u8, prefix, out, lse, hq, hkv, lq, lk, d, *scalars, **flags,
                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
@@ -310,7 +321,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_l
     delta = delta.contiguous()
     lse = lse.float().contiguous()
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
-    t = tiles(d, backward=True)
+    t = tiles(d, backward=True, dtype=q.dtype)
     dk = torch.empty(b, hq, lk, d, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
     _logn_bwd_dkdv_kernel[(triton.cdiv(lk, t.block_n), b * hq)](
@@ -342,7 +353,7 @@ def _aot_configs() -> list[dict]:
             # the lightest and the heaviest switches: register pressure peaks with all of them on
             for causal, has_mask, gradmax in ((False, False, False), (True, True, True)):
                 for backward_pass in (False, True):
-                    t = tiles(head_dim, backward_pass)
+                    t = tiles(head_dim, backward_pass, dtype)
                     consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
                                   IEEE=int(dtype == torch.float32), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                   BLOCK_D=head_dim)
