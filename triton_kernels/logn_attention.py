@@ -41,11 +41,11 @@ def tiles(head_dim: int, backward: bool, dtype: torch.dtype) -> Tiles:
     d = block_d(head_dim)
     if dtype == torch.float32:
         if backward:
-            return Tiles(16, 32, 4) if d <= 64 else Tiles(16, 32, 8)
-        return Tiles(32, 32, 4) if d <= 64 else Tiles(32, 32, 8)
+            return Tiles(16, 32, 4) if d <= 32 else Tiles(16, 32, 8)
+        return Tiles(32, 32, 4) if d <= 64 else Tiles(16, 32, 8)
     if backward:
-        return Tiles(32, 64, 4) if d <= 32 else (Tiles(32, 64, 8) if d <= 64 else Tiles(32, 32, 8))
-    return Tiles(64, 64, 4) if d <= 64 else Tiles(64, 32, 8)
+        return Tiles(32, 64, 4) if d <= 32 else Tiles(32, 32, 8)
+    return Tiles(64, 64, 4) if d <= 32 else (Tiles(64, 64, 8) if d <= 64 else Tiles(64, 32, 8))
 
 
 def block_d(head_dim: int) -> int:
@@ -196,23 +196,27 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
     lo = 0
     if CAUSAL:  # queries before row first - (Lk - Lq) cannot see these keys
         lo = tl.maximum(pid_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    # Transposed tiles (keys as rows): no register tensor is transposed, only loads, which keeps
+    # the float32 variant out of local memory.
     for start in range(lo, Lq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * D + dcol[None, :], mask=q_mask, other=0.0)
+        qT = tl.load(q_base + rows[None, :] * D + dcol[:, None], mask=q_mask.T, other=0.0)
         do = tl.load(do_base + rows[:, None] * D + dcol[None, :], mask=q_mask, other=0.0)
+        doT = tl.load(do_base + rows[None, :] * D + dcol[:, None], mask=q_mask.T, other=0.0)
         lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
         n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
         sc = _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX)
-        s = _dot(q, tl.trans(k), IEEE) * (sc * 1.4426950408889634)[:, None]
-        ok = _allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK) & row_ok[:, None]
-        p = tl.where(ok, tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None]) * sc[:, None]  # dS of the scaled scores, times the row scale
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        sT = _dot(k, qT, IEEE) * (sc * 1.4426950408889634)[None, :]
+        okT = tl.trans(_allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK) & row_ok[:, None])
+        pT = tl.where(okT, tl.exp2(sT - (lse * 1.4426950408889634)[None, :]), 0.0)
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, doT, IEEE)
+        dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
     out_off = bh * Lk * D + cols[:, None] * D + dcol[None, :]
     tl.store(dk_ptr + out_off, dk, mask=kv_mask)
     tl.store(dv_ptr + out_off, dv, mask=kv_mask)
