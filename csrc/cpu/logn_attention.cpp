@@ -130,29 +130,43 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* 
 // ---------------------------------------------------------------------------------------------
 // Elementwise passes over a row of a tile.
 
-KEXUE_CPU_CLONES void exp_shift(float* s, int64_t n, float shift) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = cpu::fast_exp(s[j] - shift);
+// s = exp(s - shift) in place; returns the sum of the row.
+KEXUE_CPU_CLONES float exp_shift_sum(float* s, int64_t n, float shift) {
+  float t = 0.f;
+#pragma omp simd reduction(+ : t)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = cpu::fast_exp(s[j] - shift);
+    s[j] = e;
+    t += e;
+  }
+  return t;
 }
-void exp_shift(double* s, int64_t n, double shift) {
-  for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - shift);
+double exp_shift_sum(double* s, int64_t n, double shift) {
+  double t = 0;
+  for (int64_t j = 0; j < n; ++j) t += (s[j] = std::exp(s[j] - shift));
+  return t;
 }
 
 // max of a row; NaN entries are passed over here and propagate through exp afterwards.
-template <typename A>
-A row_max(const A* s, int64_t n) {
-  A m = -std::numeric_limits<A>::infinity();
+KEXUE_CPU_CLONES float row_max(const float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
   return m;
 }
+double row_max(const double* s, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
 
-template <typename A>
-A row_sum(const A* s, int64_t n) {
-  A t = 0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t j = 0; j < n; ++j) t += s[j];
-  return t;
+// dS = P (dP - delta) in place of P, for one row.
+KEXUE_CPU_CLONES void softmax_grad_row(float* p, const float* dp, int64_t n, float delta) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
+}
+void softmax_grad_row(double* p, const double* dp, int64_t n, double delta) {
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
 }
 
 // Loads rows x rows of length d (row stride d) into a float buffer; float32 needs no copy.
@@ -277,9 +291,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           A* sr = s.data() + r * kBlockK;
           const A m_new = std::max(m[r], row_max(sr, nk));
           const A shift = m_new == ninf ? A(0) : m_new;  // a row with nothing visible yet stays 0
-          exp_shift(sr, nk, shift);
+          const A row_total = exp_shift_sum(sr, nk, shift);
           const A alpha = m[r] == ninf ? A(0) : static_cast<A>(std::exp(m[r] - shift));
-          l[r] = l[r] * alpha + row_sum(sr, nk);
+          l[r] = l[r] * alpha + row_total;
           m[r] = m_new;
           if (alpha != A(1)) {
             A* ar = acc.data() + r * d.D;
@@ -361,17 +375,12 @@ void backward_impl(const at::Tensor& dout, const A* dlse, const at::Tensor& q, c
           gemm_nt<A>(nq, nk, d.D, qs.data(), d.D, kt, d.D, A(0), p.data(), kBlockK);
           const bool crosses = causal && (j0 + nk - 1 > i0 + d.off);
           if (crosses || pad_b != nullptr) mask_tile(p.data(), kBlockK, nq, nk, i0, j0, d.off, crosses, pad_b);
-          for (int64_t r = 0; r < nq; ++r) exp_shift(p.data() + r * kBlockK, nk, lrow[r]);
+          for (int64_t r = 0; r < nq; ++r) exp_shift_sum(p.data() + r * kBlockK, nk, lrow[r]);
           // dV_j += P^T dO ; dP = dO V^T
           gemm_tn<A>(nk, d.D, nq, p.data(), kBlockK, dot.data(), d.D, A(1), dv + j0 * d.D, d.D);
           gemm_nt<A>(nq, nk, d.D, dot.data(), d.D, vt, d.D, A(0), dp.data(), kBlockK);
-          for (int64_t r = 0; r < nq; ++r) {
-            A* pr = p.data() + r * kBlockK;
-            const A* dpr = dp.data() + r * kBlockK;
-            const A dr = delta[r];
-#pragma omp simd
-            for (int64_t c = 0; c < nk; ++c) pr[c] = pr[c] * (dpr[c] - dr);  // dS, in place of P
-          }
+          for (int64_t r = 0; r < nq; ++r)  // dS, in place of P
+            softmax_grad_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, nk, delta[r]);
           // dQ += dS K ; dK_j += dS^T Qs
           gemm_nn<A>(nq, d.D, nk, p.data(), kBlockK, kt, d.D, A(1), dqt.data(), d.D);
           gemm_tn<A>(nk, d.D, nq, p.data(), kBlockK, qs.data(), d.D, A(1), dk + j0 * d.D, d.D);
