@@ -76,6 +76,20 @@ at::Tensor global_pointer_scores_forward_cpu(const at::Tensor& q, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
     const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope, double rope_base, bool tril_mask);
+// Log-n attention (csrc/cpu/logn_attention.cpp). q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D),
+// key_padding_mask (B, Lk) bool (true = padding), all contiguous. The scale rule is described in
+// csrc/include/kexue/logn_attention.h. Forward returns out (like q) and lse (B, Hq, Lq) float32
+// (float64 for float64); backward returns (grad_q, grad_k, grad_v); grad_lse may be None.
+std::tuple<at::Tensor, at::Tensor> logn_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const std::optional<at::Tensor>& key_padding_mask,
+                                                              bool causal, double scale, double train_len, bool logn,
+                                                              bool clip, double min_n, bool gradmax);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double train_len, bool logn,
+    bool clip, double min_n, bool gradmax);
 
 #ifdef KEXUE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_normalize_forward_cuda(const at::Tensor& x,

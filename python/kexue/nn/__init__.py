@@ -8,3 +8,6 @@ __all__ = ["EntropyNormalize"]
 from kexue.nn.global_pointer import EfficientGlobalPointer, GlobalPointer, GPLinker  # noqa: E402
 
 __all__ += ["EfficientGlobalPointer", "GlobalPointer", "GPLinker"]
+from kexue.nn.logn_attention import LogNAttention  # noqa: E402
+
+__all__ += ["LogNAttention"]

@@ -13,3 +13,6 @@ from kexue.ops.global_pointer import (  # noqa: E402
 )
 
 __all__ += ["global_pointer_decode", "global_pointer_loss", "global_pointer_scores", "multilabel_crossentropy"]
+from kexue.ops.logn_attention import logn_attention  # noqa: E402
+
+__all__ += ["logn_attention"]

@@ -12,3 +12,6 @@ __all__ = ["entropy_normalize_forward", "entropy_normalize_backward"]
 from kexue.reference import global_pointer  # noqa: E402
 
 __all__ += ["global_pointer"]
+from kexue.reference.logn_attention import logn_attention_backward, logn_attention_forward  # noqa: E402
+
+__all__ += ["logn_attention_forward", "logn_attention_backward"]

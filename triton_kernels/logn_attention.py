@@ -1,0 +1,383 @@
+"""Log-n attention: Triton forward and backward kernels (FlashAttention-2 style) and launchers.
+
+Layout: contiguous ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``; query head ``h`` reads key/value
+head ``h // (Hq // Hkv)``. One program per (block of query rows, batch x query head) in the forward
+and the dQ kernel, per (block of keys, batch x query head) in the dK/dV kernel. Each query row's
+scale is computed in the kernel from the number of keys it sees (:func:`_row_scale`, the rule of
+csrc/include/kexue/logn_attention.h): from its position when there is no padding mask, from a
+per-batch prefix count of unpadded keys otherwise. The scale multiplies the fp32 scores, not q,
+so 16-bit q is never rounded after scaling. Scores are kept in base 2 (``exp2``); ``lse`` is
+returned in natural log.
+
+Configurations are fixed per head_dim (:func:`tiles`), not autotuned; ``AOT_CONFIGS`` lists each
+one for tests/gpu_compile.py. float32 inputs use ``input_precision="ieee"`` dots (no TF32), so
+they meet the float32 error budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+class Tiles(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+
+
+def tiles(head_dim: int, backward: bool, dtype: torch.dtype) -> Tiles:
+    """The fixed configuration for a head size, pass and dtype (chosen so that every one compiles
+    for sm_80 and sm_90 without spills; float32 dots without TF32 hold whole operands in
+    registers, hence its smaller tiles)."""
+    d = block_d(head_dim)
+    if dtype == torch.float32:
+        if backward:
+            return Tiles(16, 32, 4) if d <= 32 else Tiles(16, 32, 8)
+        return Tiles(32, 32, 4) if d <= 64 else Tiles(16, 32, 8)
+    if backward:
+        return Tiles(32, 64, 4) if d <= 32 else Tiles(32, 32, 8)
+    return Tiles(64, 64, 4) if d <= 32 else (Tiles(64, 64, 8) if d <= 64 else Tiles(64, 32, 8))
+
+
+def block_d(head_dim: int) -> int:
+    """head_dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+@triton.jit
+def _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Number of keys each of ``rows`` may see (int32)."""
+    if CAUSAL:
+        last = tl.minimum(tl.maximum(rows + (Lk - Lq) + 1, 0), Lk)
+    else:
+        last = tl.zeros_like(rows) + Lk
+    if HAS_MASK:
+        return tl.load(prefix_ptr + b * (Lk + 1) + last).to(tl.int32)
+    return last.to(tl.int32)
+
+
+@triton.jit
+def _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN: tl.constexpr, CLIP: tl.constexpr,
+               GRADMAX: tl.constexpr):
+    """The softmax scale (fp32) of rows that see ``n`` keys; see kexue/logn_attention.h."""
+    nf = tl.maximum(n.to(tl.float32), min_n)
+    if GRADMAX:
+        log_n = tl.log(nf)
+        x = tl.zeros_like(nf)
+        for _ in tl.static_range(30):
+            f = x + tl.log(1.0 + 2.0 * x) - log_n
+            x = x - f / (1.0 + 2.0 / (1.0 + 2.0 * x))
+        sc = tl.sqrt(x) * inv_sqrt_d
+    elif LOGN:
+        factor = tl.log(nf) * inv_log_train
+        if CLIP:
+            factor = tl.maximum(factor, 1.0)
+        sc = base * factor
+    else:
+        sc = tl.zeros_like(nf) + base
+    return sc
+
+
+@triton.jit
+def _allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key ``cols`` exists and is visible to query ``rows``."""
+    ok = (cols[None, :] < Lk) & (rows[:, None] >= 0)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + (Lk - Lq))
+    if HAS_MASK:
+        pad = tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=1)
+        ok = ok & (pad[None, :] == 0)
+    return ok
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE == 2: the interpreter with bfloat16 operands, whose tl.dot returns garbage in triton 3.9
+    # (seen here: errors of 1e10 on a 16x16 product); the operands go to float32 first.
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+@triton.jit
+def _logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr,
+                     Hq, Hkv, Lq, Lk, D, base, inv_log_train, min_n, inv_sqrt_d,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
+                     GRADMAX: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    hk = (bh % Hq) // (Hq // Hkv)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dcol < D
+    q_base = q_ptr + bh * Lq * D
+    kv_off = (b * Hkv + hk) * Lk * D
+    q = tl.load(q_base + rows[:, None] * D + dcol[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
+    sc = _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (Lk - Lq), 0), Lk)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * sc[:, None]
+        s = tl.where(_allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: stay at 0
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, 0.0, m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(out_ptr + bh * Lq * D + rows[:, None] * D + dcol[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh * Lq + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dK, dV per key block (one slab per query head); dQ per query block.
+
+
+@triton.jit
+def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, prefix_ptr, dk_ptr, dv_ptr,
+                          Hq, Hkv, Lq, Lk, D, base, inv_log_train, min_n, inv_sqrt_d,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
+                          GRADMAX: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    hk = (bh % Hq) // (Hq // Hkv)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+    kv_off = (b * Hkv + hk) * Lk * D
+    k = tl.load(k_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_base = q_ptr + bh * Lq * D
+    do_base = do_ptr + bh * Lq * D
+    lo = 0
+    if CAUSAL:  # queries before row first - (Lk - Lq) cannot see these keys
+        lo = tl.maximum(pid_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    # Transposed tiles (keys as rows): no register tensor is transposed, only loads, which keeps
+    # the float32 variant out of local memory.
+    for start in range(lo, Lq, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * D + dcol[None, :], mask=q_mask, other=0.0)
+        qT = tl.load(q_base + rows[None, :] * D + dcol[:, None], mask=q_mask.T, other=0.0)
+        do = tl.load(do_base + rows[:, None] * D + dcol[None, :], mask=q_mask, other=0.0)
+        doT = tl.load(do_base + rows[None, :] * D + dcol[:, None], mask=q_mask.T, other=0.0)
+        lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+        n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
+        sc = _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX)
+        sT = _dot(k, qT, IEEE) * (sc * 1.4426950408889634)[None, :]
+        okT = tl.trans(_allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK) & row_ok[:, None])
+        pT = tl.where(okT, tl.exp2(sT - (lse * 1.4426950408889634)[None, :]), 0.0)
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, doT, IEEE)
+        dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+    out_off = bh * Lk * D + cols[:, None] * D + dcol[None, :]
+    tl.store(dk_ptr + out_off, dk, mask=kv_mask)
+    tl.store(dv_ptr + out_off, dv, mask=kv_mask)
+
+
+@triton.jit
+def _logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, prefix_ptr, dq_ptr,
+                        Hq, Hkv, Lq, Lk, D, base, inv_log_train, min_n, inv_sqrt_d,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
+                        GRADMAX: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    hk = (bh % Hq) // (Hq // Hkv)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dcol < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_off = bh * Lq * D + rows[:, None] * D + dcol[None, :]
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+    n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
+    sc = _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX)
+    kv_off = (b * Hkv + hk) * Lk * D
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (Lk - Lq), 0), Lk)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off + cols[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * (sc * 1.4426950408889634)[:, None]
+        ok = _allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = dq * sc[:, None]
+    tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Arguments as the backends of kexue.ops.logn_attention receive them.
+
+
+def _dot_mode(q) -> int:
+    """0: native 16-bit dots; 1: float32 without TF32; 2: bfloat16 under the interpreter."""
+    if q.dtype == torch.float32:
+        return 1
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 2
+    return 0
+
+
+def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    b, _, _, d = q.shape
+    lk = k.shape[2]
+    if mask is not None:
+        prefix = torch.zeros(b, lk + 1, dtype=torch.int32, device=q.device)
+        prefix[:, 1:] = torch.cumsum((~mask).to(torch.int32), dim=1)
+        mask_u8 = mask.to(torch.uint8).contiguous()
+    else:
+        prefix = torch.zeros(1, dtype=torch.int32, device=q.device)  # never read
+        mask_u8 = torch.zeros(1, dtype=torch.uint8, device=q.device)
+    scalars = (float(scale), 1.0 / math.log(train_len), max(1.0, float(min_n)), 1.0 / math.sqrt(d))
+    flags = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, LOGN=bool(logn), CLIP=bool(clip),
+                 GRADMAX=bool(gradmax), IEEE=_dot_mode(q), BLOCK_D=block_d(d))
+    return mask_u8, prefix, scalars, flags
+
+
+def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    """``(out like q, lse (B, Hq, Lq) float32)``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
+    t = tiles(d, backward=False, dtype=q.dtype)
+    grid = (triton.cdiv(lq, t.block_m), b * hq)
+    _logn_fwd_kernel[grid](q, k, v, mask_u8, prefix, out, lse, hq, hkv, lq, lk, d, *scalars, **flags,
+                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    return out, lse
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    """``(grad_q, grad_k, grad_v)`` typed like the inputs."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out = grad_out.to(q.dtype).contiguous()
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q)
+    if q.numel() == 0:
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.float().contiguous()
+    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
+    t = tiles(d, backward=True, dtype=q.dtype)
+    dk = torch.empty(b, hq, lk, d, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    _logn_bwd_dkdv_kernel[(triton.cdiv(lk, t.block_n), b * hq)](
+        q, k, v, grad_out, lse, delta, mask_u8, prefix, dk, dv, hq, hkv, lq, lk, d, *scalars, **flags,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    _logn_bwd_dq_kernel[(triton.cdiv(lq, t.block_m), b * hq)](
+        q, k, v, grad_out, lse, delta, mask_u8, prefix, dq, hq, hkv, lq, lk, d, *scalars, **flags,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    groups = hq // hkv
+    dk = dk.view(b, hkv, groups, lk, d).sum(2).to(k.dtype)
+    dv = dv.view(b, hkv, groups, lk, d).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Every tile configuration the launchers can pick (head_dim 32 / 64 / 128, each dtype), each with
+# no switch on and with causal + mask + gradmax on, for ahead-of-time compilation
+# (tests/gpu_compile.py).
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_SCALARS = dict(Hq="i32", Hkv="i32", Lq="i32", Lk="i32", D="i32", base="fp32", inv_log_train="fp32", min_n="fp32",
+                inv_sqrt_d="fp32")
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    for dtype, ptr in _PTR.items():
+        for head_dim in (32, 64, 128):
+            # the lightest and the heaviest switches: register pressure peaks with all of them on
+            for causal, has_mask, gradmax in ((False, False, False), (True, True, True)):
+                for backward_pass in (False, True):
+                    t = tiles(head_dim, backward_pass, dtype)
+                    consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
+                                  IEEE=int(dtype == torch.float32), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                  BLOCK_D=head_dim)
+                    tag = (f"{str(dtype).removeprefix('torch.')} d{head_dim} {'causal' if causal else 'full'}"
+                           f"{' mask' if has_mask else ''}{' gradmax' if gradmax else ''} "
+                           f"{t.block_m}x{t.block_n} w{t.num_warps}")
+                    common = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr)
+                    if not backward_pass:
+                        kernels = [("logn_fwd", _logn_fwd_kernel,
+                                    dict(**common, mask_ptr="*u8", prefix_ptr="*i32", out_ptr=ptr, lse_ptr="*fp32"))]
+                    else:
+                        bwd = dict(**common, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
+                                   prefix_ptr="*i32")
+                        kernels = [("logn_bwd_dkdv", _logn_bwd_dkdv_kernel, dict(**bwd, dk_ptr="*fp32", dv_ptr="*fp32")),
+                                   ("logn_bwd_dq", _logn_bwd_dq_kernel, dict(**bwd, dq_ptr=ptr))]
+                    for name, kernel, ptrs in kernels:
+                        configs.append(dict(name=f"{name} {tag}", kernel=kernel,
+                                            signature=dict(**ptrs, **_SCALARS, **dict.fromkeys(consts, "constexpr")),
+                                            constexprs=consts, num_warps=t.num_warps))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
