@@ -7,3 +7,7 @@ where nothing faster is available. Each function mirrors one kernel family, step
 from kexue.reference.entropy_norm import entropy_normalize_backward, entropy_normalize_forward
 
 __all__ = ["entropy_normalize_forward", "entropy_normalize_backward"]
+
+from kexue.reference import biohash  # noqa: E402  (the BioHash / FlyVec oracle, as a module)
+
+__all__ += ["biohash"]
