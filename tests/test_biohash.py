@@ -523,3 +523,33 @@ def test_schedule_is_linear_to_zero():
     assert kexue.ops.biohash_schedule(10, 10, lr0=0.02)[0] == 0.0
     _, d = kexue.ops.biohash_schedule(0, 80, delta0=0.4)
     assert abs(d - 0.4 * 0.5 * (1 + torch.tanh(torch.tensor(-1.0, dtype=torch.float64)).item())) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# The flyvec package (optional peer): its binarisation of the same synapses.
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_static_hashes_equal_the_flyvec_packages(backend):
+    core = pytest.importorskip("flyvec.core")
+
+    class Synapses(core.FlyVec):
+        """The package's own get_sparse_embedding on a given matrix (no model files)."""
+
+        def __init__(self, W):
+            self._W = W
+
+        def is_unknown_token(self, token):
+            return False
+
+        def get_dense_embedding(self, token_id):
+            return {"token": None, "id": token_id, "embedding": self._W[:, V + token_id]}
+
+    g = torch.Generator().manual_seed(51)
+    V, K, k = 60, 100, 12
+    W = kexue.ops.new_synapses(K, 2 * V, generator=g)
+    theirs = Synapses(W.double().numpy())
+    expected = torch.stack([torch.from_numpy(theirs.get_sparse_embedding(t, hash_length=k)["embedding"])
+                            for t in range(V)]).to(torch.uint8)
+    ours = run(backend, kexue.ops.biohash, torch.arange(V, 2 * V), torch.arange(V + 1), None, W, k, packed=False)
+    assert torch.equal(ours, expected)
