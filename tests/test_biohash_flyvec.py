@@ -280,3 +280,37 @@ def test_cli_train_and_neighbors(tmp_path, capsys):
     assert "not in the vocabulary" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "none.txt"), "--out", str(tmp_path / "other")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Word-similarity evaluation.
+
+
+def test_spearman_against_the_textbook_formula():
+    from kexue.flyvec.evaluate import ranks, spearman
+
+    assert ranks(torch.tensor([10.0, 30.0, 20.0, 30.0])).tolist() == [1.0, 3.5, 2.0, 3.5]
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]
+    d2 = sum((x - y) ** 2 for x, y in zip(a, b))  # no ties: 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert abs(spearman(a, b) - (1 - 6 * d2 / (5 * 24))) < 1e-12
+    assert abs(spearman(a, [-x for x in a]) + 1) < 1e-12
+
+
+def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
+    from kexue.flyvec.evaluate import evaluate, read_pairs
+
+    out, model = trained
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("# header\napple\tbanana\t9.0\napple\tbus\t1.0\ncar\ttrain\t8.5\nred\tcar\t0.5\n"
+                     "apple\tzebra\t5.0\nblue\tgreen\t8.0\nblue\tpear\t1.5\n")
+    assert len(read_pairs(pairs)) == 7
+    score = evaluate(model, pairs)
+    assert score.pairs == 6 and score.skipped == 1
+    assert score.spearman > 0.5  # same-topic pairs are the similar ones, and the model learned topics
+    assert evaluate(model, pairs, "dense").pairs == 6
+    assert main(["evaluate", str(out), str(pairs)]) == 0
+    assert "pairs 6\tskipped 1" in capsys.readouterr().out
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("apple banana\n")
+    with pytest.raises(ValueError, match="bad.tsv:1: expected"):
+        read_pairs(bad)

@@ -1,4 +1,4 @@
-"""``python -m kexue.flyvec train CORPUS --out DIR`` and ``python -m kexue.flyvec neighbors DIR WORD``."""
+"""``python -m kexue.flyvec train CORPUS --out DIR``, ``... neighbors DIR WORD``, ``... evaluate DIR PAIRS...``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("model", help="a model folder (or model.pt)")
     n.add_argument("word")
     n.add_argument("-n", type=int, default=10, help="how many neighbours (default 10)")
+    e = sub.add_parser("evaluate", help="Spearman correlation on word-similarity pair files")
+    e.add_argument("model", help="a model folder (or model.pt)")
+    e.add_argument("pairs", nargs="+", help="tab-separated 'word1 word2 score' files (e.g. wordsim353.tsv)")
+    e.add_argument("--similarity", choices=("hash", "dense"), default="hash")
     return p
 
 
@@ -41,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trained: {len(model.vocabulary)} words, K = {model.num_hidden}; model in {args.out}")
             return 0
         model = FlyVec.load(args.model)
+        if args.command == "evaluate":
+            from kexue.flyvec.evaluate import evaluate
+
+            for path in args.pairs:
+                score = evaluate(model, path, args.similarity)
+                print(f"{path}\tspearman {score.spearman:.4f}\tpairs {score.pairs}\tskipped {score.skipped}")
+            return 0
         for word, dist in model.nearest(args.word.lower(), args.n):
             print(f"{word}\t{dist}")
         return 0
