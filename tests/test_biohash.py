@@ -553,3 +553,25 @@ def test_static_hashes_equal_the_flyvec_packages(backend):
                             for t in range(V)]).to(torch.uint8)
     ours = run(backend, kexue.ops.biohash, torch.arange(V, 2 * V), torch.arange(V + 1), None, W, k, packed=False)
     assert torch.equal(ours, expected)
+
+
+def test_module():
+    g = torch.Generator().manual_seed(61)
+    m = kexue.nn.BioHash(30, 40, k=5, generator=g)
+    assert "num_inputs=30, num_hidden=40, k=5" in repr(m) and "synapses" in dict(m.named_buffers())
+    ids, offsets, w = random_batch(7, 30, generator=g, dtype=torch.float32)
+    codes = m(ids, offsets, w)
+    assert torch.equal(codes, ref.biohash_sparse(ids, offsets, w, m.synapses, 5, True))
+    before = m.synapses.clone()
+    winners = m.learn(ids, offsets, w, lr=0.01)
+    expected = before.clone()
+    win_r, _ = ref.biohash_update_(ids, offsets, w, expected, 0.01)
+    assert torch.equal(winners, win_r)
+    torch.testing.assert_close(m.synapses, expected)
+    assert m.synapses.t().is_contiguous()
+    state = m.state_dict()
+    m2 = kexue.nn.BioHash(30, 40, k=5)
+    m2.load_state_dict(state)
+    assert torch.equal(m2(ids, offsets, w), m(ids, offsets, w))
+    with pytest.raises(ValueError, match="k must lie"):
+        kexue.nn.BioHash(30, 40, k=41)

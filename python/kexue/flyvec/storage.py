@@ -45,6 +45,12 @@ def checksum(synapses_t: torch.Tensor, words: list[str], epoch: int) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """``torch.save(payload)`` to ``path`` through a temporary file and ``os.replace``."""
     path = os.fspath(path)
@@ -56,6 +62,7 @@ def write_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -3,3 +3,7 @@
 from kexue.nn.entropy_norm import EntropyNormalize
 
 __all__ = ["EntropyNormalize"]
+
+from kexue.nn.biohash import BioHash  # noqa: E402
+
+__all__ += ["BioHash"]
