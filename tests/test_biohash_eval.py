@@ -48,7 +48,8 @@ def wiki_sentences(min_tokens: int = 5) -> list[str]:
     return out
 
 
-def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: float = 0.01) -> dict:
+def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: float = 0.01,
+        hash_length: int = 50) -> dict:
     from gensim.models import Word2Vec
 
     import kexue.flyvec as fv
@@ -56,7 +57,8 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
 
     sentences = wiki_sentences()
     tokens = sum(len(s.split()) for s in sentences)
-    config = fv.TrainConfig(hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, min_count=5)
+    config = fv.TrainConfig(hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, min_count=5,
+                            hash_length=hash_length)
     start = time.perf_counter()
     model = fv.train(sentences, out, config, progress=False)
     flyvec_s = time.perf_counter() - start
@@ -69,6 +71,7 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
     w2v_s = time.perf_counter() - start
 
     results = {"tokens": tokens, "sentences": len(sentences), "vocab": len(vocab), "epochs": epochs,
+               "config": config,
                "flyvec_train_s": flyvec_s, "word2vec_train_s": w2v_s, "scores": {}}
     for name in ("wordsim353.tsv", "simlex999.txt"):
         path = os.path.join(gensim_data(), name)
@@ -84,6 +87,7 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
 def print_results(r: dict) -> None:
     print(f"corpus: {r['sentences']} sentences, {r['tokens']} tokens; vocabulary {r['vocab']} (min count 5); "
           f"{r['epochs']} epochs; FlyVec {r['flyvec_train_s']:.1f} s, Word2Vec {r['word2vec_train_s']:.1f} s")
+    print(f"  {r['config']}")
     for name, scores in r["scores"].items():
         for model, s in scores.items():
             print(f"  {name:16s} {model:13s} spearman {s.spearman:+.3f}  ({s.pairs} pairs, {s.skipped} skipped)")
@@ -103,7 +107,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", default=None, help="model folder (default: a temporary one)")
+    parser.add_argument("--hidden", type=int, default=400)
+    parser.add_argument("--hash-length", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = args.out or tempfile.mkdtemp(prefix="flyvec-wiki-")
-    print_results(run(args.epochs, out))
+    print_results(run(args.epochs, out, args.hidden, args.batch_size, args.lr, args.hash_length))
