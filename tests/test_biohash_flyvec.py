@@ -314,3 +314,35 @@ def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
     bad.write_text("apple banana\n")
     with pytest.raises(ValueError, match="bad.tsv:1: expected"):
         read_pairs(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel training: 2 processes, gloo on CPU.
+
+
+def _ddp_worker(rank: int, init_file: str, out: str, results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = flyvec.train(topic_corpus(), out, SMALL, progress=False)
+        torch.save(model.synapses.t().contiguous(), os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_training_in_two_processes(tmp_path, trained):
+    import torch.multiprocessing as mp
+
+    _, single = trained
+    out, results = tmp_path / "model", tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out), str(results)), nprocs=2, join=True)
+    w0, w1 = (torch.load(results / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(w0, w1)  # the all-reduce keeps every process on the same synapses
+    model = flyvec.FlyVec.load(out)  # written by process 0
+    assert torch.equal(model.synapses.t(), w0) and storage.load_state(out)["epoch"] == SMALL.epochs
+    assert not torch.equal(model.synapses, single.synapses)  # shards step differently ...
+    topic_of = {w: t for t, words in enumerate(TOPICS) for w in words}
+    same = [topic_of.get(n) == topic_of[w] for words in TOPICS for w in words for n, _ in model.nearest(w, 5)]
+    assert sum(same) / len(same) > 0.8  # ... and learn the same structure

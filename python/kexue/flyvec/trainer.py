@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import kexue.ops
-from kexue.flyvec import storage
+from kexue.flyvec import distributed, storage
 from kexue.flyvec.model import DEFAULT_HASH_LENGTH, FlyVec
 from kexue.flyvec.tokenize import read_sentences
 from kexue.flyvec.vocabulary import Vocabulary, build_vocabulary
@@ -80,14 +80,18 @@ def run_epoch(windows: torch.Tensor, invf: torch.Tensor, synapses: torch.Tensor,
     V = invf.shape[0]
     lr, delta = kexue.ops.biohash_schedule(epoch, config.epochs, config.lr, config.delta)
     total, count = 0.0, 0
+    parallel = distributed.world()[1] > 1
     for batch in epoch_order(windows.shape[0], config.seed, epoch).split(config.batch_size):
-        x = windows[batch].long()
+        x = windows[distributed.shard(batch) if parallel else batch].long()
         w = invf[x.remainder(V)]
-        _, s_win = kexue.ops.biohash_update(x, None, w, synapses, lr, delta=delta, rank=config.rank)
+        if parallel:
+            s_win = distributed.data_parallel_update(x, w, synapses, lr, delta, config.rank)
+        else:
+            _, s_win = kexue.ops.biohash_update(x, None, w, synapses, lr, delta=delta, rank=config.rank)
         total += float(s_win.sum())
         count += s_win.numel()
         if bar is not None:
-            bar.update(x.shape[0])
+            bar.update(batch.shape[0])
     return total / max(count, 1)
 
 
@@ -110,6 +114,8 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     writing ``out/model.pt`` after every epoch; resumes from it when it exists.
 
     ``on_epoch_end(epoch, model)`` is called after each epoch's checkpoint is written.
+    Inside an initialized ``torch.distributed`` process group every process trains on its share
+    of each minibatch (:mod:`kexue.flyvec.distributed`) and process 0 writes the checkpoints.
     """
     config = config or TrainConfig()
     path = os.path.join(os.fspath(out), storage.MODEL_FILE)
@@ -132,13 +138,16 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     invf = vocabulary.inverse_frequency().float()
     cfg = dataclasses.asdict(config)
     for epoch in range(start, config.epochs):
-        bar = _progress(windows.shape[0], f"epoch {epoch + 1}/{config.epochs}", progress)
+        show = progress and distributed.world()[0] == 0
+        bar = _progress(windows.shape[0], f"epoch {epoch + 1}/{config.epochs}", show)
         try:
             run_epoch(windows, invf, synapses, epoch, config, bar)
         finally:
             if bar is not None:
                 bar.close()
-        model.save(path, epoch=epoch + 1, config=cfg)
+        if distributed.world()[0] == 0:  # one writer; the others wait until the file is complete
+            model.save(path, epoch=epoch + 1, config=cfg)
+        distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
     model._static.clear()
