@@ -233,6 +233,18 @@ int64_t row_grain(int64_t K, int64_t nnz, int64_t rows) {
 template <typename A>
 using Key = typename KeyOf<A>::type;
 
+// Asks for the synapse columns of the next row while this one is summed and ranked: a window's
+// columns lie anywhere in a matrix larger than the caches, and without this their first cache
+// lines are waited for one after the other.
+template <typename T>
+void prefetch_columns(const int64_t* ids, int64_t len, const T* wt, int64_t K) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < len; ++j) {
+    const T* col = wt + ids[j] * K;
+    for (int64_t i = 0; i < K; i += kLine) __builtin_prefetch(col + i);
+  }
+}
+
 // Runs fn(row, acc) for every CSR row in parallel with acc holding the row's activations.
 template <typename T, typename A, typename Fn>
 void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
@@ -244,8 +256,10 @@ void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A*
   at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(K);
     std::vector<Key<A>> keys(K);
+    if (begin < end) prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t start = off[r];
+      if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
       row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
       fn(r, acc.data(), keys.data());
     }
