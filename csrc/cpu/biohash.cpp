@@ -91,10 +91,11 @@ void keys_of(const double* a, int64_t n, uint64_t* keys) {
   for (int64_t i = 0; i < n; ++i) keys[i] = order_key(a[i]);
 }
 
+// 32-bit lanes and a 32-bit count (a row has far fewer than 2^31 units): 16 keys per AVX-512 op.
 KEXUE_CPU_CLONES int64_t count_at_least(const uint32_t* keys, int64_t n, uint32_t c) {
-  int64_t count = 0;
+  int32_t count = 0;
 #pragma omp simd reduction(+ : count)
-  for (int64_t i = 0; i < n; ++i) count += keys[i] >= c;
+  for (int64_t i = 0; i < n; ++i) count += keys[i] >= c ? 1 : 0;
   return count;
 }
 int64_t count_at_least(const uint64_t* keys, int64_t n, uint64_t c) {
@@ -112,25 +113,62 @@ std::pair<Key, int64_t> kth_key(const Key* keys, int64_t n, int64_t k) {
     const Key bit = Key(1) << b;
     threshold = biohash::refine_threshold(threshold, bit, count_at_least(keys, n, threshold | bit), k);
   }
-  int64_t greater = 0;
-  for (int64_t i = 0; i < n; ++i) greater += keys[i] > threshold;
+  const Key top = ~Key(0);
+  const int64_t greater = threshold == top ? 0 : count_at_least(keys, n, threshold + 1);
   return {threshold, greater};
+}
+
+// A threshold that exactly k keys reach, found by the same bitwise search stopped as soon as a
+// candidate is reached by exactly k keys (after ~log2(K) + a few of the passes for spread-out
+// activations). Returns false when no such threshold exists, i.e. when the k-th largest key is
+// tied with the (k+1)-th: the caller then needs the tie rule.
+template <typename Key>
+bool exact_threshold(const Key* keys, int64_t n, int64_t k, Key* out) {
+  constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
+  Key threshold = 0;
+  for (int b = kBits - 1; b >= 0; --b) {
+    const Key candidate = threshold | (Key(1) << b);
+    const int64_t count = count_at_least(keys, n, candidate);
+    if (count == k) {
+      *out = candidate;
+      return true;
+    }
+    threshold = count > k ? candidate : threshold;
+  }
+  return false;
+}
+
+// code bits: unit mu wins when keys[mu] >= t (packed: bit mu % 8 of byte mu / 8).
+template <typename Key>
+void write_at_least(const Key* keys, int64_t K, Key t, bool packed, uint8_t* out) {
+  if (!packed) {
+    for (int64_t mu = 0; mu < K; ++mu) out[mu] = keys[mu] >= t;
+    return;
+  }
+  const int64_t nb = biohash::code_bytes(K);
+  for (int64_t j = 0; j < nb; ++j) {
+    unsigned byte = 0;
+    const int64_t len = std::min<int64_t>(8, K - 8 * j);
+    for (int64_t b = 0; b < len; ++b) byte |= static_cast<unsigned>(keys[8 * j + b] >= t) << b;
+    out[j] = static_cast<uint8_t>(byte);
+  }
 }
 
 // Writes the code of one row: packed (code_bytes(K) bytes) or dense (K bytes of 0/1).
 template <typename Key>
 void write_code(const Key* keys, int64_t K, int64_t k, bool packed, uint8_t* out) {
-  const int64_t nb = biohash::code_bytes(K);
-  if (packed) std::memset(out, 0, nb);
   if (k == K) {
-    if (packed) {
-      for (int64_t mu = 0; mu < K; ++mu) out[mu >> 3] |= biohash::bit_of(mu);
-    } else {
-      std::memset(out, 1, K);
-    }
+    write_at_least(keys, K, Key(0), packed, out);  // every key is >= 0
+    return;
+  }
+  Key t;
+  if (exact_threshold(keys, K, k, &t)) {  // no tie at the threshold: branch-free
+    write_at_least(keys, K, t, packed, out);
     return;
   }
   const auto [threshold, greater] = kth_key(keys, K, k);
+  const int64_t nb = biohash::code_bytes(K);
+  if (packed) std::memset(out, 0, nb);
   int64_t ties_left = k - greater;  // units equal to the threshold that still win, lowest index first
   for (int64_t mu = 0; mu < K; ++mu) {
     bool win = keys[mu] > threshold;
@@ -195,6 +233,18 @@ int64_t row_grain(int64_t K, int64_t nnz, int64_t rows) {
 template <typename A>
 using Key = typename KeyOf<A>::type;
 
+// Asks for the synapse columns of the next row while this one is summed and ranked: a window's
+// columns lie anywhere in a matrix larger than the caches, and without this their first cache
+// lines are waited for one after the other.
+template <typename T>
+void prefetch_columns(const int64_t* ids, int64_t len, const T* wt, int64_t K) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < len; ++j) {
+    const T* col = wt + ids[j] * K;
+    for (int64_t i = 0; i < K; i += kLine) __builtin_prefetch(col + i);
+  }
+}
+
 // Runs fn(row, acc) for every CSR row in parallel with acc holding the row's activations.
 template <typename T, typename A, typename Fn>
 void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
@@ -206,8 +256,10 @@ void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A*
   at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(K);
     std::vector<Key<A>> keys(K);
+    if (begin < end) prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t start = off[r];
+      if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
       row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
       fn(r, acc.data(), keys.data());
     }

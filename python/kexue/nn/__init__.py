@@ -11,3 +11,6 @@ __all__ += ["EfficientGlobalPointer", "GlobalPointer", "GPLinker"]
 from kexue.nn.logn_attention import LogNAttention  # noqa: E402
 
 __all__ += ["LogNAttention"]
+from kexue.nn.biohash import BioHash  # noqa: E402
+
+__all__ += ["BioHash"]

@@ -15,3 +15,6 @@ __all__ += ["global_pointer"]
 from kexue.reference.logn_attention import logn_attention_backward, logn_attention_forward  # noqa: E402
 
 __all__ += ["logn_attention_forward", "logn_attention_backward"]
+from kexue.reference import biohash  # noqa: E402  (the BioHash / FlyVec oracle, as a module)
+
+__all__ += ["biohash"]

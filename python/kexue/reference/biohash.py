@@ -169,7 +169,7 @@ def biohash_update_(indices: Tensor, offsets: Tensor, weights: Tensor | None, sy
     raw = scaled if weights is None else activations_sparse(indices, offsets, None, synapses)
     order = ranked(raw)
     arange = torch.arange(rows, device=device)
-    winners = order[:, 0] if num_hidden > 0 else torch.zeros(rows, dtype=torch.long, device=device)
+    winners = order[:, 0].contiguous() if num_hidden > 0 else torch.zeros(rows, dtype=torch.long, device=device)
     s_win = scaled[arange, winners]
     lengths = offsets[1:] - offsets[:-1]
     w = torch.ones(indices.shape, dtype=ct, device=device) if weights is None else weights.to(ct)
@@ -225,7 +225,7 @@ def hamming_topk(queries: Tensor, database: Tensor, n: int) -> tuple[Tensor, Ten
     """The n nearest codes of each query: ``(distances (Q, n) int64, indices (Q, n) int64)``,
     nearest first, ties broken by the lowest database index."""
     dist = hamming_distances(queries, database)
-    order = torch.sort(dist, dim=-1, stable=True).indices[:, :n]
+    order = torch.sort(dist, dim=-1, stable=True).indices[:, :n].contiguous()
     return dist.gather(1, order), order
 
 
@@ -236,5 +236,5 @@ def cosine_topk(queries: Tensor, database: Tensor, n: int) -> tuple[Tensor, Tens
     q = torch.nn.functional.normalize(queries.to(ct), dim=-1)
     d = torch.nn.functional.normalize(database.to(ct), dim=-1)
     sim = q @ d.t()
-    order = ranked(sim)[:, :n]
+    order = ranked(sim)[:, :n].contiguous()
     return sim.gather(1, order), order

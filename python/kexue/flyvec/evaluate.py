@@ -1,0 +1,106 @@
+"""Word-similarity evaluation: Spearman correlation between a model's similarities and human scores.
+
+Pair files are the usual tab-separated ``word1<TAB>word2<TAB>score`` lines with ``#`` comments
+(WordSim353 and SimLex-999 as shipped in gensim's test data). Pairs with a word outside the
+vocabulary are left out and counted, so two models can be compared on the same pairs.
+
+A FlyVec model's similarity of two words is minus the Hamming distance of their static hashes
+(``similarity="hash"``), or the cosine of their dense static embeddings, the target-half
+synapse columns ``W[:, V + id]`` (``similarity="dense"``, flyvec/core.py's dense embedding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kexue.flyvec.model import FlyVec
+
+
+def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """``(word1, word2, score)`` of a tab-separated pair file, lower-cased."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            try:
+                pairs.append((fields[0].lower(), fields[1].lower(), float(fields[2])))
+            except (IndexError, ValueError):
+                raise ValueError(f"{os.fspath(path)}:{number}: expected 'word1<TAB>word2<TAB>score', "
+                                 f"got {line!r}") from None
+    if not pairs:
+        raise ValueError(f"{os.fspath(path)} holds no word pairs")
+    return pairs
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of ``x`` (float64), tied values sharing their average rank."""
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    r = torch.empty(x.shape[0], dtype=torch.float64)
+    i, n = 0, x.shape[0]
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of the average ranks)."""
+    ra, rb = ranks(torch.tensor(a, dtype=torch.float64)), ranks(torch.tensor(b, dtype=torch.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Score:
+    spearman: float
+    pairs: int  # pairs evaluated
+    skipped: int  # pairs with a word outside the vocabulary
+
+
+def evaluate_pairs(pairs: list[tuple[str, str, float]], known: Callable[[str], bool],
+                   similarity: Callable[[str, str], float]) -> Score:
+    kept = [(a, b, s) for a, b, s in pairs if known(a) and known(b)]
+    if len(kept) < 2:
+        return Score(float("nan"), len(kept), len(pairs) - len(kept))
+    model_sims = [similarity(a, b) for a, b, _ in kept]
+    return Score(spearman(model_sims, [s for _, _, s in kept]), len(kept), len(pairs) - len(kept))
+
+
+def flyvec_similarity(model: FlyVec, kind: str = "hash", k: int | None = None) -> Callable[[str, str], float]:
+    """The similarity function of a FlyVec model (see the module docstring)."""
+    V = len(model.vocabulary)
+    if kind == "hash":
+        from kexue.reference.biohash import hamming_distances
+
+        codes = model.word_hashes(k)
+
+        def sim(a: str, b: str) -> float:
+            ia, ib = model.vocabulary.id(a), model.vocabulary.id(b)
+            return -float(hamming_distances(codes[ia:ia + 1], codes[ib:ib + 1])[0, 0])
+
+        return sim
+    if kind == "dense":
+        emb = torch.nn.functional.normalize(model.synapses[:, V:].t().double(), dim=1)
+
+        def sim(a: str, b: str) -> float:
+            return float(emb[model.vocabulary.id(a)] @ emb[model.vocabulary.id(b)])
+
+        return sim
+    raise ValueError(f"similarity must be 'hash' or 'dense', got {kind!r}")
+
+
+def evaluate(model: FlyVec, pair_file: str | os.PathLike, similarity: str = "hash", k: int | None = None) -> Score:
+    """Spearman correlation of ``model`` on a pair file."""
+    return evaluate_pairs(read_pairs(pair_file), model.vocabulary.__contains__, flyvec_similarity(model, similarity, k))

@@ -1,0 +1,348 @@
+"""kexue.flyvec: tokenizing, vocabulary, windows, training with checkpoints, the model file, queries, CLI.
+
+Everything runs on a tiny generated corpus: sentences drawn from a few topics, each topic with its
+own words, so a trained model must put words of one topic near each other.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import kexue
+from kexue import flyvec
+from kexue.flyvec import storage
+from kexue.flyvec.__main__ import main
+from kexue.flyvec.trainer import epoch_order
+from kexue.flyvec.vocabulary import UNK
+
+TOPICS = [
+    "apple banana cherry grape lemon mango melon peach pear plum".split(),
+    "car bus train truck bike boat plane ship taxi tram".split(),
+    "red blue green yellow purple orange pink brown black white".split(),
+]
+
+
+def topic_corpus(sentences: int = 240, length: int = 9, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        words = rng.choice(TOPICS)
+        lines.append(" ".join(rng.choice(words) for _ in range(length)))
+    return lines
+
+
+SMALL = flyvec.TrainConfig(hidden=24, window=5, epochs=4, batch_size=64, lr=0.05, min_count=2, hash_length=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus -> tokens -> vocabulary -> windows.
+
+
+def test_tokenize():
+    assert flyvec.tokenize("The cat's 3 mats, 1,000.5 Äpfel!") == ["the", "cat's", "<NUM>", "mats", "<NUM>", "äpfel"]
+    assert flyvec.tokenize("  ... ") == []
+
+
+def test_read_sentences_from_lines_and_files(tmp_path):
+    lines = ["One two", "", "three  FOUR five"]
+    assert list(flyvec.read_sentences(lines)) == [["one", "two"], ["three", "four", "five"]]
+    plain = tmp_path / "c.txt"
+    plain.write_text("\n".join(lines))
+    import bz2
+
+    packed = tmp_path / "c.txt.bz2"
+    packed.write_bytes(bz2.compress("\n".join(lines).encode()))
+    assert list(flyvec.read_sentences(plain)) == list(flyvec.read_sentences(str(packed)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(flyvec.read_sentences(tmp_path / "missing.txt"))
+    with pytest.raises(TypeError, match="lines must be str"):
+        list(flyvec.read_sentences([b"bytes"]))
+
+
+def test_vocabulary_counts_order_and_min_count():
+    sents = [["b", "a", "b", "c"], ["a", "b", "d", "e"], ["e", "a"]]
+    v = flyvec.build_vocabulary(sents, min_count=2)
+    assert v.words == [UNK, "a", "b", "e"]  # by count, ties alphabetically
+    assert v.counts.tolist() == [2, 3, 3, 2]  # <UNK> counts c and d
+    assert v.encode(["a", "zzz", "e"]) == [1, 0, 3]
+    assert "a" in v and "zzz" not in v and UNK not in v
+    torch.testing.assert_close(v.inverse_frequency(), 1.0 / v.counts.double())
+    assert flyvec.build_vocabulary(sents, min_count=1, max_size=2).words == [UNK, "a", "b"]
+    with pytest.raises(ValueError, match="corpus is empty"):
+        flyvec.build_vocabulary([], min_count=1)
+    with pytest.raises(ValueError, match="no word occurs at least min_count=9"):
+        flyvec.build_vocabulary(sents, min_count=9)
+    with pytest.raises(ValueError, match="min_count"):
+        flyvec.build_vocabulary(sents, min_count=0)
+
+
+def test_context_windows():
+    w = flyvec.context_windows([[1, 2, 3, 4, 2], [5, 6], [7, 7, 7]], vocab_size=10, size=3)
+    assert w.tolist() == [[1, 12, 3], [2, 13, 4], [3, 14, 2], [7, 17, 7]]  # short sentences give none
+    assert flyvec.context_windows([[1]], 10, size=3).shape == (0, 3)
+    with pytest.raises(ValueError, match="window size"):
+        flyvec.context_windows([[1]], 10, size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, resuming, the model file.
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flyvec")
+    model = flyvec.train(topic_corpus(), out, SMALL, progress=False)
+    return out, model
+
+
+def test_training_groups_words_by_topic(trained):
+    _, model = trained
+    topic_of = {w: t for t, words in enumerate(TOPICS) for w in words}
+    same, total = 0, 0
+    for words in TOPICS:
+        for word in words:
+            for neighbour, _ in model.nearest(word, 5):
+                same += topic_of.get(neighbour) == topic_of[word]
+                total += 1
+    assert same / total > 0.8, same / total  # chance is ~1/3
+
+
+def test_energy_lower_after_training(trained):
+    _, model = trained
+    V = len(model.vocabulary)
+    _, windows = flyvec.trainer.prepare(topic_corpus(), model.vocabulary, SMALL)
+    x = windows.long()
+    w = model.vocabulary.inverse_frequency()[x.remainder(V)]
+    init = kexue.ops.new_synapses(SMALL.hidden, 2 * V, std=SMALL.sigma,
+                                  generator=torch.Generator().manual_seed(SMALL.seed))
+    before = kexue.ops.biohash_energy(x, None, w, init)
+    after = kexue.ops.biohash_energy(x, None, w, model.synapses)
+    assert after < before < 0 or after < 2 * before  # much lower (energies are negative)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, trained):
+    _, full = trained
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch, model):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False, on_epoch_end=stop_after_two)
+    assert storage.load_state(tmp_path)["epoch"] == 2
+    seen = []
+    resumed = flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False,
+                           on_epoch_end=lambda e, m: seen.append(e))
+    assert seen == [2, 3]
+    assert torch.equal(resumed.synapses, full.synapses)
+    # a finished run is not trained further, and other settings are refused
+    assert torch.equal(flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False).synapses, full.synapses)
+    with pytest.raises(ValueError, match="other settings.*hidden"):
+        flyvec.train(topic_corpus(), tmp_path, flyvec.TrainConfig(hidden=8, window=5, epochs=4, batch_size=64,
+                                                                  lr=0.05, min_count=2, hash_length=4))
+
+
+def test_epoch_order_is_a_fixed_permutation():
+    a = epoch_order(100, seed=3, epoch=2)
+    assert torch.equal(a, epoch_order(100, seed=3, epoch=2))
+    assert torch.equal(a.sort().values, torch.arange(100))
+    assert not torch.equal(a, epoch_order(100, seed=3, epoch=3))
+
+
+def test_save_load_roundtrip(tmp_path, trained):
+    _, model = trained
+    model.save(tmp_path / "m.pt", epoch=4)
+    back = flyvec.FlyVec.load(tmp_path / "m.pt")
+    assert torch.equal(back.synapses, model.synapses) and back.vocabulary.words == model.vocabulary.words
+    assert torch.equal(back.vocabulary.counts, model.vocabulary.counts) and back.hash_length == model.hash_length
+    assert back.synapses.t().is_contiguous()  # input-major, as the kernels read it
+    state = storage.load_state(tmp_path / "m.pt")
+    assert state["format"] == "kexue.flyvec" and state["version"] == 1 and state["epoch"] == 4
+
+
+def test_corrupt_or_truncated_files_give_clear_errors(tmp_path, trained):
+    out, model = trained
+    good = (out / "model.pt").read_bytes()
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(storage.ModelFileError, match="corrupt or truncated"):
+        flyvec.FlyVec.load(bad)
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(storage.ModelFileError, match="corrupt or truncated"):
+        flyvec.FlyVec.load(bad)
+    # a flipped byte inside the synapse data: the archive still reads, the checksum catches it
+    state = torch.load(out / "model.pt", weights_only=True)
+    state["synapses_t"][3, 4] += 1.0
+    torch.save(state, bad)
+    with pytest.raises(storage.ModelFileError, match="checksum"):
+        flyvec.FlyVec.load(bad)
+    torch.save({"format": "something else"}, bad)
+    with pytest.raises(storage.ModelFileError, match="not a FlyVec model"):
+        flyvec.FlyVec.load(bad)
+    with pytest.raises(FileNotFoundError):
+        flyvec.FlyVec.load(tmp_path / "nothing")
+    # training on a folder whose checkpoint is damaged stops with the same clear error
+    bad.write_bytes(good[:100])
+    with pytest.raises(storage.ModelFileError):
+        flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False)
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path, trained, monkeypatch):
+    _, model = trained
+    model.save(tmp_path, epoch=1)
+    before = (tmp_path / "model.pt").read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(tmp_path, epoch=2)
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert storage.load_state(tmp_path)["epoch"] == 1
+
+
+def test_training_errors(tmp_path):
+    with pytest.raises(ValueError, match="corpus is empty"):
+        flyvec.train(["", "  "], tmp_path, SMALL, progress=False)
+    with pytest.raises(ValueError, match="no sentence of at least window = 5"):
+        flyvec.train(["apple banana", "apple banana"], tmp_path, SMALL, progress=False)
+    with pytest.raises(ValueError, match="hash_length must be at most hidden"):
+        flyvec.TrainConfig(hidden=8, hash_length=9)
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        flyvec.TrainConfig(epochs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries.
+
+
+def test_static_and_contextual_hashes(trained):
+    _, model = trained
+    v = model.vocabulary
+    V, k = len(v), model.hash_length
+    code = model.word_hash("apple")
+    expected = kexue.ops.biohash(torch.tensor([V + v.id("apple")]), torch.tensor([0, 1]), None, model.synapses, k)[0]
+    assert torch.equal(code, expected) and int(kexue.reference.biohash.unpack_bits(code[None], 24).sum()) == k
+    assert not model.word_hash("zebra").any()  # unknown word: all-zero code
+    # contextual: the target in the second half, the rest as context
+    sent = "red apple banana"
+    ids = [v.id("red"), V + v.id("apple"), v.id("banana")]
+    got = model.sentence_hash(sent, target="apple")
+    assert torch.equal(got, kexue.ops.biohash(torch.tensor(ids), torch.tensor([0, 3]), None, model.synapses, k)[0])
+    assert torch.equal(model.sentence_hash(sent, target=1), got)
+    bag = model.sentence_hash(sent)
+    assert torch.equal(bag, kexue.ops.biohash(torch.tensor([ids[0], ids[1] - V, ids[2]]), torch.tensor([0, 3]), None,
+                                              model.synapses, k)[0])
+    with pytest.raises(ValueError, match="does not occur"):
+        model.sentence_hash(sent, target="car")
+    with pytest.raises(ValueError, match="no tokens"):
+        model.sentence_hash("...")
+
+
+def test_nearest_against_brute_force(trained):
+    _, model = trained
+    codes = model.word_hashes()
+    q = model.vocabulary.id("bus")
+    dist = kexue.reference.biohash.hamming_distances(codes[q:q + 1], codes)[0].tolist()
+    order = sorted((i for i in range(1, len(dist)) if i != q), key=lambda i: (dist[i], i))[:6]
+    assert model.nearest("bus", 6) == [(model.vocabulary.words[i], dist[i]) for i in order]
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        model.nearest("zebra")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def test_cli_train_and_neighbors(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(topic_corpus(sentences=120)))
+    out = tmp_path / "model"
+    rc = main(["train", str(corpus), "--out", str(out), "--hidden", "24", "--window", "5", "--epochs", "2",
+               "--batch-size", "64", "--lr", "0.05", "--min-count", "2", "--hash-length", "4", "--no-progress"])
+    assert rc == 0 and (out / "model.pt").is_file()
+    assert "trained:" in capsys.readouterr().out
+    assert main(["neighbors", str(out), "Apple", "-n", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(len(line.split("\t")) == 2 for line in lines)
+    assert main(["neighbors", str(out), "zebra"]) == 2
+    assert "not in the vocabulary" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "none.txt"), "--out", str(tmp_path / "other")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Word-similarity evaluation.
+
+
+def test_spearman_against_the_textbook_formula():
+    from kexue.flyvec.evaluate import ranks, spearman
+
+    assert ranks(torch.tensor([10.0, 30.0, 20.0, 30.0])).tolist() == [1.0, 3.5, 2.0, 3.5]
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]
+    d2 = sum((x - y) ** 2 for x, y in zip(a, b))  # no ties: 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert abs(spearman(a, b) - (1 - 6 * d2 / (5 * 24))) < 1e-12
+    assert abs(spearman(a, [-x for x in a]) + 1) < 1e-12
+
+
+def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
+    from kexue.flyvec.evaluate import evaluate, read_pairs
+
+    out, model = trained
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("# header\napple\tbanana\t9.0\napple\tbus\t1.0\ncar\ttrain\t8.5\nred\tcar\t0.5\n"
+                     "apple\tzebra\t5.0\nblue\tgreen\t8.0\nblue\tpear\t1.5\n")
+    assert len(read_pairs(pairs)) == 7
+    score = evaluate(model, pairs)
+    assert score.pairs == 6 and score.skipped == 1
+    assert score.spearman > 0.5  # same-topic pairs are the similar ones, and the model learned topics
+    assert evaluate(model, pairs, "dense").pairs == 6
+    assert main(["evaluate", str(out), str(pairs)]) == 0
+    assert "pairs 6\tskipped 1" in capsys.readouterr().out
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("apple banana\n")
+    with pytest.raises(ValueError, match="bad.tsv:1: expected"):
+        read_pairs(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel training: 2 processes, gloo on CPU.
+
+
+def _ddp_worker(rank: int, init_file: str, out: str, results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = flyvec.train(topic_corpus(), out, SMALL, progress=False)
+        torch.save(model.synapses.t().contiguous(), os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_training_in_two_processes(tmp_path, trained):
+    import torch.multiprocessing as mp
+
+    _, single = trained
+    out, results = tmp_path / "model", tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out), str(results)), nprocs=2, join=True)
+    w0, w1 = (torch.load(results / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(w0, w1)  # the all-reduce keeps every process on the same synapses
+    model = flyvec.FlyVec.load(out)  # written by process 0
+    assert torch.equal(model.synapses.t(), w0) and storage.load_state(out)["epoch"] == SMALL.epochs
+    assert not torch.equal(model.synapses, single.synapses)  # shards step differently ...
+    topic_of = {w: t for t, words in enumerate(TOPICS) for w in words}
+    same = [topic_of.get(n) == topic_of[w] for words in TOPICS for w in words for n, _ in model.nearest(w, 5)]
+    assert sum(same) / len(same) > 0.8  # ... and learn the same structure

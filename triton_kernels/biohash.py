@@ -1,0 +1,232 @@
+"""BioHash in Triton: sparse gather-sum + winner-take-all + bit packing, and Hamming search.
+
+The contract is python/kexue/reference/biohash.py (and csrc/include/kexue/biohash.h):
+
+* Activations of a CSR row are summed token by token in row order, in float32, as
+  ``acc + w * col`` with the product rounded on its own. On a GPU the product is a
+  ``mul.rn.f32`` (inline PTX, which the compiler may not fuse into an FMA), so the sums round
+  exactly like the reference's and the codes agree bit for bit. The interpreter multiplies in
+  numpy, which never fuses.
+* Winner-take-all without sorting: each activation becomes an unsigned key whose integer order
+  is the ranking order (NaN above everything, -0.0 equal to +0.0); the k-th largest key is found
+  bit by bit from the top (32 counting reductions over the row); units above it win, and units
+  equal to it win in index order (an exclusive prefix count) until k are set: ties go to the
+  lowest index.
+* Packed codes: unit mu is bit ``mu % 8`` of byte ``mu // 8``.
+
+Hamming search reads the packed codes as 32-bit words (the launcher zero-pads each code to a
+multiple of 4 bytes: zero bytes XOR to zero), computes popcount(q XOR d) with the SWAR bit trick
+(no unpacking), and writes one int64 key ``distance * D + index`` per pair; the n smallest keys
+(``torch.topk`` on unique keys, so the order is fully determined) give distances and indices,
+ties broken by the lowest index.
+
+One program per CSR row (hash) or per BLOCK_Q x BLOCK_D tile (Hamming). Block sizes come from
+the shapes (not autotuned); ``AOT_CONFIGS`` lists every configuration the launchers can pick.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN = 4096  # the largest K the hash kernel serves (BLOCK_K up to 4096)
+_HAMMING_BLOCK_Q = 16
+_HAMMING_BLOCK_D = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing.
+
+
+@triton.jit
+def _mul_rn(a, b, EXACT: tl.constexpr):
+    """a * b rounded to float32 and never fused with a following add (see the module docstring)."""
+    if EXACT:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _order_key(a):
+    """uint32 key whose integer order is the ranking order of the float32 ``a``."""
+    bits = a.to(tl.uint32, bitcast=True)
+    sign = tl.full(bits.shape, 0x80000000, tl.uint32)
+    bits = tl.where(bits == sign, 0, bits)  # -0.0 ranks as +0.0
+    key = tl.where((bits & sign) != 0, bits ^ 0xFFFFFFFF, bits | sign)
+    return tl.where(a != a, 0xFFFFFFFF, key)  # NaN above every number
+
+
+@triton.jit
+def _biohash_sparse_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, out_ptr, K, k, out_stride,
+                           PACKED: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + row)
+    end = tl.load(offsets_ptr + row + 1)
+    cols = tl.arange(0, BLOCK_K)
+    in_row = cols < K
+
+    # Gather-sum, token by token in row order (the reference's order).
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    for j in range(start, end):
+        idx = tl.load(ids_ptr + j).to(tl.int64)
+        w = tl.load(weights_ptr + j).to(tl.float32)
+        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0).to(tl.float32)
+        acc = acc + _mul_rn(col, w + tl.zeros_like(col), EXACT)
+
+    # The k-th largest key, bit by bit. Padding lanes get key 0, below every real key (the
+    # smallest real key is -inf's, 0x007FFFFF), so they are never counted.
+    keys = tl.where(in_row, _order_key(acc), 0)
+    threshold = tl.zeros((1,), tl.uint32)
+    for b in tl.static_range(31, -1, -1):
+        candidate = threshold | (1 << b)
+        # counts summed as float32 (exact below 2**24; an integer sum of a boolean vector is
+        # lowered through a stack slot on sm_90)
+        count = tl.sum(tl.where(keys[None, :] >= candidate[:, None], 1.0, 0.0), axis=1)
+        threshold = tl.where(count >= k, candidate, threshold)
+    above = keys > threshold
+    greater = tl.sum(tl.where(above, 1.0, 0.0), axis=0)
+    tied = keys == threshold
+    tied_before = tl.cumsum(tl.where(tied, 1.0, 0.0), axis=0) - tl.where(tied, 1.0, 0.0)
+    win = above | (tied & (tied_before < k - greater))
+
+    out_row = out_ptr + row * out_stride
+    if PACKED:
+        bits = tl.reshape(tl.where(win, 1.0, 0.0), (BLOCK_K // 8, 8))
+        weight = tl.exp2(tl.arange(0, 8).to(tl.float32))
+        byte = tl.sum(bits * weight[None, :], axis=1).to(tl.uint8)  # exact: at most 255
+        nb = (K + 7) // 8
+        slots = tl.arange(0, BLOCK_K // 8)
+        tl.store(out_row + slots, byte, mask=slots < nb)
+    else:
+        tl.store(out_row + cols, win.to(tl.uint8), mask=in_row)
+
+
+def block_k(num_hidden: int) -> int:
+    """Lanes per row: the next power of two, at least 64 (so a packed code is whole bytes)."""
+    return max(64, triton.next_power_of_2(num_hidden))
+
+
+def num_warps_for(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def biohash_sparse(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+                   synapses_t: torch.Tensor, k: int, packed: bool) -> torch.Tensor:
+    """Codes of CSR rows (contract: kexue.ops.biohash). ``synapses_t (N, K)`` contiguous,
+    float16/bfloat16/float32; weights float32 or None."""
+    rows = offsets.shape[0] - 1
+    num_hidden = synapses_t.shape[1]
+    if num_hidden > MAX_HIDDEN:
+        raise ValueError(f"the Triton biohash kernel serves K <= {MAX_HIDDEN}, got K = {num_hidden}")
+    width = (num_hidden + 7) // 8 if packed else num_hidden
+    out = torch.empty((rows, width), dtype=torch.uint8, device=synapses_t.device)
+    if rows == 0:
+        return out
+    if weights is None:  # one kernel for both: a weight of 1 changes no product
+        weights = torch.ones(indices.shape[0], dtype=torch.float32, device=indices.device)
+    block = block_k(num_hidden)
+    _biohash_sparse_kernel[(rows,)](indices.contiguous(), offsets.contiguous(), weights.float().contiguous(),
+                                    synapses_t.contiguous(), out, num_hidden, int(k), out.stride(0),
+                                    PACKED=bool(packed), BLOCK_K=block, EXACT=not _interpreting(),
+                                    num_warps=num_warps_for(block))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hamming search.
+
+
+@triton.jit
+def _popcount32(x):
+    """Bits set in each uint32 lane (SWAR: pairs, nibbles, bytes, then a multiply sums the bytes)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def _hamming_keys_kernel(q_ptr, db_ptr, key_ptr, Q, D, WORDS,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_q = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    q_ok, d_ok = qs < Q, ds < D
+    dist = tl.zeros((BLOCK_Q, BLOCK_D), tl.uint32)
+    for w in range(0, WORDS):
+        qw = tl.load(q_ptr + qs * WORDS + w, mask=q_ok, other=0).to(tl.uint32, bitcast=True)
+        dw = tl.load(db_ptr + ds * WORDS + w, mask=d_ok, other=0).to(tl.uint32, bitcast=True)
+        dist += _popcount32(qw[:, None] ^ dw[None, :])
+    key = dist.to(tl.int64) * D + ds[None, :]
+    tl.store(key_ptr + qs[:, None] * D + ds[None, :], key, mask=q_ok[:, None] & d_ok[None, :])
+
+
+def _as_words(codes: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 codes ``(R, nb)`` as int32 words ``(R, ceil(nb/4))``, zero-padded."""
+    rows, nb = codes.shape
+    words = (nb + 3) // 4
+    if words * 4 != nb:
+        codes = torch.nn.functional.pad(codes, (0, words * 4 - nb))
+    return codes.contiguous().view(torch.int32)
+
+
+def hamming_topk(queries: torch.Tensor, database: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distances, indices)``, ``(Q, n)`` int64, nearest first, ties to the lowest index."""
+    Q, D = queries.shape[0], database.shape[0]
+    if Q == 0 or n == 0:
+        empty = torch.empty((Q, n), dtype=torch.int64, device=queries.device)
+        return empty, empty.clone()
+    qw, dw = _as_words(queries), _as_words(database)
+    keys = torch.empty((Q, D), dtype=torch.int64, device=queries.device)
+    grid = (triton.cdiv(Q, _HAMMING_BLOCK_Q), triton.cdiv(D, _HAMMING_BLOCK_D))
+    _hamming_keys_kernel[grid](qw, dw, keys, Q, D, qw.shape[1], BLOCK_Q=_HAMMING_BLOCK_Q,
+                               BLOCK_D=_HAMMING_BLOCK_D, num_warps=4)
+    best = torch.topk(keys, n, dim=1, largest=False, sorted=True).values  # keys are unique per row
+    return best // D, best % D
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for ahead-of-time compilation (tests/gpu_compile.py).
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    blocks = [64 << i for i in range(7)]  # 64 .. 4096 = block_k(MAX_HIDDEN)
+    assert blocks[-1] == block_k(MAX_HIDDEN)
+    for dtype, ptr in _PTR.items():
+        for packed in (True, False):
+            for block in blocks:
+                configs.append(dict(
+                    name=f"biohash_sparse {str(dtype).removeprefix('torch.')} "
+                         f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block)}",
+                    kernel=_biohash_sparse_kernel,
+                    signature=dict(ids_ptr="*i64", offsets_ptr="*i64", weights_ptr="*fp32", wt_ptr=ptr,
+                                   out_ptr="*u8", K="i32", k="i32", out_stride="i32", PACKED="constexpr",
+                                   BLOCK_K="constexpr", EXACT="constexpr"),
+                    constexprs=dict(PACKED=packed, BLOCK_K=block, EXACT=True),
+                    num_warps=num_warps_for(block),
+                ))
+    configs.append(dict(
+        name=f"hamming_keys {_HAMMING_BLOCK_Q}x{_HAMMING_BLOCK_D}",
+        kernel=_hamming_keys_kernel,
+        signature=dict(q_ptr="*i32", db_ptr="*i32", key_ptr="*i64", Q="i32", D="i32", WORDS="i32",
+                       BLOCK_Q="constexpr", BLOCK_D="constexpr"),
+        constexprs=dict(BLOCK_Q=_HAMMING_BLOCK_Q, BLOCK_D=_HAMMING_BLOCK_D),
+        num_warps=4,
+    ))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
