@@ -37,16 +37,18 @@ def report() -> str:
     lines.append("backends:")
     for name, info in kexue.backends().items():
         lines.append(f"  {name:7s} {'available' if info['available'] else 'unavailable: ' + str(info['reason'])}")
-    lines.append("op backends (float32 tensors):")
+    lines.append("op backends (for float32 tensors, or the op's own dtype when it takes no float32):")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for op in sorted(_backend._REGISTRY):
+    for op, impls in sorted(_backend._REGISTRY.items()):
+        dtypes = [d for impl in impls.values() for d in impl.dtypes]
+        dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]  # e.g. uint8 codes for Hamming search
         for device in devices:
-            probe = torch.empty(0, device=device)
+            probe = torch.empty(0, device=device, dtype=dtype)
             try:
                 chosen, _ = _backend.select(op, probe)
             except _backend.BackendUnavailableError as exc:
                 chosen = f"none ({exc})"
-            lines.append(f"  {op:20s} {device:5s} -> {chosen}")
+            lines.append(f"  {op:22s} {device:5s} -> {chosen}")
     return "\n".join(lines)
 
 
