@@ -284,14 +284,11 @@ def test_lion_embedding_and_child_tuning_d_match_oracle(backend):
 # Agreement with the public implementations, for the options they share.
 
 
-def test_lion_equals_lion_pytorch():
-    lion_pytorch = pytest.importorskip("lion_pytorch")
-    ours = make_params([(6, 50), (300,)], torch.float32, seed=8)
-    theirs = [p.detach().clone().requires_grad_() for p in ours]
-    a = Lion(ours, lr=1e-2, betas=(0.95, 0.98), weight_decay=0.5)
-    b = lion_pytorch.Lion(theirs, lr=1e-2, betas=(0.95, 0.98), weight_decay=0.5)
+def _in_lockstep(ours, theirs, a, b, seed, beta):
+    """Step both optimizers on the same grads; after each step compare, then re-sync ``theirs`` to
+    ``ours`` so that every step is compared from the same state. ``beta``: the momentum's decay."""
     for t in range(5):
-        grads = random_grads(ours, 700 + t)
+        grads = random_grads(ours, seed + t)
         for p, q, g in zip(ours, theirs, grads, strict=True):
             p.grad, q.grad = g, g.clone()
         m_prev = [b.state[q]["exp_avg"].double().clone() if q in b.state else torch.zeros_like(g, dtype=torch.float64)
@@ -299,13 +296,22 @@ def test_lion_equals_lion_pytorch():
         a.step()
         b.step()
         for p, q, g, m in zip(ours, theirs, grads, m_prev, strict=True):
-            # same float32 formulas (decay first, then the sign step): equal up to rounding order
+            # the same float32 formulas (decay first, then the sign step): equal up to rounding order
             assert_rounded(p, q.detach().double(), q.detach().double().abs() + 1e-2, f"step {t}")
-            scale = 0.98 * m.abs() + 0.02 * g.double().abs()
+            scale = beta * m.abs() + (1 - beta) * g.double().abs()
             assert_rounded(a.state[p]["exp_avg"], b.state[q]["exp_avg"].double(), scale, f"step {t} momentum")
-            with torch.no_grad():  # re-sync, so that each step is compared from the same state
+            with torch.no_grad():
                 q.copy_(p)
                 b.state[q]["exp_avg"].copy_(a.state[p]["exp_avg"])
+
+
+def test_lion_equals_lion_pytorch():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    ours = make_params([(6, 50), (300,)], torch.float32, seed=8)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    a = Lion(ours, lr=1e-2, betas=(0.95, 0.98), weight_decay=0.5)
+    b = lion_pytorch.Lion(theirs, lr=1e-2, betas=(0.95, 0.98), weight_decay=0.5)
+    _in_lockstep(ours, theirs, a, b, 700, beta=0.98)
 
 
 def test_tiger_equals_pytorch_optimizer():
@@ -315,21 +321,7 @@ def test_tiger_equals_pytorch_optimizer():
     # pytorch-optimizer's Tiger: no RMS factor, no tensor kinds, no NaN guard, no accumulation.
     a = Tiger(ours, lr=1e-2, beta=0.965, weight_decay=0.3, kind="matrix", rms_scale=1.0, nan_guard=None)
     b = pytorch_optimizer.Tiger(theirs, lr=1e-2, beta=0.965, weight_decay=0.3, foreach=False)
-    for t in range(5):
-        grads = random_grads(ours, 800 + t)
-        for p, q, g in zip(ours, theirs, grads, strict=True):
-            p.grad, q.grad = g, g.clone()
-        m_prev = [b.state[q]["exp_avg"].double().clone() if q in b.state else torch.zeros_like(g, dtype=torch.float64)
-                  for q, g in zip(theirs, grads, strict=True)]
-        a.step()
-        b.step()
-        for p, q, g, m in zip(ours, theirs, grads, m_prev, strict=True):
-            assert_rounded(p, q.detach().double(), q.detach().double().abs() + 1e-2, f"step {t}")
-            scale = 0.965 * m.abs() + 0.035 * g.double().abs()
-            assert_rounded(a.state[p]["exp_avg"], b.state[q]["exp_avg"].double(), scale, f"step {t} momentum")
-            with torch.no_grad():  # re-sync, so that each step is compared from the same state
-                q.copy_(p)
-                b.state[q]["exp_avg"].copy_(a.state[p]["exp_avg"])
+    _in_lockstep(ours, theirs, a, b, 800, beta=0.965)
 
 
 def test_tiger_accumulation_equals_one_step_on_the_mean_gradient():
