@@ -74,3 +74,14 @@ def triton_backend(triton_device, use_backend):
     """Route kexue ops through the Triton backend for the test; returns the device it serves."""
     use_backend("triton")
     return triton_device
+
+
+@pytest.fixture
+def nan_empty():
+    """``torch.empty`` returns NaN-filled memory (deterministic mode) for the test, so an output
+    element a kernel forgets to write shows up as NaN. Use with
+    ``pytestmark = pytest.mark.usefixtures("nan_empty")``."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)

@@ -28,13 +28,7 @@ TOL = ref.default_tol(torch.float32)  # what kexue.ops passes for 16/32-bit inpu
 Tile = K.Tile
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    """torch.empty returns NaN-filled memory in deterministic mode: unwritten outputs show up."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
 
 
 def random_rows(rows, n, dtype, logits, generator, sharpness=2.0):

@@ -30,6 +30,7 @@
 
 #include "kexue/global_pointer.h"
 #include "kexue/ops.h"
+#include "rows.h"
 #include "simd.h"
 
 namespace kexue {
@@ -49,18 +50,6 @@ KEXUE_CPU_CLONES void build_row(const float* s, float c, const float* e, float* 
 }
 void build_row(const double* s, double c, const double* e, double* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = s[j] + c + e[j];
-}
-
-KEXUE_CPU_CLONES float row_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-double row_max(const double* x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
 }
 
 // sum_j e^{x_j - m}; -inf entries add 0.
@@ -333,7 +322,7 @@ void loss_fwd_block(const Problem<A>& pb, LossFwdAcc<A>& acc, int64_t b, int64_t
           lse_merge(&acc.pos[t], -x[j], A(1));
           x[j] = ninf;
         }
-        const A m = row_max(x, n);
+        const A m = cpu::row_max(x, n);
         if (!(m > ninf)) continue;
         lse_merge(&acc.neg[t], m, row_sumexp(x, n, m));
       }

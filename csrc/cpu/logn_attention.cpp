@@ -24,6 +24,7 @@
 
 #include "kexue/logn_attention.h"
 #include "kexue/ops.h"
+#include "rows.h"
 #include "simd.h"
 
 extern "C" {
@@ -131,38 +132,12 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* 
 // ---------------------------------------------------------------------------------------------
 // Elementwise passes over a row of a tile.
 
-// exp(x) for the softmax's x = s - max (or s - lse): x <= 0 up to rounding, -inf, or NaN. Like
-// cpu::fast_exp (same range reduction and polynomial) but with 2^k built from one exponent field,
-// valid for k in [-126, 127], i.e. x in [-87.3, 88.0]; x below gives 0, above +inf.
-inline float softmax_exp(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float lo_limit = -87.33654f;
-  const float hi_limit = 88.0f;
-  const float xc = x < lo_limit ? lo_limit : (x > hi_limit ? hi_limit : x);
-  const float k = __builtin_floorf(xc * kLog2e + 0.5f);
-  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float y = er * scale;
-  y = x < lo_limit ? 0.0f : y;
-  y = x > hi_limit ? __builtin_inff() : y;
-  return x != x ? x : y;
-}
-
 // s = exp(s - shift) in place; returns the sum of the row.
 KEXUE_CPU_CLONES float exp_shift_sum(float* s, int64_t n, float shift) {
   float t = 0.f;
 #pragma omp simd reduction(+ : t)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = softmax_exp(s[j] - shift);
+    const float e = cpu::softmax_exp(s[j] - shift);
     s[j] = e;
     t += e;
   }
@@ -172,19 +147,6 @@ double exp_shift_sum(double* s, int64_t n, double shift) {
   double t = 0;
   for (int64_t j = 0; j < n; ++j) t += (s[j] = std::exp(s[j] - shift));
   return t;
-}
-
-// max of a row; NaN entries are passed over here and propagate through exp afterwards.
-KEXUE_CPU_CLONES float row_max(const float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-double row_max(const double* s, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
 }
 
 // dS = P (dP - delta) in place of P, for one row.
@@ -316,7 +278,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (crosses || pad_b != nullptr) mask_tile(s.data(), kBlockK, nq, nk, i0, j0, d.off, crosses, pad_b);
         for (int64_t r = 0; r < nq; ++r) {
           A* sr = s.data() + r * kBlockK;
-          const A m_new = std::max(m[r], row_max(sr, nk));
+          const A m_new = std::max(m[r], cpu::row_max(sr, nk));
           const A shift = m_new == ninf ? A(0) : m_new;  // a row with nothing visible yet stays 0
           const A row_total = exp_shift_sum(sr, nk, shift);
           const A alpha = m[r] == ninf ? A(0) : static_cast<A>(std::exp(m[r] - shift));

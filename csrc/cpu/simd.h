@@ -19,19 +19,14 @@
 namespace kexue {
 namespace cpu {
 
-// exp(x) for float, written so that a loop calling it vectorizes (no calls, no branches).
-// Range reduction x = k ln2 + r with |r| <= ln2/2 and a degree-6 polynomial for exp(r) (the
-// classic Cephes expf coefficients), then 2^k built from the exponent bits. Within 2 ulp of
-// std::exp for x in [-87.3, 88.7]; below that the result is flushed to +0 (the true value is a
-// denormal, below 1.2e-38), above it it is +inf; exp(-inf) = 0 and exp(NaN) = NaN.
-inline float fast_exp(float x) {
+// exp(x) = 2^k * exp(r), x = k ln2 + r with |r| <= ln2/2: the range reduction and the degree-6
+// polynomial for exp(r) (the classic Cephes expf coefficients) shared by the two exps below.
+// Returns exp(r) and sets k; xc must already be clamped to the caller's range.
+inline float exp_reduced(float xc, float& k) {
   const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693359375f;        // ln 2 split in two for an exact k*ln2 subtraction
+  const float kLn2Hi = 0.693359375f;  // ln 2 split in two for an exact k*ln2 subtraction
   const float kLn2Lo = -2.12194440e-4f;
-  const float lo_limit = -87.33654f;
-  const float hi_limit = 88.72283f;
-  const float xc = x < lo_limit ? lo_limit : (x > hi_limit ? hi_limit : x);
-  const float k = __builtin_floorf(xc * kLog2e + 0.5f);
+  k = __builtin_floorf(xc * kLog2e + 0.5f);
   const float r = (xc - k * kLn2Hi) - k * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -39,22 +34,46 @@ inline float fast_exp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  // 2^k as the product of two powers 2^k1 * 2^k2 with k1, k2 in [-63, 64], each built from its
-  // exponent bits: k itself spans [-126, 128], which one normal float cannot hold at both ends.
-  const int32_t ki = static_cast<int32_t>(k);
-  const int32_t k1 = ki >> 1;
-  const int32_t bits1 = (k1 + 127) << 23;
-  const int32_t bits2 = (ki - k1 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &bits1, sizeof(s1));
-  std::memcpy(&s2, &bits2, sizeof(s2));
-  float y = er * s1 * s2;
-  y = x < lo_limit ? 0.0f : y;
-  y = x > hi_limit ? __builtin_inff() : y;
+  return p * r * r + r + 1.0f;
+}
+
+// 2^k for an integral float k in [-126, 127], from the exponent bits.
+inline float pow2_bits(int32_t k) {
+  const int32_t bits = (k + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return s;
+}
+
+// Outside [lo, hi]: 0 below, +inf above; NaN stays NaN.
+inline float exp_edges(float x, float y, float lo, float hi) {
+  y = x < lo ? 0.0f : y;
+  y = x > hi ? __builtin_inff() : y;
   return x != x ? x : y;
 }
 
+// exp(x) for float, written so that a loop calling it vectorizes (no calls, no branches).
+// Within 2 ulp of std::exp for x in [-87.3, 88.7]; below that the result is flushed to +0 (the
+// true value is a denormal, below 1.2e-38), above it it is +inf; exp(-inf) = 0 and exp(NaN) = NaN.
+inline float fast_exp(float x) {
+  const float lo = -87.33654f, hi = 88.72283f;
+  float k;
+  const float er = exp_reduced(x < lo ? lo : (x > hi ? hi : x), k);
+  // 2^k as the product of two powers 2^k1 * 2^k2 with k1, k2 in [-63, 64]: k itself spans
+  // [-126, 128], which one normal float cannot hold at both ends.
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t k1 = ki >> 1;
+  return exp_edges(x, er * pow2_bits(k1) * pow2_bits(ki - k1), lo, hi);
+}
+
+// exp(x) for a softmax's x = s - max (or s - lse), x <= 0 up to rounding: as fast_exp with 2^k
+// built from one exponent field (one multiply less), valid for x in [-87.3, 88.0].
+inline float softmax_exp(float x) {
+  const float lo = -87.33654f, hi = 88.0f;
+  float k;
+  const float er = exp_reduced(x < lo ? lo : (x > hi ? hi : x), k);
+  return exp_edges(x, er * pow2_bits(static_cast<int32_t>(k)), lo, hi);
+}
 
 // log(x) for float, vectorizable like fast_exp. x = 2^e * m with m in [sqrt(1/2), sqrt(2)), then
 // log(m) from the Cephes logf polynomial in (m - 1). log(0) = -inf, log(x < 0) = NaN,
