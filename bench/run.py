@@ -2,7 +2,9 @@
 
 Finds every family module in bench/ (see :mod:`bench`), measures the memory floor, times each
 case's peers against each other, prints a table per family, and writes the rows to
-``DIR/bench-<time>.json`` and a plot to ``DIR/bench.png``.
+``DIR/bench-<time>.json``, plots to ``DIR/bench.png`` (all families) and ``DIR/bench-<family>.png``.
+A full run (not ``--quick``) then rewrites the README's results table from that JSON and copies the
+per-family plots to docs/bench/; ``--from-json PATH`` does only that, from a saved record.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bench._timing import FULL, QUICK, Clock, Plan, Timing, time_peers
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS_PLOTS = README.parent / "docs" / "bench"
 _NOT_FAMILIES = {"run"}
 BUSY_LOAD_PER_CPU = 0.5  # load average per CPU above which the header warns about other jobs
 
@@ -95,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch.set_num_threads(N) for the run (default: torch's own choice)")
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="run nothing: redraw the plots and rewrite the README's table from a saved record")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not rewrite the README's results table (a run without --quick does)")
     args = parser.parse_args(argv)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _publish_only(args) if args.from_json else _run(args)
     finally:  # main() is also called in-process (tests/test_bench.py)
         torch.set_num_threads(threads_before)
 
@@ -152,12 +157,33 @@ def _run(args: argparse.Namespace) -> int:
     record = {"env": env, "quick": args.quick, "plan": dataclasses.asdict(plan), "floor": floor, "headlines": headlines,
               "rows": rows, "elapsed_s": time.perf_counter() - started}
     json_path.write_text(json.dumps(record, indent=1, default=str))
-    png_path = plot(rows, floor, env, args.out / "bench.png")
-    print(f"\nwrote {json_path} and {png_path} ({fmt_time(time.perf_counter() - started)} in all)")
-    if not args.quick and not args.no_readme and update_readme(README, headlines, rows, env):
-        print(f"updated the results table in {README}")
+    print(f"\nwrote {json_path} ({fmt_time(time.perf_counter() - started)} in all)")
+    publish(json_path, args.out, readme=not args.quick and not args.no_readme)
     return 0
 
+
+def publish(json_path: Path, out: Path, readme: bool) -> None:
+    """Plots (all families, and one per family) and, if ``readme``, the README's table, from a JSON record.
+
+    With ``readme`` the per-family plots are also copied to docs/bench/, where the README links them.
+    """
+    record = json.loads(json_path.read_text())
+    rows, env, floor, headlines = record["rows"], record["env"], record["floor"], record["headlines"]
+    written = [plot(rows, floor, env, out / "bench.png")]
+    for name in headlines:
+        family_rows = [r for r in rows if r["family"] == name]
+        if family_rows:
+            written.append(plot(family_rows, floor, env, out / f"bench-{name}.png"))
+            if readme:
+                written.append(plot(family_rows, floor, env, DOCS_PLOTS / f"{name}.png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    if readme and update_readme(README, headlines, rows, env):
+        print(f"updated the results table in {README} from {json_path}")
+
+
+def _publish_only(args: argparse.Namespace) -> int:
+    publish(args.from_json, args.out, readme=not args.no_readme)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,8 +68,9 @@ def test_headlines_are_evaluated(quick_run):
 
 def test_plot_written(quick_run):
     _, out = quick_run
-    png = out / "bench.png"
-    assert png.exists() and png.stat().st_size > 0
+    for name in ("bench.png", "bench-entropy_norm.png"):  # all families, then one per family
+        png = out / name
+        assert png.exists() and png.stat().st_size > 0, name
 
 
 def test_readme_table_is_rewritten_between_markers(tmp_path):
@@ -89,3 +90,19 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
     assert "| other | c | r | 1x | <= 1x | yes |" in text  # a family not run this time keeps its line
     readme.write_text("no markers")
     assert not _readme.update(readme, {}, rows, env)
+
+
+def test_from_json_redraws_plots_and_rewrites_the_readme(quick_run, tmp_path, monkeypatch):
+    from bench import _readme
+
+    _, out = quick_run
+    (json_path,) = out.glob("bench-*.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{_readme.START}\n{_readme.END}\n")
+    monkeypatch.setattr(run, "README", readme)
+    monkeypatch.setattr(run, "DOCS_PLOTS", tmp_path / "docs")
+    assert run.main(["--from-json", str(json_path), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "bench-entropy_norm.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "entropy_norm.png").stat().st_size > 0
+    table = readme.read_text()
+    assert "| entropy_norm | " in table and "torch " in table  # the rows, and the machine line above them
