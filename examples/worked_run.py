@@ -63,8 +63,8 @@ def make_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optim
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     # Tiger's lr is relative: each matrix moves by lr * RMS(matrix) per step, embedding rows by
     # lr * RMS(row), norm gains by 0.5 * lr (tiger_param_groups sorts the tensors into those kinds).
-    return kexue.optim.Tiger(kexue.optim.tiger_param_groups(model), lr=args.tiger_lr, beta=0.965,
-                             weight_decay=args.weight_decay)
+    return kexue.optim.Tiger(kexue.optim.tiger_param_groups(model), lr=args.tiger_lr, beta=args.tiger_beta,
+                             weight_decay=args.weight_decay, elementwise_lr=args.tiger_elementwise_lr)
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -153,9 +153,12 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak lr")
     parser.add_argument("--tiger-lr", type=float, default=2e-2, help="Tiger's peak relative lr")
+    parser.add_argument("--tiger-beta", type=float, default=0.965)
+    parser.add_argument("--tiger-elementwise-lr", type=float, default=0.5,
+                        help="Tiger's lr multiplier for norm gains (absolute lr = this * tiger-lr)")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent.parent / "docs" / "worked_run")
     return parser.parse_args(argv)
 
 
