@@ -105,7 +105,7 @@ def test_readme_conversion_hyperparameters():
     adamw, lion, r = ns["adamw"], ns["lion"], ns["r"]
     assert 3 <= r <= 10
     assert len(adamw.param_groups) == len(lion.param_groups) == 2
-    for ga, gl in zip(adamw.param_groups, lion.param_groups):
+    for ga, gl in zip(adamw.param_groups, lion.param_groups, strict=True):
         lion_lr = gl["initial_lr"]  # the block's LambdaLR already scaled "lr" by the warm-up
         assert math.isclose(lion_lr * r, ga["lr"], rel_tol=1e-12)
         assert math.isclose(lion_lr * gl["weight_decay"], ga["lr"] * ga["weight_decay"], rel_tol=1e-12)
@@ -134,10 +134,10 @@ def test_readme_conversion_keeps_the_effective_decay(one_thread):
                 p.grad = torch.zeros_like(p)
             opt.step()
             sched.step()
-        for pa, pl in zip(model_a.parameters(), model_l.parameters()):
+        for pa, pl in zip(model_a.parameters(), model_l.parameters(), strict=True):
             torch.testing.assert_close(pl, pa, rtol=1e-6, atol=0)
     assert shrink < 1 - 1e-5  # the decay did act
-    for p, p0 in zip(model_a.parameters(), start):
+    for p, p0 in zip(model_a.parameters(), start, strict=True):
         expected = p0 * shrink if p.dim() >= 2 else p0  # the second group has weight_decay 0
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
 
@@ -147,7 +147,7 @@ def test_readme_conversion_keeps_the_effective_decay(one_thread):
 def test_param_groups_carry_over():
     model = seeded_bag()
     ns = swap(model)
-    for ga, gl in zip(ns["adamw"].param_groups, ns["lion"].param_groups):
+    for ga, gl in zip(ns["adamw"].param_groups, ns["lion"].param_groups, strict=True):
         assert [id(p) for p in ga["params"]] == [id(p) for p in gl["params"]]
     assert sum(len(g["params"]) for g in ns["lion"].param_groups) == len(list(model.parameters()))
 
@@ -223,7 +223,7 @@ def test_tiger_step_is_lr_times_rms_after_bert_init():
     layer.weight.grad = torch.randn(256, 256, generator=g)
     layer.bias.grad = torch.randn(256, generator=g)
     tiger.step()
-    dw, db = (p.detach() - b for p, b in zip((layer.weight, layer.bias), before))
+    dw, db = (p.detach() - b for p, b in zip((layer.weight, layer.bias), before, strict=True))
     torch.testing.assert_close(dw.abs(), torch.full_like(dw, 1e-3 * rms), rtol=1e-3, atol=0)
     torch.testing.assert_close(db.abs(), torch.full_like(db, 0.5e-3), rtol=1e-3, atol=0)
 
@@ -238,11 +238,11 @@ def test_tiger_without_rms_scale_is_lion_with_equal_betas():
                   nan_guard=None)
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
-        for p_l, p_t in zip(model_l.parameters(), model_t.parameters()):
+        for p_l, p_t in zip(model_l.parameters(), model_t.parameters(), strict=True):
             p_l.grad = torch.randn(p_l.shape, generator=g)
             p_t.grad = p_l.grad.clone()
         lion.step()
         tiger.step()
-    for p_l, p_t in zip(model_l.parameters(), model_t.parameters()):
+    for p_l, p_t in zip(model_l.parameters(), model_t.parameters(), strict=True):
         torch.testing.assert_close(p_t, p_l, rtol=1e-6, atol=1e-9)
     assert not torch.equal(model_l.emb.weight, seeded_bag().emb.weight)
