@@ -143,6 +143,13 @@ def test_trunc_normal_tf_bad_arguments(kwargs, error, match):
         trunc_normal_tf_(torch.empty(3), **kwargs)
 
 
+def test_generator_on_another_device():
+    with pytest.raises(ValueError, match="generator is on device cpu"):
+        trunc_normal_tf_(torch.empty(4, device="meta"), generator=gen())
+    with pytest.raises(ValueError, match="generator is on device cpu"):
+        bert_(nn.Linear(4, 4, device="meta"), generator=gen())
+
+
 def test_trunc_normal_tf_bad_tensor():
     with pytest.raises(TypeError, match="tensor"):
         trunc_normal_tf_([0.0, 1.0])
@@ -223,7 +230,7 @@ def test_bert_init_every_kind_of_module(truncated):
 def test_bert_exact_std_truncated():
     model = poisoned_toy()
     bert_(model, truncated=True, exact_std=True, generator=gen(8))
-    w = torch.cat([b.up_proj.weight.flatten() for b in model.blocks])
+    w = torch.cat([b.up_proj.weight.detach().flatten() for b in model.blocks])
     assert_normal_stats(w, 0.0, 0.02, "truncated exact_std")
     assert float(w.abs().max()) <= 2 * 0.02 / TF_TRUNCATED_STD_RATIO * (1 + 1e-6)
 
@@ -369,12 +376,20 @@ def test_transformers_bert_and_llama():
                                (transformers.LlamaForCausalLM, llama_cfg, ("o_proj", "down_proj"))):
         torch.manual_seed(0)
         plain, scaled = cls(cfg).eval(), cls(cfg).eval()
+        # the default of bert_ is the law of Hugging Face's own init: plain N(0, 0.02), not truncated
+        hf = torch.cat([m.weight.detach().flatten() for m in plain.modules() if isinstance(m, nn.Linear)])
+        assert_normal_stats(hf, 0.0, 0.02, f"{cls.__name__} own init")
+        assert float(hf.abs().max()) > 0.04
         for model in (plain, scaled):
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(7.0)
         bert_(plain, generator=gen(20))
         bert_(scaled, n_layers=cfg.num_hidden_layers, generator=gen(20))
+        ours = torch.cat([m.weight.detach().flatten() for n, m in plain.named_modules()
+                          if isinstance(m, nn.Linear) and not any(n.endswith(r) for r in residual)])
+        assert_normal_stats(ours, 0.0, 0.02, f"{cls.__name__} bert_")
+        assert float(ours.abs().max()) > 0.04
         emb = plain.get_input_embeddings()
         assert torch.equal(emb.weight[0], torch.zeros(64)), cls.__name__   # pad_token_id row
         assert_normal_stats(emb.weight[1:], 0.0, 0.02, f"{cls.__name__} embeddings")

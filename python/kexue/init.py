@@ -109,6 +109,9 @@ def _draw(tensor: torch.Tensor, std: float, mean: float, truncated: bool, genera
     Draws in float32 (float64 for float64 tensors) on the tensor's device, then casts: the 16-bit
     dtypes get correctly rounded samples of the float32 law.
     """
+    if generator is not None and generator.device.type != tensor.device.type:
+        raise ValueError(f"generator is on device {generator.device}, but the tensor to fill is on {tensor.device}; "
+                         f"pass a torch.Generator(device={str(tensor.device)!r})")
     if tensor.numel() == 0:
         return
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
