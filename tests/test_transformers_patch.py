@@ -308,3 +308,13 @@ def test_naming_the_implementation_without_patch_explains_what_to_do():
     ids, _ = inputs("llama", batch=1, length=4)
     with pytest.raises(ValueError, match=r"kexue.patch\(model, train_len"):
         model(input_ids=ids)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model():
+    model = build("llama").eval()
+    kexue.patch(model, train_len=TRAIN_LEN)
+    ids, keep = inputs("llama")
+    expected = run(model, ids, keep)
+    compiled = run(torch.compile(model), ids, keep)
+    torch.testing.assert_close(_valid_rows(compiled, keep), _valid_rows(expected, keep), rtol=1e-5, atol=1e-5)
