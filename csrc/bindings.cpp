@@ -49,6 +49,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("grad_gamma"), arg("x"), arg("gamma"), arg("stats"), arg("logits"));
   m.def("sign_optim_step_cuda", &kexue::sign_optim_step_cuda, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
         arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
+  m.def("biohash_activations_cuda", &kexue::biohash_activations_cuda, nogil, arg("indices"), arg("offsets"),
+        arg("weights"), arg("synapses_t"));
+  m.def("biohash_sparse_cuda", &kexue::biohash_sparse_cuda, nogil, arg("indices"), arg("offsets"), arg("weights"),
+        arg("synapses_t"), arg("k"), arg("packed"));
+  m.def("biohash_topk_cuda", &kexue::biohash_topk_cuda, nogil, arg("activations"), arg("k"), arg("packed"));
+  m.def("hamming_topk_cuda", &kexue::hamming_topk_cuda, nogil, arg("queries"), arg("database"), arg("n"));
 #else
   m.attr("WITH_CUDA") = false;
 #endif

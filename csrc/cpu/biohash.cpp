@@ -27,12 +27,14 @@
 #include <vector>
 
 #include "kexue/biohash.h"
+#include "kexue/biohash_checks.h"
 #include "kexue/ops.h"
 #include "simd.h"
 
 namespace kexue {
 namespace {
 
+using biohash::check_csr;
 using biohash::KeyOf;
 using biohash::order_key;
 
@@ -204,25 +206,7 @@ int64_t unit_of_rank(const Key* keys, int64_t K, int64_t rank) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks (the Python layer validates user input; these guard the native boundary).
-
-void check_csr(const at::Tensor& indices, const at::Tensor& offsets, const std::optional<at::Tensor>& weights,
-               const at::Tensor& wt) {
-  TORCH_CHECK(indices.device().is_cpu() && offsets.device().is_cpu() && wt.device().is_cpu(),
-              "biohash CPU kernels take CPU tensors");
-  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong && indices.is_contiguous(),
-              "indices must be a contiguous int64 (nnz,) tensor");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong &&
-                  offsets.is_contiguous(),
-              "offsets must be a contiguous int64 (B+1,) tensor");
-  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "synapses_t must be a contiguous (N, K) tensor");
-  if (weights.has_value()) {
-    const auto acc = wt.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == indices.size(0) && weights->scalar_type() == acc &&
-                    weights->is_contiguous(),
-                "weights must be a contiguous (nnz,) tensor of the compute dtype");
-  }
-}
+// Parallel rows.
 
 // Rows per task: a task should hold a few hundred thousand multiply-adds.
 int64_t row_grain(int64_t K, int64_t nnz, int64_t rows) {
@@ -276,7 +260,7 @@ void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A*
 
 at::Tensor biohash_activations_cpu(const at::Tensor& indices, const at::Tensor& offsets,
                                    const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t) {
-  check_csr(indices, offsets, weights, synapses_t);
+  check_csr(indices, offsets, weights, synapses_t, at::kCPU);
   const int64_t rows = offsets.size(0) - 1, K = synapses_t.size(1);
   const auto acc_dtype = synapses_t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({rows, K}, synapses_t.options().dtype(acc_dtype));
@@ -294,7 +278,7 @@ at::Tensor biohash_activations_cpu(const at::Tensor& indices, const at::Tensor& 
 at::Tensor biohash_sparse_cpu(const at::Tensor& indices, const at::Tensor& offsets,
                               const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t, int64_t k,
                               bool packed) {
-  check_csr(indices, offsets, weights, synapses_t);
+  check_csr(indices, offsets, weights, synapses_t, at::kCPU);
   const int64_t rows = offsets.size(0) - 1, K = synapses_t.size(1);
   TORCH_CHECK(k >= 1 && k <= K, "k must lie in [1, K]");
   const int64_t width = packed ? biohash::code_bytes(K) : K;
@@ -513,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor> biohash_update_cpu(const at::Tensor& indices,
                                                       const std::optional<at::Tensor>& weights,
                                                       at::Tensor synapses_t, double lr, double delta, int64_t rank,
                                                       double prec, double tiny) {
-  check_csr(indices, offsets, weights, synapses_t);
+  check_csr(indices, offsets, weights, synapses_t, at::kCPU);
   TORCH_CHECK(synapses_t.scalar_type() == at::kFloat || synapses_t.scalar_type() == at::kDouble,
               "biohash_update_cpu takes float32 or float64 synapses");
   TORCH_CHECK(rank >= 1 && rank <= synapses_t.size(1), "rank must lie in [1, K]");
@@ -553,13 +537,8 @@ KEXUE_CPU_CLONES void hamming_row(const uint8_t* q, const uint8_t* db, int64_t D
 
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& database,
                                                     int64_t n) {
-  TORCH_CHECK(queries.device().is_cpu() && database.device().is_cpu(), "hamming_topk_cpu takes CPU tensors");
-  TORCH_CHECK(queries.dim() == 2 && database.dim() == 2 && queries.scalar_type() == at::kByte &&
-                  database.scalar_type() == at::kByte && queries.is_contiguous() && database.is_contiguous() &&
-                  queries.size(1) == database.size(1),
-              "queries and database must be contiguous uint8 (Q, nb) and (D, nb) tensors");
+  biohash::check_codes(queries, database, n, at::kCPU);
   const int64_t Q = queries.size(0), D = database.size(0), nb = queries.size(1);
-  TORCH_CHECK(n >= 0 && n <= D, "n must lie in [0, D]");
   auto dist_out = at::empty({Q, n}, queries.options().dtype(at::kLong));
   auto idx_out = at::empty({Q, n}, queries.options().dtype(at::kLong));
   const uint8_t* qp = queries.data_ptr<uint8_t>();

@@ -103,6 +103,15 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cuda(const at::Ten
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                           const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints);
+// BioHash on CUDA tensors (csrc/cuda/biohash.cu): the contracts of the _cpu functions above.
+at::Tensor biohash_activations_cuda(const at::Tensor& indices, const at::Tensor& offsets,
+                                    const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t);
+at::Tensor biohash_sparse_cuda(const at::Tensor& indices, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t, int64_t k,
+                               bool packed);
+at::Tensor biohash_topk_cuda(const at::Tensor& activations, int64_t k, bool packed);
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& database,
+                                                     int64_t n);
 #endif
 
 }  // namespace kexue
