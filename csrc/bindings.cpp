@@ -49,6 +49,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("grad_gamma"), arg("x"), arg("gamma"), arg("stats"), arg("logits"));
   m.def("sign_optim_step_cuda", &kexue::sign_optim_step_cuda, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
         arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
+  m.def("global_pointer_loss_forward_cuda", &kexue::global_pointer_loss_forward_cuda, nogil, arg("q"), arg("k"),
+        arg("start_bias"), arg("end_bias"), arg("mask"), arg("row_ptr"), arg("cols"), arg("dense"), arg("rope"),
+        arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_loss_backward_cuda", &kexue::global_pointer_loss_backward_cuda, nogil, arg("grad"), arg("q"),
+        arg("k"), arg("start_bias"), arg("end_bias"), arg("mask"), arg("row_ptr"), arg("cols"), arg("dense"), arg("lse"),
+        arg("rope"), arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_scores_forward_cuda", &kexue::global_pointer_scores_forward_cuda, nogil, arg("q"), arg("k"),
+        arg("start_bias"), arg("end_bias"), arg("mask"), arg("rope"), arg("rope_base"), arg("tril_mask"));
+  m.def("global_pointer_scores_backward_cuda", &kexue::global_pointer_scores_backward_cuda, nogil, arg("grad"),
+        arg("q"), arg("k"), arg("start_bias"), arg("end_bias"), arg("mask"), arg("rope"), arg("rope_base"),
+        arg("tril_mask"));
 #else
   m.attr("WITH_CUDA") = false;
 #endif

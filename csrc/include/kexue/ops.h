@@ -103,6 +103,23 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cuda(const at::Ten
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                           const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints);
+// GlobalPointer on CUDA tensors (csrc/cuda/global_pointer.cu): the contracts of the *_cpu functions.
+std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& start_bias,
+                                                                    const at::Tensor& end_bias, const at::Tensor& mask,
+                                                                    const at::Tensor& row_ptr, const at::Tensor& cols,
+                                                                    const at::Tensor& dense, int64_t rope,
+                                                                    double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, const at::Tensor& row_ptr, const at::Tensor& cols,
+    const at::Tensor& dense, const at::Tensor& lse, int64_t rope, double rope_base, bool tril_mask);
+at::Tensor global_pointer_scores_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+                                              const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope,
+                                              double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope, double rope_base, bool tril_mask);
 #endif
 
 }  // namespace kexue
