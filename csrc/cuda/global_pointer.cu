@@ -605,7 +605,8 @@ at::Tensor global_pointer_scores_forward_cuda(const at::Tensor& q, const at::Ten
     const int64_t tiles = (L + kTile - 1) / kTile;
     TORCH_CHECK(tiles * tiles <= std::numeric_limits<int32_t>::max(), "L is too large for the scores grid");
     const dim3 grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(B * H));
-    scores_fwd_kernel<scalar_t, A><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(g, out.data_ptr<scalar_t>());
+    auto stream = at::cuda::getCurrentCUDAStream();
+    scores_fwd_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(g, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -625,7 +626,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
   }
   check_head(d);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "global_pointer_scores_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "global_pointer_scores_backward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, rope, rope_base);
     const Geometry<A> g = p.geometry(q, mask, tril_mask);

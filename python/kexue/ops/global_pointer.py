@@ -180,10 +180,11 @@ def _register_backends() -> None:
                           (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
                           _ALL_FLOATS)
     if _cuda_native() is not None and hasattr(_cuda_native(), "global_pointer_loss_forward_cuda"):
-        _backend.register(OP_LOSS, "cuda", (_cuda("global_pointer_loss_forward"), _cuda("global_pointer_loss_backward")),
-                          _ALL_FLOATS)
+        _backend.register(OP_LOSS, "cuda",
+                          (_cuda("global_pointer_loss_forward"), _cuda("global_pointer_loss_backward")), _ALL_FLOATS)
         _backend.register(OP_SCORES, "cuda",
-                          (_cuda("global_pointer_scores_forward"), _cuda("global_pointer_scores_backward")), _ALL_FLOATS)
+                          (_cuda("global_pointer_scores_forward"), _cuda("global_pointer_scores_backward")),
+                          _ALL_FLOATS)
     _backend.register(OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS)
     _backend.register(OP_SCORES, "triton", (_triton_scores_forward, _triton_scores_backward), _FLOATS)
 
