@@ -495,3 +495,33 @@ def test_opcheck(backend):
             torch.library.opcheck(torch.ops.kexue.global_pointer_loss, (*leaves, m, lab, code, base, True))
         torch.library.opcheck(torch.ops.kexue.global_pointer_scores, (*leaves, m, code, base, True))
         torch.library.opcheck(torch.ops.kexue.global_pointer_scores, (*leaves, m, 0, base, False))
+
+
+def test_cuda_backend_routing(monkeypatch):
+    """The ``cuda`` backend calls the CUDA C++ entry points for heads they serve and the reference
+    beyond; a head too wide for the Triton tiles goes to CUDA C++ only for CUDA tensors. (A stand-in
+    native module records the calls: the CUDA kernels cannot run here.)"""
+    from kexue import _backend
+
+    calls = []
+
+    class FakeNative:
+        WITH_CUDA = True
+
+        def global_pointer_scores_forward_cuda(self, q, *args):
+            calls.append(q.shape[-1])
+            return "cuda"
+
+    monkeypatch.setattr(_backend, "_native", FakeNative())
+    forward = ops._cuda("global_pointer_scores_forward")
+    for d, expect_cuda in ((8, True), (ops.CUDA_MAX_HEAD_SIZE, True), (ops.CUDA_MAX_HEAD_SIZE + 2, False)):
+        q, k, sb, eb, mask, _ = make_problem(1, 5, 2, d, seed=d)
+        q4, k4, s4, e4, m, code, base = ops._canonical(q, k, sb, eb, mask, True, 10000.0)
+        out = forward(q4, k4, s4, e4, m, code, base, True)
+        if expect_cuda:
+            assert out == "cuda" and calls[-1] == d
+        else:
+            assert torch.equal(out, ref.global_pointer_scores_forward(q4, k4, s4, e4, m, "interleaved", base, True))
+    assert len(calls) == 2
+    # CPU tensors (the Triton interpreter) never reach the CUDA entry points
+    assert ops._beyond_triton("global_pointer_scores_forward", q4) is ops._ref_scores_forward

@@ -1,12 +1,12 @@
-"""GlobalPointer in Triton: the fused multilabel loss, forward and backward.
+"""GlobalPointer in Triton: the fused multilabel loss and the dense scores op, forward and backward.
 
 The arithmetic follows csrc/include/kexue/global_pointer.h and the float64 oracle
 python/kexue/reference/global_pointer.py. Canonical layout: q, k ``(B, H, L, d)`` with ``H = 1``
 (one pair shared by the T types) or ``H = T``; biases ``(B, T, L)``; mask ``(B, L)``; labels dense
 ``(B, T, L, L)`` (sparse labels are expanded to a byte mask by the launcher: one byte per span).
 
-Three kernels, each program owning a block of one (batch, head) and looping over the types of the
-head and over the other axis in tiles, recomputing the ``(BLOCK_M, BLOCK_N)`` score tiles:
+The loss: three kernels, each program owning a block of one (batch, head) and looping over the
+types of the head and over the other axis in tiles, recomputing the ``(BLOCK_M, BLOCK_N)`` score tiles:
 
 * forward, rows: per row an online log-sum-exp of the negatives and of the negated positives;
   the block's rows are reduced to one partial state per (b, t, block), combined by the launcher
@@ -14,6 +14,12 @@ head and over the other axis in tiles, recomputing the ``(BLOCK_M, BLOCK_N)`` sc
 * backward, rows: ``P = dL/ds`` per tile, row sums -> ``d_start_bias``, ``P k`` -> dq.
 * backward, columns: column sums -> ``d_end_bias``, ``P^T q`` -> dk (no atomics: each program
   owns its keys).
+
+The dense scores op (for users who want the ``(B, T, L, L)`` tensor): a forward with one program per
+(batch, head, row block, column block) that computes the tile's dot once and writes it for every
+type of the head with the biases, 1/sqrt(d) and the masks (``-inf``) fused; a backward in the same
+two passes as the loss's (rows: ``d_start_bias``, dq; columns: ``d_end_bias``, dk), reading dScores
+instead of recomputing dL/ds.
 
 The launcher rotates q and k once (RoPE, float32, O(L d): the interleaved or rotate_half
 layout, positions from 0) and folds 1/sqrt(d) into q; the kernels read those rows and write the
@@ -24,7 +30,8 @@ relative error on a score of 20 moves e^s by 2%).
 Tiles are 32 x 32 over 4 warps, one pipeline stage, with the head padded to 64 channels in one
 block (:func:`tile_for`); larger tiles, 8 warps, 2-3 stages, other head blocks, or two half-head
 dots (rotating in-kernel) compiled with a stack frame (spills) on sm_80 / sm_90. Head sizes above 64 run on the
-reference (the ops layer routes them). ``AOT_CONFIGS`` lists every configuration.
+reference (the ops layer routes them). The scores op uses 16 x 32 tiles (:func:`scores_tile_for`).
+``AOT_CONFIGS`` lists every configuration.
 """
 
 from __future__ import annotations
@@ -233,6 +240,119 @@ def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, gr
 
 
 # ---------------------------------------------------------------------------------------------
+# The dense scores op: forward writes the masked (B, T, L, L) scores, backward reduces dScores.
+# Grid: (tiles, B * H). Each program owns one tile of one (batch, head) and loops over the types
+# of the head (all T for a shared pair, one otherwise), so a shared head's dot is computed once.
+
+
+@triton.jit
+def _gp_scores_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, out_ptr,
+                          H, T, L, D, TRIL,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_col_blk = tl.cdiv(L, BLOCK_N)
+    pid_m = pid // n_col_blk
+    pid_n = pid % n_col_blk
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
+    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
+    row_in = i < L
+    col_in = j < L
+    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
+    col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
+    qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
+    kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
+    n_types = T // H
+    t0 = h * (H // T)
+    # int64 offsets: B * T * L * L overflows int32 from L = 2^15 / sqrt(B T) on
+    tile_off = i.to(tl.int64)[:, None] * L + j[None, :]
+    in_tile = row_in[:, None] & col_in[None, :]
+    for tt in range(0, n_types):
+        bt = b * T + t0 + tt
+        sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
+        ebv = tl.load(eb_ptr + bt * L + j, mask=col_in, other=0.0).to(tl.float32)
+        s, valid = _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL)
+        s = tl.where(valid, s, float("-inf"))
+        tl.store(out_ptr + bt * L * L + tile_off, s.to(out_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _grad_scores_tile(rows, i, j, row_ok, col_ok, TRIL):
+    """dScores on a tile in float32, 0 at masked spans (their scores are the constant -inf).
+    ``rows``: pointers to column 0 of rows i of dScores."""
+    first = tl.where(TRIL != 0, i, 0)  # the first candidate column of each row
+    valid = row_ok[:, None] & col_ok[None, :] & (j[None, :] >= first[:, None])
+    return tl.load(rows[:, None] + j[None, :], mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gp_scores_bwd_rows_kernel(k_ptr, mask_ptr, grad_ptr, dq_ptr, dsb_ptr, H, T, L, D, TRIL,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows pass: d_start_bias = row sums of dScores, dq = (sum over the head's types) dScores k."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
+    row_in = i < L
+    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
+    dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    n_types = T // H
+    t0 = h * (H // T)
+    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
+    for tt in range(0, n_types):
+        bt = b * T + t0 + tt
+        rows = grad_ptr + bt * L * L + i.to(tl.int64) * L
+        dsb = tl.zeros([BLOCK_M], tl.float32)
+        for j0 in range(j_lo, L, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            col_in = j < L
+            col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
+            kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
+            p = _grad_scores_tile(rows, i, j, row_ok, col_ok, TRIL)
+            dsb += tl.sum(p, axis=1)
+            dq += tl.dot(p, kr, input_precision=DOT_PRECISION)
+        tl.store(dsb_ptr + bt * L + i, dsb, mask=row_in)
+    _store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
+
+
+@triton.jit
+def _gp_scores_bwd_cols_kernel(q_ptr, mask_ptr, grad_ptr, dk_ptr, deb_ptr, H, T, L, D, TRIL,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Columns pass: d_end_bias = column sums of dScores, dk = dScores^T q (no atomics: each
+    program owns its keys)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
+    col_in = j < L
+    col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    n_types = T // H
+    t0 = h * (H // T)
+    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1).to(tl.int32) * BLOCK_N, L), L)
+    for tt in range(0, n_types):
+        bt = b * T + t0 + tt
+        deb = tl.zeros([BLOCK_N], tl.float32)
+        for i0 in range(0, i_hi, BLOCK_M):
+            i = i0 + tl.arange(0, BLOCK_M)
+            row_in = i < L
+            row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
+            qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
+            p = _grad_scores_tile(grad_ptr + bt * L * L + i.to(tl.int64) * L, i, j, row_ok, col_ok, TRIL)
+            deb += tl.sum(p, axis=0)
+            dk += tl.dot(tl.trans(p), qr, input_precision=DOT_PRECISION)
+        tl.store(deb_ptr + bt * L + j, deb, mask=col_in)
+    _store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers.
 
 
@@ -255,6 +375,15 @@ def tile_for(head_size: int) -> Tile:
     if head_size > MAX_HEAD_SIZE:
         raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {head_size}")
     return Tile(32, 32, MAX_HEAD_SIZE, 4, 1)
+
+
+def scores_tile_for(head_size: int) -> Tile:
+    """The scores op's configuration: 16 x 32 tiles (16 query rows), 4 warps, one stage, head
+    padded to 64. With 32 x 32 tiles the rows pass of the backward compiled with a 16-byte stack
+    on sm_80 (and 32 x 16 with an 8-byte one on sm_90); 16 x 32 is clean on both."""
+    if head_size > MAX_HEAD_SIZE:
+        raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {head_size}")
+    return Tile(16, 32, MAX_HEAD_SIZE, 4, 1)
 
 
 def _rotated(x: torch.Tensor, rope: int, base: float, scale: float) -> torch.Tensor:
@@ -346,6 +475,44 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, dense, lse, rope, bas
             dsb.to(sb.dtype), deb.to(eb.dtype))
 
 
+def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
+    """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked); arguments as the C++
+    backend's."""
+    batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(q, k, sb, mask, rope, base,
+                                                                  tile or scores_tile_for(q.shape[-1]))
+    out = torch.empty(batch, types, length, length, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(length, tile.block_m) * triton.cdiv(length, tile.block_n), batch * heads)
+    _gp_scores_fwd_kernel[grid](
+        qr, kr, sb.contiguous(), eb.contiguous(), m8, out, heads, types, length, d, int(bool(tril)),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
+    return out
+
+
+def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
+    """``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over the unmasked spans,
+    in the inputs' dtypes. ``grad``: ``(B, T, L, L)`` of q's dtype."""
+    batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(q, k, sb, mask, rope, base,
+                                                                      tile or scores_tile_for(q.shape[-1]))
+    dsb = torch.empty(batch, types, length, dtype=torch.float32, device=q.device)
+    deb = torch.empty_like(dsb)
+    if batch == 0 or types == 0 or length == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), dsb.zero_().to(sb.dtype), deb.zero_().to(eb.dtype)
+    grad = grad.contiguous()
+    dqr, dkr = torch.empty_like(qr), torch.empty_like(kr)
+    args = (heads, types, length, d, int(bool(tril)))
+    meta = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
+                num_stages=tile.num_stages)
+    _gp_scores_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
+        kr, m8, grad, dqr, dsb, *args, **meta)
+    _gp_scores_bwd_cols_kernel[(triton.cdiv(length, tile.block_n), batch * heads)](
+        qr, m8, grad, dkr, deb, *args, **meta)
+    return (_unrotated(dqr, rope, base, scale, q.dtype), _unrotated(dkr, rope, base, 1.0, k.dtype),
+            dsb.to(sb.dtype), deb.to(eb.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Every configuration the launchers can pick, for tests/gpu_compile.py.
 
@@ -356,30 +523,46 @@ def all_tiles() -> list[Tile]:
     return sorted({tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
 
 
-def _aot_configs() -> list[dict]:
+def all_scores_tiles() -> list[Tile]:
+    return sorted({scores_tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
+
+
+def _config(name, kernel, sig, tile, dtype) -> dict:
+    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h)
+    tag = f"{str(dtype).removeprefix('torch.')} {tile.block_m}x{tile.block_n}x{tile.block_h} w{tile.num_warps}"
     ints = dict(H="i32", T="i32", L="i32", D="i32", TRIL="i32")
+    return dict(
+        name=f"global_pointer_{name} {tag}",
+        kernel=kernel,
+        signature=dict(**sig, **ints, **dict.fromkeys(consts, "constexpr")),
+        constexprs=consts,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )
+
+
+def _aot_configs() -> list[dict]:
     configs = []
     for dtype, ptr in _PTR.items():
-        for tile in all_tiles():
-            consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h)
-            tag = f"{str(dtype).removeprefix('torch.')} {tile.block_m}x{tile.block_n}x{tile.block_h} w{tile.num_warps}"
-            inputs = dict(q_ptr="*fp32", k_ptr="*fp32", sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", lab_ptr="*u8")
-            kernels = [
-                ("fwd", _gp_loss_fwd_kernel, dict(**inputs, part_ptr="*fp32")),
-                ("bwd_rows", _gp_loss_bwd_rows_kernel,
-                 dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32")),
-                ("bwd_cols", _gp_loss_bwd_cols_kernel,
-                 dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dk_ptr="*fp32", deb_ptr="*fp32")),
-            ]
-            for name, kernel, sig in kernels:
-                configs.append(dict(
-                    name=f"global_pointer_{name} {tag}",
-                    kernel=kernel,
-                    signature=dict(**sig, **ints, **dict.fromkeys(consts, "constexpr")),
-                    constexprs=consts,
-                    num_warps=tile.num_warps,
-                    num_stages=tile.num_stages,
-                ))
+        inputs = dict(q_ptr="*fp32", k_ptr="*fp32", sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", lab_ptr="*u8")
+        loss = [
+            ("fwd", _gp_loss_fwd_kernel, dict(**inputs, part_ptr="*fp32")),
+            ("bwd_rows", _gp_loss_bwd_rows_kernel,
+             dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32")),
+            ("bwd_cols", _gp_loss_bwd_cols_kernel,
+             dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dk_ptr="*fp32", deb_ptr="*fp32")),
+        ]
+        scores = [
+            ("scores_fwd", _gp_scores_fwd_kernel,
+             dict(q_ptr="*fp32", k_ptr="*fp32", sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr)),
+            ("scores_bwd_rows", _gp_scores_bwd_rows_kernel,
+             dict(k_ptr="*fp32", mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32")),
+            ("scores_bwd_cols", _gp_scores_bwd_cols_kernel,
+             dict(q_ptr="*fp32", mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32")),
+        ]
+        for tiles, kernels in ((all_tiles(), loss), (all_scores_tiles(), scores)):
+            for tile in tiles:
+                configs += [_config(name, kernel, sig, tile, dtype) for name, kernel, sig in kernels]
     return configs
 
 

@@ -182,9 +182,10 @@ void rotate(const X* src, A* dst, int64_t rows, int64_t L, int64_t d, int layout
         long long a, b;
         rope_pair(layout, c, d, &a, &b);
         const A ca = cos_t[p * half + c], sa = sin_t[p * half + c];
-        const A xa = static_cast<A>(s[a]), xb = static_cast<A>(s[b]);
-        o[a] = scale * (xa * ca - xb * sa);
-        o[b] = scale * (xb * ca + xa * sa);
+        A ra, rb;
+        rope_rotate(static_cast<A>(s[a]), static_cast<A>(s[b]), ca, sa, &ra, &rb);
+        o[a] = scale * ra;
+        o[b] = scale * rb;
       }
     }
   });
@@ -207,8 +208,10 @@ void unrotate(const A* g, X* dst, int64_t rows, int64_t L, int64_t d, int layout
         long long a, b;
         rope_pair(layout, c, d, &a, &b);
         const A ca = cos_t[p * half + c], sa = sin_t[p * half + c];
-        o[a] = static_cast<X>(scale * (s[a] * ca + s[b] * sa));
-        o[b] = static_cast<X>(scale * (s[b] * ca - s[a] * sa));
+        A ra, rb;
+        rope_unrotate(s[a], s[b], ca, sa, &ra, &rb);
+        o[a] = static_cast<X>(scale * ra);
+        o[b] = static_cast<X>(scale * rb);
       }
     }
   });
@@ -537,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
         A extra = 0;
         for (const int64_t jj : acc.cols) {
           const int64_t j = jj - js;
-          const A v = -g * std::exp(-x[j] - lp);
+          const A v = positive_grad(x[j], g, lp);
           x[j] = ninf;
           G[j] += v;
           D[j] += v;

@@ -42,6 +42,37 @@ KEXUE_HOST_DEVICE double rope_angle(long long p, long long c, long long d, doubl
   return static_cast<double>(p) * ::pow(base, -2.0 * static_cast<double>(c) / static_cast<double>(d));
 }
 
+// Rotation of one pair (xa, xb) by the angle whose cosine and sine are (ca, sa): R x.
+template <typename A>
+KEXUE_HOST_DEVICE void rope_rotate(A xa, A xb, A ca, A sa, A* oa, A* ob) {
+  *oa = xa * ca - xb * sa;
+  *ob = xb * ca + xa * sa;
+}
+
+// The transpose (= inverse) rotation R^T g: the gradient through rope_rotate.
+template <typename A>
+KEXUE_HOST_DEVICE void rope_unrotate(A ga, A gb, A ca, A sa, A* oa, A* ob) {
+  *oa = ga * ca + gb * sa;
+  *ob = gb * ca - ga * sa;
+}
+
+// Whether span (i, j) is a candidate: both tokens real and, with the tril mask, i <= j.
+KEXUE_HOST_DEVICE bool span_ok(bool row_ok, bool col_ok, long long i, long long j, bool tril) {
+  return row_ok && col_ok && (!tril || j >= i);
+}
+
+// dL/ds of the multilabel loss at one candidate span of score s, for the loss gradient g of its
+// (batch, type) and the saved lse_neg / lse_pos: g e^{s - lse_neg} for a negative span,
+// -g e^{-s - lse_pos} for a positive one.
+template <typename A>
+KEXUE_HOST_DEVICE A negative_grad(A s, A g, A lse_neg) {
+  return g * ::exp(s - lse_neg);
+}
+template <typename A>
+KEXUE_HOST_DEVICE A positive_grad(A s, A g, A lse_pos) {
+  return -g * ::exp(-s - lse_pos);
+}
+
 // An online log-sum-exp: the sum e^m * s over the terms seen so far (m = -inf, s = 0: none).
 template <typename A>
 struct LseState {

@@ -112,6 +112,23 @@ at::Tensor biohash_sparse_cuda(const at::Tensor& indices, const at::Tensor& offs
 at::Tensor biohash_topk_cuda(const at::Tensor& activations, int64_t k, bool packed);
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& database,
                                                      int64_t n);
+// GlobalPointer on CUDA tensors (csrc/cuda/global_pointer.cu): the contracts of the *_cpu functions.
+std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& start_bias,
+                                                                    const at::Tensor& end_bias, const at::Tensor& mask,
+                                                                    const at::Tensor& row_ptr, const at::Tensor& cols,
+                                                                    const at::Tensor& dense, int64_t rope,
+                                                                    double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, const at::Tensor& row_ptr, const at::Tensor& cols,
+    const at::Tensor& dense, const at::Tensor& lse, int64_t rope, double rope_base, bool tril_mask);
+at::Tensor global_pointer_scores_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+                                              const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope,
+                                              double rope_base, bool tril_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
+    const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope, double rope_base, bool tril_mask);
 #endif
 
 }  // namespace kexue

@@ -101,18 +101,71 @@ def _triton_module():
     return global_pointer
 
 
+# The CUDA C++ kernels (csrc/cuda/global_pointer.cu) keep the backward's dq / dk rows in
+# registers: head sizes up to this run there, wider ones on the reference.
+CUDA_MAX_HEAD_SIZE = 128
+
+
+def _cuda_native():
+    native = _backend.native()
+    return native if native is not None and getattr(native, "WITH_CUDA", False) else None
+
+
+def _beyond_triton(name: str, q: Tensor):
+    """The implementation of ``name`` for a head wider than the Triton tiles: the CUDA C++ kernel
+    when it is built and serves the head, else the reference."""
+    native = _cuda_native()
+    if native is not None and q.is_cuda and q.shape[-1] <= CUDA_MAX_HEAD_SIZE:
+        return getattr(native, f"{name}_cuda")
+    return _REF[name]
+
+
+def _cuda(name: str):
+    """The ``cuda`` backend's ``name``: the CUDA C++ entry point, or the reference for wide heads."""
+
+    def call(*args):
+        q = args[1] if name.endswith("backward") else args[0]  # backwards take grad first
+        native = _cuda_native()
+        fn = getattr(native, f"{name}_cuda") if q.shape[-1] <= CUDA_MAX_HEAD_SIZE else _REF[name]
+        return fn(*args)
+
+    return call
+
+
 def _triton_loss_forward(q, *args):
     kernels = _triton_module()
-    if q.shape[-1] > kernels.MAX_HEAD_SIZE:  # beyond the compiled tiles: the reference
-        return _ref_loss_forward(q, *args)
+    if q.shape[-1] > kernels.MAX_HEAD_SIZE:  # beyond the compiled tiles
+        return _beyond_triton("global_pointer_loss_forward", q)(q, *args)
     return kernels.loss_forward(q, *args)
 
 
 def _triton_loss_backward(grad, q, *args):
     kernels = _triton_module()
     if q.shape[-1] > kernels.MAX_HEAD_SIZE:
-        return _ref_loss_backward(grad, q, *args)
+        return _beyond_triton("global_pointer_loss_backward", q)(grad, q, *args)
     return kernels.loss_backward(grad, q, *args)
+
+
+def _triton_scores_forward(q, *args):
+    kernels = _triton_module()
+    if q.shape[-1] > kernels.MAX_HEAD_SIZE:
+        return _beyond_triton("global_pointer_scores_forward", q)(q, *args)
+    return kernels.scores_forward(q, *args)
+
+
+def _triton_scores_backward(grad, q, *args):
+    kernels = _triton_module()
+    if q.shape[-1] > kernels.MAX_HEAD_SIZE:
+        return _beyond_triton("global_pointer_scores_backward", q)(grad, q, *args)
+    return kernels.scores_backward(grad, q, *args)
+
+
+_REF = {
+    "global_pointer_loss_forward": _ref_loss_forward,
+    "global_pointer_loss_backward": _ref_loss_backward,
+    "global_pointer_scores_forward": _ref_scores_forward,
+    "global_pointer_scores_backward": _ref_scores_backward,
+}
 
 
 def _register_backends() -> None:
@@ -126,9 +179,14 @@ def _register_backends() -> None:
         _backend.register(OP_SCORES, "cpu",
                           (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
                           _ALL_FLOATS)
-    # The loss only: the scores op (for users who want the dense tensor) has no Triton kernel, so
-    # on CUDA it runs on the reference.
+    if _cuda_native() is not None and hasattr(_cuda_native(), "global_pointer_loss_forward_cuda"):
+        _backend.register(OP_LOSS, "cuda",
+                          (_cuda("global_pointer_loss_forward"), _cuda("global_pointer_loss_backward")), _ALL_FLOATS)
+        _backend.register(OP_SCORES, "cuda",
+                          (_cuda("global_pointer_scores_forward"), _cuda("global_pointer_scores_backward")),
+                          _ALL_FLOATS)
     _backend.register(OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS)
+    _backend.register(OP_SCORES, "triton", (_triton_scores_forward, _triton_scores_backward), _FLOATS)
 
 
 _register_backends()
