@@ -259,7 +259,7 @@ def test_torch_compile_fullgraph(max_seqlen):
 
 def test_offsets_checked_inside_the_op_when_compiled():
     q, k, v, _, _ = _packed([4, 5], dtype=torch.float32)
-    bad = torch.tensor([0, 6, 4], dtype=torch.int32)
+    bad = torch.tensor([0, 6, 4, 9], dtype=torch.int32)
     compiled = torch.compile(lambda q, k, v, cu: attn(q, k, v, cu_seqlens=cu), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match="non-decreasing"):
         compiled(q, k, v, bad)
