@@ -311,6 +311,8 @@ def test_bad_offsets_and_layouts():
         attn(q, k, v, cu_seqlens=cu, cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"cu_seqlens_k must end at the number of k rows \(9\)"):
         attn(q, k, v, cu_seqlens=cu, cu_seqlens_k=torch.tensor([0, 4, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at the number of k rows \(8\)"):
+        attn(q, k[:8], v[:8], cu_seqlens=cu)  # shared offsets: k needs as many rows as q
     with pytest.raises(ValueError, match=r"max_seqlen \(3\) is below the longest sequence \(5\)"):
         attn(q, k, v, cu_seqlens=cu, max_seqlen=3)
     with pytest.raises(TypeError, match="max_seqlen must be an int"):

@@ -37,6 +37,7 @@ class Tiles(NamedTuple):
     block_m: int  # query rows per tile
     block_n: int  # keys per tile
     num_warps: int
+    dq_warps: int = 0  # the dQ kernel's (backward only): see tiles()
 
 
 def tiles(head_dim: int, backward: bool, dtype: torch.dtype) -> Tiles:
@@ -44,12 +45,15 @@ def tiles(head_dim: int, backward: bool, dtype: torch.dtype) -> Tiles:
     for sm_80 and sm_90 without spills; float32 dots without TF32 hold whole operands in
     registers, hence its smaller tiles)."""
     d = block_d(head_dim)
+    # The dQ kernel runs with fewer warps than the dK/dV one: at 8 warps (256 threads) ptxas aims
+    # at 128 registers a thread, where it sat at the edge and some switch combinations put a few
+    # bytes on the stack; each dq_warps below is the one that compiled clean for every switch.
     if dtype == torch.float32:
         if backward:
-            return Tiles(16, 32, 4) if d <= 32 else Tiles(16, 32, 8)
+            return Tiles(16, 32, 4, 2) if d <= 32 else Tiles(16, 32, 8, 4)
         return Tiles(32, 32, 4) if d <= 64 else Tiles(16, 32, 8)
     if backward:
-        return Tiles(32, 64, 4) if d <= 32 else Tiles(32, 32, 8)
+        return Tiles(32, 64, 4, 4) if d <= 32 else Tiles(32, 32, 8, 4)
     return Tiles(64, 64, 4) if d <= 32 else (Tiles(64, 64, 8) if d <= 64 else Tiles(64, 32, 8))
 
 
@@ -159,8 +163,13 @@ def _logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = dcol < D
-    q_at = q_off + rows[:, None] * stride_qm + dcol[None, :]
-    q = tl.load(q_ptr + q_at, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # Scalar base pointers first, so that the tile offsets stay 32-bit within a sequence (as in
+    # the dense layout before; int64 offset tiles cost registers, and sm_90 a stack).
+    q_base = q_ptr + q_off
+    k_base = k_ptr + kv_off
+    v_base = v_ptr + kv_off
+    q_at = rows[:, None] * stride_qm + dcol[None, :]
+    q = tl.load(q_base + q_at, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
     sc = _row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX) * 1.4426950408889634
@@ -174,9 +183,9 @@ def _logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr
     for start in range(0, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
-        k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+        kv_at = cols[:, None] * stride_kn + dcol[None, :]
+        k = tl.load(k_base + kv_at, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_at, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * sc[:, None]
         s = tl.where(_allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -190,7 +199,7 @@ def _logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr
     empty = l_i == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, 0.0, m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(out_ptr + q_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + q_off + q_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
 
 
@@ -230,9 +239,11 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < D
     kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-    kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
-    k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+    kv_at = cols[:, None] * stride_kn + dcol[None, :]
+    k = tl.load(k_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
+    q_base = q_ptr + q_off  # scalar bases: 32-bit tile offsets (see the forward)
+    do_base = do_ptr + q_off
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -244,12 +255,12 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q_at = q_off + rows[:, None] * stride_qm + dcol[None, :]
-        qT_at = q_off + rows[None, :] * stride_qm + dcol[:, None]
-        q = tl.load(q_ptr + q_at, mask=q_mask, other=0.0)
-        qT = tl.load(q_ptr + qT_at, mask=q_mask.T, other=0.0)
-        do = tl.load(do_ptr + q_at, mask=q_mask, other=0.0)
-        doT = tl.load(do_ptr + qT_at, mask=q_mask.T, other=0.0)
+        q_at = rows[:, None] * stride_qm + dcol[None, :]
+        qT_at = rows[None, :] * stride_qm + dcol[:, None]
+        q = tl.load(q_base + q_at, mask=q_mask, other=0.0)
+        qT = tl.load(q_base + qT_at, mask=q_mask.T, other=0.0)
+        do = tl.load(do_base + q_at, mask=q_mask, other=0.0)
+        doT = tl.load(do_base + qT_at, mask=q_mask.T, other=0.0)
         lse = tl.load(lse_ptr + l_off + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + l_off + rows, mask=row_ok, other=0.0)
         n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
@@ -261,9 +272,9 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
         dpT = _dot(v, doT, IEEE)
         dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
         dk += _dot(dsT.to(q.dtype), q, IEEE)
-    a_at = a_off + cols[:, None] * stride_an + dcol[None, :]
-    tl.store(dk_ptr + a_at, dk, mask=kv_mask)
-    tl.store(dv_ptr + a_at, dv, mask=kv_mask)
+    a_at = cols[:, None] * stride_an + dcol[None, :]
+    tl.store(dk_ptr + a_off + a_at, dk, mask=kv_mask)
+    tl.store(dv_ptr + a_off + a_at, dv, mask=kv_mask)
 
 
 @triton.jit
@@ -295,9 +306,11 @@ def _logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
     row_ok = rows < Lq
     d_ok = dcol < D
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q_at = q_off + rows[:, None] * stride_qm + dcol[None, :]
-    q = tl.load(q_ptr + q_at, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + q_at, mask=q_mask, other=0.0)
+    q_at = rows[:, None] * stride_qm + dcol[None, :]  # from scalar bases: see the forward
+    q = tl.load(q_ptr + q_off + q_at, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_off + q_at, mask=q_mask, other=0.0)
+    k_base = k_ptr + kv_off
+    v_base = v_ptr + kv_off
     lse = tl.load(lse_ptr + l_off + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + l_off + rows, mask=row_ok, other=0.0)
     n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
@@ -309,9 +322,9 @@ def _logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
     for start in range(0, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-        kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
-        k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+        kv_at = cols[:, None] * stride_kn + dcol[None, :]
+        k = tl.load(k_base + kv_at, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_at, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * (sc * 1.4426950408889634)[:, None]
         ok = _allowed(rows, cols, b, Lq, Lk, mask_ptr, CAUSAL, HAS_MASK)
         p = tl.where(ok, tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
@@ -319,7 +332,7 @@ def _logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sc[:, None]
-    tl.store(dq_ptr + q_at, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + q_off + q_at, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +429,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb: _Problem, a
         _logn_bwd_dq_kernel[(pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))](
             q, k, v, grad_out, lse, delta, mask_u8, prefix, dq, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
             *pb.q_strides, *pb.k_strides, *pb.l_strides, *scalars, **flags,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.dq_warps)
 
 
 def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
@@ -522,9 +535,11 @@ def _aot_configs() -> list[dict]:
                                    ("logn_bwd_dq", _logn_bwd_dq_kernel,
                                     dict(**bwd, dq_ptr=ptr, **cu, **_SCALARS, **_RULE))]
                     for name, kernel, args in kernels:
-                        configs.append(dict(name=f"{name} {tag}", kernel=kernel,
+                        warps = t.dq_warps if kernel is _logn_bwd_dq_kernel else t.num_warps
+                        configs.append(dict(name=f"{name} {tag.replace(f'w{t.num_warps}', f'w{warps}')}",
+                                            kernel=kernel,
                                             signature=dict(**args, **dict.fromkeys(consts, "constexpr")),
-                                            constexprs=consts, num_warps=t.num_warps))
+                                            constexprs=consts, num_warps=warps))
     return configs
 
 

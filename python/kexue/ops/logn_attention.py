@@ -271,24 +271,30 @@ def _check_cu_seqlens(name: str, cu, device: torch.device) -> Tensor:
 
 
 def _check_offsets(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> int:
-    """Checks the offsets' values (one read of both to the host) and returns the longest sequence,
-    q or k: what the Triton grid needs."""
+    """Checks the offsets' values and returns the longest sequence, q or k (what the Triton grid
+    needs). Both tensors travel to the host together: one synchronisation on CUDA."""
+    n = cu_q.numel()
+    values = (cu_q if cu_k is cu_q else torch.cat((cu_q, cu_k.to(cu_q.dtype)))).tolist()
     longest = 0
-    for name, cu, total, what in (("cu_seqlens", cu_q, total_q, "q"), ("cu_seqlens_k", cu_k, total_k, "k")):
-        values = cu.tolist()
-        if values[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {values[0]}")
-        if values[-1] != total:
-            raise ValueError(f"{name} must end at the number of {what} rows ({total}), got {values[-1]}")
-        lengths = [b - a for a, b in zip(values, values[1:])]
-        if any(n < 0 for n in lengths):
-            raise ValueError(f"{name} must be non-decreasing, got {values}")
+    name_k = "cu_seqlens" if cu_k is cu_q else "cu_seqlens_k"  # shared offsets: k must have as many rows
+    for name, offsets, total, what in (("cu_seqlens", values[:n], total_q, "q"),
+                                       (name_k, values[n:] or values[:n], total_k, "k")):
+        if offsets[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+        if offsets[-1] != total:
+            raise ValueError(f"{name} must end at the number of {what} rows ({total}), got {offsets[-1]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if any(length < 0 for length in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
         longest = max([longest, *lengths])
     return longest
 
 
 def _max_seqlen(cu_q: Tensor, cu_k: Tensor) -> int:
-    return int(max(int(torch.diff(cu).max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k)))
+    """The longest sequence, q or k, in one read to the host."""
+    if cu_q.numel() < 2:
+        return 0
+    return int(torch.maximum(torch.diff(cu_q).max(), torch.diff(cu_k).max()))
 
 
 def _check_mask(mask, q: Tensor, k: Tensor) -> Optional[Tensor]:
