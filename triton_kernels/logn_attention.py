@@ -239,11 +239,9 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < D
     kv_mask = (cols[:, None] < Lk) & d_ok[None, :]
-    kv_at = cols[:, None] * stride_kn + dcol[None, :]
-    k = tl.load(k_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
-    q_base = q_ptr + q_off  # scalar bases: 32-bit tile offsets (see the forward)
-    do_base = do_ptr + q_off
+    kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
+    k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -255,12 +253,12 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q_at = rows[:, None] * stride_qm + dcol[None, :]
-        qT_at = rows[None, :] * stride_qm + dcol[:, None]
-        q = tl.load(q_base + q_at, mask=q_mask, other=0.0)
-        qT = tl.load(q_base + qT_at, mask=q_mask.T, other=0.0)
-        do = tl.load(do_base + q_at, mask=q_mask, other=0.0)
-        doT = tl.load(do_base + qT_at, mask=q_mask.T, other=0.0)
+        q_at = q_off + rows[:, None] * stride_qm + dcol[None, :]
+        qT_at = q_off + rows[None, :] * stride_qm + dcol[:, None]
+        q = tl.load(q_ptr + q_at, mask=q_mask, other=0.0)
+        qT = tl.load(q_ptr + qT_at, mask=q_mask.T, other=0.0)
+        do = tl.load(do_ptr + q_at, mask=q_mask, other=0.0)
+        doT = tl.load(do_ptr + qT_at, mask=q_mask.T, other=0.0)
         lse = tl.load(lse_ptr + l_off + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + l_off + rows, mask=row_ok, other=0.0)
         n = _visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
@@ -272,9 +270,9 @@ def _logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
         dpT = _dot(v, doT, IEEE)
         dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
         dk += _dot(dsT.to(q.dtype), q, IEEE)
-    a_at = cols[:, None] * stride_an + dcol[None, :]
-    tl.store(dk_ptr + a_off + a_at, dk, mask=kv_mask)
-    tl.store(dv_ptr + a_off + a_at, dv, mask=kv_mask)
+    a_at = a_off + cols[:, None] * stride_an + dcol[None, :]
+    tl.store(dk_ptr + a_at, dk, mask=kv_mask)
+    tl.store(dv_ptr + a_at, dv, mask=kv_mask)
 
 
 @triton.jit
