@@ -3,8 +3,8 @@
 Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1), which is slow: shapes are small but cross the 64-row / 64-key / 32-row tile
 edges, include a single position, grouped heads, causal attention after a KV cache (Lq < Lk) and
-before it (Lq > Lk, queries that see nothing), padding masks with a fully padded batch row, and
-each scale rule. Outputs come from torch.empty, which deterministic mode fills with NaN, so an
+before it (Lq > Lk, queries that see nothing), padding masks with a fully padded batch row, each
+scale rule, and packed variable-length sequences (cu_seqlens) with lengths 0, 1 and tile edges. Outputs come from torch.empty, which deterministic mode fills with NaN, so an
 element a kernel forgets to write fails the comparison.
 """
 
