@@ -68,9 +68,10 @@ def block_d(head_dim: int) -> int:
 
 @triton.jit
 def _sequence_start(cu_ptr, b):
-    """Row ``cu[b]`` and length ``cu[b + 1] - cu[b]`` of packed sequence ``b`` (int64, int32)."""
+    """Row ``cu[b]`` and length ``cu[b + 1] - cu[b]`` of packed sequence ``b``, both int64: the
+    row loops then count in int64, and ``row * (heads * D)`` cannot overflow in a long sequence."""
     start = tl.load(cu_ptr + b).to(tl.int64)
-    return start, (tl.load(cu_ptr + b + 1).to(tl.int64) - start).to(tl.int32)
+    return start, tl.load(cu_ptr + b + 1).to(tl.int64) - start
 
 
 @triton.jit
