@@ -121,6 +121,25 @@ def test_backend_matches_reference(backend, dtype, lengths, causal):
         assert_close(g, w, dtype, f"grad {name}", factor=2.0 if low else 1.0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_length_mixes(seed):
+    # Random numbers of sequences and lengths (zeros included), random separate key lengths on
+    # odd seeds, random causal flag: the default backend against the reference.
+    gen = torch.Generator().manual_seed(seed)
+    nseq = int(torch.randint(1, 9, (1,), generator=gen))
+    lengths_q = torch.randint(0, 150, (nseq,), generator=gen)
+    lengths_q[torch.rand(nseq, generator=gen) < 0.2] = 0
+    lengths_k = torch.randint(0, 150, (nseq,), generator=gen) if seed % 2 else lengths_q
+    causal = bool(torch.rand(1, generator=gen) < 0.5)
+    q, k, v, cu_q, cu_k = _packed(lengths_q.tolist(), lengths_k.tolist(), dtype=torch.float32, seed=seed)
+    out, lse, grads, go, gl = _run(CPU_BACKENDS[0], q, k, v, cu_q, cu_k, causal)
+    r_out, r_lse, r_grads = _reference(q, k, v, cu_q, cu_k, causal, go, gl)
+    assert_close(out, r_out, torch.float32, f"out {lengths_q.tolist()} {lengths_k.tolist()}")
+    assert_close(lse, r_lse, torch.float32, "lse")
+    for g, w, name in zip(grads, r_grads, "qkv"):
+        assert_close(g, w, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_equals_dense_op_per_sequence(causal):
     # The packed call and one dense call per sequence, both through the C++ (or torch) backend.
