@@ -140,6 +140,28 @@ def test_random_length_mixes(seed):
         assert_close(g, w, torch.float32, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_sequence_one_head(dtype, causal):
+    # Fewer (sequence, head) pairs than threads: the C++ backward splits the pair by query blocks
+    # with per-thread dK / dV partial sums; with one thread it runs whole. Both against the reference.
+    q, k, v, cu, _ = _packed([300], hq=1, hkv=1, d=16, dtype=dtype, seed=11)
+    backend = CPU_BACKENDS[0]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in sorted({1, max(2, threads)}):
+            torch.set_num_threads(n)
+            results.append(_run(backend, q, k, v, cu, cu, causal))
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse, grads, go, gl in results:
+        r_out, r_lse, r_grads = _reference(q, k, v, cu, cu, causal, go, gl)
+        assert_close(out, r_out, dtype, "out")
+        for g, w, name in zip(grads, r_grads, "qkv"):
+            assert_close(g, w, dtype, f"grad {name}", factor=2.0 if dtype == torch.bfloat16 else 1.0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_equals_dense_op_per_sequence(causal):
     # The packed call and one dense call per sequence, both through the C++ (or torch) backend.

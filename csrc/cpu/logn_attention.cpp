@@ -288,14 +288,18 @@ struct Task {
   int64_t seq, head, block, cost;
 };
 
+// body(task, scratch, slot): slot in [0, workers(n)) is distinct for concurrently running
+// workers, for per-worker partial sums.
+int64_t workers(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
+
 template <typename Scratch, typename Body>
 void run_tasks(std::vector<Task>& tasks, const Body& body) {
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   const int64_t n = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers(n), 1, [&](int64_t slot, int64_t) {
     Scratch scratch;
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(tasks[t], scratch);
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(tasks[t], scratch, slot);
   });
 }
 
@@ -322,7 +326,7 @@ void forward_impl(const Layout& L, const T* qp, const T* kp, const T* vp, bool c
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t D = L.D;
 
-  run_tasks<ForwardScratch<A>>(tasks, [&](const Task& task, ForwardScratch<A>& w) {
+  run_tasks<ForwardScratch<A>>(tasks, [&](const Task& task, ForwardScratch<A>& w, int64_t) {
     if (w.qs.empty()) {
       w.qs.resize(kBlockQ * D), w.acc.resize(kBlockQ * D), w.s.resize(kBlockQ * kBlockK);
       w.m.resize(kBlockQ), w.l.resize(kBlockQ);
@@ -379,8 +383,11 @@ void forward_impl(const Layout& L, const T* qp, const T* kp, const T* vp, bool c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: one task per (sequence, query head), which owns that head's dK / dV accumulator
-// rows of the sequence (no two tasks write the same memory).
+// Backward. Normally one task per (sequence, query head), which owns that head's dK / dV
+// accumulator rows of the sequence (no two tasks write the same memory). When there are fewer
+// (sequence, head) pairs than threads (one long sequence with one head), each pair is split by
+// query blocks instead, each worker summing dK / dV into its own (Lk, D) partial buffers, added
+// up at the end: O(threads Lk D) extra memory, still never O(L^2).
 
 template <typename A>
 struct BackwardScratch {
@@ -390,77 +397,111 @@ struct BackwardScratch {
 template <typename T, typename A>
 void backward_impl(const Layout& L, const T* dop, const A* dlse, const T* qp, const T* kp, const T* vp, const T* op,
                    const A* lp, bool causal, const ScaleRule& rule, T* dqp, A* dk_acc, A* dv_acc) {
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
-    const Seq& sq = L.seqs[s];
-    int64_t cost = 0;
-    for (int64_t i0 = 0; i0 < sq.lq; i0 += kBlockQ) {
-      const int64_t nq = std::min(kBlockQ, sq.lq - i0);
-      cost += nq * (key_end(sq, i0 + nq, causal) + 1);
-    }
-    for (int64_t h = 0; h < L.Hq; ++h) tasks.push_back(Task{s, h, 0, cost + sq.lk});
-  }
   const int64_t D = L.D;
-
-  run_tasks<BackwardScratch<A>>(tasks, [&](const Task& task, BackwardScratch<A>& w) {
+  // One query block [i0, i0 + kBlockQ) of head h of a sequence: writes its dQ rows, adds to dK / dV
+  // (rows at stride a_row).
+  auto block = [&](const Seq& sq, int64_t h, int64_t i0, A* dk, A* dv, int64_t a_row, BackwardScratch<A>& w) {
     if (w.qs.empty()) {
       w.qs.resize(kBlockQ * D), w.dot.resize(kBlockQ * D), w.dqt.resize(kBlockQ * D);
       w.p.resize(kBlockQ * kBlockK), w.dp.resize(kBlockQ * kBlockK);
       w.scale.resize(kBlockQ), w.delta.resize(kBlockQ), w.lrow.resize(kBlockQ);
       if constexpr (!std::is_same_v<T, A>) w.kbuf.resize(kBlockK * D), w.vbuf.resize(kBlockK * D);
     }
-    const Seq& sq = L.seqs[task.seq];
-    const int64_t h = task.head, hk = h / L.groups, off = sq.lk - sq.lq;
+    const int64_t hk = h / L.groups, off = sq.lk - sq.lq;
     const T* kbase = kp + sq.k0 + hk * L.k_head;
     const T* vbase = vp + sq.k0 + hk * L.k_head;
-    A* dk = dk_acc + sq.a0 + h * L.a_head;
-    A* dv = dv_acc + sq.a0 + h * L.a_head;
-    for (int64_t j = 0; j < sq.lk; ++j) {
-      std::fill(dk + j * L.a_row, dk + j * L.a_row + D, A(0));
-      std::fill(dv + j * L.a_row, dv + j * L.a_row + D, A(0));
-    }
     A *qs = w.qs.data(), *dot = w.dot.data(), *dqt = w.dqt.data(), *p = w.p.data(), *dp = w.dp.data();
-    for (int64_t i0 = 0; i0 < sq.lq; i0 += kBlockQ) {
-      const int64_t nq = std::min(kBlockQ, sq.lq - i0);
-      const int64_t row0 = sq.q0 + h * L.q_head + i0 * L.q_row;  // element offset of row i0
-      const int64_t lrow0 = sq.l0 + h * L.l_head + i0;
-      for (int64_t r = 0; r < nq; ++r) {
-        const A sc = scale_of<A>(sq, i0 + r, causal, rule);
-        w.scale[r] = sc;
-        A dd = 0;
-        for (int64_t c = 0; c < D; ++c) {
-          const int64_t at = row0 + r * L.q_row + c;
-          qs[r * D + c] = sc * static_cast<A>(qp[at]);
-          const A g = static_cast<A>(dop[at]);
-          dot[r * D + c] = g;
-          dd += g * static_cast<A>(op[at]);
-        }
-        w.delta[r] = dd - (dlse == nullptr ? A(0) : dlse[lrow0 + r]);
-        w.lrow[r] = lp[lrow0 + r];
+    const int64_t nq = std::min(kBlockQ, sq.lq - i0);
+    const int64_t row0 = sq.q0 + h * L.q_head + i0 * L.q_row;  // element offset of row i0
+    const int64_t lrow0 = sq.l0 + h * L.l_head + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      const A sc = scale_of<A>(sq, i0 + r, causal, rule);
+      w.scale[r] = sc;
+      A dd = 0;
+      for (int64_t c = 0; c < D; ++c) {
+        const int64_t at = row0 + r * L.q_row + c;
+        qs[r * D + c] = sc * static_cast<A>(qp[at]);
+        const A g = static_cast<A>(dop[at]);
+        dot[r * D + c] = g;
+        dd += g * static_cast<A>(op[at]);
       }
-      std::fill(dqt, dqt + nq * D, A(0));
-      const int64_t kend = key_end(sq, i0 + nq, causal);
-      for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, kend - j0);
-        const Tile<A> kt = load_tile<T, A>(kbase + j0 * L.k_row, nk, D, L.k_row, w.kbuf.data());
-        const Tile<A> vt = load_tile<T, A>(vbase + j0 * L.k_row, nk, D, L.k_row, w.vbuf.data());
-        gemm_nt<A>(nq, nk, D, qs, D, kt.p, kt.ld, A(0), p, kBlockK);
-        const bool crosses = causal && (j0 + nk - 1 > i0 + off);
-        if (crosses || sq.pad != nullptr) mask_tile(p, kBlockK, nq, nk, i0, j0, off, crosses, sq.pad);
-        for (int64_t r = 0; r < nq; ++r) exp_shift_sum(p + r * kBlockK, nk, w.lrow[r]);
-        // dV_j += P^T dO ; dP = dO V^T
-        gemm_tn<A>(nk, D, nq, p, kBlockK, dot, D, A(1), dv + j0 * L.a_row, L.a_row);
-        gemm_nt<A>(nq, nk, D, dot, D, vt.p, vt.ld, A(0), dp, kBlockK);
-        for (int64_t r = 0; r < nq; ++r)  // dS, in place of P
-          softmax_grad_row(p + r * kBlockK, dp + r * kBlockK, nk, w.delta[r]);
-        // dQ += dS K ; dK_j += dS^T Qs
-        gemm_nn<A>(nq, D, nk, p, kBlockK, kt.p, kt.ld, A(1), dqt, D);
-        gemm_tn<A>(nk, D, nq, p, kBlockK, qs, D, A(1), dk + j0 * L.a_row, L.a_row);
-      }
-      for (int64_t r = 0; r < nq; ++r)
-        for (int64_t c = 0; c < D; ++c) dqp[row0 + r * L.q_row + c] = static_cast<T>(w.scale[r] * dqt[r * D + c]);
+      w.delta[r] = dd - (dlse == nullptr ? A(0) : dlse[lrow0 + r]);
+      w.lrow[r] = lp[lrow0 + r];
     }
-  });
+    std::fill(dqt, dqt + nq * D, A(0));
+    const int64_t kend = key_end(sq, i0 + nq, causal);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      const Tile<A> kt = load_tile<T, A>(kbase + j0 * L.k_row, nk, D, L.k_row, w.kbuf.data());
+      const Tile<A> vt = load_tile<T, A>(vbase + j0 * L.k_row, nk, D, L.k_row, w.vbuf.data());
+      gemm_nt<A>(nq, nk, D, qs, D, kt.p, kt.ld, A(0), p, kBlockK);
+      const bool crosses = causal && (j0 + nk - 1 > i0 + off);
+      if (crosses || sq.pad != nullptr) mask_tile(p, kBlockK, nq, nk, i0, j0, off, crosses, sq.pad);
+      for (int64_t r = 0; r < nq; ++r) exp_shift_sum(p + r * kBlockK, nk, w.lrow[r]);
+      // dV_j += P^T dO ; dP = dO V^T
+      gemm_tn<A>(nk, D, nq, p, kBlockK, dot, D, A(1), dv + j0 * a_row, a_row);
+      gemm_nt<A>(nq, nk, D, dot, D, vt.p, vt.ld, A(0), dp, kBlockK);
+      for (int64_t r = 0; r < nq; ++r)  // dS, in place of P
+        softmax_grad_row(p + r * kBlockK, dp + r * kBlockK, nk, w.delta[r]);
+      // dQ += dS K ; dK_j += dS^T Qs
+      gemm_nn<A>(nq, D, nk, p, kBlockK, kt.p, kt.ld, A(1), dqt, D);
+      gemm_tn<A>(nk, D, nq, p, kBlockK, qs, D, A(1), dk + j0 * a_row, a_row);
+    }
+    for (int64_t r = 0; r < nq; ++r)
+      for (int64_t c = 0; c < D; ++c) dqp[row0 + r * L.q_row + c] = static_cast<T>(w.scale[r] * dqt[r * D + c]);
+  };
+  auto block_cost = [&](const Seq& sq, int64_t i0) {
+    const int64_t nq = std::min(kBlockQ, sq.lq - i0);
+    return nq * (key_end(sq, i0 + nq, causal) + 1);
+  };
+  auto zero_rows = [&](A* t, int64_t rows, int64_t ld) {
+    for (int64_t j = 0; j < rows; ++j) std::fill(t + j * ld, t + j * ld + D, A(0));
+  };
+
+  const int64_t pairs = static_cast<int64_t>(L.seqs.size()) * L.Hq;
+  if (pairs >= at::get_num_threads() || at::in_parallel_region()) {
+    std::vector<Task> tasks;
+    for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
+      int64_t cost = L.seqs[s].lk;
+      for (int64_t i0 = 0; i0 < L.seqs[s].lq; i0 += kBlockQ) cost += block_cost(L.seqs[s], i0);
+      for (int64_t h = 0; h < L.Hq; ++h) tasks.push_back(Task{s, h, 0, cost});
+    }
+    run_tasks<BackwardScratch<A>>(tasks, [&](const Task& task, BackwardScratch<A>& w, int64_t) {
+      const Seq& sq = L.seqs[task.seq];
+      A* dk = dk_acc + sq.a0 + task.head * L.a_head;
+      A* dv = dv_acc + sq.a0 + task.head * L.a_head;
+      zero_rows(dk, sq.lk, L.a_row);
+      zero_rows(dv, sq.lk, L.a_row);
+      for (int64_t i0 = 0; i0 < sq.lq; i0 += kBlockQ) block(sq, task.head, i0, dk, dv, L.a_row, w);
+    });
+    return;
+  }
+  for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
+    const Seq& sq = L.seqs[s];
+    std::vector<Task> tasks;
+    for (int64_t i0 = 0, qb = 0; i0 < sq.lq; i0 += kBlockQ, ++qb) tasks.push_back(Task{s, 0, qb, block_cost(sq, i0)});
+    const int64_t slots = workers(static_cast<int64_t>(tasks.size()));
+    std::vector<A> part(slots * 2 * sq.lk * D, A(0));  // per worker: dK (lk, D), then dV (lk, D)
+    for (int64_t h = 0; h < L.Hq; ++h) {
+      if (h > 0) std::fill(part.begin(), part.end(), A(0));
+      run_tasks<BackwardScratch<A>>(tasks, [&](const Task& task, BackwardScratch<A>& w, int64_t slot) {
+        A* mine = part.data() + slot * 2 * sq.lk * D;
+        block(sq, h, task.block * kBlockQ, mine, mine + sq.lk * D, D, w);
+      });
+      A* dk = dk_acc + sq.a0 + h * L.a_head;
+      A* dv = dv_acc + sq.a0 + h * L.a_head;
+      for (int64_t j = 0; j < sq.lk; ++j)
+        for (int64_t c = 0; c < D; ++c) {
+          A gk = 0, gv = 0;
+          for (int64_t t = 0; t < slots; ++t) {
+            gk += part[(t * 2) * sq.lk * D + j * D + c];
+            gv += part[(t * 2 + 1) * sq.lk * D + j * D + c];
+          }
+          dk[j * L.a_row + c] = gk;
+          dv[j * L.a_row + c] = gv;
+        }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
