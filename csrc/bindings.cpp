@@ -41,6 +41,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logn_attention_backward_cpu", &kexue::logn_attention_backward_cpu, nogil, arg("grad_out"),
         arg("grad_lse"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("key_padding_mask"),
         arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"), arg("min_n"), arg("gradmax"));
+  m.def("logn_attention_varlen_forward_cpu", &kexue::logn_attention_varlen_forward_cpu, nogil, arg("q"), arg("k"),
+        arg("v"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("causal"), arg("scale"), arg("train_len"),
+        arg("logn"), arg("clip"), arg("min_n"), arg("gradmax"));
+  m.def("logn_attention_varlen_backward_cpu", &kexue::logn_attention_varlen_backward_cpu, nogil, arg("grad_out"),
+        arg("grad_lse"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("cu_seqlens_q"),
+        arg("cu_seqlens_k"), arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"), arg("min_n"),
+        arg("gradmax"));
 #ifdef KEXUE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("entropy_normalize_forward_cuda", &kexue::entropy_normalize_forward_cuda, nogil, arg("x"), arg("target"),

@@ -1,10 +1,13 @@
 // Log-n attention on CPU: flash-style tiled forward and backward.
 //
-// Forward (one task per batch x query head x block of query rows, through at::parallel_for):
+// Dense (B, H, L, D) and packed variable-length (T, H, D) inputs share the kernels: a Layout says
+// where each sequence starts and the strides between rows and heads.
+//
+// Forward (one task per sequence x query head x block of query rows, longest first, on torch's pool):
 // the rows of q, each multiplied by its own scale (kexue/logn_attention.h), go against blocks of
 // keys: S = Qs K^T, masked, folded into a running max / sum / accumulator (online softmax), the
-// accumulator growing by P V. Saves lse = m + log(l) per row. Backward (one task per batch x query
-// head): recomputes P = exp(S - lse) block by block, with delta = rowsum(dO * O) - dlse:
+// accumulator growing by P V. Saves lse = m + log(l) per row. Backward (one task per sequence x
+// query head): recomputes P = exp(S - lse) block by block, with delta = rowsum(dO * O) - dlse:
 // dV += P^T dO, dS = P (dO V^T - delta), dQ += dS K, dK += dS^T Qs. Extra memory is a few tiles
 // per thread and, in the backward, one (Lk, D) float accumulator pair per query head when the
 // inputs are not float32 or heads are grouped: O(L D), never O(L^2).
@@ -17,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -158,14 +162,22 @@ void softmax_grad_row(double* p, const double* dp, int64_t n, double delta) {
   for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
 }
 
-// Loads rows x rows of length d (row stride d) into a float buffer; float32 needs no copy.
+// A tile of rows of length d, row stride `ld`: float32 rows are used in place (BLAS takes the
+// stride), fp16 / bf16 rows are converted into `buf` (stride d).
+template <typename A>
+struct Tile {
+  const A* p;
+  int64_t ld;
+};
+
 template <typename T, typename A>
-const A* load_tile(const T* src, int64_t rows, int64_t d, A* buf) {
+Tile<A> load_tile(const T* src, int64_t rows, int64_t d, int64_t stride, A* buf) {
   if constexpr (std::is_same_v<T, A>) {
-    return src;
+    return {src, stride};
   } else {
-    for (int64_t i = 0; i < rows * d; ++i) buf[i] = static_cast<A>(src[i]);
-    return buf;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < d; ++c) buf[r * d + c] = static_cast<A>(src[r * stride + c]);
+    return {buf, d};
   }
 }
 
@@ -188,17 +200,58 @@ void mask_tile(A* s, int64_t ldS, int64_t nq, int64_t nk, int64_t i0, int64_t j0
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shapes and the per-query scale.
+// Where the rows of a call live. A dense call (B, H, L, D) and a packed one (T, H, D) with
+// cumulative sequence offsets differ only in where each sequence starts and in the strides
+// between rows and between heads, so both run the same kernels over a Layout: no padding copy.
 
-struct Dims {
-  int64_t B, Hq, Hkv, Lq, Lk, D, groups, off;
+struct Seq {
+  int64_t lq, lk;         // query and key rows of the sequence
+  int64_t q0, k0;         // element offset of its row 0, head 0 in q / out / dout / dq, in k / v
+  int64_t l0;             // offset of its row 0, head 0 in lse / grad_lse (rows at stride 1)
+  int64_t a0;             // offset of its row 0, head 0 in the dK / dV accumulators
+  const bool* pad;        // (lk) padding flags, or nullptr
+  const int64_t* prefix;  // (lk + 1) unpadded keys among the first j, or nullptr (no padding)
 };
 
-Dims dims_of(const at::Tensor& q, const at::Tensor& k) {
-  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0, 0};
-  d.groups = d.Hq / d.Hkv;
-  d.off = d.Lk - d.Lq;
-  return d;
+struct Layout {
+  int64_t Hq, Hkv, D, groups;
+  int64_t q_row, q_head;  // element strides of q, out, dout, dq
+  int64_t k_row, k_head;  // of k, v
+  int64_t l_head;         // of lse, grad_lse
+  int64_t a_row, a_head;  // of the accumulators: (B, Hq, Lk, D) dense, (Tk, Hq, D) packed
+  std::vector<Seq> seqs;
+  std::vector<int64_t> prefix;  // storage of the Seq::prefix arrays
+};
+
+// q (B, Hq, Lq, D), k (B, Hkv, Lk, D), pad (B, Lk) or nullptr; lse (B, Hq, Lq).
+Layout dense_layout(const at::Tensor& q, const at::Tensor& k, const bool* pad) {
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  Layout L{Hq, Hkv, D, Hq / Hkv, D, Lq * D, D, Lk * D, Lq, D, Lk * D, {}, {}};
+  if (pad != nullptr) {
+    L.prefix.resize(B * (Lk + 1));
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t* p = L.prefix.data() + b * (Lk + 1);
+      p[0] = 0;
+      for (int64_t j = 0; j < Lk; ++j) p[j + 1] = p[j] + !pad[b * Lk + j];
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    L.seqs.push_back(Seq{Lq, Lk, b * Hq * Lq * D, b * Hkv * Lk * D, b * Hq * Lq, b * Hq * Lk * D,
+                         pad == nullptr ? nullptr : pad + b * Lk,
+                         pad == nullptr ? nullptr : L.prefix.data() + b * (Lk + 1)});
+  return L;
+}
+
+// q (Tq, Hq, D), k (Tk, Hkv, D), sequence s at rows cu_q[s] .. cu_q[s+1] and cu_k[s] .. cu_k[s+1];
+// lse (Hq, Tq).
+Layout packed_layout(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& cu_q,
+                     const std::vector<int64_t>& cu_k) {
+  const int64_t Tq = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  Layout L{Hq, Hkv, D, Hq / Hkv, Hq * D, D, Hkv * D, D, Tq, Hq * D, D, {}, {}};
+  for (size_t s = 0; s + 1 < cu_q.size(); ++s)
+    L.seqs.push_back(Seq{cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s], cu_q[s] * Hq * D, cu_k[s] * Hkv * D, cu_q[s],
+                         cu_k[s] * Hq * D, nullptr, nullptr});
+  return L;
 }
 
 ScaleRule make_rule(int64_t head_dim, double scale, double train_len, bool logn, bool clip, double min_n,
@@ -214,188 +267,353 @@ ScaleRule make_rule(int64_t head_dim, double scale, double train_len, bool logn,
   return r;
 }
 
-// prefix (B, Lk + 1): unpadded keys among the first j of each batch row.
-std::vector<int64_t> key_prefix(const Dims& d, const bool* pad) {
-  std::vector<int64_t> prefix(d.B * (d.Lk + 1));
-  for (int64_t b = 0; b < d.B; ++b) {
-    int64_t* p = prefix.data() + b * (d.Lk + 1);
-    p[0] = 0;
-    for (int64_t j = 0; j < d.Lk; ++j) p[j + 1] = p[j] + (pad == nullptr || !pad[b * d.Lk + j]);
+// The keys a query block [i0, i1) of a sequence needs: [0, end).
+int64_t key_end(const Seq& s, int64_t i1, bool causal) {
+  if (!causal) return s.lk;
+  return std::clamp<int64_t>(i1 + s.lk - s.lq, 0, s.lk);
+}
+
+// The per-query scale of row i of a sequence.
+template <typename A>
+A scale_of(const Seq& s, int64_t i, bool causal, const ScaleRule& rule) {
+  return logn_attention::row_scale<A>(logn_attention::visible_keys(i, s.lq, s.lk, causal, s.prefix), rule);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling. Tasks of very different cost (causal query blocks, sequences of mixed lengths) go
+// longest first to whichever thread of torch's pool is free: at::parallel_for alone would give
+// each thread a fixed contiguous range, and one thread could get all the long ones.
+
+struct Task {
+  int64_t seq, head, block, cost;
+};
+
+// body(task, scratch, slot): slot in [0, workers(n)) is distinct for concurrently running
+// workers, for per-worker partial sums.
+int64_t workers(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
+
+template <typename Scratch, typename Body>
+void run_tasks(std::vector<Task>& tasks, const Body& body) {
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(n), 1, [&](int64_t slot, int64_t) {
+    Scratch scratch;
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(tasks[t], scratch, slot);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one task per (sequence, query head, block of query rows).
+
+template <typename A>
+struct ForwardScratch {
+  std::vector<A> qs, acc, s, kbuf, vbuf, m, l;
+};
+
+template <typename T, typename A>
+void forward_impl(const Layout& L, const T* qp, const T* kp, const T* vp, bool causal, const ScaleRule& rule, T* op,
+                  A* lp) {
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
+    const Seq& sq = L.seqs[s];
+    for (int64_t h = 0; h < L.Hq; ++h)
+      for (int64_t i0 = 0, qb = 0; i0 < sq.lq; i0 += kBlockQ, ++qb) {
+        const int64_t nq = std::min(kBlockQ, sq.lq - i0);
+        tasks.push_back(Task{s, h, qb, nq * (key_end(sq, i0 + nq, causal) + 1)});
+      }
   }
-  return prefix;
-}
-
-// The key blocks a query block [i0, i1) needs: [0, end).
-int64_t key_end(const Dims& d, int64_t i1, bool causal) {
-  if (!causal) return d.Lk;
-  return std::clamp<int64_t>(i1 - 1 + d.off + 1, 0, d.Lk);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward.
-
-template <typename T, typename A>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* pad, bool causal,
-                  const ScaleRule& rule, at::Tensor& out, at::Tensor& lse) {
-  const Dims d = dims_of(q, k);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  A* lp = lse.data_ptr<A>();
-  const std::vector<int64_t> prefix = key_prefix(d, pad);
-  const int64_t qblocks = (d.Lq + kBlockQ - 1) / kBlockQ;
   const A ninf = -std::numeric_limits<A>::infinity();
+  const int64_t D = L.D;
 
-  at::parallel_for(0, d.B * d.Hq * qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qs(kBlockQ * d.D), acc(kBlockQ * d.D), s(kBlockQ * kBlockK), kbuf, vbuf;
-    std::vector<A> m(kBlockQ), l(kBlockQ);
-    if constexpr (!std::is_same_v<T, A>) kbuf.resize(kBlockK * d.D), vbuf.resize(kBlockK * d.D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % qblocks, bh = task / qblocks, b = bh / d.Hq, h = bh % d.Hq;
-      const int64_t hk = h / d.groups;
-      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, d.Lq - i0);
-      const bool* pad_b = pad == nullptr ? nullptr : pad + b * d.Lk;
-      const int64_t* prefix_b = prefix.data() + b * (d.Lk + 1);
-      const T* qrow = qp + (bh * d.Lq + i0) * d.D;
-      const T* kbase = kp + (b * d.Hkv + hk) * d.Lk * d.D;
-      const T* vbase = vp + (b * d.Hkv + hk) * d.Lk * d.D;
+  run_tasks<ForwardScratch<A>>(tasks, [&](const Task& task, ForwardScratch<A>& w, int64_t) {
+    if (w.qs.empty()) {
+      w.qs.resize(kBlockQ * D), w.acc.resize(kBlockQ * D), w.s.resize(kBlockQ * kBlockK);
+      w.m.resize(kBlockQ), w.l.resize(kBlockQ);
+      if constexpr (!std::is_same_v<T, A>) w.kbuf.resize(kBlockK * D), w.vbuf.resize(kBlockK * D);
+    }
+    const Seq& sq = L.seqs[task.seq];
+    const int64_t h = task.head, hk = h / L.groups, off = sq.lk - sq.lq;
+    const int64_t i0 = task.block * kBlockQ, nq = std::min(kBlockQ, sq.lq - i0);
+    const T* qrow = qp + sq.q0 + h * L.q_head + i0 * L.q_row;
+    const T* kbase = kp + sq.k0 + hk * L.k_head;
+    const T* vbase = vp + sq.k0 + hk * L.k_head;
+    A *qs = w.qs.data(), *acc = w.acc.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
+    for (int64_t r = 0; r < nq; ++r) {
+      const A sc = scale_of<A>(sq, i0 + r, causal, rule);
+      for (int64_t c = 0; c < D; ++c) qs[r * D + c] = sc * static_cast<A>(qrow[r * L.q_row + c]);
+      m[r] = ninf;
+      l[r] = 0;
+    }
+    std::fill(acc, acc + nq * D, A(0));
+    const int64_t kend = key_end(sq, i0 + nq, causal);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      const Tile<A> kt = load_tile<T, A>(kbase + j0 * L.k_row, nk, D, L.k_row, w.kbuf.data());
+      const Tile<A> vt = load_tile<T, A>(vbase + j0 * L.k_row, nk, D, L.k_row, w.vbuf.data());
+      gemm_nt<A>(nq, nk, D, qs, D, kt.p, kt.ld, A(0), s, kBlockK);
+      const bool crosses = causal && (j0 + nk - 1 > i0 + off);
+      if (crosses || sq.pad != nullptr) mask_tile(s, kBlockK, nq, nk, i0, j0, off, crosses, sq.pad);
       for (int64_t r = 0; r < nq; ++r) {
-        const A sc = logn_attention::row_scale<A>(logn_attention::visible_keys(i0 + r, d.Lq, d.Lk, causal, prefix_b),
-                                                  rule);
-        for (int64_t c = 0; c < d.D; ++c) qs[r * d.D + c] = sc * static_cast<A>(qrow[r * d.D + c]);
-        m[r] = ninf;
-        l[r] = 0;
-      }
-      std::fill(acc.begin(), acc.begin() + nq * d.D, A(0));
-      const int64_t kend = key_end(d, i0 + nq, causal);
-      for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, kend - j0);
-        const A* kt = load_tile<T, A>(kbase + j0 * d.D, nk, d.D, kbuf.data());
-        const A* vt = load_tile<T, A>(vbase + j0 * d.D, nk, d.D, vbuf.data());
-        gemm_nt<A>(nq, nk, d.D, qs.data(), d.D, kt, d.D, A(0), s.data(), kBlockK);
-        const bool crosses = causal && (j0 + nk - 1 > i0 + d.off);
-        if (crosses || pad_b != nullptr) mask_tile(s.data(), kBlockK, nq, nk, i0, j0, d.off, crosses, pad_b);
-        for (int64_t r = 0; r < nq; ++r) {
-          A* sr = s.data() + r * kBlockK;
-          const A m_new = std::max(m[r], cpu::row_max(sr, nk));
-          const A shift = m_new == ninf ? A(0) : m_new;  // a row with nothing visible yet stays 0
-          const A row_total = exp_shift_sum(sr, nk, shift);
-          const A alpha = m[r] == ninf ? A(0) : static_cast<A>(std::exp(m[r] - shift));
-          l[r] = l[r] * alpha + row_total;
-          m[r] = m_new;
-          if (alpha != A(1)) {
-            A* ar = acc.data() + r * d.D;
-            for (int64_t c = 0; c < d.D; ++c) ar[c] *= alpha;
-          }
+        A* sr = s + r * kBlockK;
+        const A m_new = std::max(m[r], cpu::row_max(sr, nk));
+        const A shift = m_new == ninf ? A(0) : m_new;  // a row with nothing visible yet stays 0
+        const A row_total = exp_shift_sum(sr, nk, shift);
+        const A alpha = m[r] == ninf ? A(0) : static_cast<A>(std::exp(m[r] - shift));
+        l[r] = l[r] * alpha + row_total;
+        m[r] = m_new;
+        if (alpha != A(1)) {
+          A* ar = acc + r * D;
+          for (int64_t c = 0; c < D; ++c) ar[c] *= alpha;
         }
-        gemm_nn<A>(nq, d.D, nk, s.data(), kBlockK, vt, d.D, A(1), acc.data(), d.D);
       }
-      T* orow = op + (bh * d.Lq + i0) * d.D;
-      A* lrow = lp + bh * d.Lq + i0;
-      for (int64_t r = 0; r < nq; ++r) {
-        // l == 0: nothing visible; zeros and lse 0 (the reference's definition). A NaN l
-        // (NaN input) fails the test and propagates through the division.
-        const bool empty = l[r] == A(0);
-        const A inv = empty ? A(0) : A(1) / l[r];
-        for (int64_t c = 0; c < d.D; ++c) orow[r * d.D + c] = static_cast<T>(acc[r * d.D + c] * inv);
-        lrow[r] = empty ? A(0) : m[r] + static_cast<A>(std::log(l[r]));
-      }
+      gemm_nn<A>(nq, D, nk, s, kBlockK, vt.p, vt.ld, A(1), acc, D);
+    }
+    T* orow = op + sq.q0 + h * L.q_head + i0 * L.q_row;
+    A* lrow = lp + sq.l0 + h * L.l_head + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      // l == 0: nothing visible; zeros and lse 0 (the reference's definition). A NaN l
+      // (NaN input) fails the test and propagates through the division.
+      const bool empty = l[r] == A(0);
+      const A inv = empty ? A(0) : A(1) / l[r];
+      for (int64_t c = 0; c < D; ++c) orow[r * L.q_row + c] = static_cast<T>(acc[r * D + c] * inv);
+      lrow[r] = empty ? A(0) : m[r] + static_cast<A>(std::log(l[r]));
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward.
+// Backward. Normally one task per (sequence, query head), which owns that head's dK / dV
+// accumulator rows of the sequence (no two tasks write the same memory). When there are fewer
+// (sequence, head) pairs than threads (one long sequence with one head), each pair is split by
+// query blocks instead, each worker summing dK / dV into its own (Lk, D) partial buffers, added
+// up at the end: O(threads Lk D) extra memory, still never O(L^2).
+
+template <typename A>
+struct BackwardScratch {
+  std::vector<A> qs, dot, dqt, p, dp, kbuf, vbuf, scale, delta, lrow;
+};
 
 template <typename T, typename A>
-void backward_impl(const at::Tensor& dout, const A* dlse, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const bool* pad, bool causal,
-                   const ScaleRule& rule, at::Tensor& dq, A* dk_acc, A* dv_acc) {
-  const Dims d = dims_of(q, k);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  const T* dop = dout.data_ptr<T>();
-  const T* op = out.data_ptr<T>();
-  const A* lp = lse.data_ptr<A>();
-  T* dqp = dq.data_ptr<T>();
-  const std::vector<int64_t> prefix = key_prefix(d, pad);
-
-  // dk_acc / dv_acc: (B, Hq, Lk, D), one slab per query head, summed over groups by the caller.
-  at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qs(kBlockQ * d.D), dot(kBlockQ * d.D), dqt(kBlockQ * d.D), p(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), kbuf, vbuf, scale(kBlockQ), delta(kBlockQ), lrow(kBlockQ);
-    if constexpr (!std::is_same_v<T, A>) kbuf.resize(kBlockK * d.D), vbuf.resize(kBlockK * d.D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.Hq, h = bh % d.Hq, hk = h / d.groups;
-      const bool* pad_b = pad == nullptr ? nullptr : pad + b * d.Lk;
-      const int64_t* prefix_b = prefix.data() + b * (d.Lk + 1);
-      const T* kbase = kp + (b * d.Hkv + hk) * d.Lk * d.D;
-      const T* vbase = vp + (b * d.Hkv + hk) * d.Lk * d.D;
-      A* dk = dk_acc + bh * d.Lk * d.D;
-      A* dv = dv_acc + bh * d.Lk * d.D;
-      std::fill(dk, dk + d.Lk * d.D, A(0));
-      std::fill(dv, dv + d.Lk * d.D, A(0));
-      for (int64_t i0 = 0; i0 < d.Lq; i0 += kBlockQ) {
-        const int64_t nq = std::min(kBlockQ, d.Lq - i0);
-        const int64_t row0 = bh * d.Lq + i0;
-        for (int64_t r = 0; r < nq; ++r) {
-          const A sc = logn_attention::row_scale<A>(
-              logn_attention::visible_keys(i0 + r, d.Lq, d.Lk, causal, prefix_b), rule);
-          scale[r] = sc;
-          A dd = 0;
-          for (int64_t c = 0; c < d.D; ++c) {
-            const int64_t at = (row0 + r) * d.D + c;
-            qs[r * d.D + c] = sc * static_cast<A>(qp[at]);
-            const A g = static_cast<A>(dop[at]);
-            dot[r * d.D + c] = g;
-            dd += g * static_cast<A>(op[at]);
-          }
-          delta[r] = dd - (dlse == nullptr ? A(0) : dlse[row0 + r]);
-          lrow[r] = lp[row0 + r];
-        }
-        std::fill(dqt.begin(), dqt.begin() + nq * d.D, A(0));
-        const int64_t kend = key_end(d, i0 + nq, causal);
-        for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-          const int64_t nk = std::min(kBlockK, kend - j0);
-          const A* kt = load_tile<T, A>(kbase + j0 * d.D, nk, d.D, kbuf.data());
-          const A* vt = load_tile<T, A>(vbase + j0 * d.D, nk, d.D, vbuf.data());
-          gemm_nt<A>(nq, nk, d.D, qs.data(), d.D, kt, d.D, A(0), p.data(), kBlockK);
-          const bool crosses = causal && (j0 + nk - 1 > i0 + d.off);
-          if (crosses || pad_b != nullptr) mask_tile(p.data(), kBlockK, nq, nk, i0, j0, d.off, crosses, pad_b);
-          for (int64_t r = 0; r < nq; ++r) exp_shift_sum(p.data() + r * kBlockK, nk, lrow[r]);
-          // dV_j += P^T dO ; dP = dO V^T
-          gemm_tn<A>(nk, d.D, nq, p.data(), kBlockK, dot.data(), d.D, A(1), dv + j0 * d.D, d.D);
-          gemm_nt<A>(nq, nk, d.D, dot.data(), d.D, vt, d.D, A(0), dp.data(), kBlockK);
-          for (int64_t r = 0; r < nq; ++r)  // dS, in place of P
-            softmax_grad_row(p.data() + r * kBlockK, dp.data() + r * kBlockK, nk, delta[r]);
-          // dQ += dS K ; dK_j += dS^T Qs
-          gemm_nn<A>(nq, d.D, nk, p.data(), kBlockK, kt, d.D, A(1), dqt.data(), d.D);
-          gemm_tn<A>(nk, d.D, nq, p.data(), kBlockK, qs.data(), d.D, A(1), dk + j0 * d.D, d.D);
-        }
-        for (int64_t r = 0; r < nq; ++r)
-          for (int64_t c = 0; c < d.D; ++c)
-            dqp[(row0 + r) * d.D + c] = static_cast<T>(scale[r] * dqt[r * d.D + c]);
-      }
+void backward_impl(const Layout& L, const T* dop, const A* dlse, const T* qp, const T* kp, const T* vp, const T* op,
+                   const A* lp, bool causal, const ScaleRule& rule, T* dqp, A* dk_acc, A* dv_acc) {
+  const int64_t D = L.D;
+  // One query block [i0, i0 + kBlockQ) of head h of a sequence: writes its dQ rows, adds to dK / dV
+  // (rows at stride a_row).
+  auto block = [&](const Seq& sq, int64_t h, int64_t i0, A* dk, A* dv, int64_t a_row, BackwardScratch<A>& w) {
+    if (w.qs.empty()) {
+      w.qs.resize(kBlockQ * D), w.dot.resize(kBlockQ * D), w.dqt.resize(kBlockQ * D);
+      w.p.resize(kBlockQ * kBlockK), w.dp.resize(kBlockQ * kBlockK);
+      w.scale.resize(kBlockQ), w.delta.resize(kBlockQ), w.lrow.resize(kBlockQ);
+      if constexpr (!std::is_same_v<T, A>) w.kbuf.resize(kBlockK * D), w.vbuf.resize(kBlockK * D);
     }
-  });
+    const int64_t hk = h / L.groups, off = sq.lk - sq.lq;
+    const T* kbase = kp + sq.k0 + hk * L.k_head;
+    const T* vbase = vp + sq.k0 + hk * L.k_head;
+    A *qs = w.qs.data(), *dot = w.dot.data(), *dqt = w.dqt.data(), *p = w.p.data(), *dp = w.dp.data();
+    const int64_t nq = std::min(kBlockQ, sq.lq - i0);
+    const int64_t row0 = sq.q0 + h * L.q_head + i0 * L.q_row;  // element offset of row i0
+    const int64_t lrow0 = sq.l0 + h * L.l_head + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      const A sc = scale_of<A>(sq, i0 + r, causal, rule);
+      w.scale[r] = sc;
+      A dd = 0;
+      for (int64_t c = 0; c < D; ++c) {
+        const int64_t at = row0 + r * L.q_row + c;
+        qs[r * D + c] = sc * static_cast<A>(qp[at]);
+        const A g = static_cast<A>(dop[at]);
+        dot[r * D + c] = g;
+        dd += g * static_cast<A>(op[at]);
+      }
+      w.delta[r] = dd - (dlse == nullptr ? A(0) : dlse[lrow0 + r]);
+      w.lrow[r] = lp[lrow0 + r];
+    }
+    std::fill(dqt, dqt + nq * D, A(0));
+    const int64_t kend = key_end(sq, i0 + nq, causal);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      const Tile<A> kt = load_tile<T, A>(kbase + j0 * L.k_row, nk, D, L.k_row, w.kbuf.data());
+      const Tile<A> vt = load_tile<T, A>(vbase + j0 * L.k_row, nk, D, L.k_row, w.vbuf.data());
+      gemm_nt<A>(nq, nk, D, qs, D, kt.p, kt.ld, A(0), p, kBlockK);
+      const bool crosses = causal && (j0 + nk - 1 > i0 + off);
+      if (crosses || sq.pad != nullptr) mask_tile(p, kBlockK, nq, nk, i0, j0, off, crosses, sq.pad);
+      for (int64_t r = 0; r < nq; ++r) exp_shift_sum(p + r * kBlockK, nk, w.lrow[r]);
+      // dV_j += P^T dO ; dP = dO V^T
+      gemm_tn<A>(nk, D, nq, p, kBlockK, dot, D, A(1), dv + j0 * a_row, a_row);
+      gemm_nt<A>(nq, nk, D, dot, D, vt.p, vt.ld, A(0), dp, kBlockK);
+      for (int64_t r = 0; r < nq; ++r)  // dS, in place of P
+        softmax_grad_row(p + r * kBlockK, dp + r * kBlockK, nk, w.delta[r]);
+      // dQ += dS K ; dK_j += dS^T Qs
+      gemm_nn<A>(nq, D, nk, p, kBlockK, kt.p, kt.ld, A(1), dqt, D);
+      gemm_tn<A>(nk, D, nq, p, kBlockK, qs, D, A(1), dk + j0 * a_row, a_row);
+    }
+    for (int64_t r = 0; r < nq; ++r)
+      for (int64_t c = 0; c < D; ++c) dqp[row0 + r * L.q_row + c] = static_cast<T>(w.scale[r] * dqt[r * D + c]);
+  };
+  auto block_cost = [&](const Seq& sq, int64_t i0) {
+    const int64_t nq = std::min(kBlockQ, sq.lq - i0);
+    return nq * (key_end(sq, i0 + nq, causal) + 1);
+  };
+  auto zero_rows = [&](A* t, int64_t rows, int64_t ld) {
+    for (int64_t j = 0; j < rows; ++j) std::fill(t + j * ld, t + j * ld + D, A(0));
+  };
+
+  const int64_t pairs = static_cast<int64_t>(L.seqs.size()) * L.Hq;
+  if (pairs >= at::get_num_threads() || at::in_parallel_region()) {
+    std::vector<Task> tasks;
+    for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
+      int64_t cost = L.seqs[s].lk;
+      for (int64_t i0 = 0; i0 < L.seqs[s].lq; i0 += kBlockQ) cost += block_cost(L.seqs[s], i0);
+      for (int64_t h = 0; h < L.Hq; ++h) tasks.push_back(Task{s, h, 0, cost});
+    }
+    run_tasks<BackwardScratch<A>>(tasks, [&](const Task& task, BackwardScratch<A>& w, int64_t) {
+      const Seq& sq = L.seqs[task.seq];
+      A* dk = dk_acc + sq.a0 + task.head * L.a_head;
+      A* dv = dv_acc + sq.a0 + task.head * L.a_head;
+      zero_rows(dk, sq.lk, L.a_row);
+      zero_rows(dv, sq.lk, L.a_row);
+      for (int64_t i0 = 0; i0 < sq.lq; i0 += kBlockQ) block(sq, task.head, i0, dk, dv, L.a_row, w);
+    });
+    return;
+  }
+  for (int64_t s = 0; s < static_cast<int64_t>(L.seqs.size()); ++s) {
+    const Seq& sq = L.seqs[s];
+    std::vector<Task> tasks;
+    for (int64_t i0 = 0, qb = 0; i0 < sq.lq; i0 += kBlockQ, ++qb) tasks.push_back(Task{s, 0, qb, block_cost(sq, i0)});
+    const int64_t slots = workers(static_cast<int64_t>(tasks.size()));
+    std::vector<A> part(slots * 2 * sq.lk * D, A(0));  // per worker: dK (lk, D), then dV (lk, D)
+    for (int64_t h = 0; h < L.Hq; ++h) {
+      if (h > 0) std::fill(part.begin(), part.end(), A(0));
+      run_tasks<BackwardScratch<A>>(tasks, [&](const Task& task, BackwardScratch<A>& w, int64_t slot) {
+        A* mine = part.data() + slot * 2 * sq.lk * D;
+        block(sq, h, task.block * kBlockQ, mine, mine + sq.lk * D, D, w);
+      });
+      A* dk = dk_acc + sq.a0 + h * L.a_head;
+      A* dv = dv_acc + sq.a0 + h * L.a_head;
+      for (int64_t j = 0; j < sq.lk; ++j)
+        for (int64_t c = 0; c < D; ++c) {
+          A gk = 0, gv = 0;
+          for (int64_t t = 0; t < slots; ++t) {
+            gk += part[(t * 2) * sq.lk * D + j * D + c];
+            gv += part[(t * 2 + 1) * sq.lk * D + j * D + c];
+          }
+          dk[j * L.a_row + c] = gk;
+          dv[j * L.a_row + c] = gv;
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+at::ScalarType acc_type_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+  TORCH_CHECK(q.dim() == dims && k.dim() == dims && v.dim() == dims, "logn_attention: q, k, v must be ", dims, "-d");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "logn_attention: inputs must be contiguous");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "logn_attention: the C++ CPU path takes CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "logn_attention: q, k, v must share a dtype");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(dims - 1) == k.size(dims - 1),
+              "logn_attention: shapes of q, k, v do not match");
+  // the heads are dimension 1 in both layouts
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "logn_attention: Hq must be a multiple of Hkv");
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& pad) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "logn_attention: q, k, v must be 4-d");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "logn_attention: inputs must be contiguous");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3),
-              "logn_attention: shapes of q, k, v do not match");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "logn_attention: Hq must be a multiple of Hkv");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "logn_attention: q, k, v must share a dtype");
+  check_common(q, k, v, 4);
+  TORCH_CHECK(q.size(0) == k.size(0), "logn_attention: q and k must have the same batch");
   if (pad.has_value()) {
     TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 &&
                     pad->size(0) == q.size(0) && pad->size(1) == k.size(2),
                 "logn_attention: key_padding_mask must be a contiguous bool (B, Lk) tensor");
   }
+}
+
+void check_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                    const at::Tensor& out, const at::Tensor& lse, int64_t lse_numel) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
+              "logn_attention_backward: grad_out must be contiguous and shaped and typed like q");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
+              "logn_attention_backward: bad out");
+  const auto acc_type = acc_type_of(q);
+  TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.numel() == lse_numel,
+              "logn_attention_backward: bad lse");
+  if (grad_lse.has_value())
+    TORCH_CHECK(grad_lse->scalar_type() == acc_type && grad_lse->is_contiguous() && grad_lse->numel() == lse_numel,
+                "logn_attention_backward: bad grad_lse");
+}
+
+// Offsets of a (nseq + 1,) int32 / int64 CPU tensor, checked: 0 first, non-decreasing, `total` last.
+std::vector<int64_t> offsets_of(const at::Tensor& cu, int64_t total, const char* name) {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu() &&
+                  (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              "logn_attention: ", name, " must be a 1-d int32 or int64 CPU tensor with at least one entry");
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + c.numel());
+  TORCH_CHECK(out.front() == 0 && out.back() == total, "logn_attention: ", name, " must start at 0 and end at ", total);
+  for (size_t i = 1; i < out.size(); ++i)
+    TORCH_CHECK(out[i] >= out[i - 1], "logn_attention: ", name, " must be non-decreasing");
+  return out;
+}
+
+// Calls fn(T{}, A{}) with the storage type T of q and the type A it computes in.
+template <typename Fn>
+void dispatch(const at::Tensor& q, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "logn_attention_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    fn(scalar_t{}, A{});
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_on(const Layout& L, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, at::IntArrayRef lse_shape, bool causal,
+                                              const ScaleRule& rule) {
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty(lse_shape, q.options().dtype(acc_type_of(q)));
+  dispatch(q, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    forward_impl<T, A>(L, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), causal, rule, out.data_ptr<T>(),
+                       lse.data_ptr<A>());
+  });
+  return {out, lse};
+}
+
+// acc_shape: the accumulators' shape with Hq heads, (B, Hq, Lk, D) or (Tk, Hq, D); head_dim is
+// the index of the heads in it. With float32 inputs and no grouping they are dk and dv
+// themselves; otherwise they are reduced over the groups and cast.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(const Layout& L, const at::Tensor& grad_out,
+                                                           const std::optional<at::Tensor>& grad_lse,
+                                                           const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& out,
+                                                           const at::Tensor& lse, std::vector<int64_t> acc_shape,
+                                                           int64_t head_dim, bool causal, const ScaleRule& rule) {
+  const auto acc_type = acc_type_of(q);
+  at::Tensor dq = at::empty_like(q);
+  const bool direct = q.scalar_type() == acc_type && L.groups == 1;
+  at::Tensor dk_acc = direct ? at::empty_like(k) : at::empty(acc_shape, q.options().dtype(acc_type));
+  at::Tensor dv_acc = direct ? at::empty_like(v) : at::empty(acc_shape, q.options().dtype(acc_type));
+  dispatch(q, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    const A* dlse = grad_lse.has_value() ? grad_lse->data_ptr<A>() : nullptr;
+    backward_impl<T, A>(L, grad_out.data_ptr<T>(), dlse, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                        out.data_ptr<T>(), lse.data_ptr<A>(), causal, rule, dq.data_ptr<T>(), dk_acc.data_ptr<A>(),
+                        dv_acc.data_ptr<A>());
+  });
+  if (direct) return {dq, dk_acc, dv_acc};
+  // (.., Hq, ..) -> (.., Hkv, groups, ..) summed over the groups
+  std::vector<int64_t> grouped = acc_shape;
+  grouped[head_dim] = L.Hkv;
+  grouped.insert(grouped.begin() + head_dim + 1, L.groups);
+  at::Tensor dk = dk_acc.view(grouped).sum(head_dim + 1).to(k.scalar_type());
+  at::Tensor dv = dv_acc.view(grouped).sum(head_dim + 1).to(v.scalar_type());
+  return {dq, dk, dv};
 }
 
 }  // namespace
@@ -406,16 +624,10 @@ std::tuple<at::Tensor, at::Tensor> logn_attention_forward_cpu(const at::Tensor& 
                                                               bool causal, double scale, double train_len, bool logn,
                                                               bool clip, double min_n, bool gradmax) {
   check_inputs(q, k, v, key_padding_mask);
-  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
-  const ScaleRule rule = make_rule(q.size(3), scale, train_len, logn, clip, min_n, gradmax);
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "logn_attention_forward_cpu", [&] {
-    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_impl<scalar_t, A>(q, k, v, pad, causal, rule, out, lse);
-  });
-  return {out, lse};
+  const Layout L = dense_layout(q, k, pad);
+  const ScaleRule rule = make_rule(q.size(3), scale, train_len, logn, clip, min_n, gradmax);
+  return forward_on(L, q, k, v, {q.size(0), q.size(1), q.size(2)}, causal, rule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cpu(
@@ -424,35 +636,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cpu(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double train_len, bool logn,
     bool clip, double min_n, bool gradmax) {
   check_inputs(q, k, v, key_padding_mask);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
-              "logn_attention_backward: grad_out must be contiguous and shaped and typed like q");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous(), "logn_attention_backward: bad out");
-  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
-              "logn_attention_backward: bad lse");
-  if (grad_lse.has_value())
-    TORCH_CHECK(grad_lse->scalar_type() == acc_type && grad_lse->is_contiguous() && grad_lse->numel() == lse.numel(),
-                "logn_attention_backward: bad grad_lse");
-  const ScaleRule rule = make_rule(q.size(3), scale, train_len, logn, clip, min_n, gradmax);
+  check_backward(grad_out, grad_lse, q, out, lse, q.size(0) * q.size(1) * q.size(2));
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
-  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Lk = k.size(2), D = q.size(3);
-  at::Tensor dq = at::empty_like(q);
-  // One accumulator slab per query head. With float32 inputs and no grouping these are the
-  // outputs themselves; otherwise they are reduced over groups and cast below.
-  const bool direct = q.scalar_type() == acc_type && Hq == Hkv;
-  at::Tensor dk_acc = direct ? at::empty_like(k) : at::empty({B, Hq, Lk, D}, q.options().dtype(acc_type));
-  at::Tensor dv_acc = direct ? at::empty_like(v) : at::empty({B, Hq, Lk, D}, q.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "logn_attention_backward_cpu", [&] {
-    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const A* dlse = grad_lse.has_value() ? grad_lse->data_ptr<A>() : nullptr;
-    backward_impl<scalar_t, A>(grad_out, dlse, q, k, v, out, lse, pad, causal, rule, dq, dk_acc.data_ptr<A>(),
-                               dv_acc.data_ptr<A>());
-  });
-  if (direct) return {dq, dk_acc, dv_acc};
-  const int64_t groups = Hq / Hkv;
-  at::Tensor dk = dk_acc.view({B, Hkv, groups, Lk, D}).sum(2).to(k.scalar_type());
-  at::Tensor dv = dv_acc.view({B, Hkv, groups, Lk, D}).sum(2).to(v.scalar_type());
-  return {dq, dk, dv};
+  const Layout L = dense_layout(q, k, pad);
+  const ScaleRule rule = make_rule(q.size(3), scale, train_len, logn, clip, min_n, gradmax);
+  return backward_on(L, grad_out, grad_lse, q, k, v, out, lse, {q.size(0), q.size(1), k.size(2), q.size(3)}, 1, causal,
+                     rule);
+}
+
+std::tuple<at::Tensor, at::Tensor> logn_attention_varlen_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v,
+                                                                     const at::Tensor& cu_seqlens_q,
+                                                                     const at::Tensor& cu_seqlens_k, bool causal,
+                                                                     double scale, double train_len, bool logn,
+                                                                     bool clip, double min_n, bool gradmax) {
+  check_common(q, k, v, 3);
+  const auto cu_q = offsets_of(cu_seqlens_q, q.size(0), "cu_seqlens_q");
+  const auto cu_k = offsets_of(cu_seqlens_k, k.size(0), "cu_seqlens_k");
+  TORCH_CHECK(cu_q.size() == cu_k.size(), "logn_attention: cu_seqlens_q and cu_seqlens_k must have one length");
+  const Layout L = packed_layout(q, k, cu_q, cu_k);
+  const ScaleRule rule = make_rule(q.size(2), scale, train_len, logn, clip, min_n, gradmax);
+  return forward_on(L, q, k, v, {q.size(1), q.size(0)}, causal, rule);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_varlen_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, bool causal, double scale, double train_len, bool logn, bool clip, double min_n,
+    bool gradmax) {
+  check_common(q, k, v, 3);
+  check_backward(grad_out, grad_lse, q, out, lse, q.size(0) * q.size(1));
+  const auto cu_q = offsets_of(cu_seqlens_q, q.size(0), "cu_seqlens_q");
+  const auto cu_k = offsets_of(cu_seqlens_k, k.size(0), "cu_seqlens_k");
+  TORCH_CHECK(cu_q.size() == cu_k.size(), "logn_attention: cu_seqlens_q and cu_seqlens_k must have one length");
+  const Layout L = packed_layout(q, k, cu_q, cu_k);
+  const ScaleRule rule = make_rule(q.size(2), scale, train_len, logn, clip, min_n, gradmax);
+  return backward_on(L, grad_out, grad_lse, q, k, v, out, lse, {k.size(0), q.size(1), q.size(2)}, 1, causal, rule);
 }
 
 }  // namespace kexue

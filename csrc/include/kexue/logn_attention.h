@@ -26,14 +26,17 @@ struct ScaleRule {
 };
 
 // How many keys query i (0-based, of lq) may see, from `prefix`: prefix[j] is the number of
-// unpadded keys among the first j (prefix[0] = 0, prefix[lk] = all). A causal query sits at
-// absolute position i + lk - lq (after a KV cache of lk - lq keys) and sees keys 0 .. that
-// position; a query before the first key (lq > lk) sees none.
+// unpadded keys among the first j (prefix[0] = 0, prefix[lk] = all); nullptr when no key is
+// padded (prefix[j] = j). A causal query sits at absolute position i + lk - lq (after a KV cache
+// of lk - lq keys) and sees keys 0 .. that position; a query before the first key (lq > lk) sees
+// none. For packed sequences, i, lq and lk are those of the query's own sequence.
 KEXUE_HOST_DEVICE int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal, const int64_t* prefix) {
-  if (!causal) return prefix[lk];
-  int64_t last = i + lk - lq + 1;  // one past the last visible key
-  last = last < 0 ? 0 : (last > lk ? lk : last);
-  return prefix[last];
+  int64_t last = lk;  // one past the last visible key
+  if (causal) {
+    last = i + lk - lq + 1;
+    last = last < 0 ? 0 : (last > lk ? lk : last);
+  }
+  return prefix == nullptr ? last : prefix[last];
 }
 
 // alpha*(n): root of x + log(1 + 2x) = log n in x = alpha^2, by Newton from x = 0. The function

@@ -90,6 +90,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cpu(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double train_len, bool logn,
     bool clip, double min_n, bool gradmax);
+// Log-n attention over packed variable-length sequences: q (Tq, Hq, D), k and v (Tk, Hkv, D), all
+// contiguous; cu_seqlens_q / cu_seqlens_k (nseq + 1,) int32 or int64 CPU offsets, 0 first, Tq / Tk
+// last, non-decreasing. Forward returns out (like q) and lse (Hq, Tq).
+std::tuple<at::Tensor, at::Tensor> logn_attention_varlen_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v,
+                                                                     const at::Tensor& cu_seqlens_q,
+                                                                     const at::Tensor& cu_seqlens_k, bool causal,
+                                                                     double scale, double train_len, bool logn,
+                                                                     bool clip, double min_n, bool gradmax);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_varlen_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, bool causal, double scale, double train_len, bool logn, bool clip, double min_n,
+    bool gradmax);
 
 #ifdef KEXUE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_normalize_forward_cuda(const at::Tensor& x,

@@ -1,8 +1,9 @@
 """Log-n attention: ``kexue.ops.logn_attention`` and its custom ops.
 
 ``kexue::logn_attention`` and ``kexue::logn_attention_backward`` are ``torch.library`` custom ops
-over contiguous ``(B, H, L, D)`` tensors; each dispatches to the backend that :mod:`kexue._backend`
-picks. The math is in shared/spec/logn_attention.md, csrc/include/kexue/logn_attention.h and
+over contiguous ``(B, H, L, D)`` tensors; ``kexue::logn_attention_varlen`` and its backward take
+packed variable-length sequences ``(T, H, D)`` with cumulative offsets (the flash-attn varlen
+layout). Each dispatches to the backend that :mod:`kexue._backend` picks. The math is in shared/spec/logn_attention.md, csrc/include/kexue/logn_attention.h and
 :mod:`kexue.reference.logn_attention` (which also states the edge-case definitions).
 """
 
@@ -20,6 +21,7 @@ from kexue.ops._checks import check_floating_tensor
 from kexue.reference import logn_attention as reference
 
 OP = "logn_attention"
+OP_VARLEN = "logn_attention_varlen"
 MAX_HEAD_DIM = 256
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -44,6 +46,17 @@ def _torch_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, 
                                              _ref_scale(scale, gradmax), train_len, logn, clip, min_n)
 
 
+def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+    return reference.logn_attention_varlen_forward(q, k, v, cu_q, cu_k, causal, _ref_scale(scale, gradmax), train_len,
+                                                   logn, clip, min_n)
+
+
+def _torch_varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len,
+                           logn, clip, min_n, gradmax):
+    return reference.logn_attention_varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, causal,
+                                                    _ref_scale(scale, gradmax), train_len, logn, clip, min_n)
+
+
 def _triton_module():
     from kexue.triton_kernels import logn_attention
 
@@ -59,6 +72,18 @@ def _register_backends() -> None:
     _backend.register(OP, "triton",
                       (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)),
                       _FLOATS)
+    # Packed sequences: (q, k, v, cu_q, cu_k, max_seqlen, rule...); only Triton reads max_seqlen.
+    _backend.register(OP_VARLEN, "torch", (_torch_varlen_forward, _torch_varlen_backward), _FLOATS + (torch.float64,))
+    if native is not None and hasattr(native, "logn_attention_varlen_forward_cpu"):
+        def cpu_forward(q, k, v, cu_q, cu_k, max_seqlen, *rule):
+            return native.logn_attention_varlen_forward_cpu(q, k, v, cu_q, cu_k, *rule)
+
+        def cpu_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, *rule):
+            return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
+
+        _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
+    _backend.register(OP_VARLEN, "triton", (lambda *a: _triton_module().varlen_forward(*a),
+                                            lambda *a: _triton_module().varlen_backward(*a)), _FLOATS)
 
 
 _register_backends()
@@ -122,6 +147,68 @@ def _backward(ctx, grad_out, grad_lse):
 logn_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Packed variable-length sequences. The offsets' values are checked on the host once per call
+# (:func:`_check_offsets`): by the public function in eager mode, or here when it could not
+# (under torch.compile, where reading them would break the graph) and no max_seqlen was given.
+
+
+@torch.library.custom_op("kexue::logn_attention_varlen", mutates_args=())
+def logn_attention_varlen_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen: Optional[int],
+    causal: bool, scale: float, train_len: float, logn: bool, clip: bool, min_n: float, gradmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out (Tq, Hq, D), lse (Hq, Tq))`` for contiguous packed inputs with validated shapes."""
+    if max_seqlen is None:
+        max_seqlen = _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    _, (forward, _) = _backend.select(OP_VARLEN, q)
+    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n,
+                   gradmax)
+
+
+@logn_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+    ct = reference.compute_dtype(q.dtype)
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=ct)
+
+
+@torch.library.custom_op("kexue::logn_attention_varlen_backward", mutates_args=())
+def logn_attention_varlen_backward_op(
+    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen: Optional[int], causal: bool, scale: float,
+    train_len: float, logn: bool, clip: bool, min_n: float, gradmax: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_op`."""
+    if max_seqlen is None:  # only when compiled without max_seqlen: the offsets were checked forward
+        max_seqlen = _max_seqlen(cu_seqlens_q, cu_seqlens_k)
+    _, (_, backward) = _backend.select(OP_VARLEN, q)
+    return backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale,
+                    train_len, logn, clip, min_n, gradmax)
+
+
+@logn_attention_varlen_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn,
+      clip, min_n, gradmax):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k = inputs[:5]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.rest = inputs[5:]  # max_seqlen and the scale rule
+
+
+def _backward_varlen(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.contiguous()
+    dq, dk, dv = logn_attention_varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.rest)
+    return (dq, dk, dv) + (None,) * 10
+
+
+logn_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)
+
+
 # --------------------------------------------------------------------------------------------
 # Public function.
 
@@ -142,28 +229,72 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
-def _check_qkv(q, k, v) -> None:
+def _check_qkv(q, k, v, packed: bool = False) -> None:
+    """Dense ``(batch, heads, seq, head_dim)`` or, ``packed``, ``(total, heads, head_dim)``."""
+    layout = "(total, heads, head_dim) with cu_seqlens" if packed else "(batch, heads, seq, head_dim)"
+    ndim = 3 if packed else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_floating_tensor(name, t, allowed=_FLOATS + (torch.float64,))
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-d {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    b, hq, lq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
+    hq, d = q.shape[1], q.shape[-1]
+    if (not packed and k.shape[0] != q.shape[0]) or k.shape[-1] != d:
         raise ValueError(f"k of shape {tuple(k.shape)} does not match q of shape {tuple(q.shape)}: "
-                         "expected the same batch and head_dim")
+                         f"expected the same {'head_dim' if packed else 'batch and head_dim'}")
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the number of q heads ({hq}) must be a positive multiple of the number of k/v heads ({hkv})")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-    if lq == 0 or k.shape[2] == 0:
-        raise ValueError(f"q and k must hold at least one position, got seq lengths {lq} (q) and {k.shape[2]} (k)")
+    if not packed and (q.shape[2] == 0 or k.shape[2] == 0):
+        raise ValueError(f"q and k must hold at least one position, got seq lengths {q.shape[2]} (q) and "
+                         f"{k.shape[2]} (k)")
+
+
+def _check_cu_seqlens(name: str, cu, device: torch.device) -> Tensor:
+    """The structure of an offsets tensor (its values: :func:`_check_offsets`)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32 or int64 offsets, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() == 0:
+        raise ValueError(f"{name} must be 1-d (num_sequences + 1,), got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    return cu.contiguous()
+
+
+def _check_offsets(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> int:
+    """Checks the offsets' values and returns the longest sequence, q or k (what the Triton grid
+    needs). Both tensors travel to the host together: one synchronisation on CUDA."""
+    n = cu_q.numel()
+    values = (cu_q if cu_k is cu_q else torch.cat((cu_q, cu_k.to(cu_q.dtype)))).tolist()
+    longest = 0
+    name_k = "cu_seqlens" if cu_k is cu_q else "cu_seqlens_k"  # shared offsets: k must have as many rows
+    for name, offsets, total, what in (("cu_seqlens", values[:n], total_q, "q"),
+                                       (name_k, values[n:] or values[:n], total_k, "k")):
+        if offsets[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+        if offsets[-1] != total:
+            raise ValueError(f"{name} must end at the number of {what} rows ({total}), got {offsets[-1]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if any(length < 0 for length in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+        longest = max([longest, *lengths])
+    return longest
+
+
+def _max_seqlen(cu_q: Tensor, cu_k: Tensor) -> int:
+    """The longest sequence, q or k, in one read to the host."""
+    if cu_q.numel() < 2:
+        return 0
+    return int(torch.maximum(torch.diff(cu_q).max(), torch.diff(cu_k).max()))
 
 
 def _check_mask(mask, q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -181,6 +312,27 @@ def _check_mask(mask, q: Tensor, k: Tensor) -> Optional[Tensor]:
     return mask.contiguous()
 
 
+def _packed(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, *rule) -> tuple[Tensor, Tensor]:
+    cu_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
+    cu_k = cu_q if cu_seqlens_k is None else _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"cu_seqlens_k must have one entry per cu_seqlens entry ({cu_q.numel()}), "
+                         f"got {cu_k.numel()}")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    # One read of the offsets to the host, to check them (and size the Triton grid), unless the
+    # caller gave max_seqlen for CUDA tensors or torch.compile traces this (the op checks then).
+    if not torch.compiler.is_compiling() and (max_seqlen is None or q.device.type == "cpu"):
+        longest = _check_offsets(cu_q, cu_k, q.shape[0], k.shape[0])
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest sequence ({longest})")
+        max_seqlen = longest if max_seqlen is None else max_seqlen
+    return logn_attention_varlen_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_seqlen, *rule)
+
+
 def logn_attention(
     q: Tensor,
     k: Tensor,
@@ -194,6 +346,8 @@ def logn_attention(
     min_n: float = 1,
     key_padding_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen: int | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Scaled dot-product attention whose per-query scale grows with log of the keys it sees.
@@ -217,7 +371,20 @@ def logn_attention(
         clip: use ``max(1, ln n / ln train_len)``, for models not trained with log-n.
         min_n: ``n`` is clamped to at least ``max(1, min_n)`` (bert4keras uses 16).
         key_padding_mask: ``(B, Lk)`` bool, True marks a padding key (as in ``nn.MultiheadAttention``).
-        cu_seqlens: packed variable-length sequences; not implemented yet.
+        cu_seqlens: packed variable-length sequences, the flash-attn ``varlen`` layout: ``q``
+            ``(total_q, Hq, D)``, ``k``, ``v`` ``(total_k, Hkv, D)``, and ``(num_seqs + 1,)`` int32 or
+            int64 offsets on q's device, 0 first, ``total_q`` last, non-decreasing: sequence ``s``
+            holds rows ``cu_seqlens[s]:cu_seqlens[s + 1]``. Each sequence attends only within itself
+            and ``n_i`` is counted in it (causal: the query's position in its sequence, plus the
+            sequence's ``Lk - Lq`` when k rows differ, plus one). Empty sequences are allowed.
+            Excludes ``key_padding_mask``. Output ``(total_q, Hq, D)``, ``lse (Hq, total_q)`` (as
+            flash-attn's varlen functions).
+        cu_seqlens_k: the offsets of the k / v rows when they differ from those of q (same
+            number of sequences, ``total_k`` last); default ``cu_seqlens``.
+        max_seqlen: an upper bound on every sequence length (q and k), which the Triton kernels
+            size their grid by. Without it the offsets are read to the host once per call (they
+            are checked then too): on CUDA that is one synchronisation, which passing
+            ``max_seqlen`` avoids (the offsets are then trusted on CUDA).
         return_lse: also return ``lse (B, Hq, Lq)``, the natural log-sum-exp of each query's scaled
             logits, in float32 (float64 for float64 inputs); it is differentiable.
 
@@ -226,10 +393,12 @@ def logn_attention(
         key gets zeros and ``lse = 0``, and no gradient. NaN in a query, or in a key or value it
         sees, propagates to its output (a NaN value may reach queries that do not see it).
     """
-    _check_qkv(q, k, v)
-    if cu_seqlens is not None:
-        raise NotImplementedError("logn_attention: packed variable-length input (cu_seqlens) is not implemented yet; "
-                                  "pad the batch and pass key_padding_mask instead")
+    packed = cu_seqlens is not None
+    if cu_seqlens_k is not None and not packed:
+        raise ValueError("cu_seqlens_k needs cu_seqlens (the offsets of the q rows)")
+    if max_seqlen is not None and not packed:
+        raise ValueError("max_seqlen goes with cu_seqlens (packed sequences)")
+    _check_qkv(q, k, v, packed)
     causal = _check_bool("causal", causal)
     logn = _check_bool("logn", logn)
     clip = _check_bool("clip", clip)
@@ -245,6 +414,12 @@ def logn_attention(
         base = _check_real("scale", scale, low=0.0, strict=True)
     train_len = _check_real("train_len", train_len, low=1.0, strict=True)
     min_n = _check_real("min_n", min_n, low=0.0, strict=False)
+    if packed:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask cannot be combined with cu_seqlens: packed sequences have no padding")
+        out, lse = _packed(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, causal, base, train_len, logn, clip, min_n,
+                           gradmax)
+        return (out, lse) if return_lse else out
     mask = _check_mask(key_padding_mask, q, k)
     out, lse = logn_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, base, train_len, logn,
                                  clip, min_n, gradmax)

@@ -20,6 +20,13 @@ float64 inputs give the oracle. The math is shared/spec/logn_attention.md; the r
   its gradients are zero.
 * NaN in a query propagates to that query's output; NaN in a key or value propagates to every
   query that sees it (and may reach others: a hidden key's weight is 0, and 0 * NaN is NaN).
+
+Packed variable-length sequences (the flash-attn ``varlen`` layout): ``q (total_q, Hq, D)``,
+``k, v (total_k, Hkv, D)``, sequence ``s`` holding query rows ``cu_seqlens_q[s] ..
+cu_seqlens_q[s+1]`` and key rows ``cu_seqlens_k[s] .. cu_seqlens_k[s+1]``; ``lse (Hq, total_q)``.
+Each sequence is one batch row of the dense op: its queries see only its keys, ``n_i`` counts
+them (non-causal: the sequence's key count; causal: the query's position in its sequence plus the
+sequence's ``Lk - Lq`` plus one). :func:`logn_attention_varlen_forward` is literally that loop.
 """
 
 from __future__ import annotations
@@ -167,4 +174,73 @@ def logn_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sca
     No input checks (the ops layer does them). Differentiable by autograd.
     """
     out, lse = logn_attention_forward(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# Packed variable-length sequences: one dense call per sequence.
+
+
+def _as_list(cu) -> list[int]:
+    return [int(x) for x in (cu.tolist() if isinstance(cu, Tensor) else cu)]
+
+
+def _dense(t: Tensor, start: int, end: int) -> Tensor:
+    """Rows ``start .. end`` of a packed ``(T, H, D)`` tensor as a dense ``(1, H, L, D)`` view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def _packed(t: Tensor) -> Tensor:
+    """A dense ``(1, H, L, D)`` tensor back as packed rows ``(L, H, D)``."""
+    return t.squeeze(0).transpose(0, 1)
+
+
+def logn_attention_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, causal: bool, scale,
+                                  train_len: float, logn: bool, clip: bool,
+                                  min_n: float) -> tuple[Tensor, Tensor]:
+    """``(out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) in the compute dtype)``.
+
+    ``cu_seqlens_q``, ``cu_seqlens_k``: ``(nseq + 1,)`` offsets (tensors or lists). Each sequence
+    goes through :func:`logn_attention_forward` as a batch of one; differentiable by autograd.
+    """
+    cq, ck = _as_list(cu_seqlens_q), _as_list(cu_seqlens_k)
+    outs, lses = [q.new_empty(0, q.shape[1], q.shape[2])], [q.new_empty(q.shape[1], 0, dtype=compute_dtype(q.dtype))]
+    for s in range(len(cq) - 1):
+        if cq[s + 1] == cq[s]:
+            continue  # an empty sequence has no output rows
+        out, lse = logn_attention_forward(_dense(q, cq[s], cq[s + 1]), _dense(k, ck[s], ck[s + 1]),
+                                          _dense(v, ck[s], ck[s + 1]), None, causal, scale, train_len, logn, clip,
+                                          min_n)
+        outs.append(_packed(out))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def logn_attention_varlen_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                                   out: Tensor, lse: Tensor, cu_seqlens_q, cu_seqlens_k, causal: bool, scale,
+                                   train_len: float, logn: bool, clip: bool,
+                                   min_n: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_forward`, one
+    :func:`logn_attention_backward` per sequence (keys of a sequence without queries get zeros)."""
+    cq, ck = _as_list(cu_seqlens_q), _as_list(cu_seqlens_k)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        gl = None if grad_lse is None else grad_lse[None, :, q0:q1]
+        g = logn_attention_backward(_dense(grad_out, q0, q1), gl, _dense(q, q0, q1), _dense(k, k0, k1),
+                                    _dense(v, k0, k1), _dense(out, q0, q1), lse[None, :, q0:q1], None, causal, scale,
+                                    train_len, logn, clip, min_n)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = _packed(g[0]), _packed(g[1]), _packed(g[2])
+    return dq, dk, dv
+
+
+def logn_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, *, cu_seqlens_k=None, causal: bool = False,
+                          scale=None, train_len: float = 512, logn: bool = True, clip: bool = False,
+                          min_n: float = 1, return_lse: bool = False):
+    """Plain-PyTorch log-n attention over packed sequences (see the module docstring); the
+    varlen form of :func:`kexue.ops.logn_attention`. No input checks. Differentiable by autograd."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    out, lse = logn_attention_varlen_forward(q, k, v, cu_seqlens, cu_k, causal, scale, train_len, logn, clip, min_n)
     return (out, lse) if return_lse else out
