@@ -27,7 +27,9 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -262,20 +264,80 @@ std::vector<Item> make_items(const std::vector<Job>& jobs, const std::vector<int
 }
 
 template <int PS>
-void launch_prepass(const at::Tensor& items, int64_t n, const at::Tensor& jobs, double* ssq, int* nan,
-                    cudaStream_t stream) {
-  prepass_kernel<PS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()),
-                                                  reinterpret_cast<const Job*>(jobs.data_ptr()), ssq, nan);
+void launch_prepass(const at::Tensor& items, int64_t n, const Job* jobs, double* ssq, int* nan, cudaStream_t stream) {
+  prepass_kernel<PS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()), jobs, ssq, nan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int PS, int MS>
-void launch_step(const at::Tensor& items, int64_t n, const at::Tensor& jobs, const double* dyn, const double* lr_eff,
+void launch_step(const at::Tensor& items, int64_t n, const Job* jobs, const double* dyn, const double* lr_eff,
                  const int* group_nan, cudaStream_t stream) {
-  step_kernel<PS, MS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()),
-                                                   reinterpret_cast<const Job*>(jobs.data_ptr()), dyn, lr_eff,
+  step_kernel<PS, MS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()), jobs, dyn, lr_eff,
                                                    group_nan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The device tables of one call: the jobs, and the work items of every launch. In capturable mode
+// the jobs do not change from step to step (the host never applies the dynamic rows on CUDA), so
+// a plan is kept and reused: a later step copies nothing from the host, which CUDA graph capture
+// requires (a copy from pageable host memory cannot be captured).
+struct Plan {
+  at::Tensor jobs;
+  std::vector<std::pair<int, at::Tensor>> prepass;  // (param storage, items) per launch
+  int64_t prepass_slots = 0;
+  at::Tensor spans;  // undefined: no pre-pass
+  std::vector<std::pair<std::pair<int, int>, at::Tensor>> steps;  // ((param, momentum storage), items)
+};
+
+Plan make_plan(const std::vector<Job>& jobs, const at::Device& device) {
+  const int64_t T = static_cast<int64_t>(jobs.size());
+  // Buckets by (param storage, momentum storage): one launch each.
+  std::map<std::pair<int, int>, std::vector<int64_t>> buckets;
+  for (int64_t i = 0; i < T; ++i) {
+    if (jobs[i].numel > 0) buckets[{jobs[i].ps, jobs[i].ms}].push_back(i);
+  }
+  Plan plan;
+  plan.jobs = to_device(jobs, device);
+  std::vector<Span> spans;
+  for (const auto& [key, which] : buckets) {
+    // Static flags: in capturable mode kUpdate means "may update".
+    std::vector<int64_t> pre;
+    for (int64_t i : which) {
+      if ((has(jobs[i], kRmsTensor) && has(jobs[i], kUpdate)) || jobs[i].nan_group >= 0) pre.push_back(i);
+    }
+    if (pre.empty()) continue;
+    const std::vector<Item> items = make_items(jobs, pre, false);
+    for (size_t a = 0; a < items.size();) {
+      size_t b = a;
+      while (b < items.size() && items[b].job == items[a].job) ++b;
+      spans.push_back({items[a].job, plan.prepass_slots + static_cast<int64_t>(a), static_cast<int64_t>(b - a)});
+      a = b;
+    }
+    plan.prepass_slots += static_cast<int64_t>(items.size());
+    plan.prepass.emplace_back(key.first, to_device(items, device));
+  }
+  if (!spans.empty()) plan.spans = to_device(spans, device);
+  for (const auto& [key, which] : buckets) plan.steps.emplace_back(key, to_device(make_items(jobs, which, true), device));
+  return plan;
+}
+
+int64_t count_of(const at::Tensor& bytes, size_t size) { return bytes.numel() / static_cast<int64_t>(size); }
+
+// Plans of capturable calls by the bytes of their jobs (addresses, sizes, static table rows; the
+// padding is zero, see decode_jobs). Returned by value (tensor handles) so a concurrent clear is
+// harmless; the map is never destroyed, so no device memory is freed after CUDA shuts down.
+Plan cached_plan(const std::vector<Job>& jobs, const at::Device& device) {
+  static std::mutex mutex;
+  static auto* plans = new std::map<std::string, Plan>();
+  std::string key(reinterpret_cast<const char*>(jobs.data()), jobs.size() * sizeof(Job));
+  key.append(reinterpret_cast<const char*>(&device), sizeof(device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans->find(key);
+  if (found == plans->end()) {
+    if (plans->size() >= 16) plans->clear();  // a bound, not an LRU: plans change only with the model
+    found = plans->emplace(std::move(key), make_plan(jobs, device)).first;
+  }
+  return found->second;
 }
 
 }  // namespace
@@ -291,73 +353,44 @@ void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vect
   const c10::cuda::CUDAGuard guard(device);
   const Call call =
       decode_jobs("sign_optim_step_cuda", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, device);
-  const std::vector<Job>& jobs = call.jobs;
-
-  // Buckets by (param storage, momentum storage): one launch each.
-  std::map<std::pair<int, int>, std::vector<int64_t>> buckets;
-  for (int64_t i = 0; i < T; ++i) {
-    if (jobs[i].numel > 0) buckets[{jobs[i].ps, jobs[i].ms}].push_back(i);
-  }
+  const Plan plan = call.dyn != nullptr ? cached_plan(call.jobs, device) : make_plan(call.jobs, device);
+  const Job* jobs_d = reinterpret_cast<const Job*>(plan.jobs.data_ptr());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor jobs_d = to_device(jobs, device);
   const auto dopts = at::TensorOptions().device(device);
   at::Tensor group_nan = at::zeros({T}, dopts.dtype(at::kInt));
   at::Tensor lr_eff = at::empty({T}, dopts.dtype(at::kDouble));
 
-  std::vector<Span> spans;
-  std::vector<std::pair<int, std::vector<Item>>> pre_launches;
-  int64_t total = 0;
-  for (const auto& [key, which] : buckets) {
-    std::vector<int64_t> pre;
-    for (int64_t i : which) {
-      if ((has(jobs[i], kRmsTensor) && has(jobs[i], kUpdate)) || jobs[i].nan_group >= 0) pre.push_back(i);
-    }
-    if (pre.empty()) continue;
-    std::vector<Item> items = make_items(jobs, pre, false);
-    for (size_t a = 0; a < items.size();) {
-      size_t b = a;
-      while (b < items.size() && items[b].job == items[a].job) ++b;
-      spans.push_back({items[a].job, total + static_cast<int64_t>(a), static_cast<int64_t>(b - a)});
-      a = b;
-    }
-    total += static_cast<int64_t>(items.size());
-    pre_launches.emplace_back(key.first, std::move(items));
-  }
-  if (!spans.empty()) {
-    at::Tensor ssq = at::empty({total}, dopts.dtype(at::kDouble));
-    at::Tensor nan = at::empty({total}, dopts.dtype(at::kInt));
+  if (plan.spans.defined()) {
+    at::Tensor ssq = at::empty({plan.prepass_slots}, dopts.dtype(at::kDouble));
+    at::Tensor nan = at::empty({plan.prepass_slots}, dopts.dtype(at::kInt));
     int64_t offset = 0;
-    for (const auto& [ps, items] : pre_launches) {
-      const at::Tensor items_d = to_device(items, device);
-      const int64_t n = static_cast<int64_t>(items.size());
+    for (const auto& [ps, items] : plan.prepass) {
+      const int64_t n = count_of(items, sizeof(Item));
       double* s = ssq.data_ptr<double>() + offset;
       int* f = nan.data_ptr<int>() + offset;
-      if (ps == kF32) launch_prepass<kF32>(items_d, n, jobs_d, s, f, stream);
-      else if (ps == kBF16) launch_prepass<kBF16>(items_d, n, jobs_d, s, f, stream);
-      else launch_prepass<kF16>(items_d, n, jobs_d, s, f, stream);
+      if (ps == kF32) launch_prepass<kF32>(items, n, jobs_d, s, f, stream);
+      else if (ps == kBF16) launch_prepass<kBF16>(items, n, jobs_d, s, f, stream);
+      else launch_prepass<kF16>(items, n, jobs_d, s, f, stream);
       offset += n;
     }
-    const at::Tensor spans_d = to_device(spans, device);
-    const int64_t n = static_cast<int64_t>(spans.size());
+    const int64_t n = count_of(plan.spans, sizeof(Span));
     finish_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        reinterpret_cast<const Span*>(spans_d.data_ptr()), n, reinterpret_cast<const Job*>(jobs_d.data_ptr()),
-        call.dyn, ssq.data_ptr<double>(), nan.data_ptr<int>(), lr_eff.data_ptr<double>(), group_nan.data_ptr<int>());
+        reinterpret_cast<const Span*>(plan.spans.data_ptr()), n, jobs_d, call.dyn, ssq.data_ptr<double>(),
+        nan.data_ptr<int>(), lr_eff.data_ptr<double>(), group_nan.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  for (const auto& [key, which] : buckets) {
-    const std::vector<Item> items = make_items(jobs, which, true);
-    const at::Tensor items_d = to_device(items, device);
-    const int64_t n = static_cast<int64_t>(items.size());
-    const double* lr = lr_eff.data_ptr<double>();
-    const int* gn = group_nan.data_ptr<int>();
+  const double* lr = lr_eff.data_ptr<double>();
+  const int* gn = group_nan.data_ptr<int>();
+  for (const auto& [key, items] : plan.steps) {
+    const int64_t n = count_of(items, sizeof(Item));
     const auto [ps, ms] = key;
-    if (ps == kF32 && ms == kF32) launch_step<kF32, kF32>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
-    else if (ps == kF32) launch_step<kF32, kBF16>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
-    else if (ps == kBF16 && ms == kF32) launch_step<kBF16, kF32>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
-    else if (ps == kBF16) launch_step<kBF16, kBF16>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
-    else if (ms == kF32) launch_step<kF16, kF32>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
-    else launch_step<kF16, kBF16>(items_d, n, jobs_d, call.dyn, lr, gn, stream);
+    if (ps == kF32 && ms == kF32) launch_step<kF32, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kF32) launch_step<kF32, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kBF16 && ms == kF32) launch_step<kBF16, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kBF16) launch_step<kBF16, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ms == kF32) launch_step<kF16, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else launch_step<kF16, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
   }
 }
 

@@ -104,7 +104,7 @@ KEXUE_HOST_DEVICE bool has(const TableRow& r, int64_t flag) { return (r.flags & 
 KEXUE_HOST_DEVICE bool by_rows(const TableRow& r) { return r.row_len > 0 && has(r, kRmsRow | kLazyRows); }
 
 inline TableRow decode_row(const double* h, const int64_t* i) {
-  TableRow r;
+  TableRow r{};  // zeroed, padding included: a row's bytes are a cache key on CUDA
   r.flags = i[kFlags];
   r.nan_group = i[kNanGroup];
   r.row_len = i[kRowLen];

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -92,8 +93,9 @@ inline Call decode_jobs(const char* op, const std::vector<at::Tensor>& params, c
     TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": tensor ", i, ": grad dtype must equal the param dtype");
     TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16, op, ": tensor ", i,
                 ": momentum must be float32 or bfloat16");
-    Job& j = call.jobs[i];
-    static_cast<TableRow&>(j) = decode_row(h + i * kNumFloats, in + i * kNumInts);
+    Job& j = call.jobs[i];  // value-initialized by resize: zero padding
+    const TableRow row = decode_row(h + i * kNumFloats, in + i * kNumInts);
+    std::memcpy(static_cast<TableRow*>(&j), &row, sizeof(TableRow));  // the padding too
     TORCH_CHECK(!has(j, kDynamic) || has_dyn, op, ": tensor ", i, " is flagged dynamic but no dyn table was given");
     if (has(j, kDynamic) && device.is_cpu()) apply_dynamic(j, call.dyn + i * kNumDyn);
     j.param = p.data_ptr();

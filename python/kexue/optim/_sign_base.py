@@ -147,7 +147,7 @@ class SignOptimizer(torch.optim.Optimizer):
 
         def real(key, low=-math.inf, high=math.inf, low_open=False, high_open=False):
             value = group[key]
-            if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+            if isinstance(value, Tensor) and value.numel() == 1:
                 if not read:
                     return
                 value = value.item()
