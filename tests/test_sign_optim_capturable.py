@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 
 import kexue
 import pytest
@@ -332,6 +333,25 @@ def test_plain_state_dict_into_capturable_and_back(opt_cls):
         _assert_same(plain, cap, opt_plain, opt_cap, f"step {t}")
         for name in plain:
             assert torch.equal(plain[name], back[name])
+
+
+def test_pickled_capturable_optimizer_steps_alike():
+    """An unpickled optimizer (params, tensor steps and all) rebuilds its caches and steps alike."""
+    params = _params(10, small=True)
+    opt = _make(Lion, params, True, 1e-2)
+    for name, g in _grads(params, 0).items():
+        params[name].grad = g
+    opt.step()
+    twin = pickle.loads(pickle.dumps(opt))
+    twin_params = {name: p for g in twin.param_groups for name, p in zip(g["param_names"], g["params"], strict=True)}
+    assert all(isinstance(twin.state[p]["step"], torch.Tensor) for p in twin_params.values())
+    for ps in (params, twin_params):
+        for name, g in _grads(ps, 1).items():
+            ps[name].grad = g
+    opt.step()
+    twin.step()
+    for name in params:
+        assert torch.equal(params[name], twin_params[name])
 
 
 # ---------------------------------------------------------------------------------------------

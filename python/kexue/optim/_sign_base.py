@@ -543,6 +543,7 @@ class SignOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._device_constants = DeviceConstants()  # not pickled: a cache
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
