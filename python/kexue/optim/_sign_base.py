@@ -395,6 +395,7 @@ class SignOptimizer(torch.optim.Optimizer):
         capturable: then the kernels read the flag and the scale from device memory, and a skipped
         step leaves the step counters unchanged by adding 1 - found_inf to them.
         """
+        self._accelerator_graph_capture_health_check()  # torch's: capturing a non-capturable step fails
         loss = None
         if closure is not None:
             with torch.enable_grad():
