@@ -304,10 +304,17 @@ std::vector<Item> make_items(const std::vector<Job>& jobs, bool (*wanted)(const 
 
 void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
-                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                         const std::optional<at::Tensor>& dyn) {
+                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
+  sign_optim_step_dyn_cpu(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
+}
+
+void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& exp_avgs,
+                             const std::vector<std::optional<at::Tensor>>& masks,
+                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                             const std::optional<at::Tensor>& dyn) {
   const std::vector<Job> jobs =
-      decode_jobs("sign_optim_step_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
+      decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
   const int64_t T = static_cast<int64_t>(jobs.size());
 
   // Pre-pass: whole-tensor sums of squares and NaN flags, one partial per item.

@@ -344,15 +344,22 @@ Plan cached_plan(const std::vector<Job>& jobs, const at::Device& device) {
 
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
-                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                          const std::optional<at::Tensor>& dyn) {
+                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
+  sign_optim_step_dyn_cuda(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
+}
+
+void sign_optim_step_dyn_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                              const std::vector<at::Tensor>& exp_avgs,
+                              const std::vector<std::optional<at::Tensor>>& masks,
+                              const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                              const std::optional<at::Tensor>& dyn) {
   const int64_t T = static_cast<int64_t>(params.size());
   if (T == 0) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "sign_optim_step_cuda: the tensors are on ", device, ", not a CUDA device");
+  TORCH_CHECK(device.is_cuda(), "sign_optim_step_dyn_cuda: the tensors are on ", device, ", not a CUDA device");
   const c10::cuda::CUDAGuard guard(device);
   const Call call =
-      decode_jobs("sign_optim_step_cuda", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, device);
+      decode_jobs("sign_optim_step_dyn_cuda", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, device);
   const Plan plan = call.dyn != nullptr ? cached_plan(call.jobs, device) : make_plan(call.jobs, device);
   const Job* jobs_d = reinterpret_cast<const Job*>(plan.jobs.data_ptr());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -27,10 +27,11 @@ MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
 def _register_backends() -> None:
     _backend.register(OP, "torch", reference.fused_step, PARAM_DTYPES + (torch.float64,))
     native = _backend.native()
-    if native is not None and hasattr(native, "sign_optim_step_cpu"):
-        _backend.register(OP, "cpu", native.sign_optim_step_cpu, PARAM_DTYPES)
+    # The *_dyn_* entry points take the dynamic table of capturable mode (None otherwise).
+    if native is not None and hasattr(native, "sign_optim_step_dyn_cpu"):
+        _backend.register(OP, "cpu", native.sign_optim_step_dyn_cpu, PARAM_DTYPES)
         if getattr(native, "WITH_CUDA", False):
-            _backend.register(OP, "cuda", native.sign_optim_step_cuda, PARAM_DTYPES)
+            _backend.register(OP, "cuda", native.sign_optim_step_dyn_cuda, PARAM_DTYPES)
     _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
 
 
