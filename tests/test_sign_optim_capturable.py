@@ -390,9 +390,9 @@ def test_piecewise_linear_on_a_step_tensor(schedule):
     assert on_device.tolist() == [f(s) for s in steps]
 
 
-def test_opcheck_with_dynamic_table(monkeypatch):
-    """The custom op's schema with the dynamic table (captured from a capturable step)."""
-    params = _params(6, small=True)
+def _step_op_arguments(seed: int) -> list:
+    """Copies of the arguments one capturable Tiger step hands to the fused op (tables included)."""
+    params = _params(seed, small=True)
     opt = _make(Tiger, params, True, torch.tensor(1e-2, dtype=torch.float64))
     calls = []
     original = ops.fused_step
@@ -402,12 +402,18 @@ def test_opcheck_with_dynamic_table(monkeypatch):
                       for a in args])
         return original(*args)
 
-    monkeypatch.setattr(ops, "fused_step", recording)
-    for name, g in _grads(params, 0).items():
-        params[name].grad = g
-    opt.step()
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "fused_step", recording)
+        for name, g in _grads(params, 0).items():
+            params[name].grad = g
+        opt.step()
     (args,) = calls
+    return args
+
+
+def test_opcheck_with_dynamic_table():
+    """The custom op's schema with the dynamic table (captured from a capturable step)."""
+    args = _step_op_arguments(6)
     assert args[-1] is not None and args[-1].shape == (len(params), R.NUM_DYN)
     assert (args[-2][:, R.FLAGS] & R.DYNAMIC).all()
     torch.library.opcheck(torch.ops.kexue.sign_optim_step.default, tuple(args))
@@ -450,22 +456,7 @@ def test_capturable_step_in_a_cuda_graph(opt_cls):
 
 def test_custom_op_with_dynamic_table_under_torch_compile():
     """torch.compile(fullgraph=True) traces the op with the dynamic table; same bits as eager."""
-    params = _params(9, small=True)
-    opt = _make(Tiger, params, True, torch.tensor(1e-2, dtype=torch.float64))
-    calls = []
-    original = ops.fused_step
-
-    def recording(*args):
-        calls.append([[None if x is None else x.detach().clone() for x in a] if isinstance(a, list) else a.clone()
-                      for a in args])
-        return original(*args)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "fused_step", recording)
-        for name, g in _grads(params, 0).items():
-            params[name].grad = g
-        opt.step()
-    (args,) = calls
+    args = _step_op_arguments(9)
     eager = [[None if x is None else x.clone() for x in a] if isinstance(a, list) else a for a in args]
     before = [x.clone() for x in args[0]]
 

@@ -317,7 +317,9 @@ Plan make_plan(const std::vector<Job>& jobs, const at::Device& device) {
     plan.prepass.emplace_back(key.first, to_device(items, device));
   }
   if (!spans.empty()) plan.spans = to_device(spans, device);
-  for (const auto& [key, which] : buckets) plan.steps.emplace_back(key, to_device(make_items(jobs, which, true), device));
+  for (const auto& [key, which] : buckets) {
+    plan.steps.emplace_back(key, to_device(make_items(jobs, which, true), device));
+  }
   return plan;
 }
 
