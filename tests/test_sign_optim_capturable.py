@@ -414,7 +414,7 @@ def _step_op_arguments(seed: int) -> list:
 def test_opcheck_with_dynamic_table():
     """The custom op's schema with the dynamic table (captured from a capturable step)."""
     args = _step_op_arguments(6)
-    assert args[-1] is not None and args[-1].shape == (len(params), R.NUM_DYN)
+    assert args[-1] is not None and args[-1].shape == (len(args[0]), R.NUM_DYN)
     assert (args[-2][:, R.FLAGS] & R.DYNAMIC).all()
     torch.library.opcheck(torch.ops.kexue.sign_optim_step.default, tuple(args))
 
