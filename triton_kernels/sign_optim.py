@@ -22,11 +22,18 @@ Each element is read and written once by the update (param, grad, momentum in; p
 out), plus the pre-pass reads of theta / grad where Tiger asks for them. The arithmetic is in
 float32 registers whatever the storage dtype; per-tensor coefficients are formed in float64 and
 rounded once, as the C++ kernel does. Never autotune these kernels: they write their inputs.
+
+Capturable mode: rows flagged DYNAMIC read their per-step values (lr, momentum coefficient,
+gradient scale, update switch, skip flag, random keys) from the dynamic table ``dyn`` on the
+device, so nothing on the host depends on the step; the device copies of the host tables are then
+the same at every step and are kept (:func:`_plan`), so a step after the first copies nothing
+from the host and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -40,7 +47,9 @@ FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 
 NUM_INTS = 8
 USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = 1 << 4, 1 << 5, 1 << 6, 1 << 7
-MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW = 1 << 8, 1 << 9, 1 << 10
+MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW, DYNAMIC = 1 << 8, 1 << 9, 1 << 10, 1 << 11
+D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP, D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = range(9)
+NUM_DYN = 9
 
 # The same flags as constexpr globals, readable inside @triton.jit functions.
 _K_NEW_MOMENTUM = tl.constexpr(USE_NEW_MOMENTUM)
@@ -54,6 +63,7 @@ _K_MASK_D = tl.constexpr(MASK_D)
 _K_MASK_UPDATE = tl.constexpr(MASK_UPDATE)
 _K_STOCHASTIC = tl.constexpr(STOCHASTIC_ROUND)
 _K_SHRINK_NOW = tl.constexpr(SHRINK_NOW)
+_K_DYNAMIC = tl.constexpr(DYNAMIC)
 
 # Columns of the address table.
 A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
@@ -192,7 +202,14 @@ def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
 
 
 @triton.jit
-def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr, BLOCK: tl.constexpr):
+def _dyn_or(dyn_row, slot, dynamic, static):
+    """A dynamic-table value where the row is DYNAMIC, else the host table's ``static``."""
+    return tl.where(dynamic, tl.load(dyn_row + slot, mask=dynamic, other=0.0), static)
+
+
+@triton.jit
+def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr,
+                   BLOCK: tl.constexpr):
     """Per tensor: lr * RMS(theta) from its items' partial sums (fixed order), and its NaN flag
     into its guard group."""
     i = tl.program_id(0).to(tl.int64)
@@ -207,7 +224,8 @@ def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, ssq_ptr, nan_ptr, lr_ptr, group
         inb = offs < first + count
         acc += tl.load(ssq_ptr + offs, mask=inb, other=0.0).to(tl.float64)
         found = tl.maximum(found, tl.load(nan_ptr + offs, mask=inb, other=0))
-    lr = tl.load(hyper_ptr + t * 9 + 0)
+    dynamic = (tl.load(ints_ptr + t * 8 + 0) & _K_DYNAMIC) != 0
+    lr = _dyn_or(dyn_ptr + t * 9, 0, dynamic, tl.load(hyper_ptr + t * 9 + 0))
     tl.store(lr_ptr + t, lr * tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float64)))
     group = tl.load(ints_ptr + t * 8 + 1)
     if (group >= 0) & (tl.max(found, axis=0) != 0):
@@ -215,7 +233,7 @@ def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, ssq_ptr, nan_ptr, lr_ptr, group
 
 
 @triton.jit
-def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr,
+def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, group_nan_ptr,
                  PARAM: tl.constexpr, MOM: tl.constexpr, BLOCK: tl.constexpr, ROW_COLS: tl.constexpr):
     """The update of one work item: NaN-guard shrink, row by row, or element by element."""
     it = tl.program_id(0).to(tl.int64)
@@ -226,6 +244,11 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr
     iv = ints_ptr + t * 8
     av = addr_ptr + t * 5
     flags = tl.load(iv + 0)
+    # Capturable mode (apply_dynamic() in sign_optim.h): this step's values from the device table.
+    dynamic = (flags & _K_DYNAMIC) != 0
+    dv = dyn_ptr + t * 9
+    end = tl.where(_dyn_or(dv, 4, dynamic, 0.0) != 0, begin, end)  # skipped: an empty item
+    flags = flags - tl.where(_dyn_or(dv, 3, dynamic, 1.0) == 0, flags & _K_UPDATE, 0)
     group = tl.load(iv + 1)
     row_len = tl.load(iv + 2)
     p_ptr = _float_ptr(tl.load(av + 0), PARAM)
@@ -236,8 +259,8 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr
     mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
     seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
     stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
-    rk0 = tl.load(iv + 6).to(tl.uint32)
-    rk1 = tl.load(iv + 7).to(tl.uint32)
+    rk0 = tl.where(dynamic, _dyn_or(dv, 7, dynamic, 0.0).to(tl.uint32), tl.load(iv + 6).to(tl.uint32))
+    rk1 = tl.where(dynamic, _dyn_or(dv, 8, dynamic, 0.0).to(tl.uint32), tl.load(iv + 7).to(tl.uint32))
     update = (flags & _K_UPDATE) != 0
     ROWS: tl.constexpr = BLOCK // ROW_COLS
 
@@ -253,18 +276,18 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, lr_ptr, group_nan_ptr
             theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
     else:
-        lr64 = tl.load(h + 0)
+        lr64 = _dyn_or(dv, 0, dynamic, tl.load(h + 0))
         if ((flags & _K_RMS_TENSOR) != 0) & update:
             lr64 = tl.load(lr_ptr + t)  # lr * RMS(theta), from _finish_kernel
         wd = tl.load(h + 1)
         c_m = tl.load(h + 2).to(tl.float32)
         c_g = tl.load(h + 3).to(tl.float32)
-        m_m = tl.load(h + 4).to(tl.float32)
+        m_m = _dyn_or(dv, 1, dynamic, tl.load(h + 4)).to(tl.float32)
         m_g = tl.load(h + 5).to(tl.float32)
-        gscale = tl.load(h + 6).to(tl.float32)
+        gscale = _dyn_or(dv, 2, dynamic, tl.load(h + 6)).to(tl.float32)
         use_dmask = ((flags & _K_MASK_D) != 0) & (mask_addr != 0)
-        mk0 = tl.load(iv + 3).to(tl.uint32)
-        mk1 = tl.load(iv + 4).to(tl.uint32)
+        mk0 = tl.where(dynamic, _dyn_or(dv, 5, dynamic, 0.0).to(tl.uint32), tl.load(iv + 3).to(tl.uint32))
+        mk1 = tl.where(dynamic, _dyn_or(dv, 6, dynamic, 0.0).to(tl.uint32), tl.load(iv + 4).to(tl.uint32))
         mthr = tl.load(iv + 5).to(tl.uint32)
         by_rows = (row_len > 0) & ((flags & (_K_RMS_ROW | _K_LAZY_ROWS)) != 0)
         if by_rows:
@@ -343,12 +366,29 @@ def _table(rows: list[tuple], width: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, width).to(device)
 
 
-def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, ints: torch.Tensor) -> None:
-    """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen."""
-    T = len(params)
-    if T == 0:
-        return
+@dataclass
+class _Plan:
+    """The device tables of one call: addresses, the host tables, and the launches' work items."""
+
+    addr: torch.Tensor
+    hyper: torch.Tensor
+    ints: torch.Tensor
+    prepass: list[tuple[int, int, torch.Tensor]]  # (param code, first slot, items) per launch
+    prepass_slots: int
+    spans: torch.Tensor | None  # per tensor: (tensor, first slot, slot count, numel), for _finish_kernel
+    steps: list[tuple[int, int, torch.Tensor]]  # (param code, momentum code, items) per launch
+
+
+# Plans of capturable calls, by everything a plan depends on. A capturable step's host tables do not
+# change from step to step, so after the first step the plan is found here and the call copies
+# nothing from the host (a copy from pageable host memory is not allowed in CUDA graph capture).
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_MAX_PLANS = 16
+
+
+def _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints) -> _Plan:
     device = params[0].device
+    T = len(params)
     iv = ints.tolist()
     numels = [p.numel() for p in params]
     # Row-wise work items only where the kernel goes row by row (as by_rows() in C++).
@@ -357,9 +397,6 @@ def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, in
                           0 if mk is None else mk.data_ptr(), s.data_ptr() if s.numel() > 0 else 0]
                          for p, g, m, mk, s in zip(params, grads, exp_avgs, masks, row_seen, strict=True)],
                         dtype=torch.int64).to(device)
-    hyper_d = hyper.to(device=device, dtype=torch.float64)
-    ints_d = ints.to(device=device, dtype=torch.int64)
-
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for t in range(T):
         if numels[t] > 0:
@@ -369,32 +406,66 @@ def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, in
         flags = iv[t][FLAGS]
         return bool(flags & RMS_TENSOR and flags & UPDATE) or iv[t][NAN_GROUP] >= 0
 
-    lr_eff = hyper_d  # not read unless a pre-pass ran
+    # One partial sum and NaN flag per pre-pass item, all buckets in one buffer; each bucket writes
+    # its slice, then _finish_kernel reads every tensor's span of it.
+    spans, prepass, total = [], [], 0
+    for (pcode, _), ts in buckets.items():
+        ts = [t for t in ts if wants_prepass(t)]
+        if ts:
+            items, bucket_spans = _items(ts, numels, [0] * T)
+            spans += [(t, total + first, count, n) for t, first, count, n in bucket_spans]
+            prepass.append((pcode, total, _table(items, 3, device)))
+            total += len(items)
+    steps = [(pcode, mcode, _table(_items(ts, numels, row_lens)[0], 3, device))
+             for (pcode, mcode), ts in buckets.items()]
+    return _Plan(addr, hyper.to(device=device, dtype=torch.float64), ints.to(device=device, dtype=torch.int64),
+                 prepass, total, _table(spans, 4, device) if spans else None, steps)
+
+
+def _cached_plan(params, grads, exp_avgs, masks, row_seen, hyper, ints) -> _Plan:
+    key = (params[0].device, hyper.numpy().tobytes(), ints.numpy().tobytes(),
+           tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mk is None else mk.data_ptr(),
+                  s.data_ptr() if s.numel() > 0 else 0, p.numel(), p.dtype, m.dtype)
+                 for p, g, m, mk, s in zip(params, grads, exp_avgs, masks, row_seen, strict=True)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    return plan
+
+
+def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, ints: torch.Tensor,
+               dyn: torch.Tensor | None = None) -> None:
+    """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen.
+
+    ``dyn``: the dynamic table of capturable mode (on the device), or None.
+    """
+    T = len(params)
+    if T == 0:
+        return
+    device = params[0].device
+    if dyn is None:
+        plan = _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+    else:
+        plan = _cached_plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+    dyn_d = plan.hyper if dyn is None else dyn  # without DYNAMIC rows the kernels never read it
+    lr_eff = plan.hyper  # not read unless a pre-pass ran
     group_nan = torch.zeros(T, dtype=torch.int32, device=device)
-    pre = {key: [t for t in ts if wants_prepass(t)] for key, ts in buckets.items()}
-    if any(pre.values()):
-        # One partial sum and NaN flag per pre-pass item, all buckets in one buffer; each bucket
-        # writes its slice, then _finish_kernel reads every tensor's span of it.
-        spans, launches, total = [], [], 0
-        for (pcode, _), ts in pre.items():
-            if ts:
-                items, bucket_spans = _items(ts, numels, [0] * T)
-                spans += [(t, total + first, count, n) for t, first, count, n in bucket_spans]
-                launches.append((pcode, total, items))
-                total += len(items)
-        ssq = torch.empty(total, dtype=torch.float32, device=device)
-        nan = torch.empty(total, dtype=torch.int32, device=device)
-        for pcode, offset, items in launches:
-            _prepass_kernel[(len(items),)](_table(items, 3, device), addr, ints_d, ssq[offset:], nan[offset:],
-                                           PARAM=pcode, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if plan.spans is not None:
+        ssq = torch.empty(plan.prepass_slots, dtype=torch.float32, device=device)
+        nan = torch.empty(plan.prepass_slots, dtype=torch.int32, device=device)
+        for pcode, offset, items in plan.prepass:
+            _prepass_kernel[(items.shape[0],)](items, plan.addr, plan.ints, ssq[offset:], nan[offset:],
+                                               PARAM=pcode, BLOCK=BLOCK, num_warps=NUM_WARPS)
         lr_eff = torch.empty(T, dtype=torch.float64, device=device)
-        _finish_kernel[(len(spans),)](_table(spans, 4, device), hyper_d, ints_d, ssq, nan, lr_eff, group_nan,
-                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
-    for (pcode, mcode), ts in buckets.items():
-        items, _ = _items(ts, numels, row_lens)
-        _step_kernel[(len(items),)](_table(items, 3, device), addr, hyper_d, ints_d, lr_eff, group_nan,
-                                    PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
-                                    num_warps=NUM_WARPS)
+        _finish_kernel[(plan.spans.shape[0],)](plan.spans, plan.hyper, plan.ints, dyn_d, ssq, nan, lr_eff,
+                                               group_nan, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    for pcode, mcode, items in plan.steps:
+        _step_kernel[(items.shape[0],)](items, plan.addr, plan.hyper, plan.ints, dyn_d, lr_eff, group_nan,
+                                        PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
+                                        num_warps=NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,13 +486,14 @@ def _aot_configs() -> list[dict]:
                 "kernel": _step_kernel, "name": f"sign_optim_step_{pname}_m{_TL_NAMES[mcode]}",
                 "num_warps": NUM_WARPS,
                 "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
-                              "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "PARAM": "constexpr",
+                              "dyn_ptr": "*fp64", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "PARAM": "constexpr",
                               "MOM": "constexpr", "BLOCK": "constexpr", "ROW_COLS": "constexpr"},
                 "constexprs": {"PARAM": pcode, "MOM": mcode, "BLOCK": BLOCK, "ROW_COLS": ROW_COLS},
             })
     configs.append({
         "kernel": _finish_kernel, "name": "sign_optim_finish", "num_warps": NUM_WARPS,
-        "signature": {"fin_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64", "ssq_ptr": "*fp32",
+        "signature": {"fin_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64", "dyn_ptr": "*fp64",
+                      "ssq_ptr": "*fp32",
                       "nan_ptr": "*i32", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "BLOCK": "constexpr"},
         "constexprs": {"BLOCK": BLOCK},
     })

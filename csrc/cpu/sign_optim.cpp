@@ -26,6 +26,7 @@
 
 #include "kexue/ops.h"
 #include "kexue/sign_optim.h"
+#include "kexue/sign_optim_host.h"
 #include "simd.h"
 
 namespace kexue {
@@ -169,44 +170,33 @@ KEXUE_CPU_CLONES bool any_nan(const float* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Storage types: float, bfloat16 (bits) and half, loaded into and stored from float tiles.
-
-enum class Storage { kFloat, kBFloat16, kHalf };
-
-Storage storage_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Storage::kFloat;
-    case at::kBFloat16: return Storage::kBFloat16;
-    case at::kHalf: return Storage::kHalf;
-    default: TORCH_CHECK(false, "sign_optim_step: unsupported dtype ", t.scalar_type());
-  }
-  return Storage::kFloat;
-}
+// Storage types (sign_optim_host.h): float, bfloat16 (bits) and half, loaded into and stored from
+// float tiles.
 
 // A float view of n elements at ptr + offset: the memory itself for float tensors, else `buf`
 // filled by conversion.
-const float* load(const void* ptr, Storage s, int64_t offset, int64_t n, float* buf) {
+const float* load(const void* ptr, int32_t s, int64_t offset, int64_t n, float* buf) {
   switch (s) {
-    case Storage::kFloat: return static_cast<const float*>(ptr) + offset;
-    case Storage::kBFloat16: bf16_to_float(static_cast<const uint16_t*>(ptr) + offset, buf, n); return buf;
-    case Storage::kHalf: half_to_float(static_cast<const c10::Half*>(ptr) + offset, buf, n); return buf;
+    case kF32: return static_cast<const float*>(ptr) + offset;
+    case kBF16: bf16_to_float(static_cast<const uint16_t*>(ptr) + offset, buf, n); return buf;
+    case kF16: half_to_float(static_cast<const c10::Half*>(ptr) + offset, buf, n); return buf;
   }
   return buf;
 }
 
 // Writable float view: as load, but for float tensors the caller updates memory in place.
-float* load_mut(void* ptr, Storage s, int64_t offset, int64_t n, float* buf) {
-  if (s == Storage::kFloat) return static_cast<float*>(ptr) + offset;
+float* load_mut(void* ptr, int32_t s, int64_t offset, int64_t n, float* buf) {
+  if (s == kF32) return static_cast<float*>(ptr) + offset;
   load(ptr, s, offset, n, buf);
   return buf;
 }
 
 // Writes a tile back (nothing to do for float, which was updated in place).
-void store(const float* src, void* ptr, Storage s, int64_t offset, int64_t n, bool stochastic, uint32_t k0,
+void store(const float* src, void* ptr, int32_t s, int64_t offset, int64_t n, bool stochastic, uint32_t k0,
            uint32_t k1) {
   switch (s) {
-    case Storage::kFloat: return;
-    case Storage::kBFloat16: {
+    case kF32: return;
+    case kBF16: {
       uint16_t* dst = static_cast<uint16_t*>(ptr) + offset;
       if (stochastic) {
         float_to_bf16_stochastic(src, dst, n, static_cast<uint64_t>(offset), k0, k1);
@@ -215,25 +205,12 @@ void store(const float* src, void* ptr, Storage s, int64_t offset, int64_t n, bo
       }
       return;
     }
-    case Storage::kHalf: float_to_half(src, static_cast<c10::Half*>(ptr) + offset, n); return;
+    case kF16: float_to_half(src, static_cast<c10::Half*>(ptr) + offset, n); return;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// The table, decoded once per call.
-
-struct Job : TableRow {
-  void* param;
-  const void* grad;
-  void* mom;
-  const uint8_t* mask;  // ChildTuning-D, or null
-  uint8_t* seen;        // rows seen with a gradient in Tiger's accumulation window, or null
-  Storage ps, ms;       // param (= grad) and momentum storage
-  int64_t numel;
-
-  bool has(int64_t f) const { return (flags & f) != 0; }
-  bool by_rows() const { return row_len > 0 && has(kRmsRow | kLazyRows); }
-};
+// Work items over the jobs of a call (sign_optim_host.h decodes the table into jobs).
 
 struct Item {
   int64_t job, begin, end;  // element range of one tensor
@@ -256,18 +233,18 @@ struct Tiles {
 // The update of elements [begin, end) of one tensor with fixed coefficients.
 void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t) {
   int variant = 0;
-  const bool gated = j.has(kMaskF) || (j.has(kMaskD) && j.mask != nullptr);
+  const bool gated = has(j, kMaskF) || (has(j, kMaskD) && j.mask != nullptr);
   if (gated) variant |= kVGate;
-  if (j.has(kUseNewMomentum)) variant |= kVNewMomentum;
+  if (has(j, kUseNewMomentum)) variant |= kVNewMomentum;
   if (update) variant |= kVUpdate;
-  if (gated && j.has(kMaskUpdate)) variant |= kVGateStep;
-  const bool stochastic = j.has(kStochasticRound) && j.ps == Storage::kBFloat16;
+  if (gated && has(j, kMaskUpdate)) variant |= kVGateStep;
+  const bool stochastic = has(j, kStochasticRound) && j.ps == kBF16;
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     const float* g = load(j.grad, j.ps, s, n, t.g);
     float* m = load_mut(j.mom, j.ms, s, n, t.m);
     float* th = update ? load_mut(j.param, j.ps, s, n, t.th) : t.th;
-    if (j.has(kMaskF)) {
+    if (has(j, kMaskF)) {
       bernoulli_gate(t.gate, n, static_cast<uint64_t>(s), j.mask_k0, j.mask_k1, j.mask_threshold, j.gscale);
     } else if (gated) {
       mask_gate(t.gate, j.mask + s, n, j.gscale);
@@ -288,16 +265,16 @@ void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bo
     for (int64_t o = 0; o < len; o += kTile) {
       const int64_t n = std::min(kTile, len - o);
       present = present || any_nonzero(load(j.grad, j.ps, s + o, n, t.g), n);
-      if (j.has(kRmsRow) && update) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
+      if (has(j, kRmsRow) && update) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
     }
     bool live = true;
-    if (j.has(kLazyRows)) {
+    if (has(j, kLazyRows)) {
       live = present || (j.seen != nullptr && j.seen[r] != 0);
       if (j.seen != nullptr) j.seen[r] = update ? 0 : static_cast<uint8_t>(live);
       // An absent row whose momentum is frozen does not change at all.
-      if (!present && j.has(kFreezeAbsent)) continue;
+      if (!present && has(j, kFreezeAbsent)) continue;
     }
-    const double row_lr = j.has(kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
+    const double row_lr = has(j, kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
     update_range(j, s, s + len, coefs_for(j, row_lr), update && live, t);
   }
 }
@@ -307,7 +284,7 @@ void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t) {
     const int64_t n = std::min(kTile, end - s);
     float* th = load_mut(j.param, j.ps, s, n, t.th);
     shrink_tile(th, n, j.shrink, j.centre);
-    store(th, j.param, j.ps, s, n, j.has(kStochasticRound) && j.ps == Storage::kBFloat16, j.round_k0, j.round_k1);
+    store(th, j.param, j.ps, s, n, has(j, kStochasticRound) && j.ps == kBF16, j.round_k0, j.round_k1);
   }
 }
 
@@ -317,89 +294,33 @@ std::vector<Item> make_items(const std::vector<Job>& jobs, bool (*wanted)(const 
   for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) {
     const Job& j = jobs[i];
     if (j.numel == 0 || !wanted(j)) continue;
-    const int64_t step = j.by_rows() ? std::max<int64_t>(1, kChunk / j.row_len) * j.row_len : kChunk;
+    const int64_t step = by_rows(j) ? std::max<int64_t>(1, kChunk / j.row_len) * j.row_len : kChunk;
     for (int64_t b = 0; b < j.numel; b += step) items.push_back({i, b, std::min(j.numel, b + step)});
   }
   return items;
-}
-
-std::vector<Job> decode(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                        const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
-                        const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
-                        const at::Tensor& ints) {
-  const int64_t T = static_cast<int64_t>(params.size());
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && masks.size() == params.size() &&
-                  row_seen.size() == params.size(),
-              "sign_optim_step: params, grads, exp_avgs, masks and row_seen must have the same length");
-  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
-                  hyper.dim() == 2 && hyper.size(0) == T && hyper.size(1) == kNumFloats,
-              "sign_optim_step: hyper must be a contiguous CPU float64 tensor of shape (", T, ", ", kNumFloats, ")");
-  TORCH_CHECK(ints.device().is_cpu() && ints.scalar_type() == at::kLong && ints.is_contiguous() && ints.dim() == 2 &&
-                  ints.size(0) == T && ints.size(1) == kNumInts,
-              "sign_optim_step: ints must be a contiguous CPU int64 tensor of shape (", T, ", ", kNumInts, ")");
-  const double* h = hyper.data_ptr<double>();
-  const int64_t* in = ints.data_ptr<int64_t>();
-  std::vector<Job> jobs(T);
-  for (int64_t i = 0; i < T; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    const at::Tensor& m = exp_avgs[i];
-    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && m.device().is_cpu(),
-                "sign_optim_step: tensor ", i, " is not on the CPU");
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(), "sign_optim_step: tensor ", i,
-                " (param, grad or momentum) is not contiguous");
-    TORCH_CHECK(g.numel() == p.numel() && m.numel() == p.numel(), "sign_optim_step: tensor ", i,
-                ": grad and momentum must have as many elements as the param");
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "sign_optim_step: tensor ", i,
-                ": grad dtype must equal the param dtype");
-    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16, "sign_optim_step: tensor ", i,
-                ": momentum must be float32 or bfloat16");
-    Job& j = jobs[i];
-    const double* hr = h + i * kNumFloats;
-    const int64_t* ir = in + i * kNumInts;
-    j.param = p.data_ptr();
-    j.grad = g.data_ptr();
-    j.mom = m.data_ptr();
-    j.ps = storage_of(p);
-    j.ms = storage_of(m);
-    j.numel = p.numel();
-    static_cast<TableRow&>(j) = decode_row(hr, ir);
-    TORCH_CHECK(j.nan_group < T, "sign_optim_step: tensor ", i, ": NaN group out of range");
-    if (j.by_rows()) {
-      TORCH_CHECK(j.numel % j.row_len == 0, "sign_optim_step: tensor ", i, ": numel is not a multiple of row_len");
-    }
-    j.mask = nullptr;
-    if (masks[i].has_value() && masks[i]->defined()) {
-      const at::Tensor& mk = *masks[i];
-      TORCH_CHECK(mk.device().is_cpu() && mk.is_contiguous() && mk.numel() == j.numel &&
-                      (mk.scalar_type() == at::kBool || mk.scalar_type() == at::kByte),
-                  "sign_optim_step: mask ", i, " must be a contiguous CPU bool tensor shaped like its param");
-      j.mask = static_cast<const uint8_t*>(mk.data_ptr());
-    }
-    j.seen = nullptr;
-    if (row_seen[i].numel() > 0 && j.by_rows()) {  // an empty tensor stands for "none"
-      const at::Tensor& sn = row_seen[i];
-      TORCH_CHECK(sn.device().is_cpu() && sn.is_contiguous() && sn.scalar_type() == at::kByte &&
-                      sn.numel() == j.numel / j.row_len,
-                  "sign_optim_step: row_seen ", i, " must be a contiguous CPU uint8 tensor with one entry per row");
-      j.seen = static_cast<uint8_t*>(sn.data_ptr());
-    }
-  }
-  return jobs;
 }
 
 }  // namespace
 
 void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
-                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
-                         const at::Tensor& ints) {
-  std::vector<Job> jobs = decode(params, grads, exp_avgs, masks, row_seen, hyper, ints);
+                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
+  sign_optim_step_dyn_cpu(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
+}
+
+void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& exp_avgs,
+                             const std::vector<std::optional<at::Tensor>>& masks,
+                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                             const std::optional<at::Tensor>& dyn) {
+  const std::vector<Job> jobs =
+      decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
   const int64_t T = static_cast<int64_t>(jobs.size());
 
   // Pre-pass: whole-tensor sums of squares and NaN flags, one partial per item.
+  // A row GradScaler told to skip (capturable mode) is left out of both passes.
   std::vector<Item> pre = make_items(jobs, [](const Job& j) {
-    return (j.has(kRmsTensor) && j.has(kUpdate)) || j.nan_group >= 0;
+    return !j.skip && ((has(j, kRmsTensor) && has(j, kUpdate)) || j.nan_group >= 0);
   });
   std::vector<double> part_ssq(pre.size(), 0.0);
   std::vector<uint8_t> part_nan(pre.size(), 0);
@@ -408,7 +329,7 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
     for (int64_t it = lo; it < hi; ++it) {
       const Item& item = pre[it];
       const Job& j = jobs[item.job];
-      const bool rms = j.has(kRmsTensor) && j.has(kUpdate);
+      const bool rms = has(j, kRmsTensor) && has(j, kUpdate);
       double ssq = 0.0;
       bool nan = false;
       for (int64_t s = item.begin; s < item.end; s += kTile) {
@@ -431,13 +352,13 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
   std::vector<uint8_t> shrink(T);
   for (int64_t i = 0; i < T; ++i) {
     const Job& j = jobs[i];
-    const bool rms = j.has(kRmsTensor) && j.has(kUpdate) && j.numel > 0;
+    const bool rms = has(j, kRmsTensor) && has(j, kUpdate) && j.numel > 0;
     lr[i] = rms ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
-    shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || j.has(kShrinkNow);
+    shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow);
   }
 
   // Main pass.
-  std::vector<Item> items = make_items(jobs, [](const Job&) { return true; });
+  std::vector<Item> items = make_items(jobs, [](const Job& j) { return !j.skip; });
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     Tiles tiles;
     for (int64_t it = lo; it < hi; ++it) {
@@ -445,10 +366,10 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
       const Job& j = jobs[item.job];
       if (shrink[item.job]) {
         shrink_range(j, item.begin, item.end, tiles);
-      } else if (j.by_rows()) {
-        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], j.has(kUpdate), tiles);
+      } else if (by_rows(j)) {
+        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
       } else {
-        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), j.has(kUpdate), tiles);
+        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles);
       }
     }
   });

@@ -12,7 +12,10 @@
 // values (row RMS, whether a row of an embedding table has any gradient) are reduced by the warp
 // that owns the row, right before it updates the row.
 //
-// The element arithmetic comes from sign_optim.h, shared with the C++ CPU kernel.
+// The element arithmetic comes from sign_optim.h, shared with the C++ CPU kernel; the checks and
+// the decoding of the table into jobs from sign_optim_host.h. In capturable mode the rows flagged
+// kDynamic take their per-step values from the dynamic table in device memory: every kernel
+// applies them to its own copy of the row (row_of), the host never reads them.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,12 +27,15 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "kexue/ops.h"
 #include "kexue/sign_optim.h"
+#include "kexue/sign_optim_host.h"
 
 namespace kexue {
 namespace {
@@ -41,19 +47,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-enum Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-// One tensor of the call, as the kernels read it (plain data, copied to the device).
-struct Job : TableRow {
-  void* param;
-  const void* grad;
-  void* mom;
-  const uint8_t* mask;  // ChildTuning-D, or null
-  uint8_t* seen;        // rows seen in Tiger's accumulation window, or null
-  int64_t numel;
-  int32_t ps, ms;
-};
-
 struct Item {
   int64_t job, begin, end;
 };
@@ -62,8 +55,12 @@ struct Span {  // the pre-pass items of one tensor
   int64_t job, first, count;
 };
 
-__host__ __device__ inline bool has(const Job& j, int64_t f) { return (j.flags & f) != 0; }
-__host__ __device__ inline bool by_rows(const Job& j) { return j.row_len > 0 && has(j, kRmsRow | kLazyRows); }
+// The row of job t as this step sees it: the dynamic values applied where the row asks for them.
+__device__ __forceinline__ Job row_of(const Job* __restrict__ jobs, const double* __restrict__ dyn, int64_t t) {
+  Job j = jobs[t];
+  if (dyn != nullptr && has(j, kDynamic)) apply_dynamic(j, dyn + t * kNumDyn);
+  return j;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Storage.
@@ -105,6 +102,8 @@ __device__ __forceinline__ int warp_or(int v) {
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
+// Reads the static flags: in capturable mode "may update" (an RMS computed on a micro-step that
+// does not update is not used).
 template <int PS>
 __global__ void prepass_kernel(const Item* __restrict__ items, const Job* __restrict__ jobs, double* ssq_out,
                                int* nan_out) {
@@ -142,12 +141,12 @@ __global__ void prepass_kernel(const Item* __restrict__ items, const Job* __rest
 
 // One thread per tensor: its partials in item order (deterministic), then lr * RMS and the flag.
 __global__ void finish_kernel(const Span* __restrict__ spans, int64_t n, const Job* __restrict__ jobs,
-                              const double* __restrict__ ssq, const int* __restrict__ nan, double* lr_out,
-                              int* group_nan) {
+                              const double* __restrict__ dyn, const double* __restrict__ ssq,
+                              const int* __restrict__ nan, double* lr_out, int* group_nan) {
   const int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (s >= n) return;
   const Span span = spans[s];
-  const Job& j = jobs[span.job];
+  const Job j = row_of(jobs, dyn, span.job);
   double total = 0.0;
   int found = 0;
   for (int64_t i = span.first; i < span.first + span.count; ++i) total += ssq[i], found |= nan[i];
@@ -188,9 +187,11 @@ __device__ __forceinline__ Coefs coefs_for(const Job& j, double lr) {
 
 template <int PS, int MS>
 __global__ void step_kernel(const Item* __restrict__ items, const Job* __restrict__ jobs,
-                            const double* __restrict__ lr_eff, const int* __restrict__ group_nan) {
+                            const double* __restrict__ dyn, const double* __restrict__ lr_eff,
+                            const int* __restrict__ group_nan) {
   const Item item = items[blockIdx.x];
-  const Job& j = jobs[item.job];
+  const Job j = row_of(jobs, dyn, item.job);
+  if (j.skip) return;  // GradScaler found an inf/NaN (capturable mode)
   const bool stochastic = PS == kBF16 && has(j, kStochasticRound);
   const bool update = has(j, kUpdate);
   const bool shrink = (j.nan_group >= 0 && group_nan[j.nan_group] != 0) || has(j, kShrinkNow);
@@ -244,16 +245,6 @@ __global__ void step_kernel(const Item* __restrict__ items, const Job* __restric
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-int storage_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kBFloat16: return kBF16;
-    case at::kHalf: return kF16;
-    default: TORCH_CHECK(false, "sign_optim_step_cuda: unsupported dtype ", t.scalar_type());
-  }
-  return kF32;
-}
-
 // A vector of plain structs as a device tensor (bytes).
 template <typename T>
 at::Tensor to_device(const std::vector<T>& v, const at::Device& device) {
@@ -273,19 +264,82 @@ std::vector<Item> make_items(const std::vector<Job>& jobs, const std::vector<int
 }
 
 template <int PS>
-void launch_prepass(const at::Tensor& items, int64_t n, const at::Tensor& jobs, double* ssq, int* nan,
-                    cudaStream_t stream) {
-  prepass_kernel<PS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()),
-                                                  reinterpret_cast<const Job*>(jobs.data_ptr()), ssq, nan);
+void launch_prepass(const at::Tensor& items, int64_t n, const Job* jobs, double* ssq, int* nan, cudaStream_t stream) {
+  prepass_kernel<PS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()), jobs, ssq, nan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int PS, int MS>
-void launch_step(const at::Tensor& items, int64_t n, const at::Tensor& jobs, const double* lr_eff,
+void launch_step(const at::Tensor& items, int64_t n, const Job* jobs, const double* dyn, const double* lr_eff,
                  const int* group_nan, cudaStream_t stream) {
-  step_kernel<PS, MS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()),
-                                                   reinterpret_cast<const Job*>(jobs.data_ptr()), lr_eff, group_nan);
+  step_kernel<PS, MS><<<n, kThreads, 0, stream>>>(reinterpret_cast<const Item*>(items.data_ptr()), jobs, dyn, lr_eff,
+                                                   group_nan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The device tables of one call: the jobs, and the work items of every launch. In capturable mode
+// the jobs do not change from step to step (the host never applies the dynamic rows on CUDA), so
+// a plan is kept and reused: a later step copies nothing from the host, which CUDA graph capture
+// requires (a copy from pageable host memory cannot be captured).
+struct Plan {
+  at::Tensor jobs;
+  std::vector<std::pair<int, at::Tensor>> prepass;  // (param storage, items) per launch
+  int64_t prepass_slots = 0;
+  at::Tensor spans;  // undefined: no pre-pass
+  std::vector<std::pair<std::pair<int, int>, at::Tensor>> steps;  // ((param, momentum storage), items)
+};
+
+Plan make_plan(const std::vector<Job>& jobs, const at::Device& device) {
+  const int64_t T = static_cast<int64_t>(jobs.size());
+  // Buckets by (param storage, momentum storage): one launch each.
+  std::map<std::pair<int, int>, std::vector<int64_t>> buckets;
+  for (int64_t i = 0; i < T; ++i) {
+    if (jobs[i].numel > 0) buckets[{jobs[i].ps, jobs[i].ms}].push_back(i);
+  }
+  Plan plan;
+  plan.jobs = to_device(jobs, device);
+  std::vector<Span> spans;
+  for (const auto& [key, which] : buckets) {
+    // Static flags: in capturable mode kUpdate means "may update".
+    std::vector<int64_t> pre;
+    for (int64_t i : which) {
+      if ((has(jobs[i], kRmsTensor) && has(jobs[i], kUpdate)) || jobs[i].nan_group >= 0) pre.push_back(i);
+    }
+    if (pre.empty()) continue;
+    const std::vector<Item> items = make_items(jobs, pre, false);
+    for (size_t a = 0; a < items.size();) {
+      size_t b = a;
+      while (b < items.size() && items[b].job == items[a].job) ++b;
+      spans.push_back({items[a].job, plan.prepass_slots + static_cast<int64_t>(a), static_cast<int64_t>(b - a)});
+      a = b;
+    }
+    plan.prepass_slots += static_cast<int64_t>(items.size());
+    plan.prepass.emplace_back(key.first, to_device(items, device));
+  }
+  if (!spans.empty()) plan.spans = to_device(spans, device);
+  for (const auto& [key, which] : buckets) {
+    plan.steps.emplace_back(key, to_device(make_items(jobs, which, true), device));
+  }
+  return plan;
+}
+
+int64_t count_of(const at::Tensor& bytes, size_t size) { return bytes.numel() / static_cast<int64_t>(size); }
+
+// Plans of capturable calls by the bytes of their jobs (addresses, sizes, static table rows; the
+// padding is zero, see decode_jobs). Returned by value (tensor handles) so a concurrent clear is
+// harmless; the map is never destroyed, so no device memory is freed after CUDA shuts down.
+Plan cached_plan(const std::vector<Job>& jobs, const at::Device& device) {
+  static std::mutex mutex;
+  static auto* plans = new std::map<std::string, Plan>();
+  std::string key(reinterpret_cast<const char*>(jobs.data()), jobs.size() * sizeof(Job));
+  key.append(reinterpret_cast<const char*>(&device), sizeof(device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans->find(key);
+  if (found == plans->end()) {
+    if (plans->size() >= 16) plans->clear();  // a bound, not an LRU: plans change only with the model
+    found = plans->emplace(std::move(key), make_plan(jobs, device)).first;
+  }
+  return found->second;
 }
 
 }  // namespace
@@ -293,128 +347,59 @@ void launch_step(const at::Tensor& items, int64_t n, const at::Tensor& jobs, con
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                           const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
+  sign_optim_step_dyn_cuda(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
+}
+
+void sign_optim_step_dyn_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                              const std::vector<at::Tensor>& exp_avgs,
+                              const std::vector<std::optional<at::Tensor>>& masks,
+                              const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                              const std::optional<at::Tensor>& dyn) {
   const int64_t T = static_cast<int64_t>(params.size());
   if (T == 0) return;
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && masks.size() == params.size() &&
-                  row_seen.size() == params.size(),
-              "sign_optim_step_cuda: params, grads, exp_avgs, masks and row_seen must have the same length");
-  at::Tensor h = hyper.to(at::kCPU, at::kDouble).contiguous();
-  at::Tensor in = ints.to(at::kCPU, at::kLong).contiguous();
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == T && h.size(1) == kNumFloats && in.dim() == 2 && in.size(0) == T &&
-                  in.size(1) == kNumInts,
-              "sign_optim_step_cuda: hyper/ints must be (T, ", kNumFloats, ") / (T, ", kNumInts, ")");
   const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "sign_optim_step_dyn_cuda: the tensors are on ", device, ", not a CUDA device");
   const c10::cuda::CUDAGuard guard(device);
-  const double* hp = h.data_ptr<double>();
-  const int64_t* ip = in.data_ptr<int64_t>();
-  std::vector<Job> jobs(T);
-  for (int64_t i = 0; i < T; ++i) {
-    const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i];
-    TORCH_CHECK(p.device() == device && g.device() == device && m.device() == device, "sign_optim_step_cuda: tensor ",
-                i, " is not on ", device);
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(), "sign_optim_step_cuda: tensor ", i,
-                " is not contiguous");
-    TORCH_CHECK(g.numel() == p.numel() && m.numel() == p.numel() && g.scalar_type() == p.scalar_type(),
-                "sign_optim_step_cuda: tensor ", i, ": grad/momentum do not match the param");
-    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16, "sign_optim_step_cuda: tensor ",
-                i, ": momentum must be float32 or bfloat16");
-    const double* hr = hp + i * kNumFloats;
-    const int64_t* ir = ip + i * kNumInts;
-    Job& j = jobs[i];
-    j.param = p.data_ptr();
-    j.grad = g.data_ptr();
-    j.mom = m.data_ptr();
-    j.ps = storage_of(p);
-    j.ms = storage_of(m);
-    j.numel = p.numel();
-    static_cast<TableRow&>(j) = decode_row(hr, ir);
-    TORCH_CHECK(j.nan_group < T, "sign_optim_step_cuda: tensor ", i, ": NaN group out of range");
-    if (by_rows(j)) {
-      TORCH_CHECK(j.numel % j.row_len == 0, "sign_optim_step_cuda: tensor ", i, ": numel is not a multiple of row_len");
-    }
-    j.mask = nullptr;
-    if (masks[i].has_value() && masks[i]->defined()) {
-      const at::Tensor& mk = *masks[i];
-      TORCH_CHECK(mk.device() == device && mk.is_contiguous() && mk.numel() == j.numel &&
-                      (mk.scalar_type() == at::kBool || mk.scalar_type() == at::kByte),
-                  "sign_optim_step_cuda: mask ", i, " must be a contiguous bool tensor on ", device);
-      j.mask = static_cast<const uint8_t*>(mk.data_ptr());
-    }
-    j.seen = nullptr;
-    if (row_seen[i].numel() > 0 && by_rows(j)) {
-      const at::Tensor& sn = row_seen[i];
-      TORCH_CHECK(sn.device() == device && sn.is_contiguous() && sn.scalar_type() == at::kByte &&
-                      sn.numel() == j.numel / j.row_len,
-                  "sign_optim_step_cuda: row_seen ", i, " must be a contiguous uint8 tensor with one entry per row");
-      j.seen = static_cast<uint8_t*>(sn.data_ptr());
-    }
-  }
-
-  // Buckets by (param storage, momentum storage): one launch each.
-  std::map<std::pair<int, int>, std::vector<int64_t>> buckets;
-  for (int64_t i = 0; i < T; ++i) {
-    if (jobs[i].numel > 0) buckets[{jobs[i].ps, jobs[i].ms}].push_back(i);
-  }
+  const Call call =
+      decode_jobs("sign_optim_step_dyn_cuda", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, device);
+  const Plan plan = call.dyn != nullptr ? cached_plan(call.jobs, device) : make_plan(call.jobs, device);
+  const Job* jobs_d = reinterpret_cast<const Job*>(plan.jobs.data_ptr());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor jobs_d = to_device(jobs, device);
   const auto dopts = at::TensorOptions().device(device);
   at::Tensor group_nan = at::zeros({T}, dopts.dtype(at::kInt));
   at::Tensor lr_eff = at::empty({T}, dopts.dtype(at::kDouble));
 
-  std::vector<Span> spans;
-  std::vector<std::pair<int, std::vector<Item>>> pre_launches;
-  int64_t total = 0;
-  for (const auto& [key, which] : buckets) {
-    std::vector<int64_t> pre;
-    for (int64_t i : which) {
-      if ((has(jobs[i], kRmsTensor) && has(jobs[i], kUpdate)) || jobs[i].nan_group >= 0) pre.push_back(i);
-    }
-    if (pre.empty()) continue;
-    std::vector<Item> items = make_items(jobs, pre, false);
-    for (size_t a = 0; a < items.size();) {
-      size_t b = a;
-      while (b < items.size() && items[b].job == items[a].job) ++b;
-      spans.push_back({items[a].job, total + static_cast<int64_t>(a), static_cast<int64_t>(b - a)});
-      a = b;
-    }
-    total += static_cast<int64_t>(items.size());
-    pre_launches.emplace_back(key.first, std::move(items));
-  }
-  if (!spans.empty()) {
-    at::Tensor ssq = at::empty({total}, dopts.dtype(at::kDouble));
-    at::Tensor nan = at::empty({total}, dopts.dtype(at::kInt));
+  if (plan.spans.defined()) {
+    at::Tensor ssq = at::empty({plan.prepass_slots}, dopts.dtype(at::kDouble));
+    at::Tensor nan = at::empty({plan.prepass_slots}, dopts.dtype(at::kInt));
     int64_t offset = 0;
-    for (const auto& [ps, items] : pre_launches) {
-      const at::Tensor items_d = to_device(items, device);
-      const int64_t n = static_cast<int64_t>(items.size());
+    for (const auto& [ps, items] : plan.prepass) {
+      const int64_t n = count_of(items, sizeof(Item));
       double* s = ssq.data_ptr<double>() + offset;
       int* f = nan.data_ptr<int>() + offset;
-      if (ps == kF32) launch_prepass<kF32>(items_d, n, jobs_d, s, f, stream);
-      else if (ps == kBF16) launch_prepass<kBF16>(items_d, n, jobs_d, s, f, stream);
-      else launch_prepass<kF16>(items_d, n, jobs_d, s, f, stream);
+      if (ps == kF32) launch_prepass<kF32>(items, n, jobs_d, s, f, stream);
+      else if (ps == kBF16) launch_prepass<kBF16>(items, n, jobs_d, s, f, stream);
+      else launch_prepass<kF16>(items, n, jobs_d, s, f, stream);
       offset += n;
     }
-    const at::Tensor spans_d = to_device(spans, device);
-    const int64_t n = static_cast<int64_t>(spans.size());
+    const int64_t n = count_of(plan.spans, sizeof(Span));
     finish_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        reinterpret_cast<const Span*>(spans_d.data_ptr()), n, reinterpret_cast<const Job*>(jobs_d.data_ptr()),
-        ssq.data_ptr<double>(), nan.data_ptr<int>(), lr_eff.data_ptr<double>(), group_nan.data_ptr<int>());
+        reinterpret_cast<const Span*>(plan.spans.data_ptr()), n, jobs_d, call.dyn, ssq.data_ptr<double>(),
+        nan.data_ptr<int>(), lr_eff.data_ptr<double>(), group_nan.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  for (const auto& [key, which] : buckets) {
-    const std::vector<Item> items = make_items(jobs, which, true);
-    const at::Tensor items_d = to_device(items, device);
-    const int64_t n = static_cast<int64_t>(items.size());
-    const double* lr = lr_eff.data_ptr<double>();
-    const int* gn = group_nan.data_ptr<int>();
+  const double* lr = lr_eff.data_ptr<double>();
+  const int* gn = group_nan.data_ptr<int>();
+  for (const auto& [key, items] : plan.steps) {
+    const int64_t n = count_of(items, sizeof(Item));
     const auto [ps, ms] = key;
-    if (ps == kF32 && ms == kF32) launch_step<kF32, kF32>(items_d, n, jobs_d, lr, gn, stream);
-    else if (ps == kF32) launch_step<kF32, kBF16>(items_d, n, jobs_d, lr, gn, stream);
-    else if (ps == kBF16 && ms == kF32) launch_step<kBF16, kF32>(items_d, n, jobs_d, lr, gn, stream);
-    else if (ps == kBF16) launch_step<kBF16, kBF16>(items_d, n, jobs_d, lr, gn, stream);
-    else if (ms == kF32) launch_step<kF16, kF32>(items_d, n, jobs_d, lr, gn, stream);
-    else launch_step<kF16, kBF16>(items_d, n, jobs_d, lr, gn, stream);
+    if (ps == kF32 && ms == kF32) launch_step<kF32, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kF32) launch_step<kF32, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kBF16 && ms == kF32) launch_step<kBF16, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ps == kBF16) launch_step<kBF16, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else if (ms == kF32) launch_step<kF16, kF32>(items, n, jobs_d, call.dyn, lr, gn, stream);
+    else launch_step<kF16, kBF16>(items, n, jobs_d, call.dyn, lr, gn, stream);
   }
 }
 

@@ -33,6 +33,14 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
                          const at::Tensor& ints);
+// The same with the dynamic table: dyn (T, kNumDyn) float64 on the tensors' device, or None,
+// holds the per-step values of the rows flagged kDynamic (capturable mode); the function above
+// is this one with dyn = None.
+void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& exp_avgs,
+                             const std::vector<std::optional<at::Tensor>>& masks,
+                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                             const std::optional<at::Tensor>& dyn);
 
 // BioHash / FlyVec (csrc/cpu/biohash.cpp). Sparse rows are CSR: indices (nnz,) int64, offsets
 // (B+1,) int64, optional weights (nnz,) in the compute dtype. synapses_t is the (N, K) contiguous
@@ -113,6 +121,12 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cuda(const at::Ten
                                                                    const at::Tensor& grad_gamma, const at::Tensor& x,
                                                                    const at::Tensor& gamma, const at::Tensor& stats,
                                                                    bool logits);
+// Lion / Tiger on CUDA tensors with the dynamic table: the contract of sign_optim_step_dyn_cpu.
+void sign_optim_step_dyn_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                              const std::vector<at::Tensor>& exp_avgs,
+                              const std::vector<std::optional<at::Tensor>>& masks,
+                              const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
+                              const std::optional<at::Tensor>& dyn);
 // Lion / Tiger on CUDA tensors (csrc/cuda/sign_optim.cu): the contract of sign_optim_step_cpu.
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,

@@ -13,6 +13,14 @@
 //
 // lr is the table's lr times RMS(theta) (whole tensor, or per row) when Tiger asks for it. A
 // tensor flagged by the NaN guard instead keeps m and shrinks theta towards a centre.
+//
+// Capturable mode: a row flagged kDynamic takes the values that change from step to step (lr,
+// Tiger's momentum coefficient and update switch, the gradient scale with GradScaler's 1/scale,
+// GradScaler's skip flag, the keys of the random bits) from a third table, a (T, kNumDyn) float64
+// tensor on the tensors' device, computed there by torch ops. The host tables then stay the same
+// from step to step and nothing the host decides depends on a device value: no synchronisation,
+// and the step can be captured in a CUDA graph. The host-side table handling is in
+// sign_optim_host.h.
 #pragma once
 
 #include "kexue/macros.h"
@@ -62,6 +70,21 @@ enum Flag : int64_t {
   kMaskUpdate = 1 << 8,      // masked elements are not stepped either (they never move)
   kStochasticRound = 1 << 9, // bfloat16 params are stored with stochastic rounding
   kShrinkNow = 1 << 10,       // NaN guard decided on the host (sharded tensors): shrink this call
+  kDynamic = 1 << 11,         // the DynSlot values come from the dynamic table (capturable mode)
+};
+
+// Columns of the dynamic table (float64; the keys are uint32 values, exact in a double).
+enum DynSlot : int {
+  kDLr = 0,       // replaces kLr
+  kDMm = 1,       // replaces kMm
+  kDGscale = 2,   // replaces kGscale
+  kDUpdate = 3,   // 0: clears kUpdate for this step (Tiger's accumulation micro-steps)
+  kDSkip = 4,     // nonzero: the row is left untouched (GradScaler found an inf/NaN)
+  kDMaskK0 = 5,   // replace kMaskK0 / kMaskK1 / kRoundK0 / kRoundK1 (the keys follow the step)
+  kDMaskK1 = 6,
+  kDRoundK0 = 7,
+  kDRoundK1 = 8,
+  kNumDyn = 9,
 };
 
 // The scalar columns of one table row, decoded once per call by the CPU and CUDA hosts. The
@@ -72,10 +95,16 @@ struct TableRow {
   double lr, wd;
   float c_m, c_g, m_m, m_g, gscale, shrink, centre;
   uint32_t mask_k0, mask_k1, mask_threshold, round_k0, round_k1;
+  bool skip;  // set from the dynamic table only
 };
 
+KEXUE_HOST_DEVICE bool has(const TableRow& r, int64_t flag) { return (r.flags & flag) != 0; }
+
+// Whether the tensor is updated row by row (per-row RMS or lazy rows of an embedding table).
+KEXUE_HOST_DEVICE bool by_rows(const TableRow& r) { return r.row_len > 0 && has(r, kRmsRow | kLazyRows); }
+
 inline TableRow decode_row(const double* h, const int64_t* i) {
-  TableRow r;
+  TableRow r{};  // zeroed, padding included: a row's bytes are a cache key on CUDA
   r.flags = i[kFlags];
   r.nan_group = i[kNanGroup];
   r.row_len = i[kRowLen];
@@ -93,7 +122,23 @@ inline TableRow decode_row(const double* h, const int64_t* i) {
   r.mask_threshold = static_cast<uint32_t>(i[kMaskThreshold]);
   r.round_k0 = static_cast<uint32_t>(i[kRoundK0]);
   r.round_k1 = static_cast<uint32_t>(i[kRoundK1]);
+  r.skip = false;
   return r;
+}
+
+// The values of a kDynamic row for this step, from its row `d` of the dynamic table. The host
+// applies it on CPU (where the table is host memory); on CUDA every kernel applies it on device.
+// Rounded as decode_row rounds the host table, so a dynamic row computes the same bits.
+KEXUE_HOST_DEVICE void apply_dynamic(TableRow& r, const double* d) {
+  r.lr = d[kDLr];
+  r.m_m = static_cast<float>(d[kDMm]);
+  r.gscale = static_cast<float>(d[kDGscale]);
+  if (d[kDUpdate] == 0.0) r.flags &= ~static_cast<int64_t>(kUpdate);
+  r.skip = d[kDSkip] != 0.0;
+  r.mask_k0 = static_cast<uint32_t>(d[kDMaskK0]);
+  r.mask_k1 = static_cast<uint32_t>(d[kDMaskK1]);
+  r.round_k0 = static_cast<uint32_t>(d[kDRoundK0]);
+  r.round_k1 = static_cast<uint32_t>(d[kDRoundK1]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
 def _register_backends() -> None:
     _backend.register(OP, "torch", reference.fused_step, PARAM_DTYPES + (torch.float64,))
     native = _backend.native()
-    if native is not None and hasattr(native, "sign_optim_step_cpu"):
-        _backend.register(OP, "cpu", native.sign_optim_step_cpu, PARAM_DTYPES)
+    # The *_dyn_* entry points take the dynamic table of capturable mode (None otherwise).
+    if native is not None and hasattr(native, "sign_optim_step_dyn_cpu"):
+        _backend.register(OP, "cpu", native.sign_optim_step_dyn_cpu, PARAM_DTYPES)
         if getattr(native, "WITH_CUDA", False):
-            _backend.register(OP, "cuda", native.sign_optim_step_cuda, PARAM_DTYPES)
+            _backend.register(OP, "cuda", native.sign_optim_step_dyn_cuda, PARAM_DTYPES)
     _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
 
 
@@ -57,6 +58,7 @@ def sign_optim_step(
     row_seen: list[Tensor],
     hyper: Tensor,
     ints: Tensor,
+    dyn: Tensor | None = None,
 ) -> None:
     """One Lion/Tiger step over all tensors of one device, in place.
 
@@ -66,15 +68,18 @@ def sign_optim_step(
     tensor for none (a mutated ``Tensor?[]`` holding None is not supported by torch's
     functionalization, so "none" is spelled as numel 0).
     ``hyper`` (T, 9) float64 and ``ints`` (T, 8) int64 on the CPU: the per-tensor table.
+    ``dyn`` (T, 9) float64 on the tensors' device, or None: the per-step values (lr, momentum
+    coefficient, gradient scale, update switch, skip flag, random keys) of the rows flagged
+    DYNAMIC (capturable mode), read by the kernels from device memory.
     """
     if not params:
         return
     _, fn = _backend.select(OP, params[0])
-    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
 
 
 @sign_optim_step.register_fake
-def _(params, grads, exp_avgs, masks, row_seen, hyper, ints) -> None:
+def _(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn=None) -> None:
     return None
 
 
@@ -86,6 +91,7 @@ def fused_step(
     row_seen: list[Tensor],
     hyper: Tensor,
     ints: Tensor,
+    dyn: Tensor | None = None,
 ) -> None:
     """What optimizers call: :func:`sign_optim_step`, with a shortcut in eager mode.
 
@@ -97,8 +103,8 @@ def fused_step(
     if not params:
         return
     if torch.compiler.is_compiling():
-        sign_optim_step(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+        sign_optim_step(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
         return
     _, fn = _backend.select(OP, params[0])
-    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
     torch.autograd.graph.increment_version(params + exp_avgs + [s for s in row_seen if s.numel() > 0])

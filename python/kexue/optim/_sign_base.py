@@ -27,7 +27,18 @@ Options common to both optimizers (each may differ per param group):
   ChildTuning code does with AdamW.
 - ``stochastic_rounding``: bfloat16 params are stored with stochastic rounding (keys from
   ``seed``), so updates smaller than half a bfloat16 ulp still move them on average.
-- ``maximize``, ``weight_decay`` (decoupled), ``lr``.
+- ``maximize``, ``weight_decay`` (decoupled), ``lr`` (a float, or a 1-element tensor).
+- ``capturable`` (default False; as torch.optim's): the step makes no host synchronisation, so
+  it can be captured in a CUDA graph. The step counter is a float32 tensor on the parameter's
+  device (exact up to 2^24 steps, as torch's), ``lr`` may be a tensor that a scheduler writes in
+  place (``group['lr'].fill_(...)``), GradScaler's inf flag and scale are read on the device, and
+  everything that depends on them is computed there (kexue/optim/_capturable.py) and read by the
+  kernel from device memory. The results are bitwise those of ``capturable=False``. Unlike
+  torch.optim, CPU parameters are accepted (the C++ kernel reads the same tables there; useful
+  for testing). A tensor ``lr`` of a capturable group is checked when the group is added, not at
+  every step (that would read it). Not free of synchronisation: the ``torch`` backend (the
+  float64 fallback) and Tiger's cross-rank reductions of sharded DTensor parameters, which
+  capturable groups reject.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import torch
 from torch import Tensor
 
 from kexue.ops import sign_optim as ops
+from kexue.optim._capturable import DeviceConstants, DynRow, dynamic_table
 from kexue.optim._sharded import complete_reductions, local, sharded_last_dim
 from kexue.reference import sign_optim as table
 
@@ -59,6 +71,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "mask_update": True,
     "child_tuning_rescale": False,
     "stochastic_rounding": False,
+    "capturable": False,
 }
 
 _STATE_TENSORS = ("exp_avg", "child_tuning_mask", "row_seen")
@@ -105,6 +118,7 @@ class SignOptimizer(torch.optim.Optimizer):
             # the groups (and in state_dict) so a resumed run draws the same masks.
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         full = {**_COMMON_DEFAULTS, **options, **defaults, "seed": int(seed)}
+        self._device_constants = DeviceConstants()
         super().__init__(params, full)
 
     # -----------------------------------------------------------------------------------------
@@ -113,7 +127,7 @@ class SignOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1, read_tensors=True)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -121,11 +135,21 @@ class SignOptimizer(torch.optim.Optimizer):
     def _group_error(self, gi: int, message: str) -> ValueError:
         return ValueError(f"{type(self).__name__}: param_groups[{gi}]: {message}")
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:
-        """Raise ValueError naming the group for any bad hyperparameter."""
+    def _check_group(self, group: dict[str, Any], gi: int, read_tensors: bool = False) -> None:
+        """Raise ValueError naming the group for any bad hyperparameter.
+
+        A 1-element tensor value is read (a host synchronisation) unless the group is capturable
+        and ``read_tensors`` is False, as at every step of a capturable optimizer.
+        """
+        if not isinstance(group["capturable"], bool):
+            raise self._group_error(gi, f"capturable must be a bool, got {group['capturable']!r}")
+        read = read_tensors or not group["capturable"]
+
         def real(key, low=-math.inf, high=math.inf, low_open=False, high_open=False):
             value = group[key]
             if isinstance(value, Tensor) and value.numel() == 1:
+                if not read:
+                    return
                 value = value.item()
             ok = _is_real(value) and math.isfinite(value)
             ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
@@ -250,6 +274,16 @@ class SignOptimizer(torch.optim.Optimizer):
         """Whether lazy rows must remember rows seen earlier in an accumulation window."""
         return False
 
+    @staticmethod
+    def _step_value(step, capturable: bool, device: torch.device):
+        """The step counter as the group keeps it: an int, or (capturable) a float32 tensor on the
+        parameter's device. Converting a counter from the other kind reads or copies it once."""
+        if not capturable:
+            return int(step)
+        if isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == device and step.dim() == 0:
+            return step
+        return torch.as_tensor(step, dtype=torch.float32).reshape(()).to(device)
+
     def _init_state(self, e: _Entry) -> None:
         """Phase 2: create or adapt the state of one parameter (nothing can fail here)."""
         state = self.state[e.param]
@@ -260,10 +294,7 @@ class SignOptimizer(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=group["momentum_dtype"], memory_format=torch.contiguous_format)
         elif state["exp_avg"].dtype != group["momentum_dtype"] or not local(state["exp_avg"]).is_contiguous():
             state["exp_avg"] = state["exp_avg"].to(group["momentum_dtype"]).contiguous()
-        if "step" not in state:
-            state["step"] = 0
-        elif isinstance(state["step"], Tensor):  # a state saved by an optimizer that keeps a tensor
-            state["step"] = int(state["step"])
+        state["step"] = self._step_value(state.get("step", 0), group["capturable"], local(p).device)
         if group["embedding"] and group["drift_guard"] and self._needs_row_seen(group):
             if "row_seen" not in state:
                 rows = local(p).numel() // p.shape[-1]  # the rows of this rank's shard
@@ -274,12 +305,25 @@ class SignOptimizer(torch.optim.Optimizer):
     # -----------------------------------------------------------------------------------------
     # The table.
 
-    def _algorithm_row(self, e: _Entry, t: int, floats: list[float], ints: list[int]) -> None:
-        """Fill the algorithm's columns (lr, wd, coefficients, flags, NaN group) of one row."""
+    def _algorithm_row(self, e: _Entry, t: int | None, floats: list[float], ints: list[int]) -> None:
+        """Fill the algorithm's columns (wd, coefficients, flags, NaN group) of one row.
+
+        The LR column gets the factor of the group's lr (the caller multiplies). ``t`` is the
+        step, or None in capturable mode: then nothing may depend on it (the UPDATE flag means
+        "may update"), and :meth:`_accumulation` says how the step enters.
+        """
         raise NotImplementedError
 
-    def _table_row(self, e: _Entry, t: int) -> tuple[list[float], list[int], Tensor | None, Tensor | None]:
+    def _accumulation(self, group: dict) -> tuple[float, int]:
+        """(momentum coefficient at the start of a window, steps k per window): with t the step,
+        the momentum coefficient is that at k | t, else 1, and theta moves iff k | t + 1."""
+        raise NotImplementedError
+
+    def _table_row(self, e: _Entry, t: int | None) -> tuple[list[float], list[int], Tensor | None, Tensor | None,
+                                                          DynRow]:
+        """One tensor's host-table row, its masks, and (capturable mode, ``t`` None) its dynamic row."""
         group, p, state = e.group, e.param, self.state[e.param]
+        dyn = DynRow(capturable=t is None)
         floats = [0.0] * table.NUM_FLOATS
         ints = [0] * table.NUM_INTS
         ints[table.NAN_GROUP] = -1
@@ -295,8 +339,11 @@ class SignOptimizer(torch.optim.Optimizer):
         mask = None
         if group["child_tuning"] == "F":
             flags |= table.MASK_F
-            k0, k1 = table.stream_keys(group["seed"], e.flat_index, t, table.MASK_STREAM)
-            ints[table.MASK_K0], ints[table.MASK_K1] = k0, k1
+            if dyn.capturable:
+                dyn.mask_prefix = table.stream_prefix(group["seed"], e.flat_index)
+            else:
+                k0, k1 = table.stream_keys(group["seed"], e.flat_index, t, table.MASK_STREAM)
+                ints[table.MASK_K0], ints[table.MASK_K1] = k0, k1
             ints[table.MASK_THRESHOLD] = table.keep_threshold(group["reserve_p"])
             gscale /= group["reserve_p"]
         elif group["child_tuning"] == "D" and state.get("child_tuning_mask") is not None:
@@ -308,12 +355,23 @@ class SignOptimizer(torch.optim.Optimizer):
             flags |= table.MASK_UPDATE
         if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
             flags |= table.STOCHASTIC_ROUND
-            ints[table.ROUND_K0], ints[table.ROUND_K1] = table.stream_keys(
-                group["seed"], e.flat_index, t, table.ROUND_STREAM)
-        floats[table.GSCALE] = gscale * self._unscale
+            if dyn.capturable:
+                dyn.round_prefix = table.stream_prefix(group["seed"], e.flat_index)
+            else:
+                ints[table.ROUND_K0], ints[table.ROUND_K1] = table.stream_keys(
+                    group["seed"], e.flat_index, t, table.ROUND_STREAM)
         ints[table.FLAGS] = flags
         self._algorithm_row(e, t, floats, ints)
-        return floats, ints, mask, state.get("row_seen")
+        if dyn.capturable:
+            # The host row holds what does not change from step to step; the dynamic row the rest.
+            ints[table.FLAGS] |= table.DYNAMIC
+            floats[table.GSCALE] = gscale
+            dyn.lr, dyn.lr_factor, dyn.gscale, dyn.step = group["lr"], floats[table.LR], gscale, state["step"]
+            dyn.momentum_coef, dyn.accum_steps = self._accumulation(group)
+        else:
+            floats[table.GSCALE] = gscale * self._unscale
+            floats[table.LR] = floats[table.LR] * float(group["lr"])
+        return floats, ints, mask, state.get("row_seen"), dyn
 
     # -----------------------------------------------------------------------------------------
     # The step.
@@ -323,6 +381,8 @@ class SignOptimizer(torch.optim.Optimizer):
     # gradient multiplier, so the gradients are read once.
     _step_supports_amp_scaling = True
     _unscale = 1.0
+    _found_inf: Tensor | None = None  # capturable mode: GradScaler's flag and scale, on the device
+    _grad_scale: Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -331,21 +391,28 @@ class SignOptimizer(torch.optim.Optimizer):
         Under ``torch.amp.GradScaler.step(optimizer)`` the gradients are unscaled inside the fused
         kernel, and a step whose scaled gradients held an inf or NaN is skipped entirely (params,
         momenta and step counters unchanged), as torch's fused optimizers do. Reading the scaler's
-        flag costs one host synchronisation per step on CUDA.
+        flag costs one host synchronisation per step on CUDA, except when every group is
+        capturable: then the kernels read the flag and the scale from device memory, and a skipped
+        step leaves the step counters unchanged by adding 1 - found_inf to them.
         """
+        self._accelerator_graph_capture_health_check()  # torch's: capturing a non-capturable step fails
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss
         grad_scale = getattr(self, "grad_scale", None)
-        self._unscale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        on_device = all(group["capturable"] for group in self.param_groups)
+        if found_inf is not None and not on_device and bool(found_inf.item()):
+            return loss
+        if on_device:
+            self._found_inf, self._grad_scale = found_inf, grad_scale
+        else:
+            self._unscale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         try:
             self._fused_step()
         finally:
-            self._unscale = 1.0
+            self._unscale, self._found_inf, self._grad_scale = 1.0, None, None
         return loss
 
     def _fused_step(self) -> None:
@@ -357,15 +424,28 @@ class SignOptimizer(torch.optim.Optimizer):
             buckets[(e.param.device, e.backend)].append(e)
         for bucket in buckets.values():
             self._run(bucket)
+        counters = []
         for e in entries:
-            self.state[e.param]["step"] += 1
+            state = self.state[e.param]
+            if isinstance(state["step"], Tensor):
+                counters.append(state["step"])
+            else:
+                state["step"] += 1
+        if counters:  # capturable: + 1, or + 1 - found_inf on the device (a skipped step is not counted)
+            for device, device_counters in _by_device(counters).items():
+                if self._found_inf is None:
+                    torch._foreach_add_(device_counters, 1.0)
+                else:
+                    inc = 1.0 - self._found_inf.to(device=device, dtype=torch.float32).reshape(())
+                    torch._foreach_add_(device_counters, [inc] * len(device_counters))
 
     def _run(self, bucket: list[_Entry]) -> None:
-        params, grads, moms, masks, seen, rows_f, rows_i = [], [], [], [], [], [], []
+        params, grads, moms, masks, seen, rows_f, rows_i, rows_d = [], [], [], [], [], [], [], []
         for e in bucket:
             state = self.state[e.param]
-            t = int(state["step"])
-            floats, ints, mask, row_seen = self._table_row(e, t)
+            t = None if e.group["capturable"] else state["step"]
+            floats, ints, mask, row_seen, dyn_row = self._table_row(e, t)
+            rows_d.append(dyn_row)
             rows_f.append(floats)
             rows_i.append(ints)
             # The kernel needs contiguous memory; an odd parameter is updated through a copy.
@@ -380,7 +460,10 @@ class SignOptimizer(torch.optim.Optimizer):
         complete_reductions([e.param for e in bucket], [e.grad for e in bucket], rows_f, rows_i)
         hyper = torch.tensor(rows_f, dtype=torch.float64).reshape(len(bucket), table.NUM_FLOATS)
         ints = torch.tensor(rows_i, dtype=torch.int64).reshape(len(bucket), table.NUM_INTS)
-        ops.fused_step(params, grads, moms, masks, seen, hyper, ints)
+        dyn = None
+        if any(r.capturable for r in rows_d):
+            dyn = dynamic_table(rows_d, params[0].device, self._device_constants, self._found_inf, self._grad_scale)
+        ops.fused_step(params, grads, moms, masks, seen, hyper, ints, dyn)
         for e, work in zip(bucket, params, strict=True):
             if work is not local(e.param):
                 local(e.param).copy_(work)
@@ -423,7 +506,10 @@ class SignOptimizer(torch.optim.Optimizer):
         """As torch's, but state tensors keep their own dtypes (torch casts all to the param's).
 
         Checked first, so that a state of the wrong shape is an error naming the parameter and
-        nothing is loaded.
+        nothing is loaded. ``capturable`` is an execution mode of this optimizer, not part of the
+        saved run: each group keeps its own (torch.optim takes the saved one), and the step
+        counters become what it keeps -- ints, or float32 tensors on the parameters' devices for
+        capturable groups -- whichever kind was saved.
         """
         groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
         same_layout = len(groups) == len(saved_groups) and all(
@@ -436,11 +522,15 @@ class SignOptimizer(torch.optim.Optimizer):
             for pi, (p, k) in enumerate(zip(g["params"], s["params"], strict=True)):
                 id_map[k] = p
                 where_of[k] = self._where(gi, pi, g)
+        capturable = [g["capturable"] for g in groups]
         saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
         for k, v in saved_state.items():
             if k in id_map:
                 self._check_state(functools.partial(str, where_of[k]), id_map[k], v, devices=False)
         super().load_state_dict(state_dict)
+        for group, mode in zip(self.param_groups, capturable, strict=True):
+            group["capturable"] = mode
+        capturable_of = {id(p): g["capturable"] for g in self.param_groups for p in g["params"]}
         for k, v in saved_state.items():
             if k not in id_map:
                 continue
@@ -449,12 +539,22 @@ class SignOptimizer(torch.optim.Optimizer):
             for key in _STATE_TENSORS:
                 if isinstance(v.get(key), Tensor):
                     state[key] = v[key].to(device=p.device, copy=True).contiguous()
+            if "step" in state:
+                state["step"] = self._step_value(state["step"], capturable_of[id(p)], local(p).device)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._device_constants = DeviceConstants()  # not pickled: a cache
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    out: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        out[t.device].append(t)
+    return out
 
 
 def flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:

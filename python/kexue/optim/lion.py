@@ -31,7 +31,7 @@ class Lion(SignOptimizer):
         seed: seed of ChildTuning-F masks and stochastic rounding (default: drawn from torch's RNG).
         **options: the shared options (``momentum_dtype``, ``embedding``, ``drift_guard``,
             ``freeze_absent_momentum``, ``child_tuning``, ``reserve_p``, ``mask_update``,
-            ``child_tuning_rescale``, ``stochastic_rounding``, ``maximize``).
+            ``child_tuning_rescale``, ``stochastic_rounding``, ``maximize``, ``capturable``).
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
@@ -46,10 +46,13 @@ class Lion(SignOptimizer):
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0):
                 raise self._group_error(gi, f"betas[{i}] must lie in [0, 1), got {b!r}")
 
-    def _algorithm_row(self, e: _Entry, t: int, floats: list[float], ints: list[int]) -> None:
+    def _algorithm_row(self, e: _Entry, t: int | None, floats: list[float], ints: list[int]) -> None:
         beta1, beta2 = (float(b) for b in e.group["betas"])
-        floats[table.LR] = float(e.group["lr"])
+        floats[table.LR] = 1.0  # the lr factor: the group's lr itself
         floats[table.WD] = float(e.group["weight_decay"])
         floats[table.C_M], floats[table.C_G] = beta1, 1.0 - beta1
         floats[table.M_M], floats[table.M_G] = beta2, 1.0 - beta2
         ints[table.FLAGS] |= table.UPDATE
+
+    def _accumulation(self, group: dict) -> tuple[float, int]:
+        return float(group["betas"][1]), 1

@@ -6,8 +6,10 @@ import bisect
 import math
 from collections.abc import Callable, Mapping
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from kexue.optim._sharded import shard_groups
 from kexue.optim._sign_base import NAN_OWN, NAN_SHARED, SignOptimizer, _Entry
 from kexue.optim.embedding_guard import find_embedding_weights
 from kexue.reference import sign_optim as table
@@ -54,6 +56,12 @@ class Tiger(SignOptimizer):
     Defaults are the reference code's: lr 1e-3 (Su uses a peak of 1e-3..2e-3), beta 0.965 (NLP;
     0.945 for vision), weight_decay 0.01, shrink_ratio 0.99. For its piecewise-linear ``lr_schedule``
     use ``torch.optim.lr_scheduler.LambdaLR(opt, piecewise_linear({...}))``.
+
+    ``capturable=True`` (see :mod:`kexue.optim._sign_base`) covers everything above: the
+    accumulation rule's momentum coefficient and update switch are computed on the device from
+    the step tensor, and a schedule may be applied there too (:func:`piecewise_linear` takes a
+    step tensor), or on the host by a scheduler writing a tensor ``lr`` in place. Sharded DTensor
+    parameters whose RMS or NaN guard spans ranks are rejected in this mode.
     """
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.965, weight_decay: float = 0.01, *,
@@ -96,34 +104,47 @@ class Tiger(SignOptimizer):
         return "gamma" if name.endswith("weight") or "gamma" in name else "bias"
 
     def _check_algorithm_param(self, where: str, group: dict, pi: int, p) -> None:
-        if self._kind(group, pi, p) == "embedding" and p.dim() < 2:
+        kind = self._kind(group, pi, p)
+        if kind == "embedding" and p.dim() < 2:
             raise ValueError(f"{where()}: kind 'embedding' needs a table of rows (at least 2 dims), "
                              f"got shape {tuple(p.shape)}")
+        reduces = group["nan_guard"] is not None or (kind == "matrix" and group["rms_scale"] is True)
+        if group["capturable"] and reduces and shard_groups(p) is not None:
+            raise ValueError(f"{where()}: capturable=True cannot serve a sharded DTensor parameter whose "
+                             f"whole-tensor RMS or NaN guard is completed across ranks (that reads the "
+                             f"reductions on the host); use rms_scale=<float> and nan_guard=None, or "
+                             f"capturable=False")
+
+    def _accumulation(self, group: dict) -> tuple[float, int]:
+        return float(group["beta"]), group["grad_accum_steps"]
 
     def _needs_row_seen(self, group: dict) -> bool:
         return group["grad_accum_steps"] > 1
 
-    def _algorithm_row(self, e: _Entry, t: int, floats: list[float], ints: list[int]) -> None:
+    def _algorithm_row(self, e: _Entry, t: int | None, floats: list[float], ints: list[int]) -> None:
         group = e.group
         kind = self._kind(group, e.param_index, e.param)
-        k, beta, alpha = group["grad_accum_steps"], float(group["beta"]), float(group["lr"])
-        floats[table.M_M] = beta if t % k == 0 else 1.0
+        k, beta = group["grad_accum_steps"], float(group["beta"])
+        # Capturable (t None): "may update"; the momentum coefficient and the update switch of
+        # this step come from the dynamic table (_accumulation).
+        floats[table.M_M] = beta if t is None or t % k == 0 else 1.0
         floats[table.M_G] = (1.0 - beta) / k
         flags = table.USE_NEW_MOMENTUM
-        if (t + 1) % k == 0:
+        if t is None or (t + 1) % k == 0:
             flags |= table.UPDATE
+        # The factor of alpha (the group's lr) in this tensor's learning rate.
         if kind in ("bias", "gamma"):
-            lr, wd = group["elementwise_lr"] * alpha, 0.0
+            factor, wd = float(group["elementwise_lr"]), 0.0
         else:
-            lr, wd = alpha, float(group["weight_decay"])
+            factor, wd = 1.0, float(group["weight_decay"])
             rms = group["rms_scale"]
             if rms is True:
                 flags |= table.RMS_ROW if kind == "embedding" else table.RMS_TENSOR
             elif rms is not False:
-                lr = alpha * float(rms)
+                factor = float(rms)
         if kind == "embedding":
             ints[table.ROW_LEN] = e.param.shape[-1]
-        floats[table.LR], floats[table.WD] = float(lr), wd
+        floats[table.LR], floats[table.WD] = factor, wd
         if group["nan_guard"] is not None:
             ints[table.NAN_GROUP] = NAN_OWN if group["nan_guard"] == "tensor" else NAN_SHARED
             floats[table.SHRINK] = float(group["shrink_ratio"])
@@ -131,12 +152,17 @@ class Tiger(SignOptimizer):
         ints[table.FLAGS] |= flags
 
 
-def piecewise_linear(schedule: Mapping[int, float]) -> Callable[[int], float]:
+def piecewise_linear(schedule: Mapping[int, float]) -> Callable[[int | Tensor], float | Tensor]:
     """The reference code's ``lr_schedule`` as a multiplier for ``LambdaLR``.
 
     ``{step: multiplier}`` points joined linearly; a point (0, 0.0) is prepended when the first
     key is not 0 (linear warm-up from 0); constant after the last key. Steps count micro-steps,
     as ``Tiger.step()`` calls.
+
+    The multiplier also takes a step held in a tensor (e.g. a capturable optimizer's
+    ``state['step']``) and then returns a float64 tensor on its device, computed by torch ops with
+    no host synchronisation and equal to the float one -- for a schedule inside a captured CUDA
+    graph: ``group['lr'].copy_(peak * multiplier(opt.state[p]['step']))``.
     """
     points = sorted((int(k), float(v)) for k, v in schedule.items())
     if not points:
@@ -144,8 +170,23 @@ def piecewise_linear(schedule: Mapping[int, float]) -> Callable[[int], float]:
     if points[0][0] != 0:
         points.insert(0, (0, 0.0))
     xs = [x for x, _ in points]
+    on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def multiplier(step: int) -> float:
+    def device_multiplier(step: Tensor) -> Tensor:
+        if step.device not in on_device:  # copied once per device
+            table = torch.tensor(points, dtype=torch.float64).to(step.device)
+            on_device[step.device] = table[:, 0].contiguous(), table[:, 1].contiguous()
+        x, y = on_device[step.device]
+        t = step.to(torch.float64)
+        if len(points) == 1:
+            return y[0].expand_as(t).clone()
+        i = (torch.searchsorted(x, t, right=True) - 1).clamp(0, len(points) - 2)
+        x0, x1, y0, y1 = x[i], x[i + 1], y[i], y[i + 1]
+        return torch.where(t >= x[-1], y[-1], y0 + (y1 - y0) * (t - x0) / (x1 - x0))
+
+    def multiplier(step: int | Tensor) -> float | Tensor:
+        if isinstance(step, Tensor):
+            return device_multiplier(step)
         i = bisect.bisect_right(xs, step) - 1
         if i >= len(points) - 1:
             return points[-1][1]

@@ -42,6 +42,11 @@ MASK_D = 1 << 7
 MASK_UPDATE = 1 << 8
 STOCHASTIC_ROUND = 1 << 9
 SHRINK_NOW = 1 << 10  # the NaN guard was decided on the host (sharded tensors)
+DYNAMIC = 1 << 11  # capturable mode: the per-step values come from the dynamic table
+
+# Columns of the dynamic table (float64, on the tensors' device; mirrors sign_optim.h).
+D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP, D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = range(9)
+NUM_DYN = 9
 
 # Streams of random bits drawn from one (seed, parameter, step).
 MASK_STREAM = 1
@@ -65,12 +70,65 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def stream_prefix(seed: int, param_index: int) -> int:
+    """The part of :func:`stream_keys` that does not depend on the step (64 bits)."""
+    return splitmix64(splitmix64(seed & _M64) ^ (param_index & _M64))
+
+
 def stream_keys(seed: int, param_index: int, step: int, stream: int) -> tuple[int, int]:
     """The two 32-bit keys of one parameter's random bits at one step, for one stream."""
-    x = splitmix64(seed & _M64)
-    for word in (param_index, step, stream):
+    x = stream_prefix(seed, param_index)
+    for word in (step, stream):
         x = splitmix64(x ^ (word & _M64))
     return x & _M32, x >> 32
+
+
+# The same keys computed by torch ops on the device from a step counter held in a tensor
+# (capturable mode: the host never reads the step). A 64-bit word is a pair (hi, lo) of int64
+# tensors holding uint32 values, so that no intermediate overflows int64.
+
+
+def _add64(x: tuple[Tensor, Tensor], c: int) -> tuple[Tensor, Tensor]:
+    hi, lo = x
+    lo = lo + (c & _M32)
+    return (hi + (c >> 32) + (lo >> 32)) & _M32, lo & _M32
+
+
+def _xor_shift64(x: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Tensor]:
+    """``x ^ (x >> n)`` for 0 < n < 32."""
+    hi, lo = x
+    return hi ^ (hi >> n), lo ^ (((lo >> n) | (hi << (32 - n))) & _M32)
+
+
+def _mul64(x: tuple[Tensor, Tensor], c: int) -> tuple[Tensor, Tensor]:
+    """``x * c mod 2^64``: the low word's full 64-bit product from 16-bit halves of c, the cross
+    terms mod 2^32 (:func:`_mul32`)."""
+    hi, lo = x
+    c_lo, c_hi = c & _M32, c >> 32
+    p0, p1 = lo * (c_lo & 0xFFFF), lo * (c_lo >> 16)  # each < 2^48
+    low = p0 + ((p1 & 0xFFFF) << 16)
+    high = (p1 >> 16) + (low >> 32) + _mul32(lo, c_hi) + _mul32(hi, c_lo)
+    return high & _M32, low & _M32
+
+
+def _splitmix64_words(x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`splitmix64` on (hi, lo) words."""
+    x = _add64(x, 0x9E3779B97F4A7C15)
+    x = _mul64(_xor_shift64(x, 30), 0xBF58476D1CE4E5B9)
+    x = _mul64(_xor_shift64(x, 27), 0x94D049BB133111EB)
+    return _xor_shift64(x, 31)
+
+
+def stream_keys_from_step(prefix: Tensor, step: Tensor, stream: int) -> tuple[Tensor, Tensor]:
+    """:func:`stream_keys` for a batch of parameters with torch ops on the step tensors' device.
+
+    ``prefix``: int64 (N, 2) tensor of the (hi, lo) words of :func:`stream_prefix`; ``step``: (N,)
+    step counters (float or int, whole numbers below 2^32). Returns the two int64 key tensors (N,).
+    """
+    t = step.to(torch.int64) & _M32
+    x = _splitmix64_words((prefix[:, 0], prefix[:, 1] ^ t))
+    hi, lo = _splitmix64_words((x[0], x[1] ^ (stream & _M32)))
+    return lo, hi
 
 
 def keep_threshold(p: float) -> int:
@@ -320,6 +378,17 @@ def _store_param(p: Tensor, value: Tensor, flags: int, keys: tuple[int, int]) ->
         p.copy_(value.view(p.shape))
 
 
+def apply_dynamic(hyper_row: list[float], int_row: list[int], dyn_row: list[float]) -> bool:
+    """A DYNAMIC row's values for this step from its dynamic-table row (as apply_dynamic() in C++),
+    in place on the host rows; returns whether the row is to be skipped."""
+    hyper_row[LR], hyper_row[M_M], hyper_row[GSCALE] = dyn_row[D_LR], dyn_row[D_M_M], dyn_row[D_GSCALE]
+    if dyn_row[D_UPDATE] == 0.0:
+        int_row[FLAGS] &= ~UPDATE
+    for slot, d_slot in ((MASK_K0, D_MASK_K0), (MASK_K1, D_MASK_K1), (ROUND_K0, D_ROUND_K0), (ROUND_K1, D_ROUND_K1)):
+        int_row[slot] = int(dyn_row[d_slot])
+    return dyn_row[D_SKIP] != 0.0
+
+
 def fused_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -328,17 +397,28 @@ def fused_step(
     row_seen: list[Tensor],
     hyper: Tensor,
     ints: Tensor,
+    dyn: Tensor | None = None,
 ) -> None:
-    """``kexue::sign_optim_step`` in PyTorch: same table, same arithmetic as the C++ kernel."""
+    """``kexue::sign_optim_step`` in PyTorch: same table, same arithmetic as the C++ kernel.
+
+    Unlike the kernels, this backend reads device values on the host (the dynamic table, the NaN
+    checks): it is correct in capturable mode but not free of synchronisation.
+    """
     h, iv = hyper.tolist(), ints.tolist()
+    skip = [False] * len(params)
+    if dyn is not None:
+        d = dyn.tolist()
+        for i in range(len(params)):
+            if iv[i][FLAGS] & DYNAMIC:
+                skip[i] = apply_dynamic(h[i], iv[i], d[i])
     nan_found: dict[int, bool] = {}
     for i, g in enumerate(grads):
         group = iv[i][NAN_GROUP]
-        if group >= 0:
+        if group >= 0 and not skip[i]:
             nan_found[group] = nan_found.get(group, False) or bool(torch.isnan(g).any())
 
     for i, (p, grad, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
-        if p.numel() == 0:
+        if p.numel() == 0 or skip[i]:
             continue
         hr, ir = h[i], iv[i]
         flags, row_len = ir[FLAGS], ir[ROW_LEN]
