@@ -301,7 +301,12 @@ def test_a_4d_mask_is_refused():
         model(input_ids=ids, attention_mask=mask)
 
 
-def test_naming_the_implementation_without_patch_explains_what_to_do():
+@pytest.fixture
+def no_defaults(monkeypatch):
+    monkeypatch.setattr(hf, "_DEFAULTS", None)  # restored after the test
+
+
+def test_naming_the_implementation_without_patch_explains_what_to_do(no_defaults):
     hf.register()
     model = build("llama")
     model.set_attn_implementation(hf.IMPLEMENTATION)
@@ -318,3 +323,30 @@ def test_torch_compile_of_a_patched_model():
     expected = run(model, ids, keep)
     compiled = run(torch.compile(model), ids, keep)
     torch.testing.assert_close(_valid_rows(compiled, keep), _valid_rows(expected, keep), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_plain_scale_matches_the_models_eager_attention(family):
+    model = build(family, attn_implementation="eager").eval()
+    ids, keep = inputs(family)
+    expected = run(model, ids, keep)
+    kexue.patch(model, train_len=TRAIN_LEN, logn=False)
+    torch.testing.assert_close(_valid_rows(run(model, ids, keep), keep), _valid_rows(expected, keep), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_model_built_with_the_registered_name(family, no_defaults):
+    # register(train_len=...) lets from_config / the constructor use kexue directly; the result is
+    # the patched model's.
+    name = hf.register(train_len=TRAIN_LEN)
+    built = build(family, attn_implementation=name).eval()
+    assert built.config._attn_implementation == name
+    auto = transformers.AutoModel.from_config(built.config, attn_implementation=name)
+    assert auto.config._attn_implementation == name
+    patched = build(family).eval()
+    kexue.patch(patched, train_len=TRAIN_LEN)
+    ids, keep = inputs(family)
+    torch.testing.assert_close(_valid_rows(run(built, ids, keep), keep), _valid_rows(run(patched, ids, keep), keep))
+    with pytest.raises(ValueError, match="train_len"):
+        hf.register(train_len=0.5)

@@ -57,6 +57,19 @@ class AttentionSettings:
     ignore_dropout: bool = False
 
 
+_DEFAULTS: Optional[AttentionSettings] = None  # set by register(train_len=...)
+
+
+def _validated(train_len, logn, clip, min_n, scale, ignore_dropout) -> AttentionSettings:
+    """The settings, checked once here with the op's own argument checks rather than at the first forward."""
+    if not isinstance(ignore_dropout, bool):
+        raise TypeError(f"ignore_dropout must be a bool, got {type(ignore_dropout).__name__}")
+    probe = torch.zeros(1, 1, 1, 1)
+    logn_attention(probe, probe, probe, scale=scale, train_len=train_len, logn=logn, clip=clip, min_n=min_n)
+    return AttentionSettings(train_len=train_len, logn=logn, clip=clip, min_n=min_n, scale=scale,
+                             ignore_dropout=ignore_dropout)
+
+
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """What :func:`patch` replaced: the attention implementation the model had, and where."""
@@ -131,10 +144,11 @@ def kexue_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
 
     Returns ``(out (B, Lq, Hq, D), None)``: attention weights are never formed.
     """
-    settings: Optional[AttentionSettings] = getattr(module, _SETTINGS_ATTR, None)
+    settings: Optional[AttentionSettings] = getattr(module, _SETTINGS_ATTR, None) or _DEFAULTS
     if settings is None:
         raise ValueError(f"{type(module).__name__} runs with attn_implementation={IMPLEMENTATION!r} but was not "
-                         "prepared by kexue.patch(model, train_len=...): call that instead of setting the name")
+                         "prepared by kexue.patch(model, train_len=...), and no defaults were registered: call "
+                         "kexue.patch, or kexue.integrations.transformers.register(train_len=...) before building")
     if dropout and not settings.ignore_dropout:
         raise ValueError(f"kexue attention has no attention-probability dropout, and this module asks for "
                          f"{dropout}: set the config's attention dropout to 0, call model.eval(), or patch with "
@@ -159,10 +173,28 @@ def kexue_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
-    """Register kexue's attention and mask functions with transformers (idempotent)."""
+def _register_functions() -> None:
     AttentionInterface.register(IMPLEMENTATION, kexue_attention)
     masking_utils.AttentionMaskInterface.register(IMPLEMENTATION, kexue_mask)
+
+
+def register(*, train_len: Optional[float] = None, logn: bool = True, clip: bool = False, min_n: float = 1,
+             scale: Optional[float | str] = None, ignore_dropout: bool = False) -> str:
+    """Register kexue's attention and mask functions with transformers; returns their name.
+
+    With ``train_len``, the settings become the defaults of every attention module that
+    :func:`patch` did not prepare, so that a model built with the name uses kexue from the start::
+
+        name = register(train_len=512)
+        model = transformers.AutoModel.from_config(config, attn_implementation=name)
+
+    Without it only the functions are registered (idempotent) and the defaults stay as they were.
+    """
+    global _DEFAULTS
+    if train_len is not None:
+        _DEFAULTS = _validated(train_len, logn, clip, min_n, scale, ignore_dropout)
+    _register_functions()
+    return IMPLEMENTATION
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,18 +234,12 @@ def patch(model: nn.Module, attention: str = "logn", *, train_len: float, logn: 
                          f"{type(model).__name__} has model_type={model_type!r}")
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise ValueError("this model is already patched by kexue; call kexue.unpatch(model) first")
-    settings = AttentionSettings(train_len=train_len, logn=logn, clip=clip, min_n=min_n, scale=scale,
-                                 ignore_dropout=ignore_dropout)
-    # Validate the rule once, here, rather than at the first forward.
-    probe = torch.zeros(1, 1, 1, 1)
-    logn_attention(probe, probe, probe, scale=scale, train_len=train_len, logn=logn, clip=clip, min_n=min_n)
-    if not isinstance(ignore_dropout, bool):
-        raise TypeError(f"ignore_dropout must be a bool, got {type(ignore_dropout).__name__}")
+    settings = _validated(train_len, logn, clip, min_n, scale, ignore_dropout)
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention module in {type(model).__name__} that calls transformers' attention "
                          "registry")
-    register()
+    _register_functions()
     replaced = model.config._attn_implementation
     for _, module in modules:
         setattr(module, _SETTINGS_ATTR, settings)
