@@ -9,7 +9,11 @@ It is measured in the same run as the cases because it drifts with the machine's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +37,49 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     torch.cuda.synchronize()
     del out
     return torch.cuda.max_memory_allocated(device) - before
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory on CPU. The allocator keeps no statistics there, so a call's peak is read from the
+# process's peak resident set, in a fresh subprocess per measurement (an earlier, larger call would
+# hide it), with glibc's mmap threshold pinned low so that freed buffers really leave the process.
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_growth(fn: Callable[[], Any]) -> int:
+    """Growth of the peak resident set over one call of ``fn`` (after a warm-up call); -1 when the
+    call stayed below an earlier high-water mark, i.e. when there is nothing to measure."""
+    import resource
+
+    fn()
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = fn()
+    del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return -1 if peak <= peak_before else peak - before
+
+
+def peak_bytes_cpu(module: str, args: Sequence[str]) -> int | None:
+    """Runs ``python -m <module> --peak <args>`` (which prints :func:`rss_growth` of one call) in a
+    fresh process; the bytes, or None when it failed or measured nothing."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", module, "--peak", *map(str, args)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        print(res.stderr[-2000:], file=sys.stderr)
+        return None
+    value = int(res.stdout.strip().splitlines()[-1])
+    return None if value < 0 else value
+
+
+def mib(x: int | None) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.1f} MiB"
 
 
 def floor_elements(device: torch.device, quick: bool) -> int:

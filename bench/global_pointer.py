@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +41,9 @@ import torch
 from kexue.reference import global_pointer as reference
 
 from bench._case import Case, Headline, Peer, Skipped, Thunk, Unavailable
+from bench._memory import mib as _mib
+from bench._memory import peak_bytes_cpu as _peak_bytes_cpu
+from bench._memory import rss_growth
 
 MODES = ("forward", "full")
 # (B, L, T, d, dtype); the first is the issue's target case and the headline case.
@@ -173,41 +174,16 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 # Peak memory on CPU, one subprocess per measurement.
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _peak_in_this_process(peer: str, batch: int, length: int, types: int, d: int, mode: str) -> int:
-    """Growth of the peak resident set over one call (after a warm-up call)."""
-    import resource
-
     inputs = make_inputs(batch, length, types, d, torch.float32, torch.device("cpu"), mode)
     fn = {"kexue": lambda: _kexue(inputs), "reference": lambda: _reference(inputs)}[peer]()
     torch.set_num_threads(1)  # per-thread buffers would scale kexue's figure with the core count
-    fn()
-    before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = fn()
-    del out
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if peak <= peak_before:  # the call stayed below an earlier high-water mark: no measurement
-        return -1
-    return peak - before
+    return rss_growth(fn)
 
 
 def peak_bytes_cpu(peer: str, batch: int, length: int, types: int, d: int, mode: str = "full") -> int | None:
     """Peak extra bytes of one ``peer`` call, measured in a fresh subprocess; None on failure."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "bench.global_pointer", "--peak", peer, str(batch), str(length), str(types), str(d),
-           mode]
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        print(res.stderr[-2000:], file=sys.stderr)
-        return None
-    value = int(res.stdout.strip().splitlines()[-1])
-    return None if value < 0 else value
+    return _peak_bytes_cpu("bench.global_pointer", [peer, batch, length, types, d, mode])
 
 
 def memory_report(lengths=CURVE_LENGTHS, headline=(8, 512, 16, 64), out: Path | None = None) -> list[dict]:
@@ -227,10 +203,6 @@ def memory_report(lengths=CURVE_LENGTHS, headline=(8, 512, 16, 64), out: Path | 
     if out is not None:
         _plot_curve(rows, out)
     return rows
-
-
-def _mib(x: int | None) -> str:
-    return "n/a" if x is None else f"{x / 2**20:.1f} MiB"
 
 
 def _ratio(a: int | None, b: int | None) -> str:

@@ -39,6 +39,7 @@ import kexue
 import kexue.reference.logn_attention  # noqa: F401
 from bench import Case, Headline, Peer, Skipped, Unavailable
 from bench._case import Thunk
+from bench._memory import mib, peak_bytes_cpu, rss_growth
 
 reference = sys.modules["kexue.reference.logn_attention"]
 
@@ -254,3 +255,56 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                         "train_len": TRAIN_LEN},
             ))
     return out + _varlen_cases(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Peak extra memory over the length (CPU): ``python -m bench.logn_attention --memory``.
+
+MEMORY_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+MEMORY_PEERS = {"kexue": lambda inputs: _kexue_peer("kexue", "cpu").build(inputs), "sdpa": _sdpa,
+                "reference": lambda inputs: _kexue_peer("reference", "torch").build(inputs)}
+
+
+def _peak_in_this_process(peer: str, length: int, mode: str) -> int:
+    torch.set_num_threads(1)  # per-thread buffers would scale the figure with the core count
+    inputs = _inputs(length, True, torch.float32, torch.device("cpu"), mode, False)
+    return rss_growth(MEMORY_PEERS[peer](inputs))
+
+
+def memory_report(lengths=MEMORY_LENGTHS) -> list[dict]:
+    """Peak extra memory of one causal forward+backward (B=1, 8 heads, d=64, fp32, 1 thread) per
+    length and peer; the inputs and their gradients' outputs are the caller's, the rest counts."""
+    print(f"peak extra memory, causal forward+backward, B={BATCH} H={HEADS} d={HEAD_DIM} fp32, 1 thread:")
+    print(f"{'L':>6} " + " ".join(f"{p:>12}" for p in MEMORY_PEERS))
+    rows = []
+    for length in lengths:
+        row = {"length": length}
+        for peer in MEMORY_PEERS:
+            skip = peer == "reference" and length > MAX_REFERENCE_LEN  # O(L^2): 8 GiB of scores at 16k
+            row[peer] = None if skip else peak_bytes_cpu("bench.logn_attention", [peer, length, "full"])
+        rows.append(row)
+        print(f"{length:>6} " + " ".join(f"{mib(row[p]):>12}" for p in MEMORY_PEERS), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.logn_attention")
+    parser.add_argument("--memory", action="store_true", help="peak extra memory over L = 1k .. 16k")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(MEMORY_LENGTHS))
+    parser.add_argument("--peak", nargs=3, metavar=("PEER", "L", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak:
+        peer, length, mode = args.peak
+        print(_peak_in_this_process(peer, int(length), mode))
+        return 0
+    if args.memory:
+        memory_report(args.lengths)
+        return 0
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
