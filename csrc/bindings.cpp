@@ -77,6 +77,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_pointer_scores_backward_cuda", &kexue::global_pointer_scores_backward_cuda, nogil, arg("grad"),
         arg("q"), arg("k"), arg("start_bias"), arg("end_bias"), arg("mask"), arg("rope"), arg("rope_base"),
         arg("tril_mask"));
+  m.def("logn_attention_forward_cuda", &kexue::logn_attention_forward_cuda, nogil, arg("q"), arg("k"), arg("v"),
+        arg("key_padding_mask"), arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"),
+        arg("min_n"), arg("gradmax"));
+  m.def("logn_attention_backward_cuda", &kexue::logn_attention_backward_cuda, nogil, arg("grad_out"),
+        arg("grad_lse"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("key_padding_mask"),
+        arg("causal"), arg("scale"), arg("train_len"), arg("logn"), arg("clip"), arg("min_n"), arg("gradmax"));
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kexue/logn_attention.h"
+#include "kexue/logn_attention_checks.h"
 #include "kexue/ops.h"
 #include "rows.h"
 #include "simd.h"
@@ -44,6 +45,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace kexue {
 namespace {
 
+using logn_attention::acc_type_of;
+using logn_attention::check_backward;
+using logn_attention::check_common;
+using logn_attention::make_rule;
 using logn_attention::ScaleRule;
 
 // Query rows and key rows per tile (128 x 512 measured best of 64/128/256 x 256/512 at L = 2048,
@@ -252,19 +257,6 @@ Layout packed_layout(const at::Tensor& q, const at::Tensor& k, const std::vector
     L.seqs.push_back(Seq{cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s], cu_q[s] * Hq * D, cu_k[s] * Hkv * D, cu_q[s],
                          cu_k[s] * Hq * D, nullptr, nullptr});
   return L;
-}
-
-ScaleRule make_rule(int64_t head_dim, double scale, double train_len, bool logn, bool clip, double min_n,
-                    bool gradmax) {
-  ScaleRule r;
-  r.base = scale;
-  r.inv_log_train = 1.0 / std::log(train_len);
-  r.min_n = min_n;
-  r.inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  r.logn = logn;
-  r.clip = clip;
-  r.gradmax = gradmax;
-  return r;
 }
 
 // The keys a query block [i0, i1) of a sequence needs: [0, end).
@@ -507,46 +499,6 @@ void backward_impl(const Layout& L, const T* dop, const A* dlse, const T* qp, co
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 
-at::ScalarType acc_type_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
-  TORCH_CHECK(q.dim() == dims && k.dim() == dims && v.dim() == dims, "logn_attention: q, k, v must be ", dims, "-d");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "logn_attention: inputs must be contiguous");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "logn_attention: the C++ CPU path takes CPU tensors");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "logn_attention: q, k, v must share a dtype");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(dims - 1) == k.size(dims - 1),
-              "logn_attention: shapes of q, k, v do not match");
-  // the heads are dimension 1 in both layouts
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "logn_attention: Hq must be a multiple of Hkv");
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& pad) {
-  check_common(q, k, v, 4);
-  TORCH_CHECK(q.size(0) == k.size(0), "logn_attention: q and k must have the same batch");
-  if (pad.has_value()) {
-    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 &&
-                    pad->size(0) == q.size(0) && pad->size(1) == k.size(2),
-                "logn_attention: key_padding_mask must be a contiguous bool (B, Lk) tensor");
-  }
-}
-
-void check_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-                    const at::Tensor& out, const at::Tensor& lse, int64_t lse_numel) {
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
-              "logn_attention_backward: grad_out must be contiguous and shaped and typed like q");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
-              "logn_attention_backward: bad out");
-  const auto acc_type = acc_type_of(q);
-  TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.numel() == lse_numel,
-              "logn_attention_backward: bad lse");
-  if (grad_lse.has_value())
-    TORCH_CHECK(grad_lse->scalar_type() == acc_type && grad_lse->is_contiguous() && grad_lse->numel() == lse_numel,
-                "logn_attention_backward: bad grad_lse");
-}
-
 // Offsets of a (nseq + 1,) int32 / int64 CPU tensor, checked: 0 first, non-decreasing, `total` last.
 std::vector<int64_t> offsets_of(const at::Tensor& cu, int64_t total, const char* name) {
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu() &&
@@ -623,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor> logn_attention_forward_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& key_padding_mask,
                                                               bool causal, double scale, double train_len, bool logn,
                                                               bool clip, double min_n, bool gradmax) {
-  check_inputs(q, k, v, key_padding_mask);
+  logn_attention::check_inputs(q, k, v, key_padding_mask, at::kCPU);
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
   const Layout L = dense_layout(q, k, pad);
   const ScaleRule rule = make_rule(q.size(3), scale, train_len, logn, clip, min_n, gradmax);
@@ -635,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cpu(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double train_len, bool logn,
     bool clip, double min_n, bool gradmax) {
-  check_inputs(q, k, v, key_padding_mask);
+  logn_attention::check_inputs(q, k, v, key_padding_mask, at::kCPU);
   check_backward(grad_out, grad_lse, q, out, lse, q.size(0) * q.size(1) * q.size(2));
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
   const Layout L = dense_layout(q, k, pad);
@@ -650,7 +602,7 @@ std::tuple<at::Tensor, at::Tensor> logn_attention_varlen_forward_cpu(const at::T
                                                                      const at::Tensor& cu_seqlens_k, bool causal,
                                                                      double scale, double train_len, bool logn,
                                                                      bool clip, double min_n, bool gradmax) {
-  check_common(q, k, v, 3);
+  check_common(q, k, v, 3, at::kCPU);
   const auto cu_q = offsets_of(cu_seqlens_q, q.size(0), "cu_seqlens_q");
   const auto cu_k = offsets_of(cu_seqlens_k, k.size(0), "cu_seqlens_k");
   TORCH_CHECK(cu_q.size() == cu_k.size(), "logn_attention: cu_seqlens_q and cu_seqlens_k must have one length");
@@ -664,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_varlen_backward_cp
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, bool causal, double scale, double train_len, bool logn, bool clip, double min_n,
     bool gradmax) {
-  check_common(q, k, v, 3);
+  check_common(q, k, v, 3, at::kCPU);
   check_backward(grad_out, grad_lse, q, out, lse, q.size(0) * q.size(1));
   const auto cu_q = offsets_of(cu_seqlens_q, q.size(0), "cu_seqlens_q");
   const auto cu_k = offsets_of(cu_seqlens_k, k.size(0), "cu_seqlens_k");

@@ -1,4 +1,4 @@
-// Log-n attention: the per-query scale, shared by the CPU kernel and any CUDA kernel.
+// Log-n attention: the per-query scale, shared by the CPU and CUDA kernels.
 //
 // A query sees n keys (csrc/cpu/logn_attention.cpp and python/kexue/reference/logn_attention.py
 // say which); its softmax scale is base * ln(max(n, min_n, 1)) / ln(train_len), clipped below at
@@ -24,6 +24,20 @@ struct ScaleRule {
   bool clip;
   bool gradmax;
 };
+
+// The rule of a call from the op's arguments (host side).
+inline ScaleRule make_rule(int64_t head_dim, double scale, double train_len, bool logn, bool clip, double min_n,
+                           bool gradmax) {
+  ScaleRule r;
+  r.base = scale;
+  r.inv_log_train = 1.0 / std::log(train_len);
+  r.min_n = min_n;
+  r.inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  r.logn = logn;
+  r.clip = clip;
+  r.gradmax = gradmax;
+  return r;
+}
 
 // How many keys query i (0-based, of lq) may see, from `prefix`: prefix[j] is the number of
 // unpadded keys among the first j (prefix[0] = 0, prefix[lk] = all); nullptr when no key is

@@ -157,6 +157,17 @@ at::Tensor global_pointer_scores_forward_cuda(const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores_backward_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& start_bias,
     const at::Tensor& end_bias, const at::Tensor& mask, int64_t rope, double rope_base, bool tril_mask);
+// Log-n attention on CUDA tensors (csrc/cuda/logn_attention.cu): the contracts of the dense _cpu functions.
+std::tuple<at::Tensor, at::Tensor> logn_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v,
+                                                               const std::optional<at::Tensor>& key_padding_mask,
+                                                               bool causal, double scale, double train_len, bool logn,
+                                                               bool clip, double min_n, bool gradmax);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double train_len, bool logn,
+    bool clip, double min_n, bool gradmax);
 #endif
 
 }  // namespace kexue

@@ -72,6 +72,9 @@ def _register_backends() -> None:
     _backend.register(OP, "triton",
                       (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)),
                       _FLOATS)
+    if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
+        _backend.register(OP, "cuda", (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
+                          _FLOATS + (torch.float64,))
     # Packed sequences: (q, k, v, cu_q, cu_k, max_seqlen, rule...); only Triton reads max_seqlen.
     _backend.register(OP_VARLEN, "torch", (_torch_varlen_forward, _torch_varlen_backward), _FLOATS + (torch.float64,))
     if native is not None and hasattr(native, "logn_attention_varlen_forward_cpu"):
