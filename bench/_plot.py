@@ -24,7 +24,8 @@ def plot(rows: list[dict[str, Any]], floor: dict[str, Any], env: dict[str, Any],
     panels = _panels(rows)
     peers = list(dict.fromkeys(r["peer"] for r in rows))
     colours = {p: plt.cm.tab10(i % 10) for i, p in enumerate(peers)}
-    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(11, 3.6 * max(len(panels), 1)), squeeze=False)
+    width = max(11, 1.2 * max((len({r["case"] for r in rows if r["family"] == f}) for f, _ in panels), default=0))
+    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(width, 4.2 * max(len(panels), 1)), squeeze=False)
     for ax, (family, mode) in zip(axes[:, 0], panels, strict=False):
         panel = [r for r in rows if r["family"] == family and r["mode"] == mode]
         cases = list(dict.fromkeys(r["case"] for r in panel))
@@ -46,7 +47,7 @@ def plot(rows: list[dict[str, Any]], floor: dict[str, Any], env: dict[str, Any],
             ax.hlines(floor_ms, i - 0.45, i + 0.45, colors="black", linewidth=1.5,
                       label="memory floor" if i == 0 else None)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(cases)), cases)
+        ax.set_xticks(range(len(cases)), cases, rotation=20, ha="right", fontsize=8)  # long case names
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"{family}, {mode}")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
