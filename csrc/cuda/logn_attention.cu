@@ -142,10 +142,13 @@ __device__ void stage_keys(const T* rows, const bool* pad, int64_t j0, int64_t L
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Block: kRows query rows of one (b, q head); grid (ceil(Lq / kRows), Hq, B).
+// Forward. Block: kRows query rows of one (b, q head); grid (ceil(Lq / kRows), Hq, B). The row
+// kernels declare a minimum of one block per SM: without it ptxas 13 kept their register count low
+// and spilled (forward fp16/bf16, dQ fp32).
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kRows * kWarpSize) forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
+__global__ void __launch_bounds__(kRows * kWarpSize, 1)
+    forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                     const T* __restrict__ v, const bool* pad,
                                                                     const A* __restrict__ scales, Shape s,
                                                                     T* __restrict__ out, A* __restrict__ lse) {
@@ -224,7 +227,8 @@ __global__ void __launch_bounds__(kRows * kWarpSize) delta_kernel(const T* __res
 
 // dQ. Grid (ceil(Lq / kRows), Hq, B).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kRows * kWarpSize, 1) dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
+__global__ void __launch_bounds__(kRows * kWarpSize, 1)
+    dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                const T* __restrict__ v, const T* __restrict__ dout,
                                                                const A* __restrict__ lse, const A* __restrict__ delta,
                                                                const bool* pad, const A* __restrict__ scales, Shape s,
@@ -282,7 +286,8 @@ __global__ void __launch_bounds__(kRows * kWarpSize, 1) dq_kernel(const T* __res
 // dK, dV for key rows of one (b, kv head), summed over the group's query heads. Grid
 // (ceil(Lk / kRows), Hkv, B). The queries that see key j: i >= j - (Lk - Lq) when causal.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kRows * kWarpSize) dkv_kernel(const T* __restrict__ q, const T* __restrict__ k,
+__global__ void __launch_bounds__(kRows * kWarpSize, 1)
+    dkv_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                 const T* __restrict__ v, const T* __restrict__ dout,
                                                                 const A* __restrict__ lse,
                                                                 const A* __restrict__ delta, const bool* pad,
