@@ -273,7 +273,9 @@ def _peak_in_this_process(peer: str, length: int, mode: str) -> int:
 
 def memory_report(lengths=MEMORY_LENGTHS) -> list[dict]:
     """Peak extra memory of one causal forward+backward (B=1, 8 heads, d=64, fp32, 1 thread) per
-    length and peer; the inputs and their gradients' outputs are the caller's, the rest counts."""
+    length and peer: everything the call allocates counts, its outputs too (out, dq, dk, dv: four
+    tensors of 2 MiB per 1k of L), so a flash-style path shows about that and the reference adds
+    its (L, L) scores. n/a: the call stayed under an earlier high-water mark (nothing measured)."""
     print(f"peak extra memory, causal forward+backward, B={BATCH} H={HEADS} d={HEAD_DIM} fp32, 1 thread:")
     print(f"{'L':>6} " + " ".join(f"{p:>12}" for p in MEMORY_PEERS))
     rows = []
