@@ -141,6 +141,17 @@ __device__ void stage_keys(const T* rows, const bool* pad, int64_t j0, int64_t L
   }
 }
 
+// The next K and V tiles of a (b, kv head) into shared memory, between two block barriers (the
+// previous tile is no longer read, the new one is complete).
+template <typename T, typename A>
+__device__ void stage_tile(const T* kb, const T* vb, const bool* pb, int64_t j0, const Shape& s, A* k_tile, A* v_tile,
+                           bool* tile_pad) {
+  __syncthreads();
+  stage_keys<T, A>(kb, pb, j0, s.Lk, s.D, k_tile, tile_pad);
+  stage_keys<T, A>(vb, nullptr, j0, s.Lk, s.D, v_tile, tile_pad + tile_rows<A>());
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. Block: kRows query rows of one (b, q head); grid (ceil(Lq / kRows), Hq, B). The row
 // kernels declare a minimum of one block per SM: without it ptxas 13 kept their register count low
@@ -171,17 +182,10 @@ __global__ void __launch_bounds__(kRows * kWarpSize, 1)
   Row<A> acc{};
   A m = -INFINITY, l = A(0);
   // The block's last row sees the most keys: stream that many.
-  int64_t block_end = 0;
-  {
-    const int64_t last = blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1 : s.Lq - 1;
-    block_end = s.causal ? last + s.Lk - s.Lq + 1 : s.Lk;
-    block_end = block_end < 0 ? 0 : (block_end > s.Lk ? s.Lk : block_end);
-  }
+  const int64_t block_end = key_end(s, blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1
+                                                                            : s.Lq - 1);
   for (int64_t j0 = 0; j0 < block_end; j0 += kTile) {
-    __syncthreads();
-    stage_keys<T, A>(kb, pb, j0, s.Lk, s.D, k_tile, tile_pad);
-    stage_keys<T, A>(vb, nullptr, j0, s.Lk, s.D, v_tile, tile_pad + kTile);
-    __syncthreads();
+    stage_tile<T, A>(kb, vb, pb, j0, s, k_tile, v_tile, tile_pad);
     for (int t = 0; t < kTile; ++t) {
       const int64_t j = j0 + t;
       if (!live || j >= end || tile_pad[t]) continue;  // uniform across the warp
@@ -252,17 +256,10 @@ __global__ void __launch_bounds__(kRows * kWarpSize, 1)
   const Row<A> doi = load_row<T, A>(dout + r * s.D, s.D);
   const A lse_i = live ? lse[r] : A(0), delta_i = live ? delta[r] : A(0);
   Row<A> acc{};
-  int64_t block_end = 0;
-  {
-    const int64_t last = blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1 : s.Lq - 1;
-    block_end = s.causal ? last + s.Lk - s.Lq + 1 : s.Lk;
-    block_end = block_end < 0 ? 0 : (block_end > s.Lk ? s.Lk : block_end);
-  }
+  const int64_t block_end = key_end(s, blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1
+                                                                            : s.Lq - 1);
   for (int64_t j0 = 0; j0 < block_end; j0 += kTile) {
-    __syncthreads();
-    stage_keys<T, A>(kb, pb, j0, s.Lk, s.D, k_tile, tile_pad);
-    stage_keys<T, A>(vb, nullptr, j0, s.Lk, s.D, v_tile, tile_pad + kTile);
-    __syncthreads();
+    stage_tile<T, A>(kb, vb, pb, j0, s, k_tile, v_tile, tile_pad);
     for (int t = 0; t < kTile; ++t) {
       const int64_t j = j0 + t;
       if (!live || j >= end || tile_pad[t]) continue;
