@@ -141,6 +141,37 @@ __device__ void stage_keys(const T* rows, const bool* pad, int64_t j0, int64_t L
   }
 }
 
+// The query row a warp of a row kernel (forward, dQ) owns, and its batch's key/value head.
+template <typename T, typename A>
+struct QueryRow {
+  bool live;          // i < Lq (a block's last warps may have no row)
+  int64_t r;          // the row's index in (B, Hq, Lq) (row 0 of the head when not live)
+  int64_t end;        // one past its last visible key position
+  int64_t block_end;  // the block's last row sees the most keys: the tiles stream that many
+  A scale;
+  const T* kb;
+  const T* vb;
+  const bool* pb;  // the batch's key padding, or null
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ QueryRow<T, A> query_row(const T* k, const T* v, const bool* pad, const A* scales,
+                                                    const Shape& s) {
+  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / s.groups;
+  const int64_t i = blockIdx.x * kRows + threadIdx.x / kWarpSize;
+  const int64_t last = blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1 : s.Lq - 1;
+  QueryRow<T, A> w;
+  w.live = i < s.Lq;
+  w.r = (b * s.Hq + h) * s.Lq + (w.live ? i : 0);
+  w.end = w.live ? key_end(s, i) : 0;
+  w.block_end = key_end(s, last);
+  w.scale = w.live ? scales[b * s.Lq + i] : A(0);
+  w.kb = k + (b * s.Hkv + hk) * s.Lk * s.D;
+  w.vb = v + (b * s.Hkv + hk) * s.Lk * s.D;
+  w.pb = pad == nullptr ? nullptr : pad + b * s.Lk;
+  return w;
+}
+
 // The next K and V tiles of a (b, kv head) into shared memory, between two block barriers (the
 // previous tile is no longer read, the new one is complete).
 template <typename T, typename A>
@@ -159,31 +190,23 @@ __device__ void stage_tile(const T* kb, const T* vb, const bool* pb, int64_t j0,
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRows * kWarpSize, 1)
-    forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                                                    const T* __restrict__ v, const bool* pad,
-                                                                    const A* __restrict__ scales, Shape s,
-                                                                    T* __restrict__ out, A* __restrict__ lse) {
+    forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const bool* pad,
+                   const A* __restrict__ scales, Shape s, T* __restrict__ out, A* __restrict__ lse) {
   constexpr int kTile = tile_rows<A>();
   extern __shared__ __align__(16) unsigned char smem[];
   A* k_tile = reinterpret_cast<A*>(smem);
   A* v_tile = k_tile + kTile * s.D;
   bool* tile_pad = reinterpret_cast<bool*>(v_tile + kTile * s.D);
-  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / s.groups;
-  const int64_t i = blockIdx.x * kRows + threadIdx.x / kWarpSize;
-  const bool live = i < s.Lq;
-  const int64_t q_off = ((b * s.Hq + h) * s.Lq + (live ? i : 0)) * s.D;
-  const T* kb = k + (b * s.Hkv + hk) * s.Lk * s.D;
-  const T* vb = v + (b * s.Hkv + hk) * s.Lk * s.D;
-  const bool* pb = pad == nullptr ? nullptr : pad + b * s.Lk;
-
-  const int64_t end = live ? key_end(s, i) : 0;
-  const A scale = live ? scales[b * s.Lq + i] : A(0);
+  const QueryRow<T, A> w = query_row(k, v, pad, scales, s);
+  const bool live = w.live;
+  const int64_t end = w.end, q_off = w.r * s.D;
+  const A scale = w.scale;
+  const T *kb = w.kb, *vb = w.vb;
+  const bool* pb = w.pb;
   const Row<A> qi = load_row<T, A>(q + q_off, s.D);
   Row<A> acc{};
   A m = -INFINITY, l = A(0);
-  // The block's last row sees the most keys: stream that many.
-  const int64_t block_end = key_end(s, blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1
-                                                                            : s.Lq - 1);
+  const int64_t block_end = w.block_end;
   for (int64_t j0 = 0; j0 < block_end; j0 += kTile) {
     stage_tile<T, A>(kb, vb, pb, j0, s, k_tile, v_tile, tile_pad);
     for (int t = 0; t < kTile; ++t) {
@@ -210,7 +233,7 @@ __global__ void __launch_bounds__(kRows * kWarpSize, 1)
     const int64_t c = threadIdx.x % kWarpSize + u * kWarpSize;
     if (c < s.D) out[q_off + c] = static_cast<T>(acc.v[u] * inv);
   }
-  if (threadIdx.x % kWarpSize == 0) lse[(b * s.Hq + h) * s.Lq + i] = none ? A(0) : m + log_of(l);
+  if (threadIdx.x % kWarpSize == 0) lse[w.r] = none ? A(0) : m + log_of(l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,32 +255,25 @@ __global__ void __launch_bounds__(kRows * kWarpSize) delta_kernel(const T* __res
 // dQ. Grid (ceil(Lq / kRows), Hq, B).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRows * kWarpSize, 1)
-    dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                                               const T* __restrict__ v, const T* __restrict__ dout,
-                                                               const A* __restrict__ lse, const A* __restrict__ delta,
-                                                               const bool* pad, const A* __restrict__ scales, Shape s,
-                                                               T* __restrict__ dq) {
+    dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+              const A* __restrict__ lse, const A* __restrict__ delta, const bool* pad, const A* __restrict__ scales,
+              Shape s, T* __restrict__ dq) {
   constexpr int kTile = tile_rows<A>();
   extern __shared__ __align__(16) unsigned char smem[];
   A* k_tile = reinterpret_cast<A*>(smem);
   A* v_tile = k_tile + kTile * s.D;
   bool* tile_pad = reinterpret_cast<bool*>(v_tile + kTile * s.D);
-  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / s.groups;
-  const int64_t i = blockIdx.x * kRows + threadIdx.x / kWarpSize;
-  const bool live = i < s.Lq;
-  const int64_t r = (b * s.Hq + h) * s.Lq + (live ? i : 0);
-  const T* kb = k + (b * s.Hkv + hk) * s.Lk * s.D;
-  const T* vb = v + (b * s.Hkv + hk) * s.Lk * s.D;
-  const bool* pb = pad == nullptr ? nullptr : pad + b * s.Lk;
-
-  const int64_t end = live ? key_end(s, i) : 0;
-  const A scale = live ? scales[b * s.Lq + i] : A(0);
+  const QueryRow<T, A> w = query_row(k, v, pad, scales, s);
+  const bool live = w.live;
+  const int64_t end = w.end, r = w.r;
+  const A scale = w.scale;
+  const T *kb = w.kb, *vb = w.vb;
+  const bool* pb = w.pb;
   const Row<A> qi = load_row<T, A>(q + r * s.D, s.D);
   const Row<A> doi = load_row<T, A>(dout + r * s.D, s.D);
   const A lse_i = live ? lse[r] : A(0), delta_i = live ? delta[r] : A(0);
   Row<A> acc{};
-  const int64_t block_end = key_end(s, blockIdx.x * kRows + kRows - 1 < s.Lq ? blockIdx.x * kRows + kRows - 1
-                                                                            : s.Lq - 1);
+  const int64_t block_end = w.block_end;
   for (int64_t j0 = 0; j0 < block_end; j0 += kTile) {
     stage_tile<T, A>(kb, vb, pb, j0, s, k_tile, v_tile, tile_pad);
     for (int t = 0; t < kTile; ++t) {
@@ -284,12 +300,9 @@ __global__ void __launch_bounds__(kRows * kWarpSize, 1)
 // (ceil(Lk / kRows), Hkv, B). The queries that see key j: i >= j - (Lk - Lq) when causal.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRows * kWarpSize, 1)
-    dkv_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                                                const T* __restrict__ v, const T* __restrict__ dout,
-                                                                const A* __restrict__ lse,
-                                                                const A* __restrict__ delta, const bool* pad,
-                                                                const A* __restrict__ scales, Shape s,
-                                                                T* __restrict__ dk, T* __restrict__ dv) {
+    dkv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+               const A* __restrict__ lse, const A* __restrict__ delta, const bool* pad, const A* __restrict__ scales,
+               Shape s, T* __restrict__ dk, T* __restrict__ dv) {
   const int64_t b = blockIdx.z, hk = blockIdx.y;
   const int64_t j = blockIdx.x * kRows + threadIdx.x / kWarpSize;
   if (j >= s.Lk) return;  // whole warps leave: no block barrier below
