@@ -16,6 +16,7 @@ import gc
 import importlib
 import json
 import pkgutil
+import shutil
 import sys
 import time
 import warnings
@@ -174,8 +175,9 @@ def publish(json_path: Path, out: Path, readme: bool) -> None:
         family_rows = [r for r in rows if r["family"] == name]
         if family_rows:
             written.append(plot(family_rows, floor, env, out / f"bench-{name}.png"))
-            if readme:
-                written.append(plot(family_rows, floor, env, DOCS_PLOTS / f"{name}.png"))
+            if readme:  # the same figure where the README links it
+                DOCS_PLOTS.mkdir(parents=True, exist_ok=True)
+                written.append(Path(shutil.copyfile(written[-1], DOCS_PLOTS / f"{name}.png")))
     print("wrote " + ", ".join(str(p) for p in written))
     if readme and update_readme(README, headlines, rows, env):
         print(f"updated the results table in {README} from {json_path}")
