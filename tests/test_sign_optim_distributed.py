@@ -107,6 +107,10 @@ def _worker(rank, world, port, mode, opt_name, out_path):
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_path)
+        # Both ranks finish their collectives before either tears gloo down: without this, a rank
+        # leaving early can abort its peer mid-teardown ("terminate called without an active
+        # exception", seen once under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
