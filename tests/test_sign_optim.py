@@ -237,6 +237,29 @@ def test_tiger_matches_oracle(backend, config):
         assert all(int(opt.state[p]["step"]) == 6 for p in params)
 
 
+@pytest.mark.skipif(not NATIVE, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("nan_guard", ["tensor", "global"])
+def test_tiger_cache_batches_match_oracle(nan_guard):
+    """The CPU step runs its pre-pass (RMS, NaN check) and main pass batch by batch, each batch
+    reading about 32 MB in its pre-pass (csrc/cpu/sign_optim.cpp, cache_batches). With three
+    tensors of 36 MB of params + grads, every tensor is a batch of its own under the per-tensor
+    guard, and the one "global" group must stay one batch: a NaN in the last tensor still holds
+    back the tensors before it, whose pre-pass and update would otherwise already be done."""
+    params = make_params([(3, 1_500_000)] * 3 + [(1000,)], torch.float32, seed=5)
+    named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
+    opt = Tiger(named, lr=2e-2, nan_guard=nan_guard)
+
+    def grads_at(t):
+        gs = random_grads(params, 500 + t)
+        if t == 1:
+            gs[2].view(-1)[-1] = float("nan")
+        return gs
+
+    # drive checks both steps against the oracle, which shrinks tensors 0-2 on step 1 under
+    # "global" and only tensor 2 under "tensor": a split group would fail it.
+    drive(opt, params, 2, grads_at, "cpu", "tiger")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tiger_16bit_params(backend, dtype):

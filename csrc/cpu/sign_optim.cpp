@@ -7,14 +7,16 @@
 //
 // Two reductions must finish before the update they feed, so they run in a pre-pass over the
 // same items: Tiger's whole-tensor RMS(theta) (an extra read of the params) and the NaN guard's
-// any(isnan(grad)) (an extra read of the grads). Per-row quantities (row RMS, whether a row of an
-// embedding table has any gradient) are computed in the main pass, on a row that is about to be
-// updated and so sits in cache. Partial sums are kept per item and added in item order: results
+// any(isnan(grad)) (an extra read of the grads). Pre-pass and main pass alternate over batches
+// of tensors that fit in the last-level cache (cache_batches). Per-row quantities (row RMS,
+// whether a row of an embedding table has any gradient) are computed in the main pass, on a row
+// that is about to be updated and so sits in cache. Partial sums are kept per item and added in item order: results
 // do not depend on the number of threads.
 //
 // The element arithmetic is in csrc/include/kexue/sign_optim.h (shared with CUDA). Here: loops
-// over float tiles that the compiler vectorizes, compiled per instruction set (simd.h); 16-bit
-// tensors are converted tile by tile into float buffers that stay in L1.
+// over float tiles that the compiler vectorizes, compiled per instruction set (simd.h), with
+// software prefetch; 16-bit tensors are converted tile by tile into float buffers that stay in L1,
+// except bfloat16 momentum next to float params, which the update loop converts itself.
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/extension.h>
@@ -360,16 +362,114 @@ void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t) {
   }
 }
 
-// Work items: ~kChunk elements each, whole rows for tensors updated row by row.
-std::vector<Item> make_items(const std::vector<Job>& jobs, bool (*wanted)(const Job&)) {
+// Work items of jobs [first, last): ~kChunk elements each, whole rows for tensors updated row by row.
+std::vector<Item> make_items(const std::vector<Job>& jobs, int64_t first, int64_t last, bool (*wanted)(const Job&)) {
   std::vector<Item> items;
-  for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) {
+  for (int64_t i = first; i < last; ++i) {
     const Job& j = jobs[i];
     if (j.numel == 0 || !wanted(j)) continue;
     const int64_t step = by_rows(j) ? std::max<int64_t>(1, kChunk / j.row_len) * j.row_len : kChunk;
     for (int64_t b = 0; b < j.numel; b += step) items.push_back({i, b, std::min(j.numel, b + step)});
   }
   return items;
+}
+
+int64_t element_bytes(int32_t s) { return s == kF32 ? 4 : 2; }
+
+bool needs_rms(const Job& j) { return has(j, kRmsTensor) && has(j, kUpdate); }
+
+// Bytes the pre-pass reads for a job: its params for a whole-tensor RMS, its grads for the NaN guard.
+int64_t pre_pass_bytes(const Job& j) {
+  if (j.skip) return 0;
+  return j.numel * element_bytes(j.ps) * ((needs_rms(j) ? 1 : 0) + (j.nan_group >= 0 ? 1 : 0));
+}
+
+// Where the pre-pass is needed, the step runs in batches of consecutive tensors, pre-pass then main
+// pass per batch, each batch reading about kBatchBytes in its pre-pass: the main pass then finds a
+// batch's params and grads still in the last-level cache instead of reading them from memory a
+// second time. A NaN-guard group is never split (its flag must be known before any of its tensors
+// moves), nor is a tensor (its RMS needs all of it), so a batch can be larger. Tensors need not be
+// small for this: in the 100M-parameter benchmark 2/3 of the parameters are in tensors of over 4M.
+// There, Tiger's default step (RMS and NaN guard) went from 74.9 to 71.7 ms with 32 MB batches
+// (8 to 128 MB: 71.7 to 73.5 ms). The pre-pass itself reads at the machine's read-only bandwidth
+// (24-28 GB/s on 2 cores; a fused two-stream loop reads no faster), which is what is left.
+constexpr int64_t kBatchBytes = int64_t{32} << 20;
+
+// [first, last) job ranges of the batches; one batch of all jobs when no job needs the pre-pass.
+std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& jobs) {
+  const int64_t T = static_cast<int64_t>(jobs.size());
+  std::vector<int64_t> group_last(T, -1);  // last job of each NaN group
+  for (int64_t i = 0; i < T; ++i) {
+    if (jobs[i].nan_group >= 0) group_last[jobs[i].nan_group] = i;
+  }
+  std::vector<std::pair<int64_t, int64_t>> out;
+  int64_t first = 0, bytes = 0, open_until = -1;  // open_until: last job of a group begun in this batch
+  for (int64_t i = 0; i < T; ++i) {
+    bytes += pre_pass_bytes(jobs[i]);
+    if (jobs[i].nan_group >= 0) open_until = std::max(open_until, group_last[jobs[i].nan_group]);
+    if (bytes >= kBatchBytes && open_until <= i) {
+      out.push_back({first, i + 1});
+      first = i + 1, bytes = 0;
+    }
+  }
+  if (first < T) out.push_back({first, T});
+  return out;
+}
+
+// Pre-pass over one batch: each needing job's sum of squares of params (into ssq) and whether its
+// grads hold a NaN (into group_nan, by NaN group). Partial sums are kept per item and added in item
+// order, so the result does not depend on the number of threads.
+void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::vector<double>& ssq,
+              std::vector<uint8_t>& group_nan) {
+  // A tensor GradScaler told to skip (capturable mode) is left out of both passes.
+  const std::vector<Item> pre = make_items(jobs, first, last, [](const Job& j) {
+    return !j.skip && (needs_rms(j) || j.nan_group >= 0);
+  });
+  if (pre.empty()) return;
+  std::vector<double> part_ssq(pre.size(), 0.0);
+  std::vector<uint8_t> part_nan(pre.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(pre.size()), 1, [&](int64_t lo, int64_t hi) {
+    float buf[kTile];
+    for (int64_t it = lo; it < hi; ++it) {
+      const Item& item = pre[it];
+      const Job& j = jobs[item.job];
+      const bool rms = needs_rms(j);
+      double sum = 0.0;
+      bool nan = false;
+      for (int64_t s = item.begin; s < item.end; s += kTile) {
+        const int64_t n = std::min(kTile, item.end - s);
+        if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
+        if (j.nan_group >= 0) nan = nan || any_nan(load(j.grad, j.ps, s, n, buf), n);
+      }
+      part_ssq[it] = sum;
+      part_nan[it] = nan;
+    }
+  });
+  for (size_t it = 0; it < pre.size(); ++it) {
+    const Job& j = jobs[pre[it].job];
+    ssq[pre[it].job] += part_ssq[it];
+    if (j.nan_group >= 0 && part_nan[it]) group_nan[j.nan_group] = 1;
+  }
+}
+
+// Main pass over one batch, with each job's learning rate and whether the NaN guard shrinks it.
+void main_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<double>& lr,
+               const std::vector<uint8_t>& shrink) {
+  const std::vector<Item> items = make_items(jobs, first, last, [](const Job& j) { return !j.skip; });
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    Tiles tiles;
+    for (int64_t it = lo; it < hi; ++it) {
+      const Item& item = items[it];
+      const Job& j = jobs[item.job];
+      if (shrink[item.job]) {
+        shrink_range(j, item.begin, item.end, tiles);
+      } else if (by_rows(j)) {
+        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
+      } else {
+        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -388,63 +488,17 @@ void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::v
   const std::vector<Job> jobs =
       decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
   const int64_t T = static_cast<int64_t>(jobs.size());
-
-  // Pre-pass: whole-tensor sums of squares and NaN flags, one partial per item.
-  // A row GradScaler told to skip (capturable mode) is left out of both passes.
-  std::vector<Item> pre = make_items(jobs, [](const Job& j) {
-    return !j.skip && ((has(j, kRmsTensor) && has(j, kUpdate)) || j.nan_group >= 0);
-  });
-  std::vector<double> part_ssq(pre.size(), 0.0);
-  std::vector<uint8_t> part_nan(pre.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(pre.size()), 1, [&](int64_t lo, int64_t hi) {
-    float buf[kTile];
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = pre[it];
-      const Job& j = jobs[item.job];
-      const bool rms = has(j, kRmsTensor) && has(j, kUpdate);
-      double ssq = 0.0;
-      bool nan = false;
-      for (int64_t s = item.begin; s < item.end; s += kTile) {
-        const int64_t n = std::min(kTile, item.end - s);
-        if (rms) ssq += sum_squares(load(j.param, j.ps, s, n, buf), n);
-        if (j.nan_group >= 0) nan = nan || any_nan(load(j.grad, j.ps, s, n, buf), n);
-      }
-      part_ssq[it] = ssq;
-      part_nan[it] = nan;
+  std::vector<double> ssq(T, 0.0), lr(T);
+  std::vector<uint8_t> group_nan(T, 0), shrink(T);
+  for (const auto& [first, last] : cache_batches(jobs)) {
+    pre_pass(jobs, first, last, ssq, group_nan);
+    for (int64_t i = first; i < last; ++i) {
+      const Job& j = jobs[i];
+      lr[i] = needs_rms(j) && j.numel > 0 ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
+      shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow);
     }
-  });
-  std::vector<double> ssq(T, 0.0);
-  std::vector<uint8_t> group_nan(T, 0);
-  for (size_t it = 0; it < pre.size(); ++it) {
-    const Job& j = jobs[pre[it].job];
-    ssq[pre[it].job] += part_ssq[it];
-    if (j.nan_group >= 0 && part_nan[it]) group_nan[j.nan_group] = 1;
+    main_pass(jobs, first, last, lr, shrink);
   }
-  std::vector<double> lr(T);
-  std::vector<uint8_t> shrink(T);
-  for (int64_t i = 0; i < T; ++i) {
-    const Job& j = jobs[i];
-    const bool rms = has(j, kRmsTensor) && has(j, kUpdate) && j.numel > 0;
-    lr[i] = rms ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
-    shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow);
-  }
-
-  // Main pass.
-  std::vector<Item> items = make_items(jobs, [](const Job& j) { return !j.skip; });
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    Tiles tiles;
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = items[it];
-      const Job& j = jobs[item.job];
-      if (shrink[item.job]) {
-        shrink_range(j, item.begin, item.end, tiles);
-      } else if (by_rows(j)) {
-        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
-      } else {
-        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles);
-      }
-    }
-  });
 }
 
 }  // namespace kexue
