@@ -56,7 +56,7 @@ def apply_rope(x: Tensor, layout: str = "interleaved", base: float = 10000.0, in
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
     length, d = x.shape[-2], x.shape[-1]
-    ang = rope_angles(length, d, base)
+    ang = rope_angles(length, d, base).to(x.device)  # the angles are built on the CPU in float64
     cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
     if inverse:
         sin = -sin
