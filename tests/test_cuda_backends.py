@@ -163,11 +163,12 @@ def test_biohash_hash_activations_and_hamming(dtype, shape):
     assert torch.equal(d_got.cpu(), d_want) and torch.equal(i_got.cpu(), i_want)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("algo", ["lion", "tiger"])
 @pytest.mark.parametrize("dtype, momentum_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                    (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
-def test_sign_optim_step(algo, dtype, momentum_dtype):
-    """Three steps of the cuda backend on CUDA tensors against the C++ CPU backend on CPU copies
+def test_sign_optim_step(backend, algo, dtype, momentum_dtype):
+    """Three steps of the cuda (or triton) backend on CUDA tensors against the C++ CPU backend on CPU copies
     (which the CPU tests hold to the float64 oracle). Both do the same float32 arithmetic, so they
     agree to the last bit of the storage dtype (FMA contraction may differ), except on the rare
     elements whose c lies within rounding of zero: there one sign step, 2 lr times the RMS factor."""
@@ -177,7 +178,7 @@ def test_sign_optim_step(algo, dtype, momentum_dtype):
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
     lr = 1e-2
     runs = {}
-    for backend, device in (("cuda", CUDA), ("cpu", torch.device("cpu"))):
+    for name, device in ((backend, CUDA), ("cpu", torch.device("cpu"))):
         params = [torch.nn.Parameter(p.to(device, dtype)) for p in init]
         cls = Lion if algo == "lion" else Tiger
         opt = cls([(f"l{i}.weight", p) for i, p in enumerate(params)], lr=lr, weight_decay=0.1,
@@ -185,11 +186,11 @@ def test_sign_optim_step(algo, dtype, momentum_dtype):
         for step in grads:
             for p, g in zip(params, step, strict=True):
                 p.grad = g.to(device, dtype)
-            with kexue.use_backend(backend):
+            with kexue.use_backend(name):
                 opt.step()
-        runs[backend] = [(p.detach().cpu(), opt.state[p]["exp_avg"].cpu()) for p in params]
+        runs[name] = [(p.detach().cpu(), opt.state[p]["exp_avg"].cpu()) for p in params]
     flipped = total = 0
-    for (p, m), (p_cpu, m_cpu) in zip(runs["cuda"], runs["cpu"], strict=True):
+    for (p, m), (p_cpu, m_cpu) in zip(runs[backend], runs["cpu"], strict=True):
         assert p.dtype == dtype and m.dtype == momentum_dtype
         last_bits = 2 * ulp(p_cpu, dtype)
         diff = (p.double() - p_cpu.double()).abs()
