@@ -20,6 +20,12 @@ class LogNAttention(nn.Module):
     ``(B, Lk, vdim)``, key_padding_mask ``(B, Lk)`` bool with True marking padding; output
     ``(B, Lq, E)``. With ``batch_first=False`` the first two dimensions are swapped.
 
+    Packed sequences (no padding): ``forward(query, key, value, cu_seqlens=..., max_seqlen=...)``
+    with query ``(total_q, E)``, key ``(total_k, kdim)``, value ``(total_k, vdim)`` and the offsets
+    of :func:`kexue.ops.logn_attention` (``cu_seqlens_k`` when the key rows differ); each sequence
+    attends within itself and counts its own ``n``. Output ``(total_q, E)``; ``batch_first`` plays
+    no part there.
+
     Args:
         embed_dim, num_heads, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
         num_kv_heads: key/value heads (default ``num_heads``); fewer gives grouped-query attention.
@@ -73,13 +79,17 @@ class LogNAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False, attn_mask: Tensor | None = None,
-                is_causal: bool | None = None) -> tuple[Tensor, None]:
+                is_causal: bool | None = None, *, cu_seqlens: Tensor | None = None,
+                cu_seqlens_k: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError("LogNAttention never forms attention weights; call it with need_weights=False")
         if attn_mask is not None:
             raise ValueError("LogNAttention takes no attn_mask: use causal=True and/or key_padding_mask")
         key = query if key is None else key
         value = key if value is None else value
+        causal = self.causal if is_causal is None else bool(is_causal)
+        if cu_seqlens is not None:
+            return self._packed(query, key, value, causal, cu_seqlens, cu_seqlens_k, max_seqlen), None
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
@@ -90,13 +100,28 @@ class LogNAttention(nn.Module):
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        causal = self.causal if is_causal is None else bool(is_causal)
         out = logn_attention(q, k, v, causal=causal, scale=self.scale, train_len=self.train_len, logn=self.logn,
                              clip=self.clip, min_n=self.min_n, key_padding_mask=key_padding_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, causal: bool, cu_seqlens: Tensor,
+                cu_seqlens_k: Tensor | None, max_seqlen: int | None) -> Tensor:
+        if query.dim() != 2 or key.dim() != 2 or value.dim() != 2:
+            raise ValueError(f"with cu_seqlens, query, key, value must be 2-d (total rows, features), got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if key.shape[0] != value.shape[0]:
+            raise ValueError(f"key and value must have the same rows, got {key.shape[0]} and {value.shape[0]}")
+        # The rows of the varlen layout are (total, heads, head_dim): a view of the projections.
+        q = self.q_proj(query).view(query.shape[0], self.num_heads, self.head_dim)
+        k = self.k_proj(key).view(key.shape[0], self.num_kv_heads, self.head_dim)
+        v = self.v_proj(value).view(value.shape[0], self.num_kv_heads, self.head_dim)
+        out = logn_attention(q, k, v, causal=causal, scale=self.scale, train_len=self.train_len, logn=self.logn,
+                             clip=self.clip, min_n=self.min_n, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                             max_seqlen=max_seqlen)
+        return self.out_proj(out.reshape(query.shape[0], self.embed_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
