@@ -94,6 +94,7 @@ def _register_backends() -> None:
     _backend.register(OP_HASH, "triton", lambda *a: _triton_module().biohash_sparse(*a),
                       (torch.float16, torch.bfloat16, torch.float32))
     _backend.register(OP_HAMMING, "triton", lambda *a: _triton_module().hamming_topk(*a), (torch.uint8,))
+    _backend.register(OP_UPDATE, "triton", lambda *a: _triton_module().biohash_update(*a), (torch.float32,))
 
 
 _register_backends()
