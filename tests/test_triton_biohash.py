@@ -232,3 +232,30 @@ def test_update_configs_cover_the_launcher_choices():
     for num_hidden in (1, 63, 64, 65, 400, 1000, 1025, T.MAX_HIDDEN):
         assert T.block_k(num_hidden) in rows and T.ds_block(num_hidden) in ds
     assert any(c["kernel"] is T._update_xx_kernel for c in T.AOT_CONFIGS)
+
+
+CUDA_NATIVE = kexue.backends()["cuda"]["available"] and hasattr(kexue._backend.native(), "biohash_update_cuda")
+
+
+@pytest.mark.skipif(not CUDA_NATIVE, reason="the CUDA C++ kernels need a GPU and a CUDA build of kexue._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("delta", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [(20, 30, 7), (65, 40, 300), (400, 1000, 513), (1, 5, 3)])
+def test_cuda_update_equals_the_cpu_kernel(use_backend, shape, delta, dtype):
+    """The CUDA C++ step sums in the CPU kernel's order with the same roundings: equal bit for bit
+    (float32 and float64), and within rounding of the float64 reference."""
+    num_hidden, num_inputs, rows = shape
+    g = torch.Generator().manual_seed(num_hidden + rows)
+    W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1, dtype=dtype)
+    ids, offsets, w = random_batch(rows, num_inputs, generator=g, dtype=dtype)
+    use_backend("cuda")
+    rank = min(2, num_hidden)
+    for weights in (w, None):
+        results = step_all(ids, offsets, weights, W, torch.device("cuda"), delta=delta, rank=rank)
+        (expected, win_r, _), (got_cpu, win_c, s_c), (got, win, s) = results
+        assert torch.equal(win, win_c) and torch.equal(s, s_c) and torch.equal(got, got_cpu)
+        if dtype == torch.float32:
+            check_step(W, results)
+        else:
+            assert torch.equal(win, win_r)
+            torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-16)

@@ -232,7 +232,8 @@ def _row_rank_unit(keys, cols, rank, BLOCK_K: tl.constexpr):
     greater = tl.sum(tl.where(keys > thr, 1.0, 0.0), axis=0)
     tied = keys == thr
     tied_upto = tl.cumsum(tl.where(tied, 1.0, 0.0), axis=0)  # inclusive
-    return tl.min(tl.where(tied & (tied_upto == rank - greater), cols, BLOCK_K), axis=0)
+    # the one lane that matches, summed as float32 (exact: < 2**24; see the hash kernel's counts)
+    return tl.sum(tl.where(tied & (tied_upto == rank - greater), cols.to(tl.float32), 0.0), axis=0).to(tl.int32)
 
 
 @triton.jit
