@@ -156,8 +156,9 @@ def test_update_matches_reference_and_cpu(triton_backend, shape, delta):
 
 def test_update_single_tokens_duplicates_and_ties(triton_backend):
     """Rows of one token, a row repeating an id (it counts twice), raw activations tied across
-    units (the lowest index wins; tied_synapses makes every sum exact), several K blocks in the
-    ds passes (a small MAX_DS_BLOCK), and a tiny that drops part of the step."""
+    units (the lowest index wins; tied_synapses makes every sum exact), the anti-Hebbian unit
+    ranked first (the winner itself) and last, several K blocks in the ds passes (a small
+    MAX_DS_BLOCK), and a tiny that drops part of the step."""
     g = torch.Generator().manual_seed(11)
     W = tied_synapses(150, 24, torch.float32, generator=g)
     ids = torch.tensor([3, 7, 7, 7, 1, 3, 3, 20, 5, 5, 23, 0])
@@ -169,8 +170,10 @@ def test_update_single_tokens_duplicates_and_ties(triton_backend):
     try:
         T.MAX_DS_BLOCK = 64  # three programs per synapse row
         assert T.ds_block(150) == 64
-        for delta, tiny in ((0.0, 1e-10), (0.4, 1e-10), (0.0, 2e-3)):
-            check_step(W, step_all(ids, offsets, weights, W, triton_backend, lr=0.01, delta=delta, tiny=tiny))
+        for delta, tiny, rank in ((0.0, 1e-10, 2), (0.4, 1e-10, 2), (0.4, 1e-10, 1), (0.4, 1e-10, 150),
+                                  (0.0, 2e-3, 2)):
+            check_step(W, step_all(ids, offsets, weights, W, triton_backend, lr=0.01, delta=delta, tiny=tiny,
+                                   rank=rank))
     finally:
         T.MAX_DS_BLOCK = block
 
