@@ -144,8 +144,9 @@ def check_step(W, results, ulps_vs_cpu=4.0):
 
 @pytest.mark.parametrize("delta", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [(20, 30, 7), (64, 50, 9), (65, 40, 6), (1, 5, 3), (130, 70, 12)])
-def test_update_matches_reference_and_cpu(triton_backend, shape, delta):
+def test_update_matches_reference_and_cpu(triton_backend, monkeypatch, shape, delta):
     num_hidden, num_inputs, rows = shape
+    monkeypatch.setattr(T, "UPDATE_ROWS_PER_SPLIT", 4)  # xx over 1 to 3 slices of the batch
     g = torch.Generator().manual_seed(num_hidden + num_inputs + rows)
     W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1)
     ids, offsets, w = random_batch(rows, num_inputs, generator=g, dtype=torch.float32)
@@ -235,6 +236,7 @@ def test_update_configs_cover_the_launcher_choices():
     for num_hidden in (1, 63, 64, 65, 400, 1000, 1025, T.MAX_HIDDEN):
         assert T.block_k(num_hidden) in rows and T.ds_block(num_hidden) in ds
     assert any(c["kernel"] is T._update_xx_kernel for c in T.AOT_CONFIGS)
+    assert any(c["kernel"] is T._update_nx_kernel for c in T.AOT_CONFIGS)
 
 
 CUDA_NATIVE = kexue.backends()["cuda"]["available"] and hasattr(kexue._backend.native(), "biohash_update_cuda")

@@ -204,8 +204,9 @@ def hamming_topk(queries: torch.Tensor, database: torch.Tensor, n: int) -> tuple
 #    index), with ANTI the unit ranked `rank`-th, and each token's Hebbian contributions
 #    (unit, value): (winner, w_j) at slot j and, with ANTI, (ranked unit, -delta * w_j) at slot
 #    nnz + j.
-# 2. _update_xx_kernel, one program per block of units: xx[mu] over the batch, stored as
-#    nx = -xx on active units (xx != 0) and 0 elsewhere.
+# 2. _update_xx_kernel, one program per block of units and slice of 256 rows: partial sums of
+#    xx[mu]; _update_nx_kernel adds the slices in order and stores nx = -xx on active units
+#    (xx != 0) and 0 elsewhere.
 # 3. (torch) the contributions stably sorted by input id, and each input's bucket of them:
 #    every element then sums its contributions in the CPU kernel's order (winners in sample
 #    order, then ranked units), without atomics and without an (N, K) scratch.
@@ -279,25 +280,41 @@ def _update_rows_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, winners_ptr, 
 
 
 @triton.jit
-def _update_xx_kernel(winners_ptr, s_win_ptr, second_ptr, s_second_ptr, nx_ptr, rows, K, delta,
-                      ANTI: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, EXACT: tl.constexpr):
+def _update_xx_kernel(winners_ptr, s_win_ptr, second_ptr, s_second_ptr, partial_ptr, rows, K, delta,
+                      rows_per_split, ANTI: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr,
+                      EXACT: tl.constexpr):
+    """partial[split, mu]: the xx terms of rows [split * rows_per_split, ...) for a block of units."""
     units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    split = tl.program_id(1)
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, rows)
     xx = tl.zeros((BLOCK_U,), tl.float32)
-    for b0 in range(0, rows, BLOCK_B):
+    for b0 in range(first, last, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
-        ok = bs < rows
+        ok = bs < last
         win = tl.load(winners_ptr + bs, mask=ok, other=-1).to(tl.int32)
         s = tl.load(s_win_ptr + bs, mask=ok, other=0.0)
         xx += tl.sum(tl.where(win[:, None] == units[None, :], s[:, None], 0.0), axis=0)
     if ANTI:
-        for b0 in range(0, rows, BLOCK_B):
+        for b0 in range(first, last, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
-            ok = bs < rows
+            ok = bs < last
             sec = tl.load(second_ptr + bs, mask=ok, other=-1).to(tl.int32)
             s = _mul_rn(-delta + tl.zeros((BLOCK_B,), tl.float32),
                         tl.load(s_second_ptr + bs, mask=ok, other=0.0), EXACT)
             xx += tl.sum(tl.where(sec[:, None] == units[None, :], s[:, None], 0.0), axis=0)
-    tl.store(nx_ptr + units, tl.where(xx != 0, -xx, 0.0), mask=units < K)
+    tl.store(partial_ptr + split * K + units, xx, mask=units < K)
+
+
+@triton.jit
+def _update_nx_kernel(partial_ptr, nx_ptr, splits, K, BLOCK_U: tl.constexpr):
+    """nx = -xx on active units (xx != 0), 0 elsewhere; xx = the partials summed in split order."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    ok = units < K
+    xx = tl.zeros((BLOCK_U,), tl.float32)
+    for split in range(0, splits):
+        xx += tl.load(partial_ptr + split * K + units, mask=ok, other=0.0)
+    tl.store(nx_ptr + units, tl.where(xx != 0, -xx, 0.0), mask=ok)
 
 
 @triton.jit
@@ -331,6 +348,7 @@ def _update_ds_kernel(wt_ptr, nx_ptr, bucket_ptr, unit_ptr, value_ptr, partial_p
 
 UPDATE_BLOCK_B = 64
 UPDATE_BLOCK_U = 32
+UPDATE_ROWS_PER_SPLIT = 256  # rows of the batch per xx program
 MAX_DS_BLOCK = 1024
 
 
@@ -373,10 +391,16 @@ def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.
                                  values, num_hidden, nnz, int(rank), float(delta), ANTI=anti, BLOCK_K=block,
                                  EXACT=exact, num_warps=num_warps_for(block))
 
+    # xx in two deterministic steps: partial sums over slices of the batch (enough programs to
+    # fill the GPU), then the slices summed in order.
+    splits = triton.cdiv(rows, UPDATE_ROWS_PER_SPLIT)
+    unit_blocks = triton.cdiv(num_hidden, UPDATE_BLOCK_U)
+    partial_xx = torch.empty((splits, num_hidden), dtype=torch.float32, device=device)
+    _update_xx_kernel[(unit_blocks, splits)](
+        winners, s_win, second, s_second, partial_xx, rows, num_hidden, float(delta), UPDATE_ROWS_PER_SPLIT,
+        ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=exact, num_warps=4)
     nx = torch.empty(num_hidden, dtype=torch.float32, device=device)
-    _update_xx_kernel[(triton.cdiv(num_hidden, UPDATE_BLOCK_U),)](
-        winners, s_win, second, s_second, nx, rows, num_hidden, float(delta), ANTI=anti,
-        BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=exact, num_warps=4)
+    _update_nx_kernel[(unit_blocks,)](partial_xx, nx, splits, num_hidden, BLOCK_U=UPDATE_BLOCK_U, num_warps=1)
 
     # Buckets: contributions stably sorted by input id (slot j and nnz + j both belong to indices[j]).
     inputs = torch.cat([indices, indices]) if anti else indices
@@ -435,11 +459,18 @@ def _aot_configs() -> list[dict]:
             name=f"update_xx {'anti ' if anti else ''}{UPDATE_BLOCK_B}x{UPDATE_BLOCK_U}",
             kernel=_update_xx_kernel,
             signature=dict(winners_ptr="*i64", s_win_ptr="*fp32", second_ptr="*i64", s_second_ptr="*fp32",
-                           nx_ptr="*fp32", rows="i32", K="i32", delta="fp32", ANTI="constexpr",
-                           BLOCK_B="constexpr", BLOCK_U="constexpr", EXACT="constexpr"),
+                           partial_ptr="*fp32", rows="i32", K="i32", delta="fp32", rows_per_split="i32",
+                           ANTI="constexpr", BLOCK_B="constexpr", BLOCK_U="constexpr", EXACT="constexpr"),
             constexprs=dict(ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=True),
             num_warps=4,
         ))
+    configs.append(dict(
+        name=f"update_nx {UPDATE_BLOCK_U}",
+        kernel=_update_nx_kernel,
+        signature=dict(partial_ptr="*fp32", nx_ptr="*fp32", splits="i32", K="i32", BLOCK_U="constexpr"),
+        constexprs=dict(BLOCK_U=UPDATE_BLOCK_U),
+        num_warps=1,
+    ))
     for apply in (False, True):
         for block in [b for b in blocks if b <= MAX_DS_BLOCK]:
             configs.append(dict(
