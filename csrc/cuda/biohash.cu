@@ -17,7 +17,7 @@
 // (distance, database index) with warp-wide match masks.
 //
 // The learning step (biohash_update): one block per CSR row picks the winner (and the rank-th unit)
-// and writes each token's Hebbian contributions; one warp per unit sums xx over the batch in
+// and writes each token's Hebbian contributions; one thread per unit sums xx over the batch in
 // sample order; the contributions are stably sorted by input id (at::sort), so that one warp per
 // row of synapses_t sums each element's contributions in the CPU kernel's order, first for the
 // global max |ds|, then to apply the step. No atomics, no (N, K) scratch: the result equals the CPU
@@ -398,33 +398,34 @@ __global__ void update_rows_kernel(const int64_t* __restrict__ ids, const int64_
 }
 
 // nx[mu] = -xx[mu] on active units (xx != 0), 0 elsewhere; xx summed in sample order, winners
-// first, then the ranked units (the CPU kernel's order). One warp per unit: the lanes test 32 rows
-// at a time, and the matches are added one by one in row order (a ballot, then a shuffle each).
+// first, then the ranked units (the CPU kernel's order). The batch goes through shared memory in
+// tiles that every thread of the block scans.
 template <typename A>
 __global__ void update_xx_kernel(const int64_t* __restrict__ winners, const A* __restrict__ s_win,
                                  const int64_t* __restrict__ second, const A* __restrict__ s_second, int64_t rows,
                                  int64_t K, A delta, bool anti, A* __restrict__ nx) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t mu = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-  if (mu >= K) return;  // uniform within the warp
+  __shared__ int64_t t_unit[kThreads];
+  __shared__ A t_value[kThreads];
+  const int64_t mu = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A xx = A(0);
   for (int pass = 0; pass < (anti ? 2 : 1); ++pass) {
     const int64_t* units = pass == 0 ? winners : second;
     const A* values = pass == 0 ? s_win : s_second;
-    for (int64_t r0 = 0; r0 < rows; r0 += kWarpSize) {
-      const int64_t r = r0 + lane;
-      const bool hit = r < rows && units[r] == mu;
-      unsigned pending = __ballot_sync(kFullMask, hit);
-      A v = A(0);
-      if (hit) v = pass == 0 ? values[r] : mul_rn(-delta, values[r]);
-      while (pending != 0u) {  // every lane adds the same values in the same order
-        const int src = __ffs(pending) - 1;
-        xx = add_rn(xx, __shfl_sync(kFullMask, v, src));
-        pending &= pending - 1u;
+    for (int64_t r0 = 0; r0 < rows; r0 += kThreads) {
+      const int64_t n = rows - r0 < kThreads ? rows - r0 : kThreads;
+      __syncthreads();  // the previous tile has been read
+      if (threadIdx.x < n) {
+        t_unit[threadIdx.x] = units[r0 + threadIdx.x];
+        const A v = values[r0 + threadIdx.x];
+        t_value[threadIdx.x] = pass == 0 ? v : mul_rn(-delta, v);
+      }
+      __syncthreads();
+      for (int64_t t = 0; t < n; ++t) {
+        if (t_unit[t] == mu) xx = add_rn(xx, t_value[t]);
       }
     }
   }
-  if (lane == 0) nx[mu] = xx != A(0) ? -xx : A(0);
+  if (mu < K) nx[mu] = xx != A(0) ? -xx : A(0);
 }
 
 // One warp per row i of synapses_t: ds[i, mu] = nx[mu] * W[i, mu] + (the sum of input i's
@@ -612,8 +613,7 @@ std::tuple<at::Tensor, at::Tensor> biohash_update_cuda(const at::Tensor& indices
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     auto nx = at::empty({K}, synapses_t.options());
-    constexpr int64_t kWarps = kThreads / kWarpSize;  // a warp per unit
-    update_xx_kernel<A><<<(K + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+    update_xx_kernel<A><<<(K + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         winners.data_ptr<int64_t>(), s_win.data_ptr<A>(), second.data_ptr<int64_t>(), s_second.data_ptr<A>(), rows,
         K, static_cast<A>(delta), anti, nx.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
