@@ -18,7 +18,7 @@
 //
 // The learning step (biohash_update): one block per CSR row picks the winner (and the rank-th unit)
 // and writes each token's Hebbian contributions; one thread per unit sums xx over the batch in
-// sample order; the contributions are stably sorted by input id (at::sort), so that one warp per
+// sample order; the contributions are stably sorted by input id (at::sort), so that one block per
 // row of synapses_t sums each element's contributions in the CPU kernel's order, first for the
 // global max |ds|, then to apply the step. No atomics, no (N, K) scratch: the result equals the CPU
 // kernel's bit for bit (same roundings, same order).
@@ -428,25 +428,21 @@ __global__ void update_xx_kernel(const int64_t* __restrict__ winners, const A* _
   if (mu < K) nx[mu] = xx != A(0) ? -xx : A(0);
 }
 
-// One warp per row i of synapses_t: ds[i, mu] = nx[mu] * W[i, mu] + (the sum of input i's
+// One block per row i of synapses_t: ds[i, mu] = nx[mu] * W[i, mu] + (the sum of input i's
 // contributions to unit mu, in bucket order) on active units. Without `apply`: partial[i] = the
 // row's max |ds| (NaN ignored, as on the CPU). With `apply`: W += lr / max(nc, prec) * ds where the
-// change exceeds tiny in magnitude. (A row is only K numbers: a warp per row keeps many rows in
-// flight and needs no block barrier.)
+// change exceeds tiny in magnitude.
 template <typename A>
 __global__ void update_ds_kernel(A* __restrict__ wt, const A* __restrict__ nx, const int64_t* __restrict__ bucket,
                                  const int64_t* __restrict__ unit, const A* __restrict__ value, int64_t N, int64_t K,
                                  bool apply, A* __restrict__ partial, const A* __restrict__ nc, A lr, A prec,
                                  A tiny) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  __shared__ A scratch[kThreads / kWarpSize];
   const A scale = apply ? div_rn(lr, *nc > prec ? *nc : prec) : A(0);
-  for (int64_t i = first; i < N; i += stride) {  // uniform within the warp
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const int64_t b = bucket[i], e = bucket[i + 1];
     A row_max = A(0);
-    for (int64_t mu = lane; mu < K; mu += kWarpSize) {
+    for (int64_t mu = threadIdx.x; mu < K; mu += blockDim.x) {
       const A n = nx[mu];
       if (n == A(0)) continue;  // an inactive unit never changes
       A* p = wt + i * K + mu;
@@ -470,11 +466,8 @@ __global__ void update_ds_kernel(A* __restrict__ wt, const A* __restrict__ nx, c
       }
     }
     if (!apply) {
-      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-        const A other = __shfl_xor_sync(kFullMask, row_max, offset);
-        row_max = other > row_max ? other : row_max;
-      }
-      if (lane == 0) partial[i] = row_max;
+      row_max = block_reduce(row_max, MaxOp(), scratch);
+      if (threadIdx.x == 0) partial[i] = row_max;
     }
   }
 }
@@ -626,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor> biohash_update_cuda(const at::Tensor& indices
     const at::Tensor bucket = at::searchsorted(sorted_inputs, at::arange(N + 1, indices.options()));
 
     auto partial = at::empty({N}, synapses_t.options());
-    const int64_t ds_grid = grid_for((N + kThreads / kWarpSize - 1) / (kThreads / kWarpSize));  // a warp per row
+    const int64_t ds_grid = grid_for(N);
     auto ds_pass = [&](bool apply, const A* nc) {
       update_ds_kernel<A><<<ds_grid, kThreads, 0, stream>>>(
           wt, nx.data_ptr<A>(), bucket.data_ptr<int64_t>(), sorted_unit.data_ptr<int64_t>(),
