@@ -66,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("synapses_t"), arg("k"), arg("packed"));
   m.def("biohash_topk_cuda", &kexue::biohash_topk_cuda, nogil, arg("activations"), arg("k"), arg("packed"));
   m.def("hamming_topk_cuda", &kexue::hamming_topk_cuda, nogil, arg("queries"), arg("database"), arg("n"));
+  m.def("biohash_update_cuda", &kexue::biohash_update_cuda, nogil, arg("indices"), arg("offsets"), arg("weights"),
+        arg("synapses_t"), arg("lr"), arg("delta"), arg("rank"), arg("prec"), arg("tiny"));
   m.def("global_pointer_loss_forward_cuda", &kexue::global_pointer_loss_forward_cuda, nogil, arg("q"), arg("k"),
         arg("start_bias"), arg("end_bias"), arg("mask"), arg("row_ptr"), arg("cols"), arg("dense"), arg("rope"),
         arg("rope_base"), arg("tril_mask"));

@@ -140,6 +140,10 @@ at::Tensor biohash_sparse_cuda(const at::Tensor& indices, const at::Tensor& offs
 at::Tensor biohash_topk_cuda(const at::Tensor& activations, int64_t k, bool packed);
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, const at::Tensor& database,
                                                      int64_t n);
+std::tuple<at::Tensor, at::Tensor> biohash_update_cuda(const at::Tensor& indices, const at::Tensor& offsets,
+                                                       const std::optional<at::Tensor>& weights,
+                                                       at::Tensor synapses_t, double lr, double delta, int64_t rank,
+                                                       double prec, double tiny);
 // GlobalPointer on CUDA tensors (csrc/cuda/global_pointer.cu): the contracts of the *_cpu functions.
 std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                                     const at::Tensor& start_bias,

@@ -83,17 +83,20 @@ def _register_backends() -> None:
         _backend.register(OP_TOPK, "cpu", native.biohash_topk_cpu, ACTIVATION_DTYPES)
         _backend.register(OP_UPDATE, "cpu", native.biohash_update_cpu, UPDATE_DTYPES)
         _backend.register(OP_HAMMING, "cpu", native.hamming_topk_cpu, (torch.uint8,))
-    if native is not None and hasattr(native, "biohash_sparse_cuda"):  # built with CUDA; no update kernel there
+    if native is not None and hasattr(native, "biohash_sparse_cuda"):  # built with CUDA
         _backend.register(OP_HASH, "cuda", native.biohash_sparse_cuda, SYNAPSE_DTYPES)
         _backend.register(OP_ACTIVATIONS, "cuda", native.biohash_activations_cuda, SYNAPSE_DTYPES)
         _backend.register(OP_TOPK, "cuda", native.biohash_topk_cuda, ACTIVATION_DTYPES)
         _backend.register(OP_HAMMING, "cuda", native.hamming_topk_cuda, (torch.uint8,))
+    if native is not None and hasattr(native, "biohash_update_cuda"):
+        _backend.register(OP_UPDATE, "cuda", native.biohash_update_cuda, UPDATE_DTYPES)
     # Registered lazily (importing triton is slow); the kernels live in triton_kernels/biohash.py.
     if importlib.util.find_spec("kexue.triton_kernels.biohash") is None:
         return
     _backend.register(OP_HASH, "triton", lambda *a: _triton_module().biohash_sparse(*a),
                       (torch.float16, torch.bfloat16, torch.float32))
     _backend.register(OP_HAMMING, "triton", lambda *a: _triton_module().hamming_topk(*a), (torch.uint8,))
+    _backend.register(OP_UPDATE, "triton", lambda *a: _triton_module().biohash_update(*a), (torch.float32,))
 
 
 _register_backends()
