@@ -229,6 +229,23 @@ def test_hash_random_synapses_bit_for_bit_with_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("num_hidden", [63, 64, 129, 512, 600, 1031])
+def test_hash_unit_blocks_and_packing_chunks(backend, num_hidden):
+    """float32 rows are summed 64 units at a time with a scalar tail, and packed 512 flags at a
+    time: sizes around those edges, packed and not, weighted and not, equal the reference."""
+    g = torch.Generator().manual_seed(num_hidden)
+    W = kexue.ops.new_synapses(num_hidden, 90, generator=g)
+    ids, offsets, w = random_batch(37, 90, generator=g, dtype=torch.float32)
+    k = max(1, num_hidden // 13)
+    for weights in (None, w):
+        act = run(backend, kexue.ops.biohash_activations, ids, offsets, weights, W)
+        assert torch.equal(act, ref.activations_sparse(ids, offsets, weights, W))
+        for packed in (True, False):
+            codes = run(backend, kexue.ops.biohash, ids, offsets, weights, W, k, packed=packed)
+            assert torch.equal(codes, ref.biohash_sparse(ids, offsets, weights, W, k, packed)), (packed, weights is None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_padded_and_csr_spellings_agree(backend):
     g = torch.Generator().manual_seed(12)
     W = kexue.ops.new_synapses(50, 40, generator=g)

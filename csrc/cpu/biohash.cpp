@@ -82,6 +82,79 @@ void row_activations(const int64_t* ids, const A* w, int64_t len, const T* wt, i
   }
 }
 
+// float32 synapses, the common case, a block of kUnitBlock units at a time: the block's partial
+// sums stay in four 16-float registers (one AVX-512 register each; two AVX2 or four SSE registers
+// in the narrower clones) while every column of the row is added, instead of being loaded and
+// stored again for each column. Every unit's sum is still taken token by token in row order, from
+// +0, so the activations are the same bit for bit. Written with GCC vector types: the plain loop
+// was vectorized only after a scalar pass that took most of the time.
+constexpr int64_t kUnitBlock = 64;
+typedef float F16 __attribute__((vector_size(64)));
+
+inline F16 load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+inline void store16(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+KEXUE_CPU_CLONES void sum_block(const int64_t* ids, int64_t len, const float* wt, int64_t K, int64_t unit0,
+                                float* out) {
+  F16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + unit0;
+    s0 += load16(col);
+    s1 += load16(col + 16);
+    s2 += load16(col + 32);
+    s3 += load16(col + 48);
+  }
+  store16(out, s0);
+  store16(out + 16, s1);
+  store16(out + 32, s2);
+  store16(out + 48, s3);
+}
+
+KEXUE_CPU_CLONES void sum_scaled_block(const int64_t* ids, const float* w, int64_t len, const float* wt, int64_t K,
+                                       int64_t unit0, float* out) {
+  F16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + unit0;
+    const float wj = w[j];
+    // each product rounded on its own, as torch's w * col is (fp-contract is off in this file)
+    s0 += wj * load16(col);
+    s1 += wj * load16(col + 16);
+    s2 += wj * load16(col + 32);
+    s3 += wj * load16(col + 48);
+  }
+  store16(out, s0);
+  store16(out + 16, s1);
+  store16(out + 32, s2);
+  store16(out + 48, s3);
+}
+
+void row_activations(const int64_t* ids, const float* w, int64_t len, const float* wt, int64_t K, float* acc) {
+  const int64_t blocked = K - K % kUnitBlock;
+  for (int64_t unit0 = 0; unit0 < blocked; unit0 += kUnitBlock) {
+    if (w == nullptr) {
+      sum_block(ids, len, wt, K, unit0, acc + unit0);
+    } else {
+      sum_scaled_block(ids, w, len, wt, K, unit0, acc + unit0);
+    }
+  }
+  if (blocked == K) return;
+  float* tail = acc + blocked;
+  std::fill(tail, acc + K, 0.0f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + blocked;
+    if (w == nullptr) {
+      add_column(tail, col, K - blocked);
+    } else {
+      add_scaled_column(tail, col, w[j], K - blocked);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Winner-take-all.
 
@@ -140,7 +213,41 @@ bool exact_threshold(const Key* keys, int64_t n, int64_t k, Key* out) {
   return false;
 }
 
+// flags[i] = keys[i] >= t, one byte each.
+KEXUE_CPU_CLONES void flags_at_least(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* flags) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) flags[i] = keys[i] >= t ? 1 : 0;
+}
+
+// Eight 0/1 bytes -> one byte, flag i at bit i (one multiply moves byte i's bit to bit 56 + i).
+inline uint8_t pack8(const uint8_t* flags) {
+  uint64_t x;
+  std::memcpy(&x, flags, sizeof(x));
+  return static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
+}
+
 // code bits: unit mu wins when keys[mu] >= t (packed: bit mu % 8 of byte mu / 8).
+// float keys: vectorized comparisons, then whole bytes packed at once.
+void write_at_least(const uint32_t* keys, int64_t K, uint32_t t, bool packed, uint8_t* out) {
+  if (!packed) {
+    flags_at_least(keys, K, t, out);
+    return;
+  }
+  constexpr int64_t kChunk = 512;  // units per pass through a stack buffer of flags
+  uint8_t flags[kChunk];
+  for (int64_t mu0 = 0; mu0 < K; mu0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, K - mu0);
+    flags_at_least(keys + mu0, n, t, flags);
+    const int64_t whole = n / 8;
+    for (int64_t j = 0; j < whole; ++j) out[mu0 / 8 + j] = pack8(flags + 8 * j);
+    if (n % 8 != 0) {
+      unsigned byte = 0;
+      for (int64_t b = 0; b < n % 8; ++b) byte |= static_cast<unsigned>(flags[8 * whole + b]) << b;
+      out[mu0 / 8 + whole] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
 template <typename Key>
 void write_at_least(const Key* keys, int64_t K, Key t, bool packed, uint8_t* out) {
   if (!packed) {
