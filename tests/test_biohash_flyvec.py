@@ -6,6 +6,7 @@ own words, so a trained model must put words of one topic near each other.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -147,6 +148,25 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, traine
     with pytest.raises(ValueError, match="other settings.*hidden"):
         flyvec.train(topic_corpus(), tmp_path, flyvec.TrainConfig(hidden=8, window=5, epochs=4, batch_size=64,
                                                                   lr=0.05, min_count=2, hash_length=4))
+
+
+def test_static_hashes_follow_the_synapses_during_training(tmp_path):
+    """Queries made between epochs see the synapses of that epoch, not codes cached earlier."""
+    config = dataclasses.replace(SMALL, lr=0.01)  # small steps: the codes still change after epoch 1
+    seen = []
+
+    def query(epoch, model):
+        fresh = flyvec.FlyVec(model.synapses.clone(), model.vocabulary, model.hash_length).word_hashes()
+        seen.append((model.word_hashes().clone(), fresh))
+
+    model = flyvec.train(topic_corpus(), tmp_path, config, progress=False, on_epoch_end=query)
+    assert len(seen) == config.epochs
+    for cached, fresh in seen:
+        assert torch.equal(cached, fresh)
+    assert not torch.equal(seen[0][1], seen[1][1])  # the second epoch did change the codes
+    model.synapses.mul_(-1)  # an edit in place by the user is seen too
+    assert torch.equal(model.word_hashes(), flyvec.FlyVec(model.synapses.clone(), model.vocabulary,
+                                                          model.hash_length).word_hashes())
 
 
 def test_epoch_order_is_a_fixed_permutation():
