@@ -13,12 +13,18 @@ Throughput is B / time (windows per second); the table's bandwidth column uses t
 
 Peers, in the same process:
 - ``kexue``: the native backend forced (C++ on CPU, Triton on CUDA for ``hash``).
+- ``kexue-1thread``: the C++ backend on one thread (CPU only): the fair partner of ``flyvec``,
+  whose numpy computation runs on one thread whatever the machine has.
 - ``reference``: the float32 torch reference (``kexue.use_backend("torch")``), the oracle's code.
 - ``reference-compiled``: ``torch.compile`` of the reference (left out under --quick).
 - ``flyvec``: the ``flyvec`` pip package's own binarisation (``FlyVec.get_sparse_embedding``:
   numpy argsort and the midpoint threshold), one window at a time as its API works, fed with the
   window's activations gathered in numpy from the same synapses (``hash`` only; unavailable when
-  the package is not installed).
+  the package is not installed). The package has no API for the code of a context window: its
+  ``get_sparse_embedding(word)`` slices the word's target column out of the (K, 2V) synapses,
+  argsorts it and thresholds at the midpoint of the k-th and (k+1)-th values; the bench feeds it
+  the window's summed columns instead, which is the same per-window work a user of the package
+  would write (a numpy fancy-index gather-sum, then the package's argsort and threshold).
 
 Bytes a call must move: ``hash`` reads 10 columns of K float32 per window and writes 50 code
 bytes: ``B * (10 * 4K + K/8)``. ``train`` reads and writes the whole K x N matrix once (the global
@@ -46,6 +52,7 @@ LR = 1e-4
 
 HEADLINES = [
     Headline("hash", "flyvec", "kexue", ">=", 20.0),
+    Headline("hash", "flyvec", "kexue-1thread", ">=", 20.0),  # the package's numpy runs on one thread
     Headline("hash", "reference", "kexue", ">=", 5.0),
     Headline("train", "reference", "kexue", ">=", 5.0),
 ]
@@ -66,9 +73,13 @@ def _inputs(batch: int, device: torch.device, quick: bool) -> dict[str, Any]:
             "weights": invf.flatten().to(device), "windows": ids, "quick": quick}
 
 
-def _kexue_hash(backend: str) -> Callable[[dict], Thunk]:
+def _kexue_hash(backend: str, threads: int | None = None) -> Callable[[dict], Thunk]:
+    """``threads``: run each call on that many threads (``torch.set_num_threads``), restoring the
+    run's setting after it; None: the run's setting (all cores by default)."""
     def build(inputs: dict) -> Thunk:
         args = (inputs["ids"], inputs["offsets"], None, inputs["synapses"], TOP_K)
+        if threads is not None and inputs["synapses"].device.type != "cpu":
+            raise Unavailable("a thread count is a CPU setting")
         try:
             with kexue.use_backend(backend):
                 kexue.ops.biohash(*args)
@@ -76,8 +87,14 @@ def _kexue_hash(backend: str) -> Callable[[dict], Thunk]:
             raise Unavailable(str(exc)) from None
 
         def call():
-            with kexue.use_backend(backend):
-                return kexue.ops.biohash(*args)
+            before = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                with kexue.use_backend(backend):
+                    return kexue.ops.biohash(*args)
+            finally:
+                torch.set_num_threads(before)
 
         return call
 
@@ -155,8 +172,9 @@ def _flyvec(inputs: dict) -> Thunk:
 def _peers(mode: str, device: torch.device) -> list[Peer]:
     native = "triton" if device.type == "cuda" and mode == "hash" else "cpu"
     if mode == "hash":
-        return [Peer("kexue", _kexue_hash(native)), Peer("reference", _kexue_hash("torch")),
-                Peer("reference-compiled", _reference_compiled(mode)), Peer("flyvec", _flyvec)]
+        return [Peer("kexue", _kexue_hash(native)), Peer("kexue-1thread", _kexue_hash("cpu", threads=1)),
+                Peer("reference", _kexue_hash("torch")), Peer("reference-compiled", _reference_compiled(mode)),
+                Peer("flyvec", _flyvec)]
     return [Peer("kexue", _kexue_train(native)), Peer("reference", _kexue_train("torch")),
             Peer("reference-compiled", _reference_compiled(mode))]
 

@@ -316,6 +316,20 @@ def test_spearman_against_the_textbook_formula():
     assert abs(spearman(a, [-x for x in a]) + 1) < 1e-12
 
 
+def test_spearman_interval():
+    import math
+
+    from kexue.flyvec.evaluate import Score
+
+    lo, hi = Score(0.29, 234, 119).ci95  # Fisher z: tanh(atanh(r) -+ 1.96 * 1.03 / sqrt(n - 3))
+    half = 1.96 * 1.03 / math.sqrt(231)
+    assert abs(lo - math.tanh(math.atanh(0.29) - half)) < 1e-12 and abs(hi - math.tanh(math.atanh(0.29) + half)) < 1e-12
+    assert 0.15 < lo < 0.29 < hi < 0.42
+    wide, narrow = Score(0.1, 50, 0).ci95, Score(0.1, 5000, 0).ci95
+    assert wide[0] < narrow[0] < 0.1 < narrow[1] < wide[1]
+    assert all(math.isnan(x) for x in Score(0.5, 3, 0).ci95)
+
+
 def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
     from kexue.flyvec.evaluate import evaluate, read_pairs
 
@@ -329,7 +343,8 @@ def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
     assert score.spearman > 0.5  # same-topic pairs are the similar ones, and the model learned topics
     assert evaluate(model, pairs, "dense").pairs == 6
     assert main(["evaluate", str(out), str(pairs)]) == 0
-    assert "pairs 6\tskipped 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pairs 6\tskipped 1" in printed and "95% [" in printed
     bad = tmp_path / "bad.tsv"
     bad.write_text("apple banana\n")
     with pytest.raises(ValueError, match="bad.tsv:1: expected"):

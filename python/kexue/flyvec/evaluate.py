@@ -11,6 +11,7 @@ synapse columns ``W[:, V + id]`` (``similarity="dense"``, flyvec/core.py's dense
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ class Score:
     spearman: float
     pairs: int  # pairs evaluated
     skipped: int  # pairs with a word outside the vocabulary
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """An approximate 95% interval of the Spearman correlation: Fisher's z with the standard
+        error ``1.03 / sqrt(n - 3)`` of Fieller, Hartley and Pearson (1957). On a few hundred pairs
+        it is about +-0.1 wide: smaller differences between two models say little."""
+        if self.pairs < 4 or math.isnan(self.spearman):
+            return (float("nan"), float("nan"))
+        z = math.atanh(max(-0.999999, min(0.999999, self.spearman)))
+        half = 1.96 * 1.03 / math.sqrt(self.pairs - 3)
+        return (math.tanh(z - half), math.tanh(z + half))
 
 
 def evaluate_pairs(pairs: list[tuple[str, str, float]], known: Callable[[str], bool],
