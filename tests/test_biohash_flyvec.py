@@ -112,6 +112,33 @@ def test_training_groups_words_by_topic(trained):
     assert same / total > 0.8, same / total  # chance is ~1/3
 
 
+def test_words_that_share_contexts_get_closer_codes(tmp_path):
+    """Second-order similarity, what word-similarity benchmarks ask for: target words that never
+    occur together, but each amid the same context words, get closer static codes than targets
+    of other contexts."""
+    from kexue.reference.biohash import hamming_distances
+
+    rng = random.Random(0)
+    letters = "abcdefgh"
+    contexts = [[f"c{letters[g]}w{letters[i]}" for i in range(8)] for g in range(4)]
+    targets = [[f"t{letters[g]}x{letters[j]}" for j in range(3)] for g in range(4)]
+    lines = []
+    for _ in range(300):  # one target per sentence: two targets never meet
+        g = rng.randrange(4)
+        ctx = [rng.choice(contexts[g]) for _ in range(8)]
+        lines.append(" ".join(ctx[:4] + [rng.choice(targets[g])] + ctx[4:]))
+    config = flyvec.TrainConfig(hidden=32, window=9, epochs=6, batch_size=16, lr=0.05, min_count=2, hash_length=4)
+    model = flyvec.train(lines, tmp_path, config, progress=False)
+    ids = [model.vocabulary.id(w) for group in targets for w in group]
+    assert 0 not in ids
+    group = torch.tensor([g for g, words in enumerate(targets) for _ in words])
+    d = hamming_distances(model.word_hashes()[ids], model.word_hashes()[ids]).double()
+    same = (group[:, None] == group[None, :]) & ~torch.eye(len(ids), dtype=torch.bool)
+    other = group[:, None] != group[None, :]
+    # measured 4.8 vs 7.2 of at most 8 (seeds 0-3: gaps 1.9-2.4); the random init gives 6.8 vs 6.7
+    assert d[same].mean() < d[other].mean() - 1.5, (d[same].mean(), d[other].mean())
+
+
 def test_energy_lower_after_training(trained):
     _, model = trained
     V = len(model.vocabulary)
