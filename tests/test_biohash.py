@@ -290,6 +290,24 @@ def test_topk_of_activations_with_nan_and_signed_zero(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_topk_rows_of_very_different_scales(backend):
+    """The C++ search for a row's threshold starts from the previous row's: rows far apart in
+    scale and sign, with ties, NaN and infinities, one after the other, still give exact codes."""
+    g = torch.Generator().manual_seed(14)
+    rows = [torch.randn(70, generator=g) * scale for scale in (1e-30, 1e30, 1.0, -1e-3, 3e4, 1e-38)]
+    rows += [torch.full((70,), 2.5), torch.arange(70.0) // 7, -torch.arange(70.0),
+             torch.tensor([float("inf"), float("-inf"), float("nan")] * 23 + [0.0])]
+    act = torch.stack(rows)
+    for order in (torch.arange(len(rows)), torch.randperm(len(rows), generator=g), torch.arange(len(rows)).flip(0)):
+        a = act[order]
+        for k in (1, 9, 35, 69, 70):
+            expected = ref.codes_from_activations(a, k, True)  # NaN ranks first, as in the reference
+            finite = ~a.isnan().any(1)  # Python's sort cannot rank NaN: the brute force checks the rest
+            assert torch.equal(expected[finite], brute_pack(brute_topk_mask(a[finite].double(), k)))
+            assert torch.equal(run(backend, kexue.ops.biohash_topk, a, k), expected), (order.tolist(), k)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_batch(backend):
     W = kexue.ops.new_synapses(20, 10)
     ids, offsets = torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)

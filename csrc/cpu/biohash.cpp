@@ -214,6 +214,63 @@ bool exact_threshold(const Key* keys, int64_t n, int64_t k, Key* out) {
   return false;
 }
 
+// The same search for float keys, started from a guess: the threshold of the row this thread
+// ranked last (rows of one batch rank alike, so it is usually close). One count at the guess,
+// then a bracket [lo, hi) with count(lo) > k > count(hi) by steps growing 4x away from it, then
+// bisection; true with a threshold that exactly k keys reach, false iff none exists (a tie at
+// the k-th key). About half the passes of the bitwise search on the bench's rows.
+bool exact_threshold_near(const uint32_t* keys, int64_t n, int64_t k, uint32_t guess, uint32_t* out) {
+  constexpr uint64_t kBeyond = uint64_t(1) << 32;  // a threshold no key reaches: count 0 < k
+  auto found = [&](uint64_t t) {
+    *out = static_cast<uint32_t>(t);
+    return true;
+  };
+  int64_t c = count_at_least(keys, n, guess);
+  if (c == k) return found(guess);
+  uint64_t lo, hi, step = uint64_t(1) << 16;
+  if (c > k) {
+    lo = guess;
+    for (;;) {
+      hi = std::min(lo + step, kBeyond);
+      if (hi == kBeyond) break;
+      c = count_at_least(keys, n, static_cast<uint32_t>(hi));
+      if (c == k) return found(hi);
+      if (c < k) break;
+      lo = hi;
+      step *= 4;
+    }
+  } else {
+    hi = guess;
+    for (;;) {
+      lo = hi > step ? hi - step : 0;
+      c = count_at_least(keys, n, static_cast<uint32_t>(lo));  // all n >= k keys reach 0
+      if (c == k) return found(lo);
+      if (c > k) break;
+      hi = lo;
+      step *= 4;
+    }
+  }
+  while (hi - lo > 1) {  // count(lo) > k > count(hi)
+    const uint64_t mid = lo + (hi - lo) / 2;
+    c = count_at_least(keys, n, static_cast<uint32_t>(mid));
+    if (c == k) return found(mid);
+    (c > k ? lo : hi) = mid;
+  }
+  return false;
+}
+
+// Exact threshold for write_code: float keys start from this thread's last threshold.
+bool find_exact_threshold(const uint32_t* keys, int64_t n, int64_t k, uint32_t* out) {
+  thread_local uint32_t last = 0x80000000u;  // the key of +0 before the first row
+  if (!exact_threshold_near(keys, n, k, last, out)) return false;
+  last = *out;
+  return true;
+}
+
+bool find_exact_threshold(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
+  return exact_threshold(keys, n, k, out);
+}
+
 // flags[i] = keys[i] >= t, one byte each.
 KEXUE_CPU_CLONES void flags_at_least(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* flags) {
 #pragma omp simd
@@ -272,7 +329,7 @@ void write_code(const Key* keys, int64_t K, int64_t k, bool packed, uint8_t* out
     return;
   }
   Key t;
-  if (exact_threshold(keys, K, k, &t)) {  // no tie at the threshold: branch-free
+  if (find_exact_threshold(keys, K, k, &t)) {  // no tie at the threshold: branch-free
     write_at_least(keys, K, t, packed, out);
     return;
   }
