@@ -399,7 +399,9 @@ void prefetch_columns(const int64_t* ids, int64_t len, const T* wt, int64_t K) {
 // Rows are handed out in blocks of row_grain rows from a shared counter, not split into one
 // contiguous share per thread as at::parallel_for does: on a machine whose cores are shared with
 // other work, a thread that is descheduled for a while then delays the call by one block instead
-// of by its whole share (measured on 2 busy cores: the static split made 2 threads slower than 1).
+// of by its whole share. (On 2 cores busy with other work, 2 threads were still no faster than 1
+// here with OpenMP's default spinning wait; OMP_WAIT_POLICY=passive recovered it. On idle cores
+// 2 threads take half the time of 1.)
 template <typename T, typename A, typename Fn>
 void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
   const int64_t rows = offsets.size(0) - 1;
