@@ -191,3 +191,42 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
              bytes=8 * K * 2 * V + batch * WINDOW * 4 * K, setup=setup, peers=_peers("train", device),
              headline=True, params=params),
     ]
+
+
+def headline_timing(batch: int = BATCH, rounds: int = 9) -> None:
+    """The hash case timed directly against the flyvec package: ``rounds`` rounds, each calling
+    kexue on one thread, kexue on the run's threads and the package once, in turn (a slow spell of
+    a shared machine then hits every peer); medians and the per-round ratios are printed. A short
+    way to the flyvec headline when the family's full bench (torch.compile, training) is too long."""
+    import statistics
+    import time
+
+    inputs = _inputs(batch, torch.device("cpu"), False)
+    fns = {"kexue-1thread": _kexue_hash("cpu", threads=1)(inputs), "kexue": _kexue_hash("cpu")(inputs),
+           "flyvec": _flyvec(inputs)}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    print(f"K={K} N={2 * V} {batch}x{WINDOW} k={TOP_K} fp32, {torch.get_num_threads()} threads:")
+    for name, t in med.items():
+        print(f"  {name:14s} {t * 1e3:8.2f} ms  {t / batch * 1e6:6.2f} us/window  {batch / t:12,.0f} windows/s")
+    for name in ("kexue-1thread", "kexue"):
+        per = sorted(f / k for f, k in zip(samples["flyvec"], samples[name]))
+        print(f"  flyvec / {name}: {med['flyvec'] / med[name]:.1f}x (per round {per[0]:.1f} .. "
+              f"{statistics.median(per):.1f} .. {per[-1]:.1f}x; goal >= 20x)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.biohash", description=headline_timing.__doc__)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    headline_timing(args.batch, args.rounds)
