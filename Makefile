@@ -21,7 +21,7 @@ $(VENV)/.deps:
 	  $(PYTHON) -m venv $(VENV) && $(PIP) install -q $(TORCH_SPEC); \
 	fi
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q $(TRITON_SPEC)
-	$(PIP) install -q setuptools wheel pybind11 ninja numpy pytest hypothesis matplotlib tqdm lion-pytorch pytorch-optimizer transformers
+	$(PIP) install -q setuptools wheel pybind11 ninja numpy pytest hypothesis matplotlib tqdm lion-pytorch pytorch-optimizer transformers flyvec
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)

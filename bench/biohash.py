@@ -13,12 +13,18 @@ Throughput is B / time (windows per second); the table's bandwidth column uses t
 
 Peers, in the same process:
 - ``kexue``: the native backend forced (C++ on CPU, Triton on CUDA for ``hash``).
+- ``kexue-1thread``: the C++ backend on one thread (CPU only): the fair partner of ``flyvec``,
+  whose numpy computation runs on one thread whatever the machine has.
 - ``reference``: the float32 torch reference (``kexue.use_backend("torch")``), the oracle's code.
 - ``reference-compiled``: ``torch.compile`` of the reference (left out under --quick).
 - ``flyvec``: the ``flyvec`` pip package's own binarisation (``FlyVec.get_sparse_embedding``:
   numpy argsort and the midpoint threshold), one window at a time as its API works, fed with the
   window's activations gathered in numpy from the same synapses (``hash`` only; unavailable when
-  the package is not installed).
+  the package is not installed). The package has no API for the code of a context window: its
+  ``get_sparse_embedding(word)`` slices the word's target column out of the (K, 2V) synapses,
+  argsorts it and thresholds at the midpoint of the k-th and (k+1)-th values; the bench feeds it
+  the window's summed columns instead, which is the same per-window work a user of the package
+  would write (a numpy fancy-index gather-sum, then the package's argsort and threshold).
 
 Bytes a call must move: ``hash`` reads 10 columns of K float32 per window and writes 50 code
 bytes: ``B * (10 * 4K + K/8)``. ``train`` reads and writes the whole K x N matrix once (the global
@@ -46,6 +52,7 @@ LR = 1e-4
 
 HEADLINES = [
     Headline("hash", "flyvec", "kexue", ">=", 20.0),
+    Headline("hash", "flyvec", "kexue-1thread", ">=", 20.0),  # the package's numpy runs on one thread
     Headline("hash", "reference", "kexue", ">=", 5.0),
     Headline("train", "reference", "kexue", ">=", 5.0),
 ]
@@ -66,9 +73,13 @@ def _inputs(batch: int, device: torch.device, quick: bool) -> dict[str, Any]:
             "weights": invf.flatten().to(device), "windows": ids, "quick": quick}
 
 
-def _kexue_hash(backend: str) -> Callable[[dict], Thunk]:
+def _kexue_hash(backend: str, threads: int | None = None) -> Callable[[dict], Thunk]:
+    """``threads``: run each call on that many threads (``torch.set_num_threads``), restoring the
+    run's setting after it; None: the run's setting (all cores by default)."""
     def build(inputs: dict) -> Thunk:
         args = (inputs["ids"], inputs["offsets"], None, inputs["synapses"], TOP_K)
+        if threads is not None and inputs["synapses"].device.type != "cpu":
+            raise Unavailable("a thread count is a CPU setting")
         try:
             with kexue.use_backend(backend):
                 kexue.ops.biohash(*args)
@@ -76,8 +87,14 @@ def _kexue_hash(backend: str) -> Callable[[dict], Thunk]:
             raise Unavailable(str(exc)) from None
 
         def call():
-            with kexue.use_backend(backend):
-                return kexue.ops.biohash(*args)
+            before = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                with kexue.use_backend(backend):
+                    return kexue.ops.biohash(*args)
+            finally:
+                torch.set_num_threads(before)
 
         return call
 
@@ -155,8 +172,9 @@ def _flyvec(inputs: dict) -> Thunk:
 def _peers(mode: str, device: torch.device) -> list[Peer]:
     native = "triton" if device.type == "cuda" and mode == "hash" else "cpu"
     if mode == "hash":
-        return [Peer("kexue", _kexue_hash(native)), Peer("reference", _kexue_hash("torch")),
-                Peer("reference-compiled", _reference_compiled(mode)), Peer("flyvec", _flyvec)]
+        return [Peer("kexue", _kexue_hash(native)), Peer("kexue-1thread", _kexue_hash("cpu", threads=1)),
+                Peer("reference", _kexue_hash("torch")), Peer("reference-compiled", _reference_compiled(mode)),
+                Peer("flyvec", _flyvec)]
     return [Peer("kexue", _kexue_train(native)), Peer("reference", _kexue_train("torch")),
             Peer("reference-compiled", _reference_compiled(mode))]
 
@@ -173,3 +191,42 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
              bytes=8 * K * 2 * V + batch * WINDOW * 4 * K, setup=setup, peers=_peers("train", device),
              headline=True, params=params),
     ]
+
+
+def headline_timing(batch: int = BATCH, rounds: int = 9) -> None:
+    """The hash case timed directly against the flyvec package: ``rounds`` rounds, each calling
+    kexue on one thread, kexue on the run's threads and the package once, in turn (a slow spell of
+    a shared machine then hits every peer); medians and the per-round ratios are printed. A short
+    way to the flyvec headline when the family's full bench (torch.compile, training) is too long."""
+    import statistics
+    import time
+
+    inputs = _inputs(batch, torch.device("cpu"), False)
+    fns = {"kexue-1thread": _kexue_hash("cpu", threads=1)(inputs), "kexue": _kexue_hash("cpu")(inputs),
+           "flyvec": _flyvec(inputs)}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    print(f"K={K} N={2 * V} {batch}x{WINDOW} k={TOP_K} fp32, {torch.get_num_threads()} threads:")
+    for name, t in med.items():
+        print(f"  {name:14s} {t * 1e3:8.2f} ms  {t / batch * 1e6:6.2f} us/window  {batch / t:12,.0f} windows/s")
+    for name in ("kexue-1thread", "kexue"):
+        per = sorted(f / k for f, k in zip(samples["flyvec"], samples[name]))
+        print(f"  flyvec / {name}: {med['flyvec'] / med[name]:.1f}x (per round {per[0]:.1f} .. "
+              f"{statistics.median(per):.1f} .. {per[-1]:.1f}x; goal >= 20x)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.biohash", description=headline_timing.__doc__)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    headline_timing(args.batch, args.rounds)

@@ -229,6 +229,23 @@ def test_hash_random_synapses_bit_for_bit_with_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("num_hidden", [63, 64, 129, 512, 600, 1031])
+def test_hash_unit_blocks_and_packing_chunks(backend, num_hidden):
+    """float32 rows are summed 64 units at a time with a scalar tail, and packed 512 flags at a
+    time: sizes around those edges, packed and not, weighted and not, equal the reference."""
+    g = torch.Generator().manual_seed(num_hidden)
+    W = kexue.ops.new_synapses(num_hidden, 90, generator=g)
+    ids, offsets, w = random_batch(37, 90, generator=g, dtype=torch.float32)
+    k = max(1, num_hidden // 13)
+    for weights in (None, w):
+        act = run(backend, kexue.ops.biohash_activations, ids, offsets, weights, W)
+        assert torch.equal(act, ref.activations_sparse(ids, offsets, weights, W))
+        for packed in (True, False):
+            codes = run(backend, kexue.ops.biohash, ids, offsets, weights, W, k, packed=packed)
+            assert torch.equal(codes, ref.biohash_sparse(ids, offsets, weights, W, k, packed)), (packed, weights is None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_padded_and_csr_spellings_agree(backend):
     g = torch.Generator().manual_seed(12)
     W = kexue.ops.new_synapses(50, 40, generator=g)
@@ -270,6 +287,24 @@ def test_topk_of_activations_with_nan_and_signed_zero(backend):
     for dtype in (torch.float32, torch.float64):
         codes = run(backend, kexue.ops.biohash_topk, act.to(dtype), 4, packed=False)
         assert codes.tolist() == [[1, 0, 1, 1, 0, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_topk_rows_of_very_different_scales(backend):
+    """The C++ search for a row's threshold starts from the previous row's: rows far apart in
+    scale and sign, with ties, NaN and infinities, one after the other, still give exact codes."""
+    g = torch.Generator().manual_seed(14)
+    rows = [torch.randn(70, generator=g) * scale for scale in (1e-30, 1e30, 1.0, -1e-3, 3e4, 1e-38)]
+    rows += [torch.full((70,), 2.5), torch.arange(70.0) // 7, -torch.arange(70.0),
+             torch.tensor([float("inf"), float("-inf"), float("nan")] * 23 + [0.0])]
+    act = torch.stack(rows)
+    for order in (torch.arange(len(rows)), torch.randperm(len(rows), generator=g), torch.arange(len(rows)).flip(0)):
+        a = act[order]
+        for k in (1, 9, 35, 69, 70):
+            expected = ref.codes_from_activations(a, k, True)  # NaN ranks first, as in the reference
+            finite = ~a.isnan().any(1)  # Python's sort cannot rank NaN: the brute force checks the rest
+            assert torch.equal(expected[finite], brute_pack(brute_topk_mask(a[finite].double(), k)))
+            assert torch.equal(run(backend, kexue.ops.biohash_topk, a, k), expected), (order.tolist(), k)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -82,6 +83,79 @@ void row_activations(const int64_t* ids, const A* w, int64_t len, const T* wt, i
   }
 }
 
+// float32 synapses, the common case, a block of kUnitBlock units at a time: the block's partial
+// sums stay in four 16-float registers (one AVX-512 register each; two AVX2 or four SSE registers
+// in the narrower clones) while every column of the row is added, instead of being loaded and
+// stored again for each column. Every unit's sum is still taken token by token in row order, from
+// +0, so the activations are the same bit for bit. Written with GCC vector types: the plain loop
+// was vectorized only after a scalar pass that took most of the time.
+constexpr int64_t kUnitBlock = 64;
+typedef float F16 __attribute__((vector_size(64)));
+
+inline F16 load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+inline void store16(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+KEXUE_CPU_CLONES void sum_block(const int64_t* ids, int64_t len, const float* wt, int64_t K, int64_t unit0,
+                                float* out) {
+  F16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + unit0;
+    s0 += load16(col);
+    s1 += load16(col + 16);
+    s2 += load16(col + 32);
+    s3 += load16(col + 48);
+  }
+  store16(out, s0);
+  store16(out + 16, s1);
+  store16(out + 32, s2);
+  store16(out + 48, s3);
+}
+
+KEXUE_CPU_CLONES void sum_scaled_block(const int64_t* ids, const float* w, int64_t len, const float* wt, int64_t K,
+                                       int64_t unit0, float* out) {
+  F16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + unit0;
+    const float wj = w[j];
+    // each product rounded on its own, as torch's w * col is (fp-contract is off in this file)
+    s0 += wj * load16(col);
+    s1 += wj * load16(col + 16);
+    s2 += wj * load16(col + 32);
+    s3 += wj * load16(col + 48);
+  }
+  store16(out, s0);
+  store16(out + 16, s1);
+  store16(out + 32, s2);
+  store16(out + 48, s3);
+}
+
+void row_activations(const int64_t* ids, const float* w, int64_t len, const float* wt, int64_t K, float* acc) {
+  const int64_t blocked = K - K % kUnitBlock;
+  for (int64_t unit0 = 0; unit0 < blocked; unit0 += kUnitBlock) {
+    if (w == nullptr) {
+      sum_block(ids, len, wt, K, unit0, acc + unit0);
+    } else {
+      sum_scaled_block(ids, w, len, wt, K, unit0, acc + unit0);
+    }
+  }
+  if (blocked == K) return;
+  float* tail = acc + blocked;
+  std::fill(tail, acc + K, 0.0f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float* col = wt + ids[j] * K + blocked;
+    if (w == nullptr) {
+      add_column(tail, col, K - blocked);
+    } else {
+      add_scaled_column(tail, col, w[j], K - blocked);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Winner-take-all.
 
@@ -140,7 +214,98 @@ bool exact_threshold(const Key* keys, int64_t n, int64_t k, Key* out) {
   return false;
 }
 
+// The same search for float keys, started from a guess: the threshold of the row this thread
+// ranked last (rows of one batch rank alike, so it is usually close). One count at the guess,
+// then a bracket [lo, hi) with count(lo) > k > count(hi) by steps growing 4x away from it, then
+// bisection; true with a threshold that exactly k keys reach, false iff none exists (a tie at
+// the k-th key). About half the passes of the bitwise search on the bench's rows.
+bool exact_threshold_near(const uint32_t* keys, int64_t n, int64_t k, uint32_t guess, uint32_t* out) {
+  constexpr uint64_t kBeyond = uint64_t(1) << 32;  // a threshold no key reaches: count 0 < k
+  auto found = [&](uint64_t t) {
+    *out = static_cast<uint32_t>(t);
+    return true;
+  };
+  int64_t c = count_at_least(keys, n, guess);
+  if (c == k) return found(guess);
+  uint64_t lo, hi, step = uint64_t(1) << 16;
+  if (c > k) {
+    lo = guess;
+    for (;;) {
+      hi = std::min(lo + step, kBeyond);
+      if (hi == kBeyond) break;
+      c = count_at_least(keys, n, static_cast<uint32_t>(hi));
+      if (c == k) return found(hi);
+      if (c < k) break;
+      lo = hi;
+      step *= 4;
+    }
+  } else {
+    hi = guess;
+    for (;;) {
+      lo = hi > step ? hi - step : 0;
+      c = count_at_least(keys, n, static_cast<uint32_t>(lo));  // all n >= k keys reach 0
+      if (c == k) return found(lo);
+      if (c > k) break;
+      hi = lo;
+      step *= 4;
+    }
+  }
+  while (hi - lo > 1) {  // count(lo) > k > count(hi)
+    const uint64_t mid = lo + (hi - lo) / 2;
+    c = count_at_least(keys, n, static_cast<uint32_t>(mid));
+    if (c == k) return found(mid);
+    (c > k ? lo : hi) = mid;
+  }
+  return false;
+}
+
+// Exact threshold for write_code: float keys start from this thread's last threshold.
+bool find_exact_threshold(const uint32_t* keys, int64_t n, int64_t k, uint32_t* out) {
+  thread_local uint32_t last = 0x80000000u;  // the key of +0 before the first row
+  if (!exact_threshold_near(keys, n, k, last, out)) return false;
+  last = *out;
+  return true;
+}
+
+bool find_exact_threshold(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
+  return exact_threshold(keys, n, k, out);
+}
+
+// flags[i] = keys[i] >= t, one byte each.
+KEXUE_CPU_CLONES void flags_at_least(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* flags) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) flags[i] = keys[i] >= t ? 1 : 0;
+}
+
+// Eight 0/1 bytes -> one byte, flag i at bit i (one multiply moves byte i's bit to bit 56 + i).
+inline uint8_t pack8(const uint8_t* flags) {
+  uint64_t x;
+  std::memcpy(&x, flags, sizeof(x));
+  return static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
+}
+
 // code bits: unit mu wins when keys[mu] >= t (packed: bit mu % 8 of byte mu / 8).
+// float keys: vectorized comparisons, then whole bytes packed at once.
+void write_at_least(const uint32_t* keys, int64_t K, uint32_t t, bool packed, uint8_t* out) {
+  if (!packed) {
+    flags_at_least(keys, K, t, out);
+    return;
+  }
+  constexpr int64_t kChunk = 512;  // units per pass through a stack buffer of flags
+  uint8_t flags[kChunk];
+  for (int64_t mu0 = 0; mu0 < K; mu0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, K - mu0);
+    flags_at_least(keys + mu0, n, t, flags);
+    const int64_t whole = n / 8;
+    for (int64_t j = 0; j < whole; ++j) out[mu0 / 8 + j] = pack8(flags + 8 * j);
+    if (n % 8 != 0) {
+      unsigned byte = 0;
+      for (int64_t b = 0; b < n % 8; ++b) byte |= static_cast<unsigned>(flags[8 * whole + b]) << b;
+      out[mu0 / 8 + whole] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
 template <typename Key>
 void write_at_least(const Key* keys, int64_t K, Key t, bool packed, uint8_t* out) {
   if (!packed) {
@@ -164,7 +329,7 @@ void write_code(const Key* keys, int64_t K, int64_t k, bool packed, uint8_t* out
     return;
   }
   Key t;
-  if (exact_threshold(keys, K, k, &t)) {  // no tie at the threshold: branch-free
+  if (find_exact_threshold(keys, K, k, &t)) {  // no tie at the threshold: branch-free
     write_at_least(keys, K, t, packed, out);
     return;
   }
@@ -230,6 +395,13 @@ void prefetch_columns(const int64_t* ids, int64_t len, const T* wt, int64_t K) {
 }
 
 // Runs fn(row, acc) for every CSR row in parallel with acc holding the row's activations.
+//
+// Rows are handed out in blocks of row_grain rows from a shared counter, not split into one
+// contiguous share per thread as at::parallel_for does: on a machine whose cores are shared with
+// other work, a thread that is descheduled for a while then delays the call by one block instead
+// of by its whole share. (On 2 cores busy with other work, 2 threads were still no faster than 1
+// here with OpenMP's default spinning wait; OMP_WAIT_POLICY=passive recovered it. On idle cores
+// 2 threads take half the time of 1.)
 template <typename T, typename A, typename Fn>
 void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
   const int64_t rows = offsets.size(0) - 1;
@@ -237,15 +409,22 @@ void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A*
   const int64_t* ids = indices.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const T* wtp = wt.data_ptr<T>();
-  at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
+  const int64_t grain = row_grain(K, indices.size(0), rows);
+  const int64_t blocks = (rows + grain - 1) / grain;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), blocks);
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<A> acc(K);
     std::vector<Key<A>> keys(K);
-    if (begin < end) prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t start = off[r];
-      if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
-      row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
-      fn(r, acc.data(), keys.data());
+    for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
+      const int64_t begin = b * grain, end = std::min(rows, begin + grain);
+      prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t start = off[r];
+        if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
+        row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
+        fn(r, acc.data(), keys.data());
+      }
     }
   });
 }

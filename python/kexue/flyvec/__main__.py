@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in args.pairs:
                 score = evaluate(model, path, args.similarity)
-                print(f"{path}\tspearman {score.spearman:.4f}\tpairs {score.pairs}\tskipped {score.skipped}")
+                lo, hi = score.ci95
+                print(f"{path}\tspearman {score.spearman:.4f}\t95% [{lo:.3f}, {hi:.3f}]\tpairs {score.pairs}"
+                      f"\tskipped {score.skipped}")
             return 0
         for word, dist in model.nearest(args.word.lower(), args.n):
             print(f"{word}\t{dist}")

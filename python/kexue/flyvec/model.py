@@ -35,7 +35,10 @@ class FlyVec:
         self.synapses = synapses
         self.vocabulary = vocabulary
         self.hash_length = int(hash_length)
+        # static codes per k, valid while the synapses are unchanged: training updates them in
+        # place, which bumps the tensor's version counter and so drops these
         self._static: dict[int, torch.Tensor] = {}
+        self._static_version = -1
 
     @property
     def num_hidden(self) -> int:
@@ -67,6 +70,9 @@ class FlyVec:
     def word_hashes(self, k: int | None = None) -> torch.Tensor:
         """Static codes of every vocabulary id, ``(V, ceil(K/8))`` uint8 (id 0, ``<UNK>``, included)."""
         k = self._k(k)
+        if self._static_version != self.synapses._version:
+            self._static.clear()
+            self._static_version = self.synapses._version
         if k not in self._static:
             V = len(self.vocabulary)
             ids = torch.arange(V, 2 * V)
