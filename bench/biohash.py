@@ -51,8 +51,9 @@ BATCH, QUICK_BATCH = 10_000, 1_000
 LR = 1e-4
 
 HEADLINES = [
+    # The goal: kexue's hashing throughput on this machine against the package's. The
+    # kexue-1thread row of the table (no goal) shows what is left when both use one thread.
     Headline("hash", "flyvec", "kexue", ">=", 20.0),
-    Headline("hash", "flyvec", "kexue-1thread", ">=", 20.0),  # the package's numpy runs on one thread
     Headline("hash", "reference", "kexue", ">=", 5.0),
     Headline("train", "reference", "kexue", ">=", 5.0),
 ]
