@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -408,3 +409,15 @@ def test_data_parallel_training_in_two_processes(tmp_path, trained):
     topic_of = {w: t for t, words in enumerate(TOPICS) for w in words}
     same = [topic_of.get(n) == topic_of[w] for words in TOPICS for w in words for n, _ in model.nearest(w, 5)]
     assert sum(same) / len(same) > 0.8  # ... and learn the same structure
+
+
+def test_undertrained_model_warns(tmp_path):
+    """A run that leaves the synapses at their init says so; a run that trains does not."""
+    slow = dataclasses.replace(SMALL, lr=1e-6, epochs=1)
+    with pytest.warns(UserWarning, match="barely trained"):
+        model = flyvec.train(topic_corpus(), tmp_path / "slow", slow, progress=False)
+    assert flyvec.trainer.init_correlation(model.synapses, slow) > 0.99
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = flyvec.train(topic_corpus(), tmp_path / "ok", SMALL, progress=False)
+    assert flyvec.trainer.init_correlation(model.synapses, SMALL) < 0.9
