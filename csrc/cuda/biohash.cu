@@ -96,6 +96,20 @@ __device__ int64_t count_at_least(const K* keys, int64_t n, K c, int64_t* scratc
   return block_sum(count, scratch);
 }
 
+// The k-th largest of keys[0..n) (k in [1, n]), found bit by bit from the top, and how many keys
+// are larger than it. Every thread of the block gets both.
+template <typename K>
+__device__ K kth_largest_key(const K* keys, int64_t n, int64_t k, int64_t* scratch, int64_t& greater) {
+  constexpr int kBits = static_cast<int>(sizeof(K) * 8);
+  K threshold = 0;
+  for (int b = kBits - 1; b >= 0; --b) {
+    const K bit = K(1) << b;
+    threshold = biohash::refine_threshold(threshold, bit, count_at_least(keys, n, threshold | bit, scratch), k);
+  }
+  greater = threshold == ~K(0) ? 0 : count_at_least(keys, n, K(threshold + 1), scratch);
+  return threshold;
+}
+
 // Writes the code of one row from its keys: packed (code_bytes(K) bytes) or dense (K bytes of 0/1).
 // Unit mu wins when key > t, or key == t and mu <= last_tie.
 template <typename K>
@@ -123,12 +137,8 @@ __device__ void write_code(const K* keys, int64_t n, int64_t k, bool packed, uin
   if (!exact) {
     // The k-th key is tied with the (k+1)-th: t = the k-th key, and of the units equal to it the
     // lowest-indexed ones win until k are chosen.
-    K threshold = 0;
-    for (int b = kBits - 1; b >= 0; --b) {
-      const K bit = K(1) << b;
-      threshold = biohash::refine_threshold(threshold, bit, count_at_least(keys, n, threshold | bit, scratch), k);
-    }
-    const int64_t greater = threshold == ~K(0) ? 0 : count_at_least(keys, n, K(threshold + 1), scratch);
+    int64_t greater;
+    const K threshold = kth_largest_key(keys, n, k, scratch, greater);
     if (threadIdx.x == 0) {
       int64_t ties_left = k - greater, last = -1;
       for (int64_t mu = 0; mu < n && ties_left > 0; ++mu) {
@@ -323,14 +333,9 @@ __device__ T block_reduce(T v, Op op, T* scratch) {
 // largest key bit by bit, then thread 0 finds the tied unit in index order.
 template <typename K>
 __device__ int64_t unit_of_rank(const K* keys, int64_t n, int64_t rank, int64_t* scratch) {
-  constexpr int kBits = static_cast<int>(sizeof(K) * 8);
   __shared__ int64_t s_unit;
-  K threshold = 0;
-  for (int b = kBits - 1; b >= 0; --b) {
-    const K bit = K(1) << b;
-    threshold = biohash::refine_threshold(threshold, bit, count_at_least(keys, n, threshold | bit, scratch), rank);
-  }
-  const int64_t greater = threshold == ~K(0) ? 0 : count_at_least(keys, n, K(threshold + 1), scratch);
+  int64_t greater;
+  const K threshold = kth_largest_key(keys, n, rank, scratch, greater);
   if (threadIdx.x == 0) {
     int64_t tie = rank - greater, unit = 0;
     for (int64_t mu = 0; mu < n; ++mu) {
