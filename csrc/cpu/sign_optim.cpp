@@ -10,8 +10,8 @@
 // any(isnan(grad)) (an extra read of the grads). Pre-pass and main pass alternate over batches
 // of tensors that fit in the last-level cache (cache_batches). Per-row quantities (row RMS,
 // whether a row of an embedding table has any gradient) are computed in the main pass, on a row
-// that is about to be updated and so sits in cache. Partial sums are kept per item and added in item order: results
-// do not depend on the number of threads.
+// that is about to be updated and so sits in cache. Partial sums are kept per item and added in
+// item order: results do not depend on the number of threads.
 //
 // The element arithmetic is in csrc/include/kexue/sign_optim.h (shared with CUDA). Here: loops
 // over float tiles that the compiler vectorizes, compiled per instruction set (simd.h), with
