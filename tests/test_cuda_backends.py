@@ -17,6 +17,9 @@ import torch
 from kexue.optim import Lion, Tiger
 
 from tests.helpers import DTYPES, assert_close
+from tests.test_biohash import random_batch
+from tests.test_global_pointer import make_problem
+from tests.test_sign_optim import SHAPES
 from tests.sign_optim_helpers import EPS32, ulp
 
 pytestmark = pytest.mark.skipif(
@@ -88,24 +91,10 @@ def test_logn_attention(dtype, causal, shape):
         assert_close(a, b, dtype, f"grad {name}", factor=_half_factor(dtype))
 
 
-def _gp_problem(batch, length, types, d, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, length, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(batch, length, d, generator=gen, dtype=torch.float64)
-    sb = torch.randn(batch, length, types, generator=gen, dtype=torch.float64)
-    eb = torch.randn(batch, length, types, generator=gen, dtype=torch.float64)
-    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
-    mask = torch.arange(length)[None] < lengths[:, None]
-    # gold spans only where a span can be predicted: start <= end, both tokens unpadded
-    allowed = torch.ones(length, length, dtype=torch.bool).triu() & mask[:, None, :, None] & mask[:, None, None, :]
-    labels = (torch.rand(batch, types, length, length, generator=gen) < 0.05) & allowed
-    return q, k, sb, eb, mask, labels
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 37, 3, 16), (1, 130, 2, 64), (3, 1, 1, 8)])
 def test_global_pointer_scores_and_loss(dtype, shape):
-    q, k, sb, eb, mask, labels = _gp_problem(*shape, seed=sum(shape))
+    q, k, sb, eb, mask, labels = make_problem(*shape, seed=sum(shape))
     mask, labels = mask.to(CUDA), labels.to(CUDA)
 
     def scores(q, k, sb, eb):
@@ -127,21 +116,13 @@ def test_global_pointer_scores_and_loss(dtype, shape):
         assert_close(a, b, dtype, f"loss {name}", factor=2.0)
 
 
-def _bio_batch(rows, num_inputs, width, seed):
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    ids = torch.randint(0, num_inputs, (int(offsets[-1]),), generator=gen)
-    weights = torch.rand(int(offsets[-1]), generator=gen, dtype=torch.float64) + 0.5
-    return ids, offsets, weights
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(400, 97, 32), (65, 40, 64), (7, 30, 7), (1024, 300, 32)])
 def test_biohash_hash_activations_and_hamming(dtype, shape):
     num_hidden, num_inputs, k = shape
     W = kexue.ops.new_synapses(num_hidden, num_inputs, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    ids, offsets, weights = _bio_batch(37, num_inputs, 11, seed=num_hidden)
+    gen = torch.Generator().manual_seed(num_hidden)
+    ids, offsets, weights = random_batch(37, num_inputs, max_len=11, generator=gen)
     w = weights.to(torch.float32 if dtype != torch.float64 else dtype)
     Wc, idc, offc, wc = W.to(CUDA), ids.to(CUDA), offsets.to(CUDA), w.to(CUDA)
     for packed in (True, False):
@@ -172,10 +153,9 @@ def test_sign_optim_step(backend, algo, dtype, momentum_dtype):
     (which the CPU tests hold to the float64 oracle). Both do the same float32 arithmetic, so they
     agree to the last bit of the storage dtype (FMA contraction may differ), except on the rare
     elements whose c lies within rounding of zero: there one sign step, 2 lr times the RMS factor."""
-    shapes = [(1,), (5, 7), (257,), (3, 1000), (70_001,), (0, 4)]
     gen = torch.Generator().manual_seed(7)
-    init = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    init = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
     lr = 1e-2
     runs = {}
     for name, device in ((backend, CUDA), ("cpu", torch.device("cpu"))):
