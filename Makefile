@@ -1,7 +1,12 @@
-# make test   : build if needed, run the whole test suite (slow tests excluded; see test-all)
-# make bench  : build if needed, run the benchmark suite on whatever device is present
+# make test          : build if needed, run the test suite (slow tests excluded; see test-all)
+# make bench         : build if needed, time the headline case of every op family against every peer
+#                      (minutes); results in bench/results/ only
+# make bench-full    : every case of every family (tens of minutes)
+# make bench-publish : copy the latest results into README.md and docs/bench/ (refused if the
+#                      machine was busy during that run)
 # Each target bootstraps .venv on first use: torch 2.13.0 (the CPU wheel on this kind of machine)
-# unless the python3 that runs make already has a torch, which is then used as is.
+# unless the python3 that runs make already has a torch, which is then used as is. Tests install
+# requirements/test.txt, benchmarks requirements/bench.txt as well (the packages kexue is timed against).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: test test-all bench check-gpu check-cuda env clean
+.PHONY: test test-all bench bench-full bench-publish check-gpu check-cuda env clean
 
 $(VENV)/.deps:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -21,7 +26,11 @@ $(VENV)/.deps:
 	  $(PYTHON) -m venv $(VENV) && $(PIP) install -q $(TORCH_SPEC); \
 	fi
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q $(TRITON_SPEC)
-	$(PIP) install -q setuptools wheel pybind11 ninja numpy pytest hypothesis matplotlib tqdm lion-pytorch pytorch-optimizer transformers flyvec
+	$(PIP) install -q -r requirements/build.txt -r requirements/test.txt
+	touch $@
+
+$(VENV)/.bench-deps: $(VENV)/.deps requirements/bench.txt
+	$(PIP) install -q -r requirements/bench.txt
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
@@ -40,8 +49,14 @@ check-gpu: $(VENV)/.built
 check-cuda:
 	bash .ci/check-cuda
 
-bench: $(VENV)/.built
+bench: $(VENV)/.built $(VENV)/.bench-deps
 	$(PY) -m bench
+
+bench-full: $(VENV)/.built $(VENV)/.bench-deps
+	$(PY) -m bench --full
+
+bench-publish: $(VENV)/.built $(VENV)/.bench-deps
+	$(PY) -m bench --publish
 
 env: $(VENV)/.built
 	$(PY) -m kexue.env

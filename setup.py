@@ -3,7 +3,10 @@
 The C++ CPU sources always build. The CUDA sources build too when the installed torch has CUDA
 and nvcc is found; otherwise the module is CPU-only and the Triton kernels serve CUDA tensors.
 KEXUE_NO_NATIVE=1 skips the native build entirely (kexue then runs on the torch reference).
-Install with ``pip install --no-build-isolation -e .`` after torch is installed.
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) after torch is installed.
+Extras: ``[test]`` what the tests need, ``[bench]`` the packages the benchmarks time kexue against,
+``[transformers]`` and ``[triton]``; each is listed in requirements/<extra>.txt (the Makefile
+installs from the same files).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _requirements(name: str) -> list[str]:
+    """The package lines of requirements/<name>.txt."""
+    with open(os.path.join(ROOT, "requirements", f"{name}.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
 def _want_cuda(torch) -> tuple[bool, str]:
@@ -76,8 +85,8 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis"],
-        "bench": ["matplotlib"],
+        "test": _requirements("test"),
+        "bench": _requirements("bench"),
         "transformers": ["transformers"],
     },
 )

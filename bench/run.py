@@ -1,10 +1,14 @@
-"""Run the benchmarks: ``python -m bench [--only FAMILY] [--quick] [--out DIR] [--device D] [--threads N]``.
+"""Run the benchmarks: ``python -m bench [--full] [--only FAMILY] [--quick] [--out DIR] [--device D] [--threads N]``.
 
 Finds every family module in bench/ (see :mod:`bench`), measures the memory floor, times each
 case's peers against each other, prints a table per family, and writes the rows to
 ``DIR/bench-<time>.json``, plots to ``DIR/bench.png`` (all families) and ``DIR/bench-<family>.png``.
-A full run (not ``--quick``) then rewrites the README's results table from that JSON and copies the
-per-family plots to docs/bench/; ``--from-json PATH`` does only that, from a saved record.
+By default only each family's headline cases run (every peer of them: minutes); ``--full`` runs
+every case. A run writes nothing outside DIR (bench/results/, ignored by git).
+
+``--publish [JSON]`` runs nothing: it rewrites the README's results table from a record (default:
+the newest in DIR) and copies its per-family plots to docs/bench/, and refuses a record whose
+load check failed (other jobs were running: its times are not this machine's).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from bench._case import Case, Unavailable
 from bench._env import describe, row_fields
 from bench._memory import measure_floor, peak_bytes
 from bench._plot import plot
+from bench._ratio import duration
 from bench._readme import update as update_readme
 from bench._rows import add_ratios, make_row
 from bench._table import fmt_time, format_family
 from bench._timing import FULL, QUICK, Clock, Plan, Timing, time_peers
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+LATEST = Path("latest")  # --publish without a path: the newest record in --out
 README = Path(__file__).resolve().parent.parent / "README.md"
 DOCS_PLOTS = README.parent / "docs" / "bench"
 _NOT_FAMILIES = {"run"}
@@ -75,9 +81,11 @@ def run_case(family: str, case: Case, device: torch.device, clock: Clock, plan: 
 
 
 def run_family(name: str, device: torch.device, clock: Clock, plan: Plan, quick: bool,
-               floor: dict[str, Any], env: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+               floor: dict[str, Any], env: dict[str, Any], full: bool = False) -> tuple[list[dict], list[dict]]:
     module = load_family(name)
     cases = module.cases(device, quick)
+    if not full:  # the default plan: the cases the family's headlines are read from
+        cases = [c for c in cases if c.headline]
     rows: list[dict[str, Any]] = []
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
@@ -94,15 +102,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "write a table, JSON rows and a plot.")
     parser.add_argument("--only", action="append", metavar="FAMILY", choices=family_names(),
                         help="run only this family (repeatable); default: all of " + ", ".join(family_names()))
+    parser.add_argument("--full", action="store_true",
+                        help="every case of every family (default: each family's headline cases, every peer)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke run, not numbers")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch.set_num_threads(N) for the run (default: torch's own choice)")
-    parser.add_argument("--from-json", type=Path, metavar="PATH",
-                        help="run nothing: redraw the plots and rewrite the README's table from a saved record")
-    parser.add_argument("--no-readme", action="store_true",
-                        help="do not rewrite the README's results table (a run without --quick does)")
+    parser.add_argument("--publish", nargs="?", type=Path, const=LATEST, metavar="JSON",
+                        help="run nothing: rewrite the README's results table and docs/bench/ plots from a "
+                             "record (default: the newest in --out); refused if its load check failed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _publish_only(args) if args.from_json else _run(args)
+        return _publish(args) if args.publish else _run(args)
     finally:  # main() is also called in-process (tests/test_bench.py)
         torch.set_num_threads(threads_before)
 
@@ -133,21 +142,22 @@ def _run(args: argparse.Namespace) -> int:
     clock = Clock(device)
     started = time.perf_counter()
 
+    plan_name = "full plan" if args.full else "headline cases (--full for all)"
     print(f"kexue bench on {env['device']} ({device.type}), {env['threads']} threads, torch {env['torch']}, "
-          f"triton {env['triton']}, kexue {env['kexue']}{', --quick' if args.quick else ''}")
+          f"triton {env['triton']}, kexue {env['kexue']}; {plan_name}{', --quick' if args.quick else ''}")
     for backend, state in env["kexue_backends"].items():
         print(f"  backend {backend}: {'available' if state['available'] else state['reason']}")
-    if env["load_average"] is not None and env["load_average"] > BUSY_LOAD_PER_CPU * env["cpus"]:
-        print(f"  warning: load average {env['load_average']:.2f} on {env['cpus']} CPUs: other jobs share the "
-              "machine; absolute times (and multi-threaded CPU ops most) suffer; ratios are steadier")
+    load = load_check(env)
+    if not load["ok"]:
+        print(f"  warning: {load['text']}")
     floor = measure_floor(device, clock, plan, args.quick)
-    print(f"memory floor: {floor['op']} on {floor['elements']} elements, {floor['gbps']:.3g} GB/s "
-          f"(median {fmt_time(floor['median_s'])}, q20..q80 {fmt_time(floor['q20_s'])}..{fmt_time(floor['q80_s'])})")
+    print(f"memory floor: {floor['op']} on {floor['elements']} elements, {floor['gbps']:.3g} GB/s from the "
+          f"fastest of {floor['runs']} samples ({fmt_time(floor['best_s'])}; median {fmt_time(floor['median_s'])})")
 
     rows: list[dict[str, Any]] = []
     headlines: dict[str, list[dict]] = {}
     for name in args.only or family_names():
-        family_rows, headlines[name] = run_family(name, device, clock, plan, args.quick, floor, per_row)
+        family_rows, headlines[name] = run_family(name, device, clock, plan, args.quick, floor, per_row, args.full)
         rows += family_rows
         print()
         print(format_family(name, family_rows, headlines[name], floor))
@@ -155,37 +165,75 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.out / f"bench-{stamp}.json"
-    record = {"env": env, "quick": args.quick, "plan": dataclasses.asdict(plan), "floor": floor, "headlines": headlines,
-              "rows": rows, "elapsed_s": time.perf_counter() - started}
+    elapsed = time.perf_counter() - started
+    record = {"env": env, "quick": args.quick, "full": args.full, "plan": dataclasses.asdict(plan), "load": load,
+              "floor": floor, "headlines": headlines, "rows": rows, "elapsed_s": elapsed}
     json_path.write_text(json.dumps(record, indent=1, default=str))
-    print(f"\nwrote {json_path} ({fmt_time(time.perf_counter() - started)} in all)")
-    publish(json_path, args.out, readme=not args.quick and not args.no_readme)
+    print(f"\nwrote {json_path} ({duration(elapsed)} in all)")
+    draw(record, args.out)
+    if load["ok"] and not args.quick:
+        print("to put these results in README.md and docs/bench/: make bench-publish")
     return 0
 
 
-def publish(json_path: Path, out: Path, readme: bool) -> None:
-    """Plots (all families, and one per family) and, if ``readme``, the README's table, from a JSON record.
+def load_check(env: dict[str, Any]) -> dict[str, Any]:
+    """Whether the machine was free enough at the start of the run for its times to be published."""
+    load, cpus = env.get("load_average"), env.get("cpus") or 1
+    ok = load is None or load <= BUSY_LOAD_PER_CPU * cpus
+    text = (f"load average {load:.2f} on {cpus} CPUs: other jobs share the machine; absolute times (and "
+            "multi-threaded CPU ops most) suffer, ratios less; this run will not be published"
+            if not ok else "the machine was free")
+    return {"ok": ok, "load_average": load, "cpus": cpus, "limit_per_cpu": BUSY_LOAD_PER_CPU, "text": text}
 
-    With ``readme`` the per-family plots are also copied to docs/bench/, where the README links them.
-    """
-    record = json.loads(json_path.read_text())
-    rows, env, floor, headlines = record["rows"], record["env"], record["floor"], record["headlines"]
+
+def draw(record: dict[str, Any], out: Path) -> list[Path]:
+    """Plots from a record, in ``out``: all families in bench.png, and one bench-<family>.png each."""
+    rows, env, floor = record["rows"], record["env"], record["floor"]
     written = [plot(rows, floor, env, out / "bench.png")]
-    for name in headlines:
+    for name in record["headlines"]:
         family_rows = [r for r in rows if r["family"] == name]
         if family_rows:
             written.append(plot(family_rows, floor, env, out / f"bench-{name}.png"))
-            if readme:  # the same figure where the README links it
-                DOCS_PLOTS.mkdir(parents=True, exist_ok=True)
-                written.append(Path(shutil.copyfile(written[-1], DOCS_PLOTS / f"{name}.png")))
     print("wrote " + ", ".join(str(p) for p in written))
-    if readme and update_readme(README, headlines, rows, env):
-        print(f"updated the results table in {README} from {json_path}")
+    return written
 
 
-def _publish_only(args: argparse.Namespace) -> int:
-    publish(args.from_json, args.out, readme=not args.no_readme)
-    return 0
+def newest_record(out: Path) -> Path:
+    records = sorted(out.glob("bench-*.json"))
+    if not records:
+        raise FileNotFoundError(f"no bench-*.json in {out}: run `make bench` first")
+    return records[-1]
+
+
+def publish(json_path: Path, out: Path) -> bool:
+    """The README's table and docs/bench/ plots from a record; False (nothing written) when the
+    record's load check failed or it is a --quick smoke run."""
+    record = json.loads(json_path.read_text())
+    load = record.get("load") or load_check(record["env"])
+    if not load["ok"]:
+        print(f"not published: {json_path} was measured on a busy machine ({load['text']}); "
+              "rerun `make bench` when the machine is free", file=sys.stderr)
+        return False
+    if record.get("quick"):
+        print(f"not published: {json_path} is a --quick smoke run", file=sys.stderr)
+        return False
+    headlines = record["headlines"]
+    DOCS_PLOTS.mkdir(parents=True, exist_ok=True)
+    for path in draw(record, out)[1:]:  # the per-family figures, where the README links them
+        shutil.copyfile(path, DOCS_PLOTS / f"{path.stem.removeprefix('bench-')}.png")
+    if update_readme(README, headlines, record["rows"], record["env"], record.get("elapsed_s")):
+        print(f"updated the results table in {README} and the plots in {DOCS_PLOTS} from {json_path}")
+    return True
+
+
+def _publish(args: argparse.Namespace) -> int:
+    try:
+        path = newest_record(args.out) if args.publish == LATEST else args.publish
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if publish(path, args.out) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

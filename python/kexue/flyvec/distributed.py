@@ -34,17 +34,17 @@ def shard(batch: torch.Tensor) -> torch.Tensor:
 
 
 def data_parallel_update(x: torch.Tensor, weights: torch.Tensor, synapses: torch.Tensor, lr: float, delta: float,
-                         rank: int) -> torch.Tensor:
+                         rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One step on this process's shard, then the average of every process's change, in place.
-    Returns the shard's scaled winner activations."""
+    Returns the shard's winners and scaled winner activations."""
     _, size = world()
     before = synapses.clone()
-    _, s_win = kexue.ops.biohash_update(x, None, weights, synapses, lr, delta=delta, rank=rank)
+    winners, s_win = kexue.ops.biohash_update(x, None, weights, synapses, lr, delta=delta, rank=rank)
     if size > 1:
         change = synapses - before
         dist.all_reduce(change)
         synapses.copy_(before + change / size)
-    return s_win
+    return winners, s_win
 
 
 def barrier() -> None:

@@ -122,6 +122,6 @@ class FlyVec:
         n = max(0, min(n, V - 2))
         query = codes[self.vocabulary.id(word)][None]
         dist, idx = kexue.ops.hamming_topk(query, codes, min(V, n + 2))
-        out = [(self.vocabulary.words[i], d) for d, i in zip(dist[0].tolist(), idx[0].tolist())
+        out = [(self.vocabulary.words[i], d) for d, i in zip(dist[0].tolist(), idx[0].tolist(), strict=True)
                if i != 0 and self.vocabulary.words[i] != word]
         return out[:n]

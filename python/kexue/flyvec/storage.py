@@ -16,14 +16,18 @@
 
 Writes go to a temporary file in the same folder, are flushed to disk, and then replace the old
 file with ``os.replace`` (atomic on POSIX): an interrupted write leaves the previous file intact.
+A process killed mid-write cannot remove its temporary file; training removes such leftovers
+(``.tmp-*.pt`` older than a minute) from its folder when it starts.
 A file that is truncated, corrupt or not a model raises :class:`ModelFileError` naming the path.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -31,6 +35,8 @@ import torch
 FORMAT = "kexue.flyvec"
 VERSION = 1
 MODEL_FILE = "model.pt"
+TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
+STALE_TMP_S = 60.0  # a temporary file this old is no write in progress (a write takes seconds)
 
 
 class ModelFileError(ValueError):
@@ -56,7 +62,7 @@ def write_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -68,6 +74,22 @@ def write_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = STALE_TMP_S) -> list[str]:
+    """Delete the temporary files of writes that were killed midway (``.tmp-*.pt`` in ``folder``
+    not modified for ``older_than_s`` seconds; younger ones may be another process's write in
+    progress). Returns the paths removed."""
+    removed = []
+    now = time.time()
+    for tmp in glob.glob(os.path.join(glob.escape(os.fspath(folder)), f"{TMP_PREFIX}*{TMP_SUFFIX}")):
+        try:
+            if now - os.path.getmtime(tmp) >= older_than_s:
+                os.unlink(tmp)
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer finished or another cleaner got there first
+            pass
+    return removed
 
 
 def save_state(path, synapses_t: torch.Tensor, words: list[str], counts: torch.Tensor, epoch: int,

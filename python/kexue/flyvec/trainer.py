@@ -4,13 +4,21 @@ Per epoch e of E: the learning rate is ``lr * (1 - e/E)`` (and the anti-Hebbian 
 FlyVec's tanh ramp, :func:`kexue.ops.biohash_schedule`); the windows are visited in a random order
 drawn from ``seed`` and e, so a resumed run repeats exactly what an uninterrupted one does. After
 each epoch the model is written atomically to ``DIR/model.pt`` (:mod:`kexue.flyvec.storage`); a
-rerun of :func:`train` with the same folder resumes after the last completed epoch.
+rerun of :func:`train` with the same folder resumes after the last completed epoch, and a rerun
+with more epochs trains a finished model further (the remaining epochs follow the schedule of
+the new total, so the result differs from a run planned that long from the start).
+
+FlyVec's defaults (:data:`PRESETS` ``"flyvec"``) are sized for billions of windows; ``"small"``
+is the recipe measured on a corpus of a few hundred thousand windows (see :data:`PRESETS`).
+After every epoch one line reports the energy of the epoch's windows, how far the synapses moved
+and the busiest unit's share of the windows (:class:`EpochStats`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from kexue.flyvec import distributed, storage
 from kexue.flyvec.model import DEFAULT_HASH_LENGTH, FlyVec
 from kexue.flyvec.tokenize import read_sentences
 from kexue.flyvec.vocabulary import Vocabulary, build_vocabulary
-from kexue.flyvec.windows import context_windows
+from kexue.flyvec.windows import context_windows, target_ids
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,13 @@ class TrainConfig:
     max_vocab: int | None = 20000
     seed: int = 0
     hash_length: int = DEFAULT_HASH_LENGTH  # k of the model's queries
+    # words masked out of training: no context weight, and their own windows are dropped
+    stop_words: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "stop_words", tuple(sorted(set(self.stop_words))))
+        if not all(isinstance(w, str) for w in self.stop_words):
+            raise TypeError("stop_words must be strings")
         for name in ("hidden", "window", "epochs", "batch_size", "rank", "min_count", "hash_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -51,8 +64,34 @@ class TrainConfig:
             raise ValueError(f"hash_length must be at most hidden = {self.hidden}, got {self.hash_length}")
         if self.rank > self.hidden:
             raise ValueError(f"rank must be at most hidden = {self.hidden}, got {self.rank}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a positive finite float, got {self.lr!r}")
+        if not (isinstance(self.delta, (int, float)) and abs(self.delta) < float("inf")):
+            raise ValueError(f"delta must be a finite float, got {self.delta!r}")
+
+
+def _small_preset() -> dict:
+    from kexue.flyvec.stopwords import ENGLISH
+
+    return {"batch_size": SMALL_BATCH, "lr": SMALL_LR, "epochs": SMALL_EPOCHS, "stop_words": tuple(ENGLISH)}
+
+
+# The "small" recipe, measured on the Wikipedia extract in gensim's test data (461k tokens, 245k
+# windows; tests/test_biohash_eval.py): FlyVec's batch of 10,000 at lr 0.002 makes 25 steps an
+# epoch that leave the synapses at their random init; 1,000 windows a batch at lr 0.1 makes 245
+# steps that bring every unit to unit norm. Masking stop words keeps one unit from winning most
+# windows (docs/flyvec.md has the figures).
+SMALL_BATCH, SMALL_LR, SMALL_EPOCHS = 1000, 0.1, 15
+
+PRESETS: dict[str, Callable[[], dict]] = {"flyvec": dict, "small": _small_preset}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """``TrainConfig`` of a named preset (``"flyvec"``: FlyVec's defaults, ``"small"``: a corpus of
+    up to a few million windows), with ``overrides`` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return TrainConfig(**{**PRESETS[name](), **overrides})
 
 
 # A model whose target half still correlates this much with its random init has barely trained.
@@ -60,6 +99,11 @@ class TrainConfig:
 # Wikipedia extract (245k windows) lr 0.01 at batch 1,000 left a correlation of 0.84 after 15
 # epochs, and lr 0.1 left 0.003.
 UNTRAINED_CORRELATION = 0.9
+
+
+def _as_saved(value):
+    """A setting as the model file holds it (tuples come back as lists)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def init_correlation(synapses: torch.Tensor, config: TrainConfig) -> float:
@@ -73,8 +117,10 @@ def init_correlation(synapses: torch.Tensor, config: TrainConfig) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
 
 
-# What must match for a checkpoint to be resumed with a given config (the rest may change).
-_RESUME_KEYS = ("hidden", "window", "epochs", "batch_size", "lr", "delta", "rank", "seed", "min_count", "max_vocab")
+# What must match for a checkpoint to be resumed with a given config (the rest may change; epochs
+# may grow, to train a finished model further).
+_RESUME_KEYS = ("hidden", "window", "batch_size", "lr", "delta", "rank", "seed", "min_count", "max_vocab",
+                "stop_words")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -84,7 +130,22 @@ def _progress(total: int, desc: str, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: train without a bar
         return None
-    return tqdm(total=total, desc=desc, unit="win", unit_scale=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="win", unit_scale=True, leave=True, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch did: ``energy`` (spec §1.2, per window, at each batch's start; lower is
+    better), ``moved`` (``||W_after - W_before|| / ||W_before||`` over the epoch) and
+    ``busiest_share`` (the fraction of the epoch's windows won by the unit that won most)."""
+
+    energy: float
+    moved: float
+    busiest_share: float
+
+    def line(self, epoch: int, epochs: int) -> str:
+        return (f"epoch {epoch + 1}/{epochs}: energy {self.energy:.4g} per window, synapses moved "
+                f"{self.moved:.3g} (relative), busiest unit {self.busiest_share:.1%} of the windows")
 
 
 def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -94,24 +155,29 @@ def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def run_epoch(windows: torch.Tensor, invf: torch.Tensor, synapses: torch.Tensor, epoch: int,
-              config: TrainConfig, bar=None) -> float:
-    """One epoch in place on ``synapses``; returns the mean scaled winner activation (a progress signal)."""
+              config: TrainConfig, bar=None) -> EpochStats:
+    """One epoch in place on ``synapses``; returns what it did (:class:`EpochStats`)."""
     V = invf.shape[0]
     lr, delta = kexue.ops.biohash_schedule(epoch, config.epochs, config.lr, config.delta)
-    total, count = 0.0, 0
+    energy, count = 0.0, 0
+    wins = torch.zeros(synapses.shape[0], dtype=torch.int64)
+    before = synapses.clone()
     parallel = distributed.world()[1] > 1
     for batch in epoch_order(windows.shape[0], config.seed, epoch).split(config.batch_size):
         x = windows[distributed.shard(batch) if parallel else batch].long()
         w = invf[x.remainder(V)]
+        norms = synapses.norm(dim=1)  # the energy divides by the winner's norm before the step
         if parallel:
-            s_win = distributed.data_parallel_update(x, w, synapses, lr, delta, config.rank)
+            winners, s_win = distributed.data_parallel_update(x, w, synapses, lr, delta, config.rank)
         else:
-            _, s_win = kexue.ops.biohash_update(x, None, w, synapses, lr, delta=delta, rank=config.rank)
-        total += float(s_win.sum())
+            winners, s_win = kexue.ops.biohash_update(x, None, w, synapses, lr, delta=delta, rank=config.rank)
+        energy -= float((s_win.double() / norms[winners].double().clamp_min(1e-30)).sum())
         count += s_win.numel()
+        wins += torch.bincount(winners.cpu(), minlength=wins.shape[0])
         if bar is not None:
             bar.update(batch.shape[0])
-    return total / max(count, 1)
+    moved = float((synapses - before).norm() / before.norm().clamp_min(1e-30))
+    return EpochStats(energy / max(count, 1), moved, float(wins.max()) / max(int(wins.sum()), 1))
 
 
 def prepare(corpus, vocabulary: Vocabulary | None, config: TrainConfig) -> tuple[Vocabulary, torch.Tensor]:
@@ -124,7 +190,24 @@ def prepare(corpus, vocabulary: Vocabulary | None, config: TrainConfig) -> tuple
     windows = context_windows((vocabulary.encode(s) for s in sentences), len(vocabulary), config.window)
     if windows.shape[0] == 0:
         raise ValueError(f"the corpus has no sentence of at least window = {config.window} tokens")
+    stop = stop_ids(vocabulary, config)
+    if stop.numel():  # a stop word's own windows carry nothing to learn
+        windows = windows[~torch.isin(target_ids(windows, len(vocabulary)), stop)]
+        if windows.shape[0] == 0:
+            raise ValueError("every window's target is a stop word: nothing left to train on")
     return vocabulary, windows
+
+
+def stop_ids(vocabulary: Vocabulary, config: TrainConfig) -> torch.Tensor:
+    """The vocabulary ids of ``config.stop_words`` (int64)."""
+    return torch.tensor(sorted(vocabulary.id(w) for w in config.stop_words if w in vocabulary), dtype=torch.int64)
+
+
+def input_weights(vocabulary: Vocabulary, config: TrainConfig) -> torch.Tensor:
+    """FlyVec's 1/frequency input scaling per id, 0 for stop words (masked out of every context)."""
+    invf = vocabulary.inverse_frequency().float()
+    invf[stop_ids(vocabulary, config)] = 0.0
+    return invf
 
 
 def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, config: TrainConfig | None = None,
@@ -137,15 +220,22 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     of each minibatch (:mod:`kexue.flyvec.distributed`) and process 0 writes the checkpoints.
     """
     config = config or TrainConfig()
-    path = os.path.join(os.fspath(out), storage.MODEL_FILE)
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out must be a folder (model.pt is written into it), but {out!r} is a file")
+    path = os.path.join(out, storage.MODEL_FILE)
+    storage.remove_stale_temporaries(out)
     start, vocabulary, synapses = 0, None, None
     if os.path.exists(path):
         state = storage.load_state(path)
         saved = state["config"]
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
+        defaults = TrainConfig()
+        changed = [k for k in _RESUME_KEYS
+                   if _as_saved(saved.get(k, getattr(defaults, k))) != _as_saved(getattr(config, k))]
         if changed:
             raise ValueError(f"{path!r} was trained with other settings ({', '.join(changed)}); "
-                             "use another --out folder or the same settings to resume")
+                             "use another --out folder, or the same settings to resume (more epochs "
+                             "train it further)")
         start = int(state["epoch"])
         vocabulary = Vocabulary(list(state["words"]), state["counts"])
         synapses = state["synapses_t"].t()
@@ -154,16 +244,22 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
         g = torch.Generator().manual_seed(config.seed)
         synapses = kexue.ops.new_synapses(config.hidden, 2 * len(vocabulary), std=config.sigma, generator=g)
     model = FlyVec(synapses, vocabulary, config.hash_length)
-    invf = vocabulary.inverse_frequency().float()
+    invf = input_weights(vocabulary, config)
     cfg = dataclasses.asdict(config)
+    cfg["stop_words"] = list(config.stop_words)
+    show = progress and distributed.world()[0] == 0
+    if show and start >= config.epochs:
+        print(f"{path} is already trained for {start} epochs (asked: {config.epochs}); pass a larger "
+              "--epochs to train it further", file=sys.stderr)
     for epoch in range(start, config.epochs):
-        show = progress and distributed.world()[0] == 0
         bar = _progress(windows.shape[0], f"epoch {epoch + 1}/{config.epochs}", show)
         try:
-            run_epoch(windows, invf, synapses, epoch, config, bar)
+            stats = run_epoch(windows, invf, synapses, epoch, config, bar)
         finally:
             if bar is not None:
                 bar.close()
+        if show:
+            print(stats.line(epoch, config.epochs), file=sys.stderr, flush=True)
         if distributed.world()[0] == 0:  # one writer; the others wait until the file is complete
             model.save(path, epoch=epoch + 1, config=cfg)
         distributed.barrier()
@@ -174,7 +270,8 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     if corr > UNTRAINED_CORRELATION:
         warnings.warn(f"after {config.epochs} epochs of {windows.shape[0]} windows the target half of the synapses "
                       f"still correlates {corr:.2f} with its random init: the model has barely trained. FlyVec's "
-                      f"defaults are sized for billions of windows; on a corpus this size raise lr (now "
-                      f"{config.lr}) or epochs, or lower batch_size (now {config.batch_size})", UserWarning,
-                      stacklevel=2)
+                      f"defaults are sized for billions of windows; for a corpus this size use the 'small' preset "
+                      f"(--preset small: batch_size {SMALL_BATCH}, lr {SMALL_LR}, stop words masked) or make more "
+                      f"steps (now {-(-windows.shape[0] // config.batch_size)} batches an epoch at lr {config.lr})",
+                      UserWarning, stacklevel=2)
     return model
