@@ -339,7 +339,7 @@ def test_spearman_against_the_textbook_formula():
 
     assert ranks(torch.tensor([10.0, 30.0, 20.0, 30.0])).tolist() == [1.0, 3.5, 2.0, 3.5]
     a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]
-    d2 = sum((x - y) ** 2 for x, y in zip(a, b))  # no ties: 1 - 6 sum d^2 / (n (n^2 - 1))
+    d2 = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))  # no ties: 1 - 6 sum d^2 / (n (n^2 - 1))
     assert abs(spearman(a, b) - (1 - 6 * d2 / (5 * 24))) < 1e-12
     assert abs(spearman(a, [-x for x in a]) + 1) < 1e-12
 
@@ -421,3 +421,136 @@ def test_undertrained_model_warns(tmp_path):
         warnings.simplefilter("error", UserWarning)
         model = flyvec.train(topic_corpus(), tmp_path / "ok", SMALL, progress=False)
     assert flyvec.trainer.init_correlation(model.synapses, SMALL) < 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# The small-corpus preset, stop-word masking, per-epoch lines, training further.
+
+
+def test_small_preset_and_overrides():
+    from kexue.flyvec.stopwords import ENGLISH
+
+    small = flyvec.trainer.preset("small")
+    assert (small.batch_size, small.lr, small.epochs) == (1000, 0.1, 15) and set(small.stop_words) == ENGLISH
+    assert flyvec.trainer.preset("flyvec") == flyvec.TrainConfig()  # FlyVec's own defaults
+    assert flyvec.trainer.preset("small", lr=0.05, stop_words=()).lr == 0.05
+    with pytest.raises(ValueError, match="preset must be one of"):
+        flyvec.trainer.preset("tiny")
+
+
+def test_stop_words_are_masked(tmp_path):
+    stop = ("apple", "car")
+    config = dataclasses.replace(SMALL, stop_words=stop)
+    vocab, windows = flyvec.trainer.prepare(topic_corpus(), None, config)
+    _, all_windows = flyvec.trainer.prepare(topic_corpus(), vocab, SMALL)
+    stop_ids = {vocab.id(w) for w in stop}
+    targets = set(flyvec.windows.target_ids(windows, len(vocab)).tolist())
+    assert targets and not targets & stop_ids  # no window is about a stop word ...
+    assert 0 < windows.shape[0] < all_windows.shape[0]
+    invf = flyvec.trainer.input_weights(vocab, config)
+    assert all(invf[i] == 0 for i in stop_ids) and (invf[[vocab.id("banana"), vocab.id("bus")]] > 0).all()
+    model = flyvec.train(topic_corpus(), tmp_path, config, progress=False)  # ... and none of their context counts
+    assert storage.load_state(tmp_path)["config"]["stop_words"] == sorted(stop)
+    with pytest.raises(ValueError, match="other settings.*stop_words"):  # the masking is part of the model
+        flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False)
+    assert model.nearest("banana", 3)
+
+
+def test_progress_prints_one_line_per_epoch(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    flyvec.train(topic_corpus(), tmp_path, SMALL, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ") and "energy" in line]
+    assert len(lines) == SMALL.epochs, err
+    assert lines[0].startswith("epoch 1/4: energy -") and "synapses moved" in lines[0] and "busiest unit" in lines[0]
+
+
+def test_epoch_stats_measure_what_they_say(trained):
+    _, model = trained
+    vocab = model.vocabulary
+    _, windows = flyvec.trainer.prepare(topic_corpus(), vocab, SMALL)
+    invf = flyvec.trainer.input_weights(vocab, SMALL)
+    synapses = model.synapses.clone()
+    before = synapses.clone()
+    stats = flyvec.trainer.run_epoch(windows, invf, synapses, 0, dataclasses.replace(SMALL, batch_size=10**6))
+    # one batch: the energy is the spec's, per window, at the synapses before the step
+    x = windows.long()
+    energy = kexue.ops.biohash_energy(x, None, invf.double()[x.remainder(len(vocab))], before) / x.shape[0]
+    assert stats.energy == pytest.approx(float(energy), rel=1e-4)
+    assert stats.moved == pytest.approx(float((synapses - before).norm() / before.norm()), rel=1e-6) and stats.moved > 0
+    winners = kexue.ops.biohash_activations(x, None, None, before).argmax(1)
+    assert stats.busiest_share == pytest.approx(float(torch.bincount(winners).max()) / x.shape[0])
+
+
+def test_more_epochs_train_a_finished_model_further(tmp_path, trained, capsys):
+    _, full = trained
+    flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False)
+    seen = []
+    longer = dataclasses.replace(SMALL, epochs=6)
+    further = flyvec.train(topic_corpus(), tmp_path, longer, progress=False, on_epoch_end=lambda e, m: seen.append(e))
+    assert seen == [4, 5] and storage.load_state(tmp_path)["epoch"] == 6
+    assert not torch.equal(further.synapses, full.synapses)
+    # fewer epochs than done: nothing to train, the model comes back as it is, and it says so
+    again = flyvec.train(topic_corpus(), tmp_path, SMALL, progress=True)
+    assert torch.equal(again.synapses, further.synapses) and storage.load_state(tmp_path)["epoch"] == 6
+    assert "already trained for 6 epochs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input to the CLI and the trainer: a clear error, never a traceback or a silent no-op.
+
+
+def test_killed_write_leftovers_are_removed(tmp_path):
+    stale, fresh = tmp_path / ".tmp-killed.pt", tmp_path / ".tmp-writing.pt"
+    for f in (stale, fresh):
+        f.write_bytes(b"half a checkpoint")
+    old = os.path.getmtime(stale) - 2 * storage.STALE_TMP_S
+    os.utime(stale, (old, old))
+    flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False)
+    assert not stale.exists()  # a write killed midway
+    assert fresh.exists()  # young: perhaps another process's write in progress
+    assert sorted(os.listdir(tmp_path)) == [".tmp-writing.pt", "model.pt"]
+
+
+def test_cli_refuses_bad_arguments(tmp_path, trained, capsys):
+    out, _ = trained
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(topic_corpus(sentences=60)))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", str(corpus), "--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out must be a folder"):
+        flyvec.train(topic_corpus(), afile, SMALL, progress=False)
+    for bad in (["--lr", "inf"], ["--lr", "nan"], ["--delta", "nan"], ["--lr", "-1"]):
+        assert main(["train", str(corpus), "--out", str(tmp_path / "m"), *bad, "--no-progress"]) == 2
+        assert "must be a" in capsys.readouterr().err, bad
+    for n in ("-3", "0"):
+        with pytest.raises(SystemExit) as exc:
+            main(["neighbors", str(out), "apple", "-n", n])
+        assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_nan_scores_and_says_when_spearman_is_undefined(tmp_path, trained, capsys):
+    from kexue.flyvec.evaluate import read_pairs
+
+    out, model = trained
+    nan = tmp_path / "nan.tsv"
+    nan.write_text("apple\tbanana\t9.0\ncar\ttrain\tnan\n")
+    with pytest.raises(ValueError, match="nan.tsv:2: the score must be a finite number"):
+        read_pairs(nan)
+    assert main(["evaluate", str(out), str(nan)]) == 2
+    assert "finite number" in capsys.readouterr().err
+    one = tmp_path / "one.tsv"
+    one.write_text("apple\tbanana\t9.0\napple\tzebra\t1.0\n")
+    assert main(["evaluate", str(out), str(one)]) == 1
+    printed = capsys.readouterr().out
+    assert "spearman undefined: only 1 pair(s)" in printed and "[nan" not in printed
+    broken = tmp_path / "broken"
+    synapses = model.synapses.clone()
+    synapses[:, len(model.vocabulary) + model.vocabulary.id("apple")] = float("nan")  # apple's target column
+    flyvec.FlyVec(synapses, model.vocabulary, model.hash_length).save(broken)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("apple\tbanana\t9.0\ncar\ttrain\t8.0\napple\tcar\t1.0\n")
+    assert main(["evaluate", str(broken), str(pairs), "--similarity", "dense"]) == 2
+    assert "not finite" in capsys.readouterr().err

@@ -1,13 +1,31 @@
-"""``python -m kexue.flyvec train CORPUS --out DIR``, ``... neighbors DIR WORD``, ``... evaluate DIR PAIRS...``."""
+"""``python -m kexue.flyvec train CORPUS --out DIR [--preset small]``, ``... neighbors DIR WORD``,
+``... evaluate DIR PAIRS...``.
+
+Settings given on the command line override the preset's (``--preset flyvec``, the default:
+FlyVec's own, sized for billions of windows; ``--preset small``: a corpus of up to a few million
+windows). A rerun with the same ``--out`` resumes; a larger ``--epochs`` trains a finished model further.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from kexue.flyvec.model import FlyVec
 from kexue.flyvec.storage import ModelFileError
-from kexue.flyvec.trainer import TrainConfig, train
+from kexue.flyvec.trainer import PRESETS, preset, train
+
+_SETTINGS = (("hidden", int), ("window", int), ("epochs", int), ("batch-size", int), ("lr", float),
+             ("delta", float), ("min-count", int), ("max-vocab", int), ("seed", int), ("hash-length", int))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,16 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a text file (one sentence a line; .gz/.bz2 ok)")
     t.add_argument("corpus")
     t.add_argument("--out", required=True, help="folder for model.pt (a rerun resumes from it)")
-    d = TrainConfig()
-    for name, typ in (("hidden", int), ("window", int), ("epochs", int), ("batch-size", int), ("lr", float),
-                      ("delta", float), ("min-count", int), ("max-vocab", int), ("seed", int),
-                      ("hash-length", int)):
-        t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="flyvec",
+                   help="flyvec: FlyVec's defaults (batch 10,000, lr 0.002; billions of windows); small: batch "
+                        "1,000, lr 0.1, English stop words masked (a corpus of up to a few million windows)")
+    for name, typ in _SETTINGS:
+        t.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
+    t.add_argument("--stop-words", metavar="FILE",
+                   help="mask the words of FILE (one a line; 'english' for the built-in list, 'none' for no masking)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
     n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static hashes")
     n.add_argument("model", help="a model folder (or model.pt)")
     n.add_argument("word")
-    n.add_argument("-n", type=int, default=10, help="how many neighbours (default 10)")
+    n.add_argument("-n", type=_positive_int, default=10, help="how many neighbours (default 10)")
     e = sub.add_parser("evaluate", help="Spearman correlation on word-similarity pair files")
     e.add_argument("model", help="a model folder (or model.pt)")
     e.add_argument("pairs", nargs="+", help="tab-separated 'word1 word2 score' files (e.g. wordsim353.tsv)")
@@ -33,31 +53,56 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_words(spec: str) -> tuple[str, ...]:
+    if spec == "none":
+        return ()
+    if spec == "english":
+        from kexue.flyvec.stopwords import ENGLISH
+
+        return tuple(ENGLISH)
+    with open(spec, encoding="utf-8") as f:
+        return tuple(w.strip().lower() for w in f if w.strip() and not w.startswith("#"))
+
+
+def _config(args: argparse.Namespace):
+    overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in _SETTINGS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.stop_words is not None:
+        overrides["stop_words"] = _stop_words(args.stop_words)
+    return preset(args.preset, **overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            config = TrainConfig(hidden=args.hidden, window=args.window, epochs=args.epochs,
-                                 batch_size=args.batch_size, lr=args.lr, delta=args.delta,
-                                 min_count=args.min_count, max_vocab=args.max_vocab, seed=args.seed,
-                                 hash_length=args.hash_length)
-            model = train(args.corpus, args.out, config, progress=not args.no_progress)
-            print(f"trained: {len(model.vocabulary)} words, K = {model.num_hidden}; model in {args.out}")
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise ValueError(f"--out must be a folder (model.pt is written into it), but {args.out!r} is a file")
+            model = train(args.corpus, args.out, _config(args), progress=not args.no_progress)
+            words = len(model.vocabulary) - 1  # <UNK> is not a word
+            print(f"trained: {words:,} words, K = {model.num_hidden}; model in {args.out}")
             return 0
         model = FlyVec.load(args.model)
         if args.command == "evaluate":
             from kexue.flyvec.evaluate import evaluate
 
+            status = 0
             for path in args.pairs:
                 score = evaluate(model, path, args.similarity)
+                if math.isnan(score.spearman):  # too few pairs known, or every similarity tied
+                    print(f"{path}\tspearman undefined: {score.why_undefined()}\tpairs {score.pairs}"
+                          f"\tskipped {score.skipped}")
+                    status = 1
+                    continue
                 lo, hi = score.ci95
-                print(f"{path}\tspearman {score.spearman:.4f}\t95% [{lo:.3f}, {hi:.3f}]\tpairs {score.pairs}"
+                interval = f"95% [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else "95% interval needs 4 pairs"
+                print(f"{path}\tspearman {score.spearman:.4f}\t{interval}\tpairs {score.pairs}"
                       f"\tskipped {score.skipped}")
-            return 0
+            return status
         for word, dist in model.nearest(args.word.lower(), args.n):
             print(f"{word}\t{dist}")
         return 0
-    except (ValueError, KeyError, FileNotFoundError, ModelFileError) as exc:
+    except (ValueError, TypeError, KeyError, OSError, ModelFileError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2

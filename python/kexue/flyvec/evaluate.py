@@ -55,10 +55,13 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
                 continue
             fields = line.split("\t")
             try:
-                pairs.append((fields[0].lower(), fields[1].lower(), float(fields[2])))
+                score = float(fields[2])
+                pairs.append((fields[0].lower(), fields[1].lower(), score))
             except (IndexError, ValueError):
                 raise ValueError(f"{os.fspath(path)}:{number}: expected 'word1<TAB>word2<TAB>score', "
                                  f"got {line!r}") from None
+            if not math.isfinite(score):
+                raise ValueError(f"{os.fspath(path)}:{number}: the score must be a finite number, got {fields[2]!r}")
     if not pairs:
         raise ValueError(f"{os.fspath(path)} holds no word pairs")
     return pairs
@@ -93,6 +96,14 @@ class Score:
     pairs: int  # pairs evaluated
     skipped: int  # pairs with a word outside the vocabulary
 
+    def why_undefined(self) -> str | None:
+        """Why :attr:`spearman` is NaN (None when it is a number)."""
+        if not math.isnan(self.spearman):
+            return None
+        if self.pairs < 2:
+            return f"only {self.pairs} pair(s) have both words in the vocabulary"
+        return "the model's similarities (or the scores) are all equal: no ranking to correlate"
+
     @property
     def ci95(self) -> tuple[float, float]:
         """An approximate 95% interval of the Spearman correlation: Fisher's z with the standard
@@ -111,6 +122,10 @@ def evaluate_pairs(pairs: list[tuple[str, str, float]], known: Callable[[str], b
     if len(kept) < 2:
         return Score(float("nan"), len(kept), len(pairs) - len(kept))
     model_sims = [similarity(a, b) for a, b, _ in kept]
+    bad = next(((a, b, x) for (a, b, _), x in zip(kept, model_sims, strict=True) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise ValueError(f"the model's similarity of {bad[0]!r} and {bad[1]!r} is {bad[2]}: its synapses are not "
+                         "finite (trained with an infinite lr or delta?)")
     return Score(spearman(model_sims, [s for _, _, s in kept]), len(kept), len(pairs) - len(kept))
 
 
