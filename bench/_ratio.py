@@ -13,6 +13,8 @@ def speed(factor: float) -> str:
 
 def goal(factor: float) -> str:
     """A goal on ``factor`` (the other's time / kexue's time), which must be at least ``factor``."""
+    if f"{factor:.3g}" == "1":
+        return "at least as fast"
     if factor >= 1:
         return f"at least {factor:.3g}x faster"
     return f"at most {1 / factor:.3g}x slower"

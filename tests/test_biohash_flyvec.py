@@ -427,13 +427,21 @@ def test_undertrained_model_warns(tmp_path):
 # The small-corpus preset, stop-word masking, per-epoch lines, training further.
 
 
-def test_small_preset_and_overrides():
+def test_small_preset_and_overrides(tmp_path):
+    from kexue.flyvec.__main__ import _config, _parser
     from kexue.flyvec.stopwords import ENGLISH
 
     small = flyvec.trainer.preset("small")
-    assert (small.batch_size, small.lr, small.epochs) == (1000, 0.1, 15) and set(small.stop_words) == ENGLISH
+    assert (small.batch_size, small.lr, small.epochs, small.stop_words) == (1000, 0.1, 15, ())
     assert flyvec.trainer.preset("flyvec") == flyvec.TrainConfig()  # FlyVec's own defaults
-    assert flyvec.trainer.preset("small", lr=0.05, stop_words=()).lr == 0.05
+    assert flyvec.trainer.preset("small", lr=0.05).lr == 0.05
+    args = _parser().parse_args(["train", "c.txt", "--out", "m", "--preset", "small", "--lr", "0.2",
+                                 "--stop-words", "english"])
+    assert _config(args) == flyvec.trainer.preset("small", lr=0.2, stop_words=tuple(ENGLISH))
+    words = tmp_path / "stop.txt"
+    words.write_text("# mine\nThe\nof\n")
+    args = _parser().parse_args(["train", "c.txt", "--out", "m", "--stop-words", str(words)])
+    assert _config(args) == flyvec.TrainConfig(stop_words=("of", "the"))
     with pytest.raises(ValueError, match="preset must be one of"):
         flyvec.trainer.preset("tiny")
 

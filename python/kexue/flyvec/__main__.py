@@ -36,11 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for model.pt (a rerun resumes from it)")
     t.add_argument("--preset", choices=sorted(PRESETS), default="flyvec",
                    help="flyvec: FlyVec's defaults (batch 10,000, lr 0.002; billions of windows); small: batch "
-                        "1,000, lr 0.1, English stop words masked (a corpus of up to a few million windows)")
+                        "1,000, lr 0.1, 15 epochs (a corpus of up to a few million windows)")
     for name, typ in _SETTINGS:
         t.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
     t.add_argument("--stop-words", metavar="FILE",
-                   help="mask the words of FILE (one a line; 'english' for the built-in list, 'none' for no masking)")
+                   help="mask the words of FILE (one a line; 'english': the built-in list; default 'none')")
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
     n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static hashes")
     n.add_argument("model", help="a model folder (or model.pt)")
