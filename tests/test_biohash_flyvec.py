@@ -444,6 +444,8 @@ def test_small_preset_and_overrides(tmp_path):
     assert _config(args) == flyvec.TrainConfig(stop_words=("of", "the"))
     with pytest.raises(ValueError, match="preset must be one of"):
         flyvec.trainer.preset("tiny")
+    with pytest.raises(TypeError, match="stop_words must be a sequence of str"):
+        flyvec.TrainConfig(stop_words="the")
 
 
 def test_stop_words_are_masked(tmp_path):

@@ -116,7 +116,7 @@ class FlyVec:
         ``[(word, distance), ...]``, nearest first, ties by frequency rank. ``<UNK>`` and the word
         itself are left out."""
         if word not in self.vocabulary:
-            raise KeyError(f"{word!r} is not in the vocabulary ({len(self.vocabulary) - 1} words)")
+            raise KeyError(f"{word!r} is not in the vocabulary ({len(self.vocabulary) - 1:,} words)")
         codes = self.word_hashes(k)
         V = len(self.vocabulary)
         n = max(0, min(n, V - 2))

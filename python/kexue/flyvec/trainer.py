@@ -53,9 +53,9 @@ class TrainConfig:
     stop_words: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.stop_words, str) or not all(isinstance(w, str) for w in self.stop_words):
+            raise TypeError(f"stop_words must be a sequence of str, got {self.stop_words!r}")
         object.__setattr__(self, "stop_words", tuple(sorted(set(self.stop_words))))
-        if not all(isinstance(w, str) for w in self.stop_words):
-            raise TypeError("stop_words must be strings")
         for name in ("hidden", "window", "epochs", "batch_size", "rank", "min_count", "hash_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
