@@ -32,6 +32,9 @@ class Plan:
 
 
 FULL = Plan()
+# `make bench`'s default plan (headline cases only): fewer samples of the same length, so that
+# every family and peer fits in minutes on 2 cores; medians of 9 samples rather than 15.
+HEADLINE = Plan(warmup_s=0.5, run_s=0.2, min_runs=3, max_runs=9, budget_s=3.0)
 QUICK = Plan(warmup_s=0.05, run_s=0.01, min_runs=3, max_runs=5, budget_s=1.0)
 
 

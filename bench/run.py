@@ -39,7 +39,7 @@ from bench._ratio import duration
 from bench._readme import update as update_readme
 from bench._rows import add_ratios, make_row
 from bench._table import fmt_time, format_family
-from bench._timing import FULL, QUICK, Clock, Plan, Timing, time_peers
+from bench._timing import FULL, HEADLINE, QUICK, Clock, Plan, Timing, time_peers
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 LATEST = Path("latest")  # --publish without a path: the newest record in --out
@@ -138,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         env = describe(device)
     per_row = row_fields(device)
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else FULL if args.full else HEADLINE
     clock = Clock(device)
     started = time.perf_counter()
 
