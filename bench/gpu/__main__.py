@@ -31,7 +31,9 @@ PLANS = {
     "full": Plan(warmup_s=0.2, run_s=0.05, min_runs=5, max_runs=20, budget_s=1.5),
 }
 COPY_FLOOR_BYTES = {"smoke": 1 << 22, "default": 1 << 31, "full": 1 << 31}  # per buffer
-CASE_MIN_S = 8.0  # a case is not started with less time than this left to its family
+CASE_MIN_S = 8.0
+# Attention has the most cases and peers, and compiling FlexAttention takes ~10 s a case.
+WEIGHTS = {"logn_attention": 3.0, "sign_optim": 1.0, "global_pointer": 1.0, "entropy_norm": 0.5, "biohash": 1.0}  # a case is not started with less time than this left to its family
 
 
 def measure_copy_floor(device: torch.device, clock: Clock, plan_name: str) -> dict[str, Any]:
@@ -112,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     text = []
     for i, name in enumerate(families):
         module = importlib.import_module(f"bench.gpu.{name}")
-        # Each family gets an equal share of what is left, so an early family that finishes fast
+        # Each family gets its weight's share of what is left, so a family that finishes early
         # leaves its time to the later ones and a slow one cannot starve them.
-        family_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(families) - i)
+        weights = [WEIGHTS.get(f, 1.0) for f in families[i:]]
+        family_deadline = time.perf_counter() + (deadline - time.perf_counter()) * weights[0] / sum(weights)
         rows: list[dict] = []
         for case in module.cases(device, args.plan):
             left = family_deadline - time.perf_counter()
