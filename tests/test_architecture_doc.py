@@ -167,12 +167,22 @@ def test_gradients_flow_to_both_inputs():
 # No reference to files outside the repository.
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("python", "triton_kernels", "csrc", "tests", "bench", "docs",
-           "README.md", "Makefile", "setup.py", "pyproject.toml")
+SCANNED = (
+    "python",
+    "triton_kernels",
+    "csrc",
+    "tests",
+    "bench",
+    "docs",
+    "README.md",
+    "Makefile",
+    "setup.py",
+    "pyproject.toml",
+)
 # Built from pieces so that this file does not match itself.
 OUTSIDE = ("shared" + "/spec", "DESIGN" + ".md", ".." + "/shared", "anchors" + ".md")
-_TEXT_SUFFIXES = {".py", ".md", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml", ".cfg", ".ini", ".json", ".yaml",
-                  ".yml", ".sh", ".in", ""}
+# Files not read: build outputs and images (any other file that is not UTF-8 text is skipped too).
+_BINARY_SUFFIXES = {".so", ".pyd", ".pyc", ".o", ".png", ".jpg", ".pt"}
 
 
 def _text_files():
@@ -182,10 +192,13 @@ def _text_files():
             yield path
         elif path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+                # Skipped: caches, hidden folders, and egg-info (a stale copy of the README).
+                dirnames[:] = [
+                    d for d in dirnames if d != "__pycache__" and not d.startswith(".") and not d.endswith(".egg-info")
+                ]
                 for filename in filenames:
                     file = Path(dirpath) / filename
-                    if file.suffix in _TEXT_SUFFIXES:
+                    if file.suffix not in _BINARY_SUFFIXES:
                         yield file
 
 
