@@ -202,9 +202,8 @@ def _text_files():
                         yield file
 
 
-def test_no_reference_to_files_outside_the_repository():
-    files = list(_text_files())
-    assert any(f.name == "ARCHITECTURE.md" for f in files)  # the walk reaches docs/
+def _outside_references(files, root: Path) -> list[str]:
+    """``path:line: needle`` for every line of ``files`` that names a file outside the repository."""
     found = []
     for file in files:
         try:
@@ -214,5 +213,19 @@ def test_no_reference_to_files_outside_the_repository():
         for number, line in enumerate(lines, 1):
             for needle in OUTSIDE:
                 if needle in line:
-                    found.append(f"{file.relative_to(ROOT)}:{number}: {needle}")
+                    found.append(f"{file.relative_to(root)}:{number}: {needle}")
+    return found
+
+
+def test_the_scan_finds_a_planted_reference(tmp_path):
+    clean, planted = tmp_path / "clean.py", tmp_path / "planted.md"
+    clean.write_text("# the math is in docs/entropy_norm.md\n")
+    planted.write_text("intro\nsee " + OUTSIDE[1] + " for the design\n")
+    assert _outside_references([clean, planted], tmp_path) == [f"planted.md:2: {OUTSIDE[1]}"]
+
+
+def test_no_reference_to_files_outside_the_repository():
+    files = list(_text_files())
+    assert any(f.name == "ARCHITECTURE.md" for f in files)  # the walk reaches docs/
+    found = _outside_references(files, ROOT)
     assert not found, "references to files outside the repository:\n" + "\n".join(found)
