@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--publish", nargs="?", type=Path, const=LATEST, metavar="JSON",
                         help="run nothing: rewrite the README's results table and docs/bench/ plots from a "
                              "record (default: the newest in --out); refused if its load check failed")
+    # Runs no longer write the README (only --publish does); the flag stays accepted so that
+    # scripts written for the old behaviour keep working.
+    parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")

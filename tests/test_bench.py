@@ -193,6 +193,10 @@ def test_publish_refuses_a_busy_or_quick_run(quick_run, tmp_path, fake_readme, c
     assert fake_readme.read_text() == before and not (tmp_path / "docs").exists()
 
 
+def test_old_no_readme_flag_is_still_accepted():
+    assert run.parse_args(["--no-readme", "--quick"]).quick  # runs never write the README now
+
+
 def test_publish_without_a_record_says_so(tmp_path, capsys):
     assert run.main(["--publish", "--out", str(tmp_path)]) == 2
     assert "run `make bench` first" in capsys.readouterr().err
