@@ -15,9 +15,12 @@
 // states updated (forward) or the gradient row dL/ds formed and reduced (backward). Nothing of
 // size L x L is ever allocated; the largest buffers are kRows x L per worker.
 //
-// Parallelism: over batch elements when there are at least as many as threads, otherwise over
-// the blocks of one batch element at a time, each worker with its own accumulators for the
-// quantities indexed by key (dk, d_end_bias, the loss states), summed after the block loop.
+// Parallelism (drive): blocks handed out from a shared counter (dynamic_for.h), one batch element
+// at a time, or whole batch elements when each has only a few blocks; each worker keeps its own
+// accumulators for the quantities indexed by key (dk, d_end_bias, the loss states), summed once a
+// batch element is done. With shared q/k (H = 1) a block's scores come from ONE product for all
+// T types: the types only add their biases to the same rows, and in the backward their dL/ds add
+// up into one G before the products G k and G^T q.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "kexue/global_pointer.h"
+#include "dynamic_for.h"
 #include "kexue/ops.h"
 #include "rows.h"
 #include "simd.h"
@@ -165,14 +169,20 @@ void rope_tables(int64_t L, int64_t d, double base, std::vector<A>* cos_t, std::
   }
 }
 
-// dst = scale * R_p src for each of `rows` rows of size d (row r is at position r % L).
+// dst = scale * R_p src for each of `rows` rows of size d (row r is at position r % L of batch
+// element r / (H L)). Rows of padded tokens (mask false) become 0 whatever they hold: a NaN or inf
+// there would otherwise reach the real spans through 0 * NaN in the products G k and G^T q.
 template <typename X, typename A>
-void rotate(const X* src, A* dst, int64_t rows, int64_t L, int64_t d, int layout, const std::vector<A>& cos_t,
-            const std::vector<A>& sin_t, A scale) {
+void rotate(const X* src, A* dst, int64_t rows, int64_t H, int64_t L, int64_t d, const bool* mask, int layout,
+            const std::vector<A>& cos_t, const std::vector<A>& sin_t, A scale) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const X* s = src + r * d;
       A* o = dst + r * d;
+      if (!mask[(r / (H * L)) * L + r % L]) {
+        std::fill(o, o + d, A(0));
+        continue;
+      }
       if (layout == kRopeNone) {
         for (int64_t c = 0; c < d; ++c) o[c] = scale * static_cast<A>(s[c]);
         continue;
@@ -230,13 +240,16 @@ Problem<A> prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s
   if (rope != kRopeNone) rope_tables<A>(pb.L, pb.d, base, cos_t, sin_t);
   const int64_t rows = pb.B * pb.H * pb.L;
   const A scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(pb.d, 1))));
-  rotate<X, A>(q.data_ptr<X>(), pb.qr.template data_ptr<A>(), rows, pb.L, pb.d, static_cast<int>(rope), *cos_t, *sin_t,
-               scale);
-  rotate<X, A>(k.data_ptr<X>(), pb.kr.template data_ptr<A>(), rows, pb.L, pb.d, static_cast<int>(rope), *cos_t, *sin_t,
-               A(1));
-  pb.sb = sb.to(acc).contiguous();
-  pb.ebm = eb.to(acc).masked_fill(mask.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity())
-               .contiguous();
+  const bool* m = mask.data_ptr<bool>();
+  rotate<X, A>(q.data_ptr<X>(), pb.qr.template data_ptr<A>(), rows, pb.H, pb.L, pb.d, m, static_cast<int>(rope),
+               *cos_t, *sin_t, scale);
+  rotate<X, A>(k.data_ptr<X>(), pb.kr.template data_ptr<A>(), rows, pb.H, pb.L, pb.d, m, static_cast<int>(rope),
+               *cos_t, *sin_t, A(1));
+  // Biases at padded tokens are never read as numbers: 0 at padded rows (skipped anyway), -inf at
+  // padded keys (the key mask folded into the end bias).
+  const at::Tensor padded = mask.logical_not().unsqueeze(1);
+  pb.sb = sb.to(acc).masked_fill(padded, 0).contiguous();
+  pb.ebm = eb.to(acc).masked_fill(padded, -std::numeric_limits<double>::infinity()).contiguous();
   pb.mask = mask.data_ptr<bool>();
   return pb;
 }
@@ -252,19 +265,21 @@ at::Tensor block_scores(const Problem<A>& pb, int64_t b, int64_t h, int64_t i0, 
 }
 
 // Runs process(acc, b, block) over every block of every batch element and flush(b, accs, n)
-// after each batch element, in one of the two parallel schemes described at the top.
+// once a batch element is done, with each worker's accumulators `accs`. Work is handed out
+// dynamically (cpu::dynamic_for): a worker that stalls holds up one item, not half the call.
+// With few blocks per batch element (short sequences) an item is a whole batch element, flushed
+// by its worker; otherwise the batch elements run one after another, their blocks shared out.
 template <typename Acc, typename Make, typename Process, typename Flush>
 void drive(int64_t B, int64_t nblk, Make make, Process process, Flush flush) {
   if (B == 0 || nblk == 0) return;
   const int64_t nt = at::get_num_threads();
-  if (B >= nt || nblk == 1) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      Acc acc = make();
-      for (int64_t b = b0; b < b1; ++b) {
-        acc.reset();
-        for (int64_t blk = 0; blk < nblk; ++blk) process(acc, b, blk);
-        flush(b, &acc, 1);
-      }
+  if (nblk < 2 * nt && B > 1) {
+    std::vector<Acc> accs;
+    for (int64_t w = 0, nw = std::min(nt, B); w < nw; ++w) accs.push_back(make());
+    cpu::dynamic_for(B, nt, [&](int64_t w, int64_t b) {
+      accs[w].reset();
+      for (int64_t blk = 0; blk < nblk; ++blk) process(accs[w], b, blk);
+      flush(b, &accs[w], 1);
     });
     return;
   }
@@ -272,14 +287,9 @@ void drive(int64_t B, int64_t nblk, Make make, Process process, Flush flush) {
   std::vector<Acc> accs;
   for (int64_t w = 0; w < nw; ++w) accs.push_back(make());
   for (int64_t b = 0; b < B; ++b) {
-    // Round-robin blocks over workers: with the tril mask early blocks are longer, and striding
-    // spreads them evenly.
-    at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w) {
-        accs[w].reset();
-        for (int64_t blk = w; blk < nblk; blk += nw) process(accs[w], b, blk);
-      }
-    });
+    for (auto& acc : accs) acc.reset();
+    // Counter order: with the tril mask early blocks are the longest, so they go first.
+    cpu::dynamic_for(nblk, nw, [&](int64_t w, int64_t blk) { process(accs[w], b, blk); });
     flush(b, accs.data(), nw);
   }
 }
