@@ -14,14 +14,14 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import kexue
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import kexue
 from kexue import _backend
 from kexue.ops import global_pointer_loss, global_pointer_scores
+
 from tests.helpers import assert_close
 
 BACKENDS = ["torch"] + (["cpu"] if _backend.native() is not None else [])
@@ -121,7 +121,7 @@ def check(backend, p):
     assert loss.dtype == dtype and scores.dtype == dtype
     assert_close(loss, loss64, dtype, "loss", factor)
     assert_close(scores, scores64, dtype, "scores", factor)
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=True):
         if b is None:
             continue
         assert a.dtype == dtype

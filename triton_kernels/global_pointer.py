@@ -61,15 +61,18 @@ def _head_block(head_size: int) -> int:
 
 
 def tile_for(head_size: int) -> Tile:
-    """The loss kernels' configuration: 32 x 32 score tiles over 4 warps in one pipeline stage,
-    the head padded to 64 or 128 channels (masked loads)."""
-    return Tile(32, 32, _head_block(head_size), 4, 1)
+    """The loss kernels' configuration: 32 x 32 score tiles in one pipeline stage, the head padded
+    to 64 channels over 4 warps, or to 128 over 8 warps (with 4 warps the 128-channel backward
+    passes ran out of registers and used a stack on sm_80 / sm_90)."""
+    block_h = _head_block(head_size)
+    return Tile(32, 32, block_h, 4 if block_h == 64 else 8, 1)
 
 
 def scores_tile_for(head_size: int) -> Tile:
-    """The scores op's configuration: 16 x 32 tiles (16 query rows), 4 warps, one stage, the
-    head padded to 64 or 128 channels."""
-    return Tile(16, 32, _head_block(head_size), 4, 1)
+    """The scores op's configuration: 16 x 32 tiles (16 query rows), one stage, the head padded
+    to 64 channels over 4 warps or 128 over 8."""
+    block_h = _head_block(head_size)
+    return Tile(16, 32, block_h, 4 if block_h == 64 else 8, 1)
 
 
 def supports(head_size: int) -> str | None:

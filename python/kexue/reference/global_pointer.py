@@ -1,7 +1,8 @@
 """GlobalPointer in plain PyTorch: RoPE, span scores, multilabel cross-entropy, decoding.
 
 The oracle of every global_pointer test (run it in float64) and the ``torch`` backend of
-:mod:`kexue.ops.global_pointer`. The math is shared/spec/global_pointer.md, sections 7 and 8.
+:mod:`kexue.ops.global_pointer`. The math: kexue.fm/archives/8373 (GlobalPointer), 8877 (Efficient
+GlobalPointer), 7359 and 9064 (multilabel cross-entropy), 8888 (GPLinker).
 
 Canonical layout (what the ops layer hands the kernels):
 
@@ -143,7 +144,7 @@ def multilabel_crossentropy(scores: Tensor, labels: Tensor) -> Tensor:
 def sparse_multilabel_crossentropy(
     scores: Tensor, positives: Tensor, mask_zero: bool = False, epsilon: float = 1e-7
 ) -> Tensor:
-    """Sparse form of bert4keras / bert4torch, step for step (shared/spec section 7.3).
+    """Sparse form of bert4keras / bert4torch, step for step (kexue.fm/archives/8888).
 
     ``scores (..., n)``; ``positives (..., P)`` int64 class indices (with ``mask_zero``, index 0 is
     padding). ``neg = a + log(clip(1 - e^(b - a), epsilon, 1))`` with ``a = log(1 + sum_all e^s)``
