@@ -131,6 +131,20 @@ def test_heads_beyond_the_tiles_go_to_the_reference(triton_backend):
     assert name in ("cpu", "torch")
 
 
+def test_kernels_import_nothing_from_the_reference():
+    """The oracle stays an oracle: the Triton modules compute RoPE and read labels themselves."""
+    import ast
+    from pathlib import Path
+
+    from kexue.triton_kernels import global_pointer_tiles
+
+    for module in (K, global_pointer_tiles):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m and m.startswith("kexue")], imported
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOP structure: one Q K^T per (batch, tile), whatever the number of types.
 
