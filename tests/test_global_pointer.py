@@ -598,3 +598,30 @@ def test_nan_soft_labels_are_an_error_and_never_a_zero_loss():
     f = torch.compile(lambda s, t: multilabel_crossentropy(s, t, reduction="none"), fullgraph=True, backend="eager")
     out = f(s, t)
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_cpu_kernels_give_the_same_answer_for_any_worker_count(threads):
+    """Blocks are handed out dynamically (whichever worker is free takes the next one), so the
+    worker that processes a block varies from call to call: the result must not depend on it,
+    up to the order in which the workers' shares are summed."""
+    q, k, sb, eb, mask, labels = make_problem(3, 100, 4, 16, dtype=torch.float32, seed=31)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (q, k, sb, eb)]
+            with kexue.use_backend("cpu"):
+                loss = global_pointer_loss(*leaves, labels, mask, reduction="none")
+                scores = global_pointer_scores(*leaves, mask)
+            grads = torch.autograd.grad(loss.sum() + scores.masked_fill(torch.isinf(scores), 0).sum(), leaves)
+            results.append((loss, scores, grads))
+    finally:
+        torch.set_num_threads(previous)
+    (loss1, scores1, grads1), (loss_n, scores_n, grads_n) = results
+    assert torch.equal(scores1, scores_n)  # every score is written by one block, whoever runs it
+    assert_close(loss_n, loss1.double(), torch.float32, "loss")
+    for a, b in zip(grads_n, grads1, strict=True):
+        assert_close(a, b.double(), torch.float32, "grad")

@@ -55,29 +55,53 @@ MAX_HEAD_SIZE = 128
 
 
 def _head_block(head_size: int) -> int:
-    if head_size > MAX_HEAD_SIZE:
-        raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {head_size}")
     return 64 if head_size <= 64 else 128
 
 
-def tile_for(head_size: int) -> Tile:
-    """The loss kernels' configuration: 32 x 32 score tiles in one pipeline stage, the head padded
-    to 64 channels over 4 warps, or to 128 over 8 warps (with 4 warps the 128-channel backward
-    passes ran out of registers and used a stack on sm_80 / sm_90)."""
-    block_h = _head_block(head_size)
-    return Tile(32, 32, block_h, 4 if block_h == 64 else 8, 1)
+# (head block, fp32 operands?) -> tile. Each entry is the first candidate whose kernels (every
+# pass; IEEE and TF32 dots for fp32) compiled with no stack frame and no spill on sm_80 and sm_90
+# (tests/gpu_compile.py). ptxas's choice is erratic (the fp32 loss columns pass used a 24-byte
+# stack at 32 x 32 x 64 over 4 warps on sm_90, the 16-bit one 40 bytes at 32 x 32 x 128 over 8
+# warps), hence one measured entry per case. No fp32 loss tile for 128-channel heads compiled
+# clean (32x32 w4/w8/w16, 16x32 w4/w8, 32x16 w8, 16x16 w4/w8 all kept a stack), so fp32 heads
+# wider than 64 are declined (:func:`supports`) and served by the CUDA C++ kernels.
+_LOSS_TILES = {
+    (64, False): Tile(32, 32, 64, 4),
+    (64, True): Tile(32, 16, 64, 4),
+    (128, False): Tile(32, 32, 128, 4),
+}
+_SCORES_TILES = {
+    (64, False): Tile(16, 32, 64, 4),
+    (64, True): Tile(32, 32, 64, 4),
+    (128, False): Tile(32, 32, 128, 8),
+}
 
 
-def scores_tile_for(head_size: int) -> Tile:
-    """The scores op's configuration: 16 x 32 tiles (16 query rows), one stage, the head padded
-    to 64 channels over 4 warps or 128 over 8."""
-    block_h = _head_block(head_size)
-    return Tile(16, 32, block_h, 4 if block_h == 64 else 8, 1)
+def _key(head_size: int, dtype: torch.dtype) -> tuple[int, bool]:
+    why = supports(head_size, dtype)
+    if why is not None:
+        raise ValueError(why)
+    return _head_block(head_size), operand_dtype(dtype, torch.device("cuda")) == torch.float32
 
 
-def supports(head_size: int) -> str | None:
-    """Why the Triton kernels cannot serve a head of ``head_size`` channels, or None."""
-    return None if head_size <= MAX_HEAD_SIZE else f"Triton GlobalPointer tiles hold heads up to {MAX_HEAD_SIZE}"
+def tile_for(head_size: int, dtype: torch.dtype = torch.float32) -> Tile:
+    """The loss kernels' configuration for a head of ``head_size`` channels (padded to a block of
+    64 or 128, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
+    return _LOSS_TILES[_key(head_size, dtype)]
+
+
+def scores_tile_for(head_size: int, dtype: torch.dtype = torch.float32) -> Tile:
+    """The scores op's configuration, chosen as :func:`tile_for`'s."""
+    return _SCORES_TILES[_key(head_size, dtype)]
+
+
+def supports(head_size: int, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why the Triton kernels cannot serve a head of ``head_size`` channels in ``dtype``, or None."""
+    if head_size > MAX_HEAD_SIZE:
+        return f"Triton GlobalPointer tiles hold heads up to {MAX_HEAD_SIZE}, got {head_size}"
+    if head_size > 64 and dtype not in (torch.float16, torch.bfloat16):
+        return f"Triton GlobalPointer tiles hold fp32 heads up to 64 channels (fp16/bf16 up to 128), got {head_size}"
+    return None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -129,7 +153,7 @@ def _unrotated(g: torch.Tensor, rope: int, base: float, scale: float, dtype) -> 
 
 def _common(q, k, sb, mask, rope, base, tile):
     batch, heads, length, d = q.shape
-    tile = tile or tile_for(d)
+    tile = tile or tile_for(d, q.dtype)
     if d > tile.block_h:
         raise ValueError(f"the tile's head block {tile.block_h} is narrower than the head size {d}")
     scale = 1.0 / max(d, 1) ** 0.5
@@ -208,7 +232,7 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril
 def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
     """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked)."""
     batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                  tile or scores_tile_for(q.shape[-1]))
+                                                                  tile or scores_tile_for(q.shape[-1], q.dtype))
     out = torch.empty(batch, types, length, length, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -223,7 +247,7 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
     """``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over the unmasked spans,
     in the inputs' dtypes. ``grad``: ``(B, T, L, L)`` of q's dtype."""
     batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                      tile or scores_tile_for(q.shape[-1]))
+                                                                      tile or scores_tile_for(q.shape[-1], q.dtype))
     dsb = torch.zeros(batch, types, length, dtype=torch.float32, device=q.device)
     deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
@@ -246,12 +270,16 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def all_tiles() -> list[Tile]:
-    return sorted({tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
+def _served(dtype: torch.dtype) -> range:
+    return range(1, (MAX_HEAD_SIZE if dtype in (torch.float16, torch.bfloat16) else 64) + 1)
 
 
-def all_scores_tiles() -> list[Tile]:
-    return sorted({scores_tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
+def all_tiles(dtype: torch.dtype) -> list[Tile]:
+    return sorted({tile_for(d, dtype) for d in _served(dtype)})
+
+
+def all_scores_tiles(dtype: torch.dtype) -> list[Tile]:
+    return sorted({scores_tile_for(d, dtype) for d in _served(dtype)})
 
 
 def _config(name, kernel, sig, tile, dtype, prec) -> dict:
@@ -291,7 +319,7 @@ def _aot_configs() -> list[dict]:
              dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32")),
         ]
         precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for tiles, kernels in ((all_tiles(), loss), (all_scores_tiles(), scores)):
+        for tiles, kernels in ((all_tiles(dtype), loss), (all_scores_tiles(dtype), scores)):
             for tile in tiles:
                 configs += [_config(name, kernel, sig, tile, dtype, prec)
                             for name, kernel, sig in kernels for prec in precs]

@@ -92,7 +92,7 @@ def _triton_scores_backward(*args):
 
 
 def _triton_supports(q: torch.Tensor) -> str | None:
-    return _kernels().supports(q.shape[-1])
+    return _kernels().supports(q.shape[-1], q.dtype)
 
 
 def _cuda_supports(q: torch.Tensor) -> str | None:
