@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 
 SMALL = K.Tile(16, 16, 16, 4)
+WIDE = K.Tile(32, 32, 128, 4)  # the kernels' 128-channel head block (not yet picked by tile_for)
 ROPE_NAMES = {0: None, 1: "interleaved", 2: "half"}
 
 
@@ -50,7 +51,7 @@ CASES = [
     (1, 1, 2, 1, 4, 1, True, SMALL),
     (2, 1, 2, 33, 5, 0, True, SMALL),  # odd head size without RoPE
     (1, 1, 2, 70, 8, 1, True, None),  # the launcher's own tile (32 x 32 x 64)
-    (1, 1, 2, 40, 72, 1, True, None),  # a head wider than 64: the 128-channel head block
+    (1, 1, 2, 40, 72, 1, True, WIDE),  # a head wider than 64: the 128-channel head block
 ]
 
 
@@ -65,10 +66,6 @@ def test_loss_matches_oracle(case, dtype):
     batch, heads, types, length, d, rope, tril, tile = case
     q, k, sb, eb, mask, labels = problem(batch, heads, types, length, d, dtype, tril, seed=length + d)
     row_ptr, cols = csr(labels)
-    if tile is None and K.supports(d, dtype) is not None:  # fp32 heads wider than 64: declined
-        with pytest.raises(ValueError, match="fp32 heads up to 64"):
-            K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, 1e4, tril)
-        return
     loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, 1e4, tril, tile=tile)
     args64 = [t.double() for t in (q, k, sb, eb)]
     loss64, lse64 = ref.global_pointer_loss_forward(*args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
@@ -119,11 +116,11 @@ def test_public_op_on_the_triton_backend(triton_backend):
 
 
 def test_heads_beyond_the_tiles_go_to_the_reference(triton_backend):
-    """The dispatcher asks the Triton backend what it serves: a head wider than MAX_HEAD_SIZE is
+    """The dispatcher asks the Triton backend what it serves: a head wider than MAX_SERVED_HEAD is
     declined with a reason, and the call goes to the next backend (the reference, on CPU)."""
     from kexue import _backend
 
-    d = K.MAX_HEAD_SIZE + 2
+    d = K.MAX_SERVED_HEAD + 2
     q, k, sb, eb, mask, labels = problem(1, 1, 2, 9, d, torch.float32, True, seed=5)
     with pytest.raises(ValueError, match="heads up to"):
         K.loss_forward(q, k, sb, eb, mask, *csr(labels), 1, 1e4, True)
@@ -308,9 +305,10 @@ def test_production_size_on_the_gpu(d, dtype):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, True)
+    tile = WIDE if d > K.MAX_SERVED_HEAD else None
+    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, True, tile=tile)
     grad = torch.rand(batch, types, device="cuda")
-    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, True)
+    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, True, tile=tile)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < batch * types * length * length * 2 / 8  # 1/8 of one bf16 copy of the scores

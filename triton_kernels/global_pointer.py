@@ -51,29 +51,31 @@ class Tile(NamedTuple):
     num_stages: int = 1  # no software pipelining: with 2-3 stages the backward kernels spill
 
 
-MAX_HEAD_SIZE = 128
+MAX_HEAD_SIZE = 128  # the widest head block the kernels are written for (see MAX_SERVED_HEAD)
 
 
 def _head_block(head_size: int) -> int:
     return 64 if head_size <= 64 else 128
 
 
-# (head block, fp32 operands?) -> tile. Each entry is the first candidate whose kernels (every
-# pass; IEEE and TF32 dots for fp32) compiled with no stack frame and no spill on sm_80 and sm_90
-# (tests/gpu_compile.py). ptxas's choice is erratic (the fp32 loss columns pass used a 24-byte
-# stack at 32 x 32 x 64 over 4 warps on sm_90, the 16-bit one 40 bytes at 32 x 32 x 128 over 8
-# warps), hence one measured entry per case. No fp32 loss tile for 128-channel heads compiled
-# clean (32x32 w4/w8/w16, 16x32 w4/w8, 32x16 w8, 16x16 w4/w8 all kept a stack), so fp32 heads
-# wider than 64 are declined (:func:`supports`) and served by the CUDA C++ kernels.
+# (head block, fp32 operands?) -> tile. Each entry is a candidate whose kernels (every pass; IEEE
+# and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (JIT
+# and unspecialized forms, sm_80/86/89/90). ptxas's choice is erratic (the fp32 loss columns pass
+# used a 24-byte stack at 32 x 32 x 64 over 4 warps on sm_90), hence one measured entry per case.
+#
+# 128-channel heads: the kernels are written for them (BLOCK_H = 128) and pass the interpreter
+# tests, but no tile tried compiled without a stack everywhere (16-bit loss: 32x32 w4 kept 24-120
+# bytes in the unspecialized form, 32x32 w8 40 bytes on sm_90, 16x32 / 32x16 w8 8 bytes on sm_80;
+# the scores forward at 32x32 w8 8 bytes on sm_86/89; fp32: every 16/32 x 16/32 tile at 4-16
+# warps). Until one does, MAX_SERVED_HEAD is 64 and wider heads go to the CUDA C++ kernels.
+MAX_SERVED_HEAD = 64
 _LOSS_TILES = {
     (64, False): Tile(32, 32, 64, 4),
     (64, True): Tile(32, 16, 64, 4),
-    (128, False): Tile(32, 32, 128, 4),
 }
 _SCORES_TILES = {
     (64, False): Tile(16, 32, 64, 4),
-    (64, True): Tile(32, 32, 64, 4),
-    (128, False): Tile(32, 32, 128, 8),
+    (64, True): Tile(32, 16, 64, 4),
 }
 
 
@@ -97,10 +99,9 @@ def scores_tile_for(head_size: int, dtype: torch.dtype = torch.float32) -> Tile:
 
 def supports(head_size: int, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """Why the Triton kernels cannot serve a head of ``head_size`` channels in ``dtype``, or None."""
-    if head_size > MAX_HEAD_SIZE:
-        return f"Triton GlobalPointer tiles hold heads up to {MAX_HEAD_SIZE}, got {head_size}"
-    if head_size > 64 and dtype not in (torch.float16, torch.bfloat16):
-        return f"Triton GlobalPointer tiles hold fp32 heads up to 64 channels (fp16/bf16 up to 128), got {head_size}"
+    if head_size > MAX_SERVED_HEAD:
+        return (f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
+                f"still use a stack frame), got {head_size}")
     return None
 
 
@@ -271,7 +272,7 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def _served(dtype: torch.dtype) -> range:
-    return range(1, (MAX_HEAD_SIZE if dtype in (torch.float16, torch.bfloat16) else 64) + 1)
+    return range(1, MAX_SERVED_HEAD + 1)
 
 
 def all_tiles(dtype: torch.dtype) -> list[Tile]:
