@@ -511,7 +511,7 @@ def test_backends_declare_the_heads_they_serve(monkeypatch):
     if "cuda" not in _backend._REGISTRY[gpb.OP_LOSS]:
         monkeypatch.setitem(_backend._REGISTRY[gpb.OP_LOSS], "cuda",
                             _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports))
-    narrow = torch.empty(1, 1, 4, 64, device="meta")
+    narrow = torch.empty(1, 1, 4, 64, device="meta", dtype=torch.bfloat16)
     wide = torch.empty(1, 1, 4, gpb.CUDA_MAX_HEAD_SIZE + 2, device="meta")
     why = _backend.reasons(gpb.OP_LOSS, wide)
     assert "heads up to" in why["cuda"] and "heads up to" in why["triton"]

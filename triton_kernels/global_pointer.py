@@ -68,10 +68,13 @@ def _head_block(head_size: int) -> int:
 # bytes in the unspecialized form, 32x32 w8 40 bytes on sm_90, 16x32 / 32x16 w8 8 bytes on sm_80;
 # the scores forward at 32x32 w8 8 bytes on sm_86/89; fp32: every 16/32 x 16/32 tile at 4-16
 # warps). Until one does, MAX_SERVED_HEAD is 64 and wider heads go to the CUDA C++ kernels.
+# fp32 LOSS: with fp32 operands (IEEE or TF32 dots) every loss tile tried kept an 8-48 byte stack
+# in the unspecialized form on sm_80 or sm_90 (32x32 w4, 32x16 w2/w4/w8, 16x32 w4/w8, 16x16
+# w2/w4/w8), so the loss serves fp16/bf16 only and fp32 goes to the CUDA C++ kernels; the fp32
+# scores op has a clean tile.
 MAX_SERVED_HEAD = 64
 _LOSS_TILES = {
     (64, False): Tile(32, 32, 64, 4),
-    (64, True): Tile(32, 16, 64, 4),
 }
 _SCORES_TILES = {
     (64, False): Tile(16, 32, 64, 4),
@@ -79,29 +82,32 @@ _SCORES_TILES = {
 }
 
 
-def _key(head_size: int, dtype: torch.dtype) -> tuple[int, bool]:
-    why = supports(head_size, dtype)
+def _key(head_size: int, dtype: torch.dtype, op: str) -> tuple[int, bool]:
+    why = supports(head_size, dtype, op)
     if why is not None:
         raise ValueError(why)
     return _head_block(head_size), operand_dtype(dtype, torch.device("cuda")) == torch.float32
 
 
-def tile_for(head_size: int, dtype: torch.dtype = torch.float32) -> Tile:
+def tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
     """The loss kernels' configuration for a head of ``head_size`` channels (padded to a block of
-    64 or 128, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
-    return _LOSS_TILES[_key(head_size, dtype)]
+    64, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
+    return _LOSS_TILES[_key(head_size, dtype, "loss")]
 
 
-def scores_tile_for(head_size: int, dtype: torch.dtype = torch.float32) -> Tile:
+def scores_tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
     """The scores op's configuration, chosen as :func:`tile_for`'s."""
-    return _SCORES_TILES[_key(head_size, dtype)]
+    return _SCORES_TILES[_key(head_size, dtype, "scores")]
 
 
-def supports(head_size: int, dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """Why the Triton kernels cannot serve a head of ``head_size`` channels in ``dtype``, or None."""
+def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "loss") -> str | None:
+    """Why the Triton ``op`` ("loss" or "scores") cannot serve a head of ``head_size`` channels in
+    ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
     if head_size > MAX_SERVED_HEAD:
         return (f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
                 f"still use a stack frame), got {head_size}")
+    if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
+        return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
     return None
 
 
@@ -276,6 +282,8 @@ def _served(dtype: torch.dtype) -> range:
 
 
 def all_tiles(dtype: torch.dtype) -> list[Tile]:
+    if supports(1, dtype, "loss") is not None:
+        return []
     return sorted({tile_for(d, dtype) for d in _served(dtype)})
 
 

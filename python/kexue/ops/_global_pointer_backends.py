@@ -91,8 +91,12 @@ def _triton_scores_backward(*args):
     return _kernels().scores_backward(*args)
 
 
-def _triton_supports(q: torch.Tensor) -> str | None:
-    return _kernels().supports(q.shape[-1], q.dtype)
+def _triton_loss_supports(q: torch.Tensor) -> str | None:
+    return _kernels().supports(q.shape[-1], q.dtype, "loss")
+
+
+def _triton_scores_supports(q: torch.Tensor) -> str | None:
+    return _kernels().supports(q.shape[-1], q.dtype, "scores")
 
 
 def _cuda_supports(q: torch.Tensor) -> str | None:
@@ -121,9 +125,9 @@ def _register_backends() -> None:
                           (native.global_pointer_scores_forward_cuda, native.global_pointer_scores_backward_cuda),
                           ALL_FLOATS, supports=_cuda_supports)
     _backend.register(OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS,
-                      supports=_triton_supports)
+                      supports=_triton_loss_supports)
     _backend.register(OP_SCORES, "triton", (_triton_scores_forward, _triton_scores_backward), _FLOATS,
-                      supports=_triton_supports)
+                      supports=_triton_scores_supports)
 
 
 _register_backends()
