@@ -13,7 +13,8 @@ import torch
 
 import kexue
 from kexue.ops import global_pointer_decode, global_pointer_loss, global_pointer_scores, multilabel_crossentropy
-from kexue.ops import global_pointer as ops
+from kexue.ops import _global_pointer_inputs as ops
+from kexue.ops import global_pointer as gp_ops
 from kexue.reference import global_pointer as ref
 from tests.helpers import assert_close, rel_err
 
@@ -120,7 +121,7 @@ def test_reference_scores_match_a_loop():
 
 
 def original_mlce(y_pred, y_true):
-    """The original implementation from kexue.fm/archives/7359 (shared/spec 7.3), 1e12 tricks included."""
+    """The original implementation from kexue.fm/archives/7359, 1e12 tricks included."""
     y_pred = (1 - 2 * y_true) * y_pred
     y_neg = y_pred - y_true * 1e12
     y_pos = y_pred - (1 - y_true) * 1e12
@@ -310,7 +311,7 @@ def test_decode_matches_dense_scores(backend):
     with kexue.use_backend(backend):
         s = global_pointer_scores(q, k, sb, eb, mask)
     index, score = global_pointer_decode(q, k, sb, eb, mask, threshold=0.5, chunk=7)
-    dense_index, dense_score = ops.decode(s, threshold=0.5)
+    dense_index, dense_score = gp_ops.decode(s, threshold=0.5)
     assert len(index) > 0 and torch.equal(index, dense_index)
     assert rel_err(score, dense_score) < 1e-12
     assert (score > 0.5).all()
@@ -488,7 +489,7 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     q, k, sb, eb, mask, labels = make_problem(2, 10, 3, 4, dtype=torch.float32, seed=21)
-    q4, k4, s4, e4, m, code, base = ops._canonical(q, k, sb, eb, mask, True, 10000.0)
+    q4, k4, s4, e4, m, code, base = ops.canonical(q, k, sb, eb, mask, True, 10000.0)
     leaves = [t.requires_grad_() for t in (q4, k4, s4, e4)]
     with kexue.use_backend(backend):
         for lab in (labels, labels.nonzero()):
@@ -497,31 +498,130 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.kexue.global_pointer_scores, (*leaves, m, 0, base, False))
 
 
-def test_cuda_backend_routing(monkeypatch):
-    """The ``cuda`` backend calls the CUDA C++ entry points for heads they serve and the reference
-    beyond; a head too wide for the Triton tiles goes to CUDA C++ only for CUDA tensors. (A stand-in
-    native module records the calls: the CUDA kernels cannot run here.)"""
+def test_backends_declare_the_heads_they_serve(monkeypatch):
+    """The dispatcher asks each backend once per call whether it serves it: a head beyond the CUDA
+    C++ kernels and the Triton tiles is declined by both with a reason, and forcing one of them
+    names every backend's reason. (Every backend is made "present" and a stand-in CUDA entry is
+    registered if this build has none: the CUDA kernels cannot run here; meta tensors carry the
+    shapes.)"""
     from kexue import _backend
+    from kexue.ops import _global_pointer_backends as gpb
 
-    calls = []
+    monkeypatch.setattr(_backend, "_device_reason", lambda name, device: None)
+    if "cuda" not in _backend._REGISTRY[gpb.OP_LOSS]:
+        monkeypatch.setitem(_backend._REGISTRY[gpb.OP_LOSS], "cuda",
+                            _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports))
+    narrow = torch.empty(1, 1, 4, 64, device="meta", dtype=torch.bfloat16)
+    wide = torch.empty(1, 1, 4, gpb.CUDA_MAX_HEAD_SIZE + 2, device="meta")
+    why = _backend.reasons(gpb.OP_LOSS, wide)
+    assert "heads up to" in why["cuda"] and "heads up to" in why["triton"]
+    assert why["torch"] is None
+    assert _backend.reasons(gpb.OP_LOSS, narrow)["cuda"] is None
+    assert _backend.reasons(gpb.OP_LOSS, narrow)["triton"] is None
+    with kexue.use_backend("cuda"):
+        with pytest.raises(_backend.BackendUnavailableError) as err:
+            _backend.select(gpb.OP_LOSS, wide)
+        assert _backend.select(gpb.OP_LOSS, narrow)[0] == "cuda"
+    assert all(f"{name}:" in str(err.value) for name in _backend.NAMES)
 
-    class FakeNative:
-        WITH_CUDA = True
 
-        def global_pointer_scores_forward_cuda(self, q, *args):
-            calls.append(q.shape[-1])
-            return "cuda"
+# ---------------------------------------------------------------------------------------------
+# Issue 16: masked positions never matter; out-of-range labels are errors also under compile and
+# through the raw op; NaN soft labels are errors.
 
-    monkeypatch.setattr(_backend, "_native", FakeNative())
-    forward = ops._cuda("global_pointer_scores_forward")
-    for d, expect_cuda in ((8, True), (ops.CUDA_MAX_HEAD_SIZE, True), (ops.CUDA_MAX_HEAD_SIZE + 2, False)):
-        q, k, sb, eb, mask, _ = make_problem(1, 5, 2, d, seed=d)
-        q4, k4, s4, e4, m, code, base = ops._canonical(q, k, sb, eb, mask, True, 10000.0)
-        out = forward(q4, k4, s4, e4, m, code, base, True)
-        if expect_cuda:
-            assert out == "cuda" and calls[-1] == d
-        else:
-            assert torch.equal(out, ref.global_pointer_scores_forward(q4, k4, s4, e4, m, "interleaved", base, True))
-    assert len(calls) == 2
-    # CPU tensors (the Triton interpreter) never reach the CUDA entry points
-    assert ops._beyond_triton("global_pointer_scores_forward", q4) is ops._ref_scores_forward
+
+def _issue16_problem():
+    g = torch.Generator().manual_seed(0)
+    q, k, b = torch.randn(1, 9, 8, generator=g), torch.randn(1, 9, 8, generator=g), torch.randn(1, 9, 2, generator=g)
+    m = torch.ones(1, 9, dtype=torch.bool)
+    m[0, 7:] = False
+    return q, k, b, m
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_masked_positions_never_influence_the_result(backend, poison):
+    """Whatever padded tokens hold in q, k or the biases, the loss, the scores and every gradient
+    at real tokens are those of clean inputs, and the gradients at padded tokens are 0."""
+    q, k, b, m = _issue16_problem()
+    labels = torch.tensor([[0, 0, 1, 5], [0, 1, 2, 2]])
+    dirty = [t.clone() for t in (q, k, b, b)]
+    for t in dirty:
+        t[0, 7:] = poison
+    with kexue.use_backend(backend):
+        results = []
+        for inputs in ((q, k, b, b), dirty):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = global_pointer_loss(*leaves, labels, m, reduction="none")
+            scores = global_pointer_scores(*leaves, m)
+            weight = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1))
+            total = loss.sum() + scores.masked_fill(torch.isinf(scores), 0).mul(weight).sum()
+            results.append((loss, scores, torch.autograd.grad(total, leaves)))
+    (loss, scores, grads), (loss2, scores2, grads2) = results
+    assert torch.isfinite(loss2).all()
+    assert_close(loss2, loss, torch.float32, "loss")
+    assert torch.equal(torch.isinf(scores2), torch.isinf(scores)) and (scores2[torch.isinf(scores2)] < 0).all()
+    assert_close(scores2.masked_fill(torch.isinf(scores2), 0), scores.masked_fill(torch.isinf(scores), 0),
+                 torch.float32, "scores")
+    for a, c in zip(grads2, grads):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a[0, 7:], torch.zeros_like(a[0, 7:]))
+        assert_close(a, c, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_of_range_labels_are_errors_under_compile_and_in_the_raw_op(backend):
+    """Issue 16: end = 12 with L = 9 used to wrap into span (2, 3) where the eager checks are
+    skipped. The CSR is built inside the op, which checks the range there."""
+    q, k, b, m = _issue16_problem()
+    bad = torch.tensor([[0, 0, 1, 5], [0, 0, 2, 12]])
+    q4, k4, s4, e4, m4, code, base = ops.canonical(q, k, b, b, m, True, 10000.0)
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: global_pointer_loss(*a, reduction="none"), fullgraph=True, backend="eager")
+    with kexue.use_backend(backend):
+        with pytest.raises(ValueError, match=r"label \[0, 0, 2, 12\]: end index out of range \[0, 9\)"):
+            torch.ops.kexue.global_pointer_loss(q4, k4, s4, e4, m4, bad, code, base, True)
+        with pytest.raises(ValueError, match="end index out of range"):
+            f(q, k, b, b, bad, m)
+        for row in ([0, 2, 1, 5], [1, 0, 1, 5], [0, 0, -1, 5]):
+            with pytest.raises(ValueError, match="out of range"):
+                torch.ops.kexue.global_pointer_loss(q4, k4, s4, e4, m4, torch.tensor([row]), code, base, True)
+
+
+def test_nan_soft_labels_are_an_error_and_never_a_zero_loss():
+    s = torch.randn(3, 5)
+    t = torch.rand(3, 5)
+    t[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="soft labels must lie in"):
+        multilabel_crossentropy(s, t)
+    torch._dynamo.reset()
+    f = torch.compile(lambda s, t: multilabel_crossentropy(s, t, reduction="none"), fullgraph=True, backend="eager")
+    out = f(s, t)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_cpu_kernels_give_the_same_answer_for_any_worker_count(threads):
+    """Blocks are handed out dynamically (whichever worker is free takes the next one), so the
+    worker that processes a block varies from call to call: the result must not depend on it,
+    up to the order in which the workers' shares are summed."""
+    q, k, sb, eb, mask, labels = make_problem(3, 100, 4, 16, dtype=torch.float32, seed=31)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (q, k, sb, eb)]
+            with kexue.use_backend("cpu"):
+                loss = global_pointer_loss(*leaves, labels, mask, reduction="none")
+                scores = global_pointer_scores(*leaves, mask)
+            grads = torch.autograd.grad(loss.sum() + scores.masked_fill(torch.isinf(scores), 0).sum(), leaves)
+            results.append((loss, scores, grads))
+    finally:
+        torch.set_num_threads(previous)
+    (loss1, scores1, grads1), (loss_n, scores_n, grads_n) = results
+    assert torch.equal(scores1, scores_n)  # every score is written by one block, whoever runs it
+    assert_close(loss_n, loss1.double(), torch.float32, "loss")
+    for a, b in zip(grads_n, grads1, strict=True):
+        assert_close(a, b.double(), torch.float32, "grad")

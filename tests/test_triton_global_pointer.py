@@ -3,7 +3,9 @@
 Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1): small shapes with lengths that are not multiples of the tile, padding, one
 token, shared and per-type heads, every RoPE layout, with and without the tril mask, dense and
-sparse labels, fp32/bf16, through the launchers and through the public op (the triton backend).
+sparse labels, fp32/bf16/fp16, through the launchers and through the public op (the triton backend);
+the FLOP structure (one Q K^T per (batch, tile) whatever the number of types) by counting the dots
+the interpreter runs. At the end, CUDA-only checks at production size (skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kexue
 from kexue.ops import global_pointer_loss, global_pointer_scores
 from kexue.ops.global_pointer import labels_to_csr
 from kexue.reference import global_pointer as ref
@@ -20,7 +23,7 @@ pytest.importorskip("triton")
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 
 SMALL = K.Tile(16, 16, 16, 4)
-EMPTY = torch.zeros(0, dtype=torch.int64)
+WIDE = K.Tile(32, 32, 128, 4)  # the kernels' 128-channel head block (not yet picked by tile_for)
 ROPE_NAMES = {0: None, 1: "interleaved", 2: "half"}
 
 
@@ -47,73 +50,160 @@ CASES = [
     (2, 2, 2, 20, 6, 2, False, SMALL),
     (1, 1, 2, 1, 4, 1, True, SMALL),
     (2, 1, 2, 33, 5, 0, True, SMALL),  # odd head size without RoPE
-    (1, 1, 2, 70, 8, 1, True, None),  # the launcher's own tile (64 x 64)
+    (1, 1, 2, 70, 8, 1, True, None),  # the launcher's own tile (32 x 32 x 64)
+    (1, 1, 2, 40, 72, 1, True, WIDE),  # a head wider than 64: the 128-channel head block
 ]
 
 
+def csr(labels):
+    batch, types, length = labels.shape[:3]
+    return labels_to_csr(labels, batch, types, length)
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_loss_matches_oracle(case, dtype):
     batch, heads, types, length, d, rope, tril, tile = case
     q, k, sb, eb, mask, labels = problem(batch, heads, types, length, d, dtype, tril, seed=length + d)
-    loss, lse = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, rope, 1e4, tril, tile=tile)
+    row_ptr, cols = csr(labels)
+    if tile is None and K.supports(d, dtype) is not None:  # fp32: the launcher's own tiles decline it
+        with pytest.raises(ValueError, match="serves fp16/bf16"):
+            K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, 1e4, tril)
+        tile = K.tile_for(d, torch.bfloat16)  # the kernels themselves still take fp32 operands
+    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, 1e4, tril, tile=tile)
     args64 = [t.double() for t in (q, k, sb, eb)]
     loss64, lse64 = ref.global_pointer_loss_forward(*args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
     assert loss.dtype == torch.float32
-    assert_close(loss, loss64, torch.float32, "loss")
-    assert_close(lse, lse64, torch.float32, "lse")
+    # fp16/bf16 inputs: the dots read the rotated rows rounded to the input dtype (tensor cores),
+    # so the loss carries that dtype's rounding, accumulated in fp32
+    assert_close(loss, loss64, dtype, "loss")
+    assert_close(lse, lse64, dtype, "lse")
     grad = torch.rand(batch, types, generator=torch.Generator().manual_seed(1))
-    grads = K.loss_backward(grad, q, k, sb, eb, mask, EMPTY, EMPTY, labels, lse, rope, 1e4, tril, tile=tile)
+    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, 1e4, tril, tile=tile)
     grads64 = ref.global_pointer_loss_backward(grad.double(), *args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
     for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
         assert a.dtype == dtype
         assert_close(a, b, dtype, name)
 
 
-def test_sparse_labels_and_masked_positive():
+def test_masked_positive_makes_the_loss_infinite():
     q, k, sb, eb, mask, labels = problem(2, 1, 2, 21, 8, torch.float32, True, seed=3)
-    row_ptr, cols = labels_to_csr(labels.nonzero(), 2, 2, 21)
-    dense_loss, _ = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, 1, 1e4, True, tile=SMALL)
-    sparse_loss, _ = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, torch.zeros(0, dtype=torch.bool), 1, 1e4,
-                                    True, tile=SMALL)
-    assert torch.equal(dense_loss, sparse_loss)
     bad = labels.clone()
     bad[1, 0, 5, 2] = True  # start > end: below the diagonal
     bad[0, 1, 3, 3] = False
-    loss, _ = K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, bad, 1, 1e4, True, tile=SMALL)
+    loss, _ = K.loss_forward(q, k, sb, eb, mask, *csr(bad), 1, 1e4, True, tile=SMALL)
     assert loss[1, 0] == float("inf") and torch.isfinite(loss[0]).all() and torch.isfinite(loss[1, 1])
+    padded = labels.clone()
+    padded[1, 1, 3, 20] = True  # the end is a padded token
+    loss, _ = K.loss_forward(q, k, sb, eb, mask, *csr(padded), 1, 1e4, True, tile=SMALL)
+    assert loss[1, 1] == float("inf") and torch.isfinite(loss[0]).all() and torch.isfinite(loss[1, 0])
 
 
 def test_public_op_on_the_triton_backend(triton_backend):
-    q, k, sb, eb, mask, labels = problem(2, 1, 3, 19, 8, torch.float32, True, seed=4)
+    q, k, sb, eb, mask, labels = problem(2, 1, 3, 19, 8, torch.float16, True, seed=4)
     q3, k3 = q[:, 0].clone().requires_grad_(), k[:, 0].clone().requires_grad_()
     sbu, ebu = sb.transpose(1, 2).clone().requires_grad_(), eb.transpose(1, 2).clone().requires_grad_()
     loss = global_pointer_loss(q3, k3, sbu, ebu, labels.nonzero(), mask, reduction="sum")
     grads = torch.autograd.grad(loss, (q3, k3, sbu, ebu))
     args64 = [t.double() for t in (q, k, sb, eb)]
     loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
-    assert_close(loss, loss64.sum(), torch.float32, "loss")
+    assert_close(loss, loss64.sum(), torch.float16, "loss")
     grads64 = ref.global_pointer_loss_backward(torch.ones(2, 3, dtype=torch.float64), *args64, mask, labels,
                                                "interleaved", 1e4, True)
     expected = (grads64[0][:, 0], grads64[1][:, 0], grads64[2].transpose(1, 2), grads64[3].transpose(1, 2))
     for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected):
-        assert_close(a, b, torch.float32, name)
+        assert_close(a, b, torch.float16, name, factor=2.0)  # the loss's gradient, rounded to fp16
+    with pytest.raises(kexue.BackendUnavailableError, match="serves fp16/bf16"):  # fp32: declined
+        global_pointer_loss(q3.float(), k3.float(), sbu.float(), ebu.float(), labels.nonzero(), mask)
     with pytest.raises(ValueError, match=r"labels\[0, 1\]"):
         bad = labels.clone()
         bad[0, 1, 4, 2] = True
         global_pointer_loss(q3, k3, sbu, ebu, bad, mask)
 
 
-def test_large_heads_fall_back_to_the_reference(triton_backend):
-    d = K.MAX_HEAD_SIZE + 2
+def test_heads_beyond_the_tiles_go_to_the_reference(triton_backend):
+    """The dispatcher asks the Triton backend what it serves: a head wider than MAX_SERVED_HEAD is
+    declined with a reason, and the call goes to the next backend (the reference, on CPU)."""
+    from kexue import _backend
+
+    d = K.MAX_SERVED_HEAD + 2
     q, k, sb, eb, mask, labels = problem(1, 1, 2, 9, d, torch.float32, True, seed=5)
-    with pytest.raises(ValueError, match="head sizes up to"):
-        K.loss_forward(q, k, sb, eb, mask, EMPTY, EMPTY, labels, 1, 1e4, True)
-    loss = global_pointer_loss(q[:, 0], k[:, 0], sb.transpose(1, 2), eb.transpose(1, 2), labels, mask,
-                               reduction="none")
-    loss64, _ = ref.global_pointer_loss_forward(*[t.double() for t in (q, k, sb, eb)], mask, labels, "interleaved",
-                                                1e4, True)
-    assert_close(loss, loss64, torch.float32, "loss")
+    with pytest.raises(ValueError, match="heads up to"):
+        K.loss_forward(q, k, sb, eb, mask, *csr(labels), 1, 1e4, True)
+    assert "heads up to" in _backend.reasons("global_pointer_loss", q)["triton"]
+    with pytest.raises(_backend.BackendUnavailableError, match="triton: Triton GlobalPointer tiles hold heads"):
+        _backend.select("global_pointer_loss", q)  # forced triton (the fixture) cannot serve it
+    with kexue.use_backend(None):
+        name, _ = _backend.select("global_pointer_loss", q)
+    assert name in ("cpu", "torch")
+
+
+def test_kernels_import_nothing_from_the_reference():
+    """The oracle stays an oracle: the Triton modules compute RoPE and read labels themselves."""
+    import ast
+    from pathlib import Path
+
+    from kexue.triton_kernels import global_pointer_tiles
+
+    for module in (K, global_pointer_tiles):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m and m.startswith("kexue")], imported
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP structure: one Q K^T per (batch, tile), whatever the number of types.
+
+
+@pytest.fixture
+def dot_counter(monkeypatch):
+    """Counts the ``tl.dot`` calls the interpreter executes (all programs of every launch)."""
+    if not torch.cuda.is_available():
+        from triton.runtime import interpreter
+    else:
+        pytest.skip("counts the dots the Triton interpreter runs (CPU tensors)")
+    calls = []
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, a, b, *args, **kwargs):
+        calls.append((tuple(a.data.shape), tuple(b.data.shape)))
+        return original(self, a, b, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    return calls
+
+
+def expected_dots(length, tile, tril, batch):
+    """Tiles the loss forward visits per batch element: (row block, column tile) pairs, only
+    those on or above the diagonal with tril."""
+    n = -(-length // tile.block_m)
+    if not tril:
+        return batch * n * n
+    return batch * sum(n - (m * tile.block_m) // tile.block_n for m in range(n))
+
+
+@pytest.mark.parametrize("tril", [True, False])
+def test_shared_head_computes_each_tile_once_for_all_types(dot_counter, tril):
+    """Shared q/k (H = 1): the loss forward runs exactly one dot per (batch, tile) and each
+    backward pass one Q K^T plus one gradient product per (batch, tile), for T = 1 and T = 7
+    alike (before, every type recomputed the tile: T-fold)."""
+    batch, length, d = 2, 37, 8
+    counts = {}
+    for types in (1, 7):
+        q, k, sb, eb, mask, labels = problem(batch, 1, types, length, d, torch.float32, tril, seed=11)
+        row_ptr, cols = csr(labels)
+        dot_counter.clear()
+        _, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, tril, tile=SMALL)
+        fwd = len(dot_counter)
+        dot_counter.clear()
+        K.loss_backward(torch.rand(batch, types), q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, tril, tile=SMALL)
+        bwd = len(dot_counter)
+        dot_counter.clear()
+        K.scores_backward(torch.randn(batch, types, length, length), q, k, sb, eb, mask, 1, 1e4, tril, tile=SMALL)
+        counts[types] = (fwd, bwd, len(dot_counter))
+    tiles = expected_dots(length, SMALL, tril, batch)
+    assert counts[1] == counts[7] == (tiles, 4 * tiles, 2 * tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,3 +274,63 @@ def test_scores_opcheck_on_the_triton_backend(triton_backend):
     q, k, sb, eb, mask, _ = problem(1, 1, 2, 5, 4, torch.float32, True, seed=8)
     leaves = [t.requires_grad_() for t in (q, k, sb, eb)]
     torch.library.opcheck(torch.ops.kexue.global_pointer_scores, (*leaves, mask, 1, 1e4, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: production size (B16 L512 T16 d64 bf16, the issue's case) and a 128-channel head.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def production_problem(batch, length, types, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, 1, length, d, generator=g, device="cuda").to(dtype)
+    k = torch.randn(batch, 1, length, d, generator=g, device="cuda").to(dtype)
+    sb = torch.randn(batch, types, length, generator=g, device="cuda").to(dtype)
+    eb = torch.randn(batch, types, length, generator=g, device="cuda").to(dtype)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=g, device="cuda")
+    lengths[0] = length
+    mask = torch.arange(length, device="cuda")[None, :] < lengths[:, None]
+    n = 4 * batch * types
+    b = torch.randint(0, batch, (n,), generator=g, device="cuda")
+    t = torch.randint(0, types, (n,), generator=g, device="cuda")
+    i = (torch.rand(n, generator=g, device="cuda") * (lengths[b] - 4)).long()
+    j = (i + torch.randint(0, 4, (n,), generator=g, device="cuda")).clamp_max(lengths[b] - 1)
+    return q, k, sb, eb, mask, torch.stack((b, t, i, j), -1)
+
+
+@cuda
+@pytest.mark.parametrize("d, dtype", [(64, torch.bfloat16), (64, torch.float16), (128, torch.bfloat16)])
+def test_production_size_on_the_gpu(d, dtype):
+    """B16 L512 T16: loss and gradients of the kernels (bf16/fp16 dots on tensor cores) against the
+    float64 reference, and the kernels' peak memory far below the (B, T, L, L) scores."""
+    batch, length, types = 16, 512, 16
+    q, k, sb, eb, mask, index = production_problem(batch, length, types, d, dtype)
+    row_ptr, cols = labels_to_csr(index, batch, types, length)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tile = WIDE if d > K.MAX_SERVED_HEAD else None
+    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, True, tile=tile)
+    grad = torch.rand(batch, types, device="cuda")
+    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, True, tile=tile)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < batch * types * length * length * 2 / 8  # 1/8 of one bf16 copy of the scores
+    labels = ref.dense_labels(row_ptr, cols, batch, types, length)
+    args64 = [t.double() for t in (q, k, sb, eb)]
+    loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
+    grads64 = ref.global_pointer_loss_backward(grad.double(), *args64, mask, labels, "interleaved", 1e4, True)
+    assert_close(loss, loss64, dtype, "loss", 2.0)
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, name, 2.0)
+
+
+@cuda
+def test_production_scores_on_the_gpu():
+    batch, length, types, d = 16, 512, 16, 64
+    q, k, sb, eb, mask, _ = production_problem(batch, length, types, d, torch.bfloat16, seed=1)
+    out = K.scores_forward(q, k, sb, eb, mask, 1, 1e4, True)
+    out64 = ref.global_pointer_scores(*[t.double() for t in (q, k, sb, eb)], mask, "interleaved", True, 1e4)
+    assert_close(out, out64, torch.bfloat16, "scores")

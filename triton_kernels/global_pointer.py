@@ -1,356 +1,43 @@
-"""GlobalPointer in Triton: the fused multilabel loss and the dense scores op, forward and backward.
+"""GlobalPointer in Triton: launchers of the fused multilabel loss and of the dense scores op.
 
-The arithmetic follows csrc/include/kexue/global_pointer.h and the float64 oracle
-python/kexue/reference/global_pointer.py. Canonical layout: q, k ``(B, H, L, d)`` with ``H = 1``
-(one pair shared by the T types) or ``H = T``; biases ``(B, T, L)``; mask ``(B, L)``; labels dense
-``(B, T, L, L)`` (sparse labels are expanded to a byte mask by the launcher: one byte per span).
+The kernels (tile loops) are in :mod:`global_pointer_tiles`; the arithmetic follows
+csrc/include/kexue/global_pointer.h and the float64 oracle python/kexue/reference/global_pointer.py.
+Canonical layout: q, k ``(B, H, L, d)`` with ``H = 1`` (one pair shared by the T types) or
+``H = T``; biases ``(B, T, L)``; mask ``(B, L)``; positives as CSR over the rows (b, t, i)
+(``row_ptr (B*T*L + 1,)``, ``cols (N,)``): never a dense ``(B, T, L, L)`` tensor.
 
-The loss: three kernels, each program owning a block of one (batch, head) and looping over the
-types of the head and over the other axis in tiles, recomputing the ``(BLOCK_M, BLOCK_N)`` score tiles:
+The loss: a forward kernel leaves per-row log-sum-exp states that :func:`loss_forward` merges
+with the implicit extra logit 0; two backward passes (rows: d_start_bias and dq; columns:
+d_end_bias and dk, no atomics). The scores op: a forward that writes each tile for every type of
+its head, and a backward in the same two passes reading dScores. In every kernel a tile's
+``Q K^T`` is computed once for all the types of its head (see :mod:`global_pointer_tiles`).
 
-* forward, rows: per row an online log-sum-exp of the negatives and of the negated positives;
-  the block's rows are reduced to one partial state per (b, t, block), combined by the launcher
-  with the implicit extra logit 0. Positives on masked spans are counted (the loss is then +inf).
-* backward, rows: ``P = dL/ds`` per tile, row sums -> ``d_start_bias``, ``P k`` -> dq.
-* backward, columns: column sums -> ``d_end_bias``, ``P^T q`` -> dk (no atomics: each program
-  owns its keys).
+The launcher rotates q and k once (RoPE in float32 from float64 angles, O(L d)), folds 1/sqrt(d)
+into q, and stores the rows in the input dtype: bf16/fp16 dots run on tensor cores, fp32 dots in
+IEEE unless ``torch.backends.cuda.matmul.allow_tf32`` opts in to TF32 (the loss sums
+exponentials of the scores: TF32's 1e-3 relative error on a score of 20 moves e^s by 2%). The
+kernels accumulate in fp32 and write gradients in the rotated frame, rotated back here (R^T).
 
-The dense scores op (for users who want the ``(B, T, L, L)`` tensor): a forward with one program per
-(batch, head, row block, column block) that computes the tile's dot once and writes it for every
-type of the head with the biases, 1/sqrt(d) and the masks (``-inf``) fused; a backward in the same
-two passes as the loss's (rows: ``d_start_bias``, dq; columns: ``d_end_bias``, dk), reading dScores
-instead of recomputing dL/ds.
-
-The launcher rotates q and k once (RoPE, float32, O(L d): the interleaved or rotate_half
-layout, positions from 0) and folds 1/sqrt(d) into q; the kernels read those rows and write the
-gradients in the rotated frame, which the launcher rotates back (R^T). Dots run in float32 with
-``input_precision="ieee"`` (no TF32: the loss sums exponentials of the scores, and TF32's 1e-3
-relative error on a score of 20 moves e^s by 2%).
-
-Tiles are 32 x 32 over 4 warps, one pipeline stage, with the head padded to 64 channels in one
-block (:func:`tile_for`); larger tiles, 8 warps, 2-3 stages, other head blocks, or two half-head
-dots (rotating in-kernel) compiled with a stack frame (spills) on sm_80 / sm_90. Head sizes above 64 run on the
-reference (the ops layer routes them). The scores op uses 16 x 32 tiles (:func:`scores_tile_for`).
-``AOT_CONFIGS`` lists every configuration.
+Positives on masked spans (padding, or start > end with tril) are found here from the CSR rows
+in O(N) and make the loss of their (b, t) +inf, as in the dense formula.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
-# Exact fp32 dots (no TF32): the loss is a sum of exponentials of the scores, and TF32's 1e-3
-# relative error on a score of 20 moves e^s by 2%.
-DOT_PRECISION = tl.constexpr("ieee")
-
-# ---------------------------------------------------------------------------------------------
-# Pieces shared by the kernels.
-
-
-@triton.jit
-def _load_rows(ptr, base, pos, pos_ok, c, D):
-    """Rows ``pos`` of one head (already rotated and scaled by the launcher), fp32."""
-    return tl.load(ptr + base + pos[:, None] * D + c[None, :], mask=pos_ok[:, None] & (c < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, base, pos, pos_ok, c, D, value):
-    tl.store(ptr + base + pos[:, None] * D + c[None, :], value, mask=pos_ok[:, None] & (c < D)[None, :])
-
-
-@triton.jit
-def _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL):
-    """Score tile (rows i, cols j) and whether each span is a candidate."""
-    s = tl.dot(qr, tl.trans(kr), input_precision=DOT_PRECISION)
-    s = s + sbv[:, None] + ebv[None, :]
-    valid = row_ok[:, None] & col_ok[None, :]
-    valid = valid & ((j[None, :] >= i[:, None]) | (TRIL == 0))
-    return s, valid
-
-
-@triton.jit
-def _lse_update(m, s, x):
-    """Online per-row log-sum-exp: (m, s) holds e^m * s; x a tile with -inf where absent."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-    return m_new, s
-
-
-@triton.jit
-def _lse_rows_to_one(m, s):
-    """The rows' states merged into one (M, S)."""
-    top = tl.max(m, axis=0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    return top, tl.sum(s * tl.exp(m - top_safe), axis=0)
-
-
-@triton.jit
-def _labels_tile(lab_ptr, bt, L, i, j, row_in, col_in):
-    block = lab_ptr + bt * L * L  # int64 scalar base of (b, t); int32 offsets inside (L < 46341)
-    return tl.load(block + i[:, None] * L + j[None, :], mask=row_in[:, None] & col_in[None, :], other=0) != 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels. Grid: (blocks along the owned axis, B * H).
-
-
-@triton.jit
-def _gp_loss_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, part_ptr,
-                        H, T, L, D, TRIL,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    n_blk = tl.num_programs(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
-    row_in = i < L
-    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-    qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
-    # the types of this head: all T when q/k are shared (H = 1), else type h alone
-    n_types = T // H
-    t0 = h * (H // T)
-    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
-    for tt in range(0, n_types):
-        t = t0 + tt
-        bt = b * T + t
-        sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
-        m_neg = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s_neg = tl.zeros([BLOCK_M], tl.float32)
-        m_pos = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s_pos = tl.zeros([BLOCK_M], tl.float32)
-        bad = tl.zeros([BLOCK_M], tl.float32)
-        for j0 in range(0, j_lo, BLOCK_N):  # below the diagonal: only look for misplaced labels
-            j = j0 + tl.arange(0, BLOCK_N)
-            y = _labels_tile(lab_ptr, bt, L, i, j, row_in, j < L)
-            bad += tl.sum(y.to(tl.float32), axis=1)
-        for j0 in range(j_lo, L, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            col_in = j < L
-            col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-            kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
-            ebv = tl.load(eb_ptr + bt * L + j, mask=col_in, other=0.0).to(tl.float32)
-            s, valid = _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL)
-            y = _labels_tile(lab_ptr, bt, L, i, j, row_in, col_in)
-            m_neg, s_neg = _lse_update(m_neg, s_neg, tl.where(valid & ~y, s, float("-inf")))
-            m_pos, s_pos = _lse_update(m_pos, s_pos, tl.where(valid & y, -s, float("-inf")))
-            bad += tl.sum((y & ~valid).to(tl.float32), axis=1)
-        mn, sn = _lse_rows_to_one(m_neg, s_neg)
-        mp, sp = _lse_rows_to_one(m_pos, s_pos)
-        out = part_ptr + (bt * n_blk + pid_m) * 5
-        tl.store(out, mn)
-        tl.store(out + 1, sn)
-        tl.store(out + 2, mp)
-        tl.store(out + 3, sp)
-        tl.store(out + 4, tl.sum(bad, axis=0))
-
-
-@triton.jit
-def _grad_tile(s, valid, y, g, ln, lp):
-    """dL/ds on a tile: g e^{s - lse_neg} at negatives, -g e^{-s - lse_pos} at positives."""
-    p = tl.where(valid & ~y, g * tl.exp(s - ln), 0.0)
-    return tl.where(valid & y, -g * tl.exp(-s - lp), p)
-
-
-@triton.jit
-def _gp_loss_bwd_rows_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, grad_ptr, lse_ptr,
-                             dq_ptr, dsb_ptr, H, T, L, D, TRIL,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
-    row_in = i < L
-    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-    qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
-    dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
-    # the types of this head: all T when q/k are shared (H = 1), else type h alone
-    n_types = T // H
-    t0 = h * (H // T)
-    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
-    for tt in range(0, n_types):
-        t = t0 + tt
-        bt = b * T + t
-        g = tl.load(grad_ptr + bt)
-        ln = tl.load(lse_ptr + bt * 2)
-        lp = tl.load(lse_ptr + bt * 2 + 1)
-        sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
-        dsb = tl.zeros([BLOCK_M], tl.float32)
-        for j0 in range(j_lo, L, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            col_in = j < L
-            col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-            kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
-            ebv = tl.load(eb_ptr + bt * L + j, mask=col_in, other=0.0).to(tl.float32)
-            s, valid = _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL)
-            y = _labels_tile(lab_ptr, bt, L, i, j, row_in, col_in)
-            p = _grad_tile(s, valid, y, g, ln, lp)
-            dsb += tl.sum(p, axis=1)
-            dq += tl.dot(p, kr, input_precision=DOT_PRECISION)
-        tl.store(dsb_ptr + bt * L + i, dsb, mask=row_in)
-    _store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
-
-
-@triton.jit
-def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, lab_ptr, grad_ptr, lse_ptr,
-                             dk_ptr, deb_ptr, H, T, L, D, TRIL,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
-    col_in = j < L
-    col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-    kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    # the types of this head: all T when q/k are shared (H = 1), else type h alone
-    n_types = T // H
-    t0 = h * (H // T)
-    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1).to(tl.int32) * BLOCK_N, L), L)
-    for tt in range(0, n_types):
-        t = t0 + tt
-        bt = b * T + t
-        g = tl.load(grad_ptr + bt)
-        ln = tl.load(lse_ptr + bt * 2)
-        lp = tl.load(lse_ptr + bt * 2 + 1)
-        ebv = tl.load(eb_ptr + bt * L + j, mask=col_in, other=0.0).to(tl.float32)
-        deb = tl.zeros([BLOCK_N], tl.float32)
-        for i0 in range(0, i_hi, BLOCK_M):
-            i = i0 + tl.arange(0, BLOCK_M)
-            row_in = i < L
-            row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-            qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
-            sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
-            s, valid = _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL)
-            y = _labels_tile(lab_ptr, bt, L, i, j, row_in, col_in)
-            p = _grad_tile(s, valid, y, g, ln, lp)
-            deb += tl.sum(p, axis=0)
-            dk += tl.dot(tl.trans(p), qr, input_precision=DOT_PRECISION)
-        tl.store(deb_ptr + bt * L + j, deb, mask=col_in)
-    _store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)
-
-
-# ---------------------------------------------------------------------------------------------
-# The dense scores op: forward writes the masked (B, T, L, L) scores, backward reduces dScores.
-# Grid: (tiles, B * H). Each program owns one tile of one (batch, head) and loops over the types
-# of the head (all T for a shared pair, one otherwise), so a shared head's dot is computed once.
-
-
-@triton.jit
-def _gp_scores_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, out_ptr,
-                          H, T, L, D, TRIL,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    n_col_blk = tl.cdiv(L, BLOCK_N)
-    pid_m = pid // n_col_blk
-    pid_n = pid % n_col_blk
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
-    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
-    row_in = i < L
-    col_in = j < L
-    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-    col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-    qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
-    kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
-    n_types = T // H
-    t0 = h * (H // T)
-    # int64 offsets: B * T * L * L overflows int32 from L = 2^15 / sqrt(B T) on
-    tile_off = i.to(tl.int64)[:, None] * L + j[None, :]
-    in_tile = row_in[:, None] & col_in[None, :]
-    for tt in range(0, n_types):
-        bt = b * T + t0 + tt
-        sbv = tl.load(sb_ptr + bt * L + i, mask=row_in, other=0.0).to(tl.float32)
-        ebv = tl.load(eb_ptr + bt * L + j, mask=col_in, other=0.0).to(tl.float32)
-        s, valid = _scores(qr, kr, sbv, ebv, i, j, row_ok, col_ok, TRIL)
-        s = tl.where(valid, s, float("-inf"))
-        tl.store(out_ptr + bt * L * L + tile_off, s.to(out_ptr.dtype.element_ty), mask=in_tile)
-
-
-@triton.jit
-def _grad_scores_tile(rows, i, j, row_ok, col_ok, TRIL):
-    """dScores on a tile in float32, 0 at masked spans (their scores are the constant -inf).
-    ``rows``: pointers to column 0 of rows i of dScores."""
-    first = tl.where(TRIL != 0, i, 0)  # the first candidate column of each row
-    valid = row_ok[:, None] & col_ok[None, :] & (j[None, :] >= first[:, None])
-    return tl.load(rows[:, None] + j[None, :], mask=valid, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gp_scores_bwd_rows_kernel(k_ptr, mask_ptr, grad_ptr, dq_ptr, dsb_ptr, H, T, L, D, TRIL,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rows pass: d_start_bias = row sums of dScores, dq = (sum over the head's types) dScores k."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
-    row_in = i < L
-    row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-    dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
-    n_types = T // H
-    t0 = h * (H // T)
-    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
-    for tt in range(0, n_types):
-        bt = b * T + t0 + tt
-        rows = grad_ptr + bt * L * L + i.to(tl.int64) * L
-        dsb = tl.zeros([BLOCK_M], tl.float32)
-        for j0 in range(j_lo, L, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            col_in = j < L
-            col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-            kr = _load_rows(k_ptr, pid_bh * L * D, j, col_in, c, D)
-            p = _grad_scores_tile(rows, i, j, row_ok, col_ok, TRIL)
-            dsb += tl.sum(p, axis=1)
-            dq += tl.dot(p, kr, input_precision=DOT_PRECISION)
-        tl.store(dsb_ptr + bt * L + i, dsb, mask=row_in)
-    _store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
-
-
-@triton.jit
-def _gp_scores_bwd_cols_kernel(q_ptr, mask_ptr, grad_ptr, dk_ptr, deb_ptr, H, T, L, D, TRIL,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Columns pass: d_end_bias = column sums of dScores, dk = dScores^T q (no atomics: each
-    program owns its keys)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
-    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
-    col_in = j < L
-    col_ok = col_in & (tl.load(mask_ptr + b * L + j, mask=col_in, other=0) != 0)
-    dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    n_types = T // H
-    t0 = h * (H // T)
-    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1).to(tl.int32) * BLOCK_N, L), L)
-    for tt in range(0, n_types):
-        bt = b * T + t0 + tt
-        deb = tl.zeros([BLOCK_N], tl.float32)
-        for i0 in range(0, i_hi, BLOCK_M):
-            i = i0 + tl.arange(0, BLOCK_M)
-            row_in = i < L
-            row_ok = row_in & (tl.load(mask_ptr + b * L + i, mask=row_in, other=0) != 0)
-            qr = _load_rows(q_ptr, pid_bh * L * D, i, row_in, c, D)
-            p = _grad_scores_tile(grad_ptr + bt * L * L + i.to(tl.int64) * L, i, j, row_ok, col_ok, TRIL)
-            deb += tl.sum(p, axis=0)
-            dk += tl.dot(tl.trans(p), qr, input_precision=DOT_PRECISION)
-        tl.store(deb_ptr + bt * L + j, deb, mask=col_in)
-    _store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)
-
+from .global_pointer_tiles import (
+    _gp_loss_bwd_cols_kernel,
+    _gp_loss_bwd_rows_kernel,
+    _gp_loss_fwd_kernel,
+    _gp_scores_bwd_cols_kernel,
+    _gp_scores_bwd_rows_kernel,
+    _gp_scores_fwd_kernel,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Launchers.
@@ -364,130 +51,202 @@ class Tile(NamedTuple):
     num_stages: int = 1  # no software pipelining: with 2-3 stages the backward kernels spill
 
 
-MAX_HEAD_SIZE = 64
+MAX_HEAD_SIZE = 128  # the widest head block the kernels are written for (see MAX_SERVED_HEAD)
 
 
-def tile_for(head_size: int) -> Tile:
-    """The one configuration: 32 x 32 score tiles over 4 warps in one pipeline stage, the head
-    padded to 64 channels (masked loads). It compiles without a stack frame on sm_80 and sm_90;
-    64 x 64 tiles, 8 warps, 2-3 stages, a 128-channel head, and (oddly) 16- or 32-channel heads
-    all left ptxas spilling into a small stack."""
-    if head_size > MAX_HEAD_SIZE:
-        raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {head_size}")
-    return Tile(32, 32, MAX_HEAD_SIZE, 4, 1)
+def _head_block(head_size: int) -> int:
+    return 64 if head_size <= 64 else 128
 
 
-def scores_tile_for(head_size: int) -> Tile:
-    """The scores op's configuration: 16 x 32 tiles (16 query rows), 4 warps, one stage, head
-    padded to 64. With 32 x 32 tiles the rows pass of the backward compiled with a 16-byte stack
-    on sm_80 (and 32 x 16 with an 8-byte one on sm_90); 16 x 32 is clean on both."""
-    if head_size > MAX_HEAD_SIZE:
-        raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {head_size}")
-    return Tile(16, 32, MAX_HEAD_SIZE, 4, 1)
+# (head block, fp32 operands?) -> tile. Each entry is a candidate whose kernels (every pass; IEEE
+# and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (JIT
+# and unspecialized forms, sm_80/86/89/90). ptxas's choice is erratic (the fp32 loss columns pass
+# used a 24-byte stack at 32 x 32 x 64 over 4 warps on sm_90), hence one measured entry per case.
+#
+# 128-channel heads: the kernels are written for them (BLOCK_H = 128) and pass the interpreter
+# tests, but no tile tried compiled without a stack everywhere (16-bit loss: 32x32 w4 kept 24-120
+# bytes in the unspecialized form, 32x32 w8 40 bytes on sm_90, 16x32 / 32x16 w8 8 bytes on sm_80;
+# the scores forward at 32x32 w8 8 bytes on sm_86/89; fp32: every 16/32 x 16/32 tile at 4-16
+# warps). Until one does, MAX_SERVED_HEAD is 64 and wider heads go to the CUDA C++ kernels.
+# fp32 LOSS: with fp32 operands (IEEE or TF32 dots) every loss tile tried kept an 8-48 byte stack
+# in the unspecialized form on sm_80 or sm_90 (32x32 w4, 32x16 w2/w4/w8, 16x32 w4/w8, 16x16
+# w2/w4/w8), so the loss serves fp16/bf16 only and fp32 goes to the CUDA C++ kernels; the fp32
+# scores op has a clean tile.
+MAX_SERVED_HEAD = 64
+_LOSS_TILES = {
+    (64, False): Tile(32, 32, 64, 4),
+}
+_SCORES_TILES = {
+    (64, False): Tile(16, 32, 64, 4),
+    (64, True): Tile(32, 16, 64, 4),
+}
+
+
+def _key(head_size: int, dtype: torch.dtype, op: str) -> tuple[int, bool]:
+    why = supports(head_size, dtype, op)
+    if why is not None:
+        raise ValueError(why)
+    return _head_block(head_size), operand_dtype(dtype, torch.device("cuda")) == torch.float32
+
+
+def tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
+    """The loss kernels' configuration for a head of ``head_size`` channels (padded to a block of
+    64, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
+    return _LOSS_TILES[_key(head_size, dtype, "loss")]
+
+
+def scores_tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
+    """The scores op's configuration, chosen as :func:`tile_for`'s."""
+    return _SCORES_TILES[_key(head_size, dtype, "scores")]
+
+
+def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "loss") -> str | None:
+    """Why the Triton ``op`` ("loss" or "scores") cannot serve a head of ``head_size`` channels in
+    ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
+    if head_size > MAX_SERVED_HEAD:
+        return (f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
+                f"still use a stack frame), got {head_size}")
+    if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
+        return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
+    return None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots in IEEE, or TF32 when the user opted in as for torch.matmul."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _rope(x: torch.Tensor, layout: int, base: float, inverse: bool = False) -> torch.Tensor:
+    """``R x`` (or ``R^T x``) along the positions of ``x (..., L, d)`` in x's dtype: pairs (2c, 2c+1)
+    for layout 1, (c, c + d/2) for layout 2; angles ``p * base**(-2c/d)`` computed in float64."""
+    length, d = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
+    ang = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = torch.cos(ang).to(x), torch.sin(ang).to(x)
+    if inverse:
+        sin = -sin
+    a, b = (x[..., 0::2], x[..., 1::2]) if layout == 1 else (x[..., : d // 2], x[..., d // 2:])
+    ra, rb = a * cos - b * sin, b * cos + a * sin
+    if layout == 1:
+        return torch.stack((ra, rb), dim=-1).flatten(-2)
+    return torch.cat((ra, rb), dim=-1)
+
+
+def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the rows the dots read: the input's for fp16/bf16 (tensor cores), else fp32.
+    bf16 on CPU tensors (the Triton interpreter) is read as fp32: the interpreter multiplies
+    bf16 tiles as raw integers (triton 3.x)."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and device.type != "cpu"):
+        return dtype
+    return torch.float32
 
 
 def _rotated(x: torch.Tensor, rope: int, base: float, scale: float) -> torch.Tensor:
-    """``scale * R x`` in float32, contiguous: the rows the kernels read."""
-    from kexue.reference.global_pointer import apply_rope
-
-    x = x.float()
+    """``scale * R x`` computed in float32, stored contiguous in :func:`operand_dtype`."""
+    out = x.float()
     if rope:
-        x = apply_rope(x, "interleaved" if rope == 1 else "half", base)
-    return (x * scale).contiguous()
+        out = _rope(out, rope, base)
+    return (out * scale).to(operand_dtype(x.dtype, x.device)).contiguous()
 
 
 def _unrotated(g: torch.Tensor, rope: int, base: float, scale: float, dtype) -> torch.Tensor:
     """Gradient wrt the un-rotated rows: ``scale * R^T g`` in ``dtype``."""
-    from kexue.reference.global_pointer import apply_rope
-
     if rope:
-        g = apply_rope(g, "interleaved" if rope == 1 else "half", base, inverse=True)
+        g = _rope(g, rope, base, inverse=True)
     return (g * scale).to(dtype)
-
-
-def _dense_labels(row_ptr, cols, dense, batch, types, length) -> torch.Tensor:
-    if dense.dim() == 4:
-        return dense.contiguous().view(torch.uint8)
-    from kexue.reference.global_pointer import dense_labels
-
-    return dense_labels(row_ptr, cols, batch, types, length).view(torch.uint8)
 
 
 def _common(q, k, sb, mask, rope, base, tile):
     batch, heads, length, d = q.shape
-    if d > MAX_HEAD_SIZE:
-        raise ValueError(f"the Triton GlobalPointer kernels serve head sizes up to {MAX_HEAD_SIZE}, got {d}")
+    tile = tile or tile_for(d, q.dtype)
+    if d > tile.block_h:
+        raise ValueError(f"the tile's head block {tile.block_h} is narrower than the head size {d}")
     scale = 1.0 / max(d, 1) ** 0.5
     qr, kr = _rotated(q, rope, base, scale), _rotated(k, rope, base, 1.0)
-    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile or tile_for(d),
+    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile,
             mask.contiguous().view(torch.uint8))
 
 
-def loss_forward(q, k, sb, eb, mask, row_ptr, cols, dense, rope, base, tril, *, tile: Tile | None = None):
-    """``(loss (B, T), lse (B, T, 2))`` in float32; arguments as the C++ backend's."""
+def _meta(tile: Tile, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=dot_precision(dtype),
+                num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def misplaced_positives(row_ptr, cols, mask, types: int, tril: bool) -> torch.Tensor:
+    """``(B, T)`` bool: (b, t) holds a positive on a span that is not a candidate (a padded token,
+    or start > end with tril). O(N) on the CSR rows, no sync."""
+    batch, length = mask.shape
+    rows_total = batch * types * length
+    counts = row_ptr[1:] - row_ptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(rows_total, device=cols.device), counts, output_size=cols.numel())
+    b, i = rows // (types * length), rows % length
+    ok = mask[b, i] & mask[b, cols]
+    if tril:
+        ok = ok & (cols >= i)
+    bad = torch.zeros(batch * types, dtype=torch.int32, device=cols.device)
+    bad.index_add_(0, rows // length, (~ok).to(torch.int32))
+    return (bad > 0).view(batch, types)
+
+
+def loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, base, tril, *, tile: Tile | None = None):
+    """``(loss (B, T), lse (B, T, 2))`` in float32; positives as CSR."""
     batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(q, k, sb, mask, rope, base, tile)
-    loss = torch.zeros(batch, types, dtype=torch.float32, device=q.device)
-    lse = torch.zeros(batch, types, 2, dtype=torch.float32, device=q.device)
     if batch == 0 or types == 0 or length == 0:
-        return loss, lse
-    labels = _dense_labels(row_ptr, cols, dense, batch, types, length)
-    n_blk = triton.cdiv(length, tile.block_m)
-    part = torch.empty(batch * types, n_blk, 5, dtype=torch.float32, device=q.device)
-    _gp_loss_fwd_kernel[(n_blk, batch * heads)](
-        qr, kr, sb, eb, m8, labels, part, heads, types, length, d, int(bool(tril)),
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
-    part = part.view(batch, types, n_blk, 5)
-    lse = torch.stack((_finish(part[..., 0], part[..., 1]), _finish(part[..., 2], part[..., 3])), -1)
-    bad = part[..., 4].sum(-1) > 0
-    lse[..., 1] = torch.where(bad, float("inf"), lse[..., 1])
+        lse = torch.zeros(batch, types, 2, dtype=torch.float32, device=q.device)
+        return lse.sum(-1), lse
+    state = torch.tensor([-math.inf, 0.0, -math.inf, 0.0], device=q.device).repeat(batch, types, length, 1)
+    _gp_loss_fwd_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
+        qr, kr, sb.contiguous(), eb.contiguous(), m8, row_ptr, cols, state, heads, types, length, d,
+        int(bool(tril)), **_meta(tile, q.dtype))
+    lse = torch.stack((_finish(state[..., 0], state[..., 1]), _finish(state[..., 2], state[..., 3])), -1)
+    bad = misplaced_positives(row_ptr, cols, mask, types, tril)
+    lse[..., 1] = torch.where(bad, math.inf, lse[..., 1])
     return lse.sum(-1), lse
 
 
 def _finish(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log(1 + sum_blocks e^m s) over the last dim, with empty blocks (m = -inf, s = 0)."""
+    """log(1 + sum_rows e^m s) over the last dim, with empty rows (m = -inf, s = 0)."""
     m = torch.cat((m, torch.zeros_like(m[..., :1])), -1)
     s = torch.cat((s, torch.ones_like(s[..., :1])), -1)
     top = m.amax(-1, keepdim=True)
     return (top + torch.log((s * torch.exp(m - top)).sum(-1, keepdim=True))).squeeze(-1)
 
 
-def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, dense, lse, rope, base, tril, *, tile: Tile | None = None):
+def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril, *, tile: Tile | None = None):
     """``(dq, dk, d_start_bias, d_end_bias)`` in the inputs' dtypes."""
     batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(q, k, sb, mask, rope, base, tile)
     dsb = torch.zeros(batch, types, length, dtype=torch.float32, device=q.device)
     deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
         return torch.zeros_like(q), torch.zeros_like(k), dsb.to(sb.dtype), deb.to(eb.dtype)
-    labels = _dense_labels(row_ptr, cols, dense, batch, types, length)
     grad = grad.float().contiguous()
     lse = lse.float().contiguous()
-    dqr, dkr = torch.empty_like(qr), torch.empty_like(kr)
+    dqr = torch.empty(qr.shape, dtype=torch.float32, device=q.device)
+    dkr = torch.empty_like(dqr)
     args = (heads, types, length, d, int(bool(tril)))
-    meta = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+    inputs = (qr, kr, sb.contiguous(), eb.contiguous(), m8, row_ptr, cols, grad, lse)
     _gp_loss_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
-        qr, kr, sb, eb, m8, labels, grad, lse, dqr, dsb, *args, **meta)
+        *inputs, dqr, dsb, *args, **_meta(tile, q.dtype))
     _gp_loss_bwd_cols_kernel[(triton.cdiv(length, tile.block_n), batch * heads)](
-        qr, kr, sb, eb, m8, labels, grad, lse, dkr, deb, *args, **meta)
+        *inputs, dkr, deb, *args, **_meta(tile, q.dtype))
     # s = <scale R q, R k>: dq = scale R^T dqr, dk = R^T dkr (dkr already carries the scale via qr)
     return (_unrotated(dqr, rope, base, scale, q.dtype), _unrotated(dkr, rope, base, 1.0, k.dtype),
             dsb.to(sb.dtype), deb.to(eb.dtype))
 
 
 def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
-    """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked); arguments as the C++
-    backend's."""
+    """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked)."""
     batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                  tile or scores_tile_for(q.shape[-1]))
+                                                                  tile or scores_tile_for(q.shape[-1], q.dtype))
     out = torch.empty(batch, types, length, length, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(length, tile.block_m) * triton.cdiv(length, tile.block_n), batch * heads)
     _gp_scores_fwd_kernel[grid](
         qr, kr, sb.contiguous(), eb.contiguous(), m8, out, heads, types, length, d, int(bool(tril)),
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+        **_meta(tile, q.dtype))
     return out
 
 
@@ -495,20 +254,19 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
     """``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over the unmasked spans,
     in the inputs' dtypes. ``grad``: ``(B, T, L, L)`` of q's dtype."""
     batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                      tile or scores_tile_for(q.shape[-1]))
-    dsb = torch.empty(batch, types, length, dtype=torch.float32, device=q.device)
-    deb = torch.empty_like(dsb)
+                                                                      tile or scores_tile_for(q.shape[-1], q.dtype))
+    dsb = torch.zeros(batch, types, length, dtype=torch.float32, device=q.device)
+    deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), dsb.zero_().to(sb.dtype), deb.zero_().to(eb.dtype)
+        return torch.zeros_like(q), torch.zeros_like(k), dsb.to(sb.dtype), deb.to(eb.dtype)
     grad = grad.contiguous()
-    dqr, dkr = torch.empty_like(qr), torch.empty_like(kr)
+    dqr = torch.empty(qr.shape, dtype=torch.float32, device=q.device)
+    dkr = torch.empty_like(dqr)
     args = (heads, types, length, d, int(bool(tril)))
-    meta = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, num_warps=tile.num_warps,
-                num_stages=tile.num_stages)
     _gp_scores_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
-        kr, m8, grad, dqr, dsb, *args, **meta)
+        kr, m8, grad, dqr, dsb, *args, **_meta(tile, q.dtype))
     _gp_scores_bwd_cols_kernel[(triton.cdiv(length, tile.block_n), batch * heads)](
-        qr, m8, grad, dkr, deb, *args, **meta)
+        qr, m8, grad, dkr, deb, *args, **_meta(tile, q.dtype))
     return (_unrotated(dqr, rope, base, scale, q.dtype), _unrotated(dkr, rope, base, 1.0, k.dtype),
             dsb.to(sb.dtype), deb.to(eb.dtype))
 
@@ -519,17 +277,25 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def all_tiles() -> list[Tile]:
-    return sorted({tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
+def _served(dtype: torch.dtype) -> range:
+    return range(1, MAX_SERVED_HEAD + 1)
 
 
-def all_scores_tiles() -> list[Tile]:
-    return sorted({scores_tile_for(d) for d in range(1, MAX_HEAD_SIZE + 1)})
+def all_tiles(dtype: torch.dtype) -> list[Tile]:
+    if supports(1, dtype, "loss") is not None:
+        return []
+    return sorted({tile_for(d, dtype) for d in _served(dtype)})
 
 
-def _config(name, kernel, sig, tile, dtype) -> dict:
-    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h)
+def all_scores_tiles(dtype: torch.dtype) -> list[Tile]:
+    return sorted({scores_tile_for(d, dtype) for d in _served(dtype)})
+
+
+def _config(name, kernel, sig, tile, dtype, prec) -> dict:
+    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=prec)
     tag = f"{str(dtype).removeprefix('torch.')} {tile.block_m}x{tile.block_n}x{tile.block_h} w{tile.num_warps}"
+    if dtype == torch.float32:
+        tag += f" {prec}"
     ints = dict(H="i32", T="i32", L="i32", D="i32", TRIL="i32")
     return dict(
         name=f"global_pointer_{name} {tag}",
@@ -544,9 +310,10 @@ def _config(name, kernel, sig, tile, dtype) -> dict:
 def _aot_configs() -> list[dict]:
     configs = []
     for dtype, ptr in _PTR.items():
-        inputs = dict(q_ptr="*fp32", k_ptr="*fp32", sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", lab_ptr="*u8")
+        csr = dict(row_ptr="*i64", cols_ptr="*i64")
+        inputs = dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", **csr)
         loss = [
-            ("fwd", _gp_loss_fwd_kernel, dict(**inputs, part_ptr="*fp32")),
+            ("fwd", _gp_loss_fwd_kernel, dict(**inputs, state_ptr="*fp32")),
             ("bwd_rows", _gp_loss_bwd_rows_kernel,
              dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32")),
             ("bwd_cols", _gp_loss_bwd_cols_kernel,
@@ -554,15 +321,17 @@ def _aot_configs() -> list[dict]:
         ]
         scores = [
             ("scores_fwd", _gp_scores_fwd_kernel,
-             dict(q_ptr="*fp32", k_ptr="*fp32", sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr)),
+             dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr)),
             ("scores_bwd_rows", _gp_scores_bwd_rows_kernel,
-             dict(k_ptr="*fp32", mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32")),
+             dict(k_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32")),
             ("scores_bwd_cols", _gp_scores_bwd_cols_kernel,
-             dict(q_ptr="*fp32", mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32")),
+             dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32")),
         ]
-        for tiles, kernels in ((all_tiles(), loss), (all_scores_tiles(), scores)):
+        precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for tiles, kernels in ((all_tiles(dtype), loss), (all_scores_tiles(dtype), scores)):
             for tile in tiles:
-                configs += [_config(name, kernel, sig, tile, dtype) for name, kernel, sig in kernels]
+                configs += [_config(name, kernel, sig, tile, dtype, prec)
+                            for name, kernel, sig in kernels for prec in precs]
     return configs
 
 

@@ -15,9 +15,12 @@
 // states updated (forward) or the gradient row dL/ds formed and reduced (backward). Nothing of
 // size L x L is ever allocated; the largest buffers are kRows x L per worker.
 //
-// Parallelism: over batch elements when there are at least as many as threads, otherwise over
-// the blocks of one batch element at a time, each worker with its own accumulators for the
-// quantities indexed by key (dk, d_end_bias, the loss states), summed after the block loop.
+// Parallelism (drive): one parallel region per call; the (batch element, block) items are handed
+// out from a shared counter (dynamic_for.h), so a core taken by another process delays one block.
+// Each worker keeps its own accumulators for the quantities indexed by key (dk, d_end_bias, the
+// loss states) over every batch element, summed at the end. With shared q/k (H = 1) a block's
+// scores come from ONE product for all T types: the types only add their biases to the same rows,
+// and in the backward their dL/ds add up into one G before the products G k and G^T q.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "kexue/global_pointer.h"
+#include "dynamic_for.h"
 #include "kexue/ops.h"
 #include "rows.h"
 #include "simd.h"
@@ -165,14 +169,20 @@ void rope_tables(int64_t L, int64_t d, double base, std::vector<A>* cos_t, std::
   }
 }
 
-// dst = scale * R_p src for each of `rows` rows of size d (row r is at position r % L).
+// dst = scale * R_p src for each of `rows` rows of size d (row r is at position r % L of batch
+// element r / (H L)). Rows of padded tokens (mask false) become 0 whatever they hold: a NaN or inf
+// there would otherwise reach the real spans through 0 * NaN in the products G k and G^T q.
 template <typename X, typename A>
-void rotate(const X* src, A* dst, int64_t rows, int64_t L, int64_t d, int layout, const std::vector<A>& cos_t,
-            const std::vector<A>& sin_t, A scale) {
+void rotate(const X* src, A* dst, int64_t rows, int64_t H, int64_t L, int64_t d, const bool* mask, int layout,
+            const std::vector<A>& cos_t, const std::vector<A>& sin_t, A scale) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const X* s = src + r * d;
       A* o = dst + r * d;
+      if (!mask[(r / (H * L)) * L + r % L]) {
+        std::fill(o, o + d, A(0));
+        continue;
+      }
       if (layout == kRopeNone) {
         for (int64_t c = 0; c < d; ++c) o[c] = scale * static_cast<A>(s[c]);
         continue;
@@ -230,13 +240,16 @@ Problem<A> prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s
   if (rope != kRopeNone) rope_tables<A>(pb.L, pb.d, base, cos_t, sin_t);
   const int64_t rows = pb.B * pb.H * pb.L;
   const A scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(pb.d, 1))));
-  rotate<X, A>(q.data_ptr<X>(), pb.qr.template data_ptr<A>(), rows, pb.L, pb.d, static_cast<int>(rope), *cos_t, *sin_t,
-               scale);
-  rotate<X, A>(k.data_ptr<X>(), pb.kr.template data_ptr<A>(), rows, pb.L, pb.d, static_cast<int>(rope), *cos_t, *sin_t,
-               A(1));
-  pb.sb = sb.to(acc).contiguous();
-  pb.ebm = eb.to(acc).masked_fill(mask.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity())
-               .contiguous();
+  const bool* m = mask.data_ptr<bool>();
+  rotate<X, A>(q.data_ptr<X>(), pb.qr.template data_ptr<A>(), rows, pb.H, pb.L, pb.d, m, static_cast<int>(rope),
+               *cos_t, *sin_t, scale);
+  rotate<X, A>(k.data_ptr<X>(), pb.kr.template data_ptr<A>(), rows, pb.H, pb.L, pb.d, m, static_cast<int>(rope),
+               *cos_t, *sin_t, A(1));
+  // Biases at padded tokens are never read as numbers: 0 at padded rows (skipped anyway), -inf at
+  // padded keys (the key mask folded into the end bias).
+  const at::Tensor padded = mask.logical_not().unsqueeze(1);
+  pb.sb = sb.to(acc).masked_fill(padded, 0).contiguous();
+  pb.ebm = eb.to(acc).masked_fill(padded, -std::numeric_limits<double>::infinity()).contiguous();
   pb.mask = mask.data_ptr<bool>();
   return pb;
 }
@@ -251,37 +264,24 @@ at::Tensor block_scores(const Problem<A>& pb, int64_t b, int64_t h, int64_t i0, 
   return out;
 }
 
-// Runs process(acc, b, block) over every block of every batch element and flush(b, accs, n)
-// after each batch element, in one of the two parallel schemes described at the top.
+// Runs process(acc, b, block) over every block of every batch element in ONE parallel region,
+// blocks handed out from a shared counter (cpu::dynamic_for): a worker that stalls (its core
+// taken by another process) delays the block it holds, and there is no barrier per batch element
+// for it to hold up. Each worker's accumulators cover every batch element; once all blocks are
+// done, flush(b, accs, n) merges the workers' shares of each b (in parallel over b).
 template <typename Acc, typename Make, typename Process, typename Flush>
 void drive(int64_t B, int64_t nblk, Make make, Process process, Flush flush) {
   if (B == 0 || nblk == 0) return;
-  const int64_t nt = at::get_num_threads();
-  if (B >= nt || nblk == 1) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      Acc acc = make();
-      for (int64_t b = b0; b < b1; ++b) {
-        acc.reset();
-        for (int64_t blk = 0; blk < nblk; ++blk) process(acc, b, blk);
-        flush(b, &acc, 1);
-      }
-    });
-    return;
-  }
-  const int64_t nw = std::min(nt, nblk);
+  const int64_t items = B * nblk;
+  const int64_t nw = std::min<int64_t>(at::get_num_threads(), items);
   std::vector<Acc> accs;
   for (int64_t w = 0; w < nw; ++w) accs.push_back(make());
-  for (int64_t b = 0; b < B; ++b) {
-    // Round-robin blocks over workers: with the tril mask early blocks are longer, and striding
-    // spreads them evenly.
-    at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w) {
-        accs[w].reset();
-        for (int64_t blk = w; blk < nblk; blk += nw) process(accs[w], b, blk);
-      }
-    });
-    flush(b, accs.data(), nw);
-  }
+  // Counter order: batch-major, and with the tril mask a batch element's early blocks (the
+  // longest rows) first.
+  cpu::dynamic_for(items, nw, [&](int64_t w, int64_t item) { process(accs[w], item / nblk, item % nblk); });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) flush(b, accs.data(), nw);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,8 +291,8 @@ template <typename A>
 struct LossFwdAcc {
   at::Tensor S;        // kRows * L scores
   std::vector<A> x;    // one row
-  std::vector<LseState<A>> neg, pos;  // per type
-  std::vector<int64_t> bad;           // per type: positives on masked spans
+  std::vector<LseState<A>> neg, pos;  // per (batch, type)
+  std::vector<int64_t> bad;           // per (batch, type): positives on masked spans
   std::vector<int64_t> cols;          // positives of the current row
   void reset() {
     std::fill(neg.begin(), neg.end(), lse_empty<A>());
@@ -317,17 +317,17 @@ void loss_fwd_block(const Problem<A>& pb, LossFwdAcc<A>& acc, int64_t b, int64_t
         const int64_t i = i0 + ii;
         const bool row_ok = pb.mask[b * L + i];
         const int64_t js = pb.tril ? i : 0, n = L - js;
-        acc.bad[t] += row_positives(pb, b * pb.T + t, i, row_ok, js, ebm, &acc.cols);
+        acc.bad[b * pb.T + t] += row_positives(pb, b * pb.T + t, i, row_ok, js, ebm, &acc.cols);
         if (!row_ok) continue;
         build_row(Sp + ii * ncols + (js - jlo), sb[i], ebm + js, x, n);
         for (const int64_t jj : acc.cols) {
           const int64_t j = jj - js;
-          lse_merge(&acc.pos[t], -x[j], A(1));
+          lse_merge(&acc.pos[b * pb.T + t], -x[j], A(1));
           x[j] = ninf;
         }
         const A m = cpu::row_max(x, n);
         if (!(m > ninf)) continue;
-        lse_merge(&acc.neg[t], m, row_sumexp(x, n, m));
+        lse_merge(&acc.neg[b * pb.T + t], m, row_sumexp(x, n, m));
       }
     }
   }
@@ -342,8 +342,8 @@ template <typename A>
 struct BwdAcc {
   at::Tensor S, G;      // kRows * L each
   std::vector<A> x;     // one row
-  at::Tensor dk;        // (H, L, d): gradient wrt the rotated k, for this worker
-  at::Tensor deb;       // (T, L)
+  at::Tensor dk;        // (B, H, L, d): gradient wrt the rotated k, this worker's share
+  at::Tensor deb;       // (B, T, L)
   std::vector<int64_t> cols;  // positives of the current row
   void reset() {
     dk.zero_();
@@ -358,8 +358,8 @@ BwdAcc<A> make_bwd_acc(const Problem<A>& pb) {
   acc.S = at::empty({kRows * pb.L}, opt);
   acc.G = at::empty({kRows * pb.L}, opt);
   acc.x.resize(pb.L);
-  acc.dk = at::zeros({pb.H, pb.L, pb.d}, opt);
-  acc.deb = at::zeros({pb.T, pb.L}, opt);
+  acc.dk = at::zeros({pb.B, pb.H, pb.L, pb.d}, opt);
+  acc.deb = at::zeros({pb.B, pb.T, pb.L}, opt);
   return acc;
 }
 
@@ -369,7 +369,7 @@ void bwd_block(const Problem<A>& pb, BwdAcc<A>& acc, int64_t b, int64_t blk, at:
                RowGrad grad_row) {
   const int64_t L = pb.L, i0 = blk * kRows, r = std::min(kRows, L - i0), jlo = pb.tril ? i0 : 0;
   const int64_t ncols = L - jlo;
-  A* deb = acc.deb.template data_ptr<A>();
+  A* deb = acc.deb.template data_ptr<A>() + b * pb.T * L;
   for (int64_t h = 0; h < pb.H; ++h) {
     const at::Tensor S = block_scores(pb, b, h, i0, r, jlo, acc.S);
     at::Tensor G = acc.G.narrow(0, 0, r * ncols).view({r, ncols});
@@ -389,19 +389,19 @@ void bwd_block(const Problem<A>& pb, BwdAcc<A>& acc, int64_t b, int64_t blk, at:
     at::Tensor qblk = pb.qr[b][h].narrow(0, i0, r);
     at::Tensor dq_rows = dqr[b][h].narrow(0, i0, r);
     at::mm_out(dq_rows, G, pb.kr[b][h].narrow(0, jlo, ncols));
-    acc.dk[h].narrow(0, jlo, ncols).addmm_(G.t(), qblk);
+    acc.dk[b][h].narrow(0, jlo, ncols).addmm_(G.t(), qblk);
   }
 }
 
-// After a batch element: dkr[b] and deb_out[b] are the sums of the workers' accumulators.
+// dkr[b] and deb_out[b]: the sums of the workers' shares.
 template <typename A>
 void bwd_flush(const Problem<A>& pb, int64_t b, BwdAcc<A>* accs, int64_t n, at::Tensor& dkr, at::Tensor& deb_out) {
   at::Tensor dk = dkr[b], deb = deb_out[b];
-  dk.copy_(accs[0].dk);
-  deb.copy_(accs[0].deb);
+  dk.copy_(accs[0].dk[b]);
+  deb.copy_(accs[0].deb[b]);
   for (int64_t w = 1; w < n; ++w) {
-    dk.add_(accs[w].dk);
-    deb.add_(accs[w].deb);
+    dk.add_(accs[w].dk[b]);
+    deb.add_(accs[w].deb[b]);
   }
 }
 
@@ -467,9 +467,10 @@ std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cpu(const at::Ten
       LossFwdAcc<A> acc;
       acc.S = at::empty({kRows * L}, pb.qr.options());
       acc.x.resize(L);
-      acc.neg.resize(T);
-      acc.pos.resize(T);
-      acc.bad.resize(T);
+      acc.neg.resize(B * T);
+      acc.pos.resize(B * T);
+      acc.bad.resize(B * T);
+      acc.reset();
       return acc;
     };
     auto process = [&](LossFwdAcc<A>& acc, int64_t b, int64_t blk) { loss_fwd_block(pb, acc, b, blk); };
@@ -478,9 +479,10 @@ std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cpu(const at::Ten
         LseState<A> neg = lse_empty<A>(), pos = lse_empty<A>();
         int64_t bad = 0;
         for (int64_t w = 0; w < n; ++w) {
-          lse_merge(&neg, accs[w].neg[t].m, accs[w].neg[t].s);
-          lse_merge(&pos, accs[w].pos[t].m, accs[w].pos[t].s);
-          bad += accs[w].bad[t];
+          const int64_t bt = b * T + t;
+          lse_merge(&neg, accs[w].neg[bt].m, accs[w].neg[bt].s);
+          lse_merge(&pos, accs[w].pos[bt].m, accs[w].pos[bt].s);
+          bad += accs[w].bad[bt];
         }
         const A ln = finish_lse(neg);
         const A lp = bad > 0 ? std::numeric_limits<A>::infinity() : finish_lse(pos);

@@ -443,7 +443,7 @@ struct Prepared {
 
 template <typename X, typename A>
 Prepared<X, A> prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& sb, const at::Tensor& eb,
-                       int64_t rope, double base) {
+                       const at::Tensor& mask, int64_t rope, double base) {
   Prepared<X, A> p;
   const int64_t L = q.size(2), d = q.size(3);
   const auto opts = q.options().dtype(acc_type(q));
@@ -452,8 +452,14 @@ Prepared<X, A> prepare(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const A scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))));
   launch_rotate<X, A, A, false>(q, p.qr, L, d, rope, base, scale);
   launch_rotate<X, A, A, false>(k, p.kr, L, d, rope, base, A(1));
-  p.sb = sb.to(acc_type(q)).contiguous();
-  p.eb = eb.to(acc_type(q)).contiguous();
+  // Padded tokens may hold anything (NaN, inf): their rows and biases become 0, so that 0 * NaN
+  // in the tile products cannot reach a real span (the kernels still mask them by `mask`).
+  const at::Tensor padded = mask.logical_not();
+  const at::Tensor padded_rows = padded.view({q.size(0), 1, L, 1});
+  p.qr.masked_fill_(padded_rows, 0);
+  p.kr.masked_fill_(padded_rows, 0);
+  p.sb = sb.to(acc_type(q)).masked_fill(padded.unsqueeze(1), 0).contiguous();
+  p.eb = eb.to(acc_type(q)).masked_fill(padded.unsqueeze(1), 0).contiguous();
   return p;
 }
 
@@ -541,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor> global_pointer_loss_forward_cuda(const at::Te
   const at::Tensor labels = dense_labels(row_ptr, cols, dense, B, T, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "global_pointer_loss_forward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, rope, rope_base);
+    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, mask, rope, rope_base);
     const Geometry<A> g = p.geometry(q, mask, tril_mask);
     auto state = at::zeros({B, T, L, 5}, p.qr.options());
     state.select(3, 0).fill_(-std::numeric_limits<double>::infinity());
@@ -579,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "global_pointer_loss_backward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, rope, rope_base);
+    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, mask, rope, rope_base);
     const Geometry<A> g = p.geometry(q, mask, tril_mask);
     auto dqr = at::empty_like(p.qr), dkr = at::empty_like(p.kr);
     auto dsb = at::zeros({B, T, L}, p.qr.options()), deb = at::zeros({B, T, L}, p.qr.options());
@@ -600,7 +606,7 @@ at::Tensor global_pointer_scores_forward_cuda(const at::Tensor& q, const at::Ten
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "global_pointer_scores_forward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, rope, rope_base);
+    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, mask, rope, rope_base);
     const Geometry<A> g = p.geometry(q, mask, tril_mask);
     const int64_t tiles = (L + kTile - 1) / kTile;
     TORCH_CHECK(tiles * tiles <= std::numeric_limits<int32_t>::max(), "L is too large for the scores grid");
@@ -629,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "global_pointer_scores_backward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, rope, rope_base);
+    const auto p = prepare<scalar_t, A>(q, k, start_bias, end_bias, mask, rope, rope_base);
     const Geometry<A> g = p.geometry(q, mask, tril_mask);
     auto dqr = at::empty_like(p.qr), dkr = at::empty_like(p.kr);
     auto dsb = at::zeros({B, T, L}, p.qr.options()), deb = at::zeros({B, T, L}, p.qr.options());

@@ -1,9 +1,11 @@
 """Which implementation serves a call: ``triton``, ``cuda``, ``cpu`` (the C++ module) or ``torch``.
 
-Each op family registers the backends it has (:func:`register`). :func:`select` picks, per call,
-the first backend in order of preference that can serve the tensor; ``KEXUE_BACKEND`` (read on
-every call) or :func:`use_backend` forces one, and a forced backend that cannot serve the tensor
-raises :class:`BackendUnavailableError` with every backend's reason.
+Each op family registers the backends it has (:func:`register`), each with the dtypes it takes
+and, optionally, a ``supports`` rule for what else it needs of a call (a head size, a rank). Once
+per call, :func:`select` asks every backend (device, dtype, ``supports``) and picks the first in
+order of preference that can serve it; ``KEXUE_BACKEND`` (read on every call) or
+:func:`use_backend` forces one, and a backend that cannot serve the call raises
+:class:`BackendUnavailableError` with every backend's reason. No family re-routes after this.
 """
 
 from __future__ import annotations
@@ -94,22 +96,35 @@ def _device_reason(name: str, device: torch.device) -> str | None:
 # Registry of implementations per op family.
 
 
+def _serves_everything(*_args) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Impl:
     fn: Callable
     dtypes: tuple[torch.dtype, ...]
+    # supports(tensor, *args) -> None (it can serve the call) or the reason it cannot
+    supports: Callable[..., str | None] = _serves_everything
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 
 
-def register(op: str, backend: str, fn: Callable, dtypes: tuple[torch.dtype, ...]) -> None:
+def register(op: str, backend: str, fn: Callable, dtypes: tuple[torch.dtype, ...],
+             supports: Callable[..., str | None] | None = None) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op`` for ``dtypes``.
+
+    ``supports(tensor, *args)`` receives what :func:`select` received and returns None when the
+    backend can serve that call, else the reason it cannot (default: it serves every call on its
+    device and dtypes).
+    """
     if backend not in NAMES:
         raise ValueError(f"unknown backend {backend!r}; expected one of {NAMES}")
-    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, dtypes)
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, dtypes, supports or _serves_everything)
 
 
-def reasons(op: str, tensor: torch.Tensor) -> dict[str, str | None]:
+def reasons(op: str, tensor: torch.Tensor, *args) -> dict[str, str | None]:
     """For every backend, why it cannot serve ``op`` on ``tensor`` (None: it can)."""
     impls = _REGISTRY.get(op, {})
     out: dict[str, str | None] = {}
@@ -121,6 +136,8 @@ def reasons(op: str, tensor: torch.Tensor) -> dict[str, str | None]:
         why = _device_reason(name, tensor.device)
         if why is None and tensor.dtype not in impl.dtypes:
             why = f"{name} {op} supports {', '.join(str(d) for d in impl.dtypes)}, not {tensor.dtype}"
+        if why is None:
+            why = impl.supports(tensor, *args)
         out[name] = why
     return out
 
@@ -152,9 +169,10 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced_name = previous
 
 
-def select(op: str, tensor: torch.Tensor) -> tuple[str, Callable]:
-    """The backend that serves ``op`` on ``tensor``: ``(name, implementation)``."""
-    why = reasons(op, tensor)
+def select(op: str, tensor: torch.Tensor, *args) -> tuple[str, Callable]:
+    """The backend that serves ``op`` on ``tensor``: ``(name, implementation)``. ``args`` go to the
+    backends' ``supports`` rules with ``tensor``."""
+    why = reasons(op, tensor, *args)
     name = forced()
     if name is not None:
         if why[name] is not None:

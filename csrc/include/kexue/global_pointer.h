@@ -12,7 +12,7 @@
 //
 //   dL/ds = g * e^{s - lse_neg}  at negatives,   -g * e^{-s - lse_pos}  at positives,   0 masked.
 //
-// See shared/spec/global_pointer.md and python/kexue/reference/global_pointer.py (the oracle).
+// The math: kexue.fm/archives/8373, 8877, 7359; python/kexue/reference/global_pointer.py is the oracle.
 #pragma once
 
 #include "kexue/macros.h"

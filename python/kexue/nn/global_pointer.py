@@ -7,7 +7,7 @@ version 0.6), so that a bert4torch state dict loads as it is (:meth:`load_bert4t
   contiguous halves ``q = h[..., :head_size]``, ``k = h[..., head_size:]`` (bert4keras splits it
   interleaved, ``q = h[..., 0::2]``, ``k = h[..., 1::2]``); ``q_dense: Linear(2 * head_size, 2 * heads)``
   on the un-rotated h gives, halved, type t's START bias on channel 2t and END bias on channel 2t+1
-  (bert4keras: even channel END, odd channel START). See shared/spec/global_pointer.md 7.2.
+  (bert4keras: even channel END, odd channel START; kexue.fm/archives/8877).
 - ``GlobalPointer``: ``dense: Linear(hidden, heads * 2 * head_size)``, cut into ``heads`` contiguous
   chunks of ``2 * head_size``, each ``[q | k]``.
 

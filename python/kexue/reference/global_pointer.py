@@ -1,7 +1,8 @@
 """GlobalPointer in plain PyTorch: RoPE, span scores, multilabel cross-entropy, decoding.
 
 The oracle of every global_pointer test (run it in float64) and the ``torch`` backend of
-:mod:`kexue.ops.global_pointer`. The math is shared/spec/global_pointer.md, sections 7 and 8.
+:mod:`kexue.ops.global_pointer`. The math: kexue.fm/archives/8373 (GlobalPointer), 8877 (Efficient
+GlobalPointer), 7359 and 9064 (multilabel cross-entropy), 8888 (GPLinker).
 
 Canonical layout (what the ops layer hands the kernels):
 
@@ -84,6 +85,16 @@ def span_mask(mask: Tensor | None, batch: int, length: int, tril_mask: bool, dev
     return ok
 
 
+def zero_padded(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x (B, H, L, ...)`` with the rows of padded tokens set to 0. Padded positions may hold
+    anything (NaN, inf): their scores are -inf, and zeroing them keeps 0 * NaN out of the
+    products that reach the real spans (the scores and the gradients G k, G^T q)."""
+    if mask is None:
+        return x
+    keep = mask.reshape(mask.shape[0], 1, mask.shape[1], *([1] * (x.dim() - 3)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def global_pointer_scores(
     q: Tensor,
     k: Tensor,
@@ -99,7 +110,7 @@ def global_pointer_scores(
     Shapes as in the module docstring; ``T = start_bias.shape[1]``, and ``H`` is 1 or ``T``.
     """
     ct = compute_dtype(q.dtype)
-    q, k = q.to(ct), k.to(ct)
+    q, k = zero_padded(q.to(ct), mask), zero_padded(k.to(ct), mask)
     if rope is not None:
         q, k = apply_rope(q, rope, rope_base), apply_rope(k, rope, rope_base)
     batch, _, length, d = q.shape
@@ -107,7 +118,8 @@ def global_pointer_scores(
     logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
     if logits.shape[1] != types:
         logits = logits.expand(batch, types, length, length)
-    s = logits + start_bias.to(ct)[..., :, None] + end_bias.to(ct)[..., None, :]
+    sb, eb = zero_padded(start_bias.to(ct), mask), zero_padded(end_bias.to(ct), mask)
+    s = logits + sb[..., :, None] + eb[..., None, :]
     ok = span_mask(mask, batch, length, tril_mask, q.device)
     return s.masked_fill(~ok, -math.inf)
 
@@ -132,7 +144,7 @@ def multilabel_crossentropy(scores: Tensor, labels: Tensor) -> Tensor:
 def sparse_multilabel_crossentropy(
     scores: Tensor, positives: Tensor, mask_zero: bool = False, epsilon: float = 1e-7
 ) -> Tensor:
-    """Sparse form of bert4keras / bert4torch, step for step (shared/spec section 7.3).
+    """Sparse form of bert4keras / bert4torch, step for step (kexue.fm/archives/8888).
 
     ``scores (..., n)``; ``positives (..., P)`` int64 class indices (with ``mask_zero``, index 0 is
     padding). ``neg = a + log(clip(1 - e^(b - a), epsilon, 1))`` with ``a = log(1 + sum_all e^s)``
@@ -187,7 +199,7 @@ def global_pointer_loss_forward(q, k, start_bias, end_bias, mask, labels, rope, 
     return neg + pos, torch.stack((neg, pos), -1)
 
 
-def score_grad_to_inputs(ds, q, k, rope, rope_base):
+def score_grad_to_inputs(ds, q, k, rope, rope_base, mask=None):
     """``(dq, dk, d_start_bias, d_end_bias)`` from ``ds = dL/ds (B, T, L, L)`` (zero where masked).
 
     The kernels' backward step for step: bias gradients are the row and column sums, the types
@@ -195,7 +207,7 @@ def score_grad_to_inputs(ds, q, k, rope, rope_base):
     the rotated frame, rotated back by ``R^T``.
     """
     ct = ds.dtype
-    qr, kr = q.to(ct), k.to(ct)
+    qr, kr = zero_padded(q.to(ct), mask), zero_padded(k.to(ct), mask)
     if rope is not None:
         qr, kr = apply_rope(qr, rope, rope_base), apply_rope(kr, rope, rope_base)
     d = q.shape[-1]
@@ -219,7 +231,7 @@ def global_pointer_loss_backward(grad, q, k, start_bias, end_bias, mask, labels,
     valid = torch.isfinite(s)
     ds = torch.where(labels, -g * torch.exp(-s - pos[..., None, None]), g * torch.exp(s - neg[..., None, None]))
     ds = torch.where(valid, ds, 0.0)
-    grads = score_grad_to_inputs(ds, q, k, rope, rope_base)
+    grads = score_grad_to_inputs(ds, q, k, rope, rope_base, mask)
     return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
 
 
@@ -233,7 +245,7 @@ def global_pointer_scores_backward(grad, q, k, start_bias, end_bias, mask, rope,
     batch, _, length, _ = q.shape
     ok = span_mask(mask, batch, length, tril_mask, q.device)
     ds = torch.where(ok, grad.to(compute_dtype(q.dtype)), 0.0)
-    grads = score_grad_to_inputs(ds, q, k, rope, rope_base)
+    grads = score_grad_to_inputs(ds, q, k, rope, rope_base, mask)
     return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
 
 
