@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from . import logn_attention_bwd as _bwd
+from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
 from .logn_attention_rules import arch_family, block_d, dot_mode
 
@@ -80,6 +81,9 @@ def _forward(q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, lo
     if out.numel() == 0 or pb.max_q == 0:
         return
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
+    if not varlen and q.shape[2] <= _decode.MAX_Q:  # a few queries against a KV cache: split-K, heads packed
+        _decode.launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags)
+        return
     _fwd.launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, arch_family(q.device))
 
 

@@ -41,18 +41,19 @@ class BwdTiles(NamedTuple):
 
 
 # family -> padded head dim -> tiles for 16-bit inputs (and float32 through TF32).
+_T = Tiles
 _TILES_16 = {
-    90: {16: BwdTiles(Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)), 32: BwdTiles(Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
-         64: BwdTiles(Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)), 128: BwdTiles(Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
-         256: BwdTiles(Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2))},
-    80: {16: BwdTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)), 32: BwdTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
-         64: BwdTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)), 128: BwdTiles(Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-         256: BwdTiles(Tiles(16, 32, 2, 1), Tiles(32, 16, 2, 1))},
+    90: {d: BwdTiles(_T(64, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
+    80: {d: BwdTiles(_T(64, 64, 4, 2), _T(64, 64, 4, 2)) for d in (16, 32, 64)},
 }
+_TILES_16[90][256] = BwdTiles(_T(32, 64, 4, 2), _T(64, 32, 4, 2))
+_TILES_16[80][128] = BwdTiles(_T(32, 64, 4, 2), _T(64, 32, 4, 2))
+_TILES_16[80][256] = BwdTiles(_T(16, 32, 2, 1), _T(32, 16, 2, 1))
 _TILES_16[86] = _TILES_16[80]
-_TILES_IEEE = {16: BwdTiles(Tiles(16, 32, 2, 2), Tiles(16, 32, 2, 2)), 32: BwdTiles(Tiles(16, 32, 2, 2), Tiles(16, 32, 2, 2)),
-               64: BwdTiles(Tiles(16, 32, 4, 2), Tiles(16, 32, 4, 2)), 128: BwdTiles(Tiles(16, 32, 8, 2), Tiles(16, 32, 4, 2)),
-               256: BwdTiles(Tiles(16, 16, 8, 1), Tiles(16, 16, 4, 1))}
+# float32 without TF32 (FMA dots): small tiles, sized to compile without spills
+_TILES_IEEE = {16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)), 32: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
+               64: BwdTiles(_T(16, 32, 4, 2), _T(16, 32, 4, 2)), 128: BwdTiles(_T(16, 32, 8, 2), _T(16, 32, 4, 2)),
+               256: BwdTiles(_T(16, 16, 8, 1), _T(16, 16, 4, 1))}
 
 
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
@@ -389,8 +390,8 @@ def _aot_configs() -> list[dict]:
                                         "stride_lh"), "i32"),
                        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
                        **dict.fromkeys(consts, "constexpr"))
-            configs.append(dict(name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax", kernel=logn_bwd_prep_kernel,
-                                signature=sig, constexprs=consts, num_warps=4, unaligned_ints=("Lq", "Lk")))
+            configs.append(dict(name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax",
+                                kernel=logn_bwd_prep_kernel, signature=sig, constexprs=consts, num_warps=4, unaligned_ints=("Lq", "Lk")))
     return configs
 
 
