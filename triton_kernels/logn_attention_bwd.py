@@ -391,7 +391,8 @@ def _aot_configs() -> list[dict]:
                        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
                        **dict.fromkeys(consts, "constexpr"))
             configs.append(dict(name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax",
-                                kernel=logn_bwd_prep_kernel, signature=sig, constexprs=consts, num_warps=4, unaligned_ints=("Lq", "Lk")))
+                                kernel=logn_bwd_prep_kernel, signature=sig, constexprs=consts, num_warps=4,
+                                unaligned_ints=("Lq", "Lk")))
     return configs
 
 
