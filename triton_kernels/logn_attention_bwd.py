@@ -110,7 +110,7 @@ def logn_bwd_prep_kernel(out_ptr, do_ptr, dlse_ptr, delta_ptr, sc_ptr, mask_ptr,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol, b, Lq, Lk,
+def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol, b, Lq, Lk,
                mask_ptr, stride_qm, D, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                EVEN_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """One query block's contribution to a key block's dK, dV, in transposed form (keys as rows).
@@ -140,11 +140,16 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sc_base, sta
     sc2 = sc * 1.4426950408889634
     sT = dot(k, tl.trans(q), IEEE)
     pT = tl.exp2(sT * sc2[None, :] - (lse * 1.4426950408889634)[None, :])
-    if MASKED or HAS_MASK:
-        okT = tl.trans(allowed(rows, cols, b, Lq, Lk, mask_ptr, MASKED, CAUSAL and MASKED, HAS_MASK))
-        if MASKED:
-            okT = okT & (rows < Lq)[None, :]
+    # built in the transposed orientation directly (a transposed bool tile would cost a shuffle)
+    if MASKED:
+        okT = (rows < Lq)[None, :] & (cols < Lk)[:, None]
+        if CAUSAL:
+            okT = okT & (cols[:, None] <= rows[None, :] + (Lk - Lq))
+        if HAS_MASK:
+            okT = okT & key_ok[:, None]
         pT = tl.where(okT, pT, 0.0)
+    elif HAS_MASK:
+        pT = tl.where(key_ok[:, None], pT, 0.0)
     dv += dot(pT.to(do.dtype), do, IEEE)
     dpT = dot(v, tl.trans(do), IEEE)
     dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
@@ -184,6 +189,10 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
     kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
     k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+    if HAS_MASK:  # the program's keys are fixed: their padding is read once
+        key_ok = tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=1) == 0
+    else:
+        key_ok = cols < Lk
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if CAUSAL:
@@ -197,6 +206,8 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
         lo = 0
         mid = 0
     full_end = Lq // BLOCK_M * BLOCK_M
+    tail = tl.maximum(full_end, mid)  # the ragged last query block, if any, starts here
+    n_masked = (mid - lo) // BLOCK_M + (tail < Lq).to(tl.int32)
     # keys past Lk in this block (the last one) are zero and their rows are not stored: only the
     # query-side bounds and the causal diagonal need masks
     for g in range(groups):
@@ -206,15 +217,13 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
         lse_base = lse_ptr + l_off + h * stride_lh
         delta_base = delta_ptr + l_off + h * stride_lh
         sc_base = sc_ptr + l_off + h * stride_lh
-        for start in range(lo, mid, BLOCK_M):  # the diagonal
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol,
-                                b, Lq, Lk, mask_ptr, stride_qm, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
         for start in range(mid, full_end, BLOCK_M):  # whole query blocks that see every key here
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol,
-                                b, Lq, Lk, mask_ptr, stride_qm, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
-        for start in range(tl.maximum(full_end, mid), Lq, BLOCK_M):  # the ragged last block
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol,
-                                b, Lq, Lk, mask_ptr, stride_qm, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
+            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols,
+                                dcol, b, Lq, Lk, mask_ptr, stride_qm, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
+        for i in range(n_masked):  # the diagonal blocks, then the ragged last one: one loop, one copy of the code
+            start = tl.where(lo + i * BLOCK_M < mid, lo + i * BLOCK_M, tail)
+            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols,
+                                dcol, b, Lq, Lk, mask_ptr, stride_qm, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
     tl.store(dk_ptr + kv_at, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
