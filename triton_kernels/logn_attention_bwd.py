@@ -40,7 +40,7 @@ class BwdTiles(NamedTuple):
     dq: Tiles  # block_m: queries per program (the dots' M), block_n: keys per step
 
 
-# family -> padded head dim -> tiles for 16-bit inputs (and float32 through TF32).
+# family -> padded head dim -> tiles for 16-bit inputs.
 _T = Tiles
 _TILES_16 = {
     90: {d: BwdTiles(_T(64, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},

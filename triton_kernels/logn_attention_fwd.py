@@ -38,7 +38,7 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-# (family, padded head dim) -> tiles for 16-bit inputs (and float32 through TF32). BLOCK_M equals
+# (family, padded head dim) -> tiles for 16-bit inputs. BLOCK_M equals
 # 16 * num_warps (mma.sync) or 64 * num_warps / 4 (wgmma) or more, so no S tile is replicated.
 # Shared memory: q (BLOCK_M x D) plus num_stages copies of the k and v tiles must fit the target
 # (163 KB on sm_80, 99 KB on sm_86 / sm_89, 227 KB on sm_90); the tables were checked with

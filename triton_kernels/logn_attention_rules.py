@@ -41,11 +41,11 @@ def arch_family(device: torch.device) -> int:
     return 86
 
 
-def dot_mode(dtype: torch.dtype, allow_tf32: bool = False) -> int:
+def dot_mode(dtype: torch.dtype) -> int:
     """0: native 16-bit dots; 1: float32 without TF32 (IEEE, FMA units); 2: bfloat16 under the
-    interpreter; 3: float32 operands through TF32 tensor cores."""
+    interpreter."""
     if dtype == torch.float32:
-        return 3 if allow_tf32 and not interpreting() else 1
+        return 1
     if dtype == torch.bfloat16 and interpreting():
         return 2
     return 0
@@ -59,8 +59,6 @@ def dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     if IEEE == 1:
         return tl.dot(a, b, input_precision="ieee")
-    if IEEE == 3:
-        return tl.dot(a, b, input_precision="tf32")
     return tl.dot(a, b)
 
 
