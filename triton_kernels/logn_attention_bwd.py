@@ -40,15 +40,21 @@ class BwdTiles(NamedTuple):
     dq: Tiles  # block_m: queries per program (the dots' M), block_n: keys per step
 
 
-# family -> padded head dim -> tiles for 16-bit inputs.
+# family -> padded head dim -> tiles for 16-bit inputs. Up to d=64 each dot has 16 rows a warp
+# (64 a warpgroup on sm_90: wgmma). From d=128 on, the dK/dV kernel keeps k, v, dk and dv of its
+# rows in registers (16 rows x d x 12 bytes a warp): no configuration with 16 rows a warp compiled
+# without a stack in triton 3.9 (sm_80: 16x64 w4 255 regs + 40..128 B stack; sm_90: 16x128 w8
+# 255 + 24..40 B), so those use 8 warps on 32 keys, whose score tiles are replicated across warps
+# (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
 _T = Tiles
 _TILES_16 = {
-    90: {d: BwdTiles(_T(64, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
-    80: {d: BwdTiles(_T(64, 64, 4, 2), _T(64, 64, 4, 2)) for d in (16, 32, 64)},
+    90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64)},
+    80: {d: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)) for d in (16, 32, 64)},
 }
-_TILES_16[90][256] = BwdTiles(_T(32, 64, 4, 2), _T(64, 32, 4, 2))
-_TILES_16[80][128] = BwdTiles(_T(32, 64, 4, 2), _T(64, 32, 4, 2))
-_TILES_16[80][256] = BwdTiles(_T(16, 32, 2, 1), _T(32, 16, 2, 1))
+_TILES_16[90][128] = BwdTiles(_T(32, 32, 8, 2), _T(128, 64, 8, 2))
+_TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
+for _f in (80, 90):
+    _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)), 32: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
@@ -362,6 +368,18 @@ _INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "s
          "stride_lb", "stride_lh")
 
 
+def _expect(family: int, mode: int, tile: Tiles, kernel: str) -> tuple:
+    """What the static check may demand: tensor cores for 16-bit inputs; wgmma and unreplicated
+    score tiles where the dots' M (keys in dK/dV, queries in dQ) gives each warp 16 rows (64 a
+    warpgroup on sm_90)."""
+    if mode != 0:
+        return ()
+    rows = tile.block_n if kernel == "dkdv" else tile.block_m
+    if rows < (64 * tile.num_warps // 4 if family == 90 else 16 * tile.num_warps):
+        return ("tensor_cores",)
+    return ("wgmma", "no_replication", "tensor_cores") if family == 90 else ("no_replication", "tensor_cores")
+
+
 def _aot_configs() -> list[dict]:
     configs = []
     for family, archs in _ARCHS.items():
@@ -386,8 +404,7 @@ def _aot_configs() -> list[dict]:
                                   f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"),
                             kernel=kernel, signature=sig, constexprs=consts, num_warps=tile.num_warps,
                             num_stages=tile.num_stages, archs=archs if mode == 0 else (80, 86, 89, 90),
-                            unaligned_ints=("Lq", "Lk"),
-                            expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else ()))
+                            unaligned_ints=("Lq", "Lk"), expect=_expect(family, mode, tile, name)))
     # the preprocess kernel: no dots; one configuration per dtype with every switch on
     for dtype, ptr in _PTR.items():
         for d in (64, 128, 256):
