@@ -29,6 +29,12 @@ from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
 from .logn_attention_rules import arch_family, block_d, dot_mode
 
+# The widest head the kernels serve on a GPU: from 256 on, the forward's 16 rows a warp of fp32
+# accumulator and q operand (16 x d x 6 bytes) leave no registers for the scores, and every tile
+# tried spilled (sm_80 64x32 w4: 232 B of stack; sm_90 128x32 w8: 64 B). kexue.ops routes wider
+# heads on CUDA devices elsewhere; the interpreter still runs them.
+MAX_HEAD_DIM = 128
+
 
 def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False):
     """The padding mask as bytes and its prefix counts, the scale rule's scalars, the switches."""

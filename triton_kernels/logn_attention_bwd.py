@@ -51,6 +51,10 @@ _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64)},
     80: {d: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)) for d in (16, 32, 64)},
 }
+# sm_80 / sm_86, d <= 32: the pipelined (2-stage) form keeps 8 to 24 bytes on a stack (at 128 to
+# 168 registers: ptxas, not pressure); unpipelined is clean.
+for _d in (16, 32):
+    _TILES_16[80][_d] = BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1))
 _TILES_16[90][128] = BwdTiles(_T(32, 32, 8, 2), _T(128, 64, 8, 2))
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
@@ -362,7 +366,7 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
-HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 _INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
          "stride_lb", "stride_lh")

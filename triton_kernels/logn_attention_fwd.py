@@ -45,23 +45,30 @@ class Tiles(NamedTuple):
 # tests/gpu_compile.py for registers, spills and shared memory.
 _TILES_16 = {
     90: {16: Tiles(128, 128, 8, 3), 32: Tiles(128, 128, 8, 3), 64: Tiles(128, 128, 8, 3),
-         128: Tiles(128, 64, 8, 3), 256: Tiles(128, 64, 8, 2)},
-    80: {16: Tiles(128, 64, 4, 3), 32: Tiles(128, 64, 4, 3), 64: Tiles(128, 64, 4, 3),
-         128: Tiles(128, 32, 8, 3), 256: Tiles(64, 32, 4, 2)},
-    86: {16: Tiles(128, 64, 4, 2), 32: Tiles(128, 64, 4, 2), 64: Tiles(128, 64, 4, 2),
+         128: Tiles(128, 64, 8, 3), 256: Tiles(128, 32, 8, 2)},
+    80: {16: Tiles(128, 64, 4, 3), 32: Tiles(128, 64, 4, 3), 64: Tiles(128, 64, 8, 3),
+         128: Tiles(128, 32, 8, 3), 256: Tiles(64, 32, 4, 1)},
+    86: {16: Tiles(128, 64, 4, 2), 32: Tiles(128, 64, 4, 2), 64: Tiles(128, 64, 8, 2),
          128: Tiles(128, 32, 8, 2), 256: Tiles(64, 32, 4, 1)},
 }
+# A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
+# with 32 keys): half the keys per step there.
+_TILES_16_MASK = {(80, 128): Tiles(128, 16, 8, 3)}
 # float32 without TF32: FMA dots, no tensor cores; the operands stay in registers, hence the
 # small tiles (sized to compile without spills).
 _TILES_IEEE = {16: Tiles(32, 32, 4, 2), 32: Tiles(32, 32, 4, 2), 64: Tiles(32, 32, 4, 2),
                128: Tiles(16, 32, 8, 2), 256: Tiles(16, 16, 8, 2)}
 
 
-def tiles(family: int, head_dim: int, dot_mode: int) -> Tiles:
-    """The forward tiles for a target family (see ``arch_family``), head size and dot mode."""
+def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
+    """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
+    padding mask. Head dims above 128 are listed for the interpreter only (see MAX_HEAD_DIM in
+    the launchers): they spill on every target."""
     d = block_d(head_dim)
     if dot_mode == 1:
         return _TILES_IEEE[d]
+    if has_mask and (family, d) in _TILES_16_MASK:
+        return _TILES_16_MASK[family, d]
     return _TILES_16[family][d]
 
 
@@ -87,8 +94,12 @@ def _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, 
         v = tl.load(v_base + kv_at, mask=dcol[None, :] < D, other=0.0)
     qk = dot(q, tl.trans(k), IEEE)
     if MASKED or HAS_MASK:
-        ok = allowed(rows, cols, b, Lq, Lk, mask_ptr, MASKED, CAUSAL and MASKED, HAS_MASK)
-        s = tl.where(ok, qk * sc[:, None], float("-inf"))
+        if MASKED:
+            ok = allowed(rows, cols, b, Lq, Lk, mask_ptr, True, CAUSAL, HAS_MASK)
+            s = tl.where(ok, qk * sc[:, None], float("-inf"))
+        else:  # padding only: a per-key bias (a full boolean tile costs registers the sm_80 tiles lack)
+            pad = tl.load(mask_ptr + b * Lk + cols)
+            s = qk * sc[:, None] + tl.where(pad == 0, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: stay at 0
         p = tl.exp2(s - shift[:, None])
@@ -172,7 +183,7 @@ def logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr,
 def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
     """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles."""
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
-    t = tiles(family, d, flags["IEEE"])
+    t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
     grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
     logn_fwd_kernel[grid](q, k, v, mask_u8, prefix, out, lse, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
                           *pb.q_strides, *pb.k_strides, *pb.l_strides, *scalars, **flags,
@@ -187,7 +198,7 @@ def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) 
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
-HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # 96: a head dim padded to BLOCK_D (EVEN_D False)
+HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 
 
@@ -207,8 +218,9 @@ def _aot_configs() -> list[dict]:
             if mode == 1 and family != 80:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
             for d in HEAD_DIMS:
-                t, bd = tiles(family, d, mode), block_d(d)
+                bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
+                    t = tiles(family, d, mode, has_mask)
                     consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
                                   IEEE=mode, VARLEN=varlen, EVEN_D=d == bd, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                   BLOCK_D=bd)

@@ -63,15 +63,36 @@ def _triton_module():
     return logn_attention
 
 
+_WIDE = {"forward": _torch_forward, "backward": _torch_backward, "varlen_forward": _torch_varlen_forward,
+         "varlen_backward": _torch_varlen_backward}
+
+
+def _triton(name: str):
+    """The ``triton`` backend's ``name``. A head wider than the Triton tiles compile for on a GPU
+    (``MAX_HEAD_DIM``; wider forward tiles spill) runs on the CUDA C++ kernel when it is built (dense
+    layout), else on the reference: slower, never wrong. Under the interpreter every head runs in
+    Triton."""
+
+    def call(*args):
+        q = args[2] if name.endswith("backward") else args[0]  # backwards take (grad_out, grad_lse) first
+        kernels = _triton_module()
+        if q.is_cuda and q.shape[-1] > kernels.MAX_HEAD_DIM:
+            native = _backend.native()
+            if not name.startswith("varlen") and native is not None and hasattr(native, f"logn_attention_{name}_cuda"):
+                return getattr(native, f"logn_attention_{name}_cuda")(*args)
+            return _WIDE[name](*args)
+        return getattr(kernels, name)(*args)
+
+    return call
+
+
 def _register_backends() -> None:
     _backend.register(OP, "torch", (_torch_forward, _torch_backward), _FLOATS + (torch.float64,))
     native = _backend.native()
     if native is not None and hasattr(native, "logn_attention_forward_cpu"):
         _backend.register(OP, "cpu", (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
                           _FLOATS + (torch.float64,))
-    _backend.register(OP, "triton",
-                      (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)),
-                      _FLOATS)
+    _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS)
     if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
         _backend.register(OP, "cuda", (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
                           _FLOATS + (torch.float64,))
@@ -85,8 +106,7 @@ def _register_backends() -> None:
             return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
 
         _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
-    _backend.register(OP_VARLEN, "triton", (lambda *a: _triton_module().varlen_forward(*a),
-                                            lambda *a: _triton_module().varlen_backward(*a)), _FLOATS)
+    _backend.register(OP_VARLEN, "triton", (_triton("varlen_forward"), _triton("varlen_backward")), _FLOATS)
 
 
 _register_backends()
