@@ -411,6 +411,10 @@ def logn_attention(
         return_lse: also return ``lse (B, Hq, Lq)``, the natural log-sum-exp of each query's scaled
             logits, in float32 (float64 for float64 inputs); it is differentiable.
 
+    On CUDA devices the Triton backend runs a FlashAttention-2 style kernel; a dense call with at
+    most 16 queries (generation with a KV cache) takes a split-K decode kernel that reads the cache
+    once per key/value head. Heads wider than 128 leave Triton there for the CUDA C++ kernel.
+
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
         key gets zeros and ``lse = 0``, and no gradient. NaN in a query, or in a key or value it
