@@ -36,6 +36,14 @@ from .logn_attention_rules import arch_family, block_d, dot_mode
 MAX_HEAD_DIM = 128
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned. The JIT specializes aligned pointers, and only that
+    form of each kernel was sized to fit the registers (an unaligned view, e.g. a slice of a
+    fused qkv projection, would compile a scalar-load variant that spills): such a view is copied."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False):
     """The padding mask as bytes and its prefix counts, the scale rule's scalars, the switches."""
     d = q.shape[-1]
@@ -103,7 +111,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb: _Problem, m
 
 def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
     """``(out like q, lse (B, Hq, Lq) float32)`` for ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     b, hq, lq, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
@@ -114,8 +122,8 @@ def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
     """``(grad_q, grad_k, grad_v)`` typed like the inputs."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grad_out = grad_out.to(q.dtype).contiguous()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    grad_out = _aligned(grad_out.to(q.dtype))
     dq = torch.empty_like(q)
     if q.numel() == 0:
         return dq, torch.zeros_like(k), torch.zeros_like(v)
@@ -128,7 +136,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_l
 def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
     """``(out like q, lse (Hq, Tq) float32)`` for packed ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``,
     offsets ``cu_q``, ``cu_k`` (nseq + 1,) and ``max_seqlen`` >= every sequence length."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     pb = _packed_problem(q, k, lse, cu_q.contiguous(), cu_k.contiguous(), max_seqlen)
@@ -139,8 +147,8 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, lo
 def varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn,
                     clip, min_n, gradmax):
     """``(grad_q, grad_k, grad_v)`` of :func:`varlen_forward`, typed like the inputs."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grad_out = grad_out.to(q.dtype).contiguous()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    grad_out = _aligned(grad_out.to(q.dtype))
     dq = torch.empty_like(q)
     # keys of a sequence without queries are still written (zeros) by their program
     dk, dv = torch.empty_like(k), torch.empty_like(v)
