@@ -69,6 +69,9 @@ def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> 
         return _TILES_IEEE[d]
     if has_mask and (family, d) in _TILES_16_MASK:
         return _TILES_16_MASK[family, d]
+    if has_mask and family == 90 and d == 128 and head_dim != d:
+        # a padded head (96, 80...) with a mask: the column masks tip 128x64 over (16 B of stack)
+        return Tiles(128, 32, 8, 3)
     return _TILES_16[family][d]
 
 
@@ -220,7 +223,7 @@ def _aot_configs() -> list[dict]:
             for d in HEAD_DIMS:
                 bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
-                    t = tiles(family, d, mode, has_mask)
+                    t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
                     consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
                                   IEEE=mode, VARLEN=varlen, EVEN_D=d == bd, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                   BLOCK_D=bd)
