@@ -47,14 +47,14 @@ class BwdTiles(NamedTuple):
 # 255 + 24..40 B), so those use 8 warps on 32 keys, whose score tiles are replicated across warps
 # (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
 _T = Tiles
+# On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
+# for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
+# for every switch combination.
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64)},
-    80: {d: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)) for d in (16, 32, 64)},
+    80: {16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)), 32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
+         64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2))},
 }
-# sm_80 / sm_86, d <= 32: the pipelined (2-stage) form keeps 8 to 24 bytes on a stack (at 128 to
-# 168 registers: ptxas, not pressure); unpipelined is clean.
-for _d in (16, 32):
-    _TILES_16[80][_d] = BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1))
 _TILES_16[90][128] = BwdTiles(_T(32, 32, 8, 2), _T(128, 64, 8, 2))
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
@@ -85,10 +85,10 @@ def logn_bwd_prep_kernel(out_ptr, do_ptr, dlse_ptr, delta_ptr, sc_ptr, mask_ptr,
                          GRADMAX: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta, sc (and dlse, lse) at strides (lb, lh, 1); out, do at (qb, qh, qm).
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
+    b = (bh // Hq).to(tl.int64)  # 32-bit division, then widen
+    h = (bh % Hq).to(tl.int64)
     if VARLEN:
         q_start, Lq = sequence_start(cu_q_ptr, b)
         k_start, Lk = sequence_start(cu_k_ptr, b)
@@ -175,10 +175,10 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
                          EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     # dk, dv: like k, v (input dtype), at strides (kb, kh, kn).
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
-    b = bh // Hkv
-    hk = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
+    hk = (bh % Hkv).to(tl.int64)
     groups = Hq // Hkv
     if VARLEN:
         q_start, Lq = sequence_start(cu_q_ptr, b)
@@ -278,13 +278,14 @@ def logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr, 
                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
                        EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
     if CAUSAL:  # longest blocks first
         pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // (Hq // Hkv)
+    # 32-bit division (a 64-bit one is a called subroutine that can cost a stack frame), then widen
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = (bh % Hq // (Hq // Hkv)).to(tl.int64)
     if VARLEN:
         q_start, Lq = sequence_start(cu_q_ptr, b)
         k_start, Lk = sequence_start(cu_k_ptr, b)

@@ -32,8 +32,10 @@ def _block_rows(rows: int) -> int:
 
 
 def _num_warps(block_r: int) -> int:
-    # chained dots lay warps along the rows: 16 rows a warp keeps every warp's scores its own
-    return max(1, min(8, block_r // 16))
+    # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
+    # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
+    # at d=128). From 64 rows on, 16 rows a warp.
+    return max(4, min(8, block_r // 16))
 
 
 @triton.jit
@@ -44,11 +46,11 @@ def logn_decode_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, part_o_p
                              GRADMAX: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # part_o: (B * Hkv, splits, BLOCK_R, BLOCK_D) float32; part_lse: (B * Hkv, splits, BLOCK_R).
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    b = bh // Hkv
-    hk = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
+    hk = (bh % Hkv).to(tl.int64)
     groups = Hq // Hkv
     r = tl.arange(0, BLOCK_R)
     pos = r % Lq  # query position of each packed row
@@ -110,7 +112,7 @@ def logn_decode_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, part_o_p
     empty = l_i == 0.0
     o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
-    part = (bh * splits + split) * BLOCK_R + r
+    part = (bh.to(tl.int64) * splits + split) * BLOCK_R + r
     tl.store(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :], o)
     tl.store(part_lse_ptr + part, lse)
 
@@ -121,21 +123,21 @@ def logn_decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, H
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merges the splits of one (batch, key/value head): per row, softmax-weighted by the splits'
     log-sum-exps (a split that saw no key has -inf and weight 0)."""
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // Hkv
-    hk = bh % Hkv
+    bh = tl.program_id(0)
+    b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
+    hk = (bh % Hkv).to(tl.int64)
     groups = Hq // Hkv
     r = tl.arange(0, BLOCK_R)
     dcol = tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for i in range(splits):
-        m = tl.maximum(m, tl.load(part_lse_ptr + (bh * splits + i) * BLOCK_R + r))
+        m = tl.maximum(m, tl.load(part_lse_ptr + (bh.to(tl.int64) * splits + i) * BLOCK_R + r))
     empty = m == float("-inf")
     shift = tl.where(empty, 0.0, m)
     total = tl.zeros([BLOCK_R], tl.float32)
     o = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for i in range(splits):
-        part = (bh * splits + i) * BLOCK_R + r
+        part = (bh.to(tl.int64) * splits + i) * BLOCK_R + r
         w = tl.exp(tl.load(part_lse_ptr + part) - shift)
         total += w
         o += w[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :])

@@ -125,13 +125,14 @@ def logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr,
                     GRADMAX: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # q, out: (.., Hq, rows, D) at strides (qb, qh, qm); k, v at (kb, kh, kn); lse at (lb, lh, 1).
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
     if CAUSAL:  # longest blocks first
         pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // (Hq // Hkv)
+    # 32-bit division (a 64-bit one is a called subroutine that can cost a stack frame), then widen
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = (bh % Hq // (Hq // Hkv)).to(tl.int64)
     if VARLEN:
         q_start, Lq = sequence_start(cu_q_ptr, b)
         k_start, Lk = sequence_start(cu_k_ptr, b)
