@@ -127,28 +127,30 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_b
     ``MASKED``: the block may hold rows past Lq or before the diagonal."""
     rows = start + tl.arange(0, BLOCK_M)
     q_at = rows[:, None] * stride_qm + dcol[None, :]
+    qT_at = rows[None, :] * stride_qm + dcol[:, None]
+    row_ok = rows < Lq
+    # (the masks of the unmasked step fold away: EVEN_D and in-range rows make them all true)
+    q_mask = (row_ok[:, None] | (not MASKED)) & ((dcol[None, :] < D) | EVEN_D)
+    qT_mask = (row_ok[None, :] | (not MASKED)) & ((dcol[:, None] < D) | EVEN_D)
+    q = tl.load(q_base + q_at, mask=q_mask, other=0.0)
+    do = tl.load(do_base + q_at, mask=q_mask, other=0.0)
+    if IEEE == 1:
+        # float32 FMA dots: a register transpose sends this variant to local memory; load twice
+        qT = tl.load(q_base + qT_at, mask=qT_mask, other=0.0)
+        doT = tl.load(do_base + qT_at, mask=qT_mask, other=0.0)
+    else:
+        qT = tl.trans(q)
+        doT = tl.trans(do)
     if MASKED:
-        row_ok = rows < Lq
-        q_mask = row_ok[:, None]
-        if not EVEN_D:
-            q_mask = q_mask & (dcol[None, :] < D)
-        q = tl.load(q_base + q_at, mask=q_mask, other=0.0)
-        do = tl.load(do_base + q_at, mask=q_mask, other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         sc = tl.load(sc_base + rows, mask=row_ok, other=0.0)
     else:
-        if EVEN_D:
-            q = tl.load(q_base + q_at)
-            do = tl.load(do_base + q_at)
-        else:
-            q = tl.load(q_base + q_at, mask=dcol[None, :] < D, other=0.0)
-            do = tl.load(do_base + q_at, mask=dcol[None, :] < D, other=0.0)
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
         sc = tl.load(sc_base + rows)
     sc2 = sc * 1.4426950408889634
-    sT = dot(k, tl.trans(q), IEEE)
+    sT = dot(k, qT, IEEE)
     pT = tl.exp2(sT * sc2[None, :] - (lse * 1.4426950408889634)[None, :])
     # built in the transposed orientation directly (a transposed bool tile would cost a shuffle)
     if MASKED:
@@ -161,7 +163,7 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_b
     elif HAS_MASK:
         pT = tl.where(key_ok[:, None], pT, 0.0)
     dv += dot(pT.to(do.dtype), do, IEEE)
-    dpT = dot(v, tl.trans(do), IEEE)
+    dpT = dot(v, doT, IEEE)
     dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
     dk += dot(dsT.to(q.dtype), q, IEEE)
     return dk, dv
@@ -405,7 +407,7 @@ def _aot_configs() -> list[dict]:
                                    sc_ptr="*fp32", mask_ptr="*u8", **dict.fromkeys(outs, ptr), cu_q_ptr="*i32",
                                    cu_k_ptr="*i32", **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(consts, "constexpr"))
                         configs.append(dict(
-                            name=(f"logn_bwd_{name} sm{family if mode == 0 else 'all'} {str(dtype)[6:]} d{d} "
+                            name=(f"logn_bwd_{name} {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} "
                                   f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"),
                             kernel=kernel, signature=sig, constexprs=consts, num_warps=tile.num_warps,
                             num_stages=tile.num_stages, archs=archs if mode == 0 else (80, 86, 89, 90),

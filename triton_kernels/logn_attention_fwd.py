@@ -231,7 +231,7 @@ def _aot_configs() -> list[dict]:
                     switches = ("causal" if causal else "full") + (" mask" if has_mask else "") + (
                         " gradmax" if gradmax else "") + (" varlen" if varlen else "")
                     configs.append(dict(
-                        name=(f"logn_fwd sm{family if mode == 0 else 'all'} {str(dtype)[6:]} d{d} {switches} "
+                        name=(f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
                               f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"),
                         kernel=logn_fwd_kernel, signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
                         constexprs=consts, num_warps=t.num_warps, num_stages=t.num_stages,
