@@ -3,7 +3,8 @@
 ``kexue::logn_attention`` and ``kexue::logn_attention_backward`` are ``torch.library`` custom ops
 over contiguous ``(B, H, L, D)`` tensors; ``kexue::logn_attention_varlen`` and its backward take
 packed variable-length sequences ``(T, H, D)`` with cumulative offsets (the flash-attn varlen
-layout). Each dispatches to the backend that :mod:`kexue._backend` picks. The math is in shared/spec/logn_attention.md, csrc/include/kexue/logn_attention.h and
+layout). Each dispatches to the backend that :mod:`kexue._backend` picks. The math is in
+docs/logn_attention.md, csrc/include/kexue/logn_attention.h and
 :mod:`kexue.reference.logn_attention` (which also states the edge-case definitions).
 """
 
