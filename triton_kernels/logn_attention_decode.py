@@ -31,6 +31,11 @@ def _block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
+def _num_stages(block_d: int) -> int:
+    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean
+    return 2 if block_d <= 64 else 3
+
+
 def _num_warps(block_r: int) -> int:
     # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
     # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
@@ -177,7 +182,7 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     logn_decode_split_kernel[(b * hkv, splits)](
         q, k, v, mask_u8, prefix, part_o, part_lse, hq, hkv, lq, lk, d, chunk, *q.stride()[:3], *k.stride()[:3],
         *scalars, **rule, EVEN_D=d == bd, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=bd,
-        num_warps=_num_warps(block_r), num_stages=3)
+        num_warps=_num_warps(block_r), num_stages=_num_stages(bd))
     logn_decode_combine_kernel[(b * hkv,)](
         part_o, part_lse, out, lse, hq, hkv, lq, d, splits, *q.stride()[:3], *lse.stride()[:2],
         BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
@@ -210,7 +215,7 @@ def _aot_configs() -> list[dict]:
                         name=(f"logn_decode {str(dtype)[6:]} d{d} rows{block_r} {'causal' if causal else 'full'}"
                               f"{' mask gradmax' if has_mask else ''} w{warps}"),
                         kernel=logn_decode_split_kernel, signature=sig, constexprs=consts, num_warps=warps,
-                        num_stages=3, unaligned_ints=("Lq", "Lk", "chunk"),
+                        num_stages=_num_stages(d), unaligned_ints=("Lq", "Lk", "chunk"),
                         expect=("no_replication", "tensor_cores") if mode == 0 else ()))
             consts = dict(BLOCK_R=16, BLOCK_D=d)
             ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
