@@ -103,7 +103,7 @@ def test_reference_matches_naive_formula(case, lq, lk):
 
 
 def test_gradmax_alpha_matches_spec_values():
-    # shared/spec/logn_attention.md §3: normal-logit optimum alpha*(n)
+    # docs/logn_attention.md, the gradmax table: normal-logit optimum alpha*(n)
     n = torch.tensor([64.0, 512, 1024, 4096, 20000], dtype=torch.float64)
     want = torch.tensor([1.549, 2.008, 2.147, 2.406, 2.678], dtype=torch.float64)
     assert torch.allclose(ref.gradmax_alpha(n), want, atol=1e-3)

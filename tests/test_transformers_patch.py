@@ -301,6 +301,17 @@ def test_a_4d_mask_is_refused():
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_static_and_paged_caches_are_refused():
+    model = build("llama").eval()
+    kexue.patch(model, train_len=TRAIN_LEN)
+    attn = next(m for _, m in hf._attention_modules(model))
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="paged caches"):  # continuous batching's call
+        hf.kexue_attention(attn, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3]), cu_seq_lens_k=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="static"):  # a StaticCache's tensor offsets reach the mask builder
+        hf.kexue_mask(1, 3, 8, q_offset=torch.tensor(5), kv_offset=0)
+
+
 @pytest.fixture
 def no_defaults(monkeypatch):
     monkeypatch.setattr(hf, "_DEFAULTS", None)  # restored after the test

@@ -1,11 +1,16 @@
 """The Triton kernels of log-n attention against the float64 reference.
 
 Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
-TRITON_INTERPRET=1), which is slow: shapes are small but cross the 64-row / 64-key / 32-row tile
-edges, include a single position, grouped heads, causal attention after a KV cache (Lq < Lk) and
-before it (Lq > Lk, queries that see nothing), padding masks with a fully padded batch row, each
-scale rule, and packed variable-length sequences (cu_seqlens) with lengths 0, 1 and tile edges. Outputs come from torch.empty, which deterministic mode fills with NaN, so an
-element a kernel forgets to write fails the comparison.
+TRITON_INTERPRET=1) with the sm_80 tile table, which is slow: shapes are small but cross the tile
+edges (128 and 64 query rows, 64 and 32 keys; 16 / 32 in float32), include a single position,
+grouped heads (GQA ratios 1, 2, 4, 8), every head-dim class up to 256, causal attention after a KV
+cache (Lq < Lk) and before it (Lq > Lk, queries that see nothing), padding masks with a fully
+padded batch row, each scale rule, packed variable-length sequences (cu_seqlens) with lengths 0,
+1 and tile edges, and the decode kernel (Lq <= 16: split-K, heads packed) with cache offsets.
+Outputs come from torch.empty, which deterministic mode fills with NaN, so an element a kernel
+forgets to write fails the comparison.
+
+The tests at the end need CUDA (production sizes, bf16) and are skipped without it.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ from __future__ import annotations
 import sys
 
 import kexue
+import kexue.reference.logn_attention  # noqa: F401
 import pytest
 import torch
 
-import kexue.reference.logn_attention  # noqa: F401
 from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import logn_attention as K  # noqa: E402  (after the skip)
+from kexue.triton_kernels import logn_attention_bwd, logn_attention_decode, logn_attention_fwd  # noqa: E402
 
 ref = sys.modules["kexue.reference.logn_attention"]
 
@@ -54,7 +60,7 @@ def _check(device, b, hq, hkv, lq, lk, d, dtype, causal, mask_p=None, full_row=F
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out.cpu(), r_out, dtype, "out")
     assert_close(lse.cpu(), r_lse, torch.float32 if not low else dtype, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=True):
         assert g.dtype == dtype
         assert_close(g.cpu(), w, dtype, f"grad {name}", factor=2.0 if low else 1.0)
 
@@ -104,7 +110,7 @@ def _check_packed(device, lengths_q, lengths_k, hq, hkv, d, dtype, causal, **kw)
     assert out.shape == q.shape and lse.shape == (hq, tq) and lse.dtype == torch.float32
     assert_close(out.cpu(), r_out, dtype, "out")
     assert_close(lse.cpu(), r_lse, torch.float32 if not low else dtype, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=True):
         assert g.dtype == dtype
         assert_close(g.cpu(), w, dtype, f"grad {name}", factor=2.0 if low else 1.0)
 
@@ -122,8 +128,104 @@ def test_packed_separate_key_offsets(triton_device):
     _check_packed(triton_device, [3, 9, 4, 0], [10, 2, 0, 5], 2, 1, 8, torch.float16, True, scale="gradmax")
 
 
-def test_aot_configs_cover_head_dims_and_dtypes():
-    names = [c["name"] for c in K.AOT_CONFIGS]
-    for part in ("float16", "bfloat16", "float32", "d32", "d64", "d128", "logn_fwd", "logn_bwd_dkdv", "logn_bwd_dq",
-                 "varlen"):
-        assert any(part in n for n in names), part
+def test_aot_configs_cover_every_pickable_config():
+    """Every tile configuration the launchers can pick is in an AOT_CONFIGS list (so the static
+    GPU check sees it): each family x head-dim class x dtype, for every kernel."""
+    from kexue.triton_kernels.logn_attention_rules import block_d, dot_mode
+
+    def listed(module, kernel, constexprs):
+        return any(c["kernel"] is kernel and all(c["constexprs"].get(k) == v for k, v in constexprs.items())
+                   for c in module.AOT_CONFIGS)
+
+    for family in (80, 86, 90):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            mode = 1 if dtype == torch.float32 else 0
+            for d in (8, 24, 64, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
+                bd = block_d(d)
+                for has_mask in (False, True):
+                    t = logn_attention_fwd.tiles(family, d, mode, has_mask)
+                    want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
+                    assert listed(logn_attention_fwd, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
+                b = logn_attention_bwd.tiles(family, d, mode)
+                assert listed(logn_attention_bwd, logn_attention_bwd.logn_bwd_dkdv_kernel,
+                              dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode))
+                assert listed(logn_attention_bwd, logn_attention_bwd.logn_bwd_dq_kernel,
+                              dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode))
+    assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
+    assert K.MAX_HEAD_DIM == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# The restructured kernels: the two-stage causal split, head dims, GQA ratios, decode.
+
+
+@pytest.mark.parametrize("lq,lk", [(128, 128), (129, 129), (130, 200), (200, 130), (64, 191)])
+def test_causal_split_at_tile_edges(triton_device, lq, lk):
+    # 16-bit inputs take the 128-row x 64-key tiles: the diagonal of a block falls on, just past
+    # and between tile edges, with the KV-cache offset Lk - Lq positive and negative
+    _check(triton_device, 1, 2, 1, lq, lk, 16, torch.float16, True)
+
+
+@pytest.mark.parametrize("d", [8, 40, 64, 96, 128, 256])
+def test_head_dims(triton_device, d):
+    # 40 and 96 are padded to 64 / 128 columns (EVEN_D off), 256 the widest the API accepts
+    _check(triton_device, 1, 2, 1, 37, 70, d, torch.float16, True, mask_p=0.2)
+
+
+@pytest.mark.parametrize("hkv", [8, 4, 2, 1])
+def test_gqa_ratios(triton_device, hkv):
+    _check(triton_device, 1, 8, hkv, 33, 65, 16, torch.bfloat16, False, mask_p=0.1)
+
+
+@pytest.mark.parametrize("lq,lk,hq,hkv", [(1, 200, 4, 1), (3, 131, 8, 2), (16, 70, 4, 1), (16, 9, 2, 2),
+                                          (4, 1, 2, 1)])
+def test_decode_cache_offsets(triton_device, lq, lk, hq, hkv):
+    # Lq <= 16 takes the split-K decode kernel; row i sees keys up to i + Lk - Lq. (16, 9): queries
+    # before the cache's start see nothing; (4, 1): a one-key cache. The merge of splits is
+    # exercised: the interpreter cuts the cache into up to 4 chunks.
+    assert lq <= logn_attention_decode.MAX_Q
+    _check(triton_device, 1, hq, hkv, lq, lk, 16, torch.float16, True)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(scale="gradmax"), dict(clip=True, train_len=32)])
+def test_decode_padding_and_rules(triton_device, kw):
+    _check(triton_device, 2, 4, 2, 2, 150, 24, torch.float32, True, mask_p=0.3, full_row=True, **kw)
+
+
+def test_decode_splits_cover_the_cache():
+    # each split is at least one key tile, and there are enough of them to use the device
+    assert logn_attention_decode.num_splits(2, 1, torch.device("cpu")) == 1
+    assert logn_attention_decode.num_splits(1, 10_000, torch.device("cpu")) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: production sizes in bf16 (seconds each).
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,mask_p", [(True, None), (False, 0.1), (True, 0.1)])
+def test_cuda_production_sizes(d, causal, mask_p):
+    _check(torch.device("cuda"), 2, 8, 2, 1024, 1024, d, torch.bfloat16, causal, mask_p=mask_p, train_len=256)
+
+
+@cuda_only
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_production_packed(d):
+    _check_packed(torch.device("cuda"), [1000, 17, 0, 513, 129], [1000, 17, 0, 513, 129], 8, 2, d, torch.bfloat16,
+                  True)
+
+
+@cuda_only
+@pytest.mark.parametrize("lq", [1, 16])
+def test_cuda_production_decode(lq):
+    # one token (or 16 draft tokens) against a 32k cache, Hq=32 over Hkv=8, d=128
+    _check(torch.device("cuda"), 1, 32, 8, lq, 32768, 128, torch.bfloat16, True, train_len=4096, clip=True)
+
+
+@cuda_only
+def test_cuda_wide_heads_leave_triton_and_stay_correct():
+    # d=256 is past MAX_HEAD_DIM: the triton backend hands it to CUDA C++ (or the reference)
+    _check(torch.device("cuda"), 1, 4, 2, 300, 300, 256, torch.bfloat16, True, mask_p=0.1)

@@ -3,7 +3,7 @@
 // A query sees n keys (csrc/cpu/logn_attention.cpp and python/kexue/reference/logn_attention.py
 // say which); its softmax scale is base * ln(max(n, min_n, 1)) / ln(train_len), clipped below at
 // base when `clip`, or just base when log-n is off; the "gradmax" rule replaces it by
-// alpha*(n) / sqrt(d) with exp(alpha^2) (1 + 2 alpha^2) = n (shared/spec/logn_attention.md, §2, §3).
+// alpha*(n) / sqrt(d) with exp(alpha^2) (1 + 2 alpha^2) = n (docs/logn_attention.md, "The math").
 #pragma once
 
 #include <cmath>

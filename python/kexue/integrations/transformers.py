@@ -157,6 +157,11 @@ def kexue_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     if window is not None and key.shape[2] > window:
         raise ValueError(f"sliding_window={window} is shorter than the {key.shape[2]} keys; kexue attention has no "
                          "sliding window")
+    paged = [name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "block_table", "block_tables") if
+             kwargs.get(name) is not None]
+    if paged:  # continuous batching hands over a paged cache (and packed rows): kexue reads contiguous k / v
+        raise ValueError(f"kexue attention does not support paged caches (called with {', '.join(paged)}): use "
+                         "the default DynamicCache")
     for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"kexue attention does not support {name}")

@@ -3,7 +3,8 @@
 ``kexue::logn_attention`` and ``kexue::logn_attention_backward`` are ``torch.library`` custom ops
 over contiguous ``(B, H, L, D)`` tensors; ``kexue::logn_attention_varlen`` and its backward take
 packed variable-length sequences ``(T, H, D)`` with cumulative offsets (the flash-attn varlen
-layout). Each dispatches to the backend that :mod:`kexue._backend` picks. The math is in shared/spec/logn_attention.md, csrc/include/kexue/logn_attention.h and
+layout). Each dispatches to the backend that :mod:`kexue._backend` picks. The math is in
+docs/logn_attention.md, csrc/include/kexue/logn_attention.h and
 :mod:`kexue.reference.logn_attention` (which also states the edge-case definitions).
 """
 
@@ -63,15 +64,36 @@ def _triton_module():
     return logn_attention
 
 
+_WIDE = {"forward": _torch_forward, "backward": _torch_backward, "varlen_forward": _torch_varlen_forward,
+         "varlen_backward": _torch_varlen_backward}
+
+
+def _triton(name: str):
+    """The ``triton`` backend's ``name``. A head wider than the Triton tiles compile for on a GPU
+    (``MAX_HEAD_DIM``; wider forward tiles spill) runs on the CUDA C++ kernel when it is built (dense
+    layout), else on the reference: slower, never wrong. Under the interpreter every head runs in
+    Triton."""
+
+    def call(*args):
+        q = args[2] if name.endswith("backward") else args[0]  # backwards take (grad_out, grad_lse) first
+        kernels = _triton_module()
+        if q.is_cuda and q.shape[-1] > kernels.MAX_HEAD_DIM:
+            native = _backend.native()
+            if not name.startswith("varlen") and native is not None and hasattr(native, f"logn_attention_{name}_cuda"):
+                return getattr(native, f"logn_attention_{name}_cuda")(*args)
+            return _WIDE[name](*args)
+        return getattr(kernels, name)(*args)
+
+    return call
+
+
 def _register_backends() -> None:
     _backend.register(OP, "torch", (_torch_forward, _torch_backward), _FLOATS + (torch.float64,))
     native = _backend.native()
     if native is not None and hasattr(native, "logn_attention_forward_cpu"):
         _backend.register(OP, "cpu", (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
                           _FLOATS + (torch.float64,))
-    _backend.register(OP, "triton",
-                      (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)),
-                      _FLOATS)
+    _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS)
     if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
         _backend.register(OP, "cuda", (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
                           _FLOATS + (torch.float64,))
@@ -85,8 +107,7 @@ def _register_backends() -> None:
             return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
 
         _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
-    _backend.register(OP_VARLEN, "triton", (lambda *a: _triton_module().varlen_forward(*a),
-                                            lambda *a: _triton_module().varlen_backward(*a)), _FLOATS)
+    _backend.register(OP_VARLEN, "triton", (_triton("varlen_forward"), _triton("varlen_backward")), _FLOATS)
 
 
 _register_backends()
@@ -390,6 +411,10 @@ def logn_attention(
             ``max_seqlen`` avoids (the offsets are then trusted on CUDA).
         return_lse: also return ``lse (B, Hq, Lq)``, the natural log-sum-exp of each query's scaled
             logits, in float32 (float64 for float64 inputs); it is differentiable.
+
+    On CUDA devices the Triton backend runs a FlashAttention-2 style kernel; a dense call with at
+    most 16 queries (generation with a KV cache) takes a split-K decode kernel that reads the cache
+    once per key/value head. Heads wider than 128 leave Triton there for the CUDA C++ kernel.
 
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no

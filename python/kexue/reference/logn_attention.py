@@ -4,7 +4,7 @@ Shapes: ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` with ``Hq % Hkv == 0`` (q
 reads key/value head ``h // (Hq // Hkv)``: grouped-query and multi-query attention);
 ``key_padding_mask (B, Lk)`` bool, True marks a padding key that no query may see (the
 convention of ``nn.MultiheadAttention``). Arithmetic runs in ``promote_types(q.dtype, float32)``:
-float64 inputs give the oracle. The math is shared/spec/logn_attention.md; the rules:
+float64 inputs give the oracle. The math is docs/logn_attention.md; the rules:
 
 * ``n_i``, the number of keys query ``i`` may see: the unpadded keys ``j`` with, when causal,
   ``j <= i + (Lk - Lq)`` (absolute position ``i + Lk - Lq`` of a query after a KV cache).

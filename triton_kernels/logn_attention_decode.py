@@ -1,0 +1,229 @@
+"""Log-n attention: the decode kernels (a few queries against a long KV cache), flash-decoding style.
+
+Generation past the training length is where log-n attention earns its keep, and there ``Lq`` is
+1 (or a few draft tokens) while ``Lk`` is the whole cache. A 128-row prefill tile would be almost
+all padding, and one program per (batch, head) would read the cache with a handful of warps. So:
+
+* GQA packing: one program serves every query head of a key/value head, all their ``Lq`` rows
+  stacked as the rows of one tile (row ``r`` is head ``r // Lq``, position ``r % Lq``), so the
+  cache is read once per key/value head, not once per query head.
+* Split-K: the keys are cut into ``splits`` chunks, one program each, so that a single sequence
+  still fills the GPU; each writes its chunk's normalised partial output and log-sum-exp, and
+  ``logn_decode_combine_kernel`` merges the chunks per row.
+
+Each row's ``n_i`` (and so its scale) comes from its absolute position ``i + Lk - Lq`` when causal,
+or from the padding mask's prefix counts, exactly as in the prefill kernels. Dense layout only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .logn_attention_rules import allowed, block_d, dot, interpreting, row_scale, visible
+
+MAX_Q = 16  # the longest query block the dispatcher sends here
+BLOCK_N = 64
+
+
+def _block_rows(rows: int) -> int:
+    return max(16, triton.next_power_of_2(rows))
+
+
+def _num_stages(block_d: int) -> int:
+    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean
+    return 2 if block_d <= 64 else 3
+
+
+def _num_warps(block_r: int) -> int:
+    # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
+    # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
+    # at d=128). From 64 rows on, 16 rows a warp.
+    return max(4, min(8, block_r // 16))
+
+
+@triton.jit
+def logn_decode_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, part_o_ptr, part_lse_ptr,
+                             Hq, Hkv, Lq, Lk, D, chunk, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                             stride_kn, base, inv_log_train, min_n, inv_sqrt_d,
+                             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
+                             GRADMAX: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # part_o: (B * Hkv, splits, BLOCK_R, BLOCK_D) float32; part_lse: (B * Hkv, splits, BLOCK_R).
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
+    hk = (bh % Hkv).to(tl.int64)
+    groups = Hq // Hkv
+    r = tl.arange(0, BLOCK_R)
+    pos = r % Lq  # query position of each packed row
+    head = hk * groups + r // Lq
+    row_ok = r < groups * Lq
+    dcol = tl.arange(0, BLOCK_D)
+    q_at = b * stride_qb + head.to(tl.int64) * stride_qh + pos * stride_qm
+    q = tl.load(q_ptr + q_at[:, None] + dcol[None, :], mask=row_ok[:, None] & (dcol[None, :] < D), other=0.0)
+    n = visible(pos, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
+    sc = row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX) * 1.4426950408889634
+
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_kb + hk * stride_kh
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, Lk)
+    if CAUSAL:  # the last query row sees up to key Lk - 1; the first up to Lk - Lq
+        full = tl.maximum(tl.minimum(hi, Lk - Lq + 1), lo)
+    else:
+        full = hi
+    full = lo + (full - lo) // BLOCK_N * BLOCK_N
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for start in range(lo, full, BLOCK_N):  # keys every row sees: no mask but padding
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_at = cols[:, None] * stride_kn + dcol[None, :]
+        if EVEN_D:
+            k = tl.load(k_base + kv_at)
+            v = tl.load(v_base + kv_at)
+        else:
+            k = tl.load(k_base + kv_at, mask=dcol[None, :] < D, other=0.0)
+            v = tl.load(v_base + kv_at, mask=dcol[None, :] < D, other=0.0)
+        s = dot(q, tl.trans(k), IEEE) * sc[:, None]
+        if HAS_MASK:
+            s = tl.where(allowed(pos, cols, b, Lq, Lk, mask_ptr, False, False, True), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    for start in range(full, hi, BLOCK_N):  # the chunk's ragged end and the causal diagonal
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols[:, None] < hi) & (dcol[None, :] < D)
+        kv_at = cols[:, None] * stride_kn + dcol[None, :]
+        k = tl.load(k_base + kv_at, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_at, mask=kv_mask, other=0.0)
+        s = dot(q, tl.trans(k), IEEE) * sc[:, None]
+        ok = allowed(pos, cols, b, Lq, Lk, mask_ptr, False, CAUSAL, HAS_MASK) & (cols[None, :] < hi)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    empty = l_i == 0.0
+    o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, float("-inf"), m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
+    part = (bh.to(tl.int64) * splits + split) * BLOCK_R + r
+    tl.store(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :], o)
+    tl.store(part_lse_ptr + part, lse)
+
+
+@triton.jit
+def logn_decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, Hkv, Lq, D, splits, stride_qb,
+                               stride_qh, stride_qm, stride_lb, stride_lh,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merges the splits of one (batch, key/value head): per row, softmax-weighted by the splits'
+    log-sum-exps (a split that saw no key has -inf and weight 0)."""
+    bh = tl.program_id(0)
+    b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
+    hk = (bh % Hkv).to(tl.int64)
+    groups = Hq // Hkv
+    r = tl.arange(0, BLOCK_R)
+    dcol = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for i in range(splits):
+        m = tl.maximum(m, tl.load(part_lse_ptr + (bh.to(tl.int64) * splits + i) * BLOCK_R + r))
+    empty = m == float("-inf")
+    shift = tl.where(empty, 0.0, m)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    o = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i in range(splits):
+        part = (bh.to(tl.int64) * splits + i) * BLOCK_R + r
+        w = tl.exp(tl.load(part_lse_ptr + part) - shift)
+        total += w
+        o += w[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :])
+    o = tl.where(empty[:, None], 0.0, o / tl.where(empty, 1.0, total)[:, None])
+    lse = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, total)))
+    pos = r % Lq
+    head = (hk * groups + r // Lq).to(tl.int64)
+    row_ok = r < groups * Lq
+    q_at = b * stride_qb + head * stride_qh + pos * stride_qm
+    tl.store(out_ptr + q_at[:, None] + dcol[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dcol[None, :] < D))
+    tl.store(lse_ptr + b * stride_lb + head * stride_lh + pos, lse, mask=row_ok)
+
+
+def num_splits(batch_heads: int, lk: int, device: torch.device) -> int:
+    """Enough chunks for about four programs per SM (a program of 16 packed rows is one warp, and
+    the cache is read at full bandwidth only with many in flight; the merge re-reads about 3% of
+    the cache's bytes at Lq=1, d=128, 32k keys), each at least one key tile. Under the
+    interpreter: up to 4, so that the tests exercise the merge."""
+    target = 4 if interpreting() or device.type != "cuda" else 4 * torch.cuda.get_device_properties(
+        device).multi_processor_count
+    return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(lk, BLOCK_N), 128))
+
+
+def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
+    """``q (B, Hq, Lq <= MAX_Q, D)``, ``k, v (B, Hkv, Lk, D)``, contiguous; out like q, lse (B, Hq, Lq)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    bd = block_d(d)
+    block_r = _block_rows(hq // hkv * lq)
+    splits = num_splits(b * hkv, lk, q.device)
+    chunk = triton.cdiv(triton.cdiv(lk, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(lk, chunk)
+    part_o = torch.empty(b * hkv, splits, block_r, bd, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b * hkv, splits, block_r, dtype=torch.float32, device=q.device)
+    rule = {key: flags[key] for key in ("CAUSAL", "HAS_MASK", "LOGN", "CLIP", "GRADMAX", "IEEE")}
+    logn_decode_split_kernel[(b * hkv, splits)](
+        q, k, v, mask_u8, prefix, part_o, part_lse, hq, hkv, lq, lk, d, chunk, *q.stride()[:3], *k.stride()[:3],
+        *scalars, **rule, EVEN_D=d == bd, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=bd,
+        num_warps=_num_warps(block_r), num_stages=_num_stages(bd))
+    logn_decode_combine_kernel[(b * hkv,)](
+        part_o, part_lse, out, lse, hq, hkv, lq, d, splits, *q.stride()[:3], *lse.stride()[:2],
+        BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations for tests/gpu_compile.py: the packed row counts of Lq = 1 with GQA groups 1..8
+# (16 rows) and of 16 draft tokens with groups of 4 (64 rows), per dtype and head dim.
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    for dtype, ptr in _PTR.items():
+        mode = int(dtype == torch.float32)
+        for d in (64, 128):  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
+            for block_r in (16, 64):
+                for causal, has_mask, gradmax in ((True, False, False), (True, True, True)):
+                    consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
+                                  IEEE=mode, EVEN_D=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=d)
+                    ints = ("Hq", "Hkv", "Lq", "Lk", "D", "chunk", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
+                            "stride_kh", "stride_kn")
+                    sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr="*u8", prefix_ptr="*i32",
+                               part_o_ptr="*fp32", part_lse_ptr="*fp32", **dict.fromkeys(ints, "i32"),
+                               **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+                               **dict.fromkeys(consts, "constexpr"))
+                    warps = _num_warps(block_r)
+                    configs.append(dict(
+                        name=(f"logn_decode {str(dtype)[6:]} d{d} rows{block_r} {'causal' if causal else 'full'}"
+                              f"{' mask gradmax' if has_mask else ''} w{warps}"),
+                        kernel=logn_decode_split_kernel, signature=sig, constexprs=consts, num_warps=warps,
+                        num_stages=_num_stages(d), unaligned_ints=("Lq", "Lk", "chunk"),
+                        expect=("no_replication", "tensor_cores") if mode == 0 else ()))
+            consts = dict(BLOCK_R=16, BLOCK_D=d)
+            ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
+            sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=ptr, lse_ptr="*fp32",
+                       **dict.fromkeys(ints, "i32"), **dict.fromkeys(consts, "constexpr"))
+            configs.append(dict(name=f"logn_decode_combine {str(dtype)[6:]} d{d}", kernel=logn_decode_combine_kernel,
+                                signature=sig, constexprs=consts, num_warps=4, unaligned_ints=("Lq", "splits")))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()

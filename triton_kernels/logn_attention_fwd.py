@@ -1,0 +1,244 @@
+"""Log-n attention: the Triton forward kernel (FlashAttention-2 structure) and its tile table.
+
+One program per (batch or packed sequence x query head, block of BLOCK_M query rows); it keeps the
+block's q in registers / shared memory and streams keys and values in BLOCK_N tiles with an online
+softmax. Layouts and strides: see :mod:`.logn_attention` (the launchers).
+
+Structure, and why:
+
+* The key loop runs in two stages. Tiles every row of the block sees in full (all keys before the
+  diagonal, or every whole tile when not causal) take no mask at all: no index arithmetic, no
+  ``where``, no guarded max. Only the diagonal tiles of a causal call and the ragged last tile
+  build the mask. A padding mask (HAS_MASK) is applied in every tile.
+* The per-row scale ``scale_i * log2(e)`` is computed once per program and folded into the exp2
+  argument as an FMA (``s * sc - m``); the max is taken on the raw scores and scaled after, which
+  is exact because every scale is >= 0.
+* Causal programs run longest first (the last row block is launched first), so the short blocks
+  fill the tail of the launch.
+* Tiles are chosen per target family and head dim (:func:`tiles`) so that no warp recomputes
+  another's scores: with chained dots Triton lays the warps along M, so BLOCK_M is 16 rows per
+  warp on mma.sync targets and 64 rows per warpgroup (4 warps) for wgmma on sm_90.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .logn_attention_rules import allowed, block_d, dot, row_scale, sequence_start, visible
+
+
+class Tiles(NamedTuple):
+    block_m: int  # query rows per program
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# (family, padded head dim) -> tiles for 16-bit inputs. BLOCK_M equals
+# 16 * num_warps (mma.sync) or 64 * num_warps / 4 (wgmma) or more, so no S tile is replicated.
+# Shared memory: q (BLOCK_M x D) plus num_stages copies of the k and v tiles must fit the target
+# (163 KB on sm_80, 99 KB on sm_86 / sm_89, 227 KB on sm_90); the tables were checked with
+# tests/gpu_compile.py for registers, spills and shared memory.
+_TILES_16 = {
+    90: {16: Tiles(128, 128, 8, 3), 32: Tiles(128, 128, 8, 3), 64: Tiles(128, 128, 8, 3),
+         128: Tiles(128, 64, 8, 3), 256: Tiles(128, 32, 8, 2)},
+    80: {16: Tiles(128, 64, 4, 3), 32: Tiles(128, 64, 4, 3), 64: Tiles(128, 64, 8, 3),
+         128: Tiles(128, 32, 8, 3), 256: Tiles(64, 32, 4, 1)},
+    86: {16: Tiles(128, 64, 4, 2), 32: Tiles(128, 64, 4, 2), 64: Tiles(128, 64, 8, 2),
+         128: Tiles(128, 32, 8, 2), 256: Tiles(64, 32, 4, 1)},
+}
+# A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
+# with 32 keys): half the keys per step there.
+_TILES_16_MASK = {(80, 128): Tiles(128, 16, 8, 3)}
+# float32 without TF32: FMA dots, no tensor cores; the operands stay in registers, hence the
+# small tiles (sized to compile without spills).
+_TILES_IEEE = {16: Tiles(32, 32, 4, 2), 32: Tiles(32, 32, 4, 2), 64: Tiles(32, 32, 4, 2),
+               128: Tiles(16, 32, 8, 2), 256: Tiles(16, 16, 8, 2)}
+
+
+def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
+    """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
+    padding mask. Head dims above 128 are listed for the interpreter only (see MAX_HEAD_DIM in
+    the launchers): they spill on every target."""
+    d = block_d(head_dim)
+    if dot_mode == 1:
+        return _TILES_IEEE[d]
+    if has_mask and (family, d) in _TILES_16_MASK:
+        return _TILES_16_MASK[family, d]
+    if has_mask and family == 90 and d == 128 and head_dim != d:
+        # a padded head (96, 80...) with a mask: the column masks tip 128x64 over (16 B of stack)
+        return Tiles(128, 32, 8, 3)
+    return _TILES_16[family][d]
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr, stride_kn, D,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+            IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax. ``MASKED``: the tile may hold keys past Lk or past a
+    row's diagonal (bounds and causal mask built); otherwise only the padding mask, if any."""
+    cols = start + tl.arange(0, BLOCK_N)
+    kv_at = cols[:, None] * stride_kn + dcol[None, :]
+    if MASKED:
+        kv_mask = cols[:, None] < Lk
+        if not EVEN_D:
+            kv_mask = kv_mask & (dcol[None, :] < D)
+        k = tl.load(k_base + kv_at, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_at, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_base + kv_at)
+        v = tl.load(v_base + kv_at)
+    else:
+        k = tl.load(k_base + kv_at, mask=dcol[None, :] < D, other=0.0)
+        v = tl.load(v_base + kv_at, mask=dcol[None, :] < D, other=0.0)
+    qk = dot(q, tl.trans(k), IEEE)
+    if MASKED or HAS_MASK:
+        if MASKED:
+            ok = allowed(rows, cols, b, Lq, Lk, mask_ptr, True, CAUSAL, HAS_MASK)
+            s = tl.where(ok, qk * sc[:, None], float("-inf"))
+        else:  # padding only: a per-key bias (a full boolean tile costs registers the sm_80 tiles lack)
+            pad = tl.load(mask_ptr + b * Lk + cols)
+            s = qk * sc[:, None] + tl.where(pad == 0, 0.0, float("-inf"))[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: stay at 0
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+    else:
+        # every key visible to every row: the scale rides in the exp2 argument (one FMA)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
+        p = tl.exp2(qk * sc[:, None] - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
+                    Hq, Hkv, Lq, Lk, D, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_lb, stride_lh, base, inv_log_train, min_n, inv_sqrt_d,
+                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
+                    GRADMAX: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # q, out: (.., Hq, rows, D) at strides (qb, qh, qm); k, v at (kb, kh, kn); lse at (lb, lh, 1).
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1).to(tl.int64)
+    if CAUSAL:  # longest blocks first
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    # 32-bit division (a 64-bit one is a called subroutine that can cost a stack frame), then widen
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = (bh % Hq // (Hq // Hkv)).to(tl.int64)
+    if VARLEN:
+        q_start, Lq = sequence_start(cu_q_ptr, b)
+        k_start, Lk = sequence_start(cu_k_ptr, b)
+        if pid_m * BLOCK_M >= Lq:
+            return
+        q_off = q_start * stride_qm + h * stride_qh
+        kv_off = k_start * stride_kn + hk * stride_kh
+        l_off = q_start + h * stride_lh
+    else:
+        q_off = b * stride_qb + h * stride_qh
+        kv_off = b * stride_kb + hk * stride_kh
+        l_off = b * stride_lb + h * stride_lh
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    io_mask = row_ok[:, None] & (dcol[None, :] < D)
+    # Scalar base pointers first, so that the tile offsets stay 32-bit within a sequence (int64
+    # offset tiles cost registers, and on sm_90 a stack).
+    q_at = rows[:, None] * stride_qm + dcol[None, :]
+    q = tl.load(q_ptr + q_off + q_at, mask=io_mask, other=0.0)
+    k_base = k_ptr + kv_off
+    v_base = v_ptr + kv_off
+
+    n = visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL, HAS_MASK)
+    sc = row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN, CLIP, GRADMAX) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        # row m0 (the block's first) sees keys j <= m0 + Lk - Lq: whole tiles below that need no mask
+        full = tl.minimum(tl.maximum(m0 + (Lk - Lq) + 1, 0), Lk) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + (Lk - Lq), 0), Lk)
+    else:
+        full = Lk // BLOCK_N * BLOCK_N
+        hi = Lk
+    for start in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
+                                stride_kn, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+    for start in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
+                                stride_kn, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+
+    empty = l_i == 0.0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, 0.0, m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(out_ptr + q_off + q_at, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
+
+
+def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
+    """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles."""
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
+    grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
+    logn_fwd_kernel[grid](q, k, v, mask_u8, prefix, out, lse, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
+                          *pb.q_strides, *pb.k_strides, *pb.l_strides, *scalars, **flags,
+                          EVEN_D=d == block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                          num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launcher can pick, for tests/gpu_compile.py: each (family, head dim,
+# dtype) with the lightest switches (non-causal, no mask: the unmasked path alone), the heaviest
+# dense ones (causal + mask + gradmax) and the packed ones (causal + gradmax + varlen).
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
+HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
+_ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
+
+
+def signature(ptr: str) -> dict:
+    ints = ("Hq", "Hkv", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
+            "stride_lb", "stride_lh")
+    return dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr="*u8", prefix_ptr="*i32", out_ptr=ptr, lse_ptr="*fp32",
+                cu_q_ptr="*i32", cu_k_ptr="*i32", **dict.fromkeys(ints, "i32"),
+                **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"))
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    for family, archs in _ARCHS.items():
+        for dtype, ptr in _PTR.items():
+            mode = int(dtype == torch.float32)
+            if mode == 1 and family != 80:
+                continue  # the IEEE tiles do not depend on the family: compiled once, for every target
+            for d in HEAD_DIMS:
+                bd = block_d(d)
+                for causal, has_mask, gradmax, varlen in _SWITCHES:
+                    t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
+                    consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
+                                  IEEE=mode, VARLEN=varlen, EVEN_D=d == bd, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                  BLOCK_D=bd)
+                    switches = ("causal" if causal else "full") + (" mask" if has_mask else "") + (
+                        " gradmax" if gradmax else "") + (" varlen" if varlen else "")
+                    configs.append(dict(
+                        name=(f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
+                              f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"),
+                        kernel=logn_fwd_kernel, signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
+                        constexprs=consts, num_warps=t.num_warps, num_stages=t.num_stages,
+                        archs=archs if mode == 0 else (80, 86, 89, 90),
+                        unaligned_ints=("Lq", "Lk"),
+                        expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else ()))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()

@@ -1,0 +1,120 @@
+"""Log-n attention: the pieces every Triton kernel of the family shares.
+
+Which keys a query row sees and how many (:func:`visible`, :func:`allowed`), the per-row softmax
+scale that count gives (:func:`row_scale`, the rule of csrc/include/kexue/logn_attention.h), the
+dot in each precision mode (:func:`dot`), the row range of a packed sequence, and the target
+family the tile tables are keyed by (:func:`arch_family`). No kernel lives here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def block_d(head_dim: int) -> int:
+    """head_dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def arch_family(device: torch.device) -> int:
+    """The tile table a device uses: 90 (Hopper and newer datacentre parts: wgmma, 227 KB of
+    shared memory a block), 80 (A100: mma.sync, 163 KB), 86 (the other Ampere / Ada parts, 99 KB).
+    The interpreter runs the sm_80 tiles, so the tests exercise a shipped configuration."""
+    if device.type != "cuda" or interpreting():
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 9 or major == 10:
+        return 90
+    if (major, minor) == (8, 0):
+        return 80
+    return 86
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """0: native 16-bit dots; 1: float32 without TF32 (IEEE, FMA units); 2: bfloat16 under the
+    interpreter."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and interpreting():
+        return 2
+    return 0
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    # IEEE == 2: the interpreter with bfloat16 operands, whose tl.dot returns garbage in triton 3.9
+    # (seen here: errors of 1e10 on a 16x16 product); the operands go to float32 first.
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def sequence_start(cu_ptr, b):
+    """Row ``cu[b]`` and length ``cu[b + 1] - cu[b]`` of packed sequence ``b``, both int64: the
+    row loops then count in int64, and ``row * (heads * D)`` cannot overflow in a long sequence."""
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    return start, tl.load(cu_ptr + b + 1).to(tl.int64) - start
+
+
+@triton.jit
+def visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Number of keys each of ``rows`` may see (int32)."""
+    if CAUSAL:
+        last = tl.minimum(tl.maximum(rows + (Lk - Lq) + 1, 0), Lk)
+    else:
+        last = tl.zeros_like(rows) + Lk
+    if HAS_MASK:
+        return tl.load(prefix_ptr + b * (Lk + 1) + last).to(tl.int32)
+    return last.to(tl.int32)
+
+
+@triton.jit
+def row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN: tl.constexpr, CLIP: tl.constexpr,
+              GRADMAX: tl.constexpr):
+    """The softmax scale (fp32) of rows that see ``n`` keys; see kexue/logn_attention.h. Called
+    once per row block by each kernel (never per key tile): under GRADMAX it is 30 Newton steps."""
+    nf = tl.maximum(n.to(tl.float32), min_n)
+    if GRADMAX:
+        log_n = tl.log(nf)
+        x = tl.zeros_like(nf)
+        for _ in tl.static_range(30):
+            f = x + tl.log(1.0 + 2.0 * x) - log_n
+            x = x - f / (1.0 + 2.0 / (1.0 + 2.0 * x))
+        sc = tl.sqrt(x) * inv_sqrt_d
+    elif LOGN:
+        factor = tl.log(nf) * inv_log_train
+        if CLIP:
+            factor = tl.maximum(factor, 1.0)
+        sc = base * factor
+    else:
+        sc = tl.zeros_like(nf) + base
+    return sc
+
+
+@triton.jit
+def allowed(rows, cols, b, Lq, Lk, mask_ptr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(rows, cols) bool: key ``cols`` is visible to query ``rows``. Only the tests asked for are
+    built: ``BOUNDS`` (cols < Lk), ``CAUSAL`` (the diagonal), ``HAS_MASK`` (the padding mask)."""
+    ok = tl.full([rows.shape[0], cols.shape[0]], 1, tl.int1)
+    if BOUNDS:
+        ok = ok & (cols[None, :] < Lk)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + (Lk - Lq))
+    if HAS_MASK:
+        pad = tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=1)
+        ok = ok & (pad[None, :] == 0)
+    return ok
