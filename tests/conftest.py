@@ -3,7 +3,7 @@
 Without a CUDA device, ``TRITON_INTERPRET=1`` is set here, at import time, before any test module
 imports triton or a kernel module (``@triton.jit`` reads it when a kernel is decorated). The
 Triton backend then serves CPU tensors, so the ordinary ``pytest`` run executes every Triton kernel
-on the CPU (DESIGN.md, "Verifying kernels on a machine without a GPU"). An explicit
+on the CPU (docs/ARCHITECTURE.md, "Verifying kernels without a GPU"). An explicit
 ``TRITON_INTERPRET`` in the environment is left as it is.
 
 Ahead-of-time GPU compilation cannot run under the interpreter; tests/gpu_compile.py runs it in a

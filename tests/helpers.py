@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# Relative-error budgets against a float64 reference (DESIGN.md, "Verifying kernels").
+# Relative-error budgets against a float64 reference (docs/ARCHITECTURE.md, "Verifying kernels without a GPU").
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -22,7 +22,7 @@ from torch import nn
 import kexue
 from kexue.init import RESIDUAL_NAMES, TF_TRUNCATED_STD_RATIO, bert_, scale_residual_, trunc_normal_tf_
 
-SPEC_RATIO = 0.8796257  # shared/spec/init.md: sqrt(gamma), gamma = 0.7737413
+SPEC_RATIO = 0.8796257  # docs/init.md: sqrt(gamma), gamma = 0.7737413
 SIGMAS = 6.0
 
 

@@ -1,4 +1,4 @@
-"""BERT-style initialization as plain in-place functions (shared/spec/init.md, kexue.fm/archives/8747).
+"""BERT-style initialization as plain in-place functions (docs/init.md, kexue.fm/archives/8747).
 
 Three functions, each PyTorch-style (trailing underscore, in place, under ``torch.no_grad()``,
 returning what it was given, ``generator=`` for reproducible draws):
@@ -281,7 +281,7 @@ def scale_residual_(module: nn.Module, n_layers: int, names: Iterable[str] = RES
     N(0, s^2 / (2 n_layers)); call it once (a second call scales again). Biases are left as they
     are (0 after :func:`bert_`).
 
-    The spec (shared/spec/init.md, kexue.fm/archives/8747) analyses std 0.02 and Post-Norm vs
+    docs/init.md (after kexue.fm/archives/8747) analyses std 0.02 and Post-Norm vs
     Pre-Norm but prescribes no depth scaling; this is the common convention, chosen where it is
     silent. (DeepNet's rule is a different one: it also scales the value projections, by
     (8N)^(-1/4) for an encoder; use ``names`` and your own factor for it.)
