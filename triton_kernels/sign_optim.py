@@ -10,7 +10,7 @@ work item of at most ``CHUNK`` elements (whole rows for tensors updated row by r
 Up to three launches, because two reductions must finish before the update that reads them:
 
 1. ``_prepass_kernel`` (only if a tensor needs it): per work item, the sum of squares of theta
-   (Tiger's whole-tensor RMS) and whether the gradient holds a NaN (Tiger's guard);
+   (Tiger's whole-tensor RMS) and whether the gradient holds a NaN or inf (Tiger's guard);
 2. ``_finish_kernel``: per tensor, adds its items' partial sums in a fixed order (so that two runs
    give identical bits: no float atomics) into the effective learning rate, and raises the NaN
    flag of the tensor's guard group (an integer atomic max, which is order-independent);
@@ -39,19 +39,36 @@ import torch
 import triton
 import triton.language as tl
 
-# Table layout: mirrors csrc/include/kexue/sign_optim.h and kexue.reference.sign_optim (a test
-# checks that the three agree). This module must import without kexue (tests/gpu_compile.py).
-LR, WD, C_M, C_G, M_M, M_G, GSCALE, SHRINK, CENTRE = range(9)
-NUM_FLOATS = 9
-FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 = range(8)
-NUM_INTS = 8
-USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = 1 << 4, 1 << 5, 1 << 6, 1 << 7
-MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW, DYNAMIC = 1 << 8, 1 << 9, 1 << 10, 1 << 11
-D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP, D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = range(9)
-NUM_DYN = 9
 
-# The same flags as constexpr globals, readable inside @triton.jit functions.
+# The table layout comes from its one definition, kexue/_sign_table.py (loaded by path when this
+# module is imported from the source tree without kexue, as tests/gpu_compile.py may).
+def _load_table():
+    try:
+        from kexue import _sign_table
+    except ImportError:
+        import importlib.util
+        import pathlib
+
+        path = pathlib.Path(__file__).resolve().parents[1] / "python" / "kexue" / "_sign_table.py"
+        spec = importlib.util.spec_from_file_location("_kexue_sign_table", path)
+        _sign_table = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_sign_table)
+    return _sign_table
+
+
+_T = _load_table()
+LR, WD, C_M, C_G, M_M, M_G, GSCALE, SHRINK, CENTRE = _T.LR, _T.WD, _T.C_M, _T.C_G, _T.M_M, _T.M_G, _T.GSCALE, \
+    _T.SHRINK, _T.CENTRE
+FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 = _T.FLAGS, _T.NAN_GROUP, \
+    _T.ROW_LEN, _T.MASK_K0, _T.MASK_K1, _T.MASK_THRESHOLD, _T.ROUND_K0, _T.ROUND_K1
+NUM_FLOATS, NUM_INTS, NUM_DYN = _T.NUM_FLOATS, _T.NUM_INTS, _T.NUM_DYN
+D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP = _T.D_LR, _T.D_M_M, _T.D_GSCALE, _T.D_UPDATE, _T.D_SKIP
+D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = _T.D_MASK_K0, _T.D_MASK_K1, _T.D_ROUND_K0, _T.D_ROUND_K1
+USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = _T.USE_NEW_MOMENTUM, _T.UPDATE, _T.RMS_TENSOR, _T.RMS_ROW
+LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = _T.LAZY_ROWS, _T.FREEZE_ABSENT, _T.MASK_F, _T.MASK_D
+MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW, DYNAMIC = _T.MASK_UPDATE, _T.STOCHASTIC_ROUND, _T.SHRINK_NOW, _T.DYNAMIC
+
+# The same flags and columns as constexpr globals, readable inside @triton.jit functions.
 _K_NEW_MOMENTUM = tl.constexpr(USE_NEW_MOMENTUM)
 _K_UPDATE = tl.constexpr(UPDATE)
 _K_RMS_TENSOR = tl.constexpr(RMS_TENSOR)
@@ -64,10 +81,24 @@ _K_MASK_UPDATE = tl.constexpr(MASK_UPDATE)
 _K_STOCHASTIC = tl.constexpr(STOCHASTIC_ROUND)
 _K_SHRINK_NOW = tl.constexpr(SHRINK_NOW)
 _K_DYNAMIC = tl.constexpr(DYNAMIC)
+_NF = tl.constexpr(NUM_FLOATS)
+_NI = tl.constexpr(NUM_INTS)
+_ND = tl.constexpr(NUM_DYN)
+_C_LR, _C_WD, _C_CM, _C_CG = tl.constexpr(LR), tl.constexpr(WD), tl.constexpr(C_M), tl.constexpr(C_G)
+_C_MM, _C_MG, _C_GSCALE = tl.constexpr(M_M), tl.constexpr(M_G), tl.constexpr(GSCALE)
+_C_SHRINK, _C_CENTRE = tl.constexpr(SHRINK), tl.constexpr(CENTRE)
+_C_FLAGS, _C_NAN_GROUP, _C_ROW_LEN = tl.constexpr(FLAGS), tl.constexpr(NAN_GROUP), tl.constexpr(ROW_LEN)
+_C_MASK_K0, _C_MASK_K1, _C_MASK_THR = tl.constexpr(MASK_K0), tl.constexpr(MASK_K1), tl.constexpr(MASK_THRESHOLD)
+_C_ROUND_K0, _C_ROUND_K1 = tl.constexpr(ROUND_K0), tl.constexpr(ROUND_K1)
+_D_LR, _D_MM, _D_GSCALE, _D_UPDATE, _D_SKIP = (tl.constexpr(c) for c in (D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP))
+_D_MASK_K0, _D_MASK_K1 = tl.constexpr(D_MASK_K0), tl.constexpr(D_MASK_K1)
+_D_ROUND_K0, _D_ROUND_K1 = tl.constexpr(D_ROUND_K0), tl.constexpr(D_ROUND_K1)
 
-# Columns of the address table.
+# Columns of the address table (the launcher's own, not part of the op's contract).
 A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
 NUM_ADDRS = 5
+_A_PARAM, _A_GRAD, _A_MOM, _A_MASK, _A_SEEN = (tl.constexpr(c) for c in (A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN))
+_NA = tl.constexpr(NUM_ADDRS)
 
 CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
 BLOCK = 512  # elements per tile of the element-wise sweeps
@@ -176,16 +207,16 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
 @triton.jit
 def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
                     PARAM: tl.constexpr, BLOCK: tl.constexpr):
-    """Per work item: sum of squares of theta (if RMS_TENSOR and UPDATE), any NaN in the grad."""
+    """Per work item: sum of squares of theta (if RMS_TENSOR and UPDATE), any NaN/inf in the grad."""
     it = tl.program_id(0).to(tl.int64)
     t = tl.load(items_ptr + 3 * it)
     begin = tl.load(items_ptr + 3 * it + 1)
     end = tl.load(items_ptr + 3 * it + 2)
-    flags = tl.load(ints_ptr + t * 8 + 0)
+    flags = tl.load(ints_ptr + t * _NI + _C_FLAGS)
     rms = ((flags & _K_RMS_TENSOR) != 0) & ((flags & _K_UPDATE) != 0)
-    guard = tl.load(ints_ptr + t * 8 + 1) >= 0
-    p_ptr = _float_ptr(tl.load(addr_ptr + t * 5 + 0), PARAM)
-    g_ptr = _float_ptr(tl.load(addr_ptr + t * 5 + 1), PARAM)
+    guard = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP) >= 0
+    p_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_PARAM), PARAM)
+    g_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_GRAD), PARAM)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     found = tl.zeros([BLOCK], dtype=tl.int32)
     for s in range(begin, end, BLOCK):
@@ -196,7 +227,8 @@ def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
             acc += x * x
         if guard:
             g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            found = tl.maximum(found, (g != g).to(tl.int32))
+            # NaN or +-inf: the exponent all ones (on the bits, as non_finite() in C++)
+            found = tl.maximum(found, ((g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32))
     tl.store(ssq_ptr + it, tl.sum(acc, axis=0))
     tl.store(nan_ptr + it, tl.max(found, axis=0))
 
@@ -224,10 +256,10 @@ def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_p
         inb = offs < first + count
         acc += tl.load(ssq_ptr + offs, mask=inb, other=0.0).to(tl.float64)
         found = tl.maximum(found, tl.load(nan_ptr + offs, mask=inb, other=0))
-    dynamic = (tl.load(ints_ptr + t * 8 + 0) & _K_DYNAMIC) != 0
-    lr = _dyn_or(dyn_ptr + t * 9, 0, dynamic, tl.load(hyper_ptr + t * 9 + 0))
+    dynamic = (tl.load(ints_ptr + t * _NI + _C_FLAGS) & _K_DYNAMIC) != 0
+    lr = _dyn_or(dyn_ptr + t * _ND, _D_LR, dynamic, tl.load(hyper_ptr + t * _NF + _C_LR))
     tl.store(lr_ptr + t, lr * tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float64)))
-    group = tl.load(ints_ptr + t * 8 + 1)
+    group = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP)
     if (group >= 0) & (tl.max(found, axis=0) != 0):
         tl.atomic_max(group_nan_ptr + group, 1)
 
@@ -240,27 +272,29 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
     t = tl.load(items_ptr + 3 * it)
     begin = tl.load(items_ptr + 3 * it + 1)
     end = tl.load(items_ptr + 3 * it + 2)
-    h = hyper_ptr + t * 9
-    iv = ints_ptr + t * 8
-    av = addr_ptr + t * 5
-    flags = tl.load(iv + 0)
+    h = hyper_ptr + t * _NF
+    iv = ints_ptr + t * _NI
+    av = addr_ptr + t * _NA
+    flags = tl.load(iv + _C_FLAGS)
     # Capturable mode (apply_dynamic() in sign_optim.h): this step's values from the device table.
     dynamic = (flags & _K_DYNAMIC) != 0
-    dv = dyn_ptr + t * 9
-    end = tl.where(_dyn_or(dv, 4, dynamic, 0.0) != 0, begin, end)  # skipped: an empty item
-    flags = flags - tl.where(_dyn_or(dv, 3, dynamic, 1.0) == 0, flags & _K_UPDATE, 0)
-    group = tl.load(iv + 1)
-    row_len = tl.load(iv + 2)
-    p_ptr = _float_ptr(tl.load(av + 0), PARAM)
-    g_ptr = _float_ptr(tl.load(av + 1), PARAM)
-    m_ptr = _float_ptr(tl.load(av + 2), MOM)
-    mask_addr = tl.load(av + 3)
-    seen_addr = tl.load(av + 4)
+    dv = dyn_ptr + t * _ND
+    end = tl.where(_dyn_or(dv, _D_SKIP, dynamic, 0.0) != 0, begin, end)  # skipped: an empty item
+    flags = flags - tl.where(_dyn_or(dv, _D_UPDATE, dynamic, 1.0) == 0, flags & _K_UPDATE, 0)
+    group = tl.load(iv + _C_NAN_GROUP)
+    row_len = tl.load(iv + _C_ROW_LEN)
+    p_ptr = _float_ptr(tl.load(av + _A_PARAM), PARAM)
+    g_ptr = _float_ptr(tl.load(av + _A_GRAD), PARAM)
+    m_ptr = _float_ptr(tl.load(av + _A_MOM), MOM)
+    mask_addr = tl.load(av + _A_MASK)
+    seen_addr = tl.load(av + _A_SEEN)
     mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
     seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
     stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
-    rk0 = tl.where(dynamic, _dyn_or(dv, 7, dynamic, 0.0).to(tl.uint32), tl.load(iv + 6).to(tl.uint32))
-    rk1 = tl.where(dynamic, _dyn_or(dv, 8, dynamic, 0.0).to(tl.uint32), tl.load(iv + 7).to(tl.uint32))
+    rk0 = tl.where(dynamic, _dyn_or(dv, _D_ROUND_K0, dynamic, 0.0).to(tl.uint32),
+                   tl.load(iv + _C_ROUND_K0).to(tl.uint32))
+    rk1 = tl.where(dynamic, _dyn_or(dv, _D_ROUND_K1, dynamic, 0.0).to(tl.uint32),
+                   tl.load(iv + _C_ROUND_K1).to(tl.uint32))
     update = (flags & _K_UPDATE) != 0
     ROWS: tl.constexpr = BLOCK // ROW_COLS
 
@@ -268,27 +302,29 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
         (flags & _K_SHRINK_NOW) != 0)
     if shrink_now:
         # Tiger's NaN guard: momentum untouched, theta <- (theta - centre) * shrink + centre.
-        shrink = tl.load(h + 7).to(tl.float32)
-        centre = tl.load(h + 8).to(tl.float32)
+        shrink = tl.load(h + _C_SHRINK).to(tl.float32)
+        centre = tl.load(h + _C_CENTRE).to(tl.float32)
         for s in range(begin, end, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             inb = offs < end
             theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
     else:
-        lr64 = _dyn_or(dv, 0, dynamic, tl.load(h + 0))
+        lr64 = _dyn_or(dv, _D_LR, dynamic, tl.load(h + _C_LR))
         if ((flags & _K_RMS_TENSOR) != 0) & update:
             lr64 = tl.load(lr_ptr + t)  # lr * RMS(theta), from _finish_kernel
-        wd = tl.load(h + 1)
-        c_m = tl.load(h + 2).to(tl.float32)
-        c_g = tl.load(h + 3).to(tl.float32)
-        m_m = _dyn_or(dv, 1, dynamic, tl.load(h + 4)).to(tl.float32)
-        m_g = tl.load(h + 5).to(tl.float32)
-        gscale = _dyn_or(dv, 2, dynamic, tl.load(h + 6)).to(tl.float32)
+        wd = tl.load(h + _C_WD)
+        c_m = tl.load(h + _C_CM).to(tl.float32)
+        c_g = tl.load(h + _C_CG).to(tl.float32)
+        m_m = _dyn_or(dv, _D_MM, dynamic, tl.load(h + _C_MM)).to(tl.float32)
+        m_g = tl.load(h + _C_MG).to(tl.float32)
+        gscale = _dyn_or(dv, _D_GSCALE, dynamic, tl.load(h + _C_GSCALE)).to(tl.float32)
         use_dmask = ((flags & _K_MASK_D) != 0) & (mask_addr != 0)
-        mk0 = tl.where(dynamic, _dyn_or(dv, 5, dynamic, 0.0).to(tl.uint32), tl.load(iv + 3).to(tl.uint32))
-        mk1 = tl.where(dynamic, _dyn_or(dv, 6, dynamic, 0.0).to(tl.uint32), tl.load(iv + 4).to(tl.uint32))
-        mthr = tl.load(iv + 5).to(tl.uint32)
+        mk0 = tl.where(dynamic, _dyn_or(dv, _D_MASK_K0, dynamic, 0.0).to(tl.uint32),
+                       tl.load(iv + _C_MASK_K0).to(tl.uint32))
+        mk1 = tl.where(dynamic, _dyn_or(dv, _D_MASK_K1, dynamic, 0.0).to(tl.uint32),
+                       tl.load(iv + _C_MASK_K1).to(tl.uint32))
+        mthr = tl.load(iv + _C_MASK_THR).to(tl.uint32)
         by_rows = (row_len > 0) & ((flags & (_K_RMS_ROW | _K_LAZY_ROWS)) != 0)
         if by_rows:
             lazy = (flags & _K_LAZY_ROWS) != 0

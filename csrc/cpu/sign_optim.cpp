@@ -5,9 +5,12 @@
 // tensors keeps every thread busy and a step over a few large ones splits them. Each element is
 // read and written once: read param, grad, momentum; write param, momentum.
 //
-// Two reductions must finish before the update they feed, so they run in a pre-pass over the
-// same items: Tiger's whole-tensor RMS(theta) (an extra read of the params) and the NaN guard's
-// any(isnan(grad)) (an extra read of the grads). Pre-pass and main pass alternate over batches
+// Two reductions must finish before the update they feed: Tiger's whole-tensor RMS(theta) and the
+// NaN guard's "any NaN or inf in the grad". The RMS is carried from the previous step when the
+// optimizer can vouch for it (kRmsCarried): the step that writes theta_t sums its squares while
+// each tile is still in L1 (kSsqOut), so the next step needs no extra read of the params, and
+// Tiger moves the bytes Lion moves. Otherwise, and for the NaN guard, a pre-pass over the same
+// items reads the params / grads first. Pre-pass and main pass alternate over batches
 // of tensors that fit in the last-level cache (cache_batches). Per-row quantities (row RMS,
 // whether a row of an embedding table has any gradient) are computed in the main pass, on a row
 // that is about to be updated and so sits in cache. Partial sums are kept per item and added in
@@ -76,7 +79,8 @@ inline __attribute__((always_inline)) void update_loop(float* __restrict th, voi
     const int64_t e = std::min(n, b + kBlock);
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const float gi = kGate ? g[i] * gate[i] : g[i] * gscale;
+      // A masked element never sees its gradient: inf * 0 would be NaN.
+      const float gi = kGate ? (gate[i] != 0.f ? g[i] * gate[i] : 0.f) : g[i] * gscale;
       const float mi = kMomBF16 ? bf16_bits_to_float(mb[i]) : mf[i];
       const float mn = new_momentum(mi, gi, k);
       if (kUpdate) {
@@ -235,8 +239,8 @@ KEXUE_CPU_CLONES bool any_nonzero(const float* x, int64_t n) {
   return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(v != 0.f); });  // NaN counts as nonzero
 }
 
-KEXUE_CPU_CLONES bool any_nan(const float* x, int64_t n) {
-  return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(v != v); });
+KEXUE_CPU_CLONES bool any_non_finite(const float* x, int64_t n) {
+  return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(non_finite(v)); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,11 +301,31 @@ Coefs coefs_for(const Job& j, double lr) {
 
 // Per-thread float tiles.
 struct Tiles {
-  float th[kTile], m[kTile], g[kTile], gate[kTile];
+  float th[kTile], m[kTile], g[kTile], gate[kTile], out[kTile];
 };
 
-// The update of elements [begin, end) of one tensor with fixed coefficients.
-void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t) {
+// Sum of squares of elements [s, s + n) of theta as stored: the same tile function the pre-pass
+// runs on the same tiles, so a carried sum is bit for bit the one the pre-pass would compute.
+// `th` is the float tile just written (memory itself for float params, in L1 either way); 16-bit
+// params are read back from their (L1-resident) storage, so the sum is of the rounded values.
+double stored_sum_squares(const Job& j, const float* th, int64_t s, int64_t n, Tiles& t) {
+  return sum_squares(j.ps == kF32 ? th : load(j.param, j.ps, s, n, t.out), n);
+}
+
+// Sum of squares of elements [s, s + len) read tile by tile from memory (a row, or a range).
+double read_sum_squares(const Job& j, int64_t s, int64_t len, Tiles& t) {
+  double sum = 0.0;
+  for (int64_t o = 0; o < len; o += kTile) {
+    const int64_t n = std::min(kTile, len - o);
+    sum += sum_squares(load(j.param, j.ps, s + o, n, t.out), n);
+  }
+  return sum;
+}
+
+// The update of elements [begin, end) of one tensor with fixed coefficients. With `ssq`, the sum
+// of squares of the stored theta is added to it tile by tile.
+void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t,
+                  double* ssq = nullptr) {
   int variant = 0;
   const bool gated = has(j, kMaskF) || (has(j, kMaskD) && j.mask != nullptr);
   if (gated) variant |= kVGate;
@@ -326,12 +350,17 @@ void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool
     update_tile(th, m, g, t.gate, n, k, j.gscale, variant);
     if (!mom_in_loop) store(t.m, j.mom, j.ms, s, n, false, 0, 0);
     if (update) store(th, j.param, j.ps, s, n, stochastic, j.round_k0, j.round_k1);
+    if (update && ssq != nullptr) *ssq += stored_sum_squares(j, th, s, n, t);
   }
 }
 
-// Rows [row_begin, row_end) of a tensor updated row by row (row RMS and/or lazy rows).
+// Rows [row_begin, row_end) of a tensor updated row by row (row RMS and/or lazy rows). With
+// kSsqOut (row RMS), each row's sum of squares is left in j.ssq[r] for the next step.
 void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bool update, Tiles& t) {
   const int64_t len = j.row_len;
+  const bool carried = has(j, kRmsCarried), out = has(j, kSsqOut);
+  // The row's sum of squares before the update: for its lr, or to hand on when theta stays.
+  const bool read_ssq = has(j, kRmsRow) && !carried && (update || out);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t s = r * len;
     bool present = false;  // any nonzero gradient in this row
@@ -339,27 +368,41 @@ void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bo
     for (int64_t o = 0; o < len; o += kTile) {
       const int64_t n = std::min(kTile, len - o);
       present = present || any_nonzero(load(j.grad, j.ps, s + o, n, t.g), n);
-      if (has(j, kRmsRow) && update) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
+      if (read_ssq) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
     }
+    if (carried) ssq = j.ssq[r];
     bool live = true;
     if (has(j, kLazyRows)) {
       live = present || (j.seen != nullptr && j.seen[r] != 0);
       if (j.seen != nullptr) j.seen[r] = update ? 0 : static_cast<uint8_t>(live);
-      // An absent row whose momentum is frozen does not change at all.
-      if (!present && has(j, kFreezeAbsent)) continue;
     }
-    const double row_lr = has(j, kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
-    update_range(j, s, s + len, coefs_for(j, row_lr), update && live, t);
+    // An absent row whose momentum is frozen does not change at all.
+    const bool frozen = has(j, kLazyRows) && !present && has(j, kFreezeAbsent);
+    const bool moves = update && live && !frozen;
+    if (!frozen) {
+      const double row_lr = has(j, kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
+      update_range(j, s, s + len, coefs_for(j, row_lr), moves, t);
+    }
+    if (out) j.ssq[r] = moves ? read_sum_squares(j, s, len, t) : ssq;  // the row is in L1/L2 now
   }
 }
 
-void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t) {
+// Tiger's NaN guard over elements [begin, end): theta pulled towards its centre. With `ssq`, the
+// sum of squares of the stored theta is added to it (whole-tensor sums; row sums: by the caller).
+void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t, double* ssq) {
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     float* th = load_mut(j.param, j.ps, s, n, t.th);
     shrink_tile(th, n, j.shrink, j.centre);
     store(th, j.param, j.ps, s, n, has(j, kStochasticRound) && j.ps == kBF16, j.round_k0, j.round_k1);
+    if (ssq != nullptr) *ssq += stored_sum_squares(j, th, s, n, t);
   }
+}
+
+// Per-row sums of squares of rows [row_begin, row_end), read from theta (row-wise kSsqOut where
+// this call did not go through update_rows).
+void row_sums(const Job& j, int64_t row_begin, int64_t row_end, Tiles& t) {
+  for (int64_t r = row_begin; r < row_end; ++r) j.ssq[r] = read_sum_squares(j, r * j.row_len, j.row_len, t);
 }
 
 // Work items of jobs [first, last): ~kChunk elements each, whole rows for tensors updated row by row.
@@ -378,10 +421,22 @@ int64_t element_bytes(int32_t s) { return s == kF32 ? 4 : 2; }
 
 bool needs_rms(const Job& j) { return has(j, kRmsTensor) && has(j, kUpdate); }
 
-// Bytes the pre-pass reads for a job: its params for a whole-tensor RMS, its grads for the NaN guard.
+// Whether the job's sums of squares are per row (else one per tensor).
+bool row_ssq(const Job& j) { return by_rows(j) && has(j, kRmsRow); }
+
+// Whether the pre-pass reads the params of a job: for a whole-tensor RMS that is not carried, or to
+// hand on the sum of a theta this call will not write (a skipped job, an accumulation micro-step).
+bool pre_reads_params(const Job& j) {
+  if (row_ssq(j) || has(j, kRmsCarried)) return false;
+  if (j.skip) return has(j, kSsqOut);
+  return needs_rms(j) || (has(j, kSsqOut) && !has(j, kUpdate));
+}
+
+bool pre_reads_grads(const Job& j) { return !j.skip && j.nan_group >= 0; }
+
+// Bytes the pre-pass reads for a job.
 int64_t pre_pass_bytes(const Job& j) {
-  if (j.skip) return 0;
-  return j.numel * element_bytes(j.ps) * ((needs_rms(j) ? 1 : 0) + (j.nan_group >= 0 ? 1 : 0));
+  return j.numel * element_bytes(j.ps) * ((pre_reads_params(j) ? 1 : 0) + (pre_reads_grads(j) ? 1 : 0));
 }
 
 // Where the pre-pass is needed, the step runs in batches of consecutive tensors, pre-pass then main
@@ -417,13 +472,12 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
 }
 
 // Pre-pass over one batch: each needing job's sum of squares of params (into ssq) and whether its
-// grads hold a NaN (into group_nan, by NaN group). Partial sums are kept per item and added in item
+// grads hold a NaN or inf (into group_nan, by NaN group). Partial sums are kept per item and added in item
 // order, so the result does not depend on the number of threads.
 void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::vector<double>& ssq,
               std::vector<uint8_t>& group_nan) {
-  // A tensor GradScaler told to skip (capturable mode) is left out of both passes.
   const std::vector<Item> pre = make_items(jobs, first, last, [](const Job& j) {
-    return !j.skip && (needs_rms(j) || j.nan_group >= 0);
+    return pre_reads_params(j) || pre_reads_grads(j);
   });
   if (pre.empty()) return;
   std::vector<double> part_ssq(pre.size(), 0.0);
@@ -433,13 +487,13 @@ void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::ve
     for (int64_t it = lo; it < hi; ++it) {
       const Item& item = pre[it];
       const Job& j = jobs[item.job];
-      const bool rms = needs_rms(j);
+      const bool rms = pre_reads_params(j), guard = pre_reads_grads(j);
       double sum = 0.0;
       bool nan = false;
       for (int64_t s = item.begin; s < item.end; s += kTile) {
         const int64_t n = std::min(kTile, item.end - s);
         if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
-        if (j.nan_group >= 0) nan = nan || any_nan(load(j.grad, j.ps, s, n, buf), n);
+        if (guard) nan = nan || any_non_finite(load(j.grad, j.ps, s, n, buf), n);
       }
       part_ssq[it] = sum;
       part_nan[it] = nan;
@@ -448,45 +502,52 @@ void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::ve
   for (size_t it = 0; it < pre.size(); ++it) {
     const Job& j = jobs[pre[it].job];
     ssq[pre[it].job] += part_ssq[it];
-    if (j.nan_group >= 0 && part_nan[it]) group_nan[j.nan_group] = 1;
+    if (pre_reads_grads(j) && part_nan[it]) group_nan[j.nan_group] = 1;
   }
 }
 
+// Whether this call writes a job's theta.
+bool writes_theta(const Job& j, bool shrink) { return !j.skip && (shrink || has(j, kUpdate)); }
+
 // Main pass over one batch, with each job's learning rate and whether the NaN guard shrinks it.
+// Whole-tensor kSsqOut jobs that write theta leave their sums of squares in `ssq`, added per item
+// in item order as the pre-pass adds its partial sums.
 void main_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<double>& lr,
-               const std::vector<uint8_t>& shrink) {
-  const std::vector<Item> items = make_items(jobs, first, last, [](const Job& j) { return !j.skip; });
+               const std::vector<uint8_t>& shrink, std::vector<double>& ssq) {
+  // A skipped job (GradScaler found an inf, capturable mode) only hands on its row sums.
+  const std::vector<Item> items = make_items(jobs, first, last, [](const Job& j) {
+    return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried));
+  });
+  std::vector<double> part(items.size(), 0.0);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     Tiles tiles;
     for (int64_t it = lo; it < hi; ++it) {
       const Item& item = items[it];
       const Job& j = jobs[item.job];
-      if (shrink[item.job]) {
-        shrink_range(j, item.begin, item.end, tiles);
+      double* sum = has(j, kSsqOut) && !row_ssq(j) ? &part[it] : nullptr;
+      if (j.skip) {
+        row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+      } else if (shrink[item.job]) {
+        shrink_range(j, item.begin, item.end, tiles, sum);
+        if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
       } else if (by_rows(j)) {
         update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
       } else {
-        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles);
+        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles, sum);
       }
     }
   });
+  for (int64_t i = first; i < last; ++i) {
+    if (has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i])) ssq[i] = 0.0;
+  }
+  for (size_t it = 0; it < items.size(); ++it) {
+    const Job& j = jobs[items[it].job];
+    if (has(j, kSsqOut) && !row_ssq(j) && writes_theta(j, shrink[items[it].job])) ssq[items[it].job] += part[it];
+  }
 }
 
-}  // namespace
-
-void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                         const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
-                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
-  sign_optim_step_dyn_cpu(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
-}
-
-void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                             const std::vector<at::Tensor>& exp_avgs,
-                             const std::vector<std::optional<at::Tensor>>& masks,
-                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                             const std::optional<at::Tensor>& dyn) {
-  const std::vector<Job> jobs =
-      decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
+// The whole step over decoded jobs: per cache batch, the pre-pass, then the main pass.
+void run_step(const std::vector<Job>& jobs) {
   const int64_t T = static_cast<int64_t>(jobs.size());
   std::vector<double> ssq(T, 0.0), lr(T);
   std::vector<uint8_t> group_nan(T, 0), shrink(T);
@@ -494,11 +555,39 @@ void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::v
     pre_pass(jobs, first, last, ssq, group_nan);
     for (int64_t i = first; i < last; ++i) {
       const Job& j = jobs[i];
+      const bool whole_carried = has(j, kRmsCarried) && !row_ssq(j);
+      if (whole_carried) ssq[i] = j.ssq[0];  // theta_{t-1}'s sum, left by the previous call
       lr[i] = needs_rms(j) && j.numel > 0 ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
-      shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow);
+      shrink[i] = !j.skip && ((j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow));
     }
-    main_pass(jobs, first, last, lr, shrink);
+    main_pass(jobs, first, last, lr, shrink, ssq);
+    // Hand the sums on: of the theta written now, or of the unchanged one (carried or pre-read).
+    for (int64_t i = first; i < last; ++i) {
+      if (has(jobs[i], kSsqOut) && !row_ssq(jobs[i])) jobs[i].ssq[0] = ssq[i];
+    }
   }
+}
+
+}  // namespace
+
+void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
+  const std::vector<Job> jobs =
+      decode_jobs("sign_optim_step_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt, at::kCPU)
+          .jobs;
+  run_step(jobs);
+}
+
+void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& exp_avgs,
+                             const std::vector<std::optional<at::Tensor>>& masks,
+                             const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
+                             const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn) {
+  const std::vector<Job> jobs = decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper,
+                                            ints, dyn, at::kCPU, &ssq)
+                                    .jobs;
+  run_step(jobs);
 }
 
 }  // namespace kexue

@@ -15,7 +15,7 @@ Options common to both optimizers (each may differ per param group):
   parameter and step; the arithmetic stays float32).
 - ``embedding`` (marks a group of embedding tables: rows along the last dim are tokens) with
   ``drift_guard`` (default True): rows whose gradient is all zero this step are not moved by
-  their stale momentum (shared/spec/sign_optim.md section 10, "lazy" updates). As in bert4keras
+  their stale momentum (kexue.fm/archives/9736, "lazy" updates). As in bert4keras
   their momentum keeps decaying; ``freeze_absent_momentum=True`` keeps it unchanged instead.
   :func:`kexue.optim.embedding_param_groups` builds such groups for a model's ``nn.Embedding``s.
 - ``child_tuning``: None, ``"F"`` (a fresh Bernoulli(``reserve_p``) gradient mask each step,
@@ -55,10 +55,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kexue import _sign_table as table
+from kexue._sign_random import stream_keys, stream_prefix
 from kexue.ops import sign_optim as ops
 from kexue.optim._capturable import DeviceConstants, DynRow, dynamic_table
+from kexue.optim._carried_rms import CarriedRms
 from kexue.optim._sharded import complete_reductions, local, sharded_last_dim
-from kexue.reference import sign_optim as table
 
 _COMMON_DEFAULTS: dict[str, Any] = {
     "maximize": False,
@@ -74,7 +76,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "capturable": False,
 }
 
-_STATE_TENSORS = ("exp_avg", "child_tuning_mask", "row_seen")
+_STATE_TENSORS = ("exp_avg", "child_tuning_mask", "row_seen", "rms_ssq")
 _PARAM_DTYPES = ops.PARAM_DTYPES + (torch.float64,)  # float64: the torch backend only
 
 # NaN-guard markers an algorithm puts in the NaN_GROUP column; _run turns them into group ids
@@ -119,6 +121,7 @@ class SignOptimizer(torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         full = {**_COMMON_DEFAULTS, **options, **defaults, "seed": int(seed)}
         self._device_constants = DeviceConstants()
+        self._carried = CarriedRms()
         super().__init__(params, full)
 
     # -----------------------------------------------------------------------------------------
@@ -340,9 +343,9 @@ class SignOptimizer(torch.optim.Optimizer):
         if group["child_tuning"] == "F":
             flags |= table.MASK_F
             if dyn.capturable:
-                dyn.mask_prefix = table.stream_prefix(group["seed"], e.flat_index)
+                dyn.mask_prefix = stream_prefix(group["seed"], e.flat_index)
             else:
-                k0, k1 = table.stream_keys(group["seed"], e.flat_index, t, table.MASK_STREAM)
+                k0, k1 = stream_keys(group["seed"], e.flat_index, t, table.MASK_STREAM)
                 ints[table.MASK_K0], ints[table.MASK_K1] = k0, k1
             ints[table.MASK_THRESHOLD] = table.keep_threshold(group["reserve_p"])
             gscale /= group["reserve_p"]
@@ -356,9 +359,9 @@ class SignOptimizer(torch.optim.Optimizer):
         if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
             flags |= table.STOCHASTIC_ROUND
             if dyn.capturable:
-                dyn.round_prefix = table.stream_prefix(group["seed"], e.flat_index)
+                dyn.round_prefix = stream_prefix(group["seed"], e.flat_index)
             else:
-                ints[table.ROUND_K0], ints[table.ROUND_K1] = table.stream_keys(
+                ints[table.ROUND_K0], ints[table.ROUND_K1] = stream_keys(
                     group["seed"], e.flat_index, t, table.ROUND_STREAM)
         ints[table.FLAGS] = flags
         self._algorithm_row(e, t, floats, ints)
@@ -440,7 +443,7 @@ class SignOptimizer(torch.optim.Optimizer):
                     torch._foreach_add_(device_counters, [inc] * len(device_counters))
 
     def _run(self, bucket: list[_Entry]) -> None:
-        params, grads, moms, masks, seen, rows_f, rows_i, rows_d = [], [], [], [], [], [], [], []
+        params, grads, moms, masks, seen, sums, rows_f, rows_i, rows_d = [], [], [], [], [], [], [], [], []
         for e in bucket:
             state = self.state[e.param]
             t = None if e.group["capturable"] else state["step"]
@@ -456,6 +459,7 @@ class SignOptimizer(torch.optim.Optimizer):
             moms.append(local(state["exp_avg"]))
             masks.append(None if mask is None else local(mask).contiguous())
             seen.append(_no_rows() if row_seen is None else row_seen)
+            sums.append(self._carried.prepare(e.param, state, ints, e.backend, e.group["capturable"]))
         self._link_nan_groups(rows_i)
         complete_reductions([e.param for e in bucket], [e.grad for e in bucket], rows_f, rows_i)
         hyper = torch.tensor(rows_f, dtype=torch.float64).reshape(len(bucket), table.NUM_FLOATS)
@@ -463,10 +467,11 @@ class SignOptimizer(torch.optim.Optimizer):
         dyn = None
         if any(r.capturable for r in rows_d):
             dyn = dynamic_table(rows_d, params[0].device, self._device_constants, self._found_inf, self._grad_scale)
-        ops.fused_step(params, grads, moms, masks, seen, hyper, ints, dyn)
-        for e, work in zip(bucket, params, strict=True):
+        ops.fused_step(params, grads, moms, masks, seen, sums, hyper, ints, dyn)
+        for e, work, row in zip(bucket, params, rows_i, strict=True):
             if work is not local(e.param):
                 local(e.param).copy_(work)
+            self._carried.record(e.param, row)
 
     @staticmethod
     def _link_nan_groups(rows_i: list[list[int]]) -> None:
@@ -511,7 +516,9 @@ class SignOptimizer(torch.optim.Optimizer):
         counters become what it keeps -- ints, or float32 tensors on the parameters' devices for
         capturable groups -- whichever kind was saved.
         """
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
+        self._check_saved(state_dict)
+        self._carried.forget()  # the params may be restored from anywhere: recompute the sums once
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
         same_layout = len(groups) == len(saved_groups) and all(
             len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups, strict=True))
         if not same_layout:
@@ -542,9 +549,39 @@ class SignOptimizer(torch.optim.Optimizer):
             if "step" in state:
                 state["step"] = self._step_value(state["step"], capturable_of[id(p)], local(p).device)
 
+    # Keys every saved group of this algorithm holds (a Lion state has no 'beta', a Tiger one no 'betas').
+    _ALGORITHM_KEYS: tuple[str, ...] = ()
+
+    def _check_saved(self, state_dict: Any) -> None:
+        """The shape of a state_dict, checked before anything is loaded: both keys, groups saved by
+        this algorithm, and no parameter whose step count survived without its momentum."""
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"{name}.load_state_dict: the state_dict has no {key!r} entry (an optimizer's "
+                                 f"state_dict() has 'state' and 'param_groups'; was a model's state_dict passed?)")
+        for gi, saved in enumerate(state_dict["param_groups"]):
+            missing = [k for k in self._ALGORITHM_KEYS if k not in saved]
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: saved param_groups[{gi}] has no {missing} (it was not "
+                                 f"saved by {name}; Lion and Tiger states do not convert into each other)")
+        for key, saved in state_dict["state"].items():
+            if isinstance(saved, Mapping) and "step" in saved and "exp_avg" not in saved:
+                raise ValueError(f"{name}.load_state_dict: the state of parameter {key!r} has a step count but no "
+                                 f"'exp_avg' (momentum); refusing to restart it from zero silently")
+
+    def forget_carried_rms(self, param: Tensor | None = None) -> None:
+        """Tell Tiger that ``param`` (every parameter when None) was written through ``.data``:
+        its next step recomputes RMS(theta) from the params instead of the carried sum
+        (kexue/optim/_carried_rms.py). Writes through the parameter itself are detected."""
+        self._carried.forget(param)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._device_constants = DeviceConstants()  # not pickled: a cache
+        self._carried = CarriedRms()  # nothing is trusted after unpickling
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
