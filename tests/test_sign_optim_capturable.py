@@ -176,9 +176,9 @@ def no_host_sync(monkeypatch):
     tables: set[int] = set()
     original = ops.fused_step
 
-    def recording(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn=None):
+    def recording(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn=None):
         tables.update((id(hyper), id(ints)))
-        return original(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
+        return original(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
 
     def guard(name):
         method = getattr(torch.Tensor, name)
