@@ -96,12 +96,14 @@ CONFIGS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_carried_step_is_the_two_pass_step(backend, dtype, config, monkeypatch):
+    if backend == "triton" and dtype != torch.float32 and config != "plain":
+        pytest.skip("the interpreter is slow: 16-bit params through Triton in the plain config only")
     options = dict(CONFIGS[config])
     nan_at = options.pop("nan_at", None)
     a, one, b, two = _pair(dtype, 3, **options)
     spy = FlagSpy(monkeypatch)
     with kexue.use_backend(backend):
-        for t in range(7):
+        for t in range(5):
             _step_both(a, one, b, two, t, nan_at)
             _assert_same(a, one, b, two, f"step {t}")
             carried_one = spy.carried(-2)  # one's call (two's follows it)

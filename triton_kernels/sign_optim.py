@@ -67,6 +67,7 @@ D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = _T.D_MASK_K0, _T.D_MASK_K1, _T.D_
 USE_NEW_MOMENTUM, UPDATE, RMS_TENSOR, RMS_ROW = _T.USE_NEW_MOMENTUM, _T.UPDATE, _T.RMS_TENSOR, _T.RMS_ROW
 LAZY_ROWS, FREEZE_ABSENT, MASK_F, MASK_D = _T.LAZY_ROWS, _T.FREEZE_ABSENT, _T.MASK_F, _T.MASK_D
 MASK_UPDATE, STOCHASTIC_ROUND, SHRINK_NOW, DYNAMIC = _T.MASK_UPDATE, _T.STOCHASTIC_ROUND, _T.SHRINK_NOW, _T.DYNAMIC
+RMS_CARRIED, SSQ_OUT = _T.RMS_CARRIED, _T.SSQ_OUT
 
 # The same flags and columns as constexpr globals, readable inside @triton.jit functions.
 _K_NEW_MOMENTUM = tl.constexpr(USE_NEW_MOMENTUM)
@@ -81,6 +82,8 @@ _K_MASK_UPDATE = tl.constexpr(MASK_UPDATE)
 _K_STOCHASTIC = tl.constexpr(STOCHASTIC_ROUND)
 _K_SHRINK_NOW = tl.constexpr(SHRINK_NOW)
 _K_DYNAMIC = tl.constexpr(DYNAMIC)
+_K_RMS_CARRIED = tl.constexpr(RMS_CARRIED)
+_K_SSQ_OUT = tl.constexpr(SSQ_OUT)
 _NF = tl.constexpr(NUM_FLOATS)
 _NI = tl.constexpr(NUM_INTS)
 _ND = tl.constexpr(NUM_DYN)
@@ -95,9 +98,10 @@ _D_MASK_K0, _D_MASK_K1 = tl.constexpr(D_MASK_K0), tl.constexpr(D_MASK_K1)
 _D_ROUND_K0, _D_ROUND_K1 = tl.constexpr(D_ROUND_K0), tl.constexpr(D_ROUND_K1)
 
 # Columns of the address table (the launcher's own, not part of the op's contract).
-A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN = range(5)
-NUM_ADDRS = 5
-_A_PARAM, _A_GRAD, _A_MOM, _A_MASK, _A_SEEN = (tl.constexpr(c) for c in (A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN))
+A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN, A_SSQ = range(6)
+NUM_ADDRS = 6
+_A_PARAM, _A_GRAD, _A_MOM, _A_MASK, _A_SEEN, _A_SSQ = (
+    tl.constexpr(c) for c in (A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN, A_SSQ))
 _NA = tl.constexpr(NUM_ADDRS)
 
 CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
@@ -149,9 +153,11 @@ def _element_bits(k0, k1, index):
 @triton.jit
 def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
     """Store float32 ``x`` in the storage type: round to nearest even, or (bfloat16 with
-    ``stochastic``) add 16 random bits below the kept mantissa and truncate."""
+    ``stochastic``) add 16 random bits below the kept mantissa and truncate. Returns the stored
+    values as float32 (what a later load would give: the carried sums of squares are of these)."""
     if CODE == 0:
         tl.store(ptr + offs, x, mask=inb)
+        stored = x
     elif CODE == 1:
         # On the bits, as float_to_bf16_bits() in C++ (the interpreter's own cast truncates).
         u = x.to(tl.uint32, bitcast=True)
@@ -161,8 +167,11 @@ def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
             noise = _element_bits(k0, k1, offs) & 0xFFFF
             bits = tl.where((u & 0x7F800000) != 0x7F800000, (u + noise) >> 16, bits)
         tl.store(ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=inb)
+        stored = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         tl.store(ptr + offs, x.to(tl.float16), mask=inb)
+        stored = x.to(tl.float16).to(tl.float32)
+    return stored
 
 
 @triton.jit
@@ -172,7 +181,8 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
     """One tile of the element update (sign_optim.h): momentum always, theta if UPDATE.
 
     ``live``: elements whose row may move; ``freeze``: elements whose momentum stays (absent rows
-    under FREEZE_ABSENT); ``lr``/``decay``: scalars or per-row columns.
+    under FREEZE_ABSENT); ``lr``/``decay``: scalars or per-row columns. Returns the squares of the
+    stored theta (zeros where theta is not written: the caller knows).
     """
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -185,6 +195,7 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
         keep = inb
     g = tl.where(keep, g * gscale, 0.0)
     m_new = m_m * m + m_g * g
+    squares = tl.zeros_like(g)
     if (flags & _K_UPDATE) != 0:
         if (flags & _K_NEW_MOMENTUM) != 0:  # Tiger: the new momentum
             c = m_new
@@ -195,9 +206,11 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
         stepped = theta * decay - lr * s
         movable = live & (keep | ~(gated & ((flags & _K_MASK_UPDATE) != 0)))  # masked ones stay
         theta = tl.where(movable, stepped, theta)
-        _store_float(p_ptr, offs, inb, theta, PARAM, stochastic, rk0, rk1)
+        stored = _store_float(p_ptr, offs, inb, theta, PARAM, stochastic, rk0, rk1)
+        squares = tl.where(inb, stored * stored, 0.0)
     m_new = tl.where(freeze, m, m_new)
     _store_float(m_ptr, offs, inb, m_new, MOM, False, 0, 0)
+    return squares
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,13 +220,14 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
 @triton.jit
 def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
                     PARAM: tl.constexpr, BLOCK: tl.constexpr):
-    """Per work item: sum of squares of theta (if RMS_TENSOR and UPDATE), any NaN/inf in the grad."""
+    """Per work item: sum of squares of theta (RMS_TENSOR and UPDATE, unless the sum is carried),
+    any NaN/inf in the grad."""
     it = tl.program_id(0).to(tl.int64)
     t = tl.load(items_ptr + 3 * it)
     begin = tl.load(items_ptr + 3 * it + 1)
     end = tl.load(items_ptr + 3 * it + 2)
     flags = tl.load(ints_ptr + t * _NI + _C_FLAGS)
-    rms = ((flags & _K_RMS_TENSOR) != 0) & ((flags & _K_UPDATE) != 0)
+    rms = ((flags & _K_RMS_TENSOR) != 0) & ((flags & _K_UPDATE) != 0) & ((flags & _K_RMS_CARRIED) == 0)
     guard = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP) >= 0
     p_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_PARAM), PARAM)
     g_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_GRAD), PARAM)
@@ -240,10 +254,10 @@ def _dyn_or(dyn_row, slot, dynamic, static):
 
 
 @triton.jit
-def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr,
+def _finish_kernel(fin_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr,
                    BLOCK: tl.constexpr):
-    """Per tensor: lr * RMS(theta) from its items' partial sums (fixed order), and its NaN flag
-    into its guard group."""
+    """Per tensor: lr * RMS(theta) from its items' partial sums (fixed order) or from the sum
+    carried from the previous step (RMS_CARRIED), and its NaN flag into its guard group."""
     i = tl.program_id(0).to(tl.int64)
     t = tl.load(fin_ptr + 4 * i)
     first = tl.load(fin_ptr + 4 * i + 1)
@@ -256,18 +270,26 @@ def _finish_kernel(fin_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_p
         inb = offs < first + count
         acc += tl.load(ssq_ptr + offs, mask=inb, other=0.0).to(tl.float64)
         found = tl.maximum(found, tl.load(nan_ptr + offs, mask=inb, other=0))
-    dynamic = (tl.load(ints_ptr + t * _NI + _C_FLAGS) & _K_DYNAMIC) != 0
+    flags = tl.load(ints_ptr + t * _NI + _C_FLAGS)
+    dynamic = (flags & _K_DYNAMIC) != 0
     lr = _dyn_or(dyn_ptr + t * _ND, _D_LR, dynamic, tl.load(hyper_ptr + t * _NF + _C_LR))
-    tl.store(lr_ptr + t, lr * tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float64)))
+    total = tl.sum(acc, axis=0)
+    if (flags & _K_RMS_CARRIED) != 0:
+        total = tl.load(tl.load(addr_ptr + t * _NA + _A_SSQ).to(tl.pointer_type(tl.float64)))
+    tl.store(lr_ptr + t, lr * tl.sqrt(total / numel.to(tl.float64)))
     group = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP)
     if (group >= 0) & (tl.max(found, axis=0) != 0):
         tl.atomic_max(group_nan_ptr + group, 1)
 
 
 @triton.jit
-def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, group_nan_ptr,
+def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, group_nan_ptr, part_ptr,
                  PARAM: tl.constexpr, MOM: tl.constexpr, BLOCK: tl.constexpr, ROW_COLS: tl.constexpr):
-    """The update of one work item: NaN-guard shrink, row by row, or element by element."""
+    """The update of one work item: NaN-guard shrink, row by row, or element by element.
+
+    SSQ_OUT: the sum of squares of theta as this item leaves it goes to ``part_ptr[item]`` (a
+    whole-tensor sum, finished by _ssq_out_kernel), or per row straight into the tensor's ssq.
+    """
     it = tl.program_id(0).to(tl.int64)
     t = tl.load(items_ptr + 3 * it)
     begin = tl.load(items_ptr + 3 * it + 1)
@@ -288,6 +310,10 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
     m_ptr = _float_ptr(tl.load(av + _A_MOM), MOM)
     mask_addr = tl.load(av + _A_MASK)
     seen_addr = tl.load(av + _A_SEEN)
+    ssq_rows = tl.load(av + _A_SSQ).to(tl.pointer_type(tl.float64))
+    out = (flags & _K_SSQ_OUT) != 0
+    carried = (flags & _K_RMS_CARRIED) != 0
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # whole-tensor sum of squares of theta as left
     mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
     seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
     stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
@@ -308,7 +334,11 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
             offs = s + tl.arange(0, BLOCK)
             inb = offs < end
             theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
+            stored = _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
+            acc += tl.where(inb, stored * stored, 0.0)
+        if out & (row_len > 0) & ((flags & _K_RMS_ROW) != 0):
+            _row_sums(p_ptr, ssq_rows, begin // row_len, end // row_len, row_len, PARAM, BLOCK // ROW_COLS,
+                      ROW_COLS)
     else:
         lr64 = _dyn_or(dv, _D_LR, dynamic, tl.load(h + _C_LR))
         if ((flags & _K_RMS_TENSOR) != 0) & update:
@@ -329,6 +359,9 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
         if by_rows:
             lazy = (flags & _K_LAZY_ROWS) != 0
             row_rms = ((flags & _K_RMS_ROW) != 0) & update
+            # Row sums read from theta: for the row lr, or to hand on where this call keeps theta.
+            read_rows = ((flags & _K_RMS_ROW) != 0) & (update | out) & ~carried
+            row_out = ((flags & _K_RMS_ROW) != 0) & out
             cols0 = tl.arange(0, ROW_COLS)
             for r0 in range(begin // row_len, end // row_len, ROWS):
                 rows = r0 + tl.arange(0, ROWS)
@@ -343,9 +376,12 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
                     if lazy:
                         g = tl.load(g_ptr + offs, mask=inb, other=0.0)
                         present = tl.maximum(present, tl.max((g != 0).to(tl.int32), axis=1))  # NaN counts
-                    if row_rms:
+                    if read_rows:
                         x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                         ssq += tl.sum(x * x, axis=1)
+                ssq64 = ssq.to(tl.float64)
+                if carried:
+                    ssq64 = tl.load(ssq_rows + rows, mask=row_ok, other=0.0)
                 live = row_ok
                 freeze = rows < 0  # all False
                 if lazy:
@@ -359,27 +395,80 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
                     if (flags & _K_FREEZE_ABSENT) != 0:
                         freeze = ~is_present
                 if row_rms:
-                    row_lr64 = lr64 * tl.sqrt(ssq.to(tl.float64) / row_len.to(tl.float64))
+                    row_lr64 = lr64 * tl.sqrt(ssq64 / row_len.to(tl.float64))
                 else:
                     row_lr64 = lr64 + tl.zeros([ROWS], dtype=tl.float64)
                 row_lr = row_lr64.to(tl.float32)
                 row_decay = (1.0 - row_lr64 * wd).to(tl.float32)
-                # Second sweep: the update, with the row's coefficients.
+                # Second sweep: the update, with the row's coefficients (and the squares it stores).
+                new_ssq = tl.zeros([ROWS], dtype=tl.float32)
                 for c0 in range(0, row_len, ROW_COLS):
                     cols = c0 + cols0
                     offs = rows[:, None] * row_len + cols[None, :]
                     inb = row_ok[:, None] & (cols < row_len)[None, :]
-                    _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live[:, None] & inb,
-                                 freeze[:, None] & inb, row_lr[:, None], row_decay[:, None], c_m, c_g, m_m, m_g,
-                                 gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1, PARAM, MOM)
+                    squares = _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live[:, None] & inb,
+                                           freeze[:, None] & inb, row_lr[:, None], row_decay[:, None], c_m, c_g,
+                                           m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
+                                           PARAM, MOM)
+                    new_ssq += tl.sum(squares, axis=1)
+                if row_out:
+                    # Written rows: the squares just stored; kept rows: the sums read or carried.
+                    kept = tl.where(carried, ssq64, ssq.to(tl.float64))
+                    tl.store(ssq_rows + rows, tl.where(update, new_ssq.to(tl.float64), kept), mask=row_ok)
         else:
             lr = lr64.to(tl.float32)
             decay = (1.0 - lr64 * wd).to(tl.float32)
+            read_theta = out & ~update & ~carried  # theta stays: hand on its sum
             for s in range(begin, end, BLOCK):
                 offs = s + tl.arange(0, BLOCK)
                 inb = offs < end
-                _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, inb, offs < 0, lr, decay, c_m, c_g,
-                             m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1, PARAM, MOM)
+                squares = _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, inb, offs < 0, lr, decay, c_m,
+                                       c_g, m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
+                                       PARAM, MOM)
+                if read_theta:
+                    x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+                    squares = x * x
+                acc += squares
+    tl.store(part_ptr + it, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _row_sums(p_ptr, ssq_rows, row_begin, row_end, row_len, PARAM: tl.constexpr, ROWS: tl.constexpr,
+              ROW_COLS: tl.constexpr):
+    """Per-row sums of squares of theta over rows [row_begin, row_end), into ``ssq_rows`` (float64),
+    in the order of the step kernel's first sweep."""
+    cols0 = tl.arange(0, ROW_COLS)
+    for r0 in range(row_begin, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < row_end
+        ssq = tl.zeros([ROWS], dtype=tl.float32)
+        for c0 in range(0, row_len, ROW_COLS):
+            cols = c0 + cols0
+            offs = rows[:, None] * row_len + cols[None, :]
+            inb = row_ok[:, None] & (cols < row_len)[None, :]
+            x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            ssq += tl.sum(x * x, axis=1)
+        tl.store(ssq_rows + rows, ssq.to(tl.float64), mask=row_ok)
+
+
+@triton.jit
+def _ssq_out_kernel(fin_ptr, addr_ptr, ints_ptr, group_nan_ptr, part_ptr, BLOCK: tl.constexpr):
+    """Per whole-tensor SSQ_OUT tensor: its items' sums (in item order, as _finish_kernel adds the
+    pre-pass sums) into its ssq; left alone where theta was kept and the sum was carried."""
+    i = tl.program_id(0).to(tl.int64)
+    t = tl.load(fin_ptr + 4 * i)
+    first = tl.load(fin_ptr + 4 * i + 1)
+    count = tl.load(fin_ptr + 4 * i + 2)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for s in range(first, first + count, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < first + count, other=0.0).to(tl.float64)
+    flags = tl.load(ints_ptr + t * _NI + _C_FLAGS)
+    group = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP)
+    shrunk = ((group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)) | ((flags & _K_SHRINK_NOW) != 0)
+    written = shrunk | ((flags & _K_UPDATE) != 0)
+    if written | ((flags & _K_RMS_CARRIED) == 0):
+        tl.store(tl.load(addr_ptr + t * _NA + _A_SSQ).to(tl.pointer_type(tl.float64)), tl.sum(acc, axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +501,9 @@ class _Plan:
     prepass: list[tuple[int, int, torch.Tensor]]  # (param code, first slot, items) per launch
     prepass_slots: int
     spans: torch.Tensor | None  # per tensor: (tensor, first slot, slot count, numel), for _finish_kernel
-    steps: list[tuple[int, int, torch.Tensor]]  # (param code, momentum code, items) per launch
+    steps: list[tuple[int, int, int, torch.Tensor]]  # (param code, momentum code, first slot, items) per launch
+    step_slots: int
+    outs: torch.Tensor | None  # per whole-tensor SSQ_OUT tensor: its span of step slots, for _ssq_out_kernel
 
 
 # Plans of capturable calls, by everything a plan depends on. A capturable step's host tables do not
@@ -422,59 +513,77 @@ _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 _MAX_PLANS = 16
 
 
-def _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints) -> _Plan:
+def _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
     device = params[0].device
     T = len(params)
     iv = ints.tolist()
+    for t, r in enumerate(iv):
+        if r[FLAGS] & DYNAMIC and r[FLAGS] & (SSQ_OUT | RMS_CARRIED):
+            raise ValueError(f"sign_optim_step (triton): tensor {t}: carried sums of squares are not served "
+                             f"in capturable mode (DYNAMIC rows)")
     numels = [p.numel() for p in params]
     # Row-wise work items only where the kernel goes row by row (as by_rows() in C++).
     row_lens = [r[ROW_LEN] if r[ROW_LEN] > 0 and r[FLAGS] & (RMS_ROW | LAZY_ROWS) else 0 for r in iv]
-    addr = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(),
-                          0 if mk is None else mk.data_ptr(), s.data_ptr() if s.numel() > 0 else 0]
-                         for p, g, m, mk, s in zip(params, grads, exp_avgs, masks, row_seen, strict=True)],
+    addr = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mk is None else mk.data_ptr(),
+                          s.data_ptr() if s.numel() > 0 else 0, q.data_ptr() if q.numel() > 0 else 0]
+                         for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)],
                         dtype=torch.int64).to(device)
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for t in range(T):
         if numels[t] > 0:
             buckets[(_CODES[params[t].dtype], _CODES[exp_avgs[t].dtype])].append(t)
 
-    def wants_prepass(t: int) -> bool:
+    def needs_rms(t: int) -> bool:
         flags = iv[t][FLAGS]
-        return bool(flags & RMS_TENSOR and flags & UPDATE) or iv[t][NAN_GROUP] >= 0
+        return bool(flags & RMS_TENSOR and flags & UPDATE)
+
+    def wants_prepass(t: int) -> bool:
+        return (needs_rms(t) and not iv[t][FLAGS] & RMS_CARRIED) or iv[t][NAN_GROUP] >= 0
 
     # One partial sum and NaN flag per pre-pass item, all buckets in one buffer; each bucket writes
-    # its slice, then _finish_kernel reads every tensor's span of it.
+    # its slice, then _finish_kernel reads every tensor's span of it (an empty span for a tensor whose
+    # sum of squares is carried and that has no NaN guard).
     spans, prepass, total = [], [], 0
     for (pcode, _), ts in buckets.items():
-        ts = [t for t in ts if wants_prepass(t)]
-        if ts:
-            items, bucket_spans = _items(ts, numels, [0] * T)
+        pre = [t for t in ts if wants_prepass(t)]
+        if pre:
+            items, bucket_spans = _items(pre, numels, [0] * T)
             spans += [(t, total + first, count, n) for t, first, count, n in bucket_spans]
             prepass.append((pcode, total, _table(items, 3, device)))
             total += len(items)
-    steps = [(pcode, mcode, _table(_items(ts, numels, row_lens)[0], 3, device))
-             for (pcode, mcode), ts in buckets.items()]
+        spans += [(t, total, 0, numels[t]) for t in ts if needs_rms(t) and not wants_prepass(t)]
+    # One partial sum per step item likewise, for the tensors that hand on a whole-tensor sum.
+    steps, outs, slots = [], [], 0
+    for (pcode, mcode), ts in buckets.items():
+        items, bucket_spans = _items(ts, numels, row_lens)
+        outs += [(t, slots + first, count, n) for t, first, count, n in bucket_spans
+                 if iv[t][FLAGS] & SSQ_OUT and not row_lens[t]]
+        steps.append((pcode, mcode, slots, _table(items, 3, device)))
+        slots += len(items)
     return _Plan(addr, hyper.to(device=device, dtype=torch.float64), ints.to(device=device, dtype=torch.int64),
-                 prepass, total, _table(spans, 4, device) if spans else None, steps)
+                 prepass, total, _table(spans, 4, device) if spans else None, steps, slots,
+                 _table(outs, 4, device) if outs else None)
 
 
-def _cached_plan(params, grads, exp_avgs, masks, row_seen, hyper, ints) -> _Plan:
+def _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
     key = (params[0].device, hyper.numpy().tobytes(), ints.numpy().tobytes(),
            tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mk is None else mk.data_ptr(),
-                  s.data_ptr() if s.numel() > 0 else 0, p.numel(), p.dtype, m.dtype)
-                 for p, g, m, mk, s in zip(params, grads, exp_avgs, masks, row_seen, strict=True)))
+                  s.data_ptr() if s.numel() > 0 else 0, q.data_ptr() if q.numel() > 0 else 0, p.numel(), p.dtype,
+                  m.dtype)
+                 for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+        plan = _PLANS[key] = _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints)
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
     return plan
 
 
-def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, ints: torch.Tensor,
+def fused_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper: torch.Tensor, ints: torch.Tensor,
                dyn: torch.Tensor | None = None) -> None:
-    """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen.
+    """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen and
+    the carried sums of squares ``ssq``.
 
     ``dyn``: the dynamic table of capturable mode (on the device), or None.
     """
@@ -483,25 +592,29 @@ def fused_step(params, grads, exp_avgs, masks, row_seen, hyper: torch.Tensor, in
         return
     device = params[0].device
     if dyn is None:
-        plan = _plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+        plan = _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints)
     else:
-        plan = _cached_plan(params, grads, exp_avgs, masks, row_seen, hyper, ints)
+        plan = _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints)
     dyn_d = plan.hyper if dyn is None else dyn  # without DYNAMIC rows the kernels never read it
     lr_eff = plan.hyper  # not read unless a pre-pass ran
     group_nan = torch.zeros(T, dtype=torch.int32, device=device)
     if plan.spans is not None:
-        ssq = torch.empty(plan.prepass_slots, dtype=torch.float32, device=device)
-        nan = torch.empty(plan.prepass_slots, dtype=torch.int32, device=device)
+        partial = torch.empty(max(1, plan.prepass_slots), dtype=torch.float32, device=device)
+        nan = torch.empty(max(1, plan.prepass_slots), dtype=torch.int32, device=device)
         for pcode, offset, items in plan.prepass:
-            _prepass_kernel[(items.shape[0],)](items, plan.addr, plan.ints, ssq[offset:], nan[offset:],
+            _prepass_kernel[(items.shape[0],)](items, plan.addr, plan.ints, partial[offset:], nan[offset:],
                                                PARAM=pcode, BLOCK=BLOCK, num_warps=NUM_WARPS)
         lr_eff = torch.empty(T, dtype=torch.float64, device=device)
-        _finish_kernel[(plan.spans.shape[0],)](plan.spans, plan.hyper, plan.ints, dyn_d, ssq, nan, lr_eff,
-                                               group_nan, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    for pcode, mcode, items in plan.steps:
+        _finish_kernel[(plan.spans.shape[0],)](plan.spans, plan.addr, plan.hyper, plan.ints, dyn_d, partial, nan,
+                                               lr_eff, group_nan, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    parts = torch.empty(max(1, plan.step_slots), dtype=torch.float32, device=device)
+    for pcode, mcode, offset, items in plan.steps:
         _step_kernel[(items.shape[0],)](items, plan.addr, plan.hyper, plan.ints, dyn_d, lr_eff, group_nan,
-                                        PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
+                                        parts[offset:], PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
                                         num_warps=NUM_WARPS)
+    if plan.outs is not None:
+        _ssq_out_kernel[(plan.outs.shape[0],)](plan.outs, plan.addr, plan.ints, group_nan, parts, BLOCK=BLOCK,
+                                               num_warps=NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,15 +635,22 @@ def _aot_configs() -> list[dict]:
                 "kernel": _step_kernel, "name": f"sign_optim_step_{pname}_m{_TL_NAMES[mcode]}",
                 "num_warps": NUM_WARPS,
                 "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
-                              "dyn_ptr": "*fp64", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "PARAM": "constexpr",
-                              "MOM": "constexpr", "BLOCK": "constexpr", "ROW_COLS": "constexpr"},
+                              "dyn_ptr": "*fp64", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "part_ptr": "*fp32",
+                              "PARAM": "constexpr", "MOM": "constexpr", "BLOCK": "constexpr",
+                              "ROW_COLS": "constexpr"},
                 "constexprs": {"PARAM": pcode, "MOM": mcode, "BLOCK": BLOCK, "ROW_COLS": ROW_COLS},
             })
     configs.append({
         "kernel": _finish_kernel, "name": "sign_optim_finish", "num_warps": NUM_WARPS,
-        "signature": {"fin_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64", "dyn_ptr": "*fp64",
-                      "ssq_ptr": "*fp32",
-                      "nan_ptr": "*i32", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "BLOCK": "constexpr"},
+        "signature": {"fin_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
+                      "dyn_ptr": "*fp64", "ssq_ptr": "*fp32", "nan_ptr": "*i32", "lr_ptr": "*fp64",
+                      "group_nan_ptr": "*i32", "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": BLOCK},
+    })
+    configs.append({
+        "kernel": _ssq_out_kernel, "name": "sign_optim_ssq_out", "num_warps": NUM_WARPS,
+        "signature": {"fin_ptr": "*i64", "addr_ptr": "*i64", "ints_ptr": "*i64", "group_nan_ptr": "*i32",
+                      "part_ptr": "*fp32", "BLOCK": "constexpr"},
         "constexprs": {"BLOCK": BLOCK},
     })
     return configs

@@ -26,7 +26,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
 # Backends that implement the RMS_CARRIED / SSQ_OUT flags (one-pass Tiger); the optimizers ask
 # the others for the pre-pass over the params.
-CARRIES_SSQ = frozenset({"torch", "cpu"})
+CARRIES_SSQ = frozenset({"torch", "cpu", "triton"})
 
 
 def _register_backends() -> None:
@@ -37,7 +37,7 @@ def _register_backends() -> None:
         _backend.register(OP, "cpu", native.sign_optim_step_dyn_cpu, PARAM_DTYPES)
         if getattr(native, "WITH_CUDA", False):
             _backend.register(OP, "cuda", _without_ssq(native.sign_optim_step_dyn_cuda), PARAM_DTYPES)
-    _backend.register(OP, "triton", _without_ssq(lambda *args: _triton_module().fused_step(*args)), PARAM_DTYPES)
+    _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
 
 
 def _without_ssq(fn):
