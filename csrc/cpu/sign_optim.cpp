@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -462,7 +463,8 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
   for (int64_t i = 0; i < T; ++i) {
     bytes += pre_pass_bytes(jobs[i]);
     if (jobs[i].nan_group >= 0) open_until = std::max(open_until, group_last[jobs[i].nan_group]);
-    if (bytes >= kBatchBytes && open_until <= i) {
+    static const int64_t batch_bytes = std::getenv("KEXUE_SIGN_BATCH_MB") ? int64_t{std::atoi(std::getenv("KEXUE_SIGN_BATCH_MB"))} << 20 : kBatchBytes;  // TEMP
+    if (bytes >= batch_bytes && open_until <= i) {
       out.push_back({first, i + 1});
       first = i + 1, bytes = 0;
     }
@@ -471,96 +473,147 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
   return out;
 }
 
-// Pre-pass over one batch: each needing job's sum of squares of params (into ssq) and whether its
-// grads hold a NaN or inf (into group_nan, by NaN group). Partial sums are kept per item and added in item
-// order, so the result does not depend on the number of threads.
-void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::vector<double>& ssq,
-              std::vector<uint8_t>& group_nan) {
-  const std::vector<Item> pre = make_items(jobs, first, last, [](const Job& j) {
-    return pre_reads_params(j) || pre_reads_grads(j);
-  });
-  if (pre.empty()) return;
-  std::vector<double> part_ssq(pre.size(), 0.0);
-  std::vector<uint8_t> part_nan(pre.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(pre.size()), 1, [&](int64_t lo, int64_t hi) {
-    float buf[kTile];
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = pre[it];
-      const Job& j = jobs[item.job];
-      const bool rms = pre_reads_params(j), guard = pre_reads_grads(j);
-      double sum = 0.0;
-      bool nan = false;
-      for (int64_t s = item.begin; s < item.end; s += kTile) {
-        const int64_t n = std::min(kTile, item.end - s);
-        if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
-        if (guard) nan = nan || any_non_finite(load(j.grad, j.ps, s, n, buf), n);
-      }
-      part_ssq[it] = sum;
-      part_nan[it] = nan;
-    }
-  });
-  for (size_t it = 0; it < pre.size(); ++it) {
-    const Job& j = jobs[pre[it].job];
-    ssq[pre[it].job] += part_ssq[it];
-    if (pre_reads_grads(j) && part_nan[it]) group_nan[j.nan_group] = 1;
-  }
-}
-
 // Whether this call writes a job's theta.
 bool writes_theta(const Job& j, bool shrink) { return !j.skip && (shrink || has(j, kUpdate)); }
 
-// Main pass over one batch, with each job's learning rate and whether the NaN guard shrinks it.
-// Whole-tensor kSsqOut jobs that write theta leave their sums of squares in `ssq`, added per item
-// in item order as the pre-pass adds its partial sums.
-void main_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<double>& lr,
-               const std::vector<uint8_t>& shrink, std::vector<double>& ssq) {
-  // A skipped job (GradScaler found an inf, capturable mode) only hands on its row sums.
-  const std::vector<Item> items = make_items(jobs, first, last, [](const Job& j) {
-    return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried));
-  });
-  std::vector<double> part(items.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+// The pre-pass of one batch: per item, the sum of squares of the params (a whole-tensor RMS that is
+// not carried) and whether the grads hold a NaN or inf (the NaN guard).
+struct PrePass {
+  std::vector<Item> items;
+  std::vector<double> ssq;
+  std::vector<uint8_t> nan;
+
+  PrePass(const std::vector<Job>& jobs, int64_t first, int64_t last)
+      : items(make_items(jobs, first, last, [](const Job& j) { return pre_reads_params(j) || pre_reads_grads(j); })),
+        ssq(items.size(), 0.0),
+        nan(items.size(), 0) {}
+
+  void run_item(const std::vector<Job>& jobs, size_t it, float* buf) {
+    const Item& item = items[it];
+    const Job& j = jobs[item.job];
+    const bool rms = pre_reads_params(j), guard = pre_reads_grads(j);
+    double sum = 0.0;
+    bool found = false;
+    for (int64_t s = item.begin; s < item.end; s += kTile) {
+      const int64_t n = std::min(kTile, item.end - s);
+      if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
+      if (guard) found = found || any_non_finite(load(j.grad, j.ps, s, n, buf), n);
+    }
+    ssq[it] = sum;
+    nan[it] = found;
+  }
+
+  // Partial sums added in item order, so results do not depend on the number of threads.
+  void finish(const std::vector<Job>& jobs, std::vector<double>& job_ssq, std::vector<uint8_t>& group_nan) const {
+    for (size_t it = 0; it < items.size(); ++it) {
+      const Job& j = jobs[items[it].job];
+      job_ssq[items[it].job] += ssq[it];
+      if (pre_reads_grads(j) && nan[it]) group_nan[j.nan_group] = 1;
+    }
+  }
+};
+
+// The main pass of one batch, with each job's learning rate and whether the NaN guard shrinks it.
+// Whole-tensor kSsqOut jobs that write theta leave per-item sums of squares of the stored theta.
+struct MainPass {
+  std::vector<Item> items;
+  std::vector<double> part;
+
+  MainPass(const std::vector<Job>& jobs, int64_t first, int64_t last)
+      // A skipped job (GradScaler found an inf, capturable mode) only hands on its row sums.
+      : items(make_items(jobs, first, last,
+                         [](const Job& j) { return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried)); })),
+        part(items.size(), 0.0) {}
+
+  void run_item(const std::vector<Job>& jobs, size_t it, const std::vector<double>& lr,
+                const std::vector<uint8_t>& shrink, Tiles& tiles) {
+    const Item& item = items[it];
+    const Job& j = jobs[item.job];
+    double* sum = has(j, kSsqOut) && !row_ssq(j) ? &part[it] : nullptr;
+    if (j.skip) {
+      row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+    } else if (shrink[item.job]) {
+      shrink_range(j, item.begin, item.end, tiles, sum);
+      if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+    } else if (by_rows(j)) {
+      update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
+    } else {
+      update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles, sum);
+    }
+  }
+
+  // The sums of the theta written, per job in item order (as PrePass::finish adds its own).
+  void finish(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<uint8_t>& shrink,
+              std::vector<double>& job_ssq) const {
+    auto written_out = [&](int64_t i) { return has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i]); };
+    for (int64_t i = first; i < last; ++i) {
+      if (written_out(i)) job_ssq[i] = 0.0;
+    }
+    for (size_t it = 0; it < items.size(); ++it) {
+      if (written_out(items[it].job)) job_ssq[items[it].job] += part[it];
+    }
+  }
+};
+
+// One parallel region over the main pass of a batch and the pre-pass of the next, interleaved so
+// that both threads do some of each: the read-only stream of the next batch's grads (the NaN
+// guard) then runs while the update streams, instead of in a phase of its own, and leaves those
+// grads in the last-level cache for the next main pass. MEASURED_PLACEHOLDER The two touch disjoint
+// jobs (batches never share a tensor or a NaN group), and every partial lands in its own slot, so
+// the result is that of the two passes run one after the other.
+void overlapped(const std::vector<Job>& jobs, MainPass* main, PrePass* pre, const std::vector<double>& lr,
+                const std::vector<uint8_t>& shrink) {
+  const int64_t nm = main == nullptr ? 0 : static_cast<int64_t>(main->items.size());
+  const int64_t np = pre == nullptr ? 0 : static_cast<int64_t>(pre->items.size());
+  // Merge order: item k of a list of n sits at (k + 0.5) / n.
+  std::vector<std::pair<int32_t, int64_t>> order;  // (0 main / 1 pre, item)
+  order.reserve(nm + np);
+  for (int64_t a = 0, b = 0; a < nm || b < np;) {
+    if (b >= np || (a < nm && (2 * a + 1) * np <= (2 * b + 1) * nm)) {
+      order.push_back({0, a++});
+    } else {
+      order.push_back({1, b++});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t lo, int64_t hi) {
     Tiles tiles;
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = items[it];
-      const Job& j = jobs[item.job];
-      double* sum = has(j, kSsqOut) && !row_ssq(j) ? &part[it] : nullptr;
-      if (j.skip) {
-        row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
-      } else if (shrink[item.job]) {
-        shrink_range(j, item.begin, item.end, tiles, sum);
-        if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
-      } else if (by_rows(j)) {
-        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
+    for (int64_t k = lo; k < hi; ++k) {
+      if (order[k].first == 0) {
+        main->run_item(jobs, order[k].second, lr, shrink, tiles);
       } else {
-        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles, sum);
+        pre->run_item(jobs, order[k].second, tiles.out);
       }
     }
   });
-  for (int64_t i = first; i < last; ++i) {
-    if (has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i])) ssq[i] = 0.0;
-  }
-  for (size_t it = 0; it < items.size(); ++it) {
-    const Job& j = jobs[items[it].job];
-    if (has(j, kSsqOut) && !row_ssq(j) && writes_theta(j, shrink[items[it].job])) ssq[items[it].job] += part[it];
-  }
 }
 
-// The whole step over decoded jobs: per cache batch, the pre-pass, then the main pass.
+// The whole step over decoded jobs: the pre-pass of the first cache batch, then per batch its main
+// pass overlapped with the next batch's pre-pass.
 void run_step(const std::vector<Job>& jobs) {
   const int64_t T = static_cast<int64_t>(jobs.size());
   std::vector<double> ssq(T, 0.0), lr(T);
   std::vector<uint8_t> group_nan(T, 0), shrink(T);
-  for (const auto& [first, last] : cache_batches(jobs)) {
-    pre_pass(jobs, first, last, ssq, group_nan);
+  const std::vector<std::pair<int64_t, int64_t>> batches = cache_batches(jobs);
+  if (batches.empty()) return;
+  std::optional<PrePass> pre(std::in_place, jobs, batches[0].first, batches[0].second);
+  overlapped(jobs, nullptr, &*pre, lr, shrink);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const auto [first, last] = batches[b];
+    pre->finish(jobs, ssq, group_nan);
     for (int64_t i = first; i < last; ++i) {
       const Job& j = jobs[i];
-      const bool whole_carried = has(j, kRmsCarried) && !row_ssq(j);
-      if (whole_carried) ssq[i] = j.ssq[0];  // theta_{t-1}'s sum, left by the previous call
+      if (has(j, kRmsCarried) && !row_ssq(j)) ssq[i] = j.ssq[0];  // theta_{t-1}'s sum, left by the last call
       lr[i] = needs_rms(j) && j.numel > 0 ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
       shrink[i] = !j.skip && ((j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow));
     }
-    main_pass(jobs, first, last, lr, shrink, ssq);
+    MainPass main(jobs, first, last);
+    if (b + 1 < batches.size()) {
+      pre.emplace(jobs, batches[b + 1].first, batches[b + 1].second);
+    } else {
+      pre.reset();
+    }
+    overlapped(jobs, &main, pre ? &*pre : nullptr, lr, shrink);
+    main.finish(jobs, first, last, shrink, ssq);
     // Hand the sums on: of the theta written now, or of the unchanged one (carried or pre-read).
     for (int64_t i = first; i < last; ++i) {
       if (has(jobs[i], kSsqOut) && !row_ssq(jobs[i])) jobs[i].ssq[0] = ssq[i];
