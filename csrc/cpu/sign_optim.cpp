@@ -5,16 +5,15 @@
 // tensors keeps every thread busy and a step over a few large ones splits them. Each element is
 // read and written once: read param, grad, momentum; write param, momentum.
 //
-// Two reductions must finish before the update they feed: Tiger's whole-tensor RMS(theta) and the
-// NaN guard's "any NaN or inf in the grad". The RMS is carried from the previous step when the
-// optimizer can vouch for it (kRmsCarried): the step that writes theta_t sums its squares while
-// each tile is still in L1 (kSsqOut), so the next step needs no extra read of the params, and
-// Tiger moves the bytes Lion moves. Otherwise, and for the NaN guard, a pre-pass over the same
-// items reads the params / grads first. Pre-pass and main pass alternate over batches
-// of tensors that fit in the last-level cache (cache_batches). Per-row quantities (row RMS,
-// whether a row of an embedding table has any gradient) are computed in the main pass, on a row
-// that is about to be updated and so sits in cache. Partial sums are kept per item and added in
-// item order: results do not depend on the number of threads.
+// Two reductions must finish before the update they feed: Tiger's whole-tensor RMS(theta) and the NaN guard's
+// "any NaN or inf in the grad". The RMS is carried from the previous step when the optimizer can vouch for it
+// (kRmsCarried): the step that writes theta_t sums its squares while each tile is still in L1 (kSsqOut), so
+// the next step needs no extra read of the params, and Tiger moves the bytes Lion moves. Otherwise, and for
+// the NaN guard, a pre-pass over the same items reads the params / grads first, batch by batch of tensors
+// that fit in the last-level cache, each batch's pre-pass alongside the previous batch's main pass
+// (cache_batches, overlapped). Per-row quantities (row RMS, whether a row of an embedding table has any
+// gradient) are computed in the main pass, on a row that is about to be updated and so sits in cache. Partial
+// sums are kept per item and added in item order: results do not depend on the number of threads.
 //
 // The element arithmetic is in csrc/include/kexue/sign_optim.h (shared with CUDA). Here: loops
 // over float tiles that the compiler vectorizes, compiled per instruction set (simd.h), with
@@ -26,7 +25,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -440,16 +438,18 @@ int64_t pre_pass_bytes(const Job& j) {
   return j.numel * element_bytes(j.ps) * ((pre_reads_params(j) ? 1 : 0) + (pre_reads_grads(j) ? 1 : 0));
 }
 
-// Where the pre-pass is needed, the step runs in batches of consecutive tensors, pre-pass then main
-// pass per batch, each batch reading about kBatchBytes in its pre-pass: the main pass then finds a
-// batch's params and grads still in the last-level cache instead of reading them from memory a
-// second time. A NaN-guard group is never split (its flag must be known before any of its tensors
-// moves), nor is a tensor (its RMS needs all of it), so a batch can be larger. Tensors need not be
-// small for this: in the 100M-parameter benchmark 2/3 of the parameters are in tensors of over 4M.
-// There, Tiger's default step (RMS and NaN guard) went from 74.9 to 71.7 ms with 32 MB batches
-// (8 to 128 MB: 71.7 to 73.5 ms). The pre-pass itself reads at the machine's read-only bandwidth
-// (24-28 GB/s on 2 cores; a fused two-stream loop reads no faster), which is what is left.
-constexpr int64_t kBatchBytes = int64_t{32} << 20;
+// Where the pre-pass is needed, the step runs in batches of consecutive tensors, each batch reading about
+// kBatchBytes in its pre-pass, which runs alongside the previous batch's main pass (overlapped()): the main
+// pass then finds a batch's grads still in the last-level cache instead of reading them from memory a second
+// time. A NaN-guard group is never split (its flag must be known before any of its tensors moves), nor is a
+// tensor (its RMS needs all of it), so a batch can be larger. Tensors need not be small for this: in the
+// 100M-parameter benchmark 2/3 of the parameters are in tensors of over 4M. There, with the pre-pass reading
+// params and grads and no overlap, Tiger's default step went from 74.9 to 71.7 ms with 32 MB batches (8 to
+// 128 MB: 71.7 to 73.5 ms). Now that it reads only the grads and overlaps the main pass, on a shared machine
+// (load ~9 on 2 cores) 128 MB and larger batches came out best (Tiger/Lion 1.42-1.52x, against 1.72x at 32 MB
+// and 2.1x at 8 MB), and within the noise of one batch of everything (1.42x): the overlap is not shown to
+// gain there.
+constexpr int64_t kBatchBytes = int64_t{128} << 20;
 
 // [first, last) job ranges of the batches; one batch of all jobs when no job needs the pre-pass.
 std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& jobs) {
@@ -463,8 +463,7 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
   for (int64_t i = 0; i < T; ++i) {
     bytes += pre_pass_bytes(jobs[i]);
     if (jobs[i].nan_group >= 0) open_until = std::max(open_until, group_last[jobs[i].nan_group]);
-    static const int64_t batch_bytes = std::getenv("KEXUE_SIGN_BATCH_MB") ? int64_t{std::atoi(std::getenv("KEXUE_SIGN_BATCH_MB"))} << 20 : kBatchBytes;  // TEMP
-    if (bytes >= batch_bytes && open_until <= i) {
+    if (bytes >= kBatchBytes && open_until <= i) {
       out.push_back({first, i + 1});
       first = i + 1, bytes = 0;
     }
@@ -522,7 +521,9 @@ struct MainPass {
   MainPass(const std::vector<Job>& jobs, int64_t first, int64_t last)
       // A skipped job (GradScaler found an inf, capturable mode) only hands on its row sums.
       : items(make_items(jobs, first, last,
-                         [](const Job& j) { return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried)); })),
+                         [](const Job& j) {
+                           return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried));
+                         })),
         part(items.size(), 0.0) {}
 
   void run_item(const std::vector<Job>& jobs, size_t it, const std::vector<double>& lr,
@@ -545,7 +546,9 @@ struct MainPass {
   // The sums of the theta written, per job in item order (as PrePass::finish adds its own).
   void finish(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<uint8_t>& shrink,
               std::vector<double>& job_ssq) const {
-    auto written_out = [&](int64_t i) { return has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i]); };
+    auto written_out = [&](int64_t i) {
+      return has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i]);
+    };
     for (int64_t i = first; i < last; ++i) {
       if (written_out(i)) job_ssq[i] = 0.0;
     }
@@ -558,9 +561,9 @@ struct MainPass {
 // One parallel region over the main pass of a batch and the pre-pass of the next, interleaved so
 // that both threads do some of each: the read-only stream of the next batch's grads (the NaN
 // guard) then runs while the update streams, instead of in a phase of its own, and leaves those
-// grads in the last-level cache for the next main pass. MEASURED_PLACEHOLDER The two touch disjoint
-// jobs (batches never share a tensor or a NaN group), and every partial lands in its own slot, so
-// the result is that of the two passes run one after the other.
+// grads in the last-level cache for the next main pass (kBatchBytes says what was measured). The
+// two touch disjoint jobs (batches never share a tensor or a NaN group), and every partial lands in
+// its own slot, so the result is that of the two passes run one after the other.
 void overlapped(const std::vector<Job>& jobs, MainPass* main, PrePass* pre, const std::vector<double>& lr,
                 const std::vector<uint8_t>& shrink) {
   const int64_t nm = main == nullptr ? 0 : static_cast<int64_t>(main->items.size());
