@@ -8,12 +8,12 @@ The same NaN, +inf and -inf gradients go through every available backend and the
 
 from __future__ import annotations
 
+import kexue
 import pytest
 import torch
-
-import kexue
 from kexue.optim import Lion, Tiger
 from kexue.reference import sign_optim as R
+
 from tests.test_sign_optim import BACKENDS
 
 SHAPES = [(6, 7), (1500,), (5, 9)]

@@ -9,13 +9,13 @@ outside the step.
 
 from __future__ import annotations
 
+import kexue
 import pytest
 import torch
-
-import kexue
 from kexue import _sign_table as table
 from kexue.ops import sign_optim as ops
 from kexue.optim import Tiger
+
 from tests.test_sign_optim import BACKENDS
 
 CARRYING = [b for b in BACKENDS if b in ops.CARRIES_SSQ]

@@ -8,7 +8,6 @@ import pathlib
 import re
 
 import pytest
-
 from kexue import _sign_table as table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
