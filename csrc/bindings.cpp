@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_optim_step_cpu", &kexue::sign_optim_step_cpu, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
         arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
   m.def("sign_optim_step_dyn_cpu", &kexue::sign_optim_step_dyn_cpu, nogil, arg("params"), arg("grads"),
-        arg("exp_avgs"), arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"), arg("dyn"));
+        arg("exp_avgs"), arg("masks"), arg("row_seen"), arg("ssq"), arg("hyper"), arg("ints"), arg("dyn"));
   m.def("biohash_activations_cpu", &kexue::biohash_activations_cpu, nogil, arg("indices"), arg("offsets"),
         arg("weights"), arg("synapses_t"));
   m.def("biohash_sparse_cpu", &kexue::biohash_sparse_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),

@@ -15,9 +15,8 @@ from kexue.optim import Lion, Tiger
 from kexue.optim._sign_base import flat_params
 from kexue.reference import sign_optim as R
 
-from tests.sign_optim_helpers import EPS32, Trace, assert_rounded, snapshot
-
 from tests.conftest import DEVICE, triton_unavailable_reason
+from tests.sign_optim_helpers import EPS32, Trace, assert_rounded, snapshot
 
 NATIVE = kexue.backends()["cpu"]["available"]
 # The Triton kernels run on CPU tensors in the interpreter (tests/conftest.py) when there is no GPU.

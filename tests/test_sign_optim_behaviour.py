@@ -439,7 +439,8 @@ def test_opcheck(backend):
         seen = [torch.empty(0, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8)]
         masks = [None, torch.rand(3, 5) < 0.5]
         ints[1, R.FLAGS] |= R.MASK_D
-        torch.library.opcheck(torch.ops.kexue.sign_optim_step.default, (ps, gs, ms, masks, seen, hyper, ints))
+        sums = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+        torch.library.opcheck(torch.ops.kexue.sign_optim_step.default, (ps, gs, ms, masks, seen, sums, hyper, ints))
 
 
 # ---------------------------------------------------------------------------------------------

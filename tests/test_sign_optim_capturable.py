@@ -128,7 +128,8 @@ def test_capturable_equals_plain_bitwise(backend, opt_cls, lr_kind):
             sched_cap.step()
             if lr_kind == "tensor":  # the scheduler wrote the same tensor in place
                 assert opt_cap.param_groups[0]["lr"] is lr_before
-    moved = [not torch.equal(p, q) for p, q in zip(plain.values(), _params(0, backend == "triton").values())]
+    start = _params(0, backend == "triton").values()
+    moved = [not torch.equal(p, q) for p, q in zip(plain.values(), start, strict=True)]
     assert all(moved)
 
 
@@ -176,9 +177,9 @@ def no_host_sync(monkeypatch):
     tables: set[int] = set()
     original = ops.fused_step
 
-    def recording(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn=None):
+    def recording(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn=None):
         tables.update((id(hyper), id(ints)))
-        return original(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
+        return original(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
 
     def guard(name):
         method = getattr(torch.Tensor, name)
@@ -252,7 +253,8 @@ def test_capturable_under_grad_scaler_equals_plain(backend, opt_cls):
     """Scaled steps (unscale fused, flag on the device) with an inf at one step, which both skip:
     the capturable run equals the plain one bit for bit, and the skipped step is not counted."""
     models = [_model(), _model()]
-    opts = [opt_cls(m.parameters(), lr=1e-2, weight_decay=0.1, capturable=c) for m, c in zip(models, (False, True))]
+    opts = [opt_cls(m.parameters(), lr=1e-2, weight_decay=0.1, capturable=c)
+            for m, c in zip(models, (False, True), strict=True)]
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000) for _ in models]
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     with kexue.use_backend(backend):
@@ -315,7 +317,7 @@ def test_plain_state_dict_into_capturable_and_back(opt_cls):
     opt_cap = _make(opt_cls, cap, True, 1e-2)
     opt_cap.load_state_dict(copy.deepcopy(opt_plain.state_dict()))
     assert all(g["capturable"] for g in opt_cap.param_groups)  # its own mode, not the saved one
-    for name, q in cap.items():
+    for q in cap.values():
         st = opt_cap.state[q]["step"]
         assert isinstance(st, torch.Tensor) and st.dtype == torch.float32 and st.device == q.device
         assert st.item() == 3

@@ -5,13 +5,15 @@
 // tensors keeps every thread busy and a step over a few large ones splits them. Each element is
 // read and written once: read param, grad, momentum; write param, momentum.
 //
-// Two reductions must finish before the update they feed, so they run in a pre-pass over the
-// same items: Tiger's whole-tensor RMS(theta) (an extra read of the params) and the NaN guard's
-// any(isnan(grad)) (an extra read of the grads). Pre-pass and main pass alternate over batches
-// of tensors that fit in the last-level cache (cache_batches). Per-row quantities (row RMS,
-// whether a row of an embedding table has any gradient) are computed in the main pass, on a row
-// that is about to be updated and so sits in cache. Partial sums are kept per item and added in
-// item order: results do not depend on the number of threads.
+// Two reductions must finish before the update they feed: Tiger's whole-tensor RMS(theta) and the NaN guard's
+// "any NaN or inf in the grad". The RMS is carried from the previous step when the optimizer can vouch for it
+// (kRmsCarried): the step that writes theta_t sums its squares while each tile is still in L1 (kSsqOut), so
+// the next step needs no extra read of the params, and Tiger moves the bytes Lion moves. Otherwise, and for
+// the NaN guard, a pre-pass over the same items reads the params / grads first, batch by batch of tensors
+// that fit in the last-level cache, each batch's pre-pass alongside the previous batch's main pass
+// (cache_batches, overlapped). Per-row quantities (row RMS, whether a row of an embedding table has any
+// gradient) are computed in the main pass, on a row that is about to be updated and so sits in cache. Partial
+// sums are kept per item and added in item order: results do not depend on the number of threads.
 //
 // The element arithmetic is in csrc/include/kexue/sign_optim.h (shared with CUDA). Here: loops
 // over float tiles that the compiler vectorizes, compiled per instruction set (simd.h), with
@@ -76,7 +78,8 @@ inline __attribute__((always_inline)) void update_loop(float* __restrict th, voi
     const int64_t e = std::min(n, b + kBlock);
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const float gi = kGate ? g[i] * gate[i] : g[i] * gscale;
+      // A masked element never sees its gradient: inf * 0 would be NaN.
+      const float gi = kGate ? (gate[i] != 0.f ? g[i] * gate[i] : 0.f) : g[i] * gscale;
       const float mi = kMomBF16 ? bf16_bits_to_float(mb[i]) : mf[i];
       const float mn = new_momentum(mi, gi, k);
       if (kUpdate) {
@@ -235,8 +238,8 @@ KEXUE_CPU_CLONES bool any_nonzero(const float* x, int64_t n) {
   return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(v != 0.f); });  // NaN counts as nonzero
 }
 
-KEXUE_CPU_CLONES bool any_nan(const float* x, int64_t n) {
-  return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(v != v); });
+KEXUE_CPU_CLONES bool any_non_finite(const float* x, int64_t n) {
+  return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(non_finite(v)); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,11 +300,31 @@ Coefs coefs_for(const Job& j, double lr) {
 
 // Per-thread float tiles.
 struct Tiles {
-  float th[kTile], m[kTile], g[kTile], gate[kTile];
+  float th[kTile], m[kTile], g[kTile], gate[kTile], out[kTile];
 };
 
-// The update of elements [begin, end) of one tensor with fixed coefficients.
-void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t) {
+// Sum of squares of elements [s, s + n) of theta as stored: the same tile function the pre-pass
+// runs on the same tiles, so a carried sum is bit for bit the one the pre-pass would compute.
+// `th` is the float tile just written (memory itself for float params, in L1 either way); 16-bit
+// params are read back from their (L1-resident) storage, so the sum is of the rounded values.
+double stored_sum_squares(const Job& j, const float* th, int64_t s, int64_t n, Tiles& t) {
+  return sum_squares(j.ps == kF32 ? th : load(j.param, j.ps, s, n, t.out), n);
+}
+
+// Sum of squares of elements [s, s + len) read tile by tile from memory (a row, or a range).
+double read_sum_squares(const Job& j, int64_t s, int64_t len, Tiles& t) {
+  double sum = 0.0;
+  for (int64_t o = 0; o < len; o += kTile) {
+    const int64_t n = std::min(kTile, len - o);
+    sum += sum_squares(load(j.param, j.ps, s + o, n, t.out), n);
+  }
+  return sum;
+}
+
+// The update of elements [begin, end) of one tensor with fixed coefficients. With `ssq`, the sum
+// of squares of the stored theta is added to it tile by tile.
+void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool update, Tiles& t,
+                  double* ssq = nullptr) {
   int variant = 0;
   const bool gated = has(j, kMaskF) || (has(j, kMaskD) && j.mask != nullptr);
   if (gated) variant |= kVGate;
@@ -326,12 +349,17 @@ void update_range(const Job& j, int64_t begin, int64_t end, const Coefs& k, bool
     update_tile(th, m, g, t.gate, n, k, j.gscale, variant);
     if (!mom_in_loop) store(t.m, j.mom, j.ms, s, n, false, 0, 0);
     if (update) store(th, j.param, j.ps, s, n, stochastic, j.round_k0, j.round_k1);
+    if (update && ssq != nullptr) *ssq += stored_sum_squares(j, th, s, n, t);
   }
 }
 
-// Rows [row_begin, row_end) of a tensor updated row by row (row RMS and/or lazy rows).
+// Rows [row_begin, row_end) of a tensor updated row by row (row RMS and/or lazy rows). With
+// kSsqOut (row RMS), each row's sum of squares is left in j.ssq[r] for the next step.
 void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bool update, Tiles& t) {
   const int64_t len = j.row_len;
+  const bool carried = has(j, kRmsCarried), out = has(j, kSsqOut);
+  // The row's sum of squares before the update: for its lr, or to hand on when theta stays.
+  const bool read_ssq = has(j, kRmsRow) && !carried && (update || out);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t s = r * len;
     bool present = false;  // any nonzero gradient in this row
@@ -339,27 +367,41 @@ void update_rows(const Job& j, int64_t row_begin, int64_t row_end, double lr, bo
     for (int64_t o = 0; o < len; o += kTile) {
       const int64_t n = std::min(kTile, len - o);
       present = present || any_nonzero(load(j.grad, j.ps, s + o, n, t.g), n);
-      if (has(j, kRmsRow) && update) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
+      if (read_ssq) ssq += sum_squares(load(j.param, j.ps, s + o, n, t.th), n);
     }
+    if (carried) ssq = j.ssq[r];
     bool live = true;
     if (has(j, kLazyRows)) {
       live = present || (j.seen != nullptr && j.seen[r] != 0);
       if (j.seen != nullptr) j.seen[r] = update ? 0 : static_cast<uint8_t>(live);
-      // An absent row whose momentum is frozen does not change at all.
-      if (!present && has(j, kFreezeAbsent)) continue;
     }
-    const double row_lr = has(j, kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
-    update_range(j, s, s + len, coefs_for(j, row_lr), update && live, t);
+    // An absent row whose momentum is frozen does not change at all.
+    const bool frozen = has(j, kLazyRows) && !present && has(j, kFreezeAbsent);
+    const bool moves = update && live && !frozen;
+    if (!frozen) {
+      const double row_lr = has(j, kRmsRow) ? lr * std::sqrt(ssq / static_cast<double>(len)) : lr;
+      update_range(j, s, s + len, coefs_for(j, row_lr), moves, t);
+    }
+    if (out) j.ssq[r] = moves ? read_sum_squares(j, s, len, t) : ssq;  // the row is in L1/L2 now
   }
 }
 
-void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t) {
+// Tiger's NaN guard over elements [begin, end): theta pulled towards its centre. With `ssq`, the
+// sum of squares of the stored theta is added to it (whole-tensor sums; row sums: by the caller).
+void shrink_range(const Job& j, int64_t begin, int64_t end, Tiles& t, double* ssq) {
   for (int64_t s = begin; s < end; s += kTile) {
     const int64_t n = std::min(kTile, end - s);
     float* th = load_mut(j.param, j.ps, s, n, t.th);
     shrink_tile(th, n, j.shrink, j.centre);
     store(th, j.param, j.ps, s, n, has(j, kStochasticRound) && j.ps == kBF16, j.round_k0, j.round_k1);
+    if (ssq != nullptr) *ssq += stored_sum_squares(j, th, s, n, t);
   }
+}
+
+// Per-row sums of squares of rows [row_begin, row_end), read from theta (row-wise kSsqOut where
+// this call did not go through update_rows).
+void row_sums(const Job& j, int64_t row_begin, int64_t row_end, Tiles& t) {
+  for (int64_t r = row_begin; r < row_end; ++r) j.ssq[r] = read_sum_squares(j, r * j.row_len, j.row_len, t);
 }
 
 // Work items of jobs [first, last): ~kChunk elements each, whole rows for tensors updated row by row.
@@ -378,22 +420,36 @@ int64_t element_bytes(int32_t s) { return s == kF32 ? 4 : 2; }
 
 bool needs_rms(const Job& j) { return has(j, kRmsTensor) && has(j, kUpdate); }
 
-// Bytes the pre-pass reads for a job: its params for a whole-tensor RMS, its grads for the NaN guard.
-int64_t pre_pass_bytes(const Job& j) {
-  if (j.skip) return 0;
-  return j.numel * element_bytes(j.ps) * ((needs_rms(j) ? 1 : 0) + (j.nan_group >= 0 ? 1 : 0));
+// Whether the job's sums of squares are per row (else one per tensor).
+bool row_ssq(const Job& j) { return by_rows(j) && has(j, kRmsRow); }
+
+// Whether the pre-pass reads the params of a job: for a whole-tensor RMS that is not carried, or to
+// hand on the sum of a theta this call will not write (a skipped job, an accumulation micro-step).
+bool pre_reads_params(const Job& j) {
+  if (row_ssq(j) || has(j, kRmsCarried)) return false;
+  if (j.skip) return has(j, kSsqOut);
+  return needs_rms(j) || (has(j, kSsqOut) && !has(j, kUpdate));
 }
 
-// Where the pre-pass is needed, the step runs in batches of consecutive tensors, pre-pass then main
-// pass per batch, each batch reading about kBatchBytes in its pre-pass: the main pass then finds a
-// batch's params and grads still in the last-level cache instead of reading them from memory a
-// second time. A NaN-guard group is never split (its flag must be known before any of its tensors
-// moves), nor is a tensor (its RMS needs all of it), so a batch can be larger. Tensors need not be
-// small for this: in the 100M-parameter benchmark 2/3 of the parameters are in tensors of over 4M.
-// There, Tiger's default step (RMS and NaN guard) went from 74.9 to 71.7 ms with 32 MB batches
-// (8 to 128 MB: 71.7 to 73.5 ms). The pre-pass itself reads at the machine's read-only bandwidth
-// (24-28 GB/s on 2 cores; a fused two-stream loop reads no faster), which is what is left.
-constexpr int64_t kBatchBytes = int64_t{32} << 20;
+bool pre_reads_grads(const Job& j) { return !j.skip && j.nan_group >= 0; }
+
+// Bytes the pre-pass reads for a job.
+int64_t pre_pass_bytes(const Job& j) {
+  return j.numel * element_bytes(j.ps) * ((pre_reads_params(j) ? 1 : 0) + (pre_reads_grads(j) ? 1 : 0));
+}
+
+// Where the pre-pass is needed, the step runs in batches of consecutive tensors, each batch reading about
+// kBatchBytes in its pre-pass, which runs alongside the previous batch's main pass (overlapped()): the main
+// pass then finds a batch's grads still in the last-level cache instead of reading them from memory a second
+// time. A NaN-guard group is never split (its flag must be known before any of its tensors moves), nor is a
+// tensor (its RMS needs all of it), so a batch can be larger. Tensors need not be small for this: in the
+// 100M-parameter benchmark 2/3 of the parameters are in tensors of over 4M. There, with the pre-pass reading
+// params and grads and no overlap, Tiger's default step went from 74.9 to 71.7 ms with 32 MB batches (8 to
+// 128 MB: 71.7 to 73.5 ms). Now that it reads only the grads and overlaps the main pass, on a shared machine
+// (load ~9 on 2 cores) 128 MB and larger batches came out best (Tiger/Lion 1.42-1.52x, against 1.72x at 32 MB
+// and 2.1x at 8 MB), and within the noise of one batch of everything (1.42x): the overlap is not shown to
+// gain there.
+constexpr int64_t kBatchBytes = int64_t{128} << 20;
 
 // [first, last) job ranges of the batches; one batch of all jobs when no job needs the pre-pass.
 std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& jobs) {
@@ -416,60 +472,156 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
   return out;
 }
 
-// Pre-pass over one batch: each needing job's sum of squares of params (into ssq) and whether its
-// grads hold a NaN (into group_nan, by NaN group). Partial sums are kept per item and added in item
-// order, so the result does not depend on the number of threads.
-void pre_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, std::vector<double>& ssq,
-              std::vector<uint8_t>& group_nan) {
-  // A tensor GradScaler told to skip (capturable mode) is left out of both passes.
-  const std::vector<Item> pre = make_items(jobs, first, last, [](const Job& j) {
-    return !j.skip && (needs_rms(j) || j.nan_group >= 0);
-  });
-  if (pre.empty()) return;
-  std::vector<double> part_ssq(pre.size(), 0.0);
-  std::vector<uint8_t> part_nan(pre.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(pre.size()), 1, [&](int64_t lo, int64_t hi) {
-    float buf[kTile];
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = pre[it];
-      const Job& j = jobs[item.job];
-      const bool rms = needs_rms(j);
-      double sum = 0.0;
-      bool nan = false;
-      for (int64_t s = item.begin; s < item.end; s += kTile) {
-        const int64_t n = std::min(kTile, item.end - s);
-        if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
-        if (j.nan_group >= 0) nan = nan || any_nan(load(j.grad, j.ps, s, n, buf), n);
+// Whether this call writes a job's theta.
+bool writes_theta(const Job& j, bool shrink) { return !j.skip && (shrink || has(j, kUpdate)); }
+
+// The pre-pass of one batch: per item, the sum of squares of the params (a whole-tensor RMS that is
+// not carried) and whether the grads hold a NaN or inf (the NaN guard).
+struct PrePass {
+  std::vector<Item> items;
+  std::vector<double> ssq;
+  std::vector<uint8_t> nan;
+
+  PrePass(const std::vector<Job>& jobs, int64_t first, int64_t last)
+      : items(make_items(jobs, first, last, [](const Job& j) { return pre_reads_params(j) || pre_reads_grads(j); })),
+        ssq(items.size(), 0.0),
+        nan(items.size(), 0) {}
+
+  void run_item(const std::vector<Job>& jobs, size_t it, float* buf) {
+    const Item& item = items[it];
+    const Job& j = jobs[item.job];
+    const bool rms = pre_reads_params(j), guard = pre_reads_grads(j);
+    double sum = 0.0;
+    bool found = false;
+    for (int64_t s = item.begin; s < item.end; s += kTile) {
+      const int64_t n = std::min(kTile, item.end - s);
+      if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
+      if (guard) found = found || any_non_finite(load(j.grad, j.ps, s, n, buf), n);
+    }
+    ssq[it] = sum;
+    nan[it] = found;
+  }
+
+  // Partial sums added in item order, so results do not depend on the number of threads.
+  void finish(const std::vector<Job>& jobs, std::vector<double>& job_ssq, std::vector<uint8_t>& group_nan) const {
+    for (size_t it = 0; it < items.size(); ++it) {
+      const Job& j = jobs[items[it].job];
+      job_ssq[items[it].job] += ssq[it];
+      if (pre_reads_grads(j) && nan[it]) group_nan[j.nan_group] = 1;
+    }
+  }
+};
+
+// The main pass of one batch, with each job's learning rate and whether the NaN guard shrinks it.
+// Whole-tensor kSsqOut jobs that write theta leave per-item sums of squares of the stored theta.
+struct MainPass {
+  std::vector<Item> items;
+  std::vector<double> part;
+
+  MainPass(const std::vector<Job>& jobs, int64_t first, int64_t last)
+      // A skipped job (GradScaler found an inf, capturable mode) only hands on its row sums.
+      : items(make_items(jobs, first, last,
+                         [](const Job& j) {
+                           return !j.skip || (row_ssq(j) && has(j, kSsqOut) && !has(j, kRmsCarried));
+                         })),
+        part(items.size(), 0.0) {}
+
+  void run_item(const std::vector<Job>& jobs, size_t it, const std::vector<double>& lr,
+                const std::vector<uint8_t>& shrink, Tiles& tiles) {
+    const Item& item = items[it];
+    const Job& j = jobs[item.job];
+    double* sum = has(j, kSsqOut) && !row_ssq(j) ? &part[it] : nullptr;
+    if (j.skip) {
+      row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+    } else if (shrink[item.job]) {
+      shrink_range(j, item.begin, item.end, tiles, sum);
+      if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+    } else if (by_rows(j)) {
+      update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
+    } else {
+      update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles, sum);
+    }
+  }
+
+  // The sums of the theta written, per job in item order (as PrePass::finish adds its own).
+  void finish(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<uint8_t>& shrink,
+              std::vector<double>& job_ssq) const {
+    auto written_out = [&](int64_t i) {
+      return has(jobs[i], kSsqOut) && !row_ssq(jobs[i]) && writes_theta(jobs[i], shrink[i]);
+    };
+    for (int64_t i = first; i < last; ++i) {
+      if (written_out(i)) job_ssq[i] = 0.0;
+    }
+    for (size_t it = 0; it < items.size(); ++it) {
+      if (written_out(items[it].job)) job_ssq[items[it].job] += part[it];
+    }
+  }
+};
+
+// One parallel region over the main pass of a batch and the pre-pass of the next, interleaved so
+// that both threads do some of each: the read-only stream of the next batch's grads (the NaN
+// guard) then runs while the update streams, instead of in a phase of its own, and leaves those
+// grads in the last-level cache for the next main pass (kBatchBytes says what was measured). The
+// two touch disjoint jobs (batches never share a tensor or a NaN group), and every partial lands in
+// its own slot, so the result is that of the two passes run one after the other.
+void overlapped(const std::vector<Job>& jobs, MainPass* main, PrePass* pre, const std::vector<double>& lr,
+                const std::vector<uint8_t>& shrink) {
+  const int64_t nm = main == nullptr ? 0 : static_cast<int64_t>(main->items.size());
+  const int64_t np = pre == nullptr ? 0 : static_cast<int64_t>(pre->items.size());
+  // Merge order: item k of a list of n sits at (k + 0.5) / n.
+  std::vector<std::pair<int32_t, int64_t>> order;  // (0 main / 1 pre, item)
+  order.reserve(nm + np);
+  for (int64_t a = 0, b = 0; a < nm || b < np;) {
+    if (b >= np || (a < nm && (2 * a + 1) * np <= (2 * b + 1) * nm)) {
+      order.push_back({0, a++});
+    } else {
+      order.push_back({1, b++});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t lo, int64_t hi) {
+    Tiles tiles;
+    for (int64_t k = lo; k < hi; ++k) {
+      if (order[k].first == 0) {
+        main->run_item(jobs, order[k].second, lr, shrink, tiles);
+      } else {
+        pre->run_item(jobs, order[k].second, tiles.out);
       }
-      part_ssq[it] = sum;
-      part_nan[it] = nan;
     }
   });
-  for (size_t it = 0; it < pre.size(); ++it) {
-    const Job& j = jobs[pre[it].job];
-    ssq[pre[it].job] += part_ssq[it];
-    if (j.nan_group >= 0 && part_nan[it]) group_nan[j.nan_group] = 1;
-  }
 }
 
-// Main pass over one batch, with each job's learning rate and whether the NaN guard shrinks it.
-void main_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, const std::vector<double>& lr,
-               const std::vector<uint8_t>& shrink) {
-  const std::vector<Item> items = make_items(jobs, first, last, [](const Job& j) { return !j.skip; });
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    Tiles tiles;
-    for (int64_t it = lo; it < hi; ++it) {
-      const Item& item = items[it];
-      const Job& j = jobs[item.job];
-      if (shrink[item.job]) {
-        shrink_range(j, item.begin, item.end, tiles);
-      } else if (by_rows(j)) {
-        update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
-      } else {
-        update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles);
-      }
+// The whole step over decoded jobs: the pre-pass of the first cache batch, then per batch its main
+// pass overlapped with the next batch's pre-pass.
+void run_step(const std::vector<Job>& jobs) {
+  const int64_t T = static_cast<int64_t>(jobs.size());
+  std::vector<double> ssq(T, 0.0), lr(T);
+  std::vector<uint8_t> group_nan(T, 0), shrink(T);
+  const std::vector<std::pair<int64_t, int64_t>> batches = cache_batches(jobs);
+  if (batches.empty()) return;
+  std::optional<PrePass> pre(std::in_place, jobs, batches[0].first, batches[0].second);
+  overlapped(jobs, nullptr, &*pre, lr, shrink);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const auto [first, last] = batches[b];
+    pre->finish(jobs, ssq, group_nan);
+    for (int64_t i = first; i < last; ++i) {
+      const Job& j = jobs[i];
+      if (has(j, kRmsCarried) && !row_ssq(j)) ssq[i] = j.ssq[0];  // theta_{t-1}'s sum, left by the last call
+      lr[i] = needs_rms(j) && j.numel > 0 ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
+      shrink[i] = !j.skip && ((j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow));
     }
-  });
+    MainPass main(jobs, first, last);
+    if (b + 1 < batches.size()) {
+      pre.emplace(jobs, batches[b + 1].first, batches[b + 1].second);
+    } else {
+      pre.reset();
+    }
+    overlapped(jobs, &main, pre ? &*pre : nullptr, lr, shrink);
+    main.finish(jobs, first, last, shrink, ssq);
+    // Hand the sums on: of the theta written now, or of the unchanged one (carried or pre-read).
+    for (int64_t i = first; i < last; ++i) {
+      if (has(jobs[i], kSsqOut) && !row_ssq(jobs[i])) jobs[i].ssq[0] = ssq[i];
+    }
+  }
 }
 
 }  // namespace
@@ -477,28 +629,21 @@ void main_pass(const std::vector<Job>& jobs, int64_t first, int64_t last, const 
 void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints) {
-  sign_optim_step_dyn_cpu(params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt);
+  const std::vector<Job> jobs =
+      decode_jobs("sign_optim_step_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, std::nullopt, at::kCPU)
+          .jobs;
+  run_step(jobs);
 }
 
 void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                              const std::vector<at::Tensor>& exp_avgs,
                              const std::vector<std::optional<at::Tensor>>& masks,
-                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                             const std::optional<at::Tensor>& dyn) {
-  const std::vector<Job> jobs =
-      decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn, at::kCPU).jobs;
-  const int64_t T = static_cast<int64_t>(jobs.size());
-  std::vector<double> ssq(T, 0.0), lr(T);
-  std::vector<uint8_t> group_nan(T, 0), shrink(T);
-  for (const auto& [first, last] : cache_batches(jobs)) {
-    pre_pass(jobs, first, last, ssq, group_nan);
-    for (int64_t i = first; i < last; ++i) {
-      const Job& j = jobs[i];
-      lr[i] = needs_rms(j) && j.numel > 0 ? j.lr * std::sqrt(ssq[i] / static_cast<double>(j.numel)) : j.lr;
-      shrink[i] = (j.nan_group >= 0 && group_nan[j.nan_group]) || has(j, kShrinkNow);
-    }
-    main_pass(jobs, first, last, lr, shrink);
-  }
+                             const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
+                             const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn) {
+  const std::vector<Job> jobs = decode_jobs("sign_optim_step_dyn_cpu", params, grads, exp_avgs, masks, row_seen, hyper,
+                                            ints, dyn, at::kCPU, &ssq)
+                                    .jobs;
+  run_step(jobs);
 }
 
 }  // namespace kexue

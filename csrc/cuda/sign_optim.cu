@@ -6,7 +6,7 @@
 // (param dtype, momentum dtype) updates every item of every tensor, one block per item.
 //
 // Two reductions must be complete before the update that reads them: Tiger's whole-tensor
-// RMS(theta) and the NaN guard's any(isnan(grad)). A pre-pass writes one partial per item, and a
+// RMS(theta) and the NaN guard's "any NaN or inf in grad". A pre-pass writes one partial per item, and a
 // finishing kernel adds each tensor's partials in item order (no float atomics: two runs give the
 // same bits) and raises the guard flag of the tensor's group with an integer atomic. Per-row
 // values (row RMS, whether a row of an embedding table has any gradient) are reduced by the warp
@@ -120,7 +120,7 @@ __global__ void prepass_kernel(const Item* __restrict__ items, const Job* __rest
     }
     if (guard) {
       const float g = load<PS>(j.grad, i);
-      nan |= g != g;
+      nan |= non_finite(g);  // NaN or +-inf (sign_optim.h)
     }
   }
   __shared__ double s_ssq[kWarps];

@@ -34,13 +34,15 @@ void sign_optim_step_cpu(const std::vector<at::Tensor>& params, const std::vecto
                          const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper,
                          const at::Tensor& ints);
 // The same with the dynamic table: dyn (T, kNumDyn) float64 on the tensors' device, or None,
-// holds the per-step values of the rows flagged kDynamic (capturable mode); the function above
-// is this one with dyn = None.
+// holds the per-step values of the rows flagged kDynamic (capturable mode); ssq: one float64
+// tensor per param (one value, or one per row; numel 0: none), the sums of squares of theta
+// carried between steps for rows flagged kRmsCarried / kSsqOut (one-pass Tiger). The function
+// above is this one with dyn = None and no carried sums.
 void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                              const std::vector<at::Tensor>& exp_avgs,
                              const std::vector<std::optional<at::Tensor>>& masks,
-                             const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                             const std::optional<at::Tensor>& dyn);
+                             const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
+                             const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn);
 
 // BioHash / FlyVec (csrc/cpu/biohash.cpp). Sparse rows are CSR: indices (nnz,) int64, offsets
 // (B+1,) int64, optional weights (nnz,) in the compute dtype. synapses_t is the (N, K) contiguous

@@ -1,6 +1,7 @@
 // Sign optimizers (Lion, Tiger): the per-element arithmetic and the step table shared by the CPU
-// and CUDA kernels. See shared/spec/sign_optim.md, python/kexue/reference/sign_optim.py (the
-// oracle and the torch backend) and python/kexue/optim/_sign_base.py (which fills the table).
+// and CUDA kernels. The table layout is defined once in python/kexue/_sign_table.py; this header
+// spells the same numbers for C++ (tests/test_sign_optim_table.py checks that they agree). The
+// oracle is python/kexue/reference/sign_optim.py; python/kexue/optim/_sign_base.py fills the table.
 //
 // One fused step updates a list of tensors. Each tensor i has a row of doubles and a row of
 // int64s in two (T, kNumFloats) / (T, kNumInts) tables, so that one call can serve every param
@@ -71,6 +72,13 @@ enum Flag : int64_t {
   kStochasticRound = 1 << 9, // bfloat16 params are stored with stochastic rounding
   kShrinkNow = 1 << 10,       // NaN guard decided on the host (sharded tensors): shrink this call
   kDynamic = 1 << 11,         // the DynSlot values come from the dynamic table (capturable mode)
+  // One-pass Tiger: the tensor's float64 ssq buffer (one value, or one per row with kRmsRow)
+  // holds the sum of squares of theta as the previous call left it; the RMS factor is read from
+  // it instead of from a pre-pass over theta ...
+  kRmsCarried = 1 << 12,
+  // ... and after the call it holds the sum of squares of theta as stored now (computed while
+  // theta is written, or read where this call does not write theta and nothing was carried).
+  kSsqOut = 1 << 13,
 };
 
 // Columns of the dynamic table (float64; the keys are uint32 values, exact in a double).
@@ -200,8 +208,9 @@ KEXUE_HOST_DEVICE uint16_t float_to_bf16_bits_stochastic(float x, uint32_t bits)
 // ---------------------------------------------------------------------------------------------
 // The element update.
 
-// torch.sign: sign(0) = 0 (a zero interpolation gives no step), and NaN stays NaN so that a
-// diverged momentum shows up in the parameters instead of being silently ignored.
+// sign(0) = 0 (a zero interpolation gives no step), sign(+-inf) = +-1, and NaN stays NaN so that
+// a diverged momentum shows up in the parameters instead of being silently ignored (the rule of
+// every backend; torch.sign(NaN) is 0, so the torch backend spells it out).
 KEXUE_HOST_DEVICE float sign_of(float c) { return c > 0.f ? 1.f : (c < 0.f ? -1.f : c); }
 
 // Coefficients of one tensor (or one row, when the RMS factor is per row), rounded to float32.
@@ -222,6 +231,10 @@ KEXUE_HOST_DEVICE float direction(float m, float m_new, float g, const Coefs& k,
 // Decoupled weight decay from theta_{t-1} and the sign step: theta (1 - lr wd) - lr sign(c),
 // the order of the official Lion code (decay first).
 KEXUE_HOST_DEVICE float stepped(float theta, float s, const Coefs& k) { return theta * k.decay - k.lr * s; }
+
+// What Tiger's NaN guard looks for in a gradient: NaN or +-inf (the exponent all ones). On the
+// bits, so that no fast-math flag can fold the test away.
+KEXUE_HOST_DEVICE bool non_finite(float x) { return (float_bits(x) & 0x7f800000u) == 0x7f800000u; }
 
 // Tiger's NaN guard: momentum untouched, theta pulled towards the centre (1 for norm gains).
 KEXUE_HOST_DEVICE float nan_shrink(float theta, float shrink, float centre) {

@@ -31,6 +31,7 @@ struct Job : TableRow {
   void* mom;
   const uint8_t* mask;  // ChildTuning-D, or null
   uint8_t* seen;        // rows seen with a gradient in Tiger's accumulation window, or null
+  double* ssq;          // carried sum(s) of squares of theta (kRmsCarried / kSsqOut), or null
   int64_t numel;
   int32_t ps, ms;       // param (= grad) and momentum storage
 };
@@ -58,11 +59,13 @@ inline Storage storage_of(const at::Tensor& t, const char* op) {
 inline Call decode_jobs(const char* op, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                         const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                         const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                        const std::optional<at::Tensor>& dyn, const at::Device& device) {
+                        const std::optional<at::Tensor>& dyn, const at::Device& device,
+                        const std::vector<at::Tensor>* ssq = nullptr) {
   const int64_t T = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && masks.size() == params.size() &&
                   row_seen.size() == params.size(),
               op, ": params, grads, exp_avgs, masks and row_seen must have the same length");
+  TORCH_CHECK(ssq == nullptr || ssq->size() == params.size(), op, ": ssq must have one entry per tensor");
   TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
                   hyper.dim() == 2 && hyper.size(0) == T && hyper.size(1) == kNumFloats,
               op, ": hyper must be a contiguous CPU float64 tensor of shape (", T, ", ", kNumFloats, ")");
@@ -121,6 +124,20 @@ inline Call decode_jobs(const char* op, const std::vector<at::Tensor>& params, c
                       sn.numel() == j.numel / j.row_len,
                   op, ": row_seen ", i, " must be a contiguous uint8 tensor with one entry per row on ", device);
       j.seen = static_cast<uint8_t*>(sn.data_ptr());
+    }
+    j.ssq = nullptr;
+    if (has(j, kRmsCarried | kSsqOut)) {
+      // Carried sums serve a whole tensor updated element-wise, or the rows of a row-wise RMS.
+      const bool per_row = by_rows(j) && has(j, kRmsRow);
+      TORCH_CHECK(per_row || !by_rows(j), op, ": tensor ", i,
+                  ": carried sums of squares need a whole-tensor job or a row-wise RMS");
+      TORCH_CHECK(ssq != nullptr, op, ": tensor ", i, " asks for carried sums of squares but no ssq was given");
+      const at::Tensor& sq = (*ssq)[i];
+      const int64_t want = per_row ? j.numel / j.row_len : 1;
+      TORCH_CHECK(sq.device() == device && sq.is_contiguous() && sq.scalar_type() == at::kDouble &&
+                      sq.numel() == want,
+                  op, ": ssq ", i, " must be a contiguous float64 tensor of ", want, " element(s) on ", device);
+      j.ssq = sq.data_ptr<double>();
     }
   }
   return call;

@@ -2,13 +2,15 @@
 
 ``kexue.optim.Lion`` and ``kexue.optim.Tiger`` validate everything, then hand one list of tensors
 per device to :func:`sign_optim_step` together with a per-tensor table of coefficients and flags
-(layout: csrc/include/kexue/sign_optim.h, mirrored in :mod:`kexue.reference.sign_optim`). The op
-updates params, momenta and the per-row "seen" flags in place and returns nothing.
+(layout: :mod:`kexue._sign_table`, spelled again for C++ in csrc/include/kexue/sign_optim.h). The
+op updates params, momenta, the per-row "seen" flags and the carried sums of squares in place and
+returns nothing.
 
 Backends: ``triton`` (triton_kernels/sign_optim.py: one launch per dtype pair over a table of
-tensor addresses), ``cuda`` (csrc/cuda/sign_optim.cu, the same structure), ``cpu`` (the C++ kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table
-interpreted in PyTorch, :func:`kexue.reference.sign_optim.fused_step`). The element arithmetic
-is csrc/include/kexue/sign_optim.h. Never autotune the kernels: the step writes its inputs.
+tensor addresses), ``cuda`` (csrc/cuda/sign_optim.cu, the same structure), ``cpu`` (the C++
+kernel, csrc/cpu/sign_optim.cpp) and ``torch`` (the table interpreted in PyTorch,
+kexue/ops/_sign_optim_torch.py). The element arithmetic is csrc/include/kexue/sign_optim.h.
+Never autotune the kernels: the step writes its inputs.
 """
 
 from __future__ import annotations
@@ -17,22 +19,35 @@ import torch
 from torch import Tensor
 
 from kexue import _backend
-from kexue.reference import sign_optim as reference
+from kexue.ops import _sign_optim_torch
 
 OP = "sign_optim"
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
+# Backends that implement the RMS_CARRIED / SSQ_OUT flags (one-pass Tiger); the optimizers ask
+# the others for the pre-pass over the params.
+CARRIES_SSQ = frozenset({"torch", "cpu", "triton"})
 
 
 def _register_backends() -> None:
-    _backend.register(OP, "torch", reference.fused_step, PARAM_DTYPES + (torch.float64,))
+    _backend.register(OP, "torch", _sign_optim_torch.fused_step, PARAM_DTYPES + (torch.float64,))
     native = _backend.native()
     # The *_dyn_* entry points take the dynamic table of capturable mode (None otherwise).
     if native is not None and hasattr(native, "sign_optim_step_dyn_cpu"):
         _backend.register(OP, "cpu", native.sign_optim_step_dyn_cpu, PARAM_DTYPES)
         if getattr(native, "WITH_CUDA", False):
-            _backend.register(OP, "cuda", native.sign_optim_step_dyn_cuda, PARAM_DTYPES)
+            _backend.register(OP, "cuda", _without_ssq(native.sign_optim_step_dyn_cuda), PARAM_DTYPES)
     _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
+
+
+def _without_ssq(fn):
+    """A backend that predates the carried sums of squares (not in CARRIES_SSQ): the optimizers
+    never set RMS_CARRIED / SSQ_OUT for it, so its ``ssq`` list is all placeholders."""
+
+    def call(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn=None):
+        fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
+
+    return call
 
 
 def _triton_module():
@@ -49,13 +64,14 @@ def select_backend(param: Tensor) -> str:
     return name
 
 
-@torch.library.custom_op("kexue::sign_optim_step", mutates_args=("params", "exp_avgs", "row_seen"))
+@torch.library.custom_op("kexue::sign_optim_step", mutates_args=("params", "exp_avgs", "row_seen", "ssq"))
 def sign_optim_step(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     masks: list[Tensor | None],
     row_seen: list[Tensor],
+    ssq: list[Tensor],
     hyper: Tensor,
     ints: Tensor,
     dyn: Tensor | None = None,
@@ -67,6 +83,9 @@ def sign_optim_step(
     ``row_seen``: uint8 per row for Tiger's lazy rows under gradient accumulation, or an empty
     tensor for none (a mutated ``Tensor?[]`` holding None is not supported by torch's
     functionalization, so "none" is spelled as numel 0).
+    ``ssq``: float64 on the tensors' device, one value per tensor (or per row, for RMS_ROW), or
+    numel 0 for none: the sum of squares of theta carried from the previous call (RMS_CARRIED)
+    and left for the next (SSQ_OUT), so that Tiger's RMS needs no pre-pass over the params.
     ``hyper`` (T, 9) float64 and ``ints`` (T, 8) int64 on the CPU: the per-tensor table.
     ``dyn`` (T, 9) float64 on the tensors' device, or None: the per-step values (lr, momentum
     coefficient, gradient scale, update switch, skip flag, random keys) of the rows flagged
@@ -75,11 +94,11 @@ def sign_optim_step(
     if not params:
         return
     _, fn = _backend.select(OP, params[0])
-    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
+    fn(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
 
 
 @sign_optim_step.register_fake
-def _(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn=None) -> None:
+def _(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn=None) -> None:
     return None
 
 
@@ -89,6 +108,7 @@ def fused_step(
     exp_avgs: list[Tensor],
     masks: list[Tensor | None],
     row_seen: list[Tensor],
+    ssq: list[Tensor],
     hyper: Tensor,
     ints: Tensor,
     dyn: Tensor | None = None,
@@ -103,8 +123,9 @@ def fused_step(
     if not params:
         return
     if torch.compiler.is_compiling():
-        sign_optim_step(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
+        sign_optim_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
         return
     _, fn = _backend.select(OP, params[0])
-    fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
-    torch.autograd.graph.increment_version(params + exp_avgs + [s for s in row_seen if s.numel() > 0])
+    fn(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
+    torch.autograd.graph.increment_version(
+        params + exp_avgs + [s for s in row_seen + ssq if s.numel() > 0])

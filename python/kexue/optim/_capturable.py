@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kexue.reference import sign_optim as table
+from kexue import _sign_table as table
+from kexue._sign_random import stream_keys_from_step
 
 
 @dataclass
@@ -96,7 +97,7 @@ def dynamic_table(rows: list[DynRow], device: torch.device, consts: DeviceConsta
             keys += [torch.zeros_like(t), torch.zeros_like(t)]
             continue
         words = consts(_words([x or 0 for x in prefixes]), torch.int64, device)
-        k0, k1 = table.stream_keys_from_step(words, t, stream)
+        k0, k1 = stream_keys_from_step(words, t, stream)
         keys += [k0.to(f64), k1.to(f64)]
     columns = [lr, m_m, gscale, update, skip] + keys
     assert len(columns) == table.NUM_DYN

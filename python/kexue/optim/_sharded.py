@@ -2,7 +2,7 @@
 
 Everything in a Lion/Tiger step is element-wise or per row, so it runs unchanged on each rank's
 shard, except two per-tensor reductions of Tiger: the RMS of the whole tensor (its learning-rate
-factor) and the NaN guard's "any NaN in this gradient". For a sharded tensor both are completed
+factor) and the NaN guard's "any NaN or inf in this gradient". For a sharded tensor both are completed
 across the ranks that hold its shards here, before the kernel runs, with one all-reduce per
 process group for all tensors together; the kernel then gets the finished learning rate (the RMS
 flag cleared) and the guard's verdict (the SHRINK_NOW flag), so its own reductions are skipped.
@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from kexue.reference import sign_optim as table
+from kexue import _sign_table as table
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -68,7 +68,7 @@ def complete_reductions(params: list[Tensor], grads: list[Tensor], rows_f: list[
     for groups, idx in by_groups.items():
         # [sum of squares..., NaN flags...] in float64: one all-reduce (sum) per process group.
         ssq = [local(params[i]).detach().double().pow(2).sum() for i in idx]
-        nan = [torch.isnan(local(grads[i])).any().double() for i in idx]
+        nan = [(~torch.isfinite(local(grads[i]))).any().double() for i in idx]
         values = torch.stack(ssq + nan)
         for group in groups:
             torch.distributed.all_reduce(values, group=group)
@@ -88,7 +88,7 @@ def complete_reductions(params: list[Tensor], grads: list[Tensor], rows_f: list[
     for i, row_i in enumerate(rows_i):
         group = row_i[table.NAN_GROUP]
         if group in decided:
-            verdict[group] |= nan_of[i] if i in nan_of else bool(torch.isnan(local(grads[i])).any())
+            verdict[group] |= nan_of[i] if i in nan_of else not bool(torch.isfinite(local(grads[i])).all())
     for row_i in rows_i:
         group = row_i[table.NAN_GROUP]
         if group in decided:

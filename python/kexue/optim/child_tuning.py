@@ -1,6 +1,6 @@
 """ChildTuning-D: a fixed mask of the most important weights, from Fisher information.
 
-Xu et al., EMNLP 2021 (kexue.fm/archives/8764; shared/spec/sign_optim.md section 5). Before
+Xu et al., EMNLP 2021 (kexue.fm/archives/8764). Before
 fine-tuning, run the task's loss over some batches; after each ``loss.backward()`` call
 :meth:`FisherInformation.accumulate`. The estimate is F_i = mean over batches of g_i^2, with each
 tensor's gradient first clipped to ``max_grad_norm`` (the official code clips per tensor, and uses

@@ -2,7 +2,7 @@
 
 Under sign optimizers a token row that stops receiving gradient keeps being pushed by
 sign(stale momentum) towards -sign(m)/weight_decay (+-100 for weight_decay 0.01): the embedding
-anomaly of kexue.fm/archives/9736 (shared/spec/sign_optim.md section 10). Groups marked
+anomaly of kexue.fm/archives/9736. Groups marked
 ``embedding=True`` (with ``drift_guard=True``, the default) leave such rows where they are.
 """
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kexue import _sign_table as table
 from kexue.optim._sign_base import SignOptimizer, _Entry
-from kexue.reference import sign_optim as table
 
 
 class Lion(SignOptimizer):
@@ -14,12 +14,19 @@ class Lion(SignOptimizer):
         \theta_t = \theta_{t-1} - \eta_t\,(\mathrm{sign}(c_t) + \lambda\theta_{t-1}),\quad
         m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    (``sign(0) = 0``; the momentum is updated after the step, from the old one.) One fused kernel
+    (``sign(0) = 0``; the momentum is updated after the step, from the old one.)
+
+    Non-finite gradients, the same on every backend: the formulas run in IEEE float arithmetic
+    with sign(+-inf) = +-1 and sign(NaN) = NaN. A +-inf gradient moves its element by one lr step
+    and leaves an infinite momentum; a NaN (or inf - inf) reaching sign(c) makes that element of
+    theta NaN, so divergence shows instead of freezing the element silently (torch.sign(NaN) would
+    give 0). An element ChildTuning masks out never sees its gradient. Under
+    ``torch.amp.GradScaler`` a step with any non-finite gradient is skipped whole. One fused kernel
     call per device updates every parameter of every group; see :mod:`kexue.optim._sign_base`
     for the options shared with :class:`~kexue.optim.Tiger` (bf16 momentum, the embedding-drift
     guard, ChildTuning-F/-D, stochastic rounding).
 
-    Guidance from the paper (shared/spec/sign_optim.md): lr 3-10x smaller than AdamW's, weight
+    Guidance from the paper (arXiv 2302.06675, kexue.fm/archives/9473): lr 3-10x smaller than AdamW's, weight
     decay 3-10x larger (the effective decay is lr * weight_decay); betas (0.95, 0.98) for language
     models.
 
@@ -33,6 +40,8 @@ class Lion(SignOptimizer):
             ``freeze_absent_momentum``, ``child_tuning``, ``reserve_p``, ``mask_update``,
             ``child_tuning_rescale``, ``stochastic_rounding``, ``maximize``, ``capturable``).
     """
+
+    _ALGORITHM_KEYS = ("betas",)
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, seed: int | None = None, **options):

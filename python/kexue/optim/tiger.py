@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from kexue import _sign_table as table
 from kexue.optim._sharded import shard_groups
 from kexue.optim._sign_base import NAN_OWN, NAN_SHARED, SignOptimizer, _Entry
 from kexue.optim.embedding_guard import find_embedding_weights
-from kexue.reference import sign_optim as table
 
 KINDS = ("auto",) + table.TIGER_KINDS
 NAN_GUARDS = (None, "tensor", "global")
@@ -32,7 +32,9 @@ class Tiger(SignOptimizer):
     momentum holds beta m + (1 - beta) mean(g) and theta moved once. The learning rate is the
     relative rate ``lr`` (alpha, LR schedulers act on it) times a factor per tensor kind:
 
-    - ``"matrix"``: RMS(theta) over the tensor (computed in the fused kernel, before the update);
+    - ``"matrix"``: RMS(theta) over the tensor (the kernel that writes theta sums its squares for
+      the next step, so the step reads each parameter once, as Lion does: see
+      kexue/optim/_carried_rms.py for when that sum is trusted and :meth:`forget_carried_rms`);
     - ``"embedding"``: RMS(theta) of each row (token vector);
     - ``"bias"`` / ``"gamma"`` (biases, norm shifts / norm gains): ``elementwise_lr`` (0.5) and no
       weight decay.
@@ -44,8 +46,10 @@ class Tiger(SignOptimizer):
     1/sqrt(hidden), saving the extra read of the params.
 
     NaN guard (``nan_guard="tensor"``, the reference code's choice; ``"global"`` per the post;
-    None: off): a tensor whose gradient holds a NaN keeps its momentum and has theta pulled
-    towards its centre, theta <- (theta - c) * ``shrink_ratio`` + c, c = 1 for "gamma", else 0.
+    None: off): a tensor whose gradient holds a NaN or a +-inf keeps its momentum and has theta
+    pulled towards its centre, theta <- (theta - c) * ``shrink_ratio`` + c, c = 1 for "gamma",
+    else 0. Without the guard, non-finite gradients follow Lion's rule (:class:`~kexue.optim.Lion`):
+    IEEE arithmetic with sign(NaN) = NaN, so a NaN that reaches sign(m) shows in theta.
 
     Options shared with Lion (bf16 momentum, the embedding-drift guard, ChildTuning-F/-D,
     stochastic rounding, maximize): see :mod:`kexue.optim._sign_base`. The drift guard under
@@ -63,6 +67,8 @@ class Tiger(SignOptimizer):
     step tensor), or on the host by a scheduler writing a tensor ``lr`` in place. Sharded DTensor
     parameters whose RMS or NaN guard spans ranks are rejected in this mode.
     """
+
+    _ALGORITHM_KEYS = ("beta", "grad_accum_steps", "kind", "nan_guard")
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.965, weight_decay: float = 0.01, *,
                  grad_accum_steps: int = 1, kind: str = "auto", elementwise_lr: float = 0.5,
