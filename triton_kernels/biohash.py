@@ -16,9 +16,9 @@ The contract is python/kexue/reference/biohash.py (and csrc/include/kexue/biohas
 
 Hamming search reads the packed codes as 32-bit words (the launcher zero-pads each code to a
 multiple of 4 bytes: zero bytes XOR to zero), computes popcount(q XOR d) with the SWAR bit trick
-(no unpacking), and writes one int64 key ``distance * D + index`` per pair; the n smallest keys
-(``torch.topk`` on unique keys, so the order is fully determined) give distances and indices,
-ties broken by the lowest index.
+(no unpacking), and writes one int64 key ``distance * D + index`` per pair of one database tile;
+each tile's keys are merged with the running n smallest (``torch.topk`` on unique keys, so the
+order is fully determined: ties to the lowest index). Memory: O(Q n) plus one tile, whatever D.
 
 One program per CSR row (hash) or per BLOCK_Q x BLOCK_D tile (Hamming). Block sizes come from
 the shapes (not autotuned); ``AOT_CONFIGS`` lists every configuration the launchers can pick.
@@ -155,20 +155,23 @@ def _popcount32(x):
 
 
 @triton.jit
-def _hamming_keys_kernel(q_ptr, db_ptr, key_ptr, Q, D, WORDS,
+def _hamming_keys_kernel(q_ptr, db_ptr, key_ptr, Q, D, WORDS, d0, TILE,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys ``distance * D + index`` of database codes ``d0 .. d0 + TILE - 1`` (clipped to D) for
+    every query, into the ``(Q, TILE)`` tile buffer; ``db_ptr`` holds that tile's codes only."""
     pid_q = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    q_ok, d_ok = qs < Q, ds < D
+    local = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ds = d0 + local
+    q_ok, d_ok = qs < Q, (local < TILE) & (ds < D)
     dist = tl.zeros((BLOCK_Q, BLOCK_D), tl.uint32)
     for w in range(0, WORDS):
         qw = tl.load(q_ptr + qs * WORDS + w, mask=q_ok, other=0).to(tl.uint32, bitcast=True)
-        dw = tl.load(db_ptr + ds * WORDS + w, mask=d_ok, other=0).to(tl.uint32, bitcast=True)
+        dw = tl.load(db_ptr + local * WORDS + w, mask=d_ok, other=0).to(tl.uint32, bitcast=True)
         dist += _popcount32(qw[:, None] ^ dw[None, :])
     key = dist.to(tl.int64) * D + ds[None, :]
-    tl.store(key_ptr + qs[:, None] * D + ds[None, :], key, mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(key_ptr + qs[:, None] * TILE + local[None, :], key, mask=q_ok[:, None] & d_ok[None, :])
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
@@ -181,18 +184,31 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor:
 
 
 def hamming_topk(queries: torch.Tensor, database: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(distances, indices)``, ``(Q, n)`` int64, nearest first, ties to the lowest index."""
+    """``(distances, indices)``, ``(Q, n)`` int64, nearest first, ties to the lowest index.
+
+    The database is streamed in tiles (kexue.ops._hamming_tiles): the kernel writes one tile's
+    keys, which are merged with the running top-n, so memory is O(Q n) plus one tile whatever D."""
+    from kexue.ops._hamming_tiles import stream_topk, tile_rows
+
     Q, D = queries.shape[0], database.shape[0]
     if Q == 0 or n == 0:
         empty = torch.empty((Q, n), dtype=torch.int64, device=queries.device)
         return empty, empty.clone()
-    qw, dw = _as_words(queries), _as_words(database)
-    keys = torch.empty((Q, D), dtype=torch.int64, device=queries.device)
-    grid = (triton.cdiv(Q, _HAMMING_BLOCK_Q), triton.cdiv(D, _HAMMING_BLOCK_D))
-    _hamming_keys_kernel[grid](qw, dw, keys, Q, D, qw.shape[1], BLOCK_Q=_HAMMING_BLOCK_Q,
-                               BLOCK_D=_HAMMING_BLOCK_D, num_warps=4)
-    best = torch.topk(keys, n, dim=1, largest=False, sorted=True).values  # keys are unique per row
-    return best // D, best % D
+    qw = _as_words(queries)
+    # a tile's scratch per database row: its keys and the merge's candidates and topk, per query
+    tile = max(_HAMMING_BLOCK_D, tile_rows(24 * Q) // _HAMMING_BLOCK_D * _HAMMING_BLOCK_D)
+    keys = torch.empty((Q, min(tile, D)), dtype=torch.int64, device=queries.device)
+
+    def tile_keys(d0: int, d1: int) -> torch.Tensor:
+        dw = _as_words(database[d0:d1])  # padded words of this tile only
+        width = d1 - d0
+        grid = (triton.cdiv(Q, _HAMMING_BLOCK_Q), triton.cdiv(width, _HAMMING_BLOCK_D))
+        # the kernel indexes the tile's words from 0: pass D and d0 so keys carry global indices
+        _hamming_keys_kernel[grid](qw, dw, keys, Q, D, qw.shape[1], d0, keys.shape[1],
+                                   BLOCK_Q=_HAMMING_BLOCK_Q, BLOCK_D=_HAMMING_BLOCK_D, num_warps=4)
+        return keys[:, :width]
+
+    return stream_topk(tile_keys, Q, D, n, keys.shape[1], queries.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,8 +501,8 @@ def _aot_configs() -> list[dict]:
     configs.append(dict(
         name=f"hamming_keys {_HAMMING_BLOCK_Q}x{_HAMMING_BLOCK_D}",
         kernel=_hamming_keys_kernel,
-        signature=dict(q_ptr="*i32", db_ptr="*i32", key_ptr="*i64", Q="i32", D="i32", WORDS="i32",
-                       BLOCK_Q="constexpr", BLOCK_D="constexpr"),
+        signature=dict(q_ptr="*i32", db_ptr="*i32", key_ptr="*i64", Q="i32", D="i32", WORDS="i32", d0="i32",
+                       TILE="i32", BLOCK_Q="constexpr", BLOCK_D="constexpr"),
         constexprs=dict(BLOCK_Q=_HAMMING_BLOCK_Q, BLOCK_D=_HAMMING_BLOCK_D),
         num_warps=4,
     ))
