@@ -42,10 +42,9 @@ def _torch_update(indices, offsets, weights, synapses_t, lr, delta, rank, prec, 
     return reference.biohash_update_(indices, offsets, weights, synapses_t.t(), lr, delta, rank, prec, tiny)
 
 
-def _triton_module():
-    from kexue.triton_kernels import biohash
-
-    return biohash
+def _triton(module: str):
+    """A Triton kernel module, imported on first use (importing triton is slow)."""
+    return importlib.import_module(f"kexue.triton_kernels.{module}")
 
 
 def _register_backends() -> None:
@@ -65,13 +64,13 @@ def _register_backends() -> None:
         register("hamming_topk", device, getattr(native, f"hamming_topk_{device}"), (torch.uint8,))
         if hasattr(native, f"biohash_update_{device}"):
             register("biohash_update", device, getattr(native, f"biohash_update_{device}"), UPDATE_DTYPES)
-    # Registered lazily (importing triton is slow); the kernels live in triton_kernels/biohash.py.
+    # Registered lazily: triton_kernels/{biohash,biohash_update,hamming}.py are imported on first use.
     if importlib.util.find_spec("kexue.triton_kernels.biohash") is None:
         return
-    register("biohash_sparse", "triton", lambda *a: _triton_module().biohash_sparse(*a),
+    register("biohash_sparse", "triton", lambda *a: _triton("biohash").biohash_sparse(*a),
              (torch.float16, torch.bfloat16, torch.float32))
-    register("hamming_topk", "triton", lambda *a: _triton_module().hamming_topk(*a), (torch.uint8,))
-    register("biohash_update", "triton", lambda *a: _triton_module().biohash_update(*a), (torch.float32,))
+    register("biohash_update", "triton", lambda *a: _triton("biohash_update").biohash_update(*a), (torch.float32,))
+    register("hamming_topk", "triton", lambda *a: _triton("hamming").hamming_topk(*a), (torch.uint8,))
 
 
 _register_backends()
