@@ -161,7 +161,7 @@ def check_step(W, results, ulps_vs_cpu=4.0):
 @pytest.mark.parametrize("shape", [(20, 30, 7), (64, 50, 9), (65, 40, 6), (1, 5, 3), (130, 70, 12)])
 def test_update_matches_reference_and_cpu(triton_backend, monkeypatch, shape, delta):
     num_hidden, num_inputs, rows = shape
-    monkeypatch.setattr(T, "UPDATE_ROWS_PER_SPLIT", 4)  # xx over 1 to 3 slices of the batch
+    monkeypatch.setattr(U, "UPDATE_ROWS_PER_SPLIT", 4)  # xx over 1 to 3 slices of the batch
     g = torch.Generator().manual_seed(num_hidden + num_inputs + rows)
     W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1)
     ids, offsets, w = random_batch(rows, num_inputs, generator=g, dtype=torch.float32)
