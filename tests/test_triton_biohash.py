@@ -279,3 +279,25 @@ def test_cuda_update_equals_the_cpu_kernel(use_backend, shape, delta, dtype):
         else:
             assert torch.equal(win, win_r)
             torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-16)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlyVec's production size on a GPU: K = 400 hidden units over a 20k vocabulary (plus the 20k
+# target half), windows of 30 tokens.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="production-size run needs a GPU")
+def test_flyvec_size_k400_on_gpu():
+    num_hidden, num_inputs, rows = 400, 40_000, 8192
+    g = torch.Generator().manual_seed(400)
+    W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1)
+    ids, offsets, w = random_batch(rows, num_inputs, min_len=30, max_len=30, generator=g, dtype=torch.float32)
+    cuda = torch.device("cuda")
+    with kexue.use_backend("triton"):
+        codes = kexue.ops.biohash(ids.to(cuda), offsets.to(cuda), w.to(cuda), W.to(cuda), 32)
+    assert torch.equal(codes.cpu(), ref.biohash_sparse(ids, offsets, w, W, 32, True))
+    # one learning step against the float64 reference on a slice of the batch (the reference is slow)
+    ids_s, offsets_s = ids[: int(offsets[512])], offsets[:513]
+    with kexue.use_backend("triton"):
+        results = step_all(ids_s, offsets_s, w[: ids_s.shape[0]], W, cuda)
+    check_step(W, results)
