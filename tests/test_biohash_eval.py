@@ -1,7 +1,7 @@
 """FlyVec on real text vs gensim's Word2Vec: WordSim353 and SimLex-999 Spearman (slow; needs gensim).
 
-The corpus is the shortened English Wikipedia dump shipped in gensim's test data (DESIGN.md, "Real
-data"); articles are extracted with gensim's own wiki parser, split into sentences and tokenized
+The corpus is the shortened English Wikipedia dump shipped in gensim's test data (no download:
+it comes with gensim); articles are extracted with gensim's own wiki parser, split into sentences and tokenized
 with kexue.flyvec's tokenizer. Both models see the same sentences and the same vocabulary
 (Word2Vec's is built from FlyVec's counts). Run as a script to print the table:
 

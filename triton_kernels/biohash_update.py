@@ -10,7 +10,7 @@ import triton.language as tl
 from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, _token, block_k, num_warps_for
 
 # ---------------------------------------------------------------------------------------------
-# The learning step (contract: biohash_update_cpu in csrc/cpu/biohash.cpp and the reference's
+# The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp and the reference's
 # biohash_update_). Four launches and a sort, all deterministic (no atomics anywhere):
 #
 # 1. _update_rows_kernel, one program per CSR row: raw and scaled activations (gathered from the
