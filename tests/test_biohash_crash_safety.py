@@ -69,6 +69,7 @@ CASES = {
                                    "False)",
     "raw_hash_offsets_negative_start": "torch.ops.kexue.biohash_sparse(ids, torch.tensor([-9, 2, 4]), None, Wt, 5, "
                                        "True)",
+    "raw_hash_k_too_large": "torch.ops.kexue.biohash_sparse(ids, off, None, Wt, 41, True)",
     "raw_hash_weights_too_short": "torch.ops.kexue.biohash_sparse(ids, off, torch.ones(2), Wt, 5, True)",
     "raw_activations_id_too_large": "torch.ops.kexue.biohash_activations(torch.tensor([3, 300, 1, 2]), off, None, "
                                     "Wt)",

@@ -41,10 +41,9 @@ def check_synapses(synapses, allowed=SYNAPSE_DTYPES) -> Tensor:
     return synapses.t().contiguous()  # a no-op for input-major storage
 
 
-def check_rows(indices: Tensor, offsets: Tensor, weights: Tensor | None, num_inputs: int) -> None:
-    """The checks a kernel over a CSR batch relies on: int64 ``indices (nnz,)`` and ``offsets (B+1,)``,
-    ``weights`` None or ``(nnz,)``; offsets start at 0, never decrease, end at nnz, and leave no row
-    empty; every id lies in ``[0, num_inputs)``. Reads the data (a device sync on a GPU)."""
+def check_row_shapes(indices: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
+    """The shapes of a CSR batch: int64 ``indices (nnz,)`` and ``offsets (B+1,)``, ``weights`` None
+    or ``(nnz,)``. Reads no data."""
     if indices.dtype != torch.int64 or offsets.dtype != torch.int64:
         raise TypeError(f"indices and offsets must be int64, got {indices.dtype} and {offsets.dtype}")
     if offsets.dim() != 1 or offsets.shape[0] < 1 or indices.dim() != 1:
@@ -52,6 +51,13 @@ def check_rows(indices: Tensor, offsets: Tensor, weights: Tensor | None, num_inp
                          f"and {tuple(offsets.shape)}")
     if weights is not None and weights.shape != indices.shape:
         raise ValueError(f"weights must be None or (nnz,) = {tuple(indices.shape)}, got {tuple(weights.shape)}")
+
+
+def check_rows(indices: Tensor, offsets: Tensor, weights: Tensor | None, num_inputs: int) -> None:
+    """Everything a kernel over a CSR batch relies on: the shapes (:func:`check_row_shapes`);
+    offsets start at 0, never decrease, end at nnz, and leave no row empty; every id lies in
+    ``[0, num_inputs)``. Reads the data (a device sync on a GPU)."""
+    check_row_shapes(indices, offsets, weights)
     # One reduction over the row lengths and one over the ids: on a 10,000-window batch separate
     # passes for each condition cost 7% of a single-threaded hashing call.
     lengths = offsets[1:] - offsets[:-1]

@@ -19,13 +19,14 @@ from torch import Tensor
 
 from kexue import _backend
 from kexue.ops import _hamming_tiles
-from kexue.ops._biohash_inputs import check_rows, check_update_scalars
+from kexue.ops._biohash_inputs import check_int, check_row_shapes, check_rows, check_update_scalars
 from kexue.reference import biohash as reference
 
 SYNAPSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UPDATE_DTYPES = (torch.float32, torch.float64)
 ACTIVATION_DTYPES = (torch.float32, torch.float64)
-# Backends whose kernels check ids and offsets themselves (csrc/include/kexue/biohash_checks.h).
+# Backends whose kernels check ids and offsets themselves, in the pass that reads them
+# (csrc/include/kexue/biohash_checks.h): the body checks only the shapes for them.
 _SELF_CHECKING = frozenset({"cpu"})
 
 
@@ -79,7 +80,9 @@ _register_backends()
 def _select(op: str, indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor):
     """The backend for an op over CSR rows, after the value checks its kernels rely on."""
     name, fn = _backend.select(op, synapses_t)
-    if name not in _SELF_CHECKING:
+    if name in _SELF_CHECKING:
+        check_row_shapes(indices, offsets, weights)  # for the same errors as the other backends
+    else:
         check_rows(indices, offsets, weights, synapses_t.shape[0])
     return fn
 
@@ -92,6 +95,7 @@ def _num_rows(offsets: Tensor) -> int:
 def biohash_sparse_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, k: int,
                       packed: bool) -> Tensor:
     """CSR rows -> codes: uint8 ``(B, ceil(K/8))`` packed, or ``(B, K)`` of 0/1."""
+    check_int("k", k, 1, synapses_t.shape[1])
     fn = _select("biohash_sparse", indices, offsets, weights, synapses_t)
     return fn(indices, offsets, weights, synapses_t, k, packed)
 
@@ -119,6 +123,7 @@ def _(indices, offsets, weights, synapses_t):
 @torch.library.custom_op("kexue::biohash_topk", mutates_args=())
 def biohash_topk_op(activations: Tensor, k: int, packed: bool) -> Tensor:
     """``(B, K)`` activations -> codes (winner-take-all of the k largest, ties to the lowest index)."""
+    check_int("k", k, 1, activations.shape[1])
     _, fn = _backend.select("biohash_topk", activations)
     return fn(activations, k, packed)
 
