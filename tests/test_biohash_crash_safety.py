@@ -18,7 +18,11 @@ import textwrap
 import kexue
 import pytest
 
-BACKENDS = [b for b in ("cpu", "torch", "triton") if kexue.backends()[b]["available"]]
+from tests.conftest import triton_unavailable_reason
+
+# Backends that serve CPU tensors here (Triton under the interpreter when there is no GPU).
+BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
+BACKENDS += ["triton"] if triton_unavailable_reason() is None else []
 
 # Run by each subprocess: CASE(backend) must raise ValueError; it prints one line per backend.
 PRELUDE = """

@@ -17,7 +17,11 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from kexue.reference import biohash as ref
 
-BACKENDS = [b for b in ("cpu", "torch", "triton") if kexue.backends()[b]["available"]]
+from tests.conftest import triton_unavailable_reason
+
+# Backends that serve CPU tensors here (Triton under the interpreter when there is no GPU).
+BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
+BACKENDS += ["triton"] if triton_unavailable_reason() is None else []
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FAST = settings(max_examples=15, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
