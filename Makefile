@@ -35,7 +35,7 @@ test-all: $(VENV)/.built
 	$(PY) -m pytest -q
 
 check-gpu: $(VENV)/.built
-	$(PY) -m pytest -m gpu_compile -s -q
+	$(PY) tests/gpu_compile.py
 
 check-cuda:
 	bash .ci/check-cuda

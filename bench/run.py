@@ -39,7 +39,7 @@ from bench._timing import FULL, QUICK, Clock, Plan, Timing, time_peers
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 DOCS_PLOTS = README.parent / "docs" / "bench"
-_NOT_FAMILIES = {"run"}
+_NOT_FAMILIES = {"run", "gpu"}  # gpu: the GPU suite, python -m bench.gpu
 BUSY_LOAD_PER_CPU = 0.5  # load average per CPU above which the header warns about other jobs
 
 

@@ -1,23 +1,45 @@
-"""Ahead-of-time compilation of every shipped Triton kernel configuration for sm_80 and sm_90.
+"""Ahead-of-time compilation of every shipped Triton kernel configuration, for each GPU target.
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` builds the
-PTX and the cubin on any machine, and the ``cuobjdump`` that ships inside the triton wheel reads
-the cubin's resources (REG, STACK, SHARED, LOCAL). A configuration fails when it spills (LOCAL > 0),
-uses a stack (STACK > 0) or does not compile at all.
+TTGIR, PTX and cubin on any machine, and the ``cuobjdump`` inside the triton wheel reads the
+cubin's resources. Each configuration is compiled in two forms:
+
+- ``jit``: what a real launch compiles. The JIT specializes every pointer that is 16-byte aligned
+  and every integer divisible by 16 (``tt.divisibility = 16``), and that is what lets it emit
+  vector loads and ``cp.async`` pipelines, with their own registers and shared memory. A typical
+  launch (contiguous tensors from the caching allocator, sizes that are multiples of 16) gets it
+  for every pointer and integer; a configuration lists the integers that are usually not
+  multiples of 16 under ``"unaligned_ints"``.
+- ``plain``: no specialization, what an unaligned launch compiles (sm_80 and sm_90 only: the
+  Ampere-class targets compile alike).
+
+A result fails when the configuration does not compile, spills (LOCAL > 0), keeps a stack
+(STACK > 0), or needs more shared memory than the target gives one block (:data:`SHARED_LIMIT`).
+Beyond resources the table shows the instruction classes that decide speed, read from the PTX
+(wgmma vs mma.sync, cp.async, TMA, the widest global load), and whether a dot replicates work
+across warps (read from the TTGIR). A configuration can demand some of them under ``"expect"``:
+
+    "wgmma"            its dots use wgmma on sm_90 (jit form)
+    "tensor_cores"     its dots use mma.sync or wgmma on every target
+    "no_replication"   no dot's tile is smaller than its warps' tile (no warp recomputes another's)
+    "vector_loads"     the jit form loads global memory 128 bits at a time somewhere
 
 Every module of ``kexue.triton_kernels`` that defines ``AOT_CONFIGS`` is covered; a new op family
 only adds that list. Each entry is a dict:
 
-    kernel      the @triton.jit function
-    signature   {argument name: type}, e.g. "*fp32", "*bf16", "i32", "fp32", "constexpr"
-    constexprs  {argument name: value} for the constexpr arguments
-    num_warps   optional (default 4); num_stages optional
-    name        optional label for the table (default: the kernel's name)
+    kernel          the @triton.jit function
+    signature       {argument name: type}, e.g. "*fp32", "*bf16", "i32", "fp32", "constexpr"
+    constexprs      {argument name: value} for the constexpr arguments
+    num_warps       optional (default 4); num_stages optional
+    name            optional label for the table (default: the kernel's name)
+    archs           optional: the targets the dispatcher uses it on (default: all)
+    unaligned_ints  optional: integer arguments a typical launch does not make multiples of 16
+    expect          optional: see above
 
 This module is a library (tests/test_gpu_compile.py) and a script: ``python tests/gpu_compile.py``
-prints the table and exits non-zero on a failure. Must run without TRITON_INTERPRET=1 (under the
-interpreter @triton.jit yields functions that cannot be compiled); :func:`run_subprocess` takes
-care of that from a test process.
+prints the table (``make check-gpu``) and exits non-zero on a failure. It must run without
+TRITON_INTERPRET=1 (under the interpreter @triton.jit yields functions that cannot be compiled);
+:func:`run_subprocess` takes care of that from a test process.
 """
 
 from __future__ import annotations
@@ -31,12 +53,17 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
-ARCHS = (80, 90)
+# Shared memory one block may use (the opt-in maximum), by compute capability.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+ARCHS = tuple(SHARED_LIMIT)
+MODES = ("jit", "plain")
+PLAIN_ARCHS = (80, 90)  # the unspecialized form adds nothing new on sm_86/sm_89
 WARP_SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTATIONS = ("wgmma", "tensor_cores", "no_replication", "vector_loads")
 
 
 @dataclass
@@ -45,16 +72,24 @@ class Result:
     name: str
     arch: int
     num_warps: int
+    mode: str = "jit"
     reg: int | None = None
     stack: int | None = None
     shared: int | None = None  # static shared memory in the cubin
-    dyn_shared: int | None = None  # dynamic shared memory triton requests at launch (reductions)
+    dyn_shared: int | None = None  # dynamic shared memory triton requests at launch
     local: int | None = None
+    instructions: dict[str, int] = field(default_factory=dict)  # see count_instructions()
+    replicated: list[str] = field(default_factory=list)  # dots whose tile is smaller than their warps' tile
+    expect: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
+    def shared_total(self) -> int:
+        return (self.shared or 0) + (self.dyn_shared or 0)
+
+    @property
     def ok(self) -> bool:
-        return self.error is None and self.local == 0 and self.stack == 0
+        return self.problem() is None
 
     def problem(self) -> str | None:
         if self.error is not None:
@@ -63,6 +98,21 @@ class Result:
             return f"spills: LOCAL {self.local} bytes"
         if self.stack:
             return f"uses a stack: STACK {self.stack} bytes"
+        limit = SHARED_LIMIT.get(self.arch)
+        if limit is not None and self.shared_total > limit:
+            return f"needs {self.shared_total} bytes of shared memory, sm_{self.arch} gives a block {limit}"
+        return self._unmet()
+
+    def _unmet(self) -> str | None:
+        ins = self.instructions
+        if "wgmma" in self.expect and self.arch == 90 and self.mode == "jit" and not ins.get("wgmma"):
+            return "expected wgmma on sm_90, the PTX has none"
+        if "tensor_cores" in self.expect and not (ins.get("wgmma") or ins.get("mma")):
+            return "expected tensor-core dots (mma/wgmma), the PTX has none"
+        if "vector_loads" in self.expect and self.mode == "jit" and not (ins.get("ld128") or ins.get("cp128")):
+            return "expected 128-bit global loads (ld.global.v4 or 16-byte cp.async) in the jit form, the PTX has none"
+        if "no_replication" in self.expect and self.replicated:
+            return "dot tiles replicated across warps: " + "; ".join(self.replicated)
         return None
 
 
@@ -81,21 +131,42 @@ def kernel_package():
         return importlib.import_module("triton_kernels")
 
 
-def discover() -> list[tuple[str, int, dict]]:
+def discover(extra_modules: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]:
     """``(module name, index, config)`` for every entry of every module's AOT_CONFIGS."""
     package = kernel_package()
+    names = [f"{package.__name__}.{info.name}"
+             for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
+             if not info.name.startswith("_")]
+    if extra_modules and REPO not in sys.path:  # e.g. tests.gpu_compile_fixtures, run as a script
+        sys.path.insert(0, REPO)
     found = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    for name in [*names, *extra_modules]:
+        module = importlib.import_module(name)
         for index, config in enumerate(getattr(module, "AOT_CONFIGS", ())):
+            unknown = set(config.get("expect", ())) - set(EXPECTATIONS)
+            if unknown:
+                raise ValueError(f"{name} AOT_CONFIGS[{index}]: unknown expectations {sorted(unknown)}")
             found.append((module.__name__, index, config))
     return found
 
 
+def work_items(configs: list[tuple[str, int, dict]], archs=ARCHS, modes=MODES) -> list[tuple[str, int, int, str]]:
+    """``(module, index, arch, mode)`` for each compilation: the jit form on every target the
+    configuration is meant for, the plain form on :data:`PLAIN_ARCHS` among them."""
+    items = []
+    for module, index, config in configs:
+        for arch in archs:
+            if arch not in config.get("archs", ARCHS):
+                continue
+            for mode in modes:
+                if mode == "plain" and arch not in PLAIN_ARCHS:
+                    continue
+                items.append((module, index, arch, mode))
+    return items
+
+
 # ---------------------------------------------------------------------------------------------
-# Compilation of one configuration for one architecture.
+# Reading the compiler's output.
 
 _RESOURCE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 
@@ -119,6 +190,72 @@ def parse_resource_usage(text: str) -> dict[str, int]:
     return values
 
 
+_GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
+_VECTOR = re.compile(r"\.v(\d)\b")
+_ELEMENT_BITS = re.compile(r"\.[bfsu](\d+)\b")
+_CP_ASYNC_BYTES = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def count_instructions(ptx: str) -> dict[str, int]:
+    """Counts of the PTX instructions that decide a kernel's speed.
+
+    ``wgmma`` (Hopper warpgroup MMA), ``mma`` (mma.sync, Ampere-style tensor cores), ``cp_async``
+    (asynchronous global->shared copies), ``tma`` (bulk tensor copies), and global loads by width
+    in bits (``ld128``, ``ld64``, ``ld32``, ``ld16``, ``ld8``) and cp.async copies by width (``cp128``,
+    ``cp64``, ``cp32``). Static counts: a loop body counts once.
+    """
+    counts = {
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        "mma": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor\b", ptx)),
+    }
+    for size in _CP_ASYNC_BYTES.findall(ptx):  # global->shared copies are loads too: by their width
+        bits = int(size, 0) * 8
+        counts[f"cp{bits}"] = counts.get(f"cp{bits}", 0) + 1
+    for match in _GLOBAL_LOAD.finditer(ptx):
+        suffix = match.group(1)
+        vector = _VECTOR.search(suffix)
+        element = _ELEMENT_BITS.search(suffix)
+        bits = (int(vector.group(1)) if vector else 1) * (int(element.group(1)) if element else 32)
+        counts[f"ld{bits}"] = counts.get(f"ld{bits}", 0) + 1
+    return counts
+
+
+_LAYOUT = re.compile(r"^(#[\w]+)\s*=\s*#ttg\.nvidia_mma<\{(.*)\}>", re.MULTILINE)
+_DOT = re.compile(r"(?:\btt\.dot\b|\bttng\.warp_group_dot\b).*->\s*tensor<(\d+)x(\d+)x\w+,\s*(#\w+)>")
+
+
+def _int_list(text: str, key: str) -> list[int] | None:
+    match = re.search(key + r"\s*=\s*\[([\d,\s]+)\]", text)
+    return [int(x) for x in match.group(1).split(",")] if match else None
+
+
+def replicated_dots(ttgir: str) -> list[str]:
+    """Dots whose result tile is smaller than the tile its warps cover.
+
+    Each warp of an MMA layout owns ``instrShape`` (at least 16 rows) of the result; when the
+    layout spreads ``warpsPerCTA = [wm, wn]`` warps over an ``M x N`` tile with ``M < 16 * wm``
+    (or ``N < instrN * wn``), several warps hold copies of the same rows and compute them twice.
+    """
+    layouts = {name: body for name, body in _LAYOUT.findall(ttgir)}
+    found = []
+    for m, n, layout in _DOT.findall(ttgir):
+        body = layouts.get(layout)
+        if body is None:
+            continue
+        warps = _int_list(body, "warpsPerCTA") or [1, 1]
+        instr = _int_list(body, "instrShape") or [16, 8]
+        rows, cols = int(m), int(n)
+        if rows < instr[0] * warps[0] or cols < instr[1] * warps[-1]:
+            found.append(f"{rows}x{cols} tile on warps {warps} (instr {instr[:2]})")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation of one configuration for one target in one form.
+
+
 def _fp_fusion() -> bool:
     """What a JIT launch would use (triton's default, unless disabled by the environment)."""
     from triton import knobs
@@ -127,19 +264,35 @@ def _fp_fusion() -> bool:
     return bool(getattr(lang, "default_fp_fusion", True)) and not getattr(lang, "force_disable_fp_fusion", False)
 
 
-def compile_config(config: dict, arch: int, module: str = "?") -> Result:
+def jit_attributes(config: dict) -> dict[tuple[int], list]:
+    """``tt.divisibility = 16`` on every pointer and integer argument of a typical aligned launch,
+    as the JIT's specialization gives them (indexed by position in the kernel's arguments)."""
+    kernel = config["kernel"]
+    skip = set(config.get("unaligned_ints", ()))
+    attrs = {}
+    for name, kind in config["signature"].items():
+        if kind == "constexpr" or name in skip:
+            continue
+        if kind.startswith("*") or kind in ("i32", "i64", "u32", "u64"):
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_config(config: dict, arch: int, module: str = "?", mode: str = "jit") -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
 
     kernel = config["kernel"]
     num_warps = int(config.get("num_warps", 4))
-    result = Result(module=module, name=config.get("name", kernel.__name__), arch=arch, num_warps=num_warps)
+    result = Result(module=module, name=config.get("name", kernel.__name__), arch=arch, num_warps=num_warps,
+                    mode=mode, expect=list(config.get("expect", ())))
     options = {"num_warps": num_warps, "enable_fp_fusion": _fp_fusion()}
     if "num_stages" in config:
         options["num_stages"] = int(config["num_stages"])
     try:
+        attrs = jit_attributes(config) if mode == "jit" else None
         source = triton.compiler.ASTSource(fn=kernel, signature=config["signature"],
-                                           constexprs=config.get("constexprs", {}))
+                                           constexprs=config.get("constexprs", {}), attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
@@ -151,24 +304,30 @@ def compile_config(config: dict, arch: int, module: str = "?") -> Result:
         result.reg, result.stack, result.shared, result.local = (
             usage["REG"], usage["STACK"], usage["SHARED"], usage["LOCAL"])
         result.dyn_shared = int(compiled.metadata.shared)
+        result.instructions = count_instructions(compiled.asm["ptx"])
+        result.replicated = replicated_dots(compiled.asm["ttgir"])
     except Exception as exc:  # reported per configuration, not raised: the table shows them all
         message = str(exc).strip().splitlines()
         result.error = f"{type(exc).__name__}: {message[-1] if message else ''}"[:300]
     return result
 
 
-def _compile_job(module: str, index: int, arch: int) -> Result:
+def _compile_job(module: str, index: int, arch: int, mode: str) -> Result:
     config = importlib.import_module(module).AOT_CONFIGS[index]
-    return compile_config(config, arch, module)
+    return compile_config(config, arch, module, mode)
 
 
-def compile_all(archs=ARCHS, jobs: int | None = None) -> list[Result]:
-    """Compile every configuration for every arch, in ``jobs`` processes (default: all cores)."""
+def compile_all(archs=ARCHS, modes=MODES, jobs: int | None = None, only: str | None = None,
+                extra_modules: tuple[str, ...] = ()) -> list[Result]:
+    """Compile every configuration (whose module or name contains ``only``, if given) in
+    ``jobs`` processes (default: all cores)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use run_subprocess()")
-    work = [(module, index, arch) for module, index, _ in discover() for arch in archs]
+    configs = [(m, i, c) for m, i, c in discover(extra_modules)
+               if only is None or only in m or only in c.get("name", c["kernel"].__name__)]
+    work = work_items(configs, archs, modes)
     jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
+    if jobs == 1 or len(work) <= 1:
         return [_compile_job(*w) for w in work]
     # spawn: a fresh interpreter per worker, no forked torch/OpenMP state.
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
@@ -180,11 +339,17 @@ def _worker_init(path: list[str]) -> None:
     sys.path[:] = path
 
 
-def run_subprocess(archs=ARCHS, timeout: float = 1800) -> list[Result]:
+def run_subprocess(archs=ARCHS, modes=MODES, timeout: float = 3600, only: str | None = None,
+                   extra_modules: tuple[str, ...] = ()) -> list[Result]:
     """:func:`compile_all` in a child process without TRITON_INTERPRET (for interpreter test runs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--archs", ",".join(map(str, archs))]
+    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--archs", ",".join(map(str, archs)),
+           "--modes", ",".join(modes)]
+    if only:
+        cmd += ["--only", only]
+    for module in extra_modules:
+        cmd += ["--module", module]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"gpu_compile.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -195,31 +360,40 @@ def run_subprocess(archs=ARCHS, timeout: float = 1800) -> list[Result]:
 # Report.
 
 
+def instruction_summary(r: Result) -> str:
+    """``wgmma``/``mma`` (tensor cores), ``cp.async``/``tma`` (async copies), the widest global load
+    (``ld128``: ld.global.v4.b32) and the widest cp.async (``cp128``: 16 bytes a copy)."""
+    ins = r.instructions
+    parts = [name for key, name in (("wgmma", "wgmma"), ("mma", "mma"), ("tma", "tma")) if ins.get(key)]
+    for prefix in ("ld", "cp"):  # the widest plain load, the widest async copy
+        widths = sorted((int(k[2:]) for k in ins if k.startswith(prefix) and k[2:].isdigit() and ins[k]), reverse=True)
+        if widths:
+            parts.append(f"{prefix}{widths[0]}")
+    if r.replicated:
+        parts.append(f"REPLICATED x{len(r.replicated)}")
+    return " ".join(parts) or "-"
+
+
 def format_table(results: list[Result]) -> str:
-    """One line per configuration: registers and shared memory for each arch, and any problem."""
-    archs = sorted({r.arch for r in results})
-    by_key: dict[tuple[str, str], dict[int, Result]] = {}
-    for r in results:
-        by_key.setdefault((r.module, r.name), {})[r.arch] = r
-    width = max([len(name) for _, name in by_key] + [6])
-    head = f"{'kernel config':<{width}}  warps" + "".join(
-        f" | sm_{a} REG SHARED(static+dyn) LOCAL STACK" for a in archs)
+    """One line per (configuration, target, form): resources, instruction classes, any problem."""
+    width = max([len(r.name) for r in results] + [13])
+    head = (f"{'kernel config':<{width}} warps target mode  {'REG':>4} {'STACK':>5} {'SMEM KB':>8} "
+            f"{'LIMIT':>5} {'SPILL':>5}  instructions")
     lines = [head, "-" * len(head)]
     problems = []
-    for (module, name), per_arch in by_key.items():
-        warps = next(iter(per_arch.values())).num_warps
-        row = f"{name:<{width}}  {warps:>5}"
-        for a in archs:
-            r = per_arch.get(a)
-            if r is None or r.error is not None:
-                row += f" | {'error':>10}{'':>31}"
-            else:
-                shared = f"{r.shared}+{r.dyn_shared}"
-                row += f" | {r.reg:>10} {shared:>18} {r.local:>5} {r.stack:>5}"
-            if r is not None and r.problem():
-                problems.append(f"{module} {name} sm_{a}: {r.problem()}")
+    for r in sorted(results, key=lambda r: (r.module, r.name, r.arch, r.mode)):
+        limit = SHARED_LIMIT.get(r.arch, 0) // 1024
+        if r.error is not None:
+            row = f"{r.name:<{width}} {r.num_warps:>5} sm_{r.arch:<3} {r.mode:<5} compile error"
+        else:
+            row = (f"{r.name:<{width}} {r.num_warps:>5} sm_{r.arch:<3} {r.mode:<5} {r.reg:>4} {r.stack:>5} "
+                   f"{r.shared_total / 1024:>8.1f} {limit:>5} {r.local:>5}  {instruction_summary(r)}")
+        if r.problem():
+            row += "  <-- FAIL"
+            problems.append(f"{r.module} {r.name} sm_{r.arch} {r.mode}: {r.problem()}")
         lines.append(row)
-    lines.append(f"{len(by_key)} configurations x {len(archs)} archs; {len(problems)} problems")
+    configs = len({(r.module, r.name) for r in results})
+    lines.append(f"{configs} configurations, {len(results)} compilations; {len(problems)} problems")
     lines += problems
     return "\n".join(lines)
 
@@ -230,9 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--modes", default=",".join(MODES), help="jit, plain or both")
+    parser.add_argument("--only", help="only configurations whose module or name contains this text")
+    parser.add_argument("--module", action="append", default=[], help="also compile this module's AOT_CONFIGS")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     args = parser.parse_args(argv)
-    results = compile_all(archs=[int(a) for a in args.archs.split(",")], jobs=args.jobs)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if set(modes) - set(MODES):
+        parser.error(f"--modes: choose from {MODES}")
+    results = compile_all(archs=[int(a) for a in args.archs.split(",")], modes=modes, jobs=args.jobs,
+                          only=args.only, extra_modules=tuple(args.module))
     if args.json:  # for run_subprocess: the verdicts travel in the results, exit 0
         print(json.dumps([asdict(r) for r in results]))
         return 0
