@@ -5,7 +5,7 @@ The learning step is triton_kernels/biohash_update.py, Hamming search triton_ker
 The contract is python/kexue/reference/biohash.py (and csrc/include/kexue/biohash.h):
 
 * Activations of a CSR row are summed token by token in row order, in float32, as
-  ``acc + w * col`` with the product rounded on its own; four tokens' loads go out per step. On a GPU the product is a
+  ``acc + w * col`` with the product rounded on its own. On a GPU the product is a
   ``mul.rn.f32`` (inline PTX, which the compiler may not fuse into an FMA), so the sums round
   exactly like the reference's and the codes agree bit for bit. The interpreter multiplies in
   numpy, which never fuses.
@@ -61,19 +61,6 @@ def _order_key(a):
 
 
 @triton.jit
-def _token(ids_ptr, weights_ptr, wt_ptr, j, end, cols, in_row, K):
-    """Column and weight of token j of a row, in float32; past the row's end both are 0, so the
-    token adds +0.0, which leaves every sum as it is (a sum started at +0.0 is never -0.0).
-    Past the end it reads the row's last token (rows are never empty), so no load needs a mask."""
-    live = j < end
-    jj = tl.minimum(j, end - 1)
-    idx = tl.load(ids_ptr + jj).to(tl.int64)
-    w = tl.where(live, tl.load(weights_ptr + jj).to(tl.float32), 0.0)
-    col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0).to(tl.float32)
-    return tl.where(live, col, 0.0), w
-
-
-@triton.jit
 def _biohash_sparse_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, out_ptr, K, k, out_stride,
                            PACKED: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -82,18 +69,13 @@ def _biohash_sparse_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, out_ptr, K
     cols = tl.arange(0, BLOCK_K)
     in_row = cols < K
 
-    # Gather-sum, token by token in row order (the reference's order), four tokens a step: their
-    # ids, weights and columns are loaded before any is added, so the loads are in flight together.
+    # Gather-sum, token by token in row order (the reference's order).
     acc = tl.zeros((BLOCK_K,), tl.float32)
-    for j in range(start, end, 4):
-        c0, w0 = _token(ids_ptr, weights_ptr, wt_ptr, j, end, cols, in_row, K)
-        c1, w1 = _token(ids_ptr, weights_ptr, wt_ptr, j + 1, end, cols, in_row, K)
-        c2, w2 = _token(ids_ptr, weights_ptr, wt_ptr, j + 2, end, cols, in_row, K)
-        c3, w3 = _token(ids_ptr, weights_ptr, wt_ptr, j + 3, end, cols, in_row, K)
-        acc = acc + _mul_rn(c0, w0 + tl.zeros_like(c0), EXACT)
-        acc = acc + _mul_rn(c1, w1 + tl.zeros_like(c1), EXACT)
-        acc = acc + _mul_rn(c2, w2 + tl.zeros_like(c2), EXACT)
-        acc = acc + _mul_rn(c3, w3 + tl.zeros_like(c3), EXACT)
+    for j in range(start, end):
+        idx = tl.load(ids_ptr + j).to(tl.int64)
+        w = tl.load(weights_ptr + j).to(tl.float32)
+        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0).to(tl.float32)
+        acc = acc + _mul_rn(col, w + tl.zeros_like(col), EXACT)
 
     # The k-th largest key, bit by bit. Padding lanes get key 0, below every real key (the
     # smallest real key is -inf's, 0x007FFFFF), so they are never counted.

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, _token, block_k, num_warps_for
+from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, block_k, num_warps_for
 
 # ---------------------------------------------------------------------------------------------
 # The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp and the reference's
@@ -64,19 +64,12 @@ def _update_rows_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, winners_ptr, 
     # Raw (winner) and scaled (update) activations, token by token in row order.
     raw = tl.zeros((BLOCK_K,), tl.float32)
     scaled = tl.zeros((BLOCK_K,), tl.float32)
-    for j in range(start, end, 4):  # four tokens' loads in flight together, as in the hash kernel
-        c0, w0 = _token(ids_ptr, weights_ptr, wt_ptr, j, end, cols, in_row, K)
-        c1, w1 = _token(ids_ptr, weights_ptr, wt_ptr, j + 1, end, cols, in_row, K)
-        c2, w2 = _token(ids_ptr, weights_ptr, wt_ptr, j + 2, end, cols, in_row, K)
-        c3, w3 = _token(ids_ptr, weights_ptr, wt_ptr, j + 3, end, cols, in_row, K)
-        raw = raw + c0
-        scaled = scaled + _mul_rn(c0, w0 + tl.zeros_like(c0), EXACT)
-        raw = raw + c1
-        scaled = scaled + _mul_rn(c1, w1 + tl.zeros_like(c1), EXACT)
-        raw = raw + c2
-        scaled = scaled + _mul_rn(c2, w2 + tl.zeros_like(c2), EXACT)
-        raw = raw + c3
-        scaled = scaled + _mul_rn(c3, w3 + tl.zeros_like(c3), EXACT)
+    for j in range(start, end):
+        idx = tl.load(ids_ptr + j).to(tl.int64)
+        w = tl.load(weights_ptr + j)
+        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0)
+        raw = raw + col
+        scaled = scaled + _mul_rn(col, w + tl.zeros_like(col), EXACT)
 
     # Winner: the largest key, lowest index (padding keys are 0, below every real key).
     keys = tl.where(in_row, _order_key(raw), 0)
