@@ -13,13 +13,13 @@ from kexue import _backend
 
 
 def test_automatic_choice_on_cpu_prefers_the_native_module():
-    name, _ = _backend.select("entropy_norm", torch.empty(2, 3))
+    name, _ = _backend.select("entropy_normalize", torch.empty(2, 3))
     assert name == ("cpu" if _backend.native() is not None else "torch")
 
 
 def test_float64_and_forced_torch():
     with kexue.use_backend("torch"):
-        assert _backend.select("entropy_norm", torch.empty(2, 3))[0] == "torch"
+        assert _backend.select("entropy_normalize", torch.empty(2, 3))[0] == "torch"
     assert _backend.forced() is None
 
 
@@ -43,7 +43,7 @@ def test_kexue_imports_and_falls_back_without_the_native_module():
         msgs = [str(w.message) for w in caught if "kexue._C" in str(w.message)]
         assert len(msgs) == 1, msgs
         assert "falls back to the torch reference" in msgs[0]
-        assert _backend.select("entropy_norm", torch.empty(2, 3))[0] == "torch"
+        assert _backend.select("entropy_normalize", torch.empty(2, 3))[0] == "torch"
         y = kexue.ops.entropy_normalize(torch.softmax(torch.randn(3, 5), -1), 1.0)
         assert torch.allclose(-(y * y.log()).sum(-1), torch.ones(3), atol=1e-5)
         assert not kexue.backends()["cpu"]["available"]

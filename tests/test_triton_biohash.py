@@ -12,16 +12,17 @@ deterministic mode fills with NaN-like garbage (0xFF bytes for uint8): an unwrit
 
 from __future__ import annotations
 
+import kexue
 import pytest
 import torch
-
-import kexue
 from kexue.reference import biohash as ref
+
 from tests.test_biohash import NATIVE, brute_pack, brute_topk_mask, random_batch, tied_synapses, toy_corpus, windows
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import biohash as T  # noqa: E402  (after the skip)
-
+from kexue.triton_kernels import biohash_update as U  # noqa: E402
+from kexue.triton_kernels import hamming as H  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
 
@@ -87,6 +88,20 @@ def test_hamming_topk_against_brute_force(triton_backend, shape):
     assert torch.equal(d.cpu(), ed) and torch.equal(i.cpu(), ei)
 
 
+def test_hamming_topk_streams_tiles_smaller_than_the_database(triton_backend, monkeypatch):
+    from kexue.ops import _hamming_tiles
+
+    # a few KB per tile: one block of codes per tile, so the running top-n is merged across
+    # many tiles, with ties that span tile edges (many equal codes)
+    monkeypatch.setattr(_hamming_tiles, "TILE_BYTES", 1)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 2, (5, 3), generator=g, dtype=torch.int64).to(torch.uint8)
+    db = torch.randint(0, 2, (5000, 3), generator=g, dtype=torch.int64).to(torch.uint8)
+    d, i = H.hamming_topk(q.to(triton_backend), db.to(triton_backend), 40)
+    ed, ei = ref.hamming_topk(q, db, 40)
+    assert torch.equal(d.cpu(), ed) and torch.equal(i.cpu(), ei)
+
+
 def test_configs_cover_the_launcher_choices():
     blocks = {c["constexprs"]["BLOCK_K"] for c in T.AOT_CONFIGS if "BLOCK_K" in c["constexprs"]}
     for num_hidden in (1, 63, 64, 65, 400, 1000, T.MAX_HIDDEN):
@@ -146,7 +161,7 @@ def check_step(W, results, ulps_vs_cpu=4.0):
 @pytest.mark.parametrize("shape", [(20, 30, 7), (64, 50, 9), (65, 40, 6), (1, 5, 3), (130, 70, 12)])
 def test_update_matches_reference_and_cpu(triton_backend, monkeypatch, shape, delta):
     num_hidden, num_inputs, rows = shape
-    monkeypatch.setattr(T, "UPDATE_ROWS_PER_SPLIT", 4)  # xx over 1 to 3 slices of the batch
+    monkeypatch.setattr(U, "UPDATE_ROWS_PER_SPLIT", 4)  # xx over 1 to 3 slices of the batch
     g = torch.Generator().manual_seed(num_hidden + num_inputs + rows)
     W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1)
     ids, offsets, w = random_batch(rows, num_inputs, generator=g, dtype=torch.float32)
@@ -167,16 +182,16 @@ def test_update_single_tokens_duplicates_and_ties(triton_backend):
     weights = torch.linspace(0.2, 1.3, ids.shape[0])
     raw = ref.activations_sparse(ids, offsets, None, W.double())
     assert any(int((row == row.max()).sum()) > 1 for row in raw), "no tie at the top: tied_synapses changed?"
-    block = T.MAX_DS_BLOCK
+    block = U.MAX_DS_BLOCK
     try:
-        T.MAX_DS_BLOCK = 64  # three programs per synapse row
-        assert T.ds_block(150) == 64
+        U.MAX_DS_BLOCK = 64  # three programs per synapse row
+        assert U.ds_block(150) == 64
         for delta, tiny, rank in ((0.0, 1e-10, 2), (0.4, 1e-10, 2), (0.4, 1e-10, 1), (0.4, 1e-10, 150),
                                   (0.0, 2e-3, 2)):
             check_step(W, step_all(ids, offsets, weights, W, triton_backend, lr=0.01, delta=delta, tiny=tiny,
                                    rank=rank))
     finally:
-        T.MAX_DS_BLOCK = block
+        U.MAX_DS_BLOCK = block
 
 
 def test_update_empty_batch_changes_nothing(triton_backend):
@@ -195,7 +210,7 @@ def test_update_serves_float32_only(triton_backend):
     with pytest.raises(kexue.BackendUnavailableError, match="triton"):
         kexue.ops.biohash_update(ids, offsets, None, W, 0.1)
     with pytest.raises(TypeError, match="float32"):
-        T.biohash_update(ids, offsets, None, W.t().contiguous(), 0.1, 0.0, 2, 1e-30, 1e-10)
+        U.biohash_update(ids, offsets, None, W.t().contiguous(), 0.1, 0.0, 2, 1e-30, 1e-10)
 
 
 def test_update_opcheck(triton_backend):
@@ -231,12 +246,12 @@ def test_training_run_matches_the_cpu_kernel(triton_backend):
 
 
 def test_update_configs_cover_the_launcher_choices():
-    rows = {c["constexprs"]["BLOCK_K"] for c in T.AOT_CONFIGS if c["kernel"] is T._update_rows_kernel}
-    ds = {c["constexprs"]["BLOCK_K"] for c in T.AOT_CONFIGS if c["kernel"] is T._update_ds_kernel}
+    rows = {c["constexprs"]["BLOCK_K"] for c in U.AOT_CONFIGS if c["kernel"] is U._update_rows_kernel}
+    ds = {c["constexprs"]["BLOCK_K"] for c in U.AOT_CONFIGS if c["kernel"] is U._update_ds_kernel}
     for num_hidden in (1, 63, 64, 65, 400, 1000, 1025, T.MAX_HIDDEN):
-        assert T.block_k(num_hidden) in rows and T.ds_block(num_hidden) in ds
-    assert any(c["kernel"] is T._update_xx_kernel for c in T.AOT_CONFIGS)
-    assert any(c["kernel"] is T._update_nx_kernel for c in T.AOT_CONFIGS)
+        assert T.block_k(num_hidden) in rows and U.ds_block(num_hidden) in ds
+    assert any(c["kernel"] is U._update_xx_kernel for c in U.AOT_CONFIGS)
+    assert any(c["kernel"] is U._update_nx_kernel for c in U.AOT_CONFIGS)
 
 
 CUDA_NATIVE = kexue.backends()["cuda"]["available"] and hasattr(kexue._backend.native(), "biohash_update_cuda")
@@ -264,3 +279,25 @@ def test_cuda_update_equals_the_cpu_kernel(use_backend, shape, delta, dtype):
         else:
             assert torch.equal(win, win_r)
             torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-16)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlyVec's production size on a GPU: K = 400 hidden units over a 20k vocabulary (plus the 20k
+# target half), windows of 30 tokens.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="production-size run needs a GPU")
+def test_flyvec_size_k400_on_gpu():
+    num_hidden, num_inputs, rows = 400, 40_000, 8192
+    g = torch.Generator().manual_seed(400)
+    W = kexue.ops.new_synapses(num_hidden, num_inputs, generator=g, std=0.1)
+    ids, offsets, w = random_batch(rows, num_inputs, min_len=30, max_len=30, generator=g, dtype=torch.float32)
+    cuda = torch.device("cuda")
+    with kexue.use_backend("triton"):
+        codes = kexue.ops.biohash(ids.to(cuda), offsets.to(cuda), w.to(cuda), W.to(cuda), 32)
+    assert torch.equal(codes.cpu(), ref.biohash_sparse(ids, offsets, w, W, 32, True))
+    # one learning step against the float64 reference on a slice of the batch (the reference is slow)
+    ids_s, offsets_s = ids[: int(offsets[512])], offsets[:513]
+    with kexue.use_backend("triton"):
+        results = step_all(ids_s, offsets_s, w[: ids_s.shape[0]], W, cuda)
+    check_step(W, results)

@@ -300,7 +300,7 @@ def test_public_op_through_triton_backend(triton_backend, logits):
         return y, gamma, x.grad, t.grad
 
     x32, t32 = x64.float().to(triton_backend), t64.float().to(triton_backend)
-    assert _backend.select("entropy_norm", x32)[0] == "triton"
+    assert _backend.select("entropy_normalize", x32)[0] == "triton"
     y, gamma, gx, gt = run(x32, t32)
     with kexue.use_backend("torch"):
         y_r, gamma_r, gx_r, gt_r = run(x32.detach().cpu().double(), t32.detach().cpu().double())
@@ -308,3 +308,28 @@ def test_public_op_through_triton_backend(triton_backend, logits):
     for out, expected, what in ((y, y_r, "y"), (gamma, gamma_r, "gamma"), (gx, gx_r, "grad x"),
                                 (gt, gt_r, "grad target")):
         assert_close(out.detach().cpu(), expected, torch.float32, what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Production size on a GPU: an LLM vocabulary (128k) for 4096 rows in bf16.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="production-size run needs a GPU")
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "probs"])
+def test_llm_vocabulary_rows_bf16_on_gpu(logits):
+    rows, n = 4096, 131072
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(rows, n, device="cuda", generator=g) * 2
+    x = (z if logits else torch.softmax(z, -1)).to(torch.bfloat16)
+    target = torch.rand(rows, device="cuda", generator=g) * (0.9 * math.log(n)) + 0.05 * math.log(n)
+    y, gamma, stats = K.forward(x, target, logits, 20, TOL)
+    torch.cuda.synchronize()
+    # every 64th row against the float64 reference (64 rows x 128k: seconds on the CPU)
+    picked = torch.arange(0, rows, 64, device="cuda")
+    y_r, gamma_r, _ = ref.entropy_normalize_forward(x[picked].cpu().double(), target[picked].cpu().double(), logits,
+                                                    20, TOL)
+    assert_close(y[picked].cpu(), y_r, torch.bfloat16, "y")
+    assert_close(gamma[picked].cpu(), gamma_r, torch.float32, "gamma")
+    assert torch.isfinite(y).all() and torch.isfinite(gamma).all()
+    grad_x, grad_target = K.backward(torch.randn_like(y), torch.randn_like(gamma), x, gamma, stats, logits)
+    assert torch.isfinite(grad_x.float()).all() and torch.isfinite(grad_target).all()

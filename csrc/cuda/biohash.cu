@@ -1,6 +1,6 @@
 // BioHash / FlyVec on CUDA: activations of sparse inputs, winner-take-all codes, Hamming top-n.
 //
-// The contract is the CPU kernels' (csrc/cpu/biohash.cpp) and the oracle is
+// The contract is the CPU kernels' (csrc/cpu/{biohash,biohash_update,hamming}.cpp) and the oracle is
 // python/kexue/reference/biohash.py; the ranking keys, the bitwise k-th-key search and the code
 // layout come from csrc/include/kexue/biohash.h, which both files share.
 //
@@ -305,7 +305,7 @@ Key<A>* key_ptr(const KeyBuffer<A>& b) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The learning step (contract: biohash_update_cpu in csrc/cpu/biohash.cpp).
+// The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp).
 
 struct MaxOp {
   template <typename T>
@@ -480,7 +480,7 @@ __global__ void update_ds_kernel(A* __restrict__ wt, const A* __restrict__ nx, c
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Entry points (the contracts of the _cpu functions in csrc/cpu/biohash.cpp).
+// Entry points (the contracts of the _cpu functions in csrc/cpu/{biohash,biohash_update,hamming}.cpp).
 
 at::Tensor biohash_activations_cuda(const at::Tensor& indices, const at::Tensor& offsets,
                                     const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t) {

@@ -1,13 +1,42 @@
-// Host-side checks of the BioHash kernels' native boundary, shared by the CPU and CUDA entry points
-// (the Python layer validates user input; these guard against a wrong call from it).
+// Host-side checks of the BioHash kernels' native boundary, shared by the CPU and CUDA entry points.
+// The Python layer checks user input; these guard every direct call (torch.ops.kexue.*, kexue._C,
+// torch.compile, where Python's value checks are not traced). On CPU the values that decide where
+// a kernel reads and writes (offsets, ids) are checked here too, in one cheap pass over them: a
+// bad one is a ValueError, never an access out of bounds.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 
 namespace kexue {
 namespace biohash {
+
+// The values of CPU CSR rows (the messages are those of python/kexue/ops/_biohash_inputs.py):
+// offsets start at 0, never decrease, end at nnz and leave no row empty; ids lie in [0, N).
+inline void check_rows_cpu(const at::Tensor& indices, const at::Tensor& offsets, int64_t num_inputs) {
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t rows = offsets.size(0) - 1, nnz = indices.size(0);
+  TORCH_CHECK_VALUE(off[0] == 0 && off[rows] == nnz, "offsets must start at 0, never decrease and end at nnz = ",
+                    nnz);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(off[r + 1] >= off[r], "offsets must start at 0, never decrease and end at nnz = ", nnz);
+    TORCH_CHECK_VALUE(off[r + 1] > off[r], "row ", r,
+                      " of the batch has no tokens (an empty window); every row needs at least one");
+  }
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  int64_t low = 0, high = 0;
+  if (nnz > 0) {
+    low = high = ids[0];
+    for (int64_t j = 1; j < nnz; ++j) {  // min and max only: a loop the compiler vectorizes
+      low = std::min(low, ids[j]);
+      high = std::max(high, ids[j]);
+    }
+  }
+  TORCH_CHECK_VALUE(low >= 0 && high < num_inputs, "indices must lie in [0, N) = [0, ", num_inputs,
+                    ") for synapses of N = ", num_inputs, " inputs; found ", low < 0 ? low : high);
+}
 
 // CSR rows (indices (nnz,), offsets (B+1,), optional weights (nnz,) in the compute dtype) over
 // synapses_t (N, K), all contiguous and on `device`.
@@ -29,6 +58,7 @@ inline void check_csr(const at::Tensor& indices, const at::Tensor& offsets, cons
                     weights->is_contiguous(),
                 "weights must be a contiguous (nnz,) tensor of the compute dtype");
   }
+  if (device == c10::DeviceType::CPU) check_rows_cpu(indices, offsets, wt.size(0));
 }
 
 // Packed codes for Hamming search: queries (Q, nb) and database (D, nb), contiguous uint8 on `device`.

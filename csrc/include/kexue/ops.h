@@ -44,9 +44,10 @@ void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::v
                              const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
                              const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn);
 
-// BioHash / FlyVec (csrc/cpu/biohash.cpp). Sparse rows are CSR: indices (nnz,) int64, offsets
-// (B+1,) int64, optional weights (nnz,) in the compute dtype. synapses_t is the (N, K) contiguous
-// transpose of the (K, N) synapses. Codes are uint8: packed (B, ceil(K/8)) or dense 0/1 (B, K).
+// BioHash / FlyVec (csrc/cpu/{biohash,biohash_update,hamming}.cpp). Sparse rows are CSR:
+// indices (nnz,) int64, offsets (B+1,) int64, optional weights (nnz,) in the compute dtype.
+// synapses_t is the (N, K) contiguous transpose of the (K, N) synapses. Codes are uint8: packed
+// (B, ceil(K/8)) or dense 0/1 (B, K).
 at::Tensor biohash_activations_cpu(const at::Tensor& indices, const at::Tensor& offsets,
                                    const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t);
 at::Tensor biohash_sparse_cpu(const at::Tensor& indices, const at::Tensor& offsets,

@@ -1,9 +1,8 @@
-"""BioHash / FlyVec: ``kexue.ops.biohash``, ``biohash_update``, ``hamming_topk`` and their custom ops.
+"""BioHash / FlyVec public functions: ``kexue.ops.biohash``, ``biohash_update``, ``hamming_topk``, ...
 
-The math is in shared/spec/biohash.md; the contract every backend follows (activation order, ties,
-bit layout) is documented in :mod:`kexue.reference.biohash`.
-
-Custom ops (``torch.ops.kexue.*``), each dispatched to the backend :mod:`kexue._backend` picks:
+The contract every backend follows (activation order, ties, bit layout) is documented in
+:mod:`kexue.reference.biohash`. Argument checks live in :mod:`kexue.ops._biohash_inputs`; the custom
+ops and their backends in :mod:`kexue.ops._biohash_ops`:
 
 - ``biohash_sparse(indices, offsets, weights?, synapses_t, k, packed) -> codes``
 - ``biohash_activations(indices, offsets, weights?, synapses_t) -> (B, K)``
@@ -25,269 +24,35 @@ by the same rule. Hamming search breaks distance ties by the lowest database ind
 
 from __future__ import annotations
 
-import importlib.util
-import numbers
+import math
 
 import torch
 from torch import Tensor
 
-from kexue import _backend
+from kexue.ops._biohash_inputs import (
+    SYNAPSE_DTYPES,
+    check_int,
+    check_rows,
+    check_synapses,
+    check_update_scalars,
+    csr,
+)
+from kexue.ops._biohash_ops import (
+    ACTIVATION_DTYPES,
+    UPDATE_DTYPES,
+    biohash_activations_op,
+    biohash_sparse_op,
+    biohash_topk_op,
+    biohash_update_op,
+    hamming_topk_op,
+)
 from kexue.reference import biohash as reference
 
-OP_HASH = "biohash"
-OP_ACTIVATIONS = "biohash_activations"
-OP_TOPK = "biohash_topk"
-OP_UPDATE = "biohash_update"
-OP_HAMMING = "biohash_hamming"
+__all__ = ["SYNAPSE_DTYPES", "biohash", "biohash_activations", "biohash_dense", "biohash_energy", "biohash_schedule",
+           "biohash_topk", "biohash_update", "hamming_topk", "new_synapses"]
 
-SYNAPSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-UPDATE_DTYPES = (torch.float32, torch.float64)
-ACTIVATION_DTYPES = (torch.float32, torch.float64)
 PREC = reference.PREC
 TINY = reference.TINY
-
-
-# --------------------------------------------------------------------------------------------
-# Backends. Every implementation takes validated, contiguous tensors; synapses as (N, K).
-
-
-def _torch_hash(indices, offsets, weights, synapses_t, k, packed):
-    return reference.biohash_sparse(indices, offsets, weights, synapses_t.t(), k, packed)
-
-
-def _torch_activations(indices, offsets, weights, synapses_t):
-    return reference.activations_sparse(indices, offsets, weights, synapses_t.t())
-
-
-def _torch_update(indices, offsets, weights, synapses_t, lr, delta, rank, prec, tiny):
-    # synapses_t.t() is a view: the reference's in-place copy_ lands in synapses_t.
-    return reference.biohash_update_(indices, offsets, weights, synapses_t.t(), lr, delta, rank, prec, tiny)
-
-
-def _triton_module():
-    from kexue.triton_kernels import biohash
-
-    return biohash
-
-
-def _register_backends() -> None:
-    _backend.register(OP_HASH, "torch", _torch_hash, SYNAPSE_DTYPES)
-    _backend.register(OP_ACTIVATIONS, "torch", _torch_activations, SYNAPSE_DTYPES)
-    _backend.register(OP_TOPK, "torch", reference.codes_from_activations, ACTIVATION_DTYPES)
-    _backend.register(OP_UPDATE, "torch", _torch_update, UPDATE_DTYPES)
-    _backend.register(OP_HAMMING, "torch", reference.hamming_topk, (torch.uint8,))
-    native = _backend.native()
-    if native is not None and hasattr(native, "biohash_sparse_cpu"):
-        _backend.register(OP_HASH, "cpu", native.biohash_sparse_cpu, SYNAPSE_DTYPES)
-        _backend.register(OP_ACTIVATIONS, "cpu", native.biohash_activations_cpu, SYNAPSE_DTYPES)
-        _backend.register(OP_TOPK, "cpu", native.biohash_topk_cpu, ACTIVATION_DTYPES)
-        _backend.register(OP_UPDATE, "cpu", native.biohash_update_cpu, UPDATE_DTYPES)
-        _backend.register(OP_HAMMING, "cpu", native.hamming_topk_cpu, (torch.uint8,))
-    if native is not None and hasattr(native, "biohash_sparse_cuda"):  # built with CUDA
-        _backend.register(OP_HASH, "cuda", native.biohash_sparse_cuda, SYNAPSE_DTYPES)
-        _backend.register(OP_ACTIVATIONS, "cuda", native.biohash_activations_cuda, SYNAPSE_DTYPES)
-        _backend.register(OP_TOPK, "cuda", native.biohash_topk_cuda, ACTIVATION_DTYPES)
-        _backend.register(OP_HAMMING, "cuda", native.hamming_topk_cuda, (torch.uint8,))
-    if native is not None and hasattr(native, "biohash_update_cuda"):
-        _backend.register(OP_UPDATE, "cuda", native.biohash_update_cuda, UPDATE_DTYPES)
-    # Registered lazily (importing triton is slow); the kernels live in triton_kernels/biohash.py.
-    if importlib.util.find_spec("kexue.triton_kernels.biohash") is None:
-        return
-    _backend.register(OP_HASH, "triton", lambda *a: _triton_module().biohash_sparse(*a),
-                      (torch.float16, torch.bfloat16, torch.float32))
-    _backend.register(OP_HAMMING, "triton", lambda *a: _triton_module().hamming_topk(*a), (torch.uint8,))
-    _backend.register(OP_UPDATE, "triton", lambda *a: _triton_module().biohash_update(*a), (torch.float32,))
-
-
-_register_backends()
-
-
-# --------------------------------------------------------------------------------------------
-# Custom ops.
-
-
-def _num_rows(offsets: Tensor) -> int:
-    return offsets.shape[0] - 1
-
-
-@torch.library.custom_op("kexue::biohash_sparse", mutates_args=())
-def biohash_sparse_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, k: int,
-                      packed: bool) -> Tensor:
-    """CSR rows -> codes: uint8 ``(B, ceil(K/8))`` packed, or ``(B, K)`` of 0/1."""
-    _, fn = _backend.select(OP_HASH, synapses_t)
-    return fn(indices, offsets, weights, synapses_t, k, packed)
-
-
-@biohash_sparse_op.register_fake
-def _(indices, offsets, weights, synapses_t, k, packed):
-    num_hidden = synapses_t.shape[1]
-    width = reference.code_bytes(num_hidden) if packed else num_hidden
-    return synapses_t.new_empty((_num_rows(offsets), width), dtype=torch.uint8)
-
-
-@torch.library.custom_op("kexue::biohash_activations", mutates_args=())
-def biohash_activations_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor) -> Tensor:
-    """CSR rows -> ``(B, K)`` activations in the compute dtype."""
-    _, fn = _backend.select(OP_ACTIVATIONS, synapses_t)
-    return fn(indices, offsets, weights, synapses_t)
-
-
-@biohash_activations_op.register_fake
-def _(indices, offsets, weights, synapses_t):
-    ct = reference.compute_dtype(synapses_t.dtype)
-    return synapses_t.new_empty((_num_rows(offsets), synapses_t.shape[1]), dtype=ct)
-
-
-@torch.library.custom_op("kexue::biohash_topk", mutates_args=())
-def biohash_topk_op(activations: Tensor, k: int, packed: bool) -> Tensor:
-    """``(B, K)`` activations -> codes (winner-take-all of the k largest, ties to the lowest index)."""
-    _, fn = _backend.select(OP_TOPK, activations)
-    return fn(activations, k, packed)
-
-
-@biohash_topk_op.register_fake
-def _(activations, k, packed):
-    num_hidden = activations.shape[1]
-    width = reference.code_bytes(num_hidden) if packed else num_hidden
-    return activations.new_empty((activations.shape[0], width), dtype=torch.uint8)
-
-
-@torch.library.custom_op("kexue::biohash_update", mutates_args=("synapses_t",))
-def biohash_update_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, lr: float,
-                      delta: float, rank: int, prec: float, tiny: float) -> tuple[Tensor, Tensor]:
-    """One FlyVec minibatch step in place on ``synapses_t (N, K)``; returns ``(winners, s_win)``."""
-    _, fn = _backend.select(OP_UPDATE, synapses_t)
-    return fn(indices, offsets, weights, synapses_t, lr, delta, rank, prec, tiny)
-
-
-@biohash_update_op.register_fake
-def _(indices, offsets, weights, synapses_t, lr, delta, rank, prec, tiny):
-    rows = _num_rows(offsets)
-    return offsets.new_empty((rows,), dtype=torch.int64), synapses_t.new_empty((rows,))
-
-
-@torch.library.custom_op("kexue::hamming_topk", mutates_args=())
-def hamming_topk_op(queries: Tensor, database: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Packed codes ``(Q, nb)``, ``(D, nb)`` -> the n nearest: ``(distances, indices)``, ``(Q, n)`` int64."""
-    _, fn = _backend.select(OP_HAMMING, queries)
-    return fn(queries, database, n)
-
-
-@hamming_topk_op.register_fake
-def _(queries, database, n):
-    shape = (queries.shape[0], n)
-    return queries.new_empty(shape, dtype=torch.int64), queries.new_empty(shape, dtype=torch.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks. Value checks (ids in range, offsets, empty windows) read the data, so they are
-# skipped while torch.compile traces; shapes and dtypes are always checked.
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must lie in {bound}, got {value}")
-    return value
-
-
-def _check_synapses(synapses, allowed=SYNAPSE_DTYPES) -> Tensor:
-    """Validate ``synapses (K, N)`` and return the ``(N, K)`` contiguous view (or copy) the kernels read."""
-    if not isinstance(synapses, Tensor):
-        raise TypeError(f"synapses must be a torch.Tensor, got {type(synapses).__name__}")
-    if synapses.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"synapses must have dtype {names}; got {synapses.dtype}")
-    if synapses.dim() != 2 or synapses.shape[0] < 1 or synapses.shape[1] < 1:
-        raise ValueError(f"synapses must be a (K, N) matrix with K, N >= 1, got shape {tuple(synapses.shape)}")
-    return synapses.t().contiguous()  # a no-op for input-major storage
-
-
-def _csr(indices, offsets_or_mask, weights, num_inputs: int, device: torch.device,
-         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Validate a sparse batch and return it as CSR: ``indices (nnz,)``, ``offsets (B+1,)`` int64,
-    ``weights (nnz,)`` in ``weight_dtype`` or None.
-
-    Two spellings are accepted:
-    - CSR: ``indices (nnz,)`` and ``offsets (B+1,)`` with ``offsets[0] = 0``, non-decreasing,
-      ``offsets[-1] = nnz``; ``weights (nnz,)``.
-    - padded: ``indices (B, L)`` and a bool ``mask (B, L)`` of valid positions (None: all valid);
-      ``weights (B, L)``.
-    """
-    if not isinstance(indices, Tensor):
-        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"indices must have dtype int64 or int32; got {indices.dtype}")
-    if indices.device != device:
-        raise ValueError(f"indices is on {indices.device} but synapses are on {device}")
-    if weights is not None:
-        if not isinstance(weights, Tensor):
-            raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
-        if not weights.is_floating_point():
-            raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
-        if weights.shape != indices.shape:
-            raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, "
-                             f"got {tuple(weights.shape)}")
-        if weights.device != device:
-            raise ValueError(f"weights is on {weights.device} but synapses are on {device}")
-    if indices.dim() == 2:
-        rows, width = indices.shape
-        mask = offsets_or_mask
-        if mask is None:
-            lengths = torch.full((rows,), width, dtype=torch.int64, device=device)
-            flat_ids = indices.reshape(-1)
-            flat_w = None if weights is None else weights.reshape(-1)
-        else:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError("with 2-D indices, offsets_or_mask must be a bool mask (B, L) or None, got "
-                                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
-            if mask.shape != indices.shape:
-                raise ValueError(f"mask must have the shape of indices {tuple(indices.shape)}, "
-                                 f"got {tuple(mask.shape)}")
-            lengths = mask.sum(1)
-            flat_ids = indices[mask]
-            flat_w = None if weights is None else weights[mask]
-        offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-    elif indices.dim() == 1:
-        offsets = offsets_or_mask
-        if not isinstance(offsets, Tensor):
-            raise TypeError(f"with 1-D indices, offsets_or_mask must be the CSR offsets, a (B+1,) int64 tensor, "
-                            f"got {type(offsets).__name__}")
-        if offsets.dtype not in (torch.int64, torch.int32) or offsets.dim() != 1 or offsets.shape[0] < 1:
-            raise ValueError(f"offsets must be a (B+1,) int64 tensor, got {offsets.dtype} of shape "
-                             f"{tuple(offsets.shape)}")
-        if offsets.device != device:
-            raise ValueError(f"offsets is on {offsets.device} but synapses are on {device}")
-        offsets = offsets.to(torch.int64)
-        flat_ids, flat_w = indices, weights
-    else:
-        raise ValueError(f"indices must be (nnz,) with CSR offsets or (B, L) with a mask, got shape "
-                         f"{tuple(indices.shape)}")
-    if not torch.compiler.is_compiling():
-        # One reduction over the row lengths and one over the ids: on a 10,000-window batch the
-        # separate passes these checks used to make cost 7% of a single-threaded hashing call.
-        lengths = offsets[1:] - offsets[:-1]
-        shortest = int(lengths.min()) if lengths.numel() else 1
-        if int(offsets[0]) != 0 or int(offsets[-1]) != flat_ids.shape[0] or shortest < 0:
-            raise ValueError(f"offsets must start at 0, never decrease and end at nnz = {flat_ids.shape[0]}; "
-                             f"got {offsets.tolist() if offsets.numel() <= 12 else 'a longer tensor'}")
-        if shortest == 0:
-            row = int(torch.nonzero(lengths == 0)[0, 0])
-            raise ValueError(f"row {row} of the batch has no tokens (an empty window); every row needs at least one")
-        if flat_ids.numel() > 0:
-            low, high = (int(x) for x in torch.aminmax(flat_ids))
-            if low < 0 or high >= num_inputs:
-                bad = low if low < 0 else high
-                raise ValueError(f"indices must lie in [0, N) = [0, {num_inputs}) for synapses of N = {num_inputs} "
-                                 f"inputs; found {bad}")
-    flat_ids = flat_ids.to(torch.int64).contiguous()
-    if flat_w is not None:
-        flat_w = flat_w.to(weight_dtype).contiguous()
-    return flat_ids, offsets.contiguous(), flat_w
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +63,8 @@ def new_synapses(num_hidden: int, num_inputs: int, *, std: float = 0.02, mean: f
                  dtype: torch.dtype = torch.float32, device=None, generator: torch.Generator | None = None) -> Tensor:
     """Synapses ``(K, N)`` ~ N(mean, std^2) (FlyVec's init: mu = 0, sigma = 0.02), stored input-major
     (``.t()`` of a contiguous ``(N, K)``), the layout the kernels read without a copy."""
-    _check_int("num_hidden", num_hidden, 1)
-    _check_int("num_inputs", num_inputs, 1)
+    check_int("num_hidden", num_hidden, 1)
+    check_int("num_inputs", num_inputs, 1)
     wt = torch.randn(num_inputs, num_hidden, dtype=dtype, device=device, generator=generator)
     return (wt.mul_(std).add_(mean)).t()
 
@@ -333,11 +98,10 @@ def biohash(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | N
         if offsets_or_mask is not None or weights is not None:
             raise ValueError("a dense (B, N) input takes no offsets_or_mask and no weights; pass None for both")
         return biohash_dense(indices, synapses, k, packed)
-    synapses_t = _check_synapses(synapses)
-    num_hidden, num_inputs = synapses.shape
-    k = _check_int("k", k, 1, num_hidden)
+    synapses_t = check_synapses(synapses)
+    k = check_int("k", k, 1, synapses.shape[0])
     ct = reference.compute_dtype(synapses.dtype)
-    ids, offsets, w = _csr(indices, offsets_or_mask, weights, num_inputs, synapses.device, ct)
+    ids, offsets, w = csr(indices, offsets_or_mask, weights, synapses.device, ct)
     return biohash_sparse_op(ids, offsets, w, synapses_t, k, bool(packed))
 
 
@@ -345,9 +109,9 @@ def biohash_activations(indices: Tensor, offsets_or_mask: Tensor | None, weights
                         synapses: Tensor) -> Tensor:
     """The activations ``(B, K)`` that :func:`biohash` ranks (same arguments, same summation
     order), in float32 (float64 for float64 synapses)."""
-    synapses_t = _check_synapses(synapses)
+    synapses_t = check_synapses(synapses)
     ct = reference.compute_dtype(synapses.dtype)
-    ids, offsets, w = _csr(indices, offsets_or_mask, weights, synapses.shape[1], synapses.device, ct)
+    ids, offsets, w = csr(indices, offsets_or_mask, weights, synapses.device, ct)
     return biohash_activations_op(ids, offsets, w, synapses_t)
 
 
@@ -360,13 +124,13 @@ def biohash_dense(x: Tensor, synapses: Tensor, k: int, packed: bool = True) -> T
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if not isinstance(synapses, Tensor):
         raise TypeError(f"synapses must be a torch.Tensor, got {type(synapses).__name__}")
-    _check_synapses(synapses)
+    check_synapses(synapses)
     num_hidden, num_inputs = synapses.shape
     if x.dim() != 2 or x.shape[1] != num_inputs:
         raise ValueError(f"x must be (B, N) with N = {num_inputs} (the synapses' inputs), got {tuple(x.shape)}")
     if x.device != synapses.device:
         raise ValueError(f"x is on {x.device} but synapses are on {synapses.device}")
-    k = _check_int("k", k, 1, num_hidden)
+    k = check_int("k", k, 1, num_hidden)
     act = reference.activations_dense(x, synapses).contiguous()
     return biohash_topk_op(act, k, bool(packed))
 
@@ -379,7 +143,7 @@ def biohash_topk(activations: Tensor, k: int, packed: bool = True) -> Tensor:
         raise TypeError(f"activations must have dtype float32 or float64; got {activations.dtype}")
     if activations.dim() != 2 or activations.shape[1] < 1:
         raise ValueError(f"activations must be (B, K) with K >= 1, got {tuple(activations.shape)}")
-    k = _check_int("k", k, 1, activations.shape[1])
+    k = check_int("k", k, 1, activations.shape[1])
     return biohash_topk_op(activations.contiguous(), k, bool(packed))
 
 
@@ -408,32 +172,22 @@ def biohash_update(indices: Tensor, offsets_or_mask: Tensor | None, weights: Ten
         ``(winners (B,) int64, s_win (B,))``: each row's winner and its scaled activation
         before the step (the batch's energy is ``-sum s_win / ||W[winner]||``).
     """
-    synapses_t = _check_synapses(synapses, UPDATE_DTYPES)
-    num_hidden, num_inputs = synapses.shape
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0:
-        raise ValueError(f"lr must be a non-negative float, got {lr!r}")
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
-        raise TypeError(f"delta must be a float, got {type(delta).__name__}")
-    rank = _check_int("rank", rank, 1, num_hidden)
-    if not (isinstance(prec, numbers.Real) and prec > 0):
-        raise ValueError(f"prec must be a positive float, got {prec!r}")
-    if not (isinstance(tiny, numbers.Real) and tiny >= 0):
-        raise ValueError(f"tiny must be a non-negative float, got {tiny!r}")
+    synapses_t = check_synapses(synapses, UPDATE_DTYPES)
+    check_update_scalars(lr, delta, rank, prec, tiny, synapses.shape[0])
     ct = reference.compute_dtype(synapses.dtype)
-    ids, offsets, w = _csr(indices, offsets_or_mask, weights, num_inputs, synapses.device, ct)
-    out = biohash_update_op(ids, offsets, w, synapses_t, float(lr), float(delta), rank, float(prec), float(tiny))
+    ids, offsets, w = csr(indices, offsets_or_mask, weights, synapses.device, ct)
+    out = biohash_update_op(ids, offsets, w, synapses_t, float(lr), float(delta), int(rank), float(prec),
+                            float(tiny))
     if not synapses.t().is_contiguous():  # synapses_t was a copy: write the step back
         synapses.copy_(synapses_t.t())
     return out
 
 
 def biohash_schedule(epoch: int, epochs: int, lr0: float = 0.002, delta0: float = 0.0) -> tuple[float, float]:
-    """FlyVec's per-epoch schedules (spec §1.3, item 9): ``lr = lr0 * (1 - epoch/epochs)`` (linear
+    """FlyVec's per-epoch schedules (FlyVec's trainer): ``lr = lr0 * (1 - epoch/epochs)`` (linear
     to 0) and ``delta = delta0 * 0.5 * (1 + tanh((epoch - 0.125 * epochs) / 10))``."""
-    import math
-
-    epochs = _check_int("epochs", epochs, 1)
-    epoch = _check_int("epoch", epoch, 0, epochs)
+    epochs = check_int("epochs", epochs, 1)
+    epoch = check_int("epoch", epoch, 0, epochs)
     lr = lr0 * (1.0 - epoch / epochs)
     delta = delta0 * 0.5 * (1.0 + math.tanh((epoch - 0.125 * epochs) / 10.0))
     return lr, delta
@@ -443,8 +197,9 @@ def biohash_energy(indices: Tensor, offsets_or_mask: Tensor | None, weights: Ten
                    synapses: Tensor) -> Tensor:
     """The energy of spec §1.2 of a batch, a float64 scalar (lower is better):
     ``E = -sum_b <W_mu_b, v_b/p> / ||W_mu_b||`` with ``mu_b = argmax_mu <W_mu, v_b>``."""
-    _check_synapses(synapses)
-    ids, offsets, w = _csr(indices, offsets_or_mask, weights, synapses.shape[1], synapses.device, torch.float64)
+    check_synapses(synapses)
+    ids, offsets, w = csr(indices, offsets_or_mask, weights, synapses.device, torch.float64)
+    check_rows(ids, offsets, w, synapses.shape[1])  # the reference gathers with the ids
     return reference.biohash_energy(ids, offsets, w, synapses)
 
 
@@ -469,7 +224,7 @@ def hamming_topk(queries: Tensor, database: Tensor, n: int, *, metric: str = "ha
                          f"and {database.shape[1]}")
     if queries.device != database.device:
         raise ValueError(f"queries is on {queries.device} but database is on {database.device}")
-    n = _check_int("n", n, 0, database.shape[0])
+    n = check_int("n", n, 0, database.shape[0])
     if metric == "hamming":
         if queries.dtype != torch.uint8 or database.dtype != torch.uint8:
             raise TypeError(f"metric='hamming' takes packed uint8 codes; got {queries.dtype} and {database.dtype}")

@@ -2,7 +2,7 @@
 
 ``kexue::entropy_normalize`` and ``kexue::entropy_normalize_backward`` are ``torch.library``
 custom ops over flattened rows; each dispatches to the backend that :mod:`kexue._backend` picks.
-The math is in shared/spec/entropy_norm.md and csrc/include/kexue/entropy_norm.h.
+The math is in csrc/include/kexue/entropy_norm.h and kexue.reference.entropy_norm.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kexue import _backend
 from kexue.ops._checks import check_floating_tensor, normalize_dim
 from kexue.reference import entropy_norm as reference
 
-OP = "entropy_norm"
+OP = "entropy_normalize"  # the registry name, as the custom op kexue::entropy_normalize
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -55,7 +55,7 @@ _register_backends()
 
 
 @torch.library.custom_op("kexue::entropy_normalize", mutates_args=())
-def entropy_normalize_rows(
+def entropy_normalize_op(
     x: Tensor, target: Tensor, logits: bool, max_iter: int, tol: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rows ``x (R, n)``, targets ``(R,)`` -> ``(y (R, n), gamma (R,), stats (R, 2))``."""
@@ -63,7 +63,7 @@ def entropy_normalize_rows(
     return forward(x, target, logits, max_iter, tol)
 
 
-@entropy_normalize_rows.register_fake
+@entropy_normalize_op.register_fake
 def _(x, target, logits, max_iter, tol):
     ct = reference.compute_dtype(x.dtype)
     rows = x.shape[0]
@@ -71,7 +71,7 @@ def _(x, target, logits, max_iter, tol):
 
 
 @torch.library.custom_op("kexue::entropy_normalize_backward", mutates_args=())
-def entropy_normalize_rows_backward(
+def entropy_normalize_backward_op(
     grad_y: Tensor, grad_gamma: Tensor, x: Tensor, gamma: Tensor, stats: Tensor, logits: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients ``(grad_x (R, n), grad_target (R,))``."""
@@ -79,7 +79,7 @@ def entropy_normalize_rows_backward(
     return backward(grad_y, grad_gamma, x, gamma, stats, logits)
 
 
-@entropy_normalize_rows_backward.register_fake
+@entropy_normalize_backward_op.register_fake
 def _(grad_y, grad_gamma, x, gamma, stats, logits):
     return torch.empty_like(x), torch.empty_like(gamma)
 
@@ -95,11 +95,11 @@ def _backward(ctx, grad_y, grad_gamma, _grad_stats):
     x, gamma, stats = ctx.saved_tensors
     grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
     grad_gamma = torch.zeros_like(gamma) if grad_gamma is None else grad_gamma.contiguous()
-    grad_x, grad_target = entropy_normalize_rows_backward(grad_y, grad_gamma, x, gamma, stats, ctx.logits)
+    grad_x, grad_target = entropy_normalize_backward_op(grad_y, grad_gamma, x, gamma, stats, ctx.logits)
     return grad_x, grad_target, None, None, None
 
 
-entropy_normalize_rows.register_autograd(_backward, setup_context=_setup_context)
+entropy_normalize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,11 +190,15 @@ def entropy_normalize(
     elif not (isinstance(tol, numbers.Real) and tol > 0):
         raise ValueError(f"tol must be a positive float, got {tol!r}")
 
+    if not logits and not torch.compiler.is_compiling() and x.numel() > 0 and bool((x < 0).any()):
+        # x ** gamma of a negative entry is NaN: say so instead of returning a NaN row
+        raise ValueError(f"x holds probabilities, which must be non-negative; found {x[x < 0].flatten()[0].item()} "
+                         "(pass logits=True for logits)")
     moved = x.movedim(dim, -1)
     batch_shape = moved.shape[:-1]
     rows = moved.reshape(-1, n).contiguous()
     targets = _target_rows(target, batch_shape, n, x)
-    y, gamma, _stats = entropy_normalize_rows(rows, targets, bool(logits), int(max_iter), float(tol))
+    y, gamma, _stats = entropy_normalize_op(rows, targets, bool(logits), int(max_iter), float(tol))
     y = y.reshape(moved.shape).movedim(-1, dim)
     if return_gamma:
         return y, gamma.reshape(batch_shape)

@@ -1,6 +1,6 @@
-"""BioHash / FlyVec in plain PyTorch (the oracle, and the ``torch`` backend).
+"""BioHash / FlyVec in plain PyTorch: the oracle, and the ``torch`` backend of hashing and the step.
 
-The math is in shared/spec/biohash.md. Conventions shared with the kernels (csrc/cpu/biohash.cpp):
+Conventions shared with the kernels (csrc/include/kexue/biohash.h, csrc/cpu/biohash_rows.h):
 
 Synapses ``W`` have shape ``(K, N)``: K hidden units ("Kenyon cells"), N input dimensions (for
 FlyVec N = 2V: context words in ``[0, V)``, the target word in ``[V, 2V)``).

@@ -1,0 +1,288 @@
+"""The FlyVec / BioHash learning step in Triton (contract: biohash_update_ in
+python/kexue/reference/biohash.py and biohash_update_cpu in csrc/cpu/biohash_update.cpp)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, block_k, num_warps_for
+
+# ---------------------------------------------------------------------------------------------
+# The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp and the reference's
+# biohash_update_). Four launches and a sort, all deterministic (no atomics anywhere):
+#
+# 1. _update_rows_kernel, one program per CSR row: raw and scaled activations (gathered from the
+#    row's columns of synapses_t, never a dense input), the winner (largest raw key, lowest
+#    index), with ANTI the unit ranked `rank`-th, and each token's Hebbian contributions
+#    (unit, value): (winner, w_j) at slot j and, with ANTI, (ranked unit, -delta * w_j) at slot
+#    nnz + j.
+# 2. _update_xx_kernel, one program per block of units and slice of 256 rows: partial sums of
+#    xx[mu]; _update_nx_kernel adds the slices in order and stores nx = -xx on active units
+#    (xx != 0) and 0 elsewhere.
+# 3. (torch) the contributions stably sorted by input id, and each input's bucket of them:
+#    every element then sums its contributions in the CPU kernel's order (winners in sample
+#    order, then ranked units), without atomics and without an (N, K) scratch.
+# 4. _update_ds_kernel twice, one program per row i of synapses_t (and block of units):
+#    ds[i, mu] = nx[mu] * W[i, mu] + (sum of the bucket's values for mu) on active units (0 on
+#    the others). The first pass writes each program's max |ds| (a partial; torch's amax makes
+#    it the global nc); the second applies W += lr / max(nc, prec) * ds where the change exceeds
+#    tiny. The decay term touches every row of synapses_t (column mu of W for each active unit
+#    mu), so both passes stream the whole matrix: ds is recomputed rather than stored.
+#
+# Products are rounded on their own (_mul_rn) and the division is div_rn, as on the CPU, so the
+# only difference from the CPU kernel is the order in which xx adds up the batch.
+
+
+@triton.jit
+def _row_rank_unit(keys, cols, rank, BLOCK_K: tl.constexpr):
+    """Index of the unit ranked ``rank``-th by ``keys`` (ties to the lowest index)."""
+    threshold = tl.zeros((1,), tl.uint32)
+    for b in tl.static_range(31, -1, -1):
+        candidate = threshold | (1 << b)
+        count = tl.sum(tl.where(keys[None, :] >= candidate[:, None], 1.0, 0.0), axis=1)
+        threshold = tl.where(count >= rank, candidate, threshold)
+    thr = tl.max(threshold, axis=0)
+    greater = tl.sum(tl.where(keys > thr, 1.0, 0.0), axis=0)
+    tied = keys == thr
+    tied_upto = tl.cumsum(tl.where(tied, 1.0, 0.0), axis=0)  # inclusive
+    # the one lane that matches, summed as float32 (exact: < 2**24; see the hash kernel's counts)
+    return tl.sum(tl.where(tied & (tied_upto == rank - greater), cols.to(tl.float32), 0.0), axis=0).to(tl.int32)
+
+
+@triton.jit
+def _update_rows_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, winners_ptr, s_win_ptr, second_ptr,
+                        s_second_ptr, unit_ptr, value_ptr, K, nnz, rank, delta,
+                        ANTI: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + row)
+    end = tl.load(offsets_ptr + row + 1)
+    cols = tl.arange(0, BLOCK_K)
+    in_row = cols < K
+
+    # Raw (winner) and scaled (update) activations, token by token in row order.
+    raw = tl.zeros((BLOCK_K,), tl.float32)
+    scaled = tl.zeros((BLOCK_K,), tl.float32)
+    for j in range(start, end):
+        idx = tl.load(ids_ptr + j).to(tl.int64)
+        w = tl.load(weights_ptr + j)
+        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0)
+        raw = raw + col
+        scaled = scaled + _mul_rn(col, w + tl.zeros_like(col), EXACT)
+
+    # Winner: the largest key, lowest index (padding keys are 0, below every real key).
+    keys = tl.where(in_row, _order_key(raw), 0)
+    best = tl.max(keys, axis=0)
+    winner = tl.min(tl.where(keys == best, cols, BLOCK_K), axis=0)
+    s_win = tl.sum(tl.where(cols == winner, scaled, 0.0), axis=0)
+    tl.store(winners_ptr + row, winner.to(tl.int64))
+    tl.store(s_win_ptr + row, s_win)
+    if ANTI:
+        second = _row_rank_unit(keys, cols, rank, BLOCK_K)
+        tl.store(second_ptr + row, second.to(tl.int64))
+        tl.store(s_second_ptr + row, tl.sum(tl.where(cols == second, scaled, 0.0), axis=0))
+
+    # Hebbian contributions of the row's tokens.
+    for j in range(start, end):
+        w = tl.load(weights_ptr + j)
+        tl.store(unit_ptr + j, winner)
+        tl.store(value_ptr + j, w)
+        if ANTI:
+            tl.store(unit_ptr + nnz + j, second)
+            tl.store(value_ptr + nnz + j, -delta * w)  # one rounding, as on the CPU
+
+
+@triton.jit
+def _update_xx_kernel(winners_ptr, s_win_ptr, second_ptr, s_second_ptr, partial_ptr, rows, K, delta,
+                      rows_per_split, ANTI: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr,
+                      EXACT: tl.constexpr):
+    """partial[split, mu]: the xx terms of rows [split * rows_per_split, ...) for a block of units."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    split = tl.program_id(1)
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, rows)
+    xx = tl.zeros((BLOCK_U,), tl.float32)
+    for b0 in range(first, last, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        ok = bs < last
+        win = tl.load(winners_ptr + bs, mask=ok, other=-1).to(tl.int32)
+        s = tl.load(s_win_ptr + bs, mask=ok, other=0.0)
+        xx += tl.sum(tl.where(win[:, None] == units[None, :], s[:, None], 0.0), axis=0)
+    if ANTI:
+        for b0 in range(first, last, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            ok = bs < last
+            sec = tl.load(second_ptr + bs, mask=ok, other=-1).to(tl.int32)
+            s = _mul_rn(-delta + tl.zeros((BLOCK_B,), tl.float32),
+                        tl.load(s_second_ptr + bs, mask=ok, other=0.0), EXACT)
+            xx += tl.sum(tl.where(sec[:, None] == units[None, :], s[:, None], 0.0), axis=0)
+    tl.store(partial_ptr + split * K + units, xx, mask=units < K)
+
+
+@triton.jit
+def _update_nx_kernel(partial_ptr, nx_ptr, splits, K, BLOCK_U: tl.constexpr):
+    """nx = -xx on active units (xx != 0), 0 elsewhere; xx = the partials summed in split order."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    ok = units < K
+    xx = tl.zeros((BLOCK_U,), tl.float32)
+    for split in range(0, splits):
+        xx += tl.load(partial_ptr + split * K + units, mask=ok, other=0.0)
+    tl.store(nx_ptr + units, tl.where(xx != 0, -xx, 0.0), mask=ok)
+
+
+@triton.jit
+def _update_ds_kernel(wt_ptr, nx_ptr, bucket_ptr, unit_ptr, value_ptr, partial_ptr, nc_ptr, lr, prec, tiny, K,
+                      APPLY: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    nx = tl.load(nx_ptr + cols, mask=cols < K, other=0.0)
+    live = (cols < K) & (nx != 0)  # inactive units never change: not even read
+    ptrs = wt_ptr + i * K + cols
+    w = tl.load(ptrs, mask=live, other=0.0)
+
+    # The Hebbian sum of this input's bucket, in bucket order (the CPU kernel's order).
+    hebb = tl.zeros((BLOCK_K,), tl.float32)
+    for s in range(tl.load(bucket_ptr + i), tl.load(bucket_ptr + i + 1)):
+        unit = tl.load(unit_ptr + s)
+        value = tl.load(value_ptr + s)
+        hebb = tl.where(cols == unit, hebb + value, hebb)
+    ds = tl.where(live, _mul_rn(nx, w, EXACT) + hebb, 0.0)
+
+    if APPLY:
+        nc = tl.load(nc_ptr)
+        scale = tl.math.div_rn(lr, tl.maximum(nc, prec))
+        change = _mul_rn(scale + tl.zeros_like(ds), ds, EXACT)
+        tl.store(ptrs, w + change, mask=live & (tl.abs(change) > tiny))
+    else:
+        a = tl.abs(ds)
+        tl.store(partial_ptr + i * tl.num_programs(1) + kb, tl.max(tl.where(a > 0, a, 0.0), axis=0))  # NaN -> 0
+
+
+UPDATE_BLOCK_B = 64
+UPDATE_BLOCK_U = 32
+UPDATE_ROWS_PER_SPLIT = 256  # rows of the batch per xx program
+MAX_DS_BLOCK = 1024
+
+
+def ds_block(num_hidden: int) -> int:
+    """Lanes per program of the ds passes: the row's units, up to MAX_DS_BLOCK."""
+    return min(block_k(num_hidden), MAX_DS_BLOCK)
+
+
+def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+                   synapses_t: torch.Tensor, lr: float, delta: float, rank: int, prec: float,
+                   tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FlyVec step in place on ``synapses_t (N, K)`` float32 (contract: kexue.ops.biohash_update).
+
+    ``indices (nnz,)`` int64, ``offsets (B+1,)`` int64, ``weights (nnz,)`` float32 or None.
+    Returns ``(winners (B,) int64, s_win (B,) float32)``.
+    """
+    if synapses_t.dtype != torch.float32:
+        raise TypeError(f"the Triton biohash update takes float32 synapses, got {synapses_t.dtype}")
+    rows = offsets.shape[0] - 1
+    num_inputs, num_hidden = synapses_t.shape
+    if num_hidden > MAX_HIDDEN:
+        raise ValueError(f"the Triton biohash kernel serves K <= {MAX_HIDDEN}, got K = {num_hidden}")
+    device = synapses_t.device
+    winners = torch.empty(rows, dtype=torch.int64, device=device)
+    s_win = torch.empty(rows, dtype=torch.float32, device=device)
+    if rows == 0:  # no winner, no active unit: nothing moves
+        return winners, s_win
+    anti = delta != 0.0
+    nnz = indices.shape[0]
+    if weights is None:  # a weight of 1 changes no product
+        weights = torch.ones(nnz, dtype=torch.float32, device=device)
+    weights = weights.float().contiguous()
+    second = torch.empty(rows if anti else 1, dtype=torch.int64, device=device)
+    s_second = torch.empty(rows if anti else 1, dtype=torch.float32, device=device)
+    units = torch.empty((2 if anti else 1) * nnz, dtype=torch.int32, device=device)
+    values = torch.empty_like(units, dtype=torch.float32)
+    exact = not _interpreting()
+    block = block_k(num_hidden)
+    _update_rows_kernel[(rows,)](indices, offsets, weights, synapses_t, winners, s_win, second, s_second, units,
+                                 values, num_hidden, nnz, int(rank), float(delta), ANTI=anti, BLOCK_K=block,
+                                 EXACT=exact, num_warps=num_warps_for(block))
+
+    # xx in two deterministic steps: partial sums over slices of the batch (enough programs to
+    # fill the GPU), then the slices summed in order.
+    splits = triton.cdiv(rows, UPDATE_ROWS_PER_SPLIT)
+    unit_blocks = triton.cdiv(num_hidden, UPDATE_BLOCK_U)
+    partial_xx = torch.empty((splits, num_hidden), dtype=torch.float32, device=device)
+    _update_xx_kernel[(unit_blocks, splits)](
+        winners, s_win, second, s_second, partial_xx, rows, num_hidden, float(delta), UPDATE_ROWS_PER_SPLIT,
+        ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=exact, num_warps=4)
+    nx = torch.empty(num_hidden, dtype=torch.float32, device=device)
+    _update_nx_kernel[(unit_blocks,)](partial_xx, nx, splits, num_hidden, BLOCK_U=UPDATE_BLOCK_U, num_warps=1)
+
+    # Buckets: contributions stably sorted by input id (slot j and nnz + j both belong to indices[j]).
+    inputs = torch.cat([indices, indices]) if anti else indices
+    sorted_inputs, order = torch.sort(inputs, stable=True)
+    units, values = units[order].contiguous(), values[order].contiguous()
+    bucket = torch.searchsorted(sorted_inputs, torch.arange(num_inputs + 1, device=device))
+
+    dblock = ds_block(num_hidden)
+    grid = (num_inputs, triton.cdiv(num_hidden, dblock))
+    partial = torch.empty(grid, dtype=torch.float32, device=device)
+    args = (synapses_t, nx, bucket, units, values, partial)
+    _update_ds_kernel[grid](*args, partial, float(lr), float(prec), float(tiny), num_hidden, APPLY=False,
+                            BLOCK_K=dblock, EXACT=exact, num_warps=num_warps_for(dblock))
+    nc = partial.amax().reshape(1)
+    _update_ds_kernel[grid](*args, nc, float(lr), float(prec), float(tiny), num_hidden, APPLY=True,
+                            BLOCK_K=dblock, EXACT=exact, num_warps=num_warps_for(dblock))
+    return winners, s_win
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for ahead-of-time compilation (tests/gpu_compile.py).
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    blocks = [64 << i for i in range(7)]  # 64 .. 4096 = block_k(MAX_HIDDEN)
+    for anti in (False, True):
+        for block in blocks:
+            configs.append(dict(
+                name=f"update_rows {'anti ' if anti else ''}K<={block} w{num_warps_for(block)}",
+                kernel=_update_rows_kernel,
+                signature=dict(ids_ptr="*i64", offsets_ptr="*i64", weights_ptr="*fp32", wt_ptr="*fp32",
+                               winners_ptr="*i64", s_win_ptr="*fp32", second_ptr="*i64", s_second_ptr="*fp32",
+                               unit_ptr="*i32", value_ptr="*fp32", K="i32", nnz="i32", rank="i32", delta="fp32",
+                               ANTI="constexpr", BLOCK_K="constexpr", EXACT="constexpr"),
+                constexprs=dict(ANTI=anti, BLOCK_K=block, EXACT=True),
+                num_warps=num_warps_for(block),
+            ))
+        configs.append(dict(
+            name=f"update_xx {'anti ' if anti else ''}{UPDATE_BLOCK_B}x{UPDATE_BLOCK_U}",
+            kernel=_update_xx_kernel,
+            signature=dict(winners_ptr="*i64", s_win_ptr="*fp32", second_ptr="*i64", s_second_ptr="*fp32",
+                           partial_ptr="*fp32", rows="i32", K="i32", delta="fp32", rows_per_split="i32",
+                           ANTI="constexpr", BLOCK_B="constexpr", BLOCK_U="constexpr", EXACT="constexpr"),
+            constexprs=dict(ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=True),
+            num_warps=4,
+        ))
+    configs.append(dict(
+        name=f"update_nx {UPDATE_BLOCK_U}",
+        kernel=_update_nx_kernel,
+        signature=dict(partial_ptr="*fp32", nx_ptr="*fp32", splits="i32", K="i32", BLOCK_U="constexpr"),
+        constexprs=dict(BLOCK_U=UPDATE_BLOCK_U),
+        num_warps=1,
+    ))
+    for apply in (False, True):
+        for block in [b for b in blocks if b <= MAX_DS_BLOCK]:
+            configs.append(dict(
+                name=f"update_ds {'apply' if apply else 'max'} K<={block} w{num_warps_for(block)}",
+                kernel=_update_ds_kernel,
+                signature=dict(wt_ptr="*fp32", nx_ptr="*fp32", bucket_ptr="*i64", unit_ptr="*i32",
+                               value_ptr="*fp32", partial_ptr="*fp32", nc_ptr="*fp32", lr="fp32", prec="fp32",
+                               tiny="fp32", K="i32", APPLY="constexpr", BLOCK_K="constexpr", EXACT="constexpr"),
+                constexprs=dict(APPLY=apply, BLOCK_K=block, EXACT=True),
+                num_warps=num_warps_for(block),
+            ))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
