@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: test test-all bench bench-full bench-publish check-gpu check-cuda env clean
+.PHONY: test test-all lint bench bench-full bench-publish check-gpu check-cuda env clean
 
 $(VENV)/.deps:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -42,6 +42,10 @@ test: $(VENV)/.built
 
 test-all: $(VENV)/.built
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 check-gpu: $(VENV)/.built
 	$(PY) tests/gpu_compile.py

@@ -60,13 +60,21 @@ def _extensions():
         if os.environ.get("KEXUE_NVCC_RESOURCE_USAGE") == "1":
             nvcc.append("--resource-usage")
         ext = CUDAExtension(
-            "kexue._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            "kexue._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
-            "kexue._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            "kexue._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

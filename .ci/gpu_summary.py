@@ -50,8 +50,17 @@ def main(tsv: str, out: str, elapsed: str, deadline: str) -> int:
         name, rc, seconds, note = (line.split("\t") + ["", "", ""])[:4]
         log = logs / f"{name}.log"
         counts, failed = count_outcomes(log.read_text(errors="replace")) if log.exists() else ({}, [])
-        stages.append({"stage": name, "verdict": verdict(int(rc), counts), "exit": int(rc),
-                       "seconds": int(seconds), "note": note, **counts, "failed_tests": failed[:20]})
+        stages.append(
+            {
+                "stage": name,
+                "verdict": verdict(int(rc), counts),
+                "exit": int(rc),
+                "seconds": int(seconds),
+                "note": note,
+                **counts,
+                "failed_tests": failed[:20],
+            }
+        )
     bench_path = out_dir / "gpu-bench.json"
     headlines = []
     if bench_path.exists():

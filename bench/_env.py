@@ -41,8 +41,9 @@ def _version(module: str) -> str | None:
 def _git_commit() -> str | None:
     """The checked-out commit (read-only query), or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:

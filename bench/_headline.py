@@ -31,11 +31,13 @@ class Headline:
         if self.goal not in _GOALS:
             raise ValueError(f"goal must be one of {sorted(_GOALS)}, got {self.goal!r}")
         if SUBJECT not in (self.numerator, self.denominator):
-            raise ValueError(f"a headline compares {SUBJECT!r} with a peer, got {self.numerator!r} / "
-                             f"{self.denominator!r}")
+            raise ValueError(
+                f"a headline compares {SUBJECT!r} with a peer, got {self.numerator!r} / {self.denominator!r}"
+            )
         if (self.goal == "<=") != (self.numerator == SUBJECT):
-            raise ValueError("a headline's goal bounds kexue's speed from below: 'kexue / peer <= b' "
-                             "or 'peer / kexue >= b'")
+            raise ValueError(
+                "a headline's goal bounds kexue's speed from below: 'kexue / peer <= b' or 'peer / kexue >= b'"
+            )
 
     @property
     def peer(self) -> str:
@@ -55,9 +57,18 @@ class Headline:
         label = f"kexue vs {self.peer}"
         goal = f"goal: {goal_text(self.goal_factor)}"
         record: dict[str, Any] = {
-            "mode": self.mode, "numerator": self.numerator, "denominator": self.denominator, "peer": self.peer,
-            "goal": self.goal, "bound": self.bound, "goal_factor": self.goal_factor, "case": None, "value": None,
-            "factor": None, "met": None, "reason": None,
+            "mode": self.mode,
+            "numerator": self.numerator,
+            "denominator": self.denominator,
+            "peer": self.peer,
+            "goal": self.goal,
+            "bound": self.bound,
+            "goal_factor": self.goal_factor,
+            "case": None,
+            "value": None,
+            "factor": None,
+            "met": None,
+            "reason": None,
         }
         case_rows = [r for r in rows if r["headline"] and r["mode"] == self.mode]
         if not case_rows:

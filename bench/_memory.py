@@ -75,8 +75,14 @@ def peak_bytes_cpu(module: str, args: Sequence[str]) -> int | None:
     fresh process; the bytes, or None when it failed or measured nothing."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-m", module, "--peak", *map(str, args)], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", module, "--peak", *map(str, args)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if res.returncode != 0:
         print(res.stderr[-2000:], file=sys.stderr)
         return None

@@ -44,16 +44,20 @@ def plot(rows: list[dict[str, Any]], floor: dict[str, Any], env: dict[str, Any],
                 ax.bar(xs, ys, width, yerr=[lo, hi], color=colours[peer], label=peer, capsize=2)
         for i, case in enumerate(cases):
             floor_ms = next(r["bytes"] for r in panel if r["case"] == case) / (floor["gbps"] * 1e9) * 1e3
-            ax.hlines(floor_ms, i - 0.45, i + 0.45, colors="black", linewidth=1.5,
-                      label="memory floor" if i == 0 else None)
+            ax.hlines(
+                floor_ms, i - 0.45, i + 0.45, colors="black", linewidth=1.5, label="memory floor" if i == 0 else None
+            )
         ax.set_yscale("log")
         ax.set_xticks(range(len(cases)), cases, rotation=20, ha="right", fontsize=8)  # long case names
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"{family}, {mode}")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", which="both", alpha=0.3)
-    fig.suptitle(f"{env['device']}, {env['threads']} threads, torch {env['torch']}, kexue {env['kexue']}, "
-                 f"{env['date']}; floor {floor['gbps']:.3g} GB/s", fontsize=9)
+    fig.suptitle(
+        f"{env['device']}, {env['threads']} threads, torch {env['torch']}, kexue {env['kexue']}, "
+        f"{env['date']}; floor {floor['gbps']:.3g} GB/s",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

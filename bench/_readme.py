@@ -25,16 +25,24 @@ def _lines(family: str, headlines: list[dict[str, Any]], rows: list[dict[str, An
         if h["value"] is None:
             measured, met = f"n/a ({h['reason'] or 'not measured'})", "-"
         else:
-            times = {r["peer"]: r["median_s"] for r in rows
-                     if r["family"] == family and r["case"] == h["case"] and r["mode"] == h["mode"]}
+            times = {
+                r["peer"]: r["median_s"]
+                for r in rows
+                if r["family"] == family and r["case"] == h["case"] and r["mode"] == h["mode"]
+            }
             detail = ", ".join(f"{n} {fmt_time(times[n])}" for n in ("kexue", h["peer"]) if times.get(n))
             measured, met = f"{speed(h['factor'])} ({detail})", "yes" if h["met"] else "**no**"
         out.append(f"| {family} | {h['case'] or '-'} | {ratio} | {measured} | {goal_text(h['goal_factor'])} | {met} |")
     return out
 
 
-def update(readme: Path, headlines: dict[str, list[dict]], rows: list[dict[str, Any]], env: dict[str, Any],
-           elapsed_s: float | None = None) -> bool:
+def update(
+    readme: Path,
+    headlines: dict[str, list[dict]],
+    rows: list[dict[str, Any]],
+    env: dict[str, Any],
+    elapsed_s: float | None = None,
+) -> bool:
     """Rewrite the table in ``readme``; False (nothing written) when the markers are missing."""
     text = readme.read_text()
     if START not in text or END not in text:
@@ -49,8 +57,10 @@ def update(readme: Path, headlines: dict[str, list[dict]], rows: list[dict[str, 
     for family, family_headlines in headlines.items():
         kept[family] = _lines(family, family_headlines, rows)
     took = f" The run took {duration(elapsed_s)}." if elapsed_s is not None else ""
-    machine = (f"Measured on {env['device']}, {env['threads']} threads, torch {env['torch']}, "
-               f"kexue {env['kexue']}, {env['date']}.{took}")
+    machine = (
+        f"Measured on {env['device']}, {env['threads']} threads, torch {env['torch']}, "
+        f"kexue {env['kexue']}, {env['date']}.{took}"
+    )
     body = [machine, "", *HEAD] + [line for family in sorted(kept) for line in kept[family]]
     readme.write_text(before + START + "\n" + "\n".join(body) + "\n" + END + after)
     return True

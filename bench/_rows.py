@@ -43,9 +43,14 @@ def make_row(
     if isinstance(result, Timing):
         gbps = case.bytes / result.median / 1e9
         row.update(
-            median_s=result.median, q20_s=result.q20, q80_s=result.q80, runs=len(result.samples),
-            calls_per_run=result.calls_per_run, first_call_s=result.first_call_s,
-            gbps=gbps, floor_fraction=gbps / floor_gbps,
+            median_s=result.median,
+            q20_s=result.q20,
+            q80_s=result.q80,
+            runs=len(result.samples),
+            calls_per_run=result.calls_per_run,
+            first_call_s=result.first_call_s,
+            gbps=gbps,
+            floor_fraction=gbps / floor_gbps,
         )
     else:
         row["status"] = result.status if isinstance(result, Unavailable) else "error"

@@ -58,8 +58,17 @@ def format_table(rows: list[dict[str, Any]], subject: str = "kexue") -> str:
     # Peak memory is measured by the CUDA allocator; on CPU there is none to ask, so no column
     # (bench.global_pointer --memory and bench.logn_attention --memory measure CPU peaks apart).
     memory = any(r["peak_mem_bytes"] is not None for r in rows)
-    header = ["case", "mode", "peer", "median", "q20 .. q80", "GB/s", "floor", *(["peak mem"] if memory else []),
-              f"{subject} vs peer"]
+    header = [
+        "case",
+        "mode",
+        "peer",
+        "median",
+        "q20 .. q80",
+        "GB/s",
+        "floor",
+        *(["peak mem"] if memory else []),
+        f"{subject} vs peer",
+    ]
     body = [_cells(r, memory) for r in rows]
     # Repeated case and mode cells are blanked so each case reads as one block.
     for i in range(len(body) - 1, 0, -1):
@@ -69,8 +78,9 @@ def format_table(rows: list[dict[str, Any]], subject: str = "kexue") -> str:
     right = set(range(3, len(header) - 1))  # numbers align right
     lines = []
     for line in [header, *body]:
-        cells = [cell.rjust(w) if c in right else cell.ljust(w)
-                 for c, (cell, w) in enumerate(zip(line, widths, strict=True))]
+        cells = [
+            cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
@@ -83,8 +93,10 @@ def format_family(family: str, rows: list[dict[str, Any]], headlines: list[dict[
         format_table(rows),
     ]
     if any(r["floor_fraction"] is not None and r["floor_fraction"] > 1 for r in rows):
-        out.append("!: faster than its bytes allow at the floor's bandwidth: its data stayed in cache, "
-                   "or the machine was busier while the floor was measured")
+        out.append(
+            "!: faster than its bytes allow at the floor's bandwidth: its data stayed in cache, "
+            "or the machine was busier while the floor was measured"
+        )
 
     untimed = {(r["peer"], r["status"], r["reason"]) for r in rows if r["median_s"] is None}
     if untimed:
@@ -92,8 +104,11 @@ def format_family(family: str, rows: list[dict[str, Any]], headlines: list[dict[
         out += [f"  {peer} ({status}): {reason}" for peer, status, reason in sorted(untimed, key=str)]
 
     # A first call far slower than the rest is compilation or lazy set-up: a cost a user pays once.
-    slow_start = [r for r in rows if r["first_call_s"] is not None
-                  and r["first_call_s"] > max(SLOW_START_S, SLOW_START_FACTOR * r["median_s"])]
+    slow_start = [
+        r
+        for r in rows
+        if r["first_call_s"] is not None and r["first_call_s"] > max(SLOW_START_S, SLOW_START_FACTOR * r["median_s"])
+    ]
     if slow_start:
         out.append("First call (compilation, set-up; excluded from the timings):")
         out += [f"  {r['peer']} on {r['case']} {r['mode']}: {fmt_time(r['first_call_s'])}" for r in slow_start]
@@ -104,8 +119,7 @@ def format_family(family: str, rows: list[dict[str, Any]], headlines: list[dict[
         out.append("No comparison: kexue was not timed in any case.")
     elif losses:
         out.append(f"kexue is NOT faster than the peer in {len(losses)} of {len(compared)} comparisons:")
-        out += [f"  {r['peer']} on {r['case']} {r['mode']}: kexue {fmt_ratio(r['subject_over_peer'])}"
-                for r in losses]
+        out += [f"  {r['peer']} on {r['case']} {r['mode']}: kexue {fmt_ratio(r['subject_over_peer'])}" for r in losses]
     else:
         out.append(f"kexue is faster than the peer in all {len(compared)} comparisons.")
 

@@ -97,9 +97,7 @@ def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> tuple[float, fl
     return first, spent / count
 
 
-def time_peers(
-    fns: dict[str, Callable[[], Any]], clock: Clock, plan: Plan
-) -> dict[str, Timing | BaseException]:
+def time_peers(fns: dict[str, Callable[[], Any]], clock: Clock, plan: Plan) -> dict[str, Timing | BaseException]:
     """Time every callable of ``fns``; a callable that raises gets its exception instead."""
     results: dict[str, Timing | BaseException] = {}
     first: dict[str, float] = {}

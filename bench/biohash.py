@@ -39,12 +39,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import kexue
 import numpy as np
 import torch
-from kexue.reference import biohash as reference
 
+import kexue
 from bench._case import Case, Headline, Peer, Skipped, Thunk, Unavailable
+from kexue.reference import biohash as reference
 
 K, V, WINDOW, TOP_K = 400, 20_000, 10, 32
 BATCH, QUICK_BATCH = 10_000, 1_000
@@ -70,13 +70,20 @@ def _inputs(batch: int, device: torch.device, quick: bool) -> dict[str, Any]:
     ids[:, WINDOW // 2] += V
     invf = (1.0 / counts)[ids.remainder(V)].float()
     offsets = torch.arange(0, batch * WINDOW + 1, WINDOW)
-    return {"synapses": synapses.to(device), "ids": ids.flatten().to(device), "offsets": offsets.to(device),
-            "weights": invf.flatten().to(device), "windows": ids, "quick": quick}
+    return {
+        "synapses": synapses.to(device),
+        "ids": ids.flatten().to(device),
+        "offsets": offsets.to(device),
+        "weights": invf.flatten().to(device),
+        "windows": ids,
+        "quick": quick,
+    }
 
 
 def _kexue_hash(backend: str, threads: int | None = None) -> Callable[[dict], Thunk]:
     """``threads``: run each call on that many threads (``torch.set_num_threads``), restoring the
     run's setting after it; None: the run's setting (all cores by default)."""
+
     def build(inputs: dict) -> Thunk:
         args = (inputs["ids"], inputs["offsets"], None, inputs["synapses"], TOP_K)
         if threads is not None and inputs["synapses"].device.type != "cpu":
@@ -173,11 +180,18 @@ def _flyvec(inputs: dict) -> Thunk:
 def _peers(mode: str, device: torch.device) -> list[Peer]:
     native = "triton" if device.type == "cuda" and mode == "hash" else "cpu"
     if mode == "hash":
-        return [Peer("kexue", _kexue_hash(native)), Peer("kexue-1thread", _kexue_hash("cpu", threads=1)),
-                Peer("reference", _kexue_hash("torch")), Peer("reference-compiled", _reference_compiled(mode)),
-                Peer("flyvec", _flyvec)]
-    return [Peer("kexue", _kexue_train(native)), Peer("reference", _kexue_train("torch")),
-            Peer("reference-compiled", _reference_compiled(mode))]
+        return [
+            Peer("kexue", _kexue_hash(native)),
+            Peer("kexue-1thread", _kexue_hash("cpu", threads=1)),
+            Peer("reference", _kexue_hash("torch")),
+            Peer("reference-compiled", _reference_compiled(mode)),
+            Peer("flyvec", _flyvec),
+        ]
+    return [
+        Peer("kexue", _kexue_train(native)),
+        Peer("reference", _kexue_train("torch")),
+        Peer("reference-compiled", _reference_compiled(mode)),
+    ]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -185,12 +199,24 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     setup = functools.partial(_inputs, batch, device, quick)
     params = {"K": K, "V": V, "N": 2 * V, "window": WINDOW, "k": TOP_K, "batch": batch, "dtype": "fp32"}
     return [
-        Case(name=f"K{K} N{2 * V} {batch}x{WINDOW} k{TOP_K}", mode="hash",
-             bytes=batch * (WINDOW * 4 * K + K // 8), setup=setup, peers=_peers("hash", device), headline=True,
-             params=params),
-        Case(name=f"K{K} N{2 * V} {batch}x{WINDOW}", mode="train",
-             bytes=8 * K * 2 * V + batch * WINDOW * 4 * K, setup=setup, peers=_peers("train", device),
-             headline=True, params=params),
+        Case(
+            name=f"K{K} N{2 * V} {batch}x{WINDOW} k{TOP_K}",
+            mode="hash",
+            bytes=batch * (WINDOW * 4 * K + K // 8),
+            setup=setup,
+            peers=_peers("hash", device),
+            headline=True,
+            params=params,
+        ),
+        Case(
+            name=f"K{K} N{2 * V} {batch}x{WINDOW}",
+            mode="train",
+            bytes=8 * K * 2 * V + batch * WINDOW * 4 * K,
+            setup=setup,
+            peers=_peers("train", device),
+            headline=True,
+            params=params,
+        ),
     ]
 
 
@@ -203,8 +229,11 @@ def headline_timing(batch: int = BATCH, rounds: int = 9) -> None:
     import time
 
     inputs = _inputs(batch, torch.device("cpu"), False)
-    fns = {"kexue-1thread": _kexue_hash("cpu", threads=1)(inputs), "kexue": _kexue_hash("cpu")(inputs),
-           "flyvec": _flyvec(inputs)}
+    fns = {
+        "kexue-1thread": _kexue_hash("cpu", threads=1)(inputs),
+        "kexue": _kexue_hash("cpu")(inputs),
+        "flyvec": _flyvec(inputs),
+    }
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -218,9 +247,11 @@ def headline_timing(batch: int = BATCH, rounds: int = 9) -> None:
     for name, t in med.items():
         print(f"  {name:14s} {t * 1e3:8.2f} ms  {t / batch * 1e6:6.2f} us/window  {batch / t:12,.0f} windows/s")
     for name in ("kexue-1thread", "kexue"):
-        per = sorted(f / k for f, k in zip(samples["flyvec"], samples[name]))
-        print(f"  flyvec / {name}: {med['flyvec'] / med[name]:.1f}x (per round {per[0]:.1f} .. "
-              f"{statistics.median(per):.1f} .. {per[-1]:.1f}x; goal >= 20x)")
+        per = sorted(f / k for f, k in zip(samples["flyvec"], samples[name], strict=False))
+        print(
+            f"  flyvec / {name}: {med['flyvec'] / med[name]:.1f}x (per round {per[0]:.1f} .. "
+            f"{statistics.median(per):.1f} .. {per[-1]:.1f}x; goal >= 20x)"
+        )
 
 
 if __name__ == "__main__":

@@ -27,18 +27,22 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import kexue
 import torch
-from kexue.reference import entropy_norm as reference
 
+import kexue
 from bench import Case, Headline, Peer, Skipped, Unavailable
 from bench._case import Thunk
+from kexue.reference import entropy_norm as reference
 
 MAX_ITER = 20  # the public default
 MODES = ("forward", "full")
 # (rows, n, dtype); the first is the target case and the headline case.
-SHAPES = [(4096, 4096, torch.float32), (65536, 128, torch.float32), (256, 32768, torch.float32),
-          (4096, 4096, torch.bfloat16)]
+SHAPES = [
+    (4096, 4096, torch.float32),
+    (65536, 128, torch.float32),
+    (256, 32768, torch.float32),
+    (4096, 4096, torch.bfloat16),
+]
 QUICK_SHAPES = [(256, 256, torch.float32), (64, 1000, torch.bfloat16)]
 BYTES_PER_ELEMENT_MOVED = {"forward": 2, "full": 5}  # in units of the element size, see above
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -103,8 +107,7 @@ def _compiled_reference() -> tuple[Callable, Callable]:
     # The reference's data-dependent early exit breaks the graph each Newton iteration; dynamo
     # logs a warning per break, which says nothing a benchmark reader needs.
     torch._logging.set_logs(dynamo=logging.ERROR)
-    return (torch.compile(reference.entropy_normalize_forward),
-            torch.compile(reference.entropy_normalize_backward))
+    return (torch.compile(reference.entropy_normalize_forward), torch.compile(reference.entropy_normalize_backward))
 
 
 def _reference_compiled(inputs: dict) -> Thunk:
@@ -131,8 +134,12 @@ def _peers(device: torch.device) -> list[Peer]:
         native = [_kexue_peer("kexue", "triton"), _kexue_peer("kexue-cuda", "cuda")]
     else:
         native = [_kexue_peer("kexue", "cpu")]
-    return [*native, Peer("softmax", _softmax), _kexue_peer("reference", "torch"),
-            Peer("reference-compiled", _reference_compiled)]
+    return [
+        *native,
+        Peer("softmax", _softmax),
+        _kexue_peer("reference", "torch"),
+        Peer("reference-compiled", _reference_compiled),
+    ]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -141,13 +148,15 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     for i, (rows, n, dtype) in enumerate(QUICK_SHAPES if quick else SHAPES):
         for mode in MODES:
             elem = torch.empty((), dtype=dtype).element_size()
-            out.append(Case(
-                name=f"{rows}x{n} {_DTYPE_NAMES[dtype]}",
-                mode=mode,
-                bytes=BYTES_PER_ELEMENT_MOVED[mode] * rows * n * elem,
-                setup=functools.partial(_inputs, rows, n, dtype, device, mode, quick),
-                peers=peers,
-                headline=i == 0,
-                params={"rows": rows, "n": n, "dtype": _DTYPE_NAMES[dtype], "max_iter": MAX_ITER},
-            ))
+            out.append(
+                Case(
+                    name=f"{rows}x{n} {_DTYPE_NAMES[dtype]}",
+                    mode=mode,
+                    bytes=BYTES_PER_ELEMENT_MOVED[mode] * rows * n * elem,
+                    setup=functools.partial(_inputs, rows, n, dtype, device, mode, quick),
+                    peers=peers,
+                    headline=i == 0,
+                    params={"rows": rows, "n": n, "dtype": _DTYPE_NAMES[dtype], "max_iter": MAX_ITER},
+                )
+            )
     return out

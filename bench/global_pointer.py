@@ -36,14 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import kexue
 import torch
-from kexue.reference import global_pointer as reference
 
+import kexue
 from bench._case import Case, Headline, Peer, Skipped, Thunk, Unavailable
 from bench._memory import mib as _mib
 from bench._memory import peak_bytes_cpu as _peak_bytes_cpu
 from bench._memory import rss_growth
+from kexue.reference import global_pointer as reference
 
 MODES = ("forward", "full")
 # (B, L, T, d, dtype); the first is the target case and the headline case.
@@ -65,8 +65,9 @@ HEADLINES = [
 # Inputs.
 
 
-def make_inputs(batch: int, length: int, types: int, d: int, dtype: torch.dtype, device, mode: str,
-                quick: bool = False) -> dict[str, Any]:
+def make_inputs(
+    batch: int, length: int, types: int, d: int, dtype: torch.dtype, device, mode: str, quick: bool = False
+) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, length, d, generator=gen)
     k = torch.randn(batch, length, d, generator=gen)
@@ -163,16 +164,23 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         for mode in MODES:
             inputs_bytes = (2 * batch * length * d + 2 * batch * length * types) * elem
             moved = inputs_bytes * (2 if mode == "full" else 1) + batch * types * length * length
-            out.append(Case(
-                name=f"B{batch} L{length} T{types} d{d} {_DTYPE_NAMES[dtype]}",
-                mode=mode,
-                bytes=moved,
-                setup=functools.partial(make_inputs, batch, length, types, d, dtype, device, mode, quick),
-                peers=peers,
-                headline=i == 0,
-                params={"batch": batch, "length": length, "types": types, "head_size": d,
-                        "dtype": _DTYPE_NAMES[dtype]},
-            ))
+            out.append(
+                Case(
+                    name=f"B{batch} L{length} T{types} d{d} {_DTYPE_NAMES[dtype]}",
+                    mode=mode,
+                    bytes=moved,
+                    setup=functools.partial(make_inputs, batch, length, types, d, dtype, device, mode, quick),
+                    peers=peers,
+                    headline=i == 0,
+                    params={
+                        "batch": batch,
+                        "length": length,
+                        "types": types,
+                        "head_size": d,
+                        "dtype": _DTYPE_NAMES[dtype],
+                    },
+                )
+            )
     return out
 
 
@@ -197,8 +205,10 @@ def memory_report(lengths=CURVE_LENGTHS, headline=(8, 512, 16, 64), out: Path | 
     batch, length, types, d = headline
     k = peak_bytes_cpu("kexue", batch, length, types, d)
     r = peak_bytes_cpu("reference", batch, length, types, d)
-    print(f"headline B={batch} L={length} T={types} d={d} fp32, loss forward+backward, 1 thread: "
-          f"kexue {_mib(k)}, reference {_mib(r)}, reference/kexue {_ratio(r, k)}")
+    print(
+        f"headline B={batch} L={length} T={types} d={d} fp32, loss forward+backward, 1 thread: "
+        f"kexue {_mib(k)}, reference {_mib(r)}, reference/kexue {_ratio(r, k)}"
+    )
     print(f"memory curve B={CURVE_BATCH} T={CURVE_TYPES} d={CURVE_HEAD} fp32, forward+backward:")
     print(f"{'L':>6} {'kexue':>12} {'reference':>12} {'ratio':>8}")
     for length in lengths:
@@ -225,7 +235,7 @@ def _plot_curve(rows: list[dict], path: Path) -> None:
     for peer in ("kexue", "reference"):
         pts = [(r["length"], r[peer] / 2**20) for r in rows if r[peer]]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=peer)
+            ax.plot(*zip(*pts, strict=False), marker="o", label=peer)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length L")

@@ -46,8 +46,17 @@ reference = sys.modules["kexue.reference.logn_attention"]
 TRAIN_LEN = 512
 MODES = ("forward", "full")
 # (L, causal); the first is the headline case (the orientation figure: causal, L = 2048).
-LENGTHS = [(2048, True), (2048, False), (512, True), (512, False), (1024, True), (4096, True), (4096, False),
-           (8192, True), (8192, False)]
+LENGTHS = [
+    (2048, True),
+    (2048, False),
+    (512, True),
+    (512, False),
+    (1024, True),
+    (4096, True),
+    (4096, False),
+    (8192, True),
+    (8192, False),
+]
 QUICK_LENGTHS = [(1024, True), (512, False)]
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 MAX_REFERENCE_LEN = 4096
@@ -69,8 +78,16 @@ def _inputs(length: int, causal: bool, dtype, device, mode: str, quick: bool) ->
     gen = torch.Generator().manual_seed(0)
     shape = (BATCH, HEADS, length, HEAD_DIM)
     q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    inputs: dict[str, Any] = {"q": q, "k": k, "v": v, "causal": causal, "mode": mode, "quick": quick,
-                              "length": length, "row_scale": _row_scale(length, causal, device)}
+    inputs: dict[str, Any] = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "causal": causal,
+        "mode": mode,
+        "quick": quick,
+        "length": length,
+        "row_scale": _row_scale(length, causal, device),
+    }
     if mode == "full":
         for t in (q, k, v):
             t.requires_grad_()
@@ -144,8 +161,9 @@ def _flex(inputs: dict) -> Thunk:
 
     block_mask = None
     if causal:
-        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, q.shape[2],
-                                       q.shape[2], device=q.device)
+        block_mask = create_block_mask(
+            lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, q.shape[2], q.shape[2], device=q.device
+        )
 
     def attend(q, k, v):
         return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
@@ -165,14 +183,18 @@ def _reference_compiled(inputs: dict) -> Thunk:
     if inputs["length"] > MAX_REFERENCE_LEN:
         raise Skipped(f"the reference holds (L, L) scores: left out above L = {MAX_REFERENCE_LEN}")
     forward, causal = _compiled_reference(), inputs["causal"]
-    return lambda: _in_mode(inputs, lambda q, k, v: forward(q, k, v, None, causal, None, TRAIN_LEN, True, False,
-                                                            1)[0])
+    return lambda: _in_mode(inputs, lambda q, k, v: forward(q, k, v, None, causal, None, TRAIN_LEN, True, False, 1)[0])
 
 
 def _peers(device: torch.device) -> list[Peer]:
     native = [_kexue_peer("kexue", "triton" if device.type == "cuda" else "cpu")]
-    return [*native, Peer("sdpa", _sdpa), Peer("flex", _flex), _kexue_peer("reference", "torch"),
-            Peer("reference-compiled", _reference_compiled)]
+    return [
+        *native,
+        Peer("sdpa", _sdpa),
+        Peer("flex", _flex),
+        _kexue_peer("reference", "torch"),
+        Peer("reference-compiled", _reference_compiled),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +212,17 @@ def _varlen_inputs(dtype, device, mode: str) -> dict:
     padded = [torch.zeros(len(lengths), HEADS, longest, HEAD_DIM, device=device, dtype=dtype) for _ in range(3)]
     mask = torch.ones(len(lengths), longest, dtype=torch.bool, device=device)
     for s, n in enumerate(lengths):
-        for p, t in zip(padded, packed):
-            p[s, :, :n] = t[cu[s]:cu[s + 1]].transpose(0, 1)
+        for p, t in zip(padded, packed, strict=False):
+            p[s, :, :n] = t[cu[s] : cu[s + 1]].transpose(0, 1)
         mask[s, :n] = False
-    inputs: dict[str, Any] = {"packed": packed, "padded": padded, "mask": mask, "cu": cu, "max_seqlen": longest,
-                              "mode": mode}
+    inputs: dict[str, Any] = {
+        "packed": packed,
+        "padded": padded,
+        "mask": mask,
+        "cu": cu,
+        "max_seqlen": longest,
+        "mode": mode,
+    }
     if mode == "full":
         for t in (*packed, *padded):
             t.requires_grad_()
@@ -207,8 +235,11 @@ def _varlen_peer(name: str, backend: str, packed: bool) -> Peer:
     def build(inputs: dict) -> Thunk:
         q, k, v = inputs["packed" if packed else "padded"]
         grad = inputs.get("grad_packed" if packed else "grad_padded")
-        kw = (dict(cu_seqlens=inputs["cu"], max_seqlen=inputs["max_seqlen"]) if packed
-              else dict(key_padding_mask=inputs["mask"]))
+        kw = (
+            dict(cu_seqlens=inputs["cu"], max_seqlen=inputs["max_seqlen"])
+            if packed
+            else dict(key_padding_mask=inputs["mask"])
+        )
 
         def call():
             with kexue.use_backend(backend):
@@ -229,12 +260,23 @@ def _varlen_cases(device: torch.device) -> list[Case]:
     elem = torch.empty((), dtype=dtype).element_size()
     peers = [_varlen_peer("kexue", backend, True), _varlen_peer("padded", backend, False)]
     total = sum(VARLEN_LENGTHS)
-    return [Case(name=f"varlen {len(VARLEN_LENGTHS)} seqs, {total} rows, causal {str(dtype).removeprefix('torch.')}",
-                 mode=mode, bytes=BYTES_PER_ELEMENT_MOVED[mode] * HEADS * total * HEAD_DIM * elem,
-                 setup=functools.partial(_varlen_inputs, dtype, device, mode), peers=peers,
-                 params={"lengths": list(VARLEN_LENGTHS), "heads": HEADS, "head_dim": HEAD_DIM, "causal": True,
-                         "train_len": TRAIN_LEN})
-            for mode in MODES]
+    return [
+        Case(
+            name=f"varlen {len(VARLEN_LENGTHS)} seqs, {total} rows, causal {str(dtype).removeprefix('torch.')}",
+            mode=mode,
+            bytes=BYTES_PER_ELEMENT_MOVED[mode] * HEADS * total * HEAD_DIM * elem,
+            setup=functools.partial(_varlen_inputs, dtype, device, mode),
+            peers=peers,
+            params={
+                "lengths": list(VARLEN_LENGTHS),
+                "heads": HEADS,
+                "head_dim": HEAD_DIM,
+                "causal": True,
+                "train_len": TRAIN_LEN,
+            },
+        )
+        for mode in MODES
+    ]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -244,16 +286,24 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     out = []
     for i, (length, causal) in enumerate(QUICK_LENGTHS if quick else LENGTHS):
         for mode in MODES:
-            out.append(Case(
-                name=f"L={length} {'causal' if causal else 'full'} {str(dtype).removeprefix('torch.')}",
-                mode=mode,
-                bytes=BYTES_PER_ELEMENT_MOVED[mode] * BATCH * HEADS * length * HEAD_DIM * elem,
-                setup=functools.partial(_inputs, length, causal, dtype, device, mode, quick),
-                peers=peers,
-                headline=i == 0,
-                params={"batch": BATCH, "heads": HEADS, "seq": length, "head_dim": HEAD_DIM, "causal": causal,
-                        "train_len": TRAIN_LEN},
-            ))
+            out.append(
+                Case(
+                    name=f"L={length} {'causal' if causal else 'full'} {str(dtype).removeprefix('torch.')}",
+                    mode=mode,
+                    bytes=BYTES_PER_ELEMENT_MOVED[mode] * BATCH * HEADS * length * HEAD_DIM * elem,
+                    setup=functools.partial(_inputs, length, causal, dtype, device, mode, quick),
+                    peers=peers,
+                    headline=i == 0,
+                    params={
+                        "batch": BATCH,
+                        "heads": HEADS,
+                        "seq": length,
+                        "head_dim": HEAD_DIM,
+                        "causal": causal,
+                        "train_len": TRAIN_LEN,
+                    },
+                )
+            )
     return out + _varlen_cases(device)
 
 
@@ -261,8 +311,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 # Peak extra memory over the length (CPU): ``python -m bench.logn_attention --memory``.
 
 MEMORY_LENGTHS = (1024, 2048, 4096, 8192, 16384)
-MEMORY_PEERS = {"kexue": lambda inputs: _kexue_peer("kexue", "cpu").build(inputs), "sdpa": _sdpa,
-                "reference": lambda inputs: _kexue_peer("reference", "torch").build(inputs)}
+MEMORY_PEERS = {
+    "kexue": lambda inputs: _kexue_peer("kexue", "cpu").build(inputs),
+    "sdpa": _sdpa,
+    "reference": lambda inputs: _kexue_peer("reference", "torch").build(inputs),
+}
 
 
 def _peak_in_this_process(peer: str, length: int, mode: str) -> int:

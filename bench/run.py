@@ -50,8 +50,11 @@ BUSY_LOAD_PER_CPU = 0.5  # load average per CPU above which the header warns abo
 
 
 def family_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
-                  if not m.name.startswith("_") and m.name not in _NOT_FAMILIES)
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(bench.__path__)
+        if not m.name.startswith("_") and m.name not in _NOT_FAMILIES
+    )
 
 
 def load_family(name: str) -> ModuleType:
@@ -61,8 +64,9 @@ def load_family(name: str) -> ModuleType:
     return module
 
 
-def run_case(family: str, case: Case, device: torch.device, clock: Clock, plan: Plan,
-             floor_gbps: float, env: dict[str, Any]) -> list[dict[str, Any]]:
+def run_case(
+    family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor_gbps: float, env: dict[str, Any]
+) -> list[dict[str, Any]]:
     inputs = case.setup()
     fns, results = {}, {}
     for peer in case.peers:
@@ -80,8 +84,16 @@ def run_case(family: str, case: Case, device: torch.device, clock: Clock, plan: 
     return rows
 
 
-def run_family(name: str, device: torch.device, clock: Clock, plan: Plan, quick: bool,
-               floor: dict[str, Any], env: dict[str, Any], full: bool = False) -> tuple[list[dict], list[dict]]:
+def run_family(
+    name: str,
+    device: torch.device,
+    clock: Clock,
+    plan: Plan,
+    quick: bool,
+    floor: dict[str, Any],
+    env: dict[str, Any],
+    full: bool = False,
+) -> tuple[list[dict], list[dict]]:
     module = load_family(name)
     cases = module.cases(device, quick)
     if not full:  # the default plan: the cases the family's headlines are read from
@@ -98,20 +110,36 @@ def run_family(name: str, device: torch.device, clock: Clock, plan: Plan, quick:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Time kexue's ops against their peers; "
-                                     "write a table, JSON rows and a plot.")
-    parser.add_argument("--only", action="append", metavar="FAMILY", choices=family_names(),
-                        help="run only this family (repeatable); default: all of " + ", ".join(family_names()))
-    parser.add_argument("--full", action="store_true",
-                        help="every case of every family (default: each family's headline cases, every peer)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Time kexue's ops against their peers; write a table, JSON rows and a plot."
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="FAMILY",
+        choices=family_names(),
+        help="run only this family (repeatable); default: all of " + ", ".join(family_names()),
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every case of every family (default: each family's headline cases, every peer)",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke run, not numbers")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch.set_num_threads(N) for the run (default: torch's own choice)")
-    parser.add_argument("--publish", nargs="?", type=Path, const=LATEST, metavar="JSON",
-                        help="run nothing: rewrite the README's results table and docs/bench/ plots from a "
-                             "record (default: the newest in --out); refused if its load check failed")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch.set_num_threads(N) for the run (default: torch's own choice)"
+    )
+    parser.add_argument(
+        "--publish",
+        nargs="?",
+        type=Path,
+        const=LATEST,
+        metavar="JSON",
+        help="run nothing: rewrite the README's results table and docs/bench/ plots from a "
+        "record (default: the newest in --out); refused if its load check failed",
+    )
     # Runs no longer write the README (only --publish does); the flag stays accepted so that
     # scripts written for the old behaviour keep working.
     parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)
@@ -146,16 +174,20 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     plan_name = "full plan" if args.full else "headline cases (--full for all)"
-    print(f"kexue bench on {env['device']} ({device.type}), {env['threads']} threads, torch {env['torch']}, "
-          f"triton {env['triton']}, kexue {env['kexue']}; {plan_name}{', --quick' if args.quick else ''}")
+    print(
+        f"kexue bench on {env['device']} ({device.type}), {env['threads']} threads, torch {env['torch']}, "
+        f"triton {env['triton']}, kexue {env['kexue']}; {plan_name}{', --quick' if args.quick else ''}"
+    )
     for backend, state in env["kexue_backends"].items():
         print(f"  backend {backend}: {'available' if state['available'] else state['reason']}")
     load = load_check(env)
     if not load["ok"]:
         print(f"  warning: {load['text']}")
     floor = measure_floor(device, clock, plan, args.quick)
-    print(f"memory floor: {floor['op']} on {floor['elements']} elements, {floor['gbps']:.3g} GB/s from the "
-          f"fastest of {floor['runs']} samples ({fmt_time(floor['best_s'])}; median {fmt_time(floor['median_s'])})")
+    print(
+        f"memory floor: {floor['op']} on {floor['elements']} elements, {floor['gbps']:.3g} GB/s from the "
+        f"fastest of {floor['runs']} samples ({fmt_time(floor['best_s'])}; median {fmt_time(floor['median_s'])})"
+    )
 
     rows: list[dict[str, Any]] = []
     headlines: dict[str, list[dict]] = {}
@@ -169,8 +201,17 @@ def _run(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.out / f"bench-{stamp}.json"
     elapsed = time.perf_counter() - started
-    record = {"env": env, "quick": args.quick, "full": args.full, "plan": dataclasses.asdict(plan), "load": load,
-              "floor": floor, "headlines": headlines, "rows": rows, "elapsed_s": elapsed}
+    record = {
+        "env": env,
+        "quick": args.quick,
+        "full": args.full,
+        "plan": dataclasses.asdict(plan),
+        "load": load,
+        "floor": floor,
+        "headlines": headlines,
+        "rows": rows,
+        "elapsed_s": elapsed,
+    }
     json_path.write_text(json.dumps(record, indent=1, default=str))
     print(f"\nwrote {json_path} ({duration(elapsed)} in all)")
     draw(record, args.out)
@@ -183,9 +224,12 @@ def load_check(env: dict[str, Any]) -> dict[str, Any]:
     """Whether the machine was free enough at the start of the run for its times to be published."""
     load, cpus = env.get("load_average"), env.get("cpus") or 1
     ok = load is None or load <= BUSY_LOAD_PER_CPU * cpus
-    text = (f"load average {load:.2f} on {cpus} CPUs: other jobs share the machine; absolute times (and "
-            "multi-threaded CPU ops most) suffer, ratios less; this run will not be published"
-            if not ok else "the machine was free")
+    text = (
+        f"load average {load:.2f} on {cpus} CPUs: other jobs share the machine; absolute times (and "
+        "multi-threaded CPU ops most) suffer, ratios less; this run will not be published"
+        if not ok
+        else "the machine was free"
+    )
     return {"ok": ok, "load_average": load, "cpus": cpus, "limit_per_cpu": BUSY_LOAD_PER_CPU, "text": text}
 
 
@@ -214,8 +258,11 @@ def publish(json_path: Path, out: Path) -> bool:
     record = json.loads(json_path.read_text())
     load = record.get("load") or load_check(record["env"])
     if not load["ok"]:
-        print(f"not published: {json_path} was measured on a busy machine ({load['text']}); "
-              "rerun `make bench` when the machine is free", file=sys.stderr)
+        print(
+            f"not published: {json_path} was measured on a busy machine ({load['text']}); "
+            "rerun `make bench` when the machine is free",
+            file=sys.stderr,
+        )
         return False
     if record.get("quick"):
         print(f"not published: {json_path} is a --quick smoke run", file=sys.stderr)

@@ -36,12 +36,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import kexue
 import torch
+
+import kexue
+from bench._case import Case, Headline, Peer, Skipped, Thunk, Unavailable
 from kexue.optim import Lion, Tiger
 from kexue.reference import sign_optim as reference
-
-from bench._case import Case, Headline, Peer, Skipped, Thunk, Unavailable
 
 TENSORS = 50
 PARAMS = 100_000_000
@@ -74,8 +74,9 @@ def _sizes(total: int, count: int) -> list[int]:
     return sizes.tolist()
 
 
-def _inputs(total: int, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32,
-            tensors: int = TENSORS) -> dict[str, Any]:
+def _inputs(
+    total: int, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32, tensors: int = TENSORS
+) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     params = []
     for n in _sizes(total, tensors):
@@ -212,15 +213,23 @@ def _reference_compiled(mode: str) -> Callable[[dict], Thunk]:
 def _peers(mode: str, options: dict, device: torch.device) -> list[Peer]:
     cls = Lion if mode == "lion" else Tiger
     native = "triton" if device.type == "cuda" else "cpu"
-    peers = [Peer("kexue", _kexue(cls, options, native)), Peer("adamw-fused", _adamw("fused")),
-             Peer("adamw-foreach", _adamw("foreach"))]
+    peers = [
+        Peer("kexue", _kexue(cls, options, native)),
+        Peer("adamw-fused", _adamw("fused")),
+        Peer("adamw-foreach", _adamw("foreach")),
+    ]
     if mode == "lion":
-        peers += [Peer("lion-pytorch", _lion_pytorch), Peer("pytorch-optimizer", _pytorch_optimizer("Lion")),
-                  Peer("lion-pytorch-compiled", _compiled("lion-pytorch", _make_lion_pytorch)),
-                  Peer("pytorch-optimizer-compiled", _compiled("pytorch-optimizer", _make_pytorch_optimizer("Lion")))]
+        peers += [
+            Peer("lion-pytorch", _lion_pytorch),
+            Peer("pytorch-optimizer", _pytorch_optimizer("Lion")),
+            Peer("lion-pytorch-compiled", _compiled("lion-pytorch", _make_lion_pytorch)),
+            Peer("pytorch-optimizer-compiled", _compiled("pytorch-optimizer", _make_pytorch_optimizer("Lion"))),
+        ]
     else:
-        peers += [Peer("pytorch-optimizer", _pytorch_optimizer("Tiger")),
-                  Peer("pytorch-optimizer-compiled", _compiled("pytorch-optimizer", _make_pytorch_optimizer("Tiger")))]
+        peers += [
+            Peer("pytorch-optimizer", _pytorch_optimizer("Tiger")),
+            Peer("pytorch-optimizer-compiled", _compiled("pytorch-optimizer", _make_pytorch_optimizer("Tiger"))),
+        ]
     peers += [Peer("reference", _kexue(cls, options, "torch")), Peer("reference-compiled", _reference_compiled(mode))]
     return peers
 
@@ -233,16 +242,24 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     for mode, name, options, per_param, moved in CASES:
         if quick and options:
             continue  # one case per mode is enough for a smoke run
-        out.append(Case(
-            name=name.replace("100M", label) + f" in {TENSORS} tensors",
-            mode=mode,
-            bytes=per_param * total,
-            setup=setup,
-            peers=_peers(mode, options, device),
-            headline=mode not in seen_modes,
-            params={"params": total, "tensors": TENSORS, "dtype": "fp32", "bytes_per_param": per_param,
-                    "bytes_moved_per_param": moved, **{k: str(v) for k, v in options.items()}},
-        ))
+        out.append(
+            Case(
+                name=name.replace("100M", label) + f" in {TENSORS} tensors",
+                mode=mode,
+                bytes=per_param * total,
+                setup=setup,
+                peers=_peers(mode, options, device),
+                headline=mode not in seen_modes,
+                params={
+                    "params": total,
+                    "tensors": TENSORS,
+                    "dtype": "fp32",
+                    "bytes_per_param": per_param,
+                    "bytes_moved_per_param": moved,
+                    **{k: str(v) for k, v in options.items()},
+                },
+            )
+        )
         seen_modes.add(mode)
     return out
 
@@ -259,17 +276,28 @@ def _count(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def profile_case(algo: str, total: int, tensors: int, dtype: str, momentum_dtype: str, device: torch.device,
-                 options: dict) -> Case:
+def profile_case(
+    algo: str, total: int, tensors: int, dtype: str, momentum_dtype: str, device: torch.device, options: dict
+) -> Case:
     """One Case for :func:`main`: the given size and dtypes, all peers."""
     per_param, moved = bytes_per_param(algo, dtype, momentum_dtype, options)
     options = {**options, "momentum_dtype": _DTYPES[momentum_dtype]}
-    return Case(name=f"{total / 1e6:g}M {dtype} in {tensors} tensors, {momentum_dtype} momentum", mode=algo,
-                bytes=per_param * total,
-                setup=functools.partial(_inputs, total, device, False, _DTYPES[dtype], tensors),
-                peers=_peers(algo, options, device), headline=True,
-                params={"params": total, "tensors": tensors, "dtype": dtype, "bytes_per_param": per_param,
-                        "bytes_moved_per_param": moved, "momentum_dtype": momentum_dtype})
+    return Case(
+        name=f"{total / 1e6:g}M {dtype} in {tensors} tensors, {momentum_dtype} momentum",
+        mode=algo,
+        bytes=per_param * total,
+        setup=functools.partial(_inputs, total, device, False, _DTYPES[dtype], tensors),
+        peers=_peers(algo, options, device),
+        headline=True,
+        params={
+            "params": total,
+            "tensors": tensors,
+            "dtype": dtype,
+            "bytes_per_param": per_param,
+            "bytes_moved_per_param": moved,
+            "momentum_dtype": momentum_dtype,
+        },
+    )
 
 
 def bytes_per_param(algo: str, dtype: str, momentum_dtype: str, options: dict) -> tuple[int, int]:
@@ -310,16 +338,20 @@ def main(argv: list[str] | None = None) -> int:
     env = describe(device)
     plan = QUICK if args.quick else FULL
     clock = Clock(device)
-    print(f"{args.algo} step, {total:,} {args.dtype} parameters in {args.tensors} tensors, "
-          f"{args.momentum_dtype} momentum, on {env['device']} ({env['threads']} threads, torch {env['torch']})")
+    print(
+        f"{args.algo} step, {total:,} {args.dtype} parameters in {args.tensors} tensors, "
+        f"{args.momentum_dtype} momentum, on {env['device']} ({env['threads']} threads, torch {env['torch']})"
+    )
     floor = measure_floor(device, clock, plan, args.quick)
     case = profile_case(args.algo, total, args.tensors, args.dtype, args.momentum_dtype, device, options)
     rows = run_case("sign_optim", case, device, clock, plan, floor["gbps"], row_fields(device))
     add_ratios(rows)
     print(format_family("sign_optim", rows, [], floor))
     per_param, moved = case.params["bytes_per_param"], case.params["bytes_moved_per_param"]
-    print(f"\nbytes per parameter: floor {per_param}, moved by kexue {moved} (the 'floor' column counts the floor's "
-          f"{per_param}; Tiger's RMS is carried between steps, its NaN guard reads the grads once more)")
+    print(
+        f"\nbytes per parameter: floor {per_param}, moved by kexue {moved} (the 'floor' column counts the floor's "
+        f"{per_param}; Tiger's RMS is carried between steps, its NaN guard reads the grads once more)"
+    )
     print("\nparameters per second (median step):")
     for r in rows:
         if r["median_s"]:

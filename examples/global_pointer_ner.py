@@ -85,8 +85,8 @@ def span_f1(model: Tagger, tokens, mask, gold) -> float:
     pred = [set() for _ in gold]
     for b, t, i, j in index.tolist():
         pred[b].add((t, i, j))
-    hit = sum(len(p & g) for p, g in zip(pred, gold))
-    total = sum(len(p) + len(g) for p, g in zip(pred, gold))
+    hit = sum(len(p & g) for p, g in zip(pred, gold, strict=False))
+    total = sum(len(p) + len(g) for p, g in zip(pred, gold, strict=False))
     return 2 * hit / total if total else 1.0
 
 

@@ -10,8 +10,8 @@ learns byte-level language modelling on the Python reference text that ships wit
 
 Each run is evaluated on held-out text at the training length and at ``--eval-factor`` times it.
 The script writes ``worked_run.json`` (losses, perplexities, settings), ``worked_run.png`` (loss
-curves) and ``worked_run.md`` (the README's table) to ``--out``. ``python examples/worked_run.py --help`` lists the knobs; the defaults take a
-few minutes on two cores.
+curves) and ``worked_run.md`` (the README's table) to ``--out``. ``python examples/worked_run.py
+--help`` lists the knobs; the defaults take a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -48,10 +48,20 @@ def corpus() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_config(args) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=args.width, intermediate_size=args.width * 8 // 3,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
-                       max_position_embeddings=args.train_len * args.eval_factor, tie_word_embeddings=True,
-                       attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=args.width,
+        intermediate_size=args.width * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        max_position_embeddings=args.train_len * args.eval_factor,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
 
 
 def make_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
@@ -63,8 +73,13 @@ def make_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optim
         return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adamw_betas))
     # Tiger's lr is relative: each matrix moves by lr * RMS(matrix) per step, embedding rows by
     # lr * RMS(row), norm gains by 0.5 * lr (tiger_param_groups sorts the tensors into those kinds).
-    return kexue.optim.Tiger(kexue.optim.tiger_param_groups(model), lr=args.tiger_lr, beta=args.tiger_beta,
-                             weight_decay=args.weight_decay, elementwise_lr=args.tiger_elementwise_lr)
+    return kexue.optim.Tiger(
+        kexue.optim.tiger_param_groups(model),
+        lr=args.tiger_lr,
+        beta=args.tiger_beta,
+        weight_decay=args.weight_decay,
+        elementwise_lr=args.tiger_elementwise_lr,
+    )
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -77,7 +92,7 @@ def schedule(step: int, total: int, warmup: int) -> float:
 
 def windows(data: torch.Tensor, length: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(data) - length, (batch,), generator=generator)
-    return torch.stack([data[s:s + length] for s in starts.tolist()])
+    return torch.stack([data[s : s + length] for s in starts.tolist()])
 
 
 def train(run: str, args, train_data: torch.Tensor) -> tuple[LlamaForCausalLM, dict]:
@@ -100,13 +115,15 @@ def train(run: str, args, train_data: torch.Tensor) -> tuple[LlamaForCausalLM, d
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         losses.append(loss.item())
-    return model, dict(optimizer=optimizer_name, attention=attention, losses=losses,
-                       train_seconds=time.perf_counter() - start)
+    return model, dict(
+        optimizer=optimizer_name, attention=attention, losses=losses, train_seconds=time.perf_counter() - start
+    )
 
 
 @torch.no_grad()
-def perplexity(model: LlamaForCausalLM, data: torch.Tensor, length: int, max_windows: int,
-               beyond: int | None = None) -> float:
+def perplexity(
+    model: LlamaForCausalLM, data: torch.Tensor, length: int, max_windows: int, beyond: int | None = None
+) -> float:
     """exp(mean next-byte NLL) over consecutive non-overlapping held-out windows of ``length``.
 
     With ``beyond``, only the bytes predicted at positions ``>= beyond`` count: the part of a long
@@ -114,12 +131,12 @@ def perplexity(model: LlamaForCausalLM, data: torch.Tensor, length: int, max_win
     """
     model.eval()
     count = min(max_windows, (len(data) - 1) // length)
-    ids = data[:count * length].view(count, length)
+    ids = data[: count * length].view(count, length)
     start = 0 if beyond is None else beyond - 1  # logits at position p predict byte p + 1
     total, tokens = 0.0, 0
     for chunk in ids.split(8):
         logits = model(input_ids=chunk, use_cache=False).logits[:, start:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, start + 1:].flatten(), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, start + 1 :].flatten(), reduction="sum")
         total, tokens = total + nll.item(), tokens + logits.shape[0] * logits.shape[1]
     return math.exp(total / tokens)
 
@@ -135,7 +152,9 @@ def plot(results: dict, path: pathlib.Path, smooth: int = 10) -> None:
         losses = torch.tensor(result["losses"])
         k = min(smooth, len(losses))
         smoothed = losses.unfold(0, k, 1).mean(1)
-        ax.plot(range(k, len(losses) + 1), smoothed.tolist(), label=f"{run} ({result['optimizer']}, {result['attention']})")
+        ax.plot(
+            range(k, len(losses) + 1), smoothed.tolist(), label=f"{run} ({result['optimizer']}, {result['attention']})"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (nats/byte, mean of {smooth} steps)")
     ax.set_title(f"tiny Llama, byte-level, train length {results['settings']['train_len']}")
@@ -148,17 +167,25 @@ def plot(results: dict, path: pathlib.Path, smooth: int = 10) -> None:
 def markdown(results: dict) -> str:
     """The results as the README's table: one row per run, perplexity at each evaluated length."""
     lengths = list(next(iter(results["runs"].values()))["perplexity"])
-    head = ["| run | optimizer | attention | final train loss | " + " | ".join(f"ppl @ {n}" for n in lengths)
-            + " | train time |", "|---" * (5 + len(lengths)) + "|"]
+    head = [
+        "| run | optimizer | attention | final train loss | "
+        + " | ".join(f"ppl @ {n}" for n in lengths)
+        + " | train time |",
+        "|---" * (5 + len(lengths)) + "|",
+    ]
     rows = []
     for run, r in results["runs"].items():
         last = r["losses"][-20:]
         ppl = " | ".join(f"{r['perplexity'][n]:.2f}" for n in lengths)
-        rows.append(f"| {run} | {r['optimizer']} | {r['attention']} | {sum(last) / len(last):.3f} | {ppl} | "
-                    f"{r['train_seconds']:.0f} s |")
+        rows.append(
+            f"| {run} | {r['optimizer']} | {r['attention']} | {sum(last) / len(last):.3f} | {ppl} | "
+            f"{r['train_seconds']:.0f} s |"
+        )
     m = results["machine"]
-    return "\n".join(head + rows) + (f"\n\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers "
-                                    f"{m['transformers']}, kexue {m['kexue']}.\n")
+    return "\n".join(head + rows) + (
+        f"\n\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers "
+        f"{m['transformers']}, kexue {m['kexue']}.\n"
+    )
 
 
 def parse_args(argv=None):
@@ -181,11 +208,17 @@ def parse_args(argv=None):
     parser.add_argument("--adamw-betas", type=float, nargs=2, default=[0.8, 0.95])
     parser.add_argument("--tiger-lr", type=float, default=3e-2, help="Tiger's peak relative lr")
     parser.add_argument("--tiger-beta", type=float, default=0.8)
-    parser.add_argument("--tiger-elementwise-lr", type=float, default=0.5,
-                        help="Tiger's lr multiplier for norm gains (absolute lr = this * tiger-lr)")
+    parser.add_argument(
+        "--tiger-elementwise-lr",
+        type=float,
+        default=0.5,
+        help="Tiger's lr multiplier for norm gains (absolute lr = this * tiger-lr)",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent.parent / "docs" / "worked_run")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent.parent / "docs" / "worked_run"
+    )
     return parser.parse_args(argv)
 
 
@@ -193,22 +226,32 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     train_data, held_out = corpus()
     lengths = (args.train_len, args.train_len * args.eval_factor)
-    results = dict(settings={k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-                   machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                                torch=torch.__version__, transformers=transformers.__version__,
-                                kexue=kexue.__version__),
-                   runs={})
+    results = dict(
+        settings={k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+        machine=dict(
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            kexue=kexue.__version__,
+        ),
+        runs={},
+    )
     for run in args.runs:
         model, result = train(run, args, train_data)
         windows_at = {n: max(1, args.eval_windows * args.train_len // n) for n in lengths}
         result["perplexity"] = {str(n): perplexity(model, held_out, n, windows_at[n]) for n in lengths}
         long = lengths[-1]
         result["perplexity"][f"{long}, positions >= {args.train_len}"] = perplexity(
-            model, held_out, long, windows_at[long], beyond=args.train_len)
+            model, held_out, long, windows_at[long], beyond=args.train_len
+        )
         results["runs"][run] = result
         ppl = ", ".join(f"length {n}: {p:.3f}" for n, p in result["perplexity"].items())
-        print(f"{run:>11}: final loss {sum(result['losses'][-20:]) / min(20, len(result['losses'])):.3f}, "
-              f"held-out perplexity {ppl}, {result['train_seconds']:.0f} s", flush=True)
+        print(
+            f"{run:>11}: final loss {sum(result['losses'][-20:]) / min(20, len(result['losses'])):.3f}, "
+            f"held-out perplexity {ppl}, {result['train_seconds']:.0f} s",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "worked_run.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "worked_run.png")

@@ -134,9 +134,11 @@ def kernel_package():
 def discover(extra_modules: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]:
     """``(module name, index, config)`` for every entry of every module's AOT_CONFIGS."""
     package = kernel_package()
-    names = [f"{package.__name__}.{info.name}"
-             for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
-             if not info.name.startswith("_")]
+    names = [
+        f"{package.__name__}.{info.name}"
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
+        if not info.name.startswith("_")
+    ]
     if extra_modules and REPO not in sys.path:  # e.g. tests.gpu_compile_fixtures, run as a script
         sys.path.insert(0, REPO)
     found = []
@@ -193,7 +195,9 @@ def parse_resource_usage(text: str) -> dict[str, int]:
 _GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
 _VECTOR = re.compile(r"\.v(\d)\b")
 _ELEMENT_BITS = re.compile(r"\.[bfsu](\d+)\b")
-_CP_ASYNC_BYTES = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+_CP_ASYNC_BYTES = re.compile(
+    r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
 
 
 def count_instructions(ptx: str) -> dict[str, int]:
@@ -284,25 +288,37 @@ def compile_config(config: dict, arch: int, module: str = "?", mode: str = "jit"
 
     kernel = config["kernel"]
     num_warps = int(config.get("num_warps", 4))
-    result = Result(module=module, name=config.get("name", kernel.__name__), arch=arch, num_warps=num_warps,
-                    mode=mode, expect=list(config.get("expect", ())))
+    result = Result(
+        module=module,
+        name=config.get("name", kernel.__name__),
+        arch=arch,
+        num_warps=num_warps,
+        mode=mode,
+        expect=list(config.get("expect", ())),
+    )
     options = {"num_warps": num_warps, "enable_fp_fusion": _fp_fusion()}
     if "num_stages" in config:
         options["num_stages"] = int(config["num_stages"])
     try:
         attrs = jit_attributes(config) if mode == "jit" else None
-        source = triton.compiler.ASTSource(fn=kernel, signature=config["signature"],
-                                           constexprs=config.get("constexprs", {}), attrs=attrs)
+        source = triton.compiler.ASTSource(
+            fn=kernel, signature=config["signature"], constexprs=config.get("constexprs", {}), attrs=attrs
+        )
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
-            out = subprocess.run([cuobjdump(), "--dump-resource-usage", path],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
         usage = parse_resource_usage(out)
         result.reg, result.stack, result.shared, result.local = (
-            usage["REG"], usage["STACK"], usage["SHARED"], usage["LOCAL"])
+            usage["REG"],
+            usage["STACK"],
+            usage["SHARED"],
+            usage["LOCAL"],
+        )
         result.dyn_shared = int(compiled.metadata.shared)
         result.instructions = count_instructions(compiled.asm["ptx"])
         result.replicated = replicated_dots(compiled.asm["ttgir"])
@@ -317,21 +333,26 @@ def _compile_job(module: str, index: int, arch: int, mode: str) -> Result:
     return compile_config(config, arch, module, mode)
 
 
-def compile_all(archs=ARCHS, modes=MODES, jobs: int | None = None, only: str | None = None,
-                extra_modules: tuple[str, ...] = ()) -> list[Result]:
+def compile_all(
+    archs=ARCHS, modes=MODES, jobs: int | None = None, only: str | None = None, extra_modules: tuple[str, ...] = ()
+) -> list[Result]:
     """Compile every configuration (whose module or name contains ``only``, if given) in
     ``jobs`` processes (default: all cores)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use run_subprocess()")
-    configs = [(m, i, c) for m, i, c in discover(extra_modules)
-               if only is None or only in m or only in c.get("name", c["kernel"].__name__)]
+    configs = [
+        (m, i, c)
+        for m, i, c in discover(extra_modules)
+        if only is None or only in m or only in c.get("name", c["kernel"].__name__)
+    ]
     work = work_items(configs, archs, modes)
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(work) <= 1:
         return [_compile_job(*w) for w in work]
     # spawn: a fresh interpreter per worker, no forked torch/OpenMP state.
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(sys.path,)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(sys.path,)
+    ) as pool:
         return list(pool.map(_compile_job, *zip(*work, strict=True)))
 
 
@@ -339,13 +360,21 @@ def _worker_init(path: list[str]) -> None:
     sys.path[:] = path
 
 
-def run_subprocess(archs=ARCHS, modes=MODES, timeout: float = 3600, only: str | None = None,
-                   extra_modules: tuple[str, ...] = ()) -> list[Result]:
+def run_subprocess(
+    archs=ARCHS, modes=MODES, timeout: float = 3600, only: str | None = None, extra_modules: tuple[str, ...] = ()
+) -> list[Result]:
     """:func:`compile_all` in a child process without TRITON_INTERPRET (for interpreter test runs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--archs", ",".join(map(str, archs)),
-           "--modes", ",".join(modes)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--json",
+        "--archs",
+        ",".join(map(str, archs)),
+        "--modes",
+        ",".join(modes),
+    ]
     if only:
         cmd += ["--only", only]
     for module in extra_modules:
@@ -377,8 +406,10 @@ def instruction_summary(r: Result) -> str:
 def format_table(results: list[Result]) -> str:
     """One line per (configuration, target, form): resources, instruction classes, any problem."""
     width = max([len(r.name) for r in results] + [13])
-    head = (f"{'kernel config':<{width}} warps target mode  {'REG':>4} {'STACK':>5} {'SMEM KB':>8} "
-            f"{'LIMIT':>5} {'SPILL':>5}  instructions")
+    head = (
+        f"{'kernel config':<{width}} warps target mode  {'REG':>4} {'STACK':>5} {'SMEM KB':>8} "
+        f"{'LIMIT':>5} {'SPILL':>5}  instructions"
+    )
     lines = [head, "-" * len(head)]
     problems = []
     for r in sorted(results, key=lambda r: (r.module, r.name, r.arch, r.mode)):
@@ -386,8 +417,10 @@ def format_table(results: list[Result]) -> str:
         if r.error is not None:
             row = f"{r.name:<{width}} {r.num_warps:>5} sm_{r.arch:<3} {r.mode:<5} compile error"
         else:
-            row = (f"{r.name:<{width}} {r.num_warps:>5} sm_{r.arch:<3} {r.mode:<5} {r.reg:>4} {r.stack:>5} "
-                   f"{r.shared_total / 1024:>8.1f} {limit:>5} {r.local:>5}  {instruction_summary(r)}")
+            row = (
+                f"{r.name:<{width}} {r.num_warps:>5} sm_{r.arch:<3} {r.mode:<5} {r.reg:>4} {r.stack:>5} "
+                f"{r.shared_total / 1024:>8.1f} {limit:>5} {r.local:>5}  {instruction_summary(r)}"
+            )
         if r.problem():
             row += "  <-- FAIL"
             problems.append(f"{r.module} {r.name} sm_{r.arch} {r.mode}: {r.problem()}")
@@ -412,8 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m for m in args.modes.split(",") if m)
     if set(modes) - set(MODES):
         parser.error(f"--modes: choose from {MODES}")
-    results = compile_all(archs=[int(a) for a in args.archs.split(",")], modes=modes, jobs=args.jobs,
-                          only=args.only, extra_modules=tuple(args.module))
+    results = compile_all(
+        archs=[int(a) for a in args.archs.split(",")],
+        modes=modes,
+        jobs=args.jobs,
+        only=args.only,
+        extra_modules=tuple(args.module),
+    )
     if args.json:  # for run_subprocess: the verdicts travel in the results, exit 0
         print(json.dumps([asdict(r) for r in results]))
         return 0

@@ -12,8 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _fixture_dot_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _fixture_dot_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C = A @ B over K in steps of BLOCK_K, one tile per program; A (BLOCK_M, K), B (K, BLOCK_N)."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -27,8 +26,9 @@ def _fixture_dot_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _fixture_chained_dot_kernel(q_ptr, k_ptr, v_ptr, o_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+def _fixture_chained_dot_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """O = sum over key blocks of (Q K^T) V: chained dots in a loop, as in attention (Triton then
     lays every warp along M, so a tile with fewer than 16 rows a warp is computed more than once)."""
     rm = tl.arange(0, BLOCK_M)
@@ -45,17 +45,42 @@ def _fixture_chained_dot_kernel(q_ptr, k_ptr, v_ptr, o_ptr, N, BLOCK_M: tl.const
 
 
 def _dot(name: str, m: int, n: int, k: int, warps: int, **extra) -> dict:
-    return dict(name=name, kernel=_fixture_dot_kernel, num_warps=warps,
-                signature=dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*fp32", K="i32", BLOCK_M="constexpr",
-                               BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                constexprs=dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), **extra)
+    return dict(
+        name=name,
+        kernel=_fixture_dot_kernel,
+        num_warps=warps,
+        signature=dict(
+            a_ptr="*bf16",
+            b_ptr="*bf16",
+            c_ptr="*fp32",
+            K="i32",
+            BLOCK_M="constexpr",
+            BLOCK_N="constexpr",
+            BLOCK_K="constexpr",
+        ),
+        constexprs=dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
+        **extra,
+    )
 
 
 def _chained(name: str, m: int, n: int, d: int, warps: int, **extra) -> dict:
-    return dict(name=name, kernel=_fixture_chained_dot_kernel, num_warps=warps,
-                signature=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*fp32", N="i32", BLOCK_M="constexpr",
-                               BLOCK_N="constexpr", BLOCK_D="constexpr"),
-                constexprs=dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d), **extra)
+    return dict(
+        name=name,
+        kernel=_fixture_chained_dot_kernel,
+        num_warps=warps,
+        signature=dict(
+            q_ptr="*bf16",
+            k_ptr="*bf16",
+            v_ptr="*bf16",
+            o_ptr="*fp32",
+            N="i32",
+            BLOCK_M="constexpr",
+            BLOCK_N="constexpr",
+            BLOCK_D="constexpr",
+        ),
+        constexprs=dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d),
+        **extra,
+    )
 
 
 AOT_CONFIGS = [
@@ -68,6 +93,13 @@ AOT_CONFIGS = [
     # One warp cannot issue wgmma (a warpgroup of four can): sm_90 falls back to mma.sync.
     _chained("fixture no wgmma", 16, 64, 64, 1, archs=(90,), expect=("wgmma",)),
     # Well shaped: must pass every check, wgmma on sm_90 and 16-byte copies from global memory.
-    _dot("fixture healthy", 64, 64, 64, 4, archs=(80, 90),
-         expect=("tensor_cores", "vector_loads", "no_replication", "wgmma")),
+    _dot(
+        "fixture healthy",
+        64,
+        64,
+        64,
+        4,
+        archs=(80, 90),
+        expect=("tensor_cores", "vector_loads", "no_replication", "wgmma"),
+    ),
 ]

@@ -30,8 +30,9 @@ def ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - 1 - MANTISSA[dtype])
 
 
-def assert_rounded(out: Tensor, exact: Tensor, scale: Tensor, what: str, loose: Tensor | None = None,
-                   loose_by: Tensor | float = 0.0) -> None:
+def assert_rounded(
+    out: Tensor, exact: Tensor, scale: Tensor, what: str, loose: Tensor | None = None, loose_by: Tensor | float = 0.0
+) -> None:
     """``out`` (any dtype) equals the float64 ``exact`` to the rounding of float32 math + storage."""
     out64 = out.detach().double()
     assert torch.equal(torch.isnan(out64), torch.isnan(exact)), f"{what}: NaN pattern differs"
@@ -46,7 +47,8 @@ def assert_rounded(out: Tensor, exact: Tensor, scale: Tensor, what: str, loose: 
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at flat index {i}: "
             f"got {out64.reshape(-1)[i].item()!r}, exact {exact.reshape(-1)[i].item()!r}, "
-            f"tolerance {tol.reshape(-1)[i].item():.3g}")
+            f"tolerance {tol.reshape(-1)[i].item():.3g}"
+        )
 
 
 @dataclass
@@ -71,8 +73,9 @@ def snapshot(opt: torch.optim.Optimizer, params: list[Tensor], momentum_dtype=to
     return thetas, moms, seen
 
 
-def check_step(params, opt, thetas_before, moms_before, exact_thetas, exact_moms, c_scale, lr_bound, trace: Trace,
-               ambiguous):
+def check_step(
+    params, opt, thetas_before, moms_before, exact_thetas, exact_moms, c_scale, lr_bound, trace: Trace, ambiguous
+):
     """Compare the optimizer's state after a step with the oracle's float64 result."""
     for i, p in enumerate(params):
         m = opt.state[p]["exp_avg"]

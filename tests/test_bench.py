@@ -15,9 +15,31 @@ pytest.importorskip("matplotlib")  # the plot needs it; it is in the "bench" ext
 from bench import run  # noqa: E402  (bench/ is importable because pytest puts the repo root on sys.path)
 
 ROW_FIELDS = {
-    "family", "case", "mode", "peer", "subject", "headline", "params", "bytes", "status", "reason",
-    "median_s", "q20_s", "q80_s", "runs", "calls_per_run", "first_call_s", "peak_mem_bytes", "gbps",
-    "floor_fraction", "subject_over_peer", "device", "torch", "triton", "kexue", "threads",
+    "family",
+    "case",
+    "mode",
+    "peer",
+    "subject",
+    "headline",
+    "params",
+    "bytes",
+    "status",
+    "reason",
+    "median_s",
+    "q20_s",
+    "q80_s",
+    "runs",
+    "calls_per_run",
+    "first_call_s",
+    "peak_mem_bytes",
+    "gbps",
+    "floor_fraction",
+    "subject_over_peer",
+    "device",
+    "torch",
+    "triton",
+    "kexue",
+    "threads",
 }
 
 
@@ -104,8 +126,10 @@ def test_ratios_read_one_way():
 def test_headline_text_and_goal_from_kexue_side():
     from bench import Headline
 
-    rows = [{"headline": True, "mode": "lion", "case": "c", "peer": p, "median_s": t, "status": "ok", "reason": None}
-            for p, t in (("kexue", 0.044), ("adamw-fused", 0.064))]
+    rows = [
+        {"headline": True, "mode": "lion", "case": "c", "peer": p, "median_s": t, "status": "ok", "reason": None}
+        for p, t in (("kexue", 0.044), ("adamw-fused", 0.064))
+    ]
     h = Headline("lion", "kexue", "adamw-fused", "<=", 1 / 1.3).evaluate(rows)
     assert h["factor"] == pytest.approx(0.064 / 0.044) and h["goal_factor"] == pytest.approx(1.3)
     assert h["met"] and "kexue vs adamw-fused on c lion: 1.45x faster (goal: at least 1.3x faster: met)" == h["text"]
@@ -129,17 +153,32 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{_readme.START}\nold\n| other | c | r | 1x | <= 1x | yes |\n{_readme.END}\ntail\n")
-    headline = {"mode": "forward", "numerator": "kexue", "denominator": "softmax", "peer": "softmax", "goal": "<=",
-                "bound": 3.0, "goal_factor": 1 / 3, "case": "4096x4096 fp32", "value": 2.5, "factor": 0.4,
-                "met": True, "reason": None}
-    rows = [{"family": "entropy_norm", "case": "4096x4096 fp32", "mode": "forward", "peer": p, "median_s": t}
-            for p, t in (("kexue", 0.05), ("softmax", 0.02))]
+    headline = {
+        "mode": "forward",
+        "numerator": "kexue",
+        "denominator": "softmax",
+        "peer": "softmax",
+        "goal": "<=",
+        "bound": 3.0,
+        "goal_factor": 1 / 3,
+        "case": "4096x4096 fp32",
+        "value": 2.5,
+        "factor": 0.4,
+        "met": True,
+        "reason": None,
+    }
+    rows = [
+        {"family": "entropy_norm", "case": "4096x4096 fp32", "mode": "forward", "peer": p, "median_s": t}
+        for p, t in (("kexue", 0.05), ("softmax", 0.02))
+    ]
     env = {"device": "cpu", "threads": 2, "torch": "2", "kexue": "0", "date": "today"}
     assert _readme.update(readme, {"entropy_norm": [headline]}, rows, env, elapsed_s=1489.0)
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith("tail\n") and "old" not in text
-    assert ("| entropy_norm | 4096x4096 fp32 | softmax (forward) | 2.50x slower (kexue 50 ms, softmax 20 ms) "
-            "| at most 3x slower | yes |") in text
+    assert (
+        "| entropy_norm | 4096x4096 fp32 | softmax (forward) | 2.50x slower (kexue 50 ms, softmax 20 ms) "
+        "| at most 3x slower | yes |"
+    ) in text
     assert "The run took 24 min 49 s." in text
     assert "| other | c | r | 1x | <= 1x | yes |" in text  # a family not run this time keeps its line
     readme.write_text("no markers")
@@ -148,8 +187,11 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
 
 def test_a_run_writes_only_into_its_results_folder(quick_run):
     _, out = quick_run
-    assert {p.name for p in out.iterdir()} == {next(out.glob("bench-*.json")).name, "bench.png",
-                                                "bench-entropy_norm.png"}
+    assert {p.name for p in out.iterdir()} == {
+        next(out.glob("bench-*.json")).name,
+        "bench.png",
+        "bench-entropy_norm.png",
+    }
 
 
 def _record(quick_run, tmp_path, **changes):
@@ -183,8 +225,13 @@ def test_publish_rewrites_the_readme_from_the_newest_record(quick_run, tmp_path,
     assert "| entropy_norm | " in table and "torch " in table  # the rows, and the machine line above them
 
 
-@pytest.mark.parametrize("changes", [{"quick": False, "load": {"ok": False, "text": "load average 3.1 on 2 CPUs"}},
-                                     {"quick": True, "load": {"ok": True, "text": "free"}}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"quick": False, "load": {"ok": False, "text": "load average 3.1 on 2 CPUs"}},
+        {"quick": True, "load": {"ok": True, "text": "free"}},
+    ],
+)
 def test_publish_refuses_a_busy_or_quick_run(quick_run, tmp_path, fake_readme, capsys, changes):
     before = fake_readme.read_text()
     path = _record(quick_run, tmp_path, **changes)

@@ -33,15 +33,24 @@ def test_every_family_defines_cases_for_every_plan():
 
 
 def _case(**params) -> Case:
-    return Case(name="c", mode="forward", bytes=4_000_000, setup=dict,
-                peers=[Peer("kexue", None), Peer("peer", None), Peer("absent", None)], headline=True,
-                params=params)
+    return Case(
+        name="c",
+        mode="forward",
+        bytes=4_000_000,
+        setup=dict,
+        peers=[Peer("kexue", None), Peer("peer", None), Peer("absent", None)],
+        headline=True,
+        params=params,
+    )
 
 
 def test_rows_speed_in_one_direction_and_goals():
     case = _case(flops=2e9, floor_goal=0.5)
-    results = {"kexue": Timing([1e-3, 1e-3, 1e-3], 1, 0.0), "peer": Timing([3e-3] * 3, 1, 0.0),
-               "absent": Unavailable("not installed")}
+    results = {
+        "kexue": Timing([1e-3, 1e-3, 1e-3], 1, 0.0),
+        "peer": Timing([3e-3] * 3, 1, 0.0),
+        "absent": Unavailable("not installed"),
+    }
     rows = make_rows("fam", case, results, {"kexue": 2**20}, {"gbps": 16.0}, {"device": "X"})
     kexue, peer, absent = rows
     assert kexue["tflops"] == pytest.approx(2.0) and kexue["gbps"] == pytest.approx(4.0)

@@ -23,8 +23,15 @@ ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Inputs.
 
 
-def random_batch(rows: int, num_inputs: int, min_len: int = 1, max_len: int = 12, generator=None,
-                 weighted: bool = True, dtype=torch.float64):
+def random_batch(
+    rows: int,
+    num_inputs: int,
+    min_len: int = 1,
+    max_len: int = 12,
+    generator=None,
+    weighted: bool = True,
+    dtype=torch.float64,
+):
     """CSR rows of random ids (repeats allowed) with positive weights."""
     g = generator or torch.Generator().manual_seed(0)
     lengths = torch.randint(min_len, max_len + 1, (rows,), generator=g)
@@ -171,7 +178,9 @@ def test_reference_hamming_and_cosine_against_brute_force():
     q = torch.randint(0, 256, (5, 3), generator=g, dtype=torch.int64).to(torch.uint8)
     db = torch.randint(0, 256, (17, 3), generator=g, dtype=torch.int64).to(torch.uint8)
     db[4] = db[2]  # a tie: the lower index comes first
-    dist = torch.tensor([[sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(qq, dd)) for dd in db] for qq in q])
+    dist = torch.tensor(
+        [[sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(qq, dd, strict=False)) for dd in db] for qq in q]
+    )
     assert torch.equal(ref.hamming_distances(q, db), dist)
     d, i = ref.hamming_topk(q, db, 17)
     for r in range(5):
@@ -190,8 +199,9 @@ def test_reference_hamming_and_cosine_against_brute_force():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("shape", [(400, 97, 32), (1, 5, 1), (7, 30, 7), (8, 12, 3), (9, 50, 4), (65, 40, 64),
-                                   (64, 33, 1)])
+@pytest.mark.parametrize(
+    "shape", [(400, 97, 32), (1, 5, 1), (7, 30, 7), (8, 12, 3), (9, 50, 4), (65, 40, 64), (64, 33, 1)]
+)
 def test_hash_bit_for_bit_with_ties(backend, dtype, shape):
     num_hidden, num_inputs, k = shape
     g = torch.Generator().manual_seed(num_hidden * 31 + num_inputs)
@@ -242,7 +252,10 @@ def test_hash_unit_blocks_and_packing_chunks(backend, num_hidden):
         assert torch.equal(act, ref.activations_sparse(ids, offsets, weights, W))
         for packed in (True, False):
             codes = run(backend, kexue.ops.biohash, ids, offsets, weights, W, k, packed=packed)
-            assert torch.equal(codes, ref.biohash_sparse(ids, offsets, weights, W, k, packed)), (packed, weights is None)
+            assert torch.equal(codes, ref.biohash_sparse(ids, offsets, weights, W, k, packed)), (
+                packed,
+                weights is None,
+            )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -269,11 +282,12 @@ def test_dense_input_form(backend, dtype):
     g = torch.Generator().manual_seed(13)
     W = tied_synapses(37, 20, dtype, generator=g)
     x = torch.randint(0, 3, (11, 20), generator=g).to(dtype)
-    act = (x.double() @ W.double().t())
+    act = x.double() @ W.double().t()
     expected = brute_pack(brute_topk_mask(act, 6))
     assert torch.equal(run(backend, kexue.ops.biohash, x, None, None, W, 6), expected)
-    assert torch.equal(run(backend, kexue.ops.biohash_dense, x, W, 6, packed=False),
-                       ref.unpack_bits(expected, 37).to(torch.uint8))
+    assert torch.equal(
+        run(backend, kexue.ops.biohash_dense, x, W, 6, packed=False), ref.unpack_bits(expected, 37).to(torch.uint8)
+    )
     # the sparse form of the same inputs gives the same codes
     nz = x.nonzero()  # row-major order, as CSR
     ids, vals = nz[:, 1], x[nz[:, 0], nz[:, 1]].to(ref.compute_dtype(dtype))
@@ -295,8 +309,12 @@ def test_topk_rows_of_very_different_scales(backend):
     scale and sign, with ties, NaN and infinities, one after the other, still give exact codes."""
     g = torch.Generator().manual_seed(14)
     rows = [torch.randn(70, generator=g) * scale for scale in (1e-30, 1e30, 1.0, -1e-3, 3e4, 1e-38)]
-    rows += [torch.full((70,), 2.5), torch.arange(70.0) // 7, -torch.arange(70.0),
-             torch.tensor([float("inf"), float("-inf"), float("nan")] * 23 + [0.0])]
+    rows += [
+        torch.full((70,), 2.5),
+        torch.arange(70.0) // 7,
+        -torch.arange(70.0),
+        torch.tensor([float("inf"), float("-inf"), float("nan")] * 23 + [0.0]),
+    ]
     act = torch.stack(rows)
     for order in (torch.arange(len(rows)), torch.randperm(len(rows), generator=g), torch.arange(len(rows)).flip(0)):
         a = act[order]
@@ -317,8 +335,9 @@ def test_empty_batch(backend):
     before = W.clone()
     winners, s_win = run(backend, kexue.ops.biohash_update, ids, offsets, None, W, 0.1)
     assert winners.shape == (0,) and s_win.shape == (0,) and torch.equal(W, before)
-    d, i = run(backend, kexue.ops.hamming_topk, torch.zeros(0, 3, dtype=torch.uint8),
-               torch.zeros(5, 3, dtype=torch.uint8), 2)
+    d, i = run(
+        backend, kexue.ops.hamming_topk, torch.zeros(0, 3, dtype=torch.uint8), torch.zeros(5, 3, dtype=torch.uint8), 2
+    )
     assert d.shape == (0, 2) and i.shape == (0, 2)
 
 
@@ -356,7 +375,7 @@ def test_update_float32_within_rounding(backend):
     got = W32.clone().t().contiguous().t()
     win, _ = run(backend, kexue.ops.biohash_update, ids, offsets, w.float(), got, 0.002)
     assert torch.equal(win, win_r)  # float32 sums of a few terms pick the same winners here
-    change = (expected - W32.double())
+    change = expected - W32.double()
     err = (got.double() - expected).norm() / change.norm()
     assert err < 1e-5, err
 
@@ -387,7 +406,7 @@ def windows(sentences, vocab, size=5):
     rows = []
     for s in sentences:
         for i in range(len(s) - size + 1):
-            win = s[i:i + size].clone()
+            win = s[i : i + size].clone()
             win[size // 2] += vocab
             rows.append(win)
     return torch.stack(rows)
@@ -411,7 +430,7 @@ def test_training_lowers_the_energy(backend):
             winners, _ = run(backend, kexue.ops.biohash_update, x[batch], None, invf[batch], W, lr)
             won.update(winners.tolist())
         energies.append(float(kexue.ops.biohash_energy(x, None, invf, W)))
-    drops = [a - b for a, b in zip(energies, energies[1:])]
+    drops = [a - b for a, b in zip(energies, energies[1:], strict=False)]
     assert energies[-1] < energies[0] - 0.5 * abs(energies[0])
     assert sum(d > 0 for d in drops) >= 0.75 * len(drops), energies  # lower on average, epoch after epoch
     # the units that keep winning converge to unit norm (the Oja term); the others keep their init
@@ -467,7 +486,7 @@ def test_torch_compile_no_graph_break():
         return kexue.ops.hamming_topk(codes, codes, 2)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for a, b in zip(compiled(ids, offsets, w, W), f(ids, offsets, w, W)):
+    for a, b in zip(compiled(ids, offsets, w, W), f(ids, offsets, w, W), strict=False):
         assert torch.equal(a, b)
 
     def step(ids, offsets, w, W):
@@ -491,8 +510,9 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.kexue.biohash_sparse.default, (ids, offsets, None, wt, 3, False))
         torch.library.opcheck(torch.ops.kexue.biohash_activations.default, (ids, offsets, w, wt))
         torch.library.opcheck(torch.ops.kexue.biohash_topk.default, (torch.randn(4, 9, generator=g), 2, True))
-        torch.library.opcheck(torch.ops.kexue.biohash_update.default,
-                              (ids, offsets, w, wt.clone(), 0.01, 0.0, 2, 1e-30, 1e-10))
+        torch.library.opcheck(
+            torch.ops.kexue.biohash_update.default, (ids, offsets, w, wt.clone(), 0.01, 0.0, 2, 1e-30, 1e-10)
+        )
         codes = torch.randint(0, 256, (6, 3), generator=g, dtype=torch.int64).to(torch.uint8)
         torch.library.opcheck(torch.ops.kexue.hamming_topk.default, (codes, codes, 4))
 
@@ -507,42 +527,76 @@ W0 = kexue.ops.new_synapses(8, 10)
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: kexue.ops.biohash(torch.tensor([1, 10]), torch.tensor([0, 2]), None, W0, 2), ValueError,
-         r"indices must lie in \[0, N\) = \[0, 10\).*found 10"),
-        (lambda: kexue.ops.biohash(torch.tensor([-1, 2]), torch.tensor([0, 2]), None, W0, 2), ValueError,
-         "found -1"),
+        (
+            lambda: kexue.ops.biohash(torch.tensor([1, 10]), torch.tensor([0, 2]), None, W0, 2),
+            ValueError,
+            r"indices must lie in \[0, N\) = \[0, 10\).*found 10",
+        ),
+        (lambda: kexue.ops.biohash(torch.tensor([-1, 2]), torch.tensor([0, 2]), None, W0, 2), ValueError, "found -1"),
         (lambda: kexue.ops.biohash(*_csr1(), None, W0, 0), ValueError, r"k must lie in \[1, 8\]"),
         (lambda: kexue.ops.biohash(*_csr1(), None, W0, 9), ValueError, r"k must lie in \[1, 8\], got 9"),
         (lambda: kexue.ops.biohash(*_csr1(), None, W0, 2.0), TypeError, "k must be an int"),
-        (lambda: kexue.ops.biohash(torch.tensor([1, 2]), torch.tensor([0, 0, 2]), None, W0, 2), ValueError,
-         "row 0 .* empty window"),
-        (lambda: kexue.ops.biohash(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[True, True], [False, False]]),
-                                   None, W0, 2), ValueError, "row 1 .* empty window"),
-        (lambda: kexue.ops.biohash(torch.tensor([1, 2]), torch.tensor([0, 1, 3]), None, W0, 2), ValueError,
-         "offsets must start at 0"),
-        (lambda: kexue.ops.biohash(torch.tensor([1.5, 2]), torch.tensor([0, 2]), None, W0, 2), ValueError,
-         "dense"),
-        (lambda: kexue.ops.biohash(torch.tensor([1, 2], dtype=torch.int16), torch.tensor([0, 2]), None, W0, 2),
-         TypeError, "indices must have dtype"),
+        (
+            lambda: kexue.ops.biohash(torch.tensor([1, 2]), torch.tensor([0, 0, 2]), None, W0, 2),
+            ValueError,
+            "row 0 .* empty window",
+        ),
+        (
+            lambda: kexue.ops.biohash(
+                torch.tensor([[1, 2], [3, 4]]), torch.tensor([[True, True], [False, False]]), None, W0, 2
+            ),
+            ValueError,
+            "row 1 .* empty window",
+        ),
+        (
+            lambda: kexue.ops.biohash(torch.tensor([1, 2]), torch.tensor([0, 1, 3]), None, W0, 2),
+            ValueError,
+            "offsets must start at 0",
+        ),
+        (lambda: kexue.ops.biohash(torch.tensor([1.5, 2]), torch.tensor([0, 2]), None, W0, 2), ValueError, "dense"),
+        (
+            lambda: kexue.ops.biohash(torch.tensor([1, 2], dtype=torch.int16), torch.tensor([0, 2]), None, W0, 2),
+            TypeError,
+            "indices must have dtype",
+        ),
         (lambda: kexue.ops.biohash(*_csr1(), torch.ones(2), W0, 2), ValueError, "weights must have the shape"),
-        (lambda: kexue.ops.biohash(*_csr1(), torch.ones(3, dtype=torch.int64), W0, 2), TypeError,
-         "weights must be a floating"),
+        (
+            lambda: kexue.ops.biohash(*_csr1(), torch.ones(3, dtype=torch.int64), W0, 2),
+            TypeError,
+            "weights must be a floating",
+        ),
         (lambda: kexue.ops.biohash(*_csr1(), None, W0.long(), 2), TypeError, "synapses must have dtype"),
         (lambda: kexue.ops.biohash(*_csr1(), None, torch.rand(10), 2), ValueError, r"synapses must be a \(K, N\)"),
         (lambda: kexue.ops.biohash(torch.tensor([1, 2]), None, None, W0, 2), TypeError, "CSR offsets"),
-        (lambda: kexue.ops.biohash(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), None, W0, 2), TypeError,
-         "bool mask"),
+        (
+            lambda: kexue.ops.biohash(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), None, W0, 2),
+            TypeError,
+            "bool mask",
+        ),
         (lambda: kexue.ops.biohash_dense(torch.rand(3, 11), W0, 2), ValueError, r"x must be \(B, N\) with N = 10"),
         (lambda: kexue.ops.biohash_update(*_csr1(), None, W0.half(), 0.1), TypeError, "float32, float64"),
         (lambda: kexue.ops.biohash_update(*_csr1(), None, W0, -0.1), ValueError, "lr must be"),
         (lambda: kexue.ops.biohash_update(*_csr1(), None, W0, 0.1, rank=9), ValueError, "rank must lie"),
-        (lambda: kexue.ops.hamming_topk(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8),
-                                        1), ValueError, "same width"),
-        (lambda: kexue.ops.hamming_topk(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.uint8),
-                                        5), ValueError, r"n must lie in \[0, 4\]"),
+        (
+            lambda: kexue.ops.hamming_topk(
+                torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8), 1
+            ),
+            ValueError,
+            "same width",
+        ),
+        (
+            lambda: kexue.ops.hamming_topk(
+                torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.uint8), 5
+            ),
+            ValueError,
+            r"n must lie in \[0, 4\]",
+        ),
         (lambda: kexue.ops.hamming_topk(torch.zeros(2, 3), torch.zeros(4, 3), 1), TypeError, "packed uint8"),
-        (lambda: kexue.ops.hamming_topk(torch.zeros(2, 3), torch.zeros(4, 3), 1, metric="l2"), ValueError,
-         "metric must be"),
+        (
+            lambda: kexue.ops.hamming_topk(torch.zeros(2, 3), torch.zeros(4, 3), 1, metric="l2"),
+            ValueError,
+            "metric must be",
+        ),
         (lambda: kexue.ops.biohash_schedule(16, 15), ValueError, "epoch must lie"),
     ],
 )
@@ -584,8 +638,9 @@ def test_static_hashes_equal_the_flyvec_packages(backend):
     V, K, k = 60, 100, 12
     W = kexue.ops.new_synapses(K, 2 * V, generator=g)
     theirs = Synapses(W.double().numpy())
-    expected = torch.stack([torch.from_numpy(theirs.get_sparse_embedding(t, hash_length=k)["embedding"])
-                            for t in range(V)]).to(torch.uint8)
+    expected = torch.stack(
+        [torch.from_numpy(theirs.get_sparse_embedding(t, hash_length=k)["embedding"]) for t in range(V)]
+    ).to(torch.uint8)
     ours = run(backend, kexue.ops.biohash, torch.arange(V, 2 * V), torch.arange(V + 1), None, W, k, packed=False)
     assert torch.equal(ours, expected)
 

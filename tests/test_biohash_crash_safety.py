@@ -15,9 +15,9 @@ import subprocess
 import sys
 import textwrap
 
-import kexue
 import pytest
 
+import kexue
 from tests.conftest import triton_unavailable_reason
 
 # Backends that serve CPU tensors here (Triton under the interpreter when there is no GPU).
@@ -57,30 +57,29 @@ def refused(case, backend):
 CASES = {
     # the reproduction: an id past N under torch.compile
     "compiled_hash_id_too_large": "compiled(lambda i, s: kexue.ops.biohash(i, None, None, s, 7))"
-                                  "(torch.tensor([[0, 10**6]]), W)",
+    "(torch.tensor([[0, 10**6]]), W)",
     "compiled_hash_id_minus_one": "compiled(lambda i, s: kexue.ops.biohash(i, None, None, s, 7))"
-                                  "(torch.tensor([[0, -1]]), W)",
+    "(torch.tensor([[0, -1]]), W)",
     "compiled_activations_id_too_large": "compiled(lambda i, o, s: kexue.ops.biohash_activations(i, o, None, s))"
-                                         "(torch.tensor([1, 300]), torch.tensor([0, 2]), W)",
+    "(torch.tensor([1, 300]), torch.tensor([0, 2]), W)",
     "compiled_update_id_too_large": "compiled(lambda i, s: kexue.ops.biohash_update(i, None, None, s, 0.1))"
-                                    "(torch.tensor([[5, 10**6]]), W)",
+    "(torch.tensor([[5, 10**6]]), W)",
     "compiled_update_id_minus_one": "compiled(lambda i, s: kexue.ops.biohash_update(i, None, None, s, 0.1))"
-                                    "(torch.tensor([[-1, 4]]), W)",
+    "(torch.tensor([[-1, 4]]), W)",
     "raw_hash_id_too_large": "torch.ops.kexue.biohash_sparse(torch.tensor([3, 10**9, 1, 2]), off, None, Wt, 5, True)",
     "raw_hash_id_negative": "torch.ops.kexue.biohash_sparse(torch.tensor([3, -7, 1, 2]), off, None, Wt, 5, True)",
     "raw_hash_offsets_past_nnz": "torch.ops.kexue.biohash_sparse(ids, torch.tensor([0, 2, 4000]), None, Wt, 5, True)",
     "raw_hash_offsets_decreasing": "torch.ops.kexue.biohash_sparse(ids, torch.tensor([0, 3, 1, 4]), None, Wt, 5, "
-                                   "False)",
+    "False)",
     "raw_hash_offsets_negative_start": "torch.ops.kexue.biohash_sparse(ids, torch.tensor([-9, 2, 4]), None, Wt, 5, "
-                                       "True)",
+    "True)",
     "raw_hash_k_too_large": "torch.ops.kexue.biohash_sparse(ids, off, None, Wt, 41, True)",
     "raw_hash_weights_too_short": "torch.ops.kexue.biohash_sparse(ids, off, torch.ones(2), Wt, 5, True)",
-    "raw_activations_id_too_large": "torch.ops.kexue.biohash_activations(torch.tensor([3, 300, 1, 2]), off, None, "
-                                    "Wt)",
+    "raw_activations_id_too_large": "torch.ops.kexue.biohash_activations(torch.tensor([3, 300, 1, 2]), off, None, Wt)",
     "raw_update_id_too_large": "torch.ops.kexue.biohash_update(torch.tensor([3, 10**6, 1, 2]), off, None, Wt, 0.1, "
-                               "0.0, 2, 1e-30, 0.0)",
+    "0.0, 2, 1e-30, 0.0)",
     "raw_update_offsets_past_nnz": "torch.ops.kexue.biohash_update(ids, torch.tensor([0, 2, 99]), None, Wt, 0.1, "
-                                   "0.0, 2, 1e-30, 0.0)",
+    "0.0, 2, 1e-30, 0.0)",
     "raw_update_lr_inf": "torch.ops.kexue.biohash_update(ids, off, None, Wt, math.inf, 0.0, 2, 1e-30, 0.0)",
     "update_lr_inf": "kexue.ops.biohash_update(ids, off, None, W, math.inf)",
     "update_delta_nan": "kexue.ops.biohash_update(ids, off, None, W, 0.1, delta=math.nan)",
@@ -98,10 +97,13 @@ def _script(case: str) -> str:
 def test_out_of_range_input_raises_value_error_not_a_signal(name):
     env = dict(os.environ)
     env.setdefault("TRITON_INTERPRET", "1")  # conftest's setting, for the subprocess too
-    proc = subprocess.run([sys.executable, "-c", _script(CASES[name])], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, (f"{name}: the subprocess ended with {proc.returncode} (a negative code is a "
-                                  f"signal)\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}")
+    proc = subprocess.run(
+        [sys.executable, "-c", _script(CASES[name])], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, (
+        f"{name}: the subprocess ended with {proc.returncode} (a negative code is a "
+        f"signal)\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == BACKENDS, proc.stdout + proc.stderr[-3000:]
     for line in lines:

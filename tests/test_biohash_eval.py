@@ -60,8 +60,15 @@ def wiki_sentences(min_tokens: int = 5) -> list[str]:
 # init after 2 epochs (kexue.flyvec.evaluate's docstring has the measurements). The "small" preset's
 # 1,000 a batch at lr 0.1 gives 245 steps an epoch that bring every unit to unit norm and the
 # target half away from the init.
-def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: float = 0.1,
-        hash_length: int = 50, stop_words: bool = False) -> dict:
+def run(
+    epochs: int,
+    out: str,
+    hidden: int = 400,
+    batch_size: int = 1000,
+    lr: float = 0.1,
+    hash_length: int = 50,
+    stop_words: bool = False,
+) -> dict:
     from gensim.models import Word2Vec
 
     import kexue.flyvec as fv
@@ -71,8 +78,16 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
     tokens = sum(len(s.split()) for s in sentences)
     from kexue.flyvec.stopwords import ENGLISH
 
-    config = fv.trainer.preset("small", hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, min_count=5,
-                               hash_length=hash_length, stop_words=tuple(ENGLISH) if stop_words else ())
+    config = fv.trainer.preset(
+        "small",
+        hidden=hidden,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_count=5,
+        hash_length=hash_length,
+        stop_words=tuple(ENGLISH) if stop_words else (),
+    )
     start = time.perf_counter()
     model = fv.train(sentences, out, config, progress=False)
     flyvec_s = time.perf_counter() - start
@@ -92,8 +107,9 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
     _, windows = fv.trainer.prepare(sentences, vocab, config)
     x = windows[:20000].long()
     w = fv.trainer.input_weights(vocab, config).double()[x.remainder(len(vocab))]
-    init = kexue.ops.new_synapses(hidden, 2 * len(vocab), std=config.sigma,
-                                  generator=torch.Generator().manual_seed(config.seed))
+    init = kexue.ops.new_synapses(
+        hidden, 2 * len(vocab), std=config.sigma, generator=torch.Generator().manual_seed(config.seed)
+    )
     energy = tuple(float(kexue.ops.biohash_energy(x, None, w, W)) for W in (init, model.synapses))
     # how far training took the synapses from their init (target half: what static hashes read),
     # and how the windows are shared among the units (one unit winning most would mark every code)
@@ -101,10 +117,20 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
     moved = torch.corrcoef(torch.stack([model.synapses[:, V:].flatten(), init[:, V:].flatten()]).double())[0, 1]
     wins = torch.bincount(kexue.ops.biohash_activations(x, None, None, model.synapses).argmax(1), minlength=hidden)
 
-    results = {"tokens": tokens, "sentences": len(sentences), "vocab": len(vocab), "epochs": epochs,
-               "config": config, "energy": energy, "init_corr": float(moved),
-               "top_unit_share": float(wins.max()) / x.shape[0], "units_winning": int((wins > 0).sum()),
-               "flyvec_train_s": flyvec_s, "word2vec_train_s": w2v_s, "scores": {}}
+    results = {
+        "tokens": tokens,
+        "sentences": len(sentences),
+        "vocab": len(vocab),
+        "epochs": epochs,
+        "config": config,
+        "energy": energy,
+        "init_corr": float(moved),
+        "top_unit_share": float(wins.max()) / x.shape[0],
+        "units_winning": int((wins > 0).sum()),
+        "flyvec_train_s": flyvec_s,
+        "word2vec_train_s": w2v_s,
+        "scores": {},
+    }
     for name in ("wordsim353.tsv", "simlex999.txt"):
         path = os.path.join(gensim_data(), name)
         pairs = read_pairs(path)
@@ -117,19 +143,27 @@ def run(epochs: int, out: str, hidden: int = 400, batch_size: int = 1000, lr: fl
 
 
 def print_results(r: dict) -> None:
-    print(f"corpus: {r['sentences']} sentences, {r['tokens']} tokens; vocabulary {r['vocab']} (min count 5); "
-          f"{r['epochs']} epochs; FlyVec {r['flyvec_train_s']:.1f} s, Word2Vec {r['word2vec_train_s']:.1f} s")
+    print(
+        f"corpus: {r['sentences']} sentences, {r['tokens']} tokens; vocabulary {r['vocab']} (min count 5); "
+        f"{r['epochs']} epochs; FlyVec {r['flyvec_train_s']:.1f} s, Word2Vec {r['word2vec_train_s']:.1f} s"
+    )
     cfg = r["config"]
-    print(f"  hidden {cfg.hidden}, window {cfg.window}, batch {cfg.batch_size}, lr {cfg.lr}, hash length "
-          f"{cfg.hash_length}, {len(cfg.stop_words)} stop words masked")
-    print(f"  energy of 20k windows: {r['energy'][0]:.4g} at init -> {r['energy'][1]:.4g} trained; "
-          f"correlation of the target half with its init {r['init_corr']:.3f}; units winning "
-          f"{r['units_winning']}, the busiest wins {100 * r['top_unit_share']:.1f}% of the windows")
+    print(
+        f"  hidden {cfg.hidden}, window {cfg.window}, batch {cfg.batch_size}, lr {cfg.lr}, hash length "
+        f"{cfg.hash_length}, {len(cfg.stop_words)} stop words masked"
+    )
+    print(
+        f"  energy of 20k windows: {r['energy'][0]:.4g} at init -> {r['energy'][1]:.4g} trained; "
+        f"correlation of the target half with its init {r['init_corr']:.3f}; units winning "
+        f"{r['units_winning']}, the busiest wins {100 * r['top_unit_share']:.1f}% of the windows"
+    )
     for name, scores in r["scores"].items():
         for model, s in scores.items():
             lo, hi = s.ci95
-            print(f"  {name:16s} {model:13s} spearman {s.spearman:+.3f}  95% [{lo:+.2f}, {hi:+.2f}]  "
-                  f"({s.pairs} pairs, {s.skipped} skipped)")
+            print(
+                f"  {name:16s} {model:13s} spearman {s.spearman:+.3f}  95% [{lo:+.2f}, {hi:+.2f}]  "
+                f"({s.pairs} pairs, {s.skipped} skipped)"
+            )
 
 
 @pytest.mark.slow
@@ -163,5 +197,4 @@ if __name__ == "__main__":
 
         torch.set_num_threads(args.threads)
     out = args.out or tempfile.mkdtemp(prefix="flyvec-wiki-")
-    print_results(run(args.epochs, out, args.hidden, args.batch_size, args.lr, args.hash_length,
-                      args.stop_words))
+    print_results(run(args.epochs, out, args.hidden, args.batch_size, args.lr, args.hash_length, args.stop_words))

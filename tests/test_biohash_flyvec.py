@@ -146,8 +146,9 @@ def test_energy_lower_after_training(trained):
     _, windows = flyvec.trainer.prepare(topic_corpus(), model.vocabulary, SMALL)
     x = windows.long()
     w = model.vocabulary.inverse_frequency()[x.remainder(V)]
-    init = kexue.ops.new_synapses(SMALL.hidden, 2 * V, std=SMALL.sigma,
-                                  generator=torch.Generator().manual_seed(SMALL.seed))
+    init = kexue.ops.new_synapses(
+        SMALL.hidden, 2 * V, std=SMALL.sigma, generator=torch.Generator().manual_seed(SMALL.seed)
+    )
     before = kexue.ops.biohash_energy(x, None, w, init)
     after = kexue.ops.biohash_energy(x, None, w, model.synapses)
     assert after < before < 0 or after < 2 * before  # much lower (energies are negative)
@@ -167,15 +168,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, traine
         flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False, on_epoch_end=stop_after_two)
     assert storage.load_state(tmp_path)["epoch"] == 2
     seen = []
-    resumed = flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False,
-                           on_epoch_end=lambda e, m: seen.append(e))
+    resumed = flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False, on_epoch_end=lambda e, m: seen.append(e))
     assert seen == [2, 3]
     assert torch.equal(resumed.synapses, full.synapses)
     # a finished run is not trained further, and other settings are refused
     assert torch.equal(flyvec.train(topic_corpus(), tmp_path, SMALL, progress=False).synapses, full.synapses)
     with pytest.raises(ValueError, match="other settings.*hidden"):
-        flyvec.train(topic_corpus(), tmp_path, flyvec.TrainConfig(hidden=8, window=5, epochs=4, batch_size=64,
-                                                                  lr=0.05, min_count=2, hash_length=4))
+        flyvec.train(
+            topic_corpus(),
+            tmp_path,
+            flyvec.TrainConfig(hidden=8, window=5, epochs=4, batch_size=64, lr=0.05, min_count=2, hash_length=4),
+        )
 
 
 def test_static_hashes_follow_the_synapses_during_training(tmp_path):
@@ -193,8 +196,9 @@ def test_static_hashes_follow_the_synapses_during_training(tmp_path):
         assert torch.equal(cached, fresh)
     assert not torch.equal(seen[0][1], seen[1][1])  # the second epoch did change the codes
     model.synapses.mul_(-1)  # an edit in place by the user is seen too
-    assert torch.equal(model.word_hashes(), flyvec.FlyVec(model.synapses.clone(), model.vocabulary,
-                                                          model.hash_length).word_hashes())
+    assert torch.equal(
+        model.word_hashes(), flyvec.FlyVec(model.synapses.clone(), model.vocabulary, model.hash_length).word_hashes()
+    )
 
 
 def test_epoch_order_is_a_fixed_permutation():
@@ -290,8 +294,10 @@ def test_static_and_contextual_hashes(trained):
     assert torch.equal(got, kexue.ops.biohash(torch.tensor(ids), torch.tensor([0, 3]), None, model.synapses, k)[0])
     assert torch.equal(model.sentence_hash(sent, target=1), got)
     bag = model.sentence_hash(sent)
-    assert torch.equal(bag, kexue.ops.biohash(torch.tensor([ids[0], ids[1] - V, ids[2]]), torch.tensor([0, 3]), None,
-                                              model.synapses, k)[0])
+    assert torch.equal(
+        bag,
+        kexue.ops.biohash(torch.tensor([ids[0], ids[1] - V, ids[2]]), torch.tensor([0, 3]), None, model.synapses, k)[0],
+    )
     with pytest.raises(ValueError, match="does not occur"):
         model.sentence_hash(sent, target="car")
     with pytest.raises(ValueError, match="no tokens"):
@@ -302,7 +308,7 @@ def test_nearest_against_brute_force(trained):
     _, model = trained
     codes = model.word_hashes()
     q = model.vocabulary.id("bus")
-    dist = kexue.reference.biohash.hamming_distances(codes[q:q + 1], codes)[0].tolist()
+    dist = kexue.reference.biohash.hamming_distances(codes[q : q + 1], codes)[0].tolist()
     order = sorted((i for i in range(1, len(dist)) if i != q), key=lambda i: (dist[i], i))[:6]
     assert model.nearest("bus", 6) == [(model.vocabulary.words[i], dist[i]) for i in order]
     with pytest.raises(KeyError, match="not in the vocabulary"):
@@ -317,8 +323,29 @@ def test_cli_train_and_neighbors(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(topic_corpus(sentences=120)))
     out = tmp_path / "model"
-    rc = main(["train", str(corpus), "--out", str(out), "--hidden", "24", "--window", "5", "--epochs", "2",
-               "--batch-size", "64", "--lr", "0.05", "--min-count", "2", "--hash-length", "4", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            str(corpus),
+            "--out",
+            str(out),
+            "--hidden",
+            "24",
+            "--window",
+            "5",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--min-count",
+            "2",
+            "--hash-length",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and (out / "model.pt").is_file()
     assert "trained:" in capsys.readouterr().out
     assert main(["neighbors", str(out), "Apple", "-n", "3"]) == 0
@@ -363,8 +390,10 @@ def test_evaluate_pairs_and_cli(tmp_path, trained, capsys):
 
     out, model = trained
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("# header\napple\tbanana\t9.0\napple\tbus\t1.0\ncar\ttrain\t8.5\nred\tcar\t0.5\n"
-                     "apple\tzebra\t5.0\nblue\tgreen\t8.0\nblue\tpear\t1.5\n")
+    pairs.write_text(
+        "# header\napple\tbanana\t9.0\napple\tbus\t1.0\ncar\ttrain\t8.5\nred\tcar\t0.5\n"
+        "apple\tzebra\t5.0\nblue\tgreen\t8.0\nblue\tpear\t1.5\n"
+    )
     assert len(read_pairs(pairs)) == 7
     score = evaluate(model, pairs)
     assert score.pairs == 6 and score.skipped == 1
@@ -435,8 +464,9 @@ def test_small_preset_and_overrides(tmp_path):
     assert (small.batch_size, small.lr, small.epochs, small.stop_words) == (1000, 0.1, 15, ())
     assert flyvec.trainer.preset("flyvec") == flyvec.TrainConfig()  # FlyVec's own defaults
     assert flyvec.trainer.preset("small", lr=0.05).lr == 0.05
-    args = _parser().parse_args(["train", "c.txt", "--out", "m", "--preset", "small", "--lr", "0.2",
-                                 "--stop-words", "english"])
+    args = _parser().parse_args(
+        ["train", "c.txt", "--out", "m", "--preset", "small", "--lr", "0.2", "--stop-words", "english"]
+    )
     assert _config(args) == flyvec.trainer.preset("small", lr=0.2, stop_words=tuple(ENGLISH))
     words = tmp_path / "stop.txt"
     words.write_text("# mine\nThe\nof\n")

@@ -10,21 +10,25 @@ Small and seeded by default; ``-m slow`` runs many more examples.
 
 from __future__ import annotations
 
-import kexue
 import pytest
 import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from kexue.reference import biohash as ref
 
+import kexue
+from kexue.reference import biohash as ref
 from tests.conftest import triton_unavailable_reason
 
 # Backends that serve CPU tensors here (Triton under the interpreter when there is no GPU).
 BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
 BACKENDS += ["triton"] if triton_unavailable_reason() is None else []
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-FAST = settings(max_examples=15, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 SLOW = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -35,8 +39,9 @@ def hash_problems(draw):
     rows = draw(st.integers(0, 5))
     dtype = draw(st.sampled_from(DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    wt = (torch.randint(-4, 5, (num_inputs, num_hidden), generator=g).double() / 4
-          + torch.randn(num_inputs, num_hidden, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.0, 1.0])))
+    wt = torch.randint(-4, 5, (num_inputs, num_hidden), generator=g).double() / 4 + torch.randn(
+        num_inputs, num_hidden, generator=g, dtype=torch.float64
+    ) * draw(st.sampled_from([0.0, 1.0]))
     for value in draw(st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]), max_size=2)):
         wt.view(-1)[int(torch.randint(0, wt.numel(), (1,), generator=g))] = value
     synapses = wt.to(dtype).t()

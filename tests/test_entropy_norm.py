@@ -132,8 +132,9 @@ def test_backward_matches_oracle(backend, dtype, logits, shape, poison):
     grad_y = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
     grad_gamma = torch.randn(rows, generator=g, dtype=torch.float64).to(ct)
     _, gamma64, stats64 = oracle(x, t, logits)
-    gx64, gt64 = ref.entropy_normalize_backward(grad_y.double(), grad_gamma.double(), x.double(), gamma64, stats64,
-                                                logits)
+    gx64, gt64 = ref.entropy_normalize_backward(
+        grad_y.double(), grad_gamma.double(), x.double(), gamma64, stats64, logits
+    )
     _, gamma, stats = run_rows(backend, x, t, logits)
     with kexue.use_backend(backend):
         gx, gt = torch.ops.kexue.entropy_normalize_backward(grad_y, grad_gamma, x, gamma, stats, logits)
@@ -213,8 +214,7 @@ def test_edge_rows(backend, dtype, poison):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_edge_rows_have_zero_gradient(backend):
-    z = torch.tensor([[0.3] * 4, [1.0, 1.0, 0.0, -1.0], [1.0, 2.0, 0.0, -1.0]], dtype=torch.float64,
-                     requires_grad=True)
+    z = torch.tensor([[0.3] * 4, [1.0, 1.0, 0.0, -1.0], [1.0, 2.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.5, 0.1, math.log(4)], dtype=torch.float64, requires_grad=True)
     with kexue.use_backend(backend):
         y = entropy_normalize(z, t, logits=True)

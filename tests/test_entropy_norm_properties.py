@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 
-import kexue
 import pytest
 import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from kexue.reference import entropy_norm as ref
 
+import kexue
+from kexue.reference import entropy_norm as ref
 from tests.conftest import triton_unavailable_reason
 from tests.helpers import RTOL, rel_err
 
@@ -61,8 +61,9 @@ def _outcome(backend, x_in, target, dim, logits):
     exception type it raised, or None where the backend does not serve the dtype."""
     try:
         with kexue.use_backend(backend):
-            y, gamma = kexue.ops.entropy_normalize(x_in, target.to(ref.compute_dtype(x_in.dtype)), dim=dim,
-                                                   logits=logits, return_gamma=True)
+            y, gamma = kexue.ops.entropy_normalize(
+                x_in, target.to(ref.compute_dtype(x_in.dtype)), dim=dim, logits=logits, return_gamma=True
+            )
             return (y if dim == 1 else y.t()), gamma
     except kexue.BackendUnavailableError:
         return None
@@ -78,8 +79,9 @@ def _check(problem):
             got = _outcome(backend, x_in, target, dim, logits)
             assert got is None or got is expected, f"{backend}: {got} where the reference raises {expected}"
         return
-    y64, gamma64, _ = ref.entropy_normalize_forward(x.double().contiguous(), target.contiguous(), logits, 60,
-                                                    ref.default_tol(torch.float64))
+    y64, gamma64, _ = ref.entropy_normalize_forward(
+        x.double().contiguous(), target.contiguous(), logits, 60, ref.default_tol(torch.float64)
+    )
     for backend in BACKENDS:
         got = _outcome(backend, x_in, target, dim, logits)
         if got is None:

@@ -19,7 +19,10 @@ def test_cpu_code_path_is_the_widest_level_both_have(tmp_path):
     plain = tmp_path / "plain.so"
     plain.write_bytes(b"\0_ZN5kexue3addEPf\0")
     assert env.cpu_code_path(str(both), V3 | V4 | {"sse2"}) == (
-        "AVX-512, AVX2+FMA, baseline (SSE2)", "AVX-512, AVX2+FMA, baseline (SSE2)", "AVX-512")
+        "AVX-512, AVX2+FMA, baseline (SSE2)",
+        "AVX-512, AVX2+FMA, baseline (SSE2)",
+        "AVX-512",
+    )
     assert env.cpu_code_path(str(both), V3)[2] == "AVX2+FMA"  # a CPU without AVX-512
     assert env.cpu_code_path(str(both), V3 - {"fma"})[2] == "baseline (SSE2)"  # AVX2 without FMA is not v3
     assert env.cpu_code_path(str(only_v3), V3 | V4)[2] == "AVX2+FMA"  # built without the AVX-512 clone

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import kexue
-from kexue.ops import global_pointer_decode, global_pointer_loss, global_pointer_scores, multilabel_crossentropy
 from kexue.ops import _global_pointer_inputs as ops
 from kexue.ops import global_pointer as gp_ops
+from kexue.ops import global_pointer_decode, global_pointer_loss, global_pointer_scores, multilabel_crossentropy
 from kexue.reference import global_pointer as ref
 from tests.helpers import assert_close, rel_err
 
@@ -32,8 +32,9 @@ def poison():
     torch.use_deterministic_algorithms(previous)
 
 
-def make_problem(batch, length, types, d, *, shared=True, dtype=torch.float64, pad=True, tril=True, density=0.05,
-                 seed=0):
+def make_problem(
+    batch, length, types, d, *, shared=True, dtype=torch.float64, pad=True, tril=True, density=0.05, seed=0
+):
     """Public-layout inputs (float64 values rounded to dtype) and dense labels on candidate spans."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, length, d) if shared else (batch, length, types, d)
@@ -161,8 +162,15 @@ def test_sparse_reference_equals_dense():
 # Kernels against the oracle.
 
 # (B, L, T, d, shared): lengths not multiples of the 32-row block, one block, one token, empty batch
-SHAPES = [(2, 37, 3, 8, True), (3, 70, 2, 6, False), (1, 1, 2, 4, True), (2, 33, 4, 16, True),
-          (1, 65, 2, 4, False), (0, 5, 2, 4, True), (4, 32, 1, 2, True)]
+SHAPES = [
+    (2, 37, 3, 8, True),
+    (3, 70, 2, 6, False),
+    (1, 1, 2, 4, True),
+    (2, 33, 4, 16, True),
+    (1, 65, 2, 4, False),
+    (0, 5, 2, 4, True),
+    (4, 32, 1, 2, True),
+]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -170,8 +178,9 @@ SHAPES = [(2, 37, 3, 8, True), (3, 70, 2, 6, False), (1, 1, 2, 4, True), (2, 33,
 @pytest.mark.parametrize("shape", SHAPES)
 def test_loss_forward_backward_matches_oracle(backend, dtype, shape, poison):
     batch, length, types, d, shared = shape
-    q, k, sb, eb, mask, labels = make_problem(batch, length, types, d, shared=shared, dtype=dtype,
-                                              seed=length * 7 + types)
+    q, k, sb, eb, mask, labels = make_problem(
+        batch, length, types, d, shared=shared, dtype=dtype, seed=length * 7 + types
+    )
     leaves = [t.clone().requires_grad_() for t in (q, k, sb, eb)]
     with kexue.use_backend(backend):
         loss = global_pointer_loss(*leaves, labels, mask, reduction="none")
@@ -180,15 +189,16 @@ def test_loss_forward_backward_matches_oracle(backend, dtype, shape, poison):
     q4, k4, s4, e4 = leaves64[0], leaves64[1], leaves64[2], leaves64[3]
     q4 = q4.unsqueeze(1) if q4.dim() == 3 else q4.transpose(1, 2)
     k4 = k4.unsqueeze(1) if k4.dim() == 3 else k4.transpose(1, 2)
-    loss64, _ = ref.global_pointer_loss_forward(q4, k4, s4.transpose(1, 2), e4.transpose(1, 2), mask, labels,
-                                                "interleaved", 10000.0, True)
+    loss64, _ = ref.global_pointer_loss_forward(
+        q4, k4, s4.transpose(1, 2), e4.transpose(1, 2), mask, labels, "interleaved", 10000.0, True
+    )
     assert_close(loss, loss64, dtype, "loss")
     if batch == 0:
         return
     w = torch.rand(batch, types, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     grads = torch.autograd.grad((loss * w.to(dtype)).sum(), leaves)
     grads64 = torch.autograd.grad((loss64 * w).sum(), leaves64)
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=False):
         assert a.dtype == dtype
         # the gradient's input is the loss weight rounded to dtype: 2x the output budget
         assert_close(a, b, dtype, name, factor=2.0)
@@ -213,7 +223,7 @@ def test_scores_forward_backward_match_oracle(backend, dtype, rope, tril, poison
     grads = torch.autograd.grad(s, leaves, grad.to(dtype))
     ok = torch.isfinite(s64)
     grads64 = torch.autograd.grad(torch.where(ok, s64, 0.0), leaves64, torch.where(ok, grad.to(dtype).double(), 0.0))
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=False):
         assert_close(a, b, dtype, name)
 
 
@@ -225,13 +235,16 @@ def test_gradcheck_float64(backend):
     # fast_mode: random projections of the Jacobian instead of every column (seconds, not minutes)
     with kexue.use_backend(backend):
         assert torch.autograd.gradcheck(lambda *a: global_pointer_loss(*a, labels, mask, reduction="none"), leaves)
-        assert torch.autograd.gradcheck(lambda *a: global_pointer_loss(*a, idx, mask, reduction="sum"), leaves,
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *a: global_pointer_loss(*a, idx, mask, reduction="sum"), leaves, fast_mode=True
+        )
         per_type = make_problem(2, 6, 2, 4, shared=False, seed=8)
         leaves2 = [t.clone().requires_grad_() for t in per_type[:4]]
         assert torch.autograd.gradcheck(
-            lambda *a: global_pointer_loss(*a, per_type[5], per_type[4], rope="half", tril_mask=False), leaves2,
-            fast_mode=True)
+            lambda *a: global_pointer_loss(*a, per_type[5], per_type[4], rope="half", tril_mask=False),
+            leaves2,
+            fast_mode=True,
+        )
 
         def finite_scores(*a):
             s = global_pointer_scores(*a, mask)
@@ -253,7 +266,7 @@ def test_dense_and_sparse_labels_agree(backend):
         gs = torch.autograd.grad(sparse.sum(), leaves)
         as_list = global_pointer_loss(*leaves, idx.tolist(), mask, reduction="none")
     assert rel_err(sparse, dense) < 1e-13 and rel_err(as_list, dense) < 1e-13
-    for a, b in zip(gs, gd):
+    for a, b in zip(gs, gd, strict=False):
         assert rel_err(a, b) < 1e-13
 
 
@@ -301,8 +314,9 @@ def test_reductions(backend):
     with kexue.use_backend(backend):
         none = global_pointer_loss(q, k, sb, eb, labels, mask, reduction="none")
         assert math.isclose(global_pointer_loss(q, k, sb, eb, labels, mask), none.mean().item(), rel_tol=1e-12)
-        assert math.isclose(global_pointer_loss(q, k, sb, eb, labels, mask, reduction="sum"), none.sum().item(),
-                            rel_tol=1e-12)
+        assert math.isclose(
+            global_pointer_loss(q, k, sb, eb, labels, mask, reduction="sum"), none.sum().item(), rel_tol=1e-12
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -329,22 +343,34 @@ def test_multilabel_crossentropy_forms():
     padded = torch.cat((pos, torch.zeros(4, 3, 2, dtype=torch.int64)), -1)
     s0 = s.clone()
     s0[..., 0] = -math.inf  # mask_zero reserves class 0
-    assert rel_err(multilabel_crossentropy(s, padded, mask_zero=True, reduction="none"),
-                   ref.multilabel_crossentropy(s0, dense)) < 1e-13
+    assert (
+        rel_err(
+            multilabel_crossentropy(s, padded, mask_zero=True, reduction="none"), ref.multilabel_crossentropy(s0, dense)
+        )
+        < 1e-13
+    )
     assert math.isclose(multilabel_crossentropy(s, dense), a.mean().item(), rel_tol=1e-13)
     # soft labels (kexue.fm/archives/9064): log(1 + sum t e^-s) + log(1 + sum (1-t) e^s)
     t = torch.rand(4, 3, 25, generator=g, dtype=torch.float64)
     keep = torch.isfinite(s)
-    expected = (torch.log1p(torch.where(keep, t * torch.exp(-s), 0.0).sum(-1))
-                + torch.log1p(torch.where(keep, (1 - t) * torch.exp(s), 0.0).sum(-1)))
+    expected = torch.log1p(torch.where(keep, t * torch.exp(-s), 0.0).sum(-1)) + torch.log1p(
+        torch.where(keep, (1 - t) * torch.exp(s), 0.0).sum(-1)
+    )
     assert rel_err(multilabel_crossentropy(s, t, reduction="none"), expected) < 1e-13
     # matches bert4keras' sparse form (distinct positives, no padding)
     distinct = torch.stack([torch.randperm(20, generator=g)[:4] + 5 for _ in range(12)]).view(4, 3, 4)
-    assert rel_err(multilabel_crossentropy(s, distinct, reduction="none"),
-                   ref.sparse_multilabel_crossentropy(s, distinct)) < 1e-12
+    assert (
+        rel_err(multilabel_crossentropy(s, distinct, reduction="none"), ref.sparse_multilabel_crossentropy(s, distinct))
+        < 1e-12
+    )
     distinct_padded = torch.cat((distinct, torch.zeros(4, 3, 2, dtype=torch.int64)), -1)
-    assert rel_err(multilabel_crossentropy(s, distinct_padded, mask_zero=True, reduction="none"),
-                   ref.sparse_multilabel_crossentropy(s, distinct_padded, mask_zero=True)) < 1e-12
+    assert (
+        rel_err(
+            multilabel_crossentropy(s, distinct_padded, mask_zero=True, reduction="none"),
+            ref.sparse_multilabel_crossentropy(s, distinct_padded, mask_zero=True),
+        )
+        < 1e-12
+    )
     # low precision: float32 accumulation, output in the input dtype
     out = multilabel_crossentropy(s.to(torch.bfloat16), dense, reduction="none")
     assert out.dtype == torch.bfloat16
@@ -482,7 +508,7 @@ def test_torch_compile_fullgraph(backend):
             expected = step(*leaves2, lab, mask)
             grads2 = torch.autograd.grad(expected, leaves2)
             assert rel_err(out, expected) < 1e-6
-            for a, b in zip(grads, grads2):
+            for a, b in zip(grads, grads2, strict=False):
                 assert rel_err(a, b) < 1e-6
 
 
@@ -509,8 +535,11 @@ def test_backends_declare_the_heads_they_serve(monkeypatch):
 
     monkeypatch.setattr(_backend, "_device_reason", lambda name, device: None)
     if "cuda" not in _backend._REGISTRY[gpb.OP_LOSS]:
-        monkeypatch.setitem(_backend._REGISTRY[gpb.OP_LOSS], "cuda",
-                            _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports))
+        monkeypatch.setitem(
+            _backend._REGISTRY[gpb.OP_LOSS],
+            "cuda",
+            _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports),
+        )
     narrow = torch.empty(1, 1, 4, 64, device="meta", dtype=torch.bfloat16)
     wide = torch.empty(1, 1, 4, gpb.CUDA_MAX_HEAD_SIZE + 2, device="meta")
     why = _backend.reasons(gpb.OP_LOSS, wide)
@@ -561,9 +590,13 @@ def test_masked_positions_never_influence_the_result(backend, poison):
     assert torch.isfinite(loss2).all()
     assert_close(loss2, loss, torch.float32, "loss")
     assert torch.equal(torch.isinf(scores2), torch.isinf(scores)) and (scores2[torch.isinf(scores2)] < 0).all()
-    assert_close(scores2.masked_fill(torch.isinf(scores2), 0), scores.masked_fill(torch.isinf(scores), 0),
-                 torch.float32, "scores")
-    for a, c in zip(grads2, grads):
+    assert_close(
+        scores2.masked_fill(torch.isinf(scores2), 0),
+        scores.masked_fill(torch.isinf(scores), 0),
+        torch.float32,
+        "scores",
+    )
+    for a, c in zip(grads2, grads, strict=False):
         assert torch.isfinite(a).all()
         assert torch.equal(a[0, 7:], torch.zeros_like(a[0, 7:]))
         assert_close(a, c, torch.float32, "grad")

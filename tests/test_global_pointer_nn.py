@@ -203,13 +203,21 @@ def _load_bert4torch_layers():
     if spec is None or spec.origin is None:
         pytest.skip("bert4torch is not installed (optional peer)")
     root = os.path.dirname(spec.origin)
-    saved = {k: sys.modules.get(k) for k in ("bert4torch", "bert4torch.snippets", "bert4torch.layers",
-                                             "bert4torch.layers.position_encoding", "bert4torch.layers.global_point")}
+    saved = {
+        k: sys.modules.get(k)
+        for k in (
+            "bert4torch",
+            "bert4torch.snippets",
+            "bert4torch.layers",
+            "bert4torch.layers.position_encoding",
+            "bert4torch.layers.global_point",
+        )
+    }
     try:
         pkg = types.ModuleType("bert4torch")
         pkg.__path__ = [root]
         snippets = types.ModuleType("bert4torch.snippets")
-        snippets.create_registrar = lambda target: (lambda *a, **k: (lambda cls: cls))
+        snippets.create_registrar = lambda target: lambda *a, **k: lambda cls: cls
         layers = types.ModuleType("bert4torch.layers")
         layers.__path__ = [os.path.join(root, "layers")]
         sys.modules.update({"bert4torch": pkg, "bert4torch.snippets": snippets, "bert4torch.layers": layers})
@@ -247,6 +255,7 @@ def test_against_installed_bert4torch(name):
 def test_end_to_end_example_fits():
     import runpy
 
-    example = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
-                                          "global_pointer_ner.py"))
+    example = runpy.run_path(
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "global_pointer_ner.py")
+    )
     assert example["main"](["--steps", "120"]) > 0.95

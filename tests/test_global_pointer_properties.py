@@ -14,14 +14,14 @@ from __future__ import annotations
 import importlib.util
 import math
 
-import kexue
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import kexue
 from kexue import _backend
 from kexue.ops import global_pointer_loss, global_pointer_scores
-
 from tests.helpers import assert_close
 
 BACKENDS = ["torch"] + (["cpu"] if _backend.native() is not None else [])
@@ -35,8 +35,11 @@ POISONS = [math.nan, math.inf, -math.inf, 1e30]
 @st.composite
 def problems(draw, backend):
     # the Triton loss serves fp16/bf16 (its fp32 tiles still compile with a stack frame)
-    dtypes = [torch.bfloat16, torch.float16] if backend == "triton" else [torch.float32, torch.bfloat16,
-                                                                          torch.float16, torch.float64]
+    dtypes = (
+        [torch.bfloat16, torch.float16]
+        if backend == "triton"
+        else [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    )
     dtype = draw(st.sampled_from(dtypes))
     batch = draw(st.integers(0, 3))
     length = draw(st.integers(1, 20))
@@ -73,8 +76,19 @@ def problems(draw, backend):
             labels = labels.clone()
             labels[b, 0, i, j] = True
     poison = draw(st.sampled_from(POISONS))
-    return dict(q=q, k=k, sb=sb, eb=eb, mask=mask, labels=labels, rope=rope, tril=tril, dtype=dtype, poison=poison,
-                layout=layout)
+    return dict(
+        q=q,
+        k=k,
+        sb=sb,
+        eb=eb,
+        mask=mask,
+        labels=labels,
+        rope=rope,
+        tril=tril,
+        dtype=dtype,
+        poison=poison,
+        layout=layout,
+    )
 
 
 def _poisoned(t, mask, value):
@@ -133,8 +147,13 @@ def check(backend, p):
 
 
 def _property(backend, examples):
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(p=problems(backend))
     def prop(p):
         check(backend, p)

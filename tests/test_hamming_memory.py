@@ -18,9 +18,9 @@ import subprocess
 import sys
 import textwrap
 
-import kexue
 import pytest
 
+import kexue
 from tests.conftest import DEVICE, triton_unavailable_reason
 
 # The Triton kernel on CPU tensors runs in the interpreter: exact but minutes long (2M codes).

@@ -51,6 +51,7 @@ def truncated_cdf(x: torch.Tensor, bound: float = 2.0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- trunc_normal_tf_
 
+
 def test_truncated_std_ratio_matches_spec_and_quadrature():
     assert abs(TF_TRUNCATED_STD_RATIO - SPEC_RATIO) < 5e-8
     x = torch.linspace(-2, 2, 400_001, dtype=torch.float64)
@@ -91,8 +92,9 @@ def test_trunc_normal_tf_is_not_torch_default_trunc_normal():
 
 def test_trunc_normal_tf_exact_std_and_mean():
     std, mean = 0.02, 1.5
-    t = trunc_normal_tf_(torch.empty(800, 1000, dtype=torch.float64), std=std, mean=mean, exact_std=True,
-                         generator=gen(1))
+    t = trunc_normal_tf_(
+        torch.empty(800, 1000, dtype=torch.float64), std=std, mean=mean, exact_std=True, generator=gen(1)
+    )
     assert_normal_stats(t, mean, std, "exact_std")
     assert float((t - mean).abs().max()) <= 2 * std / TF_TRUNCATED_STD_RATIO * (1 + 1e-12)
     assert float((t - mean).abs().max()) > 2 * std  # the cut widened with the draw
@@ -128,16 +130,19 @@ def test_trunc_normal_tf_generator_reproducible_and_leaves_global_rng():
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"std": 0.0}, ValueError, "std"),
-    ({"std": -0.02}, ValueError, "std"),
-    ({"std": float("nan")}, ValueError, "std"),
-    ({"std": float("inf")}, ValueError, "std"),
-    ({"std": "0.02"}, TypeError, "std"),
-    ({"std": True}, TypeError, "std"),
-    ({"mean": float("nan")}, ValueError, "mean"),
-    ({"generator": 0}, TypeError, "generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"std": 0.0}, ValueError, "std"),
+        ({"std": -0.02}, ValueError, "std"),
+        ({"std": float("nan")}, ValueError, "std"),
+        ({"std": float("inf")}, ValueError, "std"),
+        ({"std": "0.02"}, TypeError, "std"),
+        ({"std": True}, TypeError, "std"),
+        ({"mean": float("nan")}, ValueError, "mean"),
+        ({"generator": 0}, TypeError, "generator"),
+    ],
+)
 def test_trunc_normal_tf_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         trunc_normal_tf_(torch.empty(3), **kwargs)
@@ -158,6 +163,7 @@ def test_trunc_normal_tf_bad_tensor():
 
 
 # --------------------------------------------------------------------------------------- bert_
+
 
 class CustomRMSNorm(nn.Module):
     """Not a torch norm: recognised by its name, as LlamaRMSNorm and T5LayerNorm are."""
@@ -181,13 +187,13 @@ class Toy(nn.Module):
     def __init__(self, vocab=300, d=128, layers=3):
         super().__init__()
         self.embed = nn.Embedding(vocab, d, padding_idx=1)
-        self.pos = nn.Parameter(torch.empty(64, d))        # 2-d bare parameter: drawn
-        self.extra_bias = nn.Parameter(torch.empty(d))     # named like a bias: zeroed
-        self.temperature = nn.Parameter(torch.empty(1))    # neither: left as it is
+        self.pos = nn.Parameter(torch.empty(64, d))  # 2-d bare parameter: drawn
+        self.extra_bias = nn.Parameter(torch.empty(d))  # named like a bias: zeroed
+        self.temperature = nn.Parameter(torch.empty(1))  # neither: left as it is
         self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
         self.final_norm = CustomRMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.embed.weight               # tied: the head comes after the embedding
+        self.head.weight = self.embed.weight  # tied: the head comes after the embedding
 
 
 def poisoned_toy(**kwargs) -> Toy:
@@ -276,6 +282,7 @@ def test_bert_embedding_bag_and_conv():
 
 # ---------------------------------------------------------------------------- depth scaling
 
+
 def test_depth_scaling_hits_the_residual_projections_only():
     layers = 3
     plain = bert_(poisoned_toy(layers=layers), generator=gen(16))
@@ -340,20 +347,23 @@ def test_residual_names_cover_kexue_logn_attention():
     assert "out_proj" in RESIDUAL_NAMES
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: bert_(torch.zeros(3)), TypeError, "nn.Module"),
-    (lambda: bert_("model"), TypeError, "nn.Module"),
-    (lambda: bert_(nn.Linear(2, 2), std=0), ValueError, "std"),
-    (lambda: bert_(nn.Linear(2, 2), std=None), TypeError, "std"),
-    (lambda: bert_(nn.Linear(2, 2), generator="seed"), TypeError, "generator"),
-    (lambda: bert_(nn.Linear(2, 2), n_layers=0), ValueError, "n_layers"),
-    (lambda: bert_(nn.Linear(2, 2), n_layers=2.0), TypeError, "n_layers"),
-    (lambda: bert_(nn.Linear(2, 2), n_layers=2, residual_names="o_proj"), TypeError, "names"),
-    (lambda: bert_(nn.Linear(2, 2), n_layers=2, residual_names=()), ValueError, "names"),
-    (lambda: scale_residual_(torch.zeros(3), 2), TypeError, "nn.Module"),
-    (lambda: scale_residual_(nn.Linear(2, 2), True), TypeError, "n_layers"),
-    (lambda: scale_residual_(nn.Linear(2, 2), -1), ValueError, "n_layers"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: bert_(torch.zeros(3)), TypeError, "nn.Module"),
+        (lambda: bert_("model"), TypeError, "nn.Module"),
+        (lambda: bert_(nn.Linear(2, 2), std=0), ValueError, "std"),
+        (lambda: bert_(nn.Linear(2, 2), std=None), TypeError, "std"),
+        (lambda: bert_(nn.Linear(2, 2), generator="seed"), TypeError, "generator"),
+        (lambda: bert_(nn.Linear(2, 2), n_layers=0), ValueError, "n_layers"),
+        (lambda: bert_(nn.Linear(2, 2), n_layers=2.0), TypeError, "n_layers"),
+        (lambda: bert_(nn.Linear(2, 2), n_layers=2, residual_names="o_proj"), TypeError, "names"),
+        (lambda: bert_(nn.Linear(2, 2), n_layers=2, residual_names=()), ValueError, "names"),
+        (lambda: scale_residual_(torch.zeros(3), 2), TypeError, "nn.Module"),
+        (lambda: scale_residual_(nn.Linear(2, 2), True), TypeError, "n_layers"),
+        (lambda: scale_residual_(nn.Linear(2, 2), -1), ValueError, "n_layers"),
+    ],
+)
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -365,15 +375,32 @@ def test_exported_from_package():
 
 # ------------------------------------------------------------------------- transformers models
 
+
 def test_transformers_bert_and_llama():
     transformers = pytest.importorskip("transformers")
-    bert_cfg = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
-    llama_cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=128, max_position_embeddings=64,
-                                         pad_token_id=0)
-    for cls, cfg, residual in ((transformers.BertForMaskedLM, bert_cfg, ("attention.output.dense", "output.dense")),
-                               (transformers.LlamaForCausalLM, llama_cfg, ("o_proj", "down_proj"))):
+    bert_cfg = transformers.BertConfig(
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    llama_cfg = transformers.LlamaConfig(
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    for cls, cfg, residual in (
+        (transformers.BertForMaskedLM, bert_cfg, ("attention.output.dense", "output.dense")),
+        (transformers.LlamaForCausalLM, llama_cfg, ("o_proj", "down_proj")),
+    ):
         torch.manual_seed(0)
         plain, scaled = cls(cfg).eval(), cls(cfg).eval()
         # the default of bert_ is the law of Hugging Face's own init: plain N(0, 0.02), not truncated
@@ -386,12 +413,17 @@ def test_transformers_bert_and_llama():
                     p.fill_(7.0)
         bert_(plain, generator=gen(20))
         bert_(scaled, n_layers=cfg.num_hidden_layers, generator=gen(20))
-        ours = torch.cat([m.weight.detach().flatten() for n, m in plain.named_modules()
-                          if isinstance(m, nn.Linear) and not any(n.endswith(r) for r in residual)])
+        ours = torch.cat(
+            [
+                m.weight.detach().flatten()
+                for n, m in plain.named_modules()
+                if isinstance(m, nn.Linear) and not any(n.endswith(r) for r in residual)
+            ]
+        )
         assert_normal_stats(ours, 0.0, 0.02, f"{cls.__name__} bert_")
         assert float(ours.abs().max()) > 0.04
         emb = plain.get_input_embeddings()
-        assert torch.equal(emb.weight[0], torch.zeros(64)), cls.__name__   # pad_token_id row
+        assert torch.equal(emb.weight[0], torch.zeros(64)), cls.__name__  # pad_token_id row
         assert_normal_stats(emb.weight[1:], 0.0, 0.02, f"{cls.__name__} embeddings")
         modules = dict(plain.named_modules())
         for name, m in modules.items():
@@ -408,8 +440,11 @@ def test_transformers_bert_and_llama():
         hit = 0
         for key in sp:
             module_name = key.rsplit(".", 1)[0]
-            is_residual = key.endswith(".weight") and any(
-                module_name.endswith("." + r) for r in residual) and "norm" not in key.lower()
+            is_residual = (
+                key.endswith(".weight")
+                and any(module_name.endswith("." + r) for r in residual)
+                and "norm" not in key.lower()
+            )
             hit += is_residual
             assert torch.equal(ss[key], sp[key] * factor if is_residual else sp[key]), key
         assert hit == 2 * cfg.num_hidden_layers, cls.__name__

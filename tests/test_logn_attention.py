@@ -19,6 +19,7 @@ ops_mod = sys.modules["kexue.ops.logn_attention"]
 ref = sys.modules["kexue.reference.logn_attention"]
 attn = kexue.ops.logn_attention
 
+
 @pytest.fixture(autouse=True)
 def poison():
     """torch.empty (at::empty in C++ too) returns NaN-filled memory in deterministic mode, so an
@@ -83,21 +84,25 @@ def _naive(q, k, v, causal, mask, scale, train_len, logn, clip, min_n):
     return out, lse
 
 
-@pytest.mark.parametrize("case", [
-    dict(causal=False, mask_p=None, scale=None, train_len=512, logn=True, clip=False, min_n=1),
-    dict(causal=True, mask_p=None, scale=0.3, train_len=16, logn=True, clip=False, min_n=1),
-    dict(causal=True, mask_p=0.3, scale=None, train_len=4, logn=True, clip=True, min_n=1),
-    dict(causal=False, mask_p=0.4, scale=None, train_len=512, logn=True, clip=False, min_n=16),
-    dict(causal=False, mask_p=None, scale=None, train_len=512, logn=False, clip=False, min_n=1),
-    dict(causal=True, mask_p=0.2, scale="gradmax", train_len=512, logn=True, clip=False, min_n=1),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=False, mask_p=None, scale=None, train_len=512, logn=True, clip=False, min_n=1),
+        dict(causal=True, mask_p=None, scale=0.3, train_len=16, logn=True, clip=False, min_n=1),
+        dict(causal=True, mask_p=0.3, scale=None, train_len=4, logn=True, clip=True, min_n=1),
+        dict(causal=False, mask_p=0.4, scale=None, train_len=512, logn=True, clip=False, min_n=16),
+        dict(causal=False, mask_p=None, scale=None, train_len=512, logn=False, clip=False, min_n=1),
+        dict(causal=True, mask_p=0.2, scale="gradmax", train_len=512, logn=True, clip=False, min_n=1),
+    ],
+)
 @pytest.mark.parametrize("lq,lk", [(6, 9), (9, 6), (1, 7)])
 def test_reference_matches_naive_formula(case, lq, lk):
     case = dict(case)
     q, k, v, mask = _inputs(2, 4, 2, lq, lk, 8, mask_p=case.pop("mask_p"), seed=lq * 10 + lk)
     out, lse = ref.logn_attention(q, k, v, key_padding_mask=mask, return_lse=True, **case)
-    want_out, want_lse = _naive(q, k, v, case["causal"], mask, case["scale"], case["train_len"], case["logn"],
-                                case["clip"], case["min_n"])
+    want_out, want_lse = _naive(
+        q, k, v, case["causal"], mask, case["scale"], case["train_len"], case["logn"], case["clip"], case["min_n"]
+    )
     assert_close(out, want_out, torch.float64, "out")
     assert_close(lse, want_lse, torch.float64, "lse")
 
@@ -143,9 +148,10 @@ def test_reference_backward_formula_matches_autograd(causal):
     out, lse = ref.logn_attention_forward(q, k, v, mask, causal, None, 8, True, False, 1)
     go, gl = torch.randn_like(out), torch.randn_like(lse)
     want = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
-    got = ref.logn_attention_backward(go, gl, q, k, v, out.detach(), lse.detach(), mask, causal, None, 8, True, False,
-                                      1)
-    for g, w, name in zip(got, want, "qkv"):
+    got = ref.logn_attention_backward(
+        go, gl, q, k, v, out.detach(), lse.detach(), mask, causal, None, 8, True, False, 1
+    )
+    for g, w, name in zip(got, want, "qkv", strict=False):
         assert_close(g, w, torch.float64, f"grad {name}")
 
 
@@ -180,9 +186,9 @@ def test_entropy_stays_nearly_constant_with_logn():
 SHAPES = [  # (b, hq, hkv, lq, lk, d)
     (1, 1, 1, 1, 1, 8),
     (2, 4, 2, 5, 123, 16),
-    (1, 2, 1, 130, 600, 32),   # crosses query and key block edges (128, 512)
-    (1, 3, 3, 600, 130, 24),   # lq > lk: with causal, the first queries see nothing
-    (2, 4, 1, 129, 129, 64),   # multi-query
+    (1, 2, 1, 130, 600, 32),  # crosses query and key block edges (128, 512)
+    (1, 3, 3, 600, 130, 24),  # lq > lk: with causal, the first queries see nothing
+    (2, 4, 1, 129, 129, 64),  # multi-query
 ]
 
 
@@ -207,8 +213,11 @@ def _reference(q, k, v, mask, causal, go, gl, **kw):
 
 # The C++ kernel on every dtype; the torch backend (the reference itself, in the input's compute
 # dtype) on float32 and bfloat16 only, to keep the suite fast.
-BACKEND_DTYPES = [(b, dt) for b in CPU_BACKENDS
-                  for dt in (DTYPES + (torch.float64,) if b != "torch" else (torch.float32, torch.bfloat16))]
+BACKEND_DTYPES = [
+    (b, dt)
+    for b in CPU_BACKENDS
+    for dt in (DTYPES + (torch.float64,) if b != "torch" else (torch.float32, torch.bfloat16))
+]
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
@@ -223,21 +232,23 @@ def test_backend_matches_reference(backend, dtype, shape, causal):
     # bf16/fp16: the rounding of the output and of the gradients to the input dtype dominates.
     assert_close(out, r_out, dtype, "out")
     assert_close(lse, r_lse, torch.float32 if dtype != torch.float64 else dtype, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=False):
         assert g.dtype == dtype
         assert_close(g, w, dtype, f"grad {name}", factor=2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kw", [dict(scale="gradmax"), dict(clip=True, train_len=16), dict(min_n=16, train_len=64),
-                                dict(logn=False, scale=0.2)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(scale="gradmax"), dict(clip=True, train_len=16), dict(min_n=16, train_len=64), dict(logn=False, scale=0.2)],
+)
 def test_backend_scale_rules(backend, kw):
     q, k, v, mask = _inputs(2, 4, 2, 70, 70, 16, dtype=torch.float32, mask_p=0.3)
     for causal in (False, True):
         out, lse, grads, go, gl = _run(backend, q, k, v, mask, causal, **kw)
         r_out, r_lse, r_grads = _reference(q, k, v, mask, causal, go, gl, **kw)
         assert_close(out, r_out, torch.float32, f"out {kw}")
-        for g, w in zip(grads, r_grads):
+        for g, w in zip(grads, r_grads, strict=False):
             assert_close(g, w, torch.float32, f"grads {kw}")
 
 
@@ -381,6 +392,21 @@ def test_opcheck(mask_p):
     args = (q, k, v, mask, True, 0.35, 4.0, True, False, 1.0, False)
     torch.library.opcheck(ops_mod.logn_attention_op, args)
     out, lse = ops_mod.logn_attention_op(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(),
-             lse.detach(), mask, True, 0.35, 4.0, True, False, 1.0, False)
+    bargs = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        mask,
+        True,
+        0.35,
+        4.0,
+        True,
+        False,
+        1.0,
+        False,
+    )
     torch.library.opcheck(ops_mod.logn_attention_backward_op, bargs)

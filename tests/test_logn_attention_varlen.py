@@ -95,15 +95,18 @@ def test_reference_equals_padded_dense_with_mask(causal, lengths):
     for s, n in enumerate(lengths):
         qp[s, :, :n], kp[s, :, :n], vp[s, :, :n] = (_dense(t, cu[s], cu[s + 1])[0] for t in (q, k, v))
         mask[s, :n] = False
-    want_out, want_lse = ref.logn_attention(qp, kp, vp, causal=causal, key_padding_mask=mask, return_lse=True,
-                                            train_len=8)
+    want_out, want_lse = ref.logn_attention(
+        qp, kp, vp, causal=causal, key_padding_mask=mask, return_lse=True, train_len=8
+    )
     for s, n in enumerate(lengths):
         assert_close(_dense(out, cu[s], cu[s + 1])[0], want_out[s, :, :n], torch.float64, "out")
-        assert_close(lse[:, cu[s]:cu[s + 1]], want_lse[s, :, :n], torch.float64, "lse")
+        assert_close(lse[:, cu[s] : cu[s + 1]], want_lse[s, :, :n], torch.float64, "lse")
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in CPU_BACKENDS
-                                           for dt in (DTYPES + (torch.float64,) if b == "cpu" else (torch.float32,))])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [(b, dt) for b in CPU_BACKENDS for dt in (DTYPES + (torch.float64,) if b == "cpu" else (torch.float32,))],
+)
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_backend_matches_reference(backend, dtype, lengths, causal):
@@ -116,7 +119,7 @@ def test_backend_matches_reference(backend, dtype, lengths, causal):
     low = dtype in (torch.float16, torch.bfloat16)
     assert_close(out, r_out, dtype, "out")
     assert_close(lse, r_lse, torch.float32 if dtype != torch.float64 else dtype, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=False):
         assert g.dtype == dtype
         assert_close(g, w, dtype, f"grad {name}", factor=2.0 if low else 1.0)
 
@@ -136,7 +139,7 @@ def test_random_length_mixes(seed):
     r_out, r_lse, r_grads = _reference(q, k, v, cu_q, cu_k, causal, go, gl)
     assert_close(out, r_out, torch.float32, f"out {lengths_q.tolist()} {lengths_k.tolist()}")
     assert_close(lse, r_lse, torch.float32, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=False):
         assert_close(g, w, torch.float32, f"grad {name}")
 
 
@@ -158,7 +161,8 @@ def test_one_sequence_one_head(dtype, causal):
     for out, lse, grads, go, gl in results:
         r_out, r_lse, r_grads = _reference(q, k, v, cu, cu, causal, go, gl)
         assert_close(out, r_out, dtype, "out")
-        for g, w, name in zip(grads, r_grads, "qkv"):
+        assert_close(lse, r_lse, dtype, "lse")
+        for g, w, name in zip(grads, r_grads, "qkv", strict=False):
             assert_close(g, w, dtype, f"grad {name}", factor=2.0 if dtype == torch.bfloat16 else 1.0)
 
 
@@ -188,11 +192,13 @@ def test_separate_key_offsets(backend, causal):
     r_out, r_lse, r_grads = _reference(q, k, v, cu_q, cu_k, causal, go, gl, train_len=16)
     assert_close(out, r_out, torch.float32, "out")
     assert_close(lse, r_lse, torch.float32, "lse")
-    for g, w, name in zip(grads, r_grads, "qkv"):
+    for g, w, name in zip(grads, r_grads, "qkv", strict=False):
         assert_close(g, w, torch.float32, f"grad {name}")
     # sequence 2 has no key: zero output and lse, no gradient
     rows = slice(int(cu_q[2]), int(cu_q[3]))
-    assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.equal(lse[:, rows], torch.zeros_like(lse[:, rows]))
+    assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.equal(
+        lse[:, rows], torch.zeros_like(lse[:, rows])
+    )
     assert torch.equal(grads[0][rows], torch.zeros_like(grads[0][rows]))
     # the keys of sequence 4 have no query: no gradient
     keys = slice(int(cu_k[4]), int(cu_k[5]))
@@ -222,7 +228,7 @@ def test_scale_rules(backend, kw):
         out, lse, grads, go, gl = _run(backend, q, k, v, cu, cu, causal, **kw)
         r_out, r_lse, r_grads = _reference(q, k, v, cu, cu, causal, go, gl, **kw)
         assert_close(out, r_out, torch.float32, f"out {kw}")
-        for g, w in zip(grads, r_grads):
+        for g, w in zip(grads, r_grads, strict=False):
             assert_close(g, w, torch.float32, f"grads {kw}")
 
 
@@ -246,9 +252,11 @@ def test_reference_gradcheck():
     q, k, v, cu_q, cu_k = _packed([2, 0, 3], [3, 1, 2], hq=2, hkv=1, d=3)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     for causal in (False, True):
-        def f(q, k, v):
-            return ref.logn_attention_varlen(q, k, v, cu_q, cu_seqlens_k=cu_k, causal=causal, train_len=4,
-                                             return_lse=True)
+
+        def f(q, k, v, causal=causal):
+            return ref.logn_attention_varlen(
+                q, k, v, cu_q, cu_seqlens_k=cu_k, causal=causal, train_len=4, return_lse=True
+            )
 
         assert torch.autograd.gradcheck(f, (q, k, v))
 
@@ -259,9 +267,10 @@ def test_reference_backward_formula_matches_autograd():
     out, lse = ref.logn_attention_varlen_forward(q, k, v, cu_q, cu_k, True, None, 8, True, False, 1)
     go, gl = torch.randn_like(out), torch.randn_like(lse)
     want = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
-    got = ref.logn_attention_varlen_backward(go, gl, q, k, v, out.detach(), lse.detach(), cu_q, cu_k, True, None, 8,
-                                             True, False, 1)
-    for g, w, name in zip(got, want, "qkv"):
+    got = ref.logn_attention_varlen_backward(
+        go, gl, q, k, v, out.detach(), lse.detach(), cu_q, cu_k, True, None, 8, True, False, 1
+    )
+    for g, w, name in zip(got, want, "qkv", strict=False):
         assert_close(g, w, torch.float64, f"grad {name}")
 
 
@@ -313,8 +322,25 @@ def test_opcheck(max_seqlen):
     args = (q, k, v, cu_q, cu_k, max_seqlen, True, 0.35, 4.0, True, False, 1.0, False)
     torch.library.opcheck(ops_mod.logn_attention_varlen_op, args)
     out, lse = ops_mod.logn_attention_varlen_op(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(),
-             lse.detach(), cu_q, cu_k, max_seqlen, True, 0.35, 4.0, True, False, 1.0, False)
+    bargs = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        cu_q,
+        cu_k,
+        max_seqlen,
+        True,
+        0.35,
+        4.0,
+        True,
+        False,
+        1.0,
+        False,
+    )
     torch.library.opcheck(ops_mod.logn_attention_varlen_backward_op, bargs)
 
 

@@ -83,15 +83,17 @@ def test_packed_rows_equal_each_sequence_alone(causal, cross):
     """Packed input (cu_seqlens): each sequence gives what the module gives it on its own, batch
     of one, with its own n; an empty sequence in the middle changes nothing; gradients flow."""
     torch.manual_seed(3)
-    mod = kexue.nn.LogNAttention(24, 4, num_kv_heads=2, causal=causal, train_len=4, kdim=16 if cross else None,
-                                 vdim=16 if cross else None).double()
+    mod = kexue.nn.LogNAttention(
+        24, 4, num_kv_heads=2, causal=causal, train_len=4, kdim=16 if cross else None, vdim=16 if cross else None
+    ).double()
     q_lens, k_lens = [5, 0, 9, 1], ([7, 0, 9, 3] if cross else [5, 0, 9, 1])
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
     cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()])
     query = torch.randn(int(cu_q[-1]), 24, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(int(cu_k[-1]), 16 if cross else 24, dtype=torch.float64) if cross else query
-    out, weights = mod(query, kv, kv, cu_seqlens=cu_q, cu_seqlens_k=cu_k if cross else None,
-                       max_seqlen=max(q_lens + k_lens))
+    out, weights = mod(
+        query, kv, kv, cu_seqlens=cu_q, cu_seqlens_k=cu_k if cross else None, max_seqlen=max(q_lens + k_lens)
+    )
     assert weights is None and out.shape == query.shape
     for s in range(len(q_lens)):
         if q_lens[s] == 0:

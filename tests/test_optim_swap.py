@@ -76,6 +76,7 @@ def seeded_bag() -> Bag:
 
 # ------------------------------------------------------------------------------ (a) it trains
 
+
 @pytest.mark.parametrize("name", ["adamw", "lion", "tiger"])
 def test_readme_swap_trains(name, one_thread):
     ids, y = fixed_problem()
@@ -99,6 +100,7 @@ def test_readme_swap_trains(name, one_thread):
 
 
 # ------------------------------------------------------------------- (b) the effective decay
+
 
 def test_readme_conversion_hyperparameters():
     ns = swap(seeded_bag())
@@ -143,6 +145,7 @@ def test_readme_conversion_keeps_the_effective_decay(one_thread):
 
 
 # --------------------------------------------------------------- (c) groups and schedulers
+
 
 def test_param_groups_carry_over():
     model = seeded_bag()
@@ -211,6 +214,7 @@ def test_tiger_needs_cycle_momentum_false_with_onecycle():
 
 # ------------------------------------------------------------------------------ Tiger claims
 
+
 def test_tiger_step_is_lr_times_rms_after_bert_init():
     """README: after BERT's init (RMS ~0.02) Tiger with lr 1e-3 steps each weight by ~2e-5, biases by 0.5 lr."""
     layer = kexue.init.bert_(nn.Linear(256, 256), generator=torch.Generator().manual_seed(0))
@@ -234,8 +238,9 @@ def test_tiger_without_rms_scale_is_lion_with_equal_betas():
     model_l = seeded_bag()
     model_t = copy.deepcopy(model_l)
     lion = Lion(model_l.parameters(), lr=lr, betas=(beta, beta), weight_decay=wd)
-    tiger = Tiger(model_t.parameters(), lr=lr, beta=beta, weight_decay=wd, kind="matrix", rms_scale=False,
-                  nan_guard=None)
+    tiger = Tiger(
+        model_t.parameters(), lr=lr, beta=beta, weight_decay=wd, kind="matrix", rms_scale=False, nan_guard=None
+    )
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
         for p_l, p_t in zip(model_l.parameters(), model_t.parameters(), strict=True):

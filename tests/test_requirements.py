@@ -15,8 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"torch", "numpy", "triton", "setuptools", "pybind11"}  # installed before the test extra
-LOCAL = {"kexue", "tests", "bench", "conftest", "helpers", "sign_optim_helpers", "gpu_compile",
-         "gpu_compile_fixtures"}
+LOCAL = {"kexue", "tests", "bench", "conftest", "helpers", "sign_optim_helpers", "gpu_compile", "gpu_compile_fixtures"}
 IMPORT_NAMES = {"lion-pytorch": "lion_pytorch", "pytorch-optimizer": "pytorch_optimizer"}
 
 
@@ -35,8 +34,12 @@ def imports(path: Path) -> tuple[set[str], set[str]]:
             direct |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             direct.add(node.module.split(".")[0])
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
-              and isinstance(node.args[0], ast.Constant)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "importorskip"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             skipped.add(node.args[0].value.split(".")[0])
     return direct, skipped
 

@@ -8,20 +8,23 @@ the storage dtype, nothing wider).
 
 from __future__ import annotations
 
-import kexue
 import pytest
 import torch
+
+import kexue
 from kexue.optim import Lion, Tiger
 from kexue.optim._sign_base import flat_params
 from kexue.reference import sign_optim as R
-
 from tests.conftest import DEVICE, triton_unavailable_reason
 from tests.sign_optim_helpers import EPS32, Trace, assert_rounded, snapshot
 
 NATIVE = kexue.backends()["cpu"]["available"]
 # The Triton kernels run on CPU tensors in the interpreter (tests/conftest.py) when there is no GPU.
-BACKENDS = (["cpu"] if NATIVE else []) + ["torch"] + (
-    ["triton"] if DEVICE.type == "cpu" and triton_unavailable_reason() is None else [])
+BACKENDS = (
+    (["cpu"] if NATIVE else [])
+    + ["torch"]
+    + (["triton"] if DEVICE.type == "cpu" and triton_unavailable_reason() is None else [])
+)
 
 # Odd sizes: a single element, sizes that are not multiples of the 1024-element tile, a tensor
 # spanning two 65536-element work items, rows of an embedding table, and an empty tensor.
@@ -79,9 +82,14 @@ def run_oracle(opt, params, grads, algo):
             masks.append(mask)
             scales.append(scale)
             g64.append(grads[i].double())
-        common = dict(maximize=group["maximize"], grad_masks=masks, mask_scale=scales, mask_update=group["mask_update"],
-                      lazy_rows=group["embedding"] and group["drift_guard"],
-                      freeze_absent=group["freeze_absent_momentum"])
+        common = dict(
+            maximize=group["maximize"],
+            grad_masks=masks,
+            mask_scale=scales,
+            mask_update=group["mask_update"],
+            lazy_rows=group["embedding"] and group["drift_guard"],
+            freeze_absent=group["freeze_absent_momentum"],
+        )
         th, mo = [thetas[i] for i in idx], [moms[i] for i in idx]
         if algo == "lion":
             b1, b2 = group["betas"]
@@ -103,14 +111,33 @@ def run_oracle(opt, params, grads, algo):
                 c_scale[i] = b1 * mo[j].abs() + (1 - beta) / k * g.abs()
                 amb[i] = c.abs() < 8 * EPS32 * c_scale[i]
                 rms = group["rms_scale"]
-                factor = (group["elementwise_lr"] if kinds[j] in ("bias", "gamma")
-                          else (float(rms) if rms is not True and rms is not False else
-                                (th[j].abs().max().item() if th[j].numel() and rms else 1.0)))
+                factor = (
+                    group["elementwise_lr"]
+                    if kinds[j] in ("bias", "gamma")
+                    else (
+                        float(rms)
+                        if rms is not True and rms is not False
+                        else (th[j].abs().max().item() if th[j].numel() and rms else 1.0)
+                    )
+                )
                 lr_bound[i] = group["lr"] * factor + (1.0 if group["nan_guard"] else 0.0)
-            R.tiger_step(th, g64, mo, lr=group["lr"], beta=beta, step=t, grad_accum_steps=k, kinds=kinds,
-                         weight_decay=group["weight_decay"], elementwise_lr=group["elementwise_lr"],
-                         rms_scale=group["rms_scale"], nan_guard=group["nan_guard"],
-                         shrink_ratio=group["shrink_ratio"], row_seen=[seen[i] for i in idx], **common)
+            R.tiger_step(
+                th,
+                g64,
+                mo,
+                lr=group["lr"],
+                beta=beta,
+                step=t,
+                grad_accum_steps=k,
+                kinds=kinds,
+                weight_decay=group["weight_decay"],
+                elementwise_lr=group["elementwise_lr"],
+                rms_scale=group["rms_scale"],
+                nan_guard=group["nan_guard"],
+                shrink_ratio=group["shrink_ratio"],
+                row_seen=[seen[i] for i in idx],
+                **common,
+            )
     return thetas, moms, seen, amb, c_scale, lr_bound
 
 
@@ -146,9 +173,16 @@ def drive(opt, params, steps, grads_at, backend, algo, trace=None):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, momentum_dtype", [
-    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, momentum_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+)
 def test_lion_matches_oracle(backend, dtype, momentum_dtype):
     params = make_params(SHAPES, dtype)
     # a learning rate large enough that steps show in 16-bit params too
@@ -161,9 +195,14 @@ def test_lion_matches_oracle(backend, dtype, momentum_dtype):
 def test_lion_options_matches_oracle(backend):
     """Two groups with their own hyperparameters, maximize, a param without grad, betas at 0."""
     params = make_params([(5, 7), (300,), (4, 3), (2,)], torch.float32, seed=1)
-    opt = Lion([{"params": params[:2], "maximize": True},
-                {"params": params[2:], "lr": 3e-2, "betas": (0.0, 0.5), "weight_decay": 0.0}],
-               lr=1e-2, weight_decay=0.1)
+    opt = Lion(
+        [
+            {"params": params[:2], "maximize": True},
+            {"params": params[2:], "lr": 3e-2, "betas": (0.0, 0.5), "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        weight_decay=0.1,
+    )
 
     def grads_at(t):
         gs = random_grads(params, 200 + t)
@@ -212,7 +251,7 @@ def _tiger_params(dtype=torch.float32):
     # matrix, "gamma" (named like a norm weight), "bias", and a big matrix over several items
     shapes = [(5, 7), (96,), (96,), (2, 33_001)]
     params = make_params(shapes, dtype, seed=3)
-    params[1].data = (params[1].data * 0.1 + 1)  # norm gains sit around 1
+    params[1].data = params[1].data * 0.1 + 1  # norm gains sit around 1
     names = ["lin.weight", "norm.weight", "lin.bias", "big.weight"]
     return params, list(zip(names, params, strict=True))
 
@@ -273,8 +312,12 @@ def test_embedding_rows_match_oracle(backend, accum, freeze):
     """Row-wise RMS, lazy rows (absent rows), accumulation windows with rows seen earlier."""
     table = make_params([(50, 33)], torch.float32, seed=5)[0]
     other = make_params([(4, 33)], torch.float32, seed=6)[0]
-    opt = Tiger([{"params": [table], "embedding": True, "freeze_absent_momentum": freeze}, {"params": [other]}],
-                lr=3e-2, grad_accum_steps=accum, weight_decay=0.2)
+    opt = Tiger(
+        [{"params": [table], "embedding": True, "freeze_absent_momentum": freeze}, {"params": [other]}],
+        lr=3e-2,
+        grad_accum_steps=accum,
+        weight_decay=0.2,
+    )
 
     def grads_at(t):
         g = random_grads([table, other], 500 + t)
@@ -289,14 +332,19 @@ def test_embedding_rows_match_oracle(backend, accum, freeze):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lion_embedding_and_child_tuning_d_match_oracle(backend):
     table, dense = make_params([(40, 16), (6, 9)], torch.float32, seed=7)
-    opt = Lion([{"params": [table], "embedding": True}, {"params": [dense], "child_tuning": "D",
-                                                         "child_tuning_rescale": True, "reserve_p": 0.5}],
-               lr=1e-2, weight_decay=0.1)
+    opt = Lion(
+        [
+            {"params": [table], "embedding": True},
+            {"params": [dense], "child_tuning": "D", "child_tuning_rescale": True, "reserve_p": 0.5},
+        ],
+        lr=1e-2,
+        weight_decay=0.1,
+    )
     opt.set_child_tuning_masks({dense: torch.rand(6, 9, generator=torch.Generator().manual_seed(0)) < 0.5})
 
     def grads_at(t):
         g = random_grads([table, dense], 600 + t)
-        g[0][t * 5:(t + 1) * 5 + 20] = 0
+        g[0][t * 5 : (t + 1) * 5 + 20] = 0
         return g
 
     drive(opt, [table, dense], 4, grads_at, backend, "lion")
@@ -313,8 +361,10 @@ def _in_lockstep(ours, theirs, a, b, seed, beta):
         grads = random_grads(ours, seed + t)
         for p, q, g in zip(ours, theirs, grads, strict=True):
             p.grad, q.grad = g, g.clone()
-        m_prev = [b.state[q]["exp_avg"].double().clone() if q in b.state else torch.zeros_like(g, dtype=torch.float64)
-                  for q, g in zip(theirs, grads, strict=True)]
+        m_prev = [
+            b.state[q]["exp_avg"].double().clone() if q in b.state else torch.zeros_like(g, dtype=torch.float64)
+            for q, g in zip(theirs, grads, strict=True)
+        ]
         a.step()
         b.step()
         for p, q, g, m in zip(ours, theirs, grads, m_prev, strict=True):
@@ -375,8 +425,36 @@ def test_triton_table_layout_matches_the_reference():
     """triton_kernels/sign_optim.py keeps its own copy of the table layout (it must import without
     kexue); it has to be the reference's (and so the C++ header's, which the oracle tests cover)."""
     tk = pytest.importorskip("kexue.triton_kernels.sign_optim")
-    names = ["LR", "WD", "C_M", "C_G", "M_M", "M_G", "GSCALE", "SHRINK", "CENTRE", "NUM_FLOATS", "FLAGS",
-             "NAN_GROUP", "ROW_LEN", "MASK_K0", "MASK_K1", "MASK_THRESHOLD", "ROUND_K0", "ROUND_K1", "NUM_INTS",
-             "USE_NEW_MOMENTUM", "UPDATE", "RMS_TENSOR", "RMS_ROW", "LAZY_ROWS", "FREEZE_ABSENT", "MASK_F",
-             "MASK_D", "MASK_UPDATE", "STOCHASTIC_ROUND", "SHRINK_NOW"]
+    names = [
+        "LR",
+        "WD",
+        "C_M",
+        "C_G",
+        "M_M",
+        "M_G",
+        "GSCALE",
+        "SHRINK",
+        "CENTRE",
+        "NUM_FLOATS",
+        "FLAGS",
+        "NAN_GROUP",
+        "ROW_LEN",
+        "MASK_K0",
+        "MASK_K1",
+        "MASK_THRESHOLD",
+        "ROUND_K0",
+        "ROUND_K1",
+        "NUM_INTS",
+        "USE_NEW_MOMENTUM",
+        "UPDATE",
+        "RMS_TENSOR",
+        "RMS_ROW",
+        "LAZY_ROWS",
+        "FREEZE_ABSENT",
+        "MASK_F",
+        "MASK_D",
+        "MASK_UPDATE",
+        "STOCHASTIC_ROUND",
+        "SHRINK_NOW",
+    ]
     assert {n: getattr(tk, n) for n in names} == {n: getattr(R, n) for n in names}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import kexue
 import pytest
 import torch
-from kexue.optim import Lion, Tiger
 from torch import nn
 
+import kexue
+from kexue.optim import Lion, Tiger
 from tests.test_sign_optim import BACKENDS
 
 
@@ -24,8 +24,10 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _snapshot(model: nn.Module, opt: torch.optim.Optimizer):
     params = [p.detach().clone() for p in model.parameters()]
-    state = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
-             for p in model.parameters()]
+    state = [
+        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        for p in model.parameters()
+    ]
     return params, state
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import math
 
-import kexue
 import pytest
 import torch
+from torch import nn
+
+import kexue
 from kexue.optim import (
     FisherInformation,
     Lion,
@@ -20,8 +22,6 @@ from kexue.optim import (
     tiger_param_groups,
 )
 from kexue.reference import sign_optim as R
-from torch import nn
-
 from tests.sign_optim_helpers import assert_rounded
 from tests.test_sign_optim import BACKENDS, make_params, random_grads
 
@@ -60,8 +60,12 @@ def test_independent_of_thread_count():
     shapes = [(3, 700), (140_001,), (64, 48)]
 
     def factory(ps):
-        return Tiger([{"params": ps[:2], "child_tuning": "F"}, {"params": ps[2:], "embedding": True}],
-                     lr=1e-2, seed=3, stochastic_rounding=True)
+        return Tiger(
+            [{"params": ps[:2], "child_tuning": "F"}, {"params": ps[2:], "embedding": True}],
+            lr=1e-2,
+            seed=3,
+            stochastic_rounding=True,
+        )
 
     threads = torch.get_num_threads()
     try:
@@ -80,8 +84,7 @@ def test_backends_agree_bitwise_on_masks_and_rounding(backend):
     shapes = [(5, 300), (70_001,)]
 
     def factory(ps):
-        return Lion(ps, lr=5e-2, child_tuning="F", reserve_p=0.3, seed=5, mask_update=True,
-                    stochastic_rounding=True)
+        return Lion(ps, lr=5e-2, child_tuning="F", reserve_p=0.3, seed=5, mask_update=True, stochastic_rounding=True)
 
     start = make_params(shapes, torch.bfloat16, seed=1)
     a, _ = train(factory, shapes, 2, backend, torch.bfloat16)
@@ -116,6 +119,7 @@ def test_stochastic_rounding_is_unbiased():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stochastic_rounding_moves_bf16_params_by_tiny_updates(backend):
     """lr far below half a bf16 ulp: nearest rounding never moves, stochastic rounding moves on average."""
+
     def run(sr):
         p = torch.ones(20_000, dtype=torch.bfloat16, requires_grad=True)
         opt = Lion([p], lr=1e-4, stochastic_rounding=sr, seed=0)
@@ -226,10 +230,10 @@ def train_embedding(opt_cls, guard, backend, steps=300, **kw):
 
 
 # 600 interpreted launches for Triton on a machine without GPU: in `make test-all` only.
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
-                                     for b in BACKENDS])
-@pytest.mark.parametrize("opt_cls, kw", [(Lion, dict(lr=0.05, weight_decay=0.1)),
-                                         (Tiger, dict(lr=0.05, weight_decay=0.1, nan_guard=None))])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS])
+@pytest.mark.parametrize(
+    "opt_cls, kw", [(Lion, dict(lr=0.05, weight_decay=0.1)), (Tiger, dict(lr=0.05, weight_decay=0.1, nan_guard=None))]
+)
 def test_embedding_drift_and_guard(backend, opt_cls, kw):
     weight, seen_last, rare = train_embedding(opt_cls, False, backend, **kw)
     fixed_point = 1 / kw["weight_decay"]  # |theta*| = 1/lambda per component
@@ -243,15 +247,20 @@ def test_embedding_drift_and_guard(backend, opt_cls, kw):
 
 
 def test_embedding_helpers():
-    model = nn.ModuleDict({"tok": nn.Embedding(10, 4), "bag": nn.EmbeddingBag(5, 4), "lin": nn.Linear(4, 4),
-                           "norm": nn.LayerNorm(4)})
+    model = nn.ModuleDict(
+        {"tok": nn.Embedding(10, 4), "bag": nn.EmbeddingBag(5, 4), "lin": nn.Linear(4, 4), "norm": nn.LayerNorm(4)}
+    )
     assert {id(p) for p in find_embedding_weights(model)} == {id(model.tok.weight), id(model.bag.weight)}
     groups = embedding_param_groups(model, lr=1e-3)
     assert [len(g["params"]) for g in groups] == [4, 2] and groups[1]["embedding"] and groups[1]["lr"] == 1e-3
     tg = tiger_param_groups(model)
     kinds = {g["kind"]: [n for n, _ in g["params"]] for g in tg}
-    assert kinds == {"matrix": ["lin.weight"], "embedding": ["tok.weight", "bag.weight"],
-                     "bias": ["lin.bias", "norm.bias"], "gamma": ["norm.weight"]}
+    assert kinds == {
+        "matrix": ["lin.weight"],
+        "embedding": ["tok.weight", "bag.weight"],
+        "bias": ["lin.bias", "norm.bias"],
+        "gamma": ["norm.weight"],
+    }
     opt = Tiger(tg)
     assert opt.param_groups[1]["embedding"] is True
 
@@ -273,8 +282,15 @@ def test_state_dict_round_trip(save_backend, load_backend):
     shapes = [(6, 20), (20,), (9, 5)]
 
     def factory(ps):
-        opt = Tiger([{"params": ps[:2], "momentum_dtype": torch.bfloat16, "child_tuning": "D"},
-                     {"params": ps[2:], "embedding": True}], lr=1e-2, grad_accum_steps=2, seed=1)
+        opt = Tiger(
+            [
+                {"params": ps[:2], "momentum_dtype": torch.bfloat16, "child_tuning": "D"},
+                {"params": ps[2:], "embedding": True},
+            ],
+            lr=1e-2,
+            grad_accum_steps=2,
+            seed=1,
+        )
         opt.set_child_tuning_masks({ps[0]: torch.arange(120).view(6, 20) % 3 == 0})
         return opt
 
@@ -447,26 +463,32 @@ def test_opcheck(backend):
 # Errors: clear, naming the group and parameter, and raised before anything changes.
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda ps: Lion(ps, lr=-1e-3), ValueError, r"Lion: param_groups\[0\]: lr must be a real number in \[0.0"),
-    (lambda ps: Lion(ps, betas=(0.9, 1.0)), ValueError, r"betas\[1\] must lie in \[0, 1\)"),
-    (lambda ps: Lion(ps, betas=(-0.1, 0.9)), ValueError, r"betas\[0\] must lie in \[0, 1\)"),
-    (lambda ps: Lion(ps, betas=0.9), ValueError, "betas must be a pair"),
-    (lambda ps: Lion(ps, weight_decay=-0.1), ValueError, "weight_decay"),
-    (lambda ps: Lion([{"params": ps[:1]}, {"params": ps[1:], "lr": float("nan")}]), ValueError,
-     r"param_groups\[1\]: lr"),
-    (lambda ps: Tiger(ps, beta=1.0), ValueError, r"beta must be a real number in \[0.0, 1.0\)"),
-    (lambda ps: Tiger(ps, grad_accum_steps=0), ValueError, "grad_accum_steps must be an int >= 1"),
-    (lambda ps: Tiger(ps, kind="weights"), ValueError, "kind must be one of"),
-    (lambda ps: Tiger(ps, nan_guard="any"), ValueError, "nan_guard must be one of"),
-    (lambda ps: Tiger(ps, shrink_ratio=0.0), ValueError, "shrink_ratio"),
-    (lambda ps: Tiger(ps, rms_scale=-1.0), ValueError, "rms_scale"),
-    (lambda ps: Tiger(ps, grad_accum_steps=2, freeze_absent_momentum=True), ValueError, "freeze_absent_momentum"),
-    (lambda ps: Lion(ps, child_tuning="E"), ValueError, "child_tuning must be None, 'F' or 'D'"),
-    (lambda ps: Lion(ps, reserve_p=0.0), ValueError, "reserve_p"),
-    (lambda ps: Lion(ps, momentum_dtype=torch.float16), ValueError, "momentum_dtype"),
-    (lambda ps: Lion(ps, momentum=0.9), TypeError, "unexpected option"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda ps: Lion(ps, lr=-1e-3), ValueError, r"Lion: param_groups\[0\]: lr must be a real number in \[0.0"),
+        (lambda ps: Lion(ps, betas=(0.9, 1.0)), ValueError, r"betas\[1\] must lie in \[0, 1\)"),
+        (lambda ps: Lion(ps, betas=(-0.1, 0.9)), ValueError, r"betas\[0\] must lie in \[0, 1\)"),
+        (lambda ps: Lion(ps, betas=0.9), ValueError, "betas must be a pair"),
+        (lambda ps: Lion(ps, weight_decay=-0.1), ValueError, "weight_decay"),
+        (
+            lambda ps: Lion([{"params": ps[:1]}, {"params": ps[1:], "lr": float("nan")}]),
+            ValueError,
+            r"param_groups\[1\]: lr",
+        ),
+        (lambda ps: Tiger(ps, beta=1.0), ValueError, r"beta must be a real number in \[0.0, 1.0\)"),
+        (lambda ps: Tiger(ps, grad_accum_steps=0), ValueError, "grad_accum_steps must be an int >= 1"),
+        (lambda ps: Tiger(ps, kind="weights"), ValueError, "kind must be one of"),
+        (lambda ps: Tiger(ps, nan_guard="any"), ValueError, "nan_guard must be one of"),
+        (lambda ps: Tiger(ps, shrink_ratio=0.0), ValueError, "shrink_ratio"),
+        (lambda ps: Tiger(ps, rms_scale=-1.0), ValueError, "rms_scale"),
+        (lambda ps: Tiger(ps, grad_accum_steps=2, freeze_absent_momentum=True), ValueError, "freeze_absent_momentum"),
+        (lambda ps: Lion(ps, child_tuning="E"), ValueError, "child_tuning must be None, 'F' or 'D'"),
+        (lambda ps: Lion(ps, reserve_p=0.0), ValueError, "reserve_p"),
+        (lambda ps: Lion(ps, momentum_dtype=torch.float16), ValueError, "momentum_dtype"),
+        (lambda ps: Lion(ps, momentum=0.9), TypeError, "unexpected option"),
+    ],
+)
 def test_bad_hyperparameters(make, error, match):
     with pytest.raises(error, match=match):
         make(make_params([(2, 3), (4,)], torch.float32))
@@ -477,16 +499,28 @@ def _set_grads(ps):
         p.grad = torch.randn_like(p)
 
 
-@pytest.mark.parametrize("spoil, error, match", [
-    (lambda opt, ps: opt.param_groups[1].update(lr=-1.0), ValueError, r"param_groups\[1\]: lr"),
-    (lambda opt, ps: setattr(ps[2], "grad", torch.randn(3, 3).to_sparse()), TypeError,
-     r"param_groups\[1\]\['params'\]\[0\]: Lion does not support sparse gradients"),
-    (lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 3, dtype=torch.float16)), TypeError,
-     r"\['params'\]\[0\]: state 'exp_avg' has dtype torch.float16"),
-    (lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 4)), ValueError, "has shape"),
-    (lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 3, device="meta")), ValueError,
-     r"\[1\]\['params'\]\[0\]: state 'exp_avg' is on meta, the parameter on cpu"),
-])
+@pytest.mark.parametrize(
+    "spoil, error, match",
+    [
+        (lambda opt, ps: opt.param_groups[1].update(lr=-1.0), ValueError, r"param_groups\[1\]: lr"),
+        (
+            lambda opt, ps: setattr(ps[2], "grad", torch.randn(3, 3).to_sparse()),
+            TypeError,
+            r"param_groups\[1\]\['params'\]\[0\]: Lion does not support sparse gradients",
+        ),
+        (
+            lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 3, dtype=torch.float16)),
+            TypeError,
+            r"\['params'\]\[0\]: state 'exp_avg' has dtype torch.float16",
+        ),
+        (lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 4)), ValueError, "has shape"),
+        (
+            lambda opt, ps: opt.state[ps[2]].update(exp_avg=torch.zeros(3, 3, device="meta")),
+            ValueError,
+            r"\[1\]\['params'\]\[0\]: state 'exp_avg' is on meta, the parameter on cpu",
+        ),
+    ],
+)
 def test_bad_step_inputs_change_nothing(spoil, error, match):
     ps = make_params([(2, 3), (4,), (3, 3)], torch.float32)
     opt = Lion([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2)

@@ -13,15 +13,15 @@ import contextlib
 import copy
 import pickle
 
-import kexue
 import pytest
 import torch
-from kexue.ops import sign_optim as ops
-from kexue.optim import Lion, Tiger, piecewise_linear
-from kexue.reference import sign_optim as R
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kexue
+from kexue.ops import sign_optim as ops
+from kexue.optim import Lion, Tiger, piecewise_linear
+from kexue.reference import sign_optim as R
 from tests.conftest import DEVICE
 from tests.test_sign_optim import BACKENDS
 
@@ -54,6 +54,7 @@ def _grads(params: dict[str, torch.Tensor], t: int, nan_at: int | None = None) -
 def _groups(opt_cls, params: dict[str, torch.Tensor], lr):
     """Param groups exercising every step-dependent column: the lr (and Tiger's factors), the
     accumulation rule, ChildTuning-F and stochastic-rounding keys, lazy rows."""
+
     def named(*names):
         return [(name, params[name]) for name in names]
 
@@ -95,8 +96,10 @@ def _assert_same(plain, cap, opt_plain, opt_cap, what):
             assert torch.equal(sp["row_seen"], sq["row_seen"]), f"{what}: row_seen of {name}"
 
 
-@pytest.mark.parametrize("backend, lr_kind", [(b, kind) for b in BACKENDS for kind in ("tensor", "float")
-                                              if b != "triton" or kind == "tensor"])  # the interpreter is slow
+@pytest.mark.parametrize(
+    "backend, lr_kind",
+    [(b, kind) for b in BACKENDS for kind in ("tensor", "float") if b != "triton" or kind == "tensor"],
+)  # the interpreter is slow
 @pytest.mark.parametrize("opt_cls", [Lion, Tiger])
 def test_capturable_equals_plain_bitwise(backend, opt_cls, lr_kind):
     """Many steps under a LambdaLR schedule (writing a tensor lr in place with fill_, or a float
@@ -253,8 +256,10 @@ def test_capturable_under_grad_scaler_equals_plain(backend, opt_cls):
     """Scaled steps (unscale fused, flag on the device) with an inf at one step, which both skip:
     the capturable run equals the plain one bit for bit, and the skipped step is not counted."""
     models = [_model(), _model()]
-    opts = [opt_cls(m.parameters(), lr=1e-2, weight_decay=0.1, capturable=c)
-            for m, c in zip(models, (False, True), strict=True)]
+    opts = [
+        opt_cls(m.parameters(), lr=1e-2, weight_decay=0.1, capturable=c)
+        for m, c in zip(models, (False, True), strict=True)
+    ]
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000) for _ in models]
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     with kexue.use_backend(backend):
@@ -400,8 +405,9 @@ def _step_op_arguments(seed: int) -> list:
     original = ops.fused_step
 
     def recording(*args):
-        calls.append([[None if x is None else x.detach().clone() for x in a] if isinstance(a, list) else a.clone()
-                      for a in args])
+        calls.append(
+            [[None if x is None else x.detach().clone() for x in a] if isinstance(a, list) else a.clone() for a in args]
+        )
         return original(*args)
 
     with pytest.MonkeyPatch.context() as mp:

@@ -17,8 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch built without distributed/gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch built without distributed/gloo"
+)
 
 STEPS = 5
 NAN_STEP = 2
@@ -68,13 +69,17 @@ def _train(model, opt, rank, world, nan_step):
     tokens, target = _data()
     per = BATCH // world
     for t in range(STEPS):
-        x, y = tokens[t, rank * per:(rank + 1) * per], target[t, rank * per:(rank + 1) * per]
+        x, y = tokens[t, rank * per : (rank + 1) * per], target[t, rank * per : (rank + 1) * per]
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         if t == nan_step:
-            _inject_nan(dict(model.named_parameters())["fc1.weight" if world == 1 else
-                                                       next(n for n, _ in model.named_parameters()
-                                                            if n.endswith("fc1.weight"))])
+            _inject_nan(
+                dict(model.named_parameters())[
+                    "fc1.weight"
+                    if world == 1
+                    else next(n for n, _ in model.named_parameters() if n.endswith("fc1.weight"))
+                ]
+            )
         opt.step()
 
 

@@ -8,12 +8,12 @@ The same NaN, +inf and -inf gradients go through every available backend and the
 
 from __future__ import annotations
 
-import kexue
 import pytest
 import torch
+
+import kexue
 from kexue.optim import Lion, Tiger
 from kexue.reference import sign_optim as R
-
 from tests.test_sign_optim import BACKENDS
 
 SHAPES = [(6, 7), (1500,), (5, 9)]
@@ -65,8 +65,15 @@ def _oracle(opt_cls, options, steps=2):
         if opt_cls is Lion:
             R.lion_step(params, grads, moms, lr=1e-2, weight_decay=options.get("weight_decay", 0.0))
         else:
-            R.tiger_step(params, grads, moms, lr=1e-2, step=t, kinds=["matrix", "matrix", "matrix"],
-                         nan_guard=options.get("nan_guard", "tensor"))
+            R.tiger_step(
+                params,
+                grads,
+                moms,
+                lr=1e-2,
+                step=t,
+                kinds=["matrix", "matrix", "matrix"],
+                nan_guard=options.get("nan_guard", "tensor"),
+            )
     return params, moms
 
 

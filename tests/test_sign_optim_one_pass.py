@@ -9,13 +9,13 @@ outside the step.
 
 from __future__ import annotations
 
-import kexue
 import pytest
 import torch
+
+import kexue
 from kexue import _sign_table as table
 from kexue.ops import sign_optim as ops
 from kexue.optim import Tiger
-
 from tests.test_sign_optim import BACKENDS
 
 CARRYING = [b for b in BACKENDS if b in ops.CARRIES_SSQ]
@@ -45,9 +45,11 @@ def _model(dtype, seed):
 
 
 def _groups(params, **options):
-    return [{"params": [params["w_big"], params["w"]], "kind": "matrix"},
-            {"params": [params["emb"]], "embedding": True, "freeze_absent_momentum": options.pop("freeze", False)},
-            {"params": [params["b"]], "kind": "bias"}], options
+    return [
+        {"params": [params["w_big"], params["w"]], "kind": "matrix"},
+        {"params": [params["emb"]], "embedding": True, "freeze_absent_momentum": options.pop("freeze", False)},
+        {"params": [params["b"]], "kind": "bias"},
+    ], options
 
 
 def _grads(params, t, nan_at=None):
@@ -134,6 +136,7 @@ def test_in_place_write_between_steps_is_detected(backend, monkeypatch):
     def disturb(params, opt):
         with torch.no_grad():
             params["w"].mul_(3.0)  # bumps the version counter
+
     assert _carried_after(backend, monkeypatch, disturb) == [True, False, True, False]
 
 
@@ -141,6 +144,7 @@ def test_in_place_write_between_steps_is_detected(backend, monkeypatch):
 def test_replaced_data_is_detected(backend, monkeypatch):
     def disturb(params, opt):
         params["emb"].data = params["emb"].detach() * 0.5  # a new storage: the data pointer moves
+
     assert _carried_after(backend, monkeypatch, disturb) == [True, True, False, False]
 
 
@@ -148,6 +152,7 @@ def test_replaced_data_is_detected(backend, monkeypatch):
 def test_load_state_dict_drops_every_carried_sum(backend, monkeypatch):
     def disturb(params, opt):
         opt.load_state_dict(opt.state_dict())
+
     assert _carried_after(backend, monkeypatch, disturb) == [False, False, False, False]
 
 
@@ -155,10 +160,12 @@ def test_load_state_dict_drops_every_carried_sum(backend, monkeypatch):
 def test_write_through_data_needs_forget(backend, monkeypatch):
     """The documented blind spot: ``p.data`` has its own version counter. forget_carried_rms(p)
     after such a write restores the two-pass result."""
+
     def disturb(params, opt):
         params["w"].data.mul_(3.0)
         assert params["w"]._version == version  # not visible to the check
         opt.forget_carried_rms(params["w"])
+
     version = None
 
     a, one, b, two = _pair(torch.float32, 5)

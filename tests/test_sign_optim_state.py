@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import kexue
 import pytest
 import torch
+
+import kexue
 from kexue.optim import Lion, Tiger
 
 

@@ -8,6 +8,7 @@ import pathlib
 import re
 
 import pytest
+
 from kexue import _sign_table as table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,9 +46,14 @@ def test_triton_kernel_reads_the_table_module():
     assert {n: getattr(tk, n) for n in shared} == {n: getattr(table, n) for n in shared}
 
 
-PRODUCT = ["triton_kernels/sign_optim.py", "python/kexue/ops/sign_optim.py", "python/kexue/ops/_sign_optim_torch.py",
-           "python/kexue/_sign_table.py", "python/kexue/_sign_random.py", *(
-               str(p.relative_to(REPO)) for p in (REPO / "python" / "kexue" / "optim").glob("*.py"))]
+PRODUCT = [
+    "triton_kernels/sign_optim.py",
+    "python/kexue/ops/sign_optim.py",
+    "python/kexue/ops/_sign_optim_torch.py",
+    "python/kexue/_sign_table.py",
+    "python/kexue/_sign_random.py",
+    *(str(p.relative_to(REPO)) for p in (REPO / "python" / "kexue" / "optim").glob("*.py")),
+]
 
 
 @pytest.mark.parametrize("file", PRODUCT)

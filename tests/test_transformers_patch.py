@@ -14,11 +14,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the optional extra; make test installs it
 
-import kexue  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
-from kexue.integrations import transformers as hf  # noqa: E402
 from transformers import masking_utils  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+import kexue  # noqa: E402
+from kexue.integrations import transformers as hf  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 VOCAB = 97
 TRAIN_LEN = 8  # short, so that the test sequences (up to 23 tokens) go past it
@@ -29,8 +30,15 @@ def build(family: str, **overrides):
     torch.manual_seed(0)
     # initializer_range 0.2, not the usual 0.02: attention logits must be large enough that the scale
     # rule visibly changes the output.
-    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    attn_implementation="sdpa", initializer_range=0.2)
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attn_implementation="sdpa",
+        initializer_range=0.2,
+    )
     if family in ("bert", "roberta"):
         settings.update(max_position_embeddings=70, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
     else:
@@ -91,8 +99,9 @@ def _oracle_attention(train_len, clip=False):
         factor = n.log() / math.log(train_len)
         if clip:
             factor = factor.clamp(min=1)
-        out = torch.nn.functional.scaled_dot_product_attention(query * factor, key, value, attn_mask=allowed,
-                                                               scale=scaling)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query * factor, key, value, attn_mask=allowed, scale=scaling
+        )
         out = torch.where(allowed.any(-1, keepdim=True), out, 0)  # kexue's convention for rows with no key
         return out.transpose(1, 2).contiguous(), None
 
@@ -170,7 +179,7 @@ def test_kv_cache_decoding_counts_absolute_positions(family):
     out = model(input_ids=ids[:, :12], attention_mask=keep[:, :12], use_cache=True)
     cache, steps = out.past_key_values, [out.logits]
     for t in range(12, 20):
-        out = model(input_ids=ids[:, t:t + 1], attention_mask=keep[:, :t + 1], cache=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], attention_mask=keep[:, : t + 1], cache=cache, use_cache=True)
         cache = out.past_key_values
         steps.append(out.logits)
     torch.testing.assert_close(_valid_rows(torch.cat(steps, 1), keep), _valid_rows(full, keep), rtol=1e-4, atol=1e-5)
@@ -237,13 +246,16 @@ def test_unknown_architecture_lists_the_supported_ones():
         kexue.patch(transformers.GPT2Model(cfg), train_len=TRAIN_LEN)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (dict(attention="flash", train_len=8), ValueError, "attention must be one of"),
-    (dict(train_len=1.0), ValueError, "train_len"),
-    (dict(train_len=8, min_n=-1), ValueError, "min_n"),
-    (dict(train_len=8, scale="big"), ValueError, "scale"),
-    (dict(train_len=8, ignore_dropout=1), TypeError, "ignore_dropout"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (dict(attention="flash", train_len=8), ValueError, "attention must be one of"),
+        (dict(train_len=1.0), ValueError, "train_len"),
+        (dict(train_len=8, min_n=-1), ValueError, "min_n"),
+        (dict(train_len=8, scale="big"), ValueError, "scale"),
+        (dict(train_len=8, ignore_dropout=1), TypeError, "ignore_dropout"),
+    ],
+)
 def test_bad_arguments(bad, exc, match):
     model = build("llama")
     with pytest.raises(exc, match=match):
@@ -342,8 +354,9 @@ def test_plain_scale_matches_the_models_eager_attention(family):
     ids, keep = inputs(family)
     expected = run(model, ids, keep)
     kexue.patch(model, train_len=TRAIN_LEN, logn=False)
-    torch.testing.assert_close(_valid_rows(run(model, ids, keep), keep), _valid_rows(expected, keep), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        _valid_rows(run(model, ids, keep), keep), _valid_rows(expected, keep), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

@@ -12,11 +12,11 @@ deterministic mode fills with NaN-like garbage (0xFF bytes for uint8): an unwrit
 
 from __future__ import annotations
 
-import kexue
 import pytest
 import torch
-from kexue.reference import biohash as ref
 
+import kexue
+from kexue.reference import biohash as ref
 from tests.test_biohash import NATIVE, brute_pack, brute_topk_mask, random_batch, tied_synapses, toy_corpus, windows
 
 pytest.importorskip("triton")
@@ -51,8 +51,9 @@ def test_hash_random_synapses_matches_reference(triton_backend, dtype):
     W = kexue.ops.new_synapses(100, 50, dtype=dtype, generator=g)
     ids, offsets, w = random_batch(8, 50, generator=g, dtype=torch.float32)
     expected = ref.biohash_sparse(ids, offsets, w, W, 10, True)
-    got = kexue.ops.biohash(ids.to(triton_backend), offsets.to(triton_backend), w.to(triton_backend),
-                            W.to(triton_backend), 10)
+    got = kexue.ops.biohash(
+        ids.to(triton_backend), offsets.to(triton_backend), w.to(triton_backend), W.to(triton_backend), 10
+    )
     assert torch.equal(got.cpu(), expected)
 
 
@@ -60,8 +61,14 @@ def test_order_key_nan_and_signed_zero(triton_backend):
     # one input per unit: activation of unit mu = W[mu, 0]; NaN first, -0.0 ties with +0.0
     vals = torch.tensor([0.0, -0.0, 1.0, float("nan"), -1.0, 1.0, 0.0, 0.0, float("-inf"), float("inf")])
     W = vals[:, None].contiguous().t().contiguous().t()  # (K=10, N=1), input-major
-    codes = kexue.ops.biohash(torch.tensor([0]).to(triton_backend), torch.tensor([0, 1]).to(triton_backend), None,
-                              W.to(triton_backend), 5, packed=False)
+    codes = kexue.ops.biohash(
+        torch.tensor([0]).to(triton_backend),
+        torch.tensor([0, 1]).to(triton_backend),
+        None,
+        W.to(triton_backend),
+        5,
+        packed=False,
+    )
     assert codes.cpu().tolist() == [[1, 0, 1, 1, 0, 1, 0, 0, 0, 1]]
 
 
@@ -107,8 +114,9 @@ def test_configs_cover_the_launcher_choices():
     for num_hidden in (1, 63, 64, 65, 400, 1000, T.MAX_HIDDEN):
         assert T.block_k(num_hidden) in blocks
     with pytest.raises(ValueError, match="K <= 4096"):
-        T.biohash_sparse(torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]), None,
-                         torch.zeros(1, T.MAX_HIDDEN + 1), 1, True)
+        T.biohash_sparse(
+            torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]), None, torch.zeros(1, T.MAX_HIDDEN + 1), 1, True
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +194,10 @@ def test_update_single_tokens_duplicates_and_ties(triton_backend):
     try:
         U.MAX_DS_BLOCK = 64  # three programs per synapse row
         assert U.ds_block(150) == 64
-        for delta, tiny, rank in ((0.0, 1e-10, 2), (0.4, 1e-10, 2), (0.4, 1e-10, 1), (0.4, 1e-10, 150),
-                                  (0.0, 2e-3, 2)):
-            check_step(W, step_all(ids, offsets, weights, W, triton_backend, lr=0.01, delta=delta, tiny=tiny,
-                                   rank=rank))
+        for delta, tiny, rank in ((0.0, 1e-10, 2), (0.4, 1e-10, 2), (0.4, 1e-10, 1), (0.4, 1e-10, 150), (0.0, 2e-3, 2)):
+            check_step(
+                W, step_all(ids, offsets, weights, W, triton_backend, lr=0.01, delta=delta, tiny=tiny, rank=rank)
+            )
     finally:
         U.MAX_DS_BLOCK = block
 
@@ -198,8 +206,7 @@ def test_update_empty_batch_changes_nothing(triton_backend):
     W = kexue.ops.new_synapses(20, 10).to(triton_backend)
     before = W.clone()
     z = torch.zeros(0, dtype=torch.int64, device=triton_backend)
-    winners, s_win = kexue.ops.biohash_update(z, torch.zeros(1, dtype=torch.int64, device=triton_backend), None,
-                                              W, 0.1)
+    winners, s_win = kexue.ops.biohash_update(z, torch.zeros(1, dtype=torch.int64, device=triton_backend), None, W, 0.1)
     assert winners.shape == (0,) and winners.dtype == torch.int64 and s_win.shape == (0,)
     assert torch.equal(W, before)
 
@@ -236,8 +243,9 @@ def test_training_run_matches_the_cpu_kernel(triton_backend):
         for batch in torch.randperm(x.shape[0], generator=g).split(40):
             with kexue.use_backend("cpu" if NATIVE else "torch"):
                 win_ref, _ = kexue.ops.biohash_update(x[batch], None, invf[batch], W_ref, lr)
-            win, _ = kexue.ops.biohash_update(x[batch].to(triton_backend), None, invf[batch].to(triton_backend),
-                                              W_tri, lr)
+            win, _ = kexue.ops.biohash_update(
+                x[batch].to(triton_backend), None, invf[batch].to(triton_backend), W_tri, lr
+            )
             assert torch.equal(win.cpu(), win_ref)
     torch.testing.assert_close(W_tri.cpu(), W_ref, rtol=0, atol=1e-6)
     assert not torch.allclose(W_ref, W0)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 
-import kexue
 import pytest
 import torch
+
+import kexue
 from kexue import _backend
 from kexue.ops import entropy_normalize
 from kexue.reference import entropy_norm as ref
-
 from tests.helpers import assert_close, fresh_probs, reachable_targets
 
 pytest.importorskip("triton")
@@ -66,7 +66,8 @@ def check(x, target, logits, *, max_iter=20, tile=None, grad_y=None, grad_gamma=
     assert (grad_x.dtype, grad_x.shape) == (dtype, x.shape)
     assert (grad_target.dtype, grad_target.shape) == (torch.float32, (rows,))
     grad_x_r, grad_target_r = ref.entropy_normalize_backward(
-        grad_y.cpu().double(), grad_gamma.cpu().double(), x64, gamma_r, stats_r, logits)
+        grad_y.cpu().double(), grad_gamma.cpu().double(), x64, gamma_r, stats_r, logits
+    )
     assert_close(grad_x.cpu(), grad_x_r, dtype, "grad_x")
     assert_close(grad_target.cpu(), grad_target_r, torch.float32, "grad_target")
     return y, gamma
@@ -77,8 +78,22 @@ def check(x, target, logits, *, max_iter=20, tile=None, grad_y=None, grad_gamma=
 # 32 rows x 16 columns, 17 starts the next one; 127/128/129 straddle a power of two; from 512 on,
 # one row per program; R is rarely a multiple of BLOCK_M.
 
-SHAPES = [(67, 1), (5, 2), (9, 15), (8, 16), (7, 17), (5, 40), (3, 127), (3, 128), (9, 129), (3, 300), (2, 1000),
-          (1, 1024), (2, 1025), (1, 3000)]
+SHAPES = [
+    (67, 1),
+    (5, 2),
+    (9, 15),
+    (8, 16),
+    (7, 17),
+    (5, 40),
+    (3, 127),
+    (3, 128),
+    (9, 129),
+    (3, 300),
+    (2, 1000),
+    (1, 1024),
+    (2, 1025),
+    (1, 3000),
+]
 
 
 @pytest.mark.parametrize("logits", [True, False], ids=["logits", "probs"])
@@ -202,8 +217,14 @@ def test_special_rows(triton_device, dtype, logits, chunked):
     grad_y = torch.where(torch.isnan(y_r) | masked, NAN, grad_y).to(dtype)
     grad_gamma = torch.where(torch.isnan(gamma_r), NAN, torch.randn(x.shape[0], generator=g, dtype=torch.float64))
     tile = Tile(4, 4, False, 4) if chunked else None  # 8 columns in two chunks, 17 rows in 5 blocks
-    y, gamma = check(x.to(triton_device), t.float().to(triton_device), logits, tile=tile,
-                     grad_y=grad_y, grad_gamma=grad_gamma.float())
+    y, gamma = check(
+        x.to(triton_device),
+        t.float().to(triton_device),
+        logits,
+        tile=tile,
+        grad_y=grad_y,
+        grad_gamma=grad_gamma.float(),
+    )
     # The row kinds came out as designed (assert_close already matched the reference's NaN/inf).
     gamma = gamma.cpu()
     assert torch.isinf(gamma[[3, 5, 6, 14]]).all() and (gamma[[2, 4, 7, 15]] == 0).all()
@@ -234,8 +255,9 @@ def test_float32_corner_cases_follow_the_float32_reference(triton_device):
         assert_close(out.cpu(), expected, torch.float32, what)
     grad_y = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
     grad_gamma = torch.tensor([0.5, -1.0, 2.0])
-    grad_x, grad_target = K.backward(grad_y.to(triton_device), grad_gamma.to(triton_device), z.to(triton_device),
-                                     gamma, stats, True)
+    grad_x, grad_target = K.backward(
+        grad_y.to(triton_device), grad_gamma.to(triton_device), z.to(triton_device), gamma, stats, True
+    )
     grad_x_r, grad_target_r = ref.entropy_normalize_backward(grad_y, grad_gamma, z, gamma_r, stats_r, True)
     assert (grad_x_r[:2] == 0).all() and (grad_target_r[:2] == 0).all()
     assert_close(grad_x.cpu(), grad_x_r, torch.float32, "grad_x")
@@ -264,16 +286,21 @@ def test_empty_batch(triton_device, dtype):
 
 def test_every_launch_configuration_is_compiled_ahead_of_time():
     """tests/gpu_compile.py compiles AOT_CONFIGS; the launchers must never pick anything else."""
-    shipped = {(c["kernel"], tuple(sorted(c["constexprs"].items())), c["num_warps"], c["signature"]["x_ptr"])
-               for c in K.AOT_CONFIGS}
+    shipped = {
+        (c["kernel"], tuple(sorted(c["constexprs"].items())), c["num_warps"], c["signature"]["x_ptr"])
+        for c in K.AOT_CONFIGS
+    }
     lengths = list(range(1, 300)) + [2**k + d for k in range(8, 16) for d in (-1, 0, 1)] + [10**6, 2**31 - 1]
     for n in lengths:
-        for kernel, tile in ((K._entropy_norm_fwd_kernel, K.forward_tile(n)),
-                             (K._entropy_norm_bwd_kernel, K.backward_tile(n))):
+        for kernel, tile in (
+            (K._entropy_norm_fwd_kernel, K.forward_tile(n)),
+            (K._entropy_norm_bwd_kernel, K.backward_tile(n)),
+        ):
             for ptr in ("*fp16", "*bf16", "*fp32"):
                 for logits in (True, False):
-                    consts = dict(LOGITS=logits, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                                  SINGLE_TILE=tile.single_tile)
+                    consts = dict(
+                        LOGITS=logits, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_TILE=tile.single_tile
+                    )
                     key = (kernel, tuple(sorted(consts.items())), tile.num_warps, ptr)
                     assert key in shipped, f"n={n}: {kernel.__name__} {tile} {ptr} logits={logits} not in AOT_CONFIGS"
         assert K.forward_tile(n).single_tile == (n <= K.MAX_SINGLE_TILE_FORWARD)
@@ -305,8 +332,12 @@ def test_public_op_through_triton_backend(triton_backend, logits):
     with kexue.use_backend("torch"):
         y_r, gamma_r, gx_r, gt_r = run(x32.detach().cpu().double(), t32.detach().cpu().double())
     assert y.dtype == torch.float32 and gamma.dtype == torch.float32 and gx.dtype == torch.float32
-    for out, expected, what in ((y, y_r, "y"), (gamma, gamma_r, "gamma"), (gx, gx_r, "grad x"),
-                                (gt, gt_r, "grad target")):
+    for out, expected, what in (
+        (y, y_r, "y"),
+        (gamma, gamma_r, "gamma"),
+        (gx, gx_r, "grad x"),
+        (gt, gt_r, "grad target"),
+    ):
         assert_close(out.detach().cpu(), expected, torch.float32, what)
 
 
@@ -326,8 +357,9 @@ def test_llm_vocabulary_rows_bf16_on_gpu(logits):
     torch.cuda.synchronize()
     # every 64th row against the float64 reference (64 rows x 128k: seconds on the CPU)
     picked = torch.arange(0, rows, 64, device="cuda")
-    y_r, gamma_r, _ = ref.entropy_normalize_forward(x[picked].cpu().double(), target[picked].cpu().double(), logits,
-                                                    20, TOL)
+    y_r, gamma_r, _ = ref.entropy_normalize_forward(
+        x[picked].cpu().double(), target[picked].cpu().double(), logits, 20, TOL
+    )
     assert_close(y[picked].cpu(), y_r, torch.bfloat16, "y")
     assert_close(gamma[picked].cpu(), gamma_r, torch.float32, "gamma")
     assert torch.isfinite(y).all() and torch.isfinite(gamma).all()

@@ -38,7 +38,7 @@ def problem(batch, heads, types, length, d, dtype, tril, seed):
     eb = torch.randn(batch, types, length, generator=g, dtype=torch.float64).to(dtype)
     mask = torch.ones(batch, length, dtype=torch.bool)
     if length > 2:
-        mask[-1, length - length // 3:] = False
+        mask[-1, length - length // 3 :] = False
     ok = ref.span_mask(mask, batch, length, tril, "cpu").expand(batch, types, length, length)
     labels = (torch.rand(batch, types, length, length, generator=g) < 0.1) & ok
     return q, k, sb, eb, mask, labels
@@ -81,7 +81,7 @@ def test_loss_matches_oracle(case, dtype):
     grad = torch.rand(batch, types, generator=torch.Generator().manual_seed(1))
     grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, 1e4, tril, tile=tile)
     grads64 = ref.global_pointer_loss_backward(grad.double(), *args64, mask, labels, ROPE_NAMES[rope], 1e4, tril)
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=False):
         assert a.dtype == dtype
         assert_close(a, b, dtype, name)
 
@@ -108,10 +108,11 @@ def test_public_op_on_the_triton_backend(triton_backend):
     args64 = [t.double() for t in (q, k, sb, eb)]
     loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
     assert_close(loss, loss64.sum(), torch.float16, "loss")
-    grads64 = ref.global_pointer_loss_backward(torch.ones(2, 3, dtype=torch.float64), *args64, mask, labels,
-                                               "interleaved", 1e4, True)
+    grads64 = ref.global_pointer_loss_backward(
+        torch.ones(2, 3, dtype=torch.float64), *args64, mask, labels, "interleaved", 1e4, True
+    )
     expected = (grads64[0][:, 0], grads64[1][:, 0], grads64[2].transpose(1, 2), grads64[3].transpose(1, 2))
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected, strict=False):
         assert_close(a, b, torch.float16, name, factor=2.0)  # the loss's gradient, rounded to fp16
     with pytest.raises(kexue.BackendUnavailableError, match="serves fp16/bf16"):  # fp32: declined
         global_pointer_loss(q3.float(), k3.float(), sbu.float(), ebu.float(), labels.nonzero(), mask)
@@ -237,7 +238,7 @@ def test_scores_match_oracle(case, dtype):
     grad = torch.randn(batch, types, length, length, generator=g, dtype=torch.float64).to(dtype)
     grads = K.scores_backward(grad, q, k, sb, eb, mask, rope, 1e4, tril, tile=tile)
     grads64 = ref.global_pointer_scores_backward(grad.double(), *args64, mask, ROPE_NAMES[rope], 1e4, tril)
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=False):
         assert a.dtype == dtype
         assert_close(a, b, dtype, name)
 
@@ -250,7 +251,7 @@ def test_scores_ignore_the_gradient_of_masked_spans():
     grad = torch.randn(2, 2, 19, 19, generator=torch.Generator().manual_seed(3))
     clean = K.scores_backward(grad, q, k, sb, eb, mask, 1, 1e4, True, tile=SMALL)
     dirty = K.scores_backward(grad.masked_fill(~ok, float("nan")), q, k, sb, eb, mask, 1, 1e4, True, tile=SMALL)
-    for a, b in zip(clean, dirty):
+    for a, b in zip(clean, dirty, strict=False):
         assert torch.equal(a, b)
 
 
@@ -264,9 +265,13 @@ def test_public_scores_op_on_the_triton_backend(triton_backend):
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
     grads = torch.autograd.grad(out.masked_fill(torch.isinf(out), 0.0).mul(weight).sum(), (qu, ku, sbu, ebu))
     grads64 = ref.global_pointer_scores_backward(weight.double(), *args64, mask, "half", 1e4, False)
-    expected = (grads64[0].transpose(1, 2), grads64[1].transpose(1, 2), grads64[2].transpose(1, 2),
-                grads64[3].transpose(1, 2))
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected):
+    expected = (
+        grads64[0].transpose(1, 2),
+        grads64[1].transpose(1, 2),
+        grads64[2].transpose(1, 2),
+        grads64[3].transpose(1, 2),
+    )
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, expected, strict=False):
         assert_close(a, b, torch.float32, name)
 
 
@@ -322,7 +327,7 @@ def test_production_size_on_the_gpu(d, dtype):
     loss64, _ = ref.global_pointer_loss_forward(*args64, mask, labels, "interleaved", 1e4, True)
     grads64 = ref.global_pointer_loss_backward(grad.double(), *args64, mask, labels, "interleaved", 1e4, True)
     assert_close(loss, loss64, dtype, "loss", 2.0)
-    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64):
+    for name, a, b in zip(("dq", "dk", "d_start_bias", "d_end_bias"), grads, grads64, strict=False):
         assert a.dtype == dtype
         assert_close(a, b, dtype, name, 2.0)
 

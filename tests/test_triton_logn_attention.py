@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import sys
 
-import kexue
-import kexue.reference.logn_attention  # noqa: F401
 import pytest
 import torch
 
+import kexue
+import kexue.reference.logn_attention  # noqa: F401
 from tests.helpers import assert_close
 
 pytest.importorskip("triton")
@@ -98,13 +98,16 @@ def _check_packed(device, lengths_q, lengths_k, hq, hkv, d, dtype, causal, **kw)
     gl = torch.randn(hq, tq, generator=gen)
     qd, kd, vd = (t.to(device).requires_grad_() for t in (q, k, v))
     with kexue.use_backend("triton"):
-        out, lse = kexue.ops.logn_attention(qd, kd, vd, causal=causal, cu_seqlens=cu_q.to(device),
-                                            cu_seqlens_k=cu_k.to(device), return_lse=True, **kw)
-        grads = torch.autograd.grad((out.float() * go.to(device).float()).sum() + (lse * gl.to(device)).sum(),
-                                    (qd, kd, vd))
+        out, lse = kexue.ops.logn_attention(
+            qd, kd, vd, causal=causal, cu_seqlens=cu_q.to(device), cu_seqlens_k=cu_k.to(device), return_lse=True, **kw
+        )
+        grads = torch.autograd.grad(
+            (out.float() * go.to(device).float()).sum() + (lse * gl.to(device)).sum(), (qd, kd, vd)
+        )
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    r_out, r_lse = ref.logn_attention_varlen(q64, k64, v64, cu_q, cu_seqlens_k=cu_k, causal=causal, return_lse=True,
-                                             **kw)
+    r_out, r_lse = ref.logn_attention_varlen(
+        q64, k64, v64, cu_q, cu_seqlens_k=cu_k, causal=causal, return_lse=True, **kw
+    )
     r_grads = torch.autograd.grad((r_out * go.double()).sum() + (r_lse * gl.double()).sum(), (q64, k64, v64))
     low = dtype in (torch.float16, torch.bfloat16)
     assert out.shape == q.shape and lse.shape == (hq, tq) and lse.dtype == torch.float32
@@ -134,8 +137,10 @@ def test_aot_configs_cover_every_pickable_config():
     from kexue.triton_kernels.logn_attention_rules import block_d, dot_mode
 
     def listed(module, kernel, constexprs):
-        return any(c["kernel"] is kernel and all(c["constexprs"].get(k) == v for k, v in constexprs.items())
-                   for c in module.AOT_CONFIGS)
+        return any(
+            c["kernel"] is kernel and all(c["constexprs"].get(k) == v for k, v in constexprs.items())
+            for c in module.AOT_CONFIGS
+        )
 
     for family in (80, 86, 90):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -147,10 +152,16 @@ def test_aot_configs_cover_every_pickable_config():
                     want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
                     assert listed(logn_attention_fwd, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
                 b = logn_attention_bwd.tiles(family, d, mode)
-                assert listed(logn_attention_bwd, logn_attention_bwd.logn_bwd_dkdv_kernel,
-                              dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode))
-                assert listed(logn_attention_bwd, logn_attention_bwd.logn_bwd_dq_kernel,
-                              dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode))
+                assert listed(
+                    logn_attention_bwd,
+                    logn_attention_bwd.logn_bwd_dkdv_kernel,
+                    dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode),
+                )
+                assert listed(
+                    logn_attention_bwd,
+                    logn_attention_bwd.logn_bwd_dq_kernel,
+                    dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode),
+                )
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert K.MAX_HEAD_DIM == 128
 
@@ -177,8 +188,7 @@ def test_gqa_ratios(triton_device, hkv):
     _check(triton_device, 1, 8, hkv, 33, 65, 16, torch.bfloat16, False, mask_p=0.1)
 
 
-@pytest.mark.parametrize("lq,lk,hq,hkv", [(1, 200, 4, 1), (3, 131, 8, 2), (16, 70, 4, 1), (16, 9, 2, 2),
-                                          (4, 1, 2, 1)])
+@pytest.mark.parametrize("lq,lk,hq,hkv", [(1, 200, 4, 1), (3, 131, 8, 2), (16, 70, 4, 1), (16, 9, 2, 2), (4, 1, 2, 1)])
 def test_decode_cache_offsets(triton_device, lq, lk, hq, hkv):
     # Lq <= 16 takes the split-K decode kernel; row i sees keys up to i + Lk - Lq. (16, 9): queries
     # before the cache's start see nothing; (4, 1): a one-key cache. The merge of splits is
@@ -214,8 +224,7 @@ def test_cuda_production_sizes(d, causal, mask_p):
 @cuda_only
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_production_packed(d):
-    _check_packed(torch.device("cuda"), [1000, 17, 0, 513, 129], [1000, 17, 0, 513, 129], 8, 2, d, torch.bfloat16,
-                  True)
+    _check_packed(torch.device("cuda"), [1000, 17, 0, 513, 129], [1000, 17, 0, 513, 129], 8, 2, d, torch.bfloat16, True)
 
 
 @cuda_only

@@ -25,8 +25,9 @@ def _load_example():
 @pytest.mark.slow
 def test_worked_run_trains_both_setups_and_evaluates_at_4x(tmp_path):
     example = _load_example()
-    results = example.main(["--runs", "stock", "kexue", "--steps", "60", "--warmup", "10", "--eval-windows", "8",
-                            "--out", str(tmp_path)])
+    results = example.main(
+        ["--runs", "stock", "kexue", "--steps", "60", "--warmup", "10", "--eval-windows", "8", "--out", str(tmp_path)]
+    )
     saved = json.loads((tmp_path / "worked_run.json").read_text())
     assert saved["runs"].keys() == {"stock", "kexue"} == results["runs"].keys()
     assert (tmp_path / "worked_run.png").stat().st_size > 0
@@ -42,4 +43,3 @@ def test_worked_run_trains_both_setups_and_evaluates_at_4x(tmp_path):
             assert math.isfinite(ppl) and 1 < ppl < 256, (name, length, ppl)
     assert saved["runs"]["kexue"]["optimizer"] == "tiger" and saved["runs"]["kexue"]["attention"] == "logn"
     assert saved["runs"]["stock"]["optimizer"] == "adamw" and saved["runs"]["stock"]["attention"] == "sdpa"
-

@@ -44,8 +44,9 @@ def _interpreting() -> bool:
 def _mul_rn(a, b, EXACT: tl.constexpr):
     """a * b rounded to float32 and never fused with a following add (see the module docstring)."""
     if EXACT:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         return a * b
 
@@ -61,8 +62,19 @@ def _order_key(a):
 
 
 @triton.jit
-def _biohash_sparse_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, out_ptr, K, k, out_stride,
-                           PACKED: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+def _biohash_sparse_kernel(
+    ids_ptr,
+    offsets_ptr,
+    weights_ptr,
+    wt_ptr,
+    out_ptr,
+    K,
+    k,
+    out_stride,
+    PACKED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXACT: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + row)
     end = tl.load(offsets_ptr + row + 1)
@@ -114,8 +126,14 @@ def num_warps_for(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def biohash_sparse(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                   synapses_t: torch.Tensor, k: int, packed: bool) -> torch.Tensor:
+def biohash_sparse(
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    synapses_t: torch.Tensor,
+    k: int,
+    packed: bool,
+) -> torch.Tensor:
     """Codes of CSR rows (contract: kexue.ops.biohash). ``synapses_t (N, K)`` contiguous,
     float16/bfloat16/float32; weights float32 or None."""
     rows = offsets.shape[0] - 1
@@ -129,10 +147,20 @@ def biohash_sparse(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.
     if weights is None:  # one kernel for both: a weight of 1 changes no product
         weights = torch.ones(indices.shape[0], dtype=torch.float32, device=indices.device)
     block = block_k(num_hidden)
-    _biohash_sparse_kernel[(rows,)](indices.contiguous(), offsets.contiguous(), weights.float().contiguous(),
-                                    synapses_t.contiguous(), out, num_hidden, int(k), out.stride(0),
-                                    PACKED=bool(packed), BLOCK_K=block, EXACT=not _interpreting(),
-                                    num_warps=num_warps_for(block))
+    _biohash_sparse_kernel[(rows,)](
+        indices.contiguous(),
+        offsets.contiguous(),
+        weights.float().contiguous(),
+        synapses_t.contiguous(),
+        out,
+        num_hidden,
+        int(k),
+        out.stride(0),
+        PACKED=bool(packed),
+        BLOCK_K=block,
+        EXACT=not _interpreting(),
+        num_warps=num_warps_for(block),
+    )
     return out
 
 
@@ -149,16 +177,28 @@ def _aot_configs() -> list[dict]:
     for dtype, ptr in _PTR.items():
         for packed in (True, False):
             for block in blocks:
-                configs.append(dict(
-                    name=f"biohash_sparse {str(dtype).removeprefix('torch.')} "
-                         f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block)}",
-                    kernel=_biohash_sparse_kernel,
-                    signature=dict(ids_ptr="*i64", offsets_ptr="*i64", weights_ptr="*fp32", wt_ptr=ptr,
-                                   out_ptr="*u8", K="i32", k="i32", out_stride="i32", PACKED="constexpr",
-                                   BLOCK_K="constexpr", EXACT="constexpr"),
-                    constexprs=dict(PACKED=packed, BLOCK_K=block, EXACT=True),
-                    num_warps=num_warps_for(block),
-                ))
+                configs.append(
+                    dict(
+                        name=f"biohash_sparse {str(dtype).removeprefix('torch.')} "
+                        f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block)}",
+                        kernel=_biohash_sparse_kernel,
+                        signature=dict(
+                            ids_ptr="*i64",
+                            offsets_ptr="*i64",
+                            weights_ptr="*fp32",
+                            wt_ptr=ptr,
+                            out_ptr="*u8",
+                            K="i32",
+                            k="i32",
+                            out_stride="i32",
+                            PACKED="constexpr",
+                            BLOCK_K="constexpr",
+                            EXACT="constexpr",
+                        ),
+                        constexprs=dict(PACKED=packed, BLOCK_K=block, EXACT=True),
+                        num_warps=num_warps_for(block),
+                    )
+                )
     return configs
 
 

@@ -52,9 +52,25 @@ def _row_rank_unit(keys, cols, rank, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _update_rows_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, winners_ptr, s_win_ptr, second_ptr,
-                        s_second_ptr, unit_ptr, value_ptr, K, nnz, rank, delta,
-                        ANTI: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+def _update_rows_kernel(
+    ids_ptr,
+    offsets_ptr,
+    weights_ptr,
+    wt_ptr,
+    winners_ptr,
+    s_win_ptr,
+    second_ptr,
+    s_second_ptr,
+    unit_ptr,
+    value_ptr,
+    K,
+    nnz,
+    rank,
+    delta,
+    ANTI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXACT: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + row)
     end = tl.load(offsets_ptr + row + 1)
@@ -94,9 +110,21 @@ def _update_rows_kernel(ids_ptr, offsets_ptr, weights_ptr, wt_ptr, winners_ptr, 
 
 
 @triton.jit
-def _update_xx_kernel(winners_ptr, s_win_ptr, second_ptr, s_second_ptr, partial_ptr, rows, K, delta,
-                      rows_per_split, ANTI: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr,
-                      EXACT: tl.constexpr):
+def _update_xx_kernel(
+    winners_ptr,
+    s_win_ptr,
+    second_ptr,
+    s_second_ptr,
+    partial_ptr,
+    rows,
+    K,
+    delta,
+    rows_per_split,
+    ANTI: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    EXACT: tl.constexpr,
+):
     """partial[split, mu]: the xx terms of rows [split * rows_per_split, ...) for a block of units."""
     units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     split = tl.program_id(1)
@@ -114,8 +142,9 @@ def _update_xx_kernel(winners_ptr, s_win_ptr, second_ptr, s_second_ptr, partial_
             bs = b0 + tl.arange(0, BLOCK_B)
             ok = bs < last
             sec = tl.load(second_ptr + bs, mask=ok, other=-1).to(tl.int32)
-            s = _mul_rn(-delta + tl.zeros((BLOCK_B,), tl.float32),
-                        tl.load(s_second_ptr + bs, mask=ok, other=0.0), EXACT)
+            s = _mul_rn(
+                -delta + tl.zeros((BLOCK_B,), tl.float32), tl.load(s_second_ptr + bs, mask=ok, other=0.0), EXACT
+            )
             xx += tl.sum(tl.where(sec[:, None] == units[None, :], s[:, None], 0.0), axis=0)
     tl.store(partial_ptr + split * K + units, xx, mask=units < K)
 
@@ -132,8 +161,22 @@ def _update_nx_kernel(partial_ptr, nx_ptr, splits, K, BLOCK_U: tl.constexpr):
 
 
 @triton.jit
-def _update_ds_kernel(wt_ptr, nx_ptr, bucket_ptr, unit_ptr, value_ptr, partial_ptr, nc_ptr, lr, prec, tiny, K,
-                      APPLY: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+def _update_ds_kernel(
+    wt_ptr,
+    nx_ptr,
+    bucket_ptr,
+    unit_ptr,
+    value_ptr,
+    partial_ptr,
+    nc_ptr,
+    lr,
+    prec,
+    tiny,
+    K,
+    APPLY: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXACT: tl.constexpr,
+):
     i = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -171,9 +214,17 @@ def ds_block(num_hidden: int) -> int:
     return min(block_k(num_hidden), MAX_DS_BLOCK)
 
 
-def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                   synapses_t: torch.Tensor, lr: float, delta: float, rank: int, prec: float,
-                   tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
+def biohash_update(
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    synapses_t: torch.Tensor,
+    lr: float,
+    delta: float,
+    rank: int,
+    prec: float,
+    tiny: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One FlyVec step in place on ``synapses_t (N, K)`` float32 (contract: kexue.ops.biohash_update).
 
     ``indices (nnz,)`` int64, ``offsets (B+1,)`` int64, ``weights (nnz,)`` float32 or None.
@@ -201,9 +252,26 @@ def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.
     values = torch.empty_like(units, dtype=torch.float32)
     exact = not _interpreting()
     block = block_k(num_hidden)
-    _update_rows_kernel[(rows,)](indices, offsets, weights, synapses_t, winners, s_win, second, s_second, units,
-                                 values, num_hidden, nnz, int(rank), float(delta), ANTI=anti, BLOCK_K=block,
-                                 EXACT=exact, num_warps=num_warps_for(block))
+    _update_rows_kernel[(rows,)](
+        indices,
+        offsets,
+        weights,
+        synapses_t,
+        winners,
+        s_win,
+        second,
+        s_second,
+        units,
+        values,
+        num_hidden,
+        nnz,
+        int(rank),
+        float(delta),
+        ANTI=anti,
+        BLOCK_K=block,
+        EXACT=exact,
+        num_warps=num_warps_for(block),
+    )
 
     # xx in two deterministic steps: partial sums over slices of the batch (enough programs to
     # fill the GPU), then the slices summed in order.
@@ -211,8 +279,21 @@ def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.
     unit_blocks = triton.cdiv(num_hidden, UPDATE_BLOCK_U)
     partial_xx = torch.empty((splits, num_hidden), dtype=torch.float32, device=device)
     _update_xx_kernel[(unit_blocks, splits)](
-        winners, s_win, second, s_second, partial_xx, rows, num_hidden, float(delta), UPDATE_ROWS_PER_SPLIT,
-        ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=exact, num_warps=4)
+        winners,
+        s_win,
+        second,
+        s_second,
+        partial_xx,
+        rows,
+        num_hidden,
+        float(delta),
+        UPDATE_ROWS_PER_SPLIT,
+        ANTI=anti,
+        BLOCK_B=UPDATE_BLOCK_B,
+        BLOCK_U=UPDATE_BLOCK_U,
+        EXACT=exact,
+        num_warps=4,
+    )
     nx = torch.empty(num_hidden, dtype=torch.float32, device=device)
     _update_nx_kernel[(unit_blocks,)](partial_xx, nx, splits, num_hidden, BLOCK_U=UPDATE_BLOCK_U, num_warps=1)
 
@@ -226,11 +307,31 @@ def biohash_update(indices: torch.Tensor, offsets: torch.Tensor, weights: torch.
     grid = (num_inputs, triton.cdiv(num_hidden, dblock))
     partial = torch.empty(grid, dtype=torch.float32, device=device)
     args = (synapses_t, nx, bucket, units, values, partial)
-    _update_ds_kernel[grid](*args, partial, float(lr), float(prec), float(tiny), num_hidden, APPLY=False,
-                            BLOCK_K=dblock, EXACT=exact, num_warps=num_warps_for(dblock))
+    _update_ds_kernel[grid](
+        *args,
+        partial,
+        float(lr),
+        float(prec),
+        float(tiny),
+        num_hidden,
+        APPLY=False,
+        BLOCK_K=dblock,
+        EXACT=exact,
+        num_warps=num_warps_for(dblock),
+    )
     nc = partial.amax().reshape(1)
-    _update_ds_kernel[grid](*args, nc, float(lr), float(prec), float(tiny), num_hidden, APPLY=True,
-                            BLOCK_K=dblock, EXACT=exact, num_warps=num_warps_for(dblock))
+    _update_ds_kernel[grid](
+        *args,
+        nc,
+        float(lr),
+        float(prec),
+        float(tiny),
+        num_hidden,
+        APPLY=True,
+        BLOCK_K=dblock,
+        EXACT=exact,
+        num_warps=num_warps_for(dblock),
+    )
     return winners, s_win
 
 
@@ -245,43 +346,91 @@ def _aot_configs() -> list[dict]:
     blocks = [64 << i for i in range(7)]  # 64 .. 4096 = block_k(MAX_HIDDEN)
     for anti in (False, True):
         for block in blocks:
-            configs.append(dict(
-                name=f"update_rows {'anti ' if anti else ''}K<={block} w{num_warps_for(block)}",
-                kernel=_update_rows_kernel,
-                signature=dict(ids_ptr="*i64", offsets_ptr="*i64", weights_ptr="*fp32", wt_ptr="*fp32",
-                               winners_ptr="*i64", s_win_ptr="*fp32", second_ptr="*i64", s_second_ptr="*fp32",
-                               unit_ptr="*i32", value_ptr="*fp32", K="i32", nnz="i32", rank="i32", delta="fp32",
-                               ANTI="constexpr", BLOCK_K="constexpr", EXACT="constexpr"),
-                constexprs=dict(ANTI=anti, BLOCK_K=block, EXACT=True),
-                num_warps=num_warps_for(block),
-            ))
-        configs.append(dict(
-            name=f"update_xx {'anti ' if anti else ''}{UPDATE_BLOCK_B}x{UPDATE_BLOCK_U}",
-            kernel=_update_xx_kernel,
-            signature=dict(winners_ptr="*i64", s_win_ptr="*fp32", second_ptr="*i64", s_second_ptr="*fp32",
-                           partial_ptr="*fp32", rows="i32", K="i32", delta="fp32", rows_per_split="i32",
-                           ANTI="constexpr", BLOCK_B="constexpr", BLOCK_U="constexpr", EXACT="constexpr"),
-            constexprs=dict(ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=True),
-            num_warps=4,
-        ))
-    configs.append(dict(
-        name=f"update_nx {UPDATE_BLOCK_U}",
-        kernel=_update_nx_kernel,
-        signature=dict(partial_ptr="*fp32", nx_ptr="*fp32", splits="i32", K="i32", BLOCK_U="constexpr"),
-        constexprs=dict(BLOCK_U=UPDATE_BLOCK_U),
-        num_warps=1,
-    ))
+            configs.append(
+                dict(
+                    name=f"update_rows {'anti ' if anti else ''}K<={block} w{num_warps_for(block)}",
+                    kernel=_update_rows_kernel,
+                    signature=dict(
+                        ids_ptr="*i64",
+                        offsets_ptr="*i64",
+                        weights_ptr="*fp32",
+                        wt_ptr="*fp32",
+                        winners_ptr="*i64",
+                        s_win_ptr="*fp32",
+                        second_ptr="*i64",
+                        s_second_ptr="*fp32",
+                        unit_ptr="*i32",
+                        value_ptr="*fp32",
+                        K="i32",
+                        nnz="i32",
+                        rank="i32",
+                        delta="fp32",
+                        ANTI="constexpr",
+                        BLOCK_K="constexpr",
+                        EXACT="constexpr",
+                    ),
+                    constexprs=dict(ANTI=anti, BLOCK_K=block, EXACT=True),
+                    num_warps=num_warps_for(block),
+                )
+            )
+        configs.append(
+            dict(
+                name=f"update_xx {'anti ' if anti else ''}{UPDATE_BLOCK_B}x{UPDATE_BLOCK_U}",
+                kernel=_update_xx_kernel,
+                signature=dict(
+                    winners_ptr="*i64",
+                    s_win_ptr="*fp32",
+                    second_ptr="*i64",
+                    s_second_ptr="*fp32",
+                    partial_ptr="*fp32",
+                    rows="i32",
+                    K="i32",
+                    delta="fp32",
+                    rows_per_split="i32",
+                    ANTI="constexpr",
+                    BLOCK_B="constexpr",
+                    BLOCK_U="constexpr",
+                    EXACT="constexpr",
+                ),
+                constexprs=dict(ANTI=anti, BLOCK_B=UPDATE_BLOCK_B, BLOCK_U=UPDATE_BLOCK_U, EXACT=True),
+                num_warps=4,
+            )
+        )
+    configs.append(
+        dict(
+            name=f"update_nx {UPDATE_BLOCK_U}",
+            kernel=_update_nx_kernel,
+            signature=dict(partial_ptr="*fp32", nx_ptr="*fp32", splits="i32", K="i32", BLOCK_U="constexpr"),
+            constexprs=dict(BLOCK_U=UPDATE_BLOCK_U),
+            num_warps=1,
+        )
+    )
     for apply in (False, True):
         for block in [b for b in blocks if b <= MAX_DS_BLOCK]:
-            configs.append(dict(
-                name=f"update_ds {'apply' if apply else 'max'} K<={block} w{num_warps_for(block)}",
-                kernel=_update_ds_kernel,
-                signature=dict(wt_ptr="*fp32", nx_ptr="*fp32", bucket_ptr="*i64", unit_ptr="*i32",
-                               value_ptr="*fp32", partial_ptr="*fp32", nc_ptr="*fp32", lr="fp32", prec="fp32",
-                               tiny="fp32", K="i32", APPLY="constexpr", BLOCK_K="constexpr", EXACT="constexpr"),
-                constexprs=dict(APPLY=apply, BLOCK_K=block, EXACT=True),
-                num_warps=num_warps_for(block),
-            ))
+            configs.append(
+                dict(
+                    name=f"update_ds {'apply' if apply else 'max'} K<={block} w{num_warps_for(block)}",
+                    kernel=_update_ds_kernel,
+                    signature=dict(
+                        wt_ptr="*fp32",
+                        nx_ptr="*fp32",
+                        bucket_ptr="*i64",
+                        unit_ptr="*i32",
+                        value_ptr="*fp32",
+                        partial_ptr="*fp32",
+                        nc_ptr="*fp32",
+                        lr="fp32",
+                        prec="fp32",
+                        tiny="fp32",
+                        K="i32",
+                        APPLY="constexpr",
+                        BLOCK_K="constexpr",
+                        EXACT="constexpr",
+                    ),
+                    constexprs=dict(APPLY=apply, BLOCK_K=block, EXACT=True),
+                    num_warps=num_warps_for(block),
+                )
+            )
     return configs
 
 

@@ -168,9 +168,19 @@ def _numerators(u, finite, g, argmax):
 
 @triton.jit
 def _entropy_norm_fwd_kernel(
-    x_ptr, target_ptr, y_ptr, gamma_ptr, stats_ptr,
-    n_rows, n_cols, max_iter, tol,
-    LOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    x_ptr,
+    target_ptr,
+    y_ptr,
+    gamma_ptr,
+    stats_ptr,
+    n_rows,
+    n_cols,
+    max_iter,
+    tol,
+    LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: R * n may exceed 2**31
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -291,9 +301,19 @@ def _bwd_grad_x(x_ptr, offs, mask, u, y, grad, ubar, gbar, k, gs, live, LOGITS: 
 
 @triton.jit
 def _entropy_norm_bwd_kernel(
-    grad_y_ptr, grad_gamma_ptr, x_ptr, gamma_ptr, stats_ptr, grad_x_ptr, grad_target_ptr,
-    n_rows, n_cols,
-    LOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    grad_y_ptr,
+    grad_gamma_ptr,
+    x_ptr,
+    gamma_ptr,
+    stats_ptr,
+    grad_x_ptr,
+    grad_target_ptr,
+    n_rows,
+    n_cols,
+    LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -410,12 +430,18 @@ def all_tiles(tile_for) -> list[Tile]:
 
 
 def _launch_args(tile: Tile, logits: bool) -> dict:
-    return dict(LOGITS=bool(logits), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                SINGLE_TILE=tile.single_tile, num_warps=tile.num_warps)
+    return dict(
+        LOGITS=bool(logits),
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        SINGLE_TILE=tile.single_tile,
+        num_warps=tile.num_warps,
+    )
 
 
-def forward(x: torch.Tensor, target: torch.Tensor, logits: bool, max_iter: int, tol: float,
-            *, tile: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(
+    x: torch.Tensor, target: torch.Tensor, logits: bool, max_iter: int, tol: float, *, tile: Tile | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, gamma, stats)`` for rows ``x (R, n)`` and targets ``(R,)``; see the reference.
 
     ``tile`` overrides :func:`forward_tile` (tests use it to reach the chunked layout with small rows).
@@ -430,13 +456,22 @@ def forward(x: torch.Tensor, target: torch.Tensor, logits: bool, max_iter: int, 
         return y, gamma, stats
     tile = tile or forward_tile(n)
     grid = (triton.cdiv(rows, tile.block_m),)
-    _entropy_norm_fwd_kernel[grid](x, target, y, gamma, stats, rows, n, int(max_iter), float(tol),
-                                   **_launch_args(tile, logits))
+    _entropy_norm_fwd_kernel[grid](
+        x, target, y, gamma, stats, rows, n, int(max_iter), float(tol), **_launch_args(tile, logits)
+    )
     return y, gamma, stats
 
 
-def backward(grad_y: torch.Tensor, grad_gamma: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
-             stats: torch.Tensor, logits: bool, *, tile: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(
+    grad_y: torch.Tensor,
+    grad_gamma: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    stats: torch.Tensor,
+    logits: bool,
+    *,
+    tile: Tile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_target)``: grad_x in x.dtype, grad_target (R,) float32."""
     x = x.contiguous()
     grad_y = grad_y.to(x.dtype).contiguous()  # y, hence its gradient, is stored in x.dtype
@@ -450,8 +485,9 @@ def backward(grad_y: torch.Tensor, grad_gamma: torch.Tensor, x: torch.Tensor, ga
         return grad_x, grad_target
     tile = tile or backward_tile(n)
     grid = (triton.cdiv(rows, tile.block_m),)
-    _entropy_norm_bwd_kernel[grid](grad_y, grad_gamma, x, gamma, stats, grad_x, grad_target, rows, n,
-                                   **_launch_args(tile, logits))
+    _entropy_norm_bwd_kernel[grid](
+        grad_y, grad_gamma, x, gamma, stats, grad_x, grad_target, rows, n, **_launch_args(tile, logits)
+    )
     return grad_x, grad_target
 
 
@@ -464,8 +500,10 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 def _aot_configs() -> list[dict]:
     def tag(dtype, logits, tile):
         layout = "" if tile.single_tile else " chunked"
-        return (f"{str(dtype).removeprefix('torch.')} {'logits' if logits else 'probs'} "
-                f"{tile.block_m}x{tile.block_n}{layout} w{tile.num_warps}")
+        return (
+            f"{str(dtype).removeprefix('torch.')} {'logits' if logits else 'probs'} "
+            f"{tile.block_m}x{tile.block_n}{layout} w{tile.num_warps}"
+        )
 
     def constexprs(logits, tile):
         return dict(LOGITS=logits, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_TILE=tile.single_tile)
@@ -475,26 +513,48 @@ def _aot_configs() -> list[dict]:
         for logits in (True, False):
             for tile in all_tiles(forward_tile):
                 consts = constexprs(logits, tile)
-                configs.append(dict(
-                    name=f"entropy_norm_fwd {tag(dtype, logits, tile)}",
-                    kernel=_entropy_norm_fwd_kernel,
-                    signature=dict(x_ptr=ptr, target_ptr="*fp32", y_ptr=ptr, gamma_ptr="*fp32", stats_ptr="*fp32",
-                                   n_rows="i32", n_cols="i32", max_iter="i32", tol="fp32",
-                                   **dict.fromkeys(consts, "constexpr")),
-                    constexprs=consts,
-                    num_warps=tile.num_warps,
-                ))
+                configs.append(
+                    dict(
+                        name=f"entropy_norm_fwd {tag(dtype, logits, tile)}",
+                        kernel=_entropy_norm_fwd_kernel,
+                        signature=dict(
+                            x_ptr=ptr,
+                            target_ptr="*fp32",
+                            y_ptr=ptr,
+                            gamma_ptr="*fp32",
+                            stats_ptr="*fp32",
+                            n_rows="i32",
+                            n_cols="i32",
+                            max_iter="i32",
+                            tol="fp32",
+                            **dict.fromkeys(consts, "constexpr"),
+                        ),
+                        constexprs=consts,
+                        num_warps=tile.num_warps,
+                    )
+                )
             for tile in all_tiles(backward_tile):
                 consts = constexprs(logits, tile)
-                configs.append(dict(
-                    name=f"entropy_norm_bwd {tag(dtype, logits, tile)}",
-                    kernel=_entropy_norm_bwd_kernel,
-                    signature=dict(grad_y_ptr=ptr, grad_gamma_ptr="*fp32", x_ptr=ptr, gamma_ptr="*fp32",
-                                   stats_ptr="*fp32", grad_x_ptr=ptr, grad_target_ptr="*fp32",
-                                   n_rows="i32", n_cols="i32", **dict.fromkeys(consts, "constexpr")),
-                    constexprs=consts,
-                    num_warps=tile.num_warps,
-                ))
+                configs.append(
+                    dict(
+                        name=f"entropy_norm_bwd {tag(dtype, logits, tile)}",
+                        kernel=_entropy_norm_bwd_kernel,
+                        signature=dict(
+                            grad_y_ptr=ptr,
+                            grad_gamma_ptr="*fp32",
+                            x_ptr=ptr,
+                            gamma_ptr="*fp32",
+                            stats_ptr="*fp32",
+                            grad_x_ptr=ptr,
+                            grad_target_ptr="*fp32",
+                            n_rows="i32",
+                            n_cols="i32",
+                            **dict.fromkeys(consts, "constexpr"),
+                        ),
+                        constexprs=consts,
+                        num_warps=tile.num_warps,
+                    )
+                )
     return configs
 
 

@@ -104,8 +104,10 @@ def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "los
     """Why the Triton ``op`` ("loss" or "scores") cannot serve a head of ``head_size`` channels in
     ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
     if head_size > MAX_SERVED_HEAD:
-        return (f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
-                f"still use a stack frame), got {head_size}")
+        return (
+            f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
+            f"still use a stack frame), got {head_size}"
+        )
     if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
         return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
     return None
@@ -127,7 +129,7 @@ def _rope(x: torch.Tensor, layout: int, base: float, inverse: bool = False) -> t
     cos, sin = torch.cos(ang).to(x), torch.sin(ang).to(x)
     if inverse:
         sin = -sin
-    a, b = (x[..., 0::2], x[..., 1::2]) if layout == 1 else (x[..., : d // 2], x[..., d // 2:])
+    a, b = (x[..., 0::2], x[..., 1::2]) if layout == 1 else (x[..., : d // 2], x[..., d // 2 :])
     ra, rb = a * cos - b * sin, b * cos + a * sin
     if layout == 1:
         return torch.stack((ra, rb), dim=-1).flatten(-2)
@@ -165,13 +167,18 @@ def _common(q, k, sb, mask, rope, base, tile):
         raise ValueError(f"the tile's head block {tile.block_h} is narrower than the head size {d}")
     scale = 1.0 / max(d, 1) ** 0.5
     qr, kr = _rotated(q, rope, base, scale), _rotated(k, rope, base, 1.0)
-    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile,
-            mask.contiguous().view(torch.uint8))
+    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile, mask.contiguous().view(torch.uint8))
 
 
 def _meta(tile: Tile, dtype: torch.dtype) -> dict:
-    return dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=dot_precision(dtype),
-                num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        BLOCK_H=tile.block_h,
+        DOT_PREC=dot_precision(dtype),
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )
 
 
 def misplaced_positives(row_ptr, cols, mask, types: int, tril: bool) -> torch.Tensor:
@@ -198,8 +205,21 @@ def loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, base, tril, *, tile: T
         return lse.sum(-1), lse
     state = torch.tensor([-math.inf, 0.0, -math.inf, 0.0], device=q.device).repeat(batch, types, length, 1)
     _gp_loss_fwd_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
-        qr, kr, sb.contiguous(), eb.contiguous(), m8, row_ptr, cols, state, heads, types, length, d,
-        int(bool(tril)), **_meta(tile, q.dtype))
+        qr,
+        kr,
+        sb.contiguous(),
+        eb.contiguous(),
+        m8,
+        row_ptr,
+        cols,
+        state,
+        heads,
+        types,
+        length,
+        d,
+        int(bool(tril)),
+        **_meta(tile, q.dtype),
+    )
     lse = torch.stack((_finish(state[..., 0], state[..., 1]), _finish(state[..., 2], state[..., 3])), -1)
     bad = misplaced_positives(row_ptr, cols, mask, types, tril)
     lse[..., 1] = torch.where(bad, math.inf, lse[..., 1])
@@ -228,33 +248,52 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril
     args = (heads, types, length, d, int(bool(tril)))
     inputs = (qr, kr, sb.contiguous(), eb.contiguous(), m8, row_ptr, cols, grad, lse)
     _gp_loss_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
-        *inputs, dqr, dsb, *args, **_meta(tile, q.dtype))
+        *inputs, dqr, dsb, *args, **_meta(tile, q.dtype)
+    )
     _gp_loss_bwd_cols_kernel[(triton.cdiv(length, tile.block_n), batch * heads)](
-        *inputs, dkr, deb, *args, **_meta(tile, q.dtype))
+        *inputs, dkr, deb, *args, **_meta(tile, q.dtype)
+    )
     # s = <scale R q, R k>: dq = scale R^T dqr, dk = R^T dkr (dkr already carries the scale via qr)
-    return (_unrotated(dqr, rope, base, scale, q.dtype), _unrotated(dkr, rope, base, 1.0, k.dtype),
-            dsb.to(sb.dtype), deb.to(eb.dtype))
+    return (
+        _unrotated(dqr, rope, base, scale, q.dtype),
+        _unrotated(dkr, rope, base, 1.0, k.dtype),
+        dsb.to(sb.dtype),
+        deb.to(eb.dtype),
+    )
 
 
 def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
     """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked)."""
-    batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                  tile or scores_tile_for(q.shape[-1], q.dtype))
+    batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(
+        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype)
+    )
     out = torch.empty(batch, types, length, length, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(length, tile.block_m) * triton.cdiv(length, tile.block_n), batch * heads)
     _gp_scores_fwd_kernel[grid](
-        qr, kr, sb.contiguous(), eb.contiguous(), m8, out, heads, types, length, d, int(bool(tril)),
-        **_meta(tile, q.dtype))
+        qr,
+        kr,
+        sb.contiguous(),
+        eb.contiguous(),
+        m8,
+        out,
+        heads,
+        types,
+        length,
+        d,
+        int(bool(tril)),
+        **_meta(tile, q.dtype),
+    )
     return out
 
 
 def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
     """``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over the unmasked spans,
     in the inputs' dtypes. ``grad``: ``(B, T, L, L)`` of q's dtype."""
-    batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(q, k, sb, mask, rope, base,
-                                                                      tile or scores_tile_for(q.shape[-1], q.dtype))
+    batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(
+        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype)
+    )
     dsb = torch.zeros(batch, types, length, dtype=torch.float32, device=q.device)
     deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
@@ -264,11 +303,17 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
     dkr = torch.empty_like(dqr)
     args = (heads, types, length, d, int(bool(tril)))
     _gp_scores_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
-        kr, m8, grad, dqr, dsb, *args, **_meta(tile, q.dtype))
+        kr, m8, grad, dqr, dsb, *args, **_meta(tile, q.dtype)
+    )
     _gp_scores_bwd_cols_kernel[(triton.cdiv(length, tile.block_n), batch * heads)](
-        qr, m8, grad, dkr, deb, *args, **_meta(tile, q.dtype))
-    return (_unrotated(dqr, rope, base, scale, q.dtype), _unrotated(dkr, rope, base, 1.0, k.dtype),
-            dsb.to(sb.dtype), deb.to(eb.dtype))
+        qr, m8, grad, dkr, deb, *args, **_meta(tile, q.dtype)
+    )
+    return (
+        _unrotated(dqr, rope, base, scale, q.dtype),
+        _unrotated(dkr, rope, base, 1.0, k.dtype),
+        dsb.to(sb.dtype),
+        deb.to(eb.dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,24 +359,40 @@ def _aot_configs() -> list[dict]:
         inputs = dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", **csr)
         loss = [
             ("fwd", _gp_loss_fwd_kernel, dict(**inputs, state_ptr="*fp32")),
-            ("bwd_rows", _gp_loss_bwd_rows_kernel,
-             dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32")),
-            ("bwd_cols", _gp_loss_bwd_cols_kernel,
-             dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dk_ptr="*fp32", deb_ptr="*fp32")),
+            (
+                "bwd_rows",
+                _gp_loss_bwd_rows_kernel,
+                dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32"),
+            ),
+            (
+                "bwd_cols",
+                _gp_loss_bwd_cols_kernel,
+                dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dk_ptr="*fp32", deb_ptr="*fp32"),
+            ),
         ]
         scores = [
-            ("scores_fwd", _gp_scores_fwd_kernel,
-             dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr)),
-            ("scores_bwd_rows", _gp_scores_bwd_rows_kernel,
-             dict(k_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32")),
-            ("scores_bwd_cols", _gp_scores_bwd_cols_kernel,
-             dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32")),
+            (
+                "scores_fwd",
+                _gp_scores_fwd_kernel,
+                dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr),
+            ),
+            (
+                "scores_bwd_rows",
+                _gp_scores_bwd_rows_kernel,
+                dict(k_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32"),
+            ),
+            (
+                "scores_bwd_cols",
+                _gp_scores_bwd_cols_kernel,
+                dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32"),
+            ),
         ]
         precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for tiles, kernels in ((all_tiles(dtype), loss), (all_scores_tiles(dtype), scores)):
             for tile in tiles:
-                configs += [_config(name, kernel, sig, tile, dtype, prec)
-                            for name, kernel, sig in kernels for prec in precs]
+                configs += [
+                    _config(name, kernel, sig, tile, dtype, prec) for name, kernel, sig in kernels for prec in precs
+                ]
     return configs
 
 

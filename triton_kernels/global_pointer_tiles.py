@@ -35,8 +35,11 @@ def _load_rows(ptr, base, pos, pos_ok, c, D):
 
 @triton.jit
 def _store_rows(ptr, base, pos, pos_in, c, D, value):
-    tl.store(ptr + base + pos[:, None] * D + c[None, :], value.to(ptr.dtype.element_ty),
-             mask=pos_in[:, None] & (c < D)[None, :])
+    tl.store(
+        ptr + base + pos[:, None] * D + c[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=pos_in[:, None] & (c < D)[None, :],
+    )
 
 
 @triton.jit
@@ -91,10 +94,25 @@ def _grad_tile(s, valid, y, g, ln, lp):
 
 
 @triton.jit
-def _gp_loss_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, cols_ptr, state_ptr,
-                        H, T, L, D, TRIL,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
+def _gp_loss_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    sb_ptr,
+    eb_ptr,
+    mask_ptr,
+    row_ptr,
+    cols_ptr,
+    state_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Per row (b, t, i) the online log-sum-exp states (m_neg, s_neg, m_pos, s_pos) in
     ``state (B, T, L, 4)``, initialized by the launcher to (-inf, 0, -inf, 0)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -140,10 +158,28 @@ def _gp_loss_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, cols_pt
 
 
 @triton.jit
-def _gp_loss_bwd_rows_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, cols_ptr, grad_ptr, lse_ptr,
-                             dq_ptr, dsb_ptr, H, T, L, D, TRIL,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                             DOT_PREC: tl.constexpr):
+def _gp_loss_bwd_rows_kernel(
+    q_ptr,
+    k_ptr,
+    sb_ptr,
+    eb_ptr,
+    mask_ptr,
+    row_ptr,
+    cols_ptr,
+    grad_ptr,
+    lse_ptr,
+    dq_ptr,
+    dsb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Rows pass: d_start_bias (row sums of dL/ds, into the zeroed ``dsb``) and dq = G K."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -168,8 +204,9 @@ def _gp_loss_bwd_rows_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, co
             bt = b * T + t0 + tt
             s = dots + _bias(sb_ptr, bt, L, i, row_ok)[:, None] + _bias(eb_ptr, bt, L, j, col_ok)[None, :]
             y = _labels_tile(row_ptr, cols_ptr, bt, L, i, j, row_in)
-            p = _grad_tile(s, valid, y, tl.load(grad_ptr + bt), tl.load(lse_ptr + bt * 2),
-                           tl.load(lse_ptr + bt * 2 + 1))
+            p = _grad_tile(
+                s, valid, y, tl.load(grad_ptr + bt), tl.load(lse_ptr + bt * 2), tl.load(lse_ptr + bt * 2 + 1)
+            )
             G += p
             _add_owned(dsb_ptr + bt * L, i, row_in, tl.sum(p, axis=1))
         dq += tl.dot(G.to(kr.dtype), kr, input_precision=DOT_PREC)
@@ -177,10 +214,28 @@ def _gp_loss_bwd_rows_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, co
 
 
 @triton.jit
-def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, cols_ptr, grad_ptr, lse_ptr,
-                             dk_ptr, deb_ptr, H, T, L, D, TRIL,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                             DOT_PREC: tl.constexpr):
+def _gp_loss_bwd_cols_kernel(
+    q_ptr,
+    k_ptr,
+    sb_ptr,
+    eb_ptr,
+    mask_ptr,
+    row_ptr,
+    cols_ptr,
+    grad_ptr,
+    lse_ptr,
+    dk_ptr,
+    deb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Columns pass: d_end_bias (column sums, into the zeroed ``deb``) and dk = G^T Q."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -205,8 +260,9 @@ def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, co
             bt = b * T + t0 + tt
             s = dots + _bias(sb_ptr, bt, L, i, row_ok)[:, None] + _bias(eb_ptr, bt, L, j, col_ok)[None, :]
             y = _labels_tile(row_ptr, cols_ptr, bt, L, i, j, row_in)
-            p = _grad_tile(s, valid, y, tl.load(grad_ptr + bt), tl.load(lse_ptr + bt * 2),
-                           tl.load(lse_ptr + bt * 2 + 1))
+            p = _grad_tile(
+                s, valid, y, tl.load(grad_ptr + bt), tl.load(lse_ptr + bt * 2), tl.load(lse_ptr + bt * 2 + 1)
+            )
             G += p
             _add_owned(deb_ptr + bt * L, j, col_in, tl.sum(p, axis=0))
         dk += tl.dot(tl.trans(G.to(qr.dtype)), qr, input_precision=DOT_PREC)
@@ -218,10 +274,23 @@ def _gp_loss_bwd_cols_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, row_ptr, co
 
 
 @triton.jit
-def _gp_scores_fwd_kernel(q_ptr, k_ptr, sb_ptr, eb_ptr, mask_ptr, out_ptr,
-                          H, T, L, D, TRIL,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                          DOT_PREC: tl.constexpr):
+def _gp_scores_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    sb_ptr,
+    eb_ptr,
+    mask_ptr,
+    out_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Grid (tiles, B * H): one tile's dot, written for every type of the head with its biases."""
     pid = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -260,9 +329,22 @@ def _grad_scores_tile(grad_ptr, bt, L, i, j, valid):
 
 
 @triton.jit
-def _gp_scores_bwd_rows_kernel(k_ptr, mask_ptr, grad_ptr, dq_ptr, dsb_ptr, H, T, L, D, TRIL,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
+def _gp_scores_bwd_rows_kernel(
+    k_ptr,
+    mask_ptr,
+    grad_ptr,
+    dq_ptr,
+    dsb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Rows pass: d_start_bias = row sums of dScores, dq = (sum over the head's types) dScores K."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -291,9 +373,22 @@ def _gp_scores_bwd_rows_kernel(k_ptr, mask_ptr, grad_ptr, dq_ptr, dsb_ptr, H, T,
 
 
 @triton.jit
-def _gp_scores_bwd_cols_kernel(q_ptr, mask_ptr, grad_ptr, dk_ptr, deb_ptr, H, T, L, D, TRIL,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
+def _gp_scores_bwd_cols_kernel(
+    q_ptr,
+    mask_ptr,
+    grad_ptr,
+    dk_ptr,
+    deb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Columns pass: d_end_bias = column sums of dScores, dk = G^T Q (each program owns its keys)."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)

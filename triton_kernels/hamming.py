@@ -32,8 +32,7 @@ def _popcount32(x):
 
 
 @triton.jit
-def _hamming_keys_kernel(q_ptr, db_ptr, key_ptr, Q, D, WORDS, d0, TILE,
-                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hamming_keys_kernel(q_ptr, db_ptr, key_ptr, Q, D, WORDS, d0, TILE, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """Keys ``distance * D + index`` of database codes ``d0 .. d0 + TILE - 1`` (clipped to D) for
     every query, into the ``(Q, TILE)`` tile buffer; ``db_ptr`` holds that tile's codes only."""
     pid_q = tl.program_id(0).to(tl.int64)
@@ -83,8 +82,9 @@ def hamming_topk(queries: torch.Tensor, database: torch.Tensor, n: int) -> tuple
         width = d1 - d0
         grid = (triton.cdiv(Q, block_q), triton.cdiv(width, block_d))
         # the kernel indexes the tile's words from 0: pass D and d0 so keys carry global indices
-        _hamming_keys_kernel[grid](qw, dw, keys, Q, D, qw.shape[1], d0, keys.shape[1],
-                                   BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+        _hamming_keys_kernel[grid](
+            qw, dw, keys, Q, D, qw.shape[1], d0, keys.shape[1], BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4
+        )
         return keys[:, :width]
 
     return stream_topk(tile_keys, Q, D, n, keys.shape[1], queries.device)
@@ -96,14 +96,26 @@ def hamming_topk(queries: torch.Tensor, database: torch.Tensor, n: int) -> tuple
 
 def _aot_configs() -> list[dict]:
     configs = []
-    configs.append(dict(
-        name=f"hamming_keys {_HAMMING_BLOCK_Q}x{_HAMMING_BLOCK_D}",
-        kernel=_hamming_keys_kernel,
-        signature=dict(q_ptr="*i32", db_ptr="*i32", key_ptr="*i64", Q="i32", D="i32", WORDS="i32", d0="i32",
-                       TILE="i32", BLOCK_Q="constexpr", BLOCK_D="constexpr"),
-        constexprs=dict(BLOCK_Q=_HAMMING_BLOCK_Q, BLOCK_D=_HAMMING_BLOCK_D),
-        num_warps=4,
-    ))
+    configs.append(
+        dict(
+            name=f"hamming_keys {_HAMMING_BLOCK_Q}x{_HAMMING_BLOCK_D}",
+            kernel=_hamming_keys_kernel,
+            signature=dict(
+                q_ptr="*i32",
+                db_ptr="*i32",
+                key_ptr="*i64",
+                Q="i32",
+                D="i32",
+                WORDS="i32",
+                d0="i32",
+                TILE="i32",
+                BLOCK_Q="constexpr",
+                BLOCK_D="constexpr",
+            ),
+            constexprs=dict(BLOCK_Q=_HAMMING_BLOCK_Q, BLOCK_D=_HAMMING_BLOCK_D),
+            num_warps=4,
+        )
+    )
     return configs
 
 

@@ -56,8 +56,16 @@ def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, va
         prefix = torch.zeros(1, dtype=torch.int32, device=q.device)  # never read
         mask_u8 = torch.zeros(1, dtype=torch.uint8, device=q.device)
     scalars = (float(scale), 1.0 / math.log(train_len), max(1.0, float(min_n)), 1.0 / math.sqrt(d))
-    flags = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, LOGN=bool(logn), CLIP=bool(clip),
-                 GRADMAX=bool(gradmax), IEEE=dot_mode(q.dtype), VARLEN=bool(varlen), BLOCK_D=block_d(d))
+    flags = dict(
+        CAUSAL=bool(causal),
+        HAS_MASK=mask is not None,
+        LOGN=bool(logn),
+        CLIP=bool(clip),
+        GRADMAX=bool(gradmax),
+        IEEE=dot_mode(q.dtype),
+        VARLEN=bool(varlen),
+        BLOCK_D=block_d(d),
+    )
     return mask_u8, prefix, scalars, flags
 
 
@@ -65,6 +73,7 @@ class _Problem(NamedTuple):
     """What the kernels need to find rows: the number of (batch or sequence) x heads programs,
     the longest q and k, the Lq / Lk arguments, the offsets, and the strides of q-like tensors
     (q, out, dO, dQ), k-like ones (k, v) and lse-like ones (lse, delta), each (batch, head, row)."""
+
     nseq: int
     max_q: int
     max_k: int
@@ -80,15 +89,35 @@ class _Problem(NamedTuple):
 def _dense_problem(q, k, lse) -> _Problem:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq), all contiguous."""
     none = torch.zeros(1, dtype=torch.int32, device=q.device)  # never read
-    return _Problem(q.shape[0], q.shape[2], k.shape[2], q.shape[2], k.shape[2], none, none, q.stride()[:3],
-                    k.stride()[:3], lse.stride()[:2])
+    return _Problem(
+        q.shape[0],
+        q.shape[2],
+        k.shape[2],
+        q.shape[2],
+        k.shape[2],
+        none,
+        none,
+        q.stride()[:3],
+        k.stride()[:3],
+        lse.stride()[:2],
+    )
 
 
 def _packed_problem(q, k, lse, cu_q, cu_k, max_seqlen) -> _Problem:
     """q (Tq, Hq, D), k (Tk, Hkv, D), lse (Hq, Tq), all contiguous; rows of sequence s at
     cu[s] .. cu[s + 1]. Lq / Lk are unused (read from the offsets): 0."""
-    return _Problem(cu_q.numel() - 1, max_seqlen, max_seqlen, 0, 0, cu_q, cu_k, (0, q.stride(1), q.stride(0)),
-                    (0, k.stride(1), k.stride(0)), (0, lse.stride(0)))
+    return _Problem(
+        cu_q.numel() - 1,
+        max_seqlen,
+        max_seqlen,
+        0,
+        0,
+        cu_q,
+        cu_k,
+        (0, q.stride(1), q.stride(0)),
+        (0, k.stride(1), k.stride(0)),
+        (0, lse.stride(0)),
+    )
 
 
 def _forward(q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen):
@@ -101,12 +130,48 @@ def _forward(q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, lo
     _fwd.launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, arch_family(q.device))
 
 
-def _backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb: _Problem, mask, causal, scale, train_len, logn,
-              clip, min_n, gradmax, varlen):
+def _backward(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    pb: _Problem,
+    mask,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+    varlen,
+):
     """dq like q; dk, dv like k, v."""
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
-    _bwd.launch(grad_out, grad_lse, q, k, v, out, lse.float().contiguous(), dq, dk, dv, pb, mask_u8, prefix, scalars,
-                flags, arch_family(q.device))
+    _bwd.launch(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse.float().contiguous(),
+        dq,
+        dk,
+        dv,
+        pb,
+        mask_u8,
+        prefix,
+        scalars,
+        flags,
+        arch_family(q.device),
+    )
 
 
 def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
@@ -115,8 +180,9 @@ def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax)
     b, hq, lq, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
-    _forward(q, k, v, out, lse, _dense_problem(q, k, lse), mask, causal, scale, train_len, logn, clip, min_n, gradmax,
-             False)
+    _forward(
+        q, k, v, out, lse, _dense_problem(q, k, lse), mask, causal, scale, train_len, logn, clip, min_n, gradmax, False
+    )
     return out, lse
 
 
@@ -128,8 +194,28 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_l
     if q.numel() == 0:
         return dq, torch.zeros_like(k), torch.zeros_like(v)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, _dense_problem(q, k, lse), mask, causal, scale,
-              train_len, logn, clip, min_n, gradmax, False)
+    _backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        _dense_problem(q, k, lse),
+        mask,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        False,
+    )
     return dq, dk, dv
 
 
@@ -144,8 +230,9 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, lo
     return out, lse
 
 
-def varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn,
-                    clip, min_n, gradmax):
+def varlen_backward(
+    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+):
     """``(grad_q, grad_k, grad_v)`` of :func:`varlen_forward`, typed like the inputs."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     grad_out = _aligned(grad_out.to(q.dtype))
@@ -153,8 +240,26 @@ def varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqle
     # keys of a sequence without queries are still written (zeros) by their program
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     pb = _packed_problem(q, k, lse, cu_q.contiguous(), cu_k.contiguous(), max_seqlen)
-    _backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, None, causal, scale, train_len, logn, clip, min_n,
-              gradmax, True)
+    _backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        pb,
+        None,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        True,
+    )
     return dq, dk, dv
-
-

@@ -52,8 +52,11 @@ _T = Tiles
 # for every switch combination.
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64)},
-    80: {16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)), 32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
-         64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2))},
+    80: {
+        16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
+        32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
+        64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2)),
+    },
 }
 _TILES_16[90][128] = BwdTiles(_T(32, 32, 8, 2), _T(128, 64, 8, 2))
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
@@ -61,9 +64,13 @@ for _f in (80, 90):
     _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
-_TILES_IEEE = {16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)), 32: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
-               64: BwdTiles(_T(16, 32, 4, 2), _T(16, 32, 4, 2)), 128: BwdTiles(_T(16, 32, 8, 2), _T(16, 32, 4, 2)),
-               256: BwdTiles(_T(16, 16, 8, 1), _T(16, 16, 4, 1))}
+_TILES_IEEE = {
+    16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
+    32: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
+    64: BwdTiles(_T(16, 32, 4, 2), _T(16, 32, 4, 2)),
+    128: BwdTiles(_T(16, 32, 8, 2), _T(16, 32, 4, 2)),
+    256: BwdTiles(_T(16, 16, 8, 1), _T(16, 16, 4, 1)),
+}
 
 
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
@@ -78,12 +85,39 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
 
 
 @triton.jit
-def logn_bwd_prep_kernel(out_ptr, do_ptr, dlse_ptr, delta_ptr, sc_ptr, mask_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr,
-                         Hq, Lq, Lk, D, stride_qb, stride_qh, stride_qm, stride_lb, stride_lh,
-                         base, inv_log_train, min_n, inv_sqrt_d,
-                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
-                         GRADMAX: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def logn_bwd_prep_kernel(
+    out_ptr,
+    do_ptr,
+    dlse_ptr,
+    delta_ptr,
+    sc_ptr,
+    mask_ptr,
+    prefix_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_lb,
+    stride_lh,
+    base,
+    inv_log_train,
+    min_n,
+    inv_sqrt_d,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    LOGN: tl.constexpr,
+    CLIP: tl.constexpr,
+    GRADMAX: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # delta, sc (and dlse, lse) at strides (lb, lh, 1); out, do at (qb, qh, qm).
     bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -120,9 +154,33 @@ def logn_bwd_prep_kernel(out_ptr, do_ptr, dlse_ptr, delta_ptr, sc_ptr, mask_ptr,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols, dcol, b, Lq, Lk,
-               mask_ptr, stride_qm, D, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               EVEN_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    key_ok,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    sc_base,
+    start,
+    cols,
+    dcol,
+    b,
+    Lq,
+    Lk,
+    mask_ptr,
+    stride_qm,
+    D,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """One query block's contribution to a key block's dK, dV, in transposed form (keys as rows).
     ``MASKED``: the block may hold rows past Lq or before the diagonal."""
     rows = start + tl.arange(0, BLOCK_M)
@@ -170,12 +228,41 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_b
 
 
 @triton.jit
-def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr, mask_ptr, dk_ptr, dv_ptr,
-                         cu_q_ptr, cu_k_ptr, Hq, Hkv, Lq, Lk, D, stride_qb, stride_qh, stride_qm, stride_kb,
-                         stride_kh, stride_kn, stride_lb, stride_lh,
-                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
-                         EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def logn_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    sc_ptr,
+    mask_ptr,
+    dk_ptr,
+    dv_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_lb,
+    stride_lh,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # dk, dv: like k, v (input dtype), at strides (kb, kh, kn).
     bh = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -230,12 +317,62 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
         delta_base = delta_ptr + l_off + h * stride_lh
         sc_base = sc_ptr + l_off + h * stride_lh
         for start in range(mid, full_end, BLOCK_M):  # whole query blocks that see every key here
-            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols,
-                                dcol, b, Lq, Lk, mask_ptr, stride_qm, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                key_ok,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sc_base,
+                start,
+                cols,
+                dcol,
+                b,
+                Lq,
+                Lk,
+                mask_ptr,
+                stride_qm,
+                D,
+                False,
+                CAUSAL,
+                HAS_MASK,
+                EVEN_D,
+                IEEE,
+                BLOCK_M,
+            )
         for i in range(n_masked):  # the diagonal blocks, then the ragged last one: one loop, one copy of the code
             start = tl.where(lo + i * BLOCK_M < mid, lo + i * BLOCK_M, tail)
-            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, sc_base, start, cols,
-                                dcol, b, Lq, Lk, mask_ptr, stride_qm, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_M)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                key_ok,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sc_base,
+                start,
+                cols,
+                dcol,
+                b,
+                Lq,
+                Lk,
+                mask_ptr,
+                stride_qm,
+                D,
+                True,
+                CAUSAL,
+                HAS_MASK,
+                EVEN_D,
+                IEEE,
+                BLOCK_M,
+            )
     tl.store(dk_ptr + kv_at, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -245,9 +382,31 @@ def logn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, sc2, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr, stride_kn, D,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
-             IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_step(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    sc2,
+    k_base,
+    v_base,
+    start,
+    rows,
+    dcol,
+    b,
+    Lq,
+    Lk,
+    mask_ptr,
+    stride_kn,
+    D,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     cols = start + tl.arange(0, BLOCK_N)
     kv_at = cols[:, None] * stride_kn + dcol[None, :]
     if MASKED:
@@ -274,12 +433,40 @@ def _dq_step(dq, q, do, lse2, delta, sc2, k_base, v_base, start, rows, dcol, b, 
 
 
 @triton.jit
-def logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr, mask_ptr, dq_ptr,
-                       cu_q_ptr, cu_k_ptr, Hq, Hkv, Lq, Lk, D, stride_qb, stride_qh, stride_qm, stride_kb,
-                       stride_kh, stride_kn, stride_lb, stride_lh,
-                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
-                       EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+def logn_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    sc_ptr,
+    mask_ptr,
+    dq_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_lb,
+    stride_lh,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
     if CAUSAL:  # longest blocks first
@@ -322,11 +509,57 @@ def logn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sc_ptr, 
         full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
     for start in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, sc2, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
-                      stride_kn, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            sc2,
+            k_base,
+            v_base,
+            start,
+            rows,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_kn,
+            D,
+            False,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_N,
+        )
     for start in range(full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, sc2, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
-                      stride_kn, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            sc2,
+            k_base,
+            v_base,
+            start,
+            rows,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_kn,
+            D,
+            True,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_N,
+        )
     dq = dq * sc[:, None]
     tl.store(dq_ptr + q_off + q_at, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -346,22 +579,92 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
     dlse = lse if grad_lse is None else grad_lse  # never read without HAS_DLSE
     rule = {key: flags[key] for key in ("CAUSAL", "HAS_MASK", "LOGN", "CLIP", "GRADMAX", "VARLEN")}
     logn_bwd_prep_kernel[(pb.nseq * hq, triton.cdiv(pb.max_q, _PREP_ROWS))](
-        out, grad_out, dlse, delta, sc, mask_u8, prefix, pb.cu_q, pb.cu_k, hq, pb.lq, pb.lk, d, *pb.q_strides,
-        *pb.l_strides, *scalars, **rule, HAS_DLSE=grad_lse is not None, BLOCK_M=_PREP_ROWS, BLOCK_D=bd,
-        num_warps=4)
+        out,
+        grad_out,
+        dlse,
+        delta,
+        sc,
+        mask_u8,
+        prefix,
+        pb.cu_q,
+        pb.cu_k,
+        hq,
+        pb.lq,
+        pb.lk,
+        d,
+        *pb.q_strides,
+        *pb.l_strides,
+        *scalars,
+        **rule,
+        HAS_DLSE=grad_lse is not None,
+        BLOCK_M=_PREP_ROWS,
+        BLOCK_D=bd,
+        num_warps=4,
+    )
     t = tiles(family, d, flags["IEEE"])
-    common = dict(CAUSAL=flags["CAUSAL"], HAS_MASK=flags["HAS_MASK"], IEEE=flags["IEEE"], VARLEN=flags["VARLEN"],
-                  EVEN_D=even_d, BLOCK_D=bd)
+    common = dict(
+        CAUSAL=flags["CAUSAL"],
+        HAS_MASK=flags["HAS_MASK"],
+        IEEE=flags["IEEE"],
+        VARLEN=flags["VARLEN"],
+        EVEN_D=even_d,
+        BLOCK_D=bd,
+    )
     if pb.max_k > 0:
         logn_bwd_dkdv_kernel[(pb.nseq * hkv, triton.cdiv(pb.max_k, t.dkdv.block_n))](
-            q, k, v, grad_out, lse, delta, sc, mask_u8, dk, dv, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
-            *pb.q_strides, *pb.k_strides, *pb.l_strides, **common, BLOCK_M=t.dkdv.block_m, BLOCK_N=t.dkdv.block_n,
-            num_warps=t.dkdv.num_warps, num_stages=t.dkdv.num_stages)
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            sc,
+            mask_u8,
+            dk,
+            dv,
+            pb.cu_q,
+            pb.cu_k,
+            hq,
+            hkv,
+            pb.lq,
+            pb.lk,
+            d,
+            *pb.q_strides,
+            *pb.k_strides,
+            *pb.l_strides,
+            **common,
+            BLOCK_M=t.dkdv.block_m,
+            BLOCK_N=t.dkdv.block_n,
+            num_warps=t.dkdv.num_warps,
+            num_stages=t.dkdv.num_stages,
+        )
     if pb.max_q > 0:
         logn_bwd_dq_kernel[(pb.nseq * hq, triton.cdiv(pb.max_q, t.dq.block_m))](
-            q, k, v, grad_out, lse, delta, sc, mask_u8, dq, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
-            *pb.q_strides, *pb.k_strides, *pb.l_strides, **common, BLOCK_M=t.dq.block_m, BLOCK_N=t.dq.block_n,
-            num_warps=t.dq.num_warps, num_stages=t.dq.num_stages)
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            sc,
+            mask_u8,
+            dq,
+            pb.cu_q,
+            pb.cu_k,
+            hq,
+            hkv,
+            pb.lq,
+            pb.lk,
+            d,
+            *pb.q_strides,
+            *pb.k_strides,
+            *pb.l_strides,
+            **common,
+            BLOCK_M=t.dq.block_m,
+            BLOCK_N=t.dq.block_n,
+            num_warps=t.dq.num_warps,
+            num_stages=t.dq.num_stages,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +674,21 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
 HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
-_INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
-         "stride_lb", "stride_lh")
+_INTS = (
+    "Hq",
+    "Hkv",
+    "Lq",
+    "Lk",
+    "D",
+    "stride_qb",
+    "stride_qh",
+    "stride_qm",
+    "stride_kb",
+    "stride_kh",
+    "stride_kn",
+    "stride_lb",
+    "stride_lh",
+)
 
 
 def _expect(family: int, mode: int, tile: Tiles, kernel: str) -> tuple:
@@ -397,35 +713,94 @@ def _aot_configs() -> list[dict]:
             for d in HEAD_DIMS:
                 t, bd = tiles(family, d, mode), block_d(d)
                 for causal, has_mask, varlen in _SWITCHES:
-                    switches = ("causal" if causal else "full") + (" mask" if has_mask else "") + (
-                        " varlen" if varlen else "")
-                    for name, kernel, tile, outs in (("dkdv", logn_bwd_dkdv_kernel, t.dkdv, ("dk_ptr", "dv_ptr")),
-                                                     ("dq", logn_bwd_dq_kernel, t.dq, ("dq_ptr",))):
-                        consts = dict(CAUSAL=causal, HAS_MASK=has_mask, IEEE=mode, VARLEN=varlen, EVEN_D=d == bd,
-                                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd)
-                        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32",
-                                   sc_ptr="*fp32", mask_ptr="*u8", **dict.fromkeys(outs, ptr), cu_q_ptr="*i32",
-                                   cu_k_ptr="*i32", **dict.fromkeys(_INTS, "i32"), **dict.fromkeys(consts, "constexpr"))
-                        configs.append(dict(
-                            name=(f"logn_bwd_{name} {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} "
-                                  f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"),
-                            kernel=kernel, signature=sig, constexprs=consts, num_warps=tile.num_warps,
-                            num_stages=tile.num_stages, archs=archs if mode == 0 else (80, 86, 89, 90),
-                            unaligned_ints=("Lq", "Lk"), expect=_expect(family, mode, tile, name)))
+                    switches = (
+                        ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
+                    )
+                    for name, kernel, tile, outs in (
+                        ("dkdv", logn_bwd_dkdv_kernel, t.dkdv, ("dk_ptr", "dv_ptr")),
+                        ("dq", logn_bwd_dq_kernel, t.dq, ("dq_ptr",)),
+                    ):
+                        consts = dict(
+                            CAUSAL=causal,
+                            HAS_MASK=has_mask,
+                            IEEE=mode,
+                            VARLEN=varlen,
+                            EVEN_D=d == bd,
+                            BLOCK_M=tile.block_m,
+                            BLOCK_N=tile.block_n,
+                            BLOCK_D=bd,
+                        )
+                        sig = dict(
+                            q_ptr=ptr,
+                            k_ptr=ptr,
+                            v_ptr=ptr,
+                            do_ptr=ptr,
+                            lse_ptr="*fp32",
+                            delta_ptr="*fp32",
+                            sc_ptr="*fp32",
+                            mask_ptr="*u8",
+                            **dict.fromkeys(outs, ptr),
+                            cu_q_ptr="*i32",
+                            cu_k_ptr="*i32",
+                            **dict.fromkeys(_INTS, "i32"),
+                            **dict.fromkeys(consts, "constexpr"),
+                        )
+                        configs.append(
+                            dict(
+                                name=(
+                                    f"logn_bwd_{name} {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} "
+                                    f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+                                ),
+                                kernel=kernel,
+                                signature=sig,
+                                constexprs=consts,
+                                num_warps=tile.num_warps,
+                                num_stages=tile.num_stages,
+                                archs=archs if mode == 0 else (80, 86, 89, 90),
+                                unaligned_ints=("Lq", "Lk"),
+                                expect=_expect(family, mode, tile, name),
+                            )
+                        )
     # the preprocess kernel: no dots; one configuration per dtype with every switch on
     for dtype, ptr in _PTR.items():
         for d in (64, 128, 256):
-            consts = dict(CAUSAL=True, HAS_MASK=True, LOGN=True, CLIP=False, GRADMAX=True, VARLEN=False,
-                          HAS_DLSE=True, BLOCK_M=_PREP_ROWS, BLOCK_D=d)
-            sig = dict(out_ptr=ptr, do_ptr=ptr, dlse_ptr="*fp32", delta_ptr="*fp32", sc_ptr="*fp32", mask_ptr="*u8",
-                       prefix_ptr="*i32", cu_q_ptr="*i32", cu_k_ptr="*i32",
-                       **dict.fromkeys(("Hq", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_lb",
-                                        "stride_lh"), "i32"),
-                       **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
-                       **dict.fromkeys(consts, "constexpr"))
-            configs.append(dict(name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax",
-                                kernel=logn_bwd_prep_kernel, signature=sig, constexprs=consts, num_warps=4,
-                                unaligned_ints=("Lq", "Lk")))
+            consts = dict(
+                CAUSAL=True,
+                HAS_MASK=True,
+                LOGN=True,
+                CLIP=False,
+                GRADMAX=True,
+                VARLEN=False,
+                HAS_DLSE=True,
+                BLOCK_M=_PREP_ROWS,
+                BLOCK_D=d,
+            )
+            sig = dict(
+                out_ptr=ptr,
+                do_ptr=ptr,
+                dlse_ptr="*fp32",
+                delta_ptr="*fp32",
+                sc_ptr="*fp32",
+                mask_ptr="*u8",
+                prefix_ptr="*i32",
+                cu_q_ptr="*i32",
+                cu_k_ptr="*i32",
+                **dict.fromkeys(
+                    ("Hq", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh"), "i32"
+                ),
+                **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+                **dict.fromkeys(consts, "constexpr"),
+            )
+            configs.append(
+                dict(
+                    name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax",
+                    kernel=logn_bwd_prep_kernel,
+                    signature=sig,
+                    constexprs=consts,
+                    num_warps=4,
+                    unaligned_ints=("Lq", "Lk"),
+                )
+            )
     return configs
 
 

@@ -44,12 +44,41 @@ def _num_warps(block_r: int) -> int:
 
 
 @triton.jit
-def logn_decode_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, part_o_ptr, part_lse_ptr,
-                             Hq, Hkv, Lq, Lk, D, chunk, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
-                             stride_kn, base, inv_log_train, min_n, inv_sqrt_d,
-                             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
-                             GRADMAX: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def logn_decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    prefix_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    D,
+    chunk,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    base,
+    inv_log_train,
+    min_n,
+    inv_sqrt_d,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    LOGN: tl.constexpr,
+    CLIP: tl.constexpr,
+    GRADMAX: tl.constexpr,
+    IEEE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # part_o: (B * Hkv, splits, BLOCK_R, BLOCK_D) float32; part_lse: (B * Hkv, splits, BLOCK_R).
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -123,9 +152,24 @@ def logn_decode_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, part_o_p
 
 
 @triton.jit
-def logn_decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, Hkv, Lq, D, splits, stride_qb,
-                               stride_qh, stride_qm, stride_lb, stride_lh,
-                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def logn_decode_combine_kernel(
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    D,
+    splits,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_lb,
+    stride_lh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Merges the splits of one (batch, key/value head): per row, softmax-weighted by the splits'
     log-sum-exps (a split that saw no key has -inf and weight 0)."""
     bh = tl.program_id(0)
@@ -152,8 +196,11 @@ def logn_decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, H
     head = (hk * groups + r // Lq).to(tl.int64)
     row_ok = r < groups * Lq
     q_at = b * stride_qb + head * stride_qh + pos * stride_qm
-    tl.store(out_ptr + q_at[:, None] + dcol[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (dcol[None, :] < D))
+    tl.store(
+        out_ptr + q_at[:, None] + dcol[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (dcol[None, :] < D),
+    )
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + pos, lse, mask=row_ok)
 
 
@@ -162,8 +209,11 @@ def num_splits(batch_heads: int, lk: int, device: torch.device) -> int:
     the cache is read at full bandwidth only with many in flight; the merge re-reads about 3% of
     the cache's bytes at Lq=1, d=128, 32k keys), each at least one key tile. Under the
     interpreter: up to 4, so that the tests exercise the merge."""
-    target = 4 if interpreting() or device.type != "cuda" else 4 * torch.cuda.get_device_properties(
-        device).multi_processor_count
+    target = (
+        4
+        if interpreting() or device.type != "cuda"
+        else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    )
     return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(lk, BLOCK_N), 128))
 
 
@@ -180,12 +230,46 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     part_lse = torch.empty(b * hkv, splits, block_r, dtype=torch.float32, device=q.device)
     rule = {key: flags[key] for key in ("CAUSAL", "HAS_MASK", "LOGN", "CLIP", "GRADMAX", "IEEE")}
     logn_decode_split_kernel[(b * hkv, splits)](
-        q, k, v, mask_u8, prefix, part_o, part_lse, hq, hkv, lq, lk, d, chunk, *q.stride()[:3], *k.stride()[:3],
-        *scalars, **rule, EVEN_D=d == bd, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=bd,
-        num_warps=_num_warps(block_r), num_stages=_num_stages(bd))
+        q,
+        k,
+        v,
+        mask_u8,
+        prefix,
+        part_o,
+        part_lse,
+        hq,
+        hkv,
+        lq,
+        lk,
+        d,
+        chunk,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *scalars,
+        **rule,
+        EVEN_D=d == bd,
+        BLOCK_R=block_r,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=bd,
+        num_warps=_num_warps(block_r),
+        num_stages=_num_stages(bd),
+    )
     logn_decode_combine_kernel[(b * hkv,)](
-        part_o, part_lse, out, lse, hq, hkv, lq, d, splits, *q.stride()[:3], *lse.stride()[:2],
-        BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
+        part_o,
+        part_lse,
+        out,
+        lse,
+        hq,
+        hkv,
+        lq,
+        d,
+        splits,
+        *q.stride()[:3],
+        *lse.stride()[:2],
+        BLOCK_R=block_r,
+        BLOCK_D=bd,
+        num_warps=4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,27 +286,80 @@ def _aot_configs() -> list[dict]:
         for d in (64, 128):  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
             for block_r in (16, 64):
                 for causal, has_mask, gradmax in ((True, False, False), (True, True, True)):
-                    consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
-                                  IEEE=mode, EVEN_D=True, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=d)
-                    ints = ("Hq", "Hkv", "Lq", "Lk", "D", "chunk", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
-                            "stride_kh", "stride_kn")
-                    sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr="*u8", prefix_ptr="*i32",
-                               part_o_ptr="*fp32", part_lse_ptr="*fp32", **dict.fromkeys(ints, "i32"),
-                               **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
-                               **dict.fromkeys(consts, "constexpr"))
+                    consts = dict(
+                        CAUSAL=causal,
+                        HAS_MASK=has_mask,
+                        LOGN=True,
+                        CLIP=False,
+                        GRADMAX=gradmax,
+                        IEEE=mode,
+                        EVEN_D=True,
+                        BLOCK_R=block_r,
+                        BLOCK_N=BLOCK_N,
+                        BLOCK_D=d,
+                    )
+                    ints = (
+                        "Hq",
+                        "Hkv",
+                        "Lq",
+                        "Lk",
+                        "D",
+                        "chunk",
+                        "stride_qb",
+                        "stride_qh",
+                        "stride_qm",
+                        "stride_kb",
+                        "stride_kh",
+                        "stride_kn",
+                    )
+                    sig = dict(
+                        q_ptr=ptr,
+                        k_ptr=ptr,
+                        v_ptr=ptr,
+                        mask_ptr="*u8",
+                        prefix_ptr="*i32",
+                        part_o_ptr="*fp32",
+                        part_lse_ptr="*fp32",
+                        **dict.fromkeys(ints, "i32"),
+                        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+                        **dict.fromkeys(consts, "constexpr"),
+                    )
                     warps = _num_warps(block_r)
-                    configs.append(dict(
-                        name=(f"logn_decode {str(dtype)[6:]} d{d} rows{block_r} {'causal' if causal else 'full'}"
-                              f"{' mask gradmax' if has_mask else ''} w{warps}"),
-                        kernel=logn_decode_split_kernel, signature=sig, constexprs=consts, num_warps=warps,
-                        num_stages=_num_stages(d), unaligned_ints=("Lq", "Lk", "chunk"),
-                        expect=("no_replication", "tensor_cores") if mode == 0 else ()))
+                    configs.append(
+                        dict(
+                            name=(
+                                f"logn_decode {str(dtype)[6:]} d{d} rows{block_r} {'causal' if causal else 'full'}"
+                                f"{' mask gradmax' if has_mask else ''} w{warps}"
+                            ),
+                            kernel=logn_decode_split_kernel,
+                            signature=sig,
+                            constexprs=consts,
+                            num_warps=warps,
+                            num_stages=_num_stages(d),
+                            unaligned_ints=("Lq", "Lk", "chunk"),
+                            expect=("no_replication", "tensor_cores") if mode == 0 else (),
+                        )
+                    )
             consts = dict(BLOCK_R=16, BLOCK_D=d)
             ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
-            sig = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=ptr, lse_ptr="*fp32",
-                       **dict.fromkeys(ints, "i32"), **dict.fromkeys(consts, "constexpr"))
-            configs.append(dict(name=f"logn_decode_combine {str(dtype)[6:]} d{d}", kernel=logn_decode_combine_kernel,
-                                signature=sig, constexprs=consts, num_warps=4, unaligned_ints=("Lq", "splits")))
+            sig = dict(
+                part_o_ptr="*fp32",
+                part_lse_ptr="*fp32",
+                out_ptr=ptr,
+                lse_ptr="*fp32",
+                **dict.fromkeys(ints, "i32"),
+                **dict.fromkeys(consts, "constexpr"),
+            )
+            configs.append(
+                dict(
+                    name=f"logn_decode_combine {str(dtype)[6:]} d{d}",
+                    kernel=logn_decode_combine_kernel,
+                    signature=sig,
+                    constexprs=consts,
+                    num_warps=4,
+                    unaligned_ints=("Lq", "splits"),
+                )
+            )
     return configs
 
 

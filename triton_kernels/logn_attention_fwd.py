@@ -44,20 +44,40 @@ class Tiles(NamedTuple):
 # (163 KB on sm_80, 99 KB on sm_86 / sm_89, 227 KB on sm_90); the tables were checked with
 # tests/gpu_compile.py for registers, spills and shared memory.
 _TILES_16 = {
-    90: {16: Tiles(128, 128, 8, 3), 32: Tiles(128, 128, 8, 3), 64: Tiles(128, 128, 8, 3),
-         128: Tiles(128, 64, 8, 3), 256: Tiles(128, 32, 8, 2)},
-    80: {16: Tiles(128, 64, 4, 3), 32: Tiles(128, 64, 4, 3), 64: Tiles(128, 64, 8, 3),
-         128: Tiles(128, 32, 8, 3), 256: Tiles(64, 32, 4, 1)},
-    86: {16: Tiles(128, 64, 4, 2), 32: Tiles(128, 64, 4, 2), 64: Tiles(128, 64, 8, 2),
-         128: Tiles(128, 32, 8, 2), 256: Tiles(64, 32, 4, 1)},
+    90: {
+        16: Tiles(128, 128, 8, 3),
+        32: Tiles(128, 128, 8, 3),
+        64: Tiles(128, 128, 8, 3),
+        128: Tiles(128, 64, 8, 3),
+        256: Tiles(128, 32, 8, 2),
+    },
+    80: {
+        16: Tiles(128, 64, 4, 3),
+        32: Tiles(128, 64, 4, 3),
+        64: Tiles(128, 64, 8, 3),
+        128: Tiles(128, 32, 8, 3),
+        256: Tiles(64, 32, 4, 1),
+    },
+    86: {
+        16: Tiles(128, 64, 4, 2),
+        32: Tiles(128, 64, 4, 2),
+        64: Tiles(128, 64, 8, 2),
+        128: Tiles(128, 32, 8, 2),
+        256: Tiles(64, 32, 4, 1),
+    },
 }
 # A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
 # with 32 keys): half the keys per step there.
 _TILES_16_MASK = {(80, 128): Tiles(128, 16, 8, 3)}
 # float32 without TF32: FMA dots, no tensor cores; the operands stay in registers, hence the
 # small tiles (sized to compile without spills).
-_TILES_IEEE = {16: Tiles(32, 32, 4, 2), 32: Tiles(32, 32, 4, 2), 64: Tiles(32, 32, 4, 2),
-               128: Tiles(16, 32, 8, 2), 256: Tiles(16, 16, 8, 2)}
+_TILES_IEEE = {
+    16: Tiles(32, 32, 4, 2),
+    32: Tiles(32, 32, 4, 2),
+    64: Tiles(32, 32, 4, 2),
+    128: Tiles(16, 32, 8, 2),
+    256: Tiles(16, 16, 8, 2),
+}
 
 
 def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
@@ -76,9 +96,30 @@ def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> 
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr, stride_kn, D,
-            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
-            IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend(
+    acc,
+    l_i,
+    m_i,
+    q,
+    sc,
+    k_base,
+    v_base,
+    start,
+    rows,
+    dcol,
+    b,
+    Lq,
+    Lk,
+    mask_ptr,
+    stride_kn,
+    D,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One key tile of the online softmax. ``MASKED``: the tile may hold keys past Lk or past a
     row's diagonal (bounds and causal mask built); otherwise only the padding mask, if any."""
     cols = start + tl.arange(0, BLOCK_N)
@@ -118,12 +159,45 @@ def _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, 
 
 
 @triton.jit
-def logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
-                    Hq, Hkv, Lq, Lk, D, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_lb, stride_lh, base, inv_log_train, min_n, inv_sqrt_d,
-                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOGN: tl.constexpr, CLIP: tl.constexpr,
-                    GRADMAX: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def logn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    prefix_ptr,
+    out_ptr,
+    lse_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_lb,
+    stride_lh,
+    base,
+    inv_log_train,
+    min_n,
+    inv_sqrt_d,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    LOGN: tl.constexpr,
+    CLIP: tl.constexpr,
+    GRADMAX: tl.constexpr,
+    IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # q, out: (.., Hq, rows, D) at strides (qb, qh, qm); k, v at (kb, kh, kn); lse at (lb, lh, 1).
     bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -171,11 +245,55 @@ def logn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, prefix_ptr, out_ptr, lse_ptr,
         full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
     for start in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
-                                stride_kn, D, False, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+        acc, l_i, m_i = _attend(
+            acc,
+            l_i,
+            m_i,
+            q,
+            sc,
+            k_base,
+            v_base,
+            start,
+            rows,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_kn,
+            D,
+            False,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_N,
+        )
     for start in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, sc, k_base, v_base, start, rows, dcol, b, Lq, Lk, mask_ptr,
-                                stride_kn, D, True, CAUSAL, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+        acc, l_i, m_i = _attend(
+            acc,
+            l_i,
+            m_i,
+            q,
+            sc,
+            k_base,
+            v_base,
+            start,
+            rows,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_kn,
+            D,
+            True,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_N,
+        )
 
     empty = l_i == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
@@ -189,10 +307,32 @@ def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) 
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
     t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
     grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
-    logn_fwd_kernel[grid](q, k, v, mask_u8, prefix, out, lse, pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d,
-                          *pb.q_strides, *pb.k_strides, *pb.l_strides, *scalars, **flags,
-                          EVEN_D=d == block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                          num_warps=t.num_warps, num_stages=t.num_stages)
+    logn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        mask_u8,
+        prefix,
+        out,
+        lse,
+        pb.cu_q,
+        pb.cu_k,
+        hq,
+        hkv,
+        pb.lq,
+        pb.lk,
+        d,
+        *pb.q_strides,
+        *pb.k_strides,
+        *pb.l_strides,
+        *scalars,
+        **flags,
+        EVEN_D=d == block_d(d),
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +347,34 @@ _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 
 
 def signature(ptr: str) -> dict:
-    ints = ("Hq", "Hkv", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
-            "stride_lb", "stride_lh")
-    return dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, mask_ptr="*u8", prefix_ptr="*i32", out_ptr=ptr, lse_ptr="*fp32",
-                cu_q_ptr="*i32", cu_k_ptr="*i32", **dict.fromkeys(ints, "i32"),
-                **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"))
+    ints = (
+        "Hq",
+        "Hkv",
+        "Lq",
+        "Lk",
+        "D",
+        "stride_qb",
+        "stride_qh",
+        "stride_qm",
+        "stride_kb",
+        "stride_kh",
+        "stride_kn",
+        "stride_lb",
+        "stride_lh",
+    )
+    return dict(
+        q_ptr=ptr,
+        k_ptr=ptr,
+        v_ptr=ptr,
+        mask_ptr="*u8",
+        prefix_ptr="*i32",
+        out_ptr=ptr,
+        lse_ptr="*fp32",
+        cu_q_ptr="*i32",
+        cu_k_ptr="*i32",
+        **dict.fromkeys(ints, "i32"),
+        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+    )
 
 
 def _aot_configs() -> list[dict]:
@@ -225,19 +388,41 @@ def _aot_configs() -> list[dict]:
                 bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
                     t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
-                    consts = dict(CAUSAL=causal, HAS_MASK=has_mask, LOGN=True, CLIP=False, GRADMAX=gradmax,
-                                  IEEE=mode, VARLEN=varlen, EVEN_D=d == bd, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                                  BLOCK_D=bd)
-                    switches = ("causal" if causal else "full") + (" mask" if has_mask else "") + (
-                        " gradmax" if gradmax else "") + (" varlen" if varlen else "")
-                    configs.append(dict(
-                        name=(f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
-                              f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"),
-                        kernel=logn_fwd_kernel, signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
-                        constexprs=consts, num_warps=t.num_warps, num_stages=t.num_stages,
-                        archs=archs if mode == 0 else (80, 86, 89, 90),
-                        unaligned_ints=("Lq", "Lk"),
-                        expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else ()))
+                    consts = dict(
+                        CAUSAL=causal,
+                        HAS_MASK=has_mask,
+                        LOGN=True,
+                        CLIP=False,
+                        GRADMAX=gradmax,
+                        IEEE=mode,
+                        VARLEN=varlen,
+                        EVEN_D=d == bd,
+                        BLOCK_M=t.block_m,
+                        BLOCK_N=t.block_n,
+                        BLOCK_D=bd,
+                    )
+                    switches = (
+                        ("causal" if causal else "full")
+                        + (" mask" if has_mask else "")
+                        + (" gradmax" if gradmax else "")
+                        + (" varlen" if varlen else "")
+                    )
+                    configs.append(
+                        dict(
+                            name=(
+                                f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
+                                f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
+                            ),
+                            kernel=logn_fwd_kernel,
+                            signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
+                            constexprs=consts,
+                            num_warps=t.num_warps,
+                            num_stages=t.num_stages,
+                            archs=archs if mode == 0 else (80, 86, 89, 90),
+                            unaligned_ints=("Lq", "Lk"),
+                            expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else (),
+                        )
+                    )
     return configs
 
 

@@ -83,8 +83,7 @@ def visible(rows, b, Lq, Lk, prefix_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.cons
 
 
 @triton.jit
-def row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN: tl.constexpr, CLIP: tl.constexpr,
-              GRADMAX: tl.constexpr):
+def row_scale(n, base, inv_log_train, min_n, inv_sqrt_d, LOGN: tl.constexpr, CLIP: tl.constexpr, GRADMAX: tl.constexpr):
     """The softmax scale (fp32) of rows that see ``n`` keys; see kexue/logn_attention.h. Called
     once per row block by each kernel (never per key tile): under GRADMAX it is 30 Newton steps."""
     nf = tl.maximum(n.to(tl.float32), min_n)

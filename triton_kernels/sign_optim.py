@@ -57,10 +57,27 @@ def _load_table():
 
 
 _T = _load_table()
-LR, WD, C_M, C_G, M_M, M_G, GSCALE, SHRINK, CENTRE = _T.LR, _T.WD, _T.C_M, _T.C_G, _T.M_M, _T.M_G, _T.GSCALE, \
-    _T.SHRINK, _T.CENTRE
-FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 = _T.FLAGS, _T.NAN_GROUP, \
-    _T.ROW_LEN, _T.MASK_K0, _T.MASK_K1, _T.MASK_THRESHOLD, _T.ROUND_K0, _T.ROUND_K1
+LR, WD, C_M, C_G, M_M, M_G, GSCALE, SHRINK, CENTRE = (
+    _T.LR,
+    _T.WD,
+    _T.C_M,
+    _T.C_G,
+    _T.M_M,
+    _T.M_G,
+    _T.GSCALE,
+    _T.SHRINK,
+    _T.CENTRE,
+)
+FLAGS, NAN_GROUP, ROW_LEN, MASK_K0, MASK_K1, MASK_THRESHOLD, ROUND_K0, ROUND_K1 = (
+    _T.FLAGS,
+    _T.NAN_GROUP,
+    _T.ROW_LEN,
+    _T.MASK_K0,
+    _T.MASK_K1,
+    _T.MASK_THRESHOLD,
+    _T.ROUND_K0,
+    _T.ROUND_K1,
+)
 NUM_FLOATS, NUM_INTS, NUM_DYN = _T.NUM_FLOATS, _T.NUM_INTS, _T.NUM_DYN
 D_LR, D_M_M, D_GSCALE, D_UPDATE, D_SKIP = _T.D_LR, _T.D_M_M, _T.D_GSCALE, _T.D_UPDATE, _T.D_SKIP
 D_MASK_K0, D_MASK_K1, D_ROUND_K0, D_ROUND_K1 = _T.D_MASK_K0, _T.D_MASK_K1, _T.D_ROUND_K0, _T.D_ROUND_K1
@@ -101,7 +118,8 @@ _D_ROUND_K0, _D_ROUND_K1 = tl.constexpr(D_ROUND_K0), tl.constexpr(D_ROUND_K1)
 A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN, A_SSQ = range(6)
 NUM_ADDRS = 6
 _A_PARAM, _A_GRAD, _A_MOM, _A_MASK, _A_SEEN, _A_SSQ = (
-    tl.constexpr(c) for c in (A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN, A_SSQ))
+    tl.constexpr(c) for c in (A_PARAM, A_GRAD, A_MOM, A_MASK, A_SEEN, A_SSQ)
+)
 _NA = tl.constexpr(NUM_ADDRS)
 
 CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
@@ -175,9 +193,33 @@ def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
 
 
 @triton.jit
-def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, decay, c_m, c_g, m_m, m_g, gscale,
-                 flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
-                 PARAM: tl.constexpr, MOM: tl.constexpr):
+def _update_tile(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    mask_ptr,
+    offs,
+    inb,
+    live,
+    freeze,
+    lr,
+    decay,
+    c_m,
+    c_g,
+    m_m,
+    m_g,
+    gscale,
+    flags,
+    use_dmask,
+    mk0,
+    mk1,
+    mthr,
+    stochastic,
+    rk0,
+    rk1,
+    PARAM: tl.constexpr,
+    MOM: tl.constexpr,
+):
     """One tile of the element update (sign_optim.h): momentum always, theta if UPDATE.
 
     ``live``: elements whose row may move; ``freeze``: elements whose momentum stays (absent rows
@@ -218,8 +260,7 @@ def _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live, freeze, lr, dec
 
 
 @triton.jit
-def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr,
-                    PARAM: tl.constexpr, BLOCK: tl.constexpr):
+def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr, PARAM: tl.constexpr, BLOCK: tl.constexpr):
     """Per work item: sum of squares of theta (RMS_TENSOR and UPDATE, unless the sum is carried),
     any NaN/inf in the grad."""
     it = tl.program_id(0).to(tl.int64)
@@ -254,8 +295,9 @@ def _dyn_or(dyn_row, slot, dynamic, static):
 
 
 @triton.jit
-def _finish_kernel(fin_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr,
-                   BLOCK: tl.constexpr):
+def _finish_kernel(
+    fin_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan_ptr, lr_ptr, group_nan_ptr, BLOCK: tl.constexpr
+):
     """Per tensor: lr * RMS(theta) from its items' partial sums (fixed order) or from the sum
     carried from the previous step (RMS_CARRIED), and its NaN flag into its guard group."""
     i = tl.program_id(0).to(tl.int64)
@@ -283,8 +325,20 @@ def _finish_kernel(fin_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, ssq_ptr, nan
 
 
 @triton.jit
-def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, group_nan_ptr, part_ptr,
-                 PARAM: tl.constexpr, MOM: tl.constexpr, BLOCK: tl.constexpr, ROW_COLS: tl.constexpr):
+def _step_kernel(
+    items_ptr,
+    addr_ptr,
+    hyper_ptr,
+    ints_ptr,
+    dyn_ptr,
+    lr_ptr,
+    group_nan_ptr,
+    part_ptr,
+    PARAM: tl.constexpr,
+    MOM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROW_COLS: tl.constexpr,
+):
     """The update of one work item: NaN-guard shrink, row by row, or element by element.
 
     SSQ_OUT: the sum of squares of theta as this item leaves it goes to ``part_ptr[item]`` (a
@@ -317,15 +371,16 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
     mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
     seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
     stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
-    rk0 = tl.where(dynamic, _dyn_or(dv, _D_ROUND_K0, dynamic, 0.0).to(tl.uint32),
-                   tl.load(iv + _C_ROUND_K0).to(tl.uint32))
-    rk1 = tl.where(dynamic, _dyn_or(dv, _D_ROUND_K1, dynamic, 0.0).to(tl.uint32),
-                   tl.load(iv + _C_ROUND_K1).to(tl.uint32))
+    rk0 = tl.where(
+        dynamic, _dyn_or(dv, _D_ROUND_K0, dynamic, 0.0).to(tl.uint32), tl.load(iv + _C_ROUND_K0).to(tl.uint32)
+    )
+    rk1 = tl.where(
+        dynamic, _dyn_or(dv, _D_ROUND_K1, dynamic, 0.0).to(tl.uint32), tl.load(iv + _C_ROUND_K1).to(tl.uint32)
+    )
     update = (flags & _K_UPDATE) != 0
     ROWS: tl.constexpr = BLOCK // ROW_COLS
 
-    shrink_now = ((group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)) | (
-        (flags & _K_SHRINK_NOW) != 0)
+    shrink_now = ((group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)) | ((flags & _K_SHRINK_NOW) != 0)
     if shrink_now:
         # Tiger's NaN guard: momentum untouched, theta <- (theta - centre) * shrink + centre.
         shrink = tl.load(h + _C_SHRINK).to(tl.float32)
@@ -337,8 +392,7 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
             stored = _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
             acc += tl.where(inb, stored * stored, 0.0)
         if out & (row_len > 0) & ((flags & _K_RMS_ROW) != 0):
-            _row_sums(p_ptr, ssq_rows, begin // row_len, end // row_len, row_len, PARAM, BLOCK // ROW_COLS,
-                      ROW_COLS)
+            _row_sums(p_ptr, ssq_rows, begin // row_len, end // row_len, row_len, PARAM, BLOCK // ROW_COLS, ROW_COLS)
     else:
         lr64 = _dyn_or(dv, _D_LR, dynamic, tl.load(h + _C_LR))
         if ((flags & _K_RMS_TENSOR) != 0) & update:
@@ -350,10 +404,12 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
         m_g = tl.load(h + _C_MG).to(tl.float32)
         gscale = _dyn_or(dv, _D_GSCALE, dynamic, tl.load(h + _C_GSCALE)).to(tl.float32)
         use_dmask = ((flags & _K_MASK_D) != 0) & (mask_addr != 0)
-        mk0 = tl.where(dynamic, _dyn_or(dv, _D_MASK_K0, dynamic, 0.0).to(tl.uint32),
-                       tl.load(iv + _C_MASK_K0).to(tl.uint32))
-        mk1 = tl.where(dynamic, _dyn_or(dv, _D_MASK_K1, dynamic, 0.0).to(tl.uint32),
-                       tl.load(iv + _C_MASK_K1).to(tl.uint32))
+        mk0 = tl.where(
+            dynamic, _dyn_or(dv, _D_MASK_K0, dynamic, 0.0).to(tl.uint32), tl.load(iv + _C_MASK_K0).to(tl.uint32)
+        )
+        mk1 = tl.where(
+            dynamic, _dyn_or(dv, _D_MASK_K1, dynamic, 0.0).to(tl.uint32), tl.load(iv + _C_MASK_K1).to(tl.uint32)
+        )
         mthr = tl.load(iv + _C_MASK_THR).to(tl.uint32)
         by_rows = (row_len > 0) & ((flags & (_K_RMS_ROW | _K_LAZY_ROWS)) != 0)
         if by_rows:
@@ -406,10 +462,33 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
                     cols = c0 + cols0
                     offs = rows[:, None] * row_len + cols[None, :]
                     inb = row_ok[:, None] & (cols < row_len)[None, :]
-                    squares = _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, live[:, None] & inb,
-                                           freeze[:, None] & inb, row_lr[:, None], row_decay[:, None], c_m, c_g,
-                                           m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
-                                           PARAM, MOM)
+                    squares = _update_tile(
+                        p_ptr,
+                        g_ptr,
+                        m_ptr,
+                        mask_ptr,
+                        offs,
+                        inb,
+                        live[:, None] & inb,
+                        freeze[:, None] & inb,
+                        row_lr[:, None],
+                        row_decay[:, None],
+                        c_m,
+                        c_g,
+                        m_m,
+                        m_g,
+                        gscale,
+                        flags,
+                        use_dmask,
+                        mk0,
+                        mk1,
+                        mthr,
+                        stochastic,
+                        rk0,
+                        rk1,
+                        PARAM,
+                        MOM,
+                    )
                     new_ssq += tl.sum(squares, axis=1)
                 if row_out:
                     # Written rows: the squares just stored; kept rows: the sums read or carried.
@@ -422,9 +501,33 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
             for s in range(begin, end, BLOCK):
                 offs = s + tl.arange(0, BLOCK)
                 inb = offs < end
-                squares = _update_tile(p_ptr, g_ptr, m_ptr, mask_ptr, offs, inb, inb, offs < 0, lr, decay, c_m,
-                                       c_g, m_m, m_g, gscale, flags, use_dmask, mk0, mk1, mthr, stochastic, rk0, rk1,
-                                       PARAM, MOM)
+                squares = _update_tile(
+                    p_ptr,
+                    g_ptr,
+                    m_ptr,
+                    mask_ptr,
+                    offs,
+                    inb,
+                    inb,
+                    offs < 0,
+                    lr,
+                    decay,
+                    c_m,
+                    c_g,
+                    m_m,
+                    m_g,
+                    gscale,
+                    flags,
+                    use_dmask,
+                    mk0,
+                    mk1,
+                    mthr,
+                    stochastic,
+                    rk0,
+                    rk1,
+                    PARAM,
+                    MOM,
+                )
                 if read_theta:
                     x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                     squares = x * x
@@ -433,8 +536,9 @@ def _step_kernel(items_ptr, addr_ptr, hyper_ptr, ints_ptr, dyn_ptr, lr_ptr, grou
 
 
 @triton.jit
-def _row_sums(p_ptr, ssq_rows, row_begin, row_end, row_len, PARAM: tl.constexpr, ROWS: tl.constexpr,
-              ROW_COLS: tl.constexpr):
+def _row_sums(
+    p_ptr, ssq_rows, row_begin, row_end, row_len, PARAM: tl.constexpr, ROWS: tl.constexpr, ROW_COLS: tl.constexpr
+):
     """Per-row sums of squares of theta over rows [row_begin, row_end), into ``ssq_rows`` (float64),
     in the order of the step kernel's first sweep."""
     cols0 = tl.arange(0, ROW_COLS)
@@ -519,15 +623,27 @@ def _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
     iv = ints.tolist()
     for t, r in enumerate(iv):
         if r[FLAGS] & DYNAMIC and r[FLAGS] & (SSQ_OUT | RMS_CARRIED):
-            raise ValueError(f"sign_optim_step (triton): tensor {t}: carried sums of squares are not served "
-                             f"in capturable mode (DYNAMIC rows)")
+            raise ValueError(
+                f"sign_optim_step (triton): tensor {t}: carried sums of squares are not served "
+                f"in capturable mode (DYNAMIC rows)"
+            )
     numels = [p.numel() for p in params]
     # Row-wise work items only where the kernel goes row by row (as by_rows() in C++).
     row_lens = [r[ROW_LEN] if r[ROW_LEN] > 0 and r[FLAGS] & (RMS_ROW | LAZY_ROWS) else 0 for r in iv]
-    addr = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mk is None else mk.data_ptr(),
-                          s.data_ptr() if s.numel() > 0 else 0, q.data_ptr() if q.numel() > 0 else 0]
-                         for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)],
-                        dtype=torch.int64).to(device)
+    addr = torch.tensor(
+        [
+            [
+                p.data_ptr(),
+                g.data_ptr(),
+                m.data_ptr(),
+                0 if mk is None else mk.data_ptr(),
+                s.data_ptr() if s.numel() > 0 else 0,
+                q.data_ptr() if q.numel() > 0 else 0,
+            ]
+            for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
+        ],
+        dtype=torch.int64,
+    ).to(device)
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for t in range(T):
         if numels[t] > 0:
@@ -556,21 +672,46 @@ def _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
     steps, outs, slots = [], [], 0
     for (pcode, mcode), ts in buckets.items():
         items, bucket_spans = _items(ts, numels, row_lens)
-        outs += [(t, slots + first, count, n) for t, first, count, n in bucket_spans
-                 if iv[t][FLAGS] & SSQ_OUT and not row_lens[t]]
+        outs += [
+            (t, slots + first, count, n)
+            for t, first, count, n in bucket_spans
+            if iv[t][FLAGS] & SSQ_OUT and not row_lens[t]
+        ]
         steps.append((pcode, mcode, slots, _table(items, 3, device)))
         slots += len(items)
-    return _Plan(addr, hyper.to(device=device, dtype=torch.float64), ints.to(device=device, dtype=torch.int64),
-                 prepass, total, _table(spans, 4, device) if spans else None, steps, slots,
-                 _table(outs, 4, device) if outs else None)
+    return _Plan(
+        addr,
+        hyper.to(device=device, dtype=torch.float64),
+        ints.to(device=device, dtype=torch.int64),
+        prepass,
+        total,
+        _table(spans, 4, device) if spans else None,
+        steps,
+        slots,
+        _table(outs, 4, device) if outs else None,
+    )
 
 
 def _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
-    key = (params[0].device, hyper.numpy().tobytes(), ints.numpy().tobytes(),
-           tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mk is None else mk.data_ptr(),
-                  s.data_ptr() if s.numel() > 0 else 0, q.data_ptr() if q.numel() > 0 else 0, p.numel(), p.dtype,
-                  m.dtype)
-                 for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)))
+    key = (
+        params[0].device,
+        hyper.numpy().tobytes(),
+        ints.numpy().tobytes(),
+        tuple(
+            (
+                p.data_ptr(),
+                g.data_ptr(),
+                m.data_ptr(),
+                0 if mk is None else mk.data_ptr(),
+                s.data_ptr() if s.numel() > 0 else 0,
+                q.data_ptr() if q.numel() > 0 else 0,
+                p.numel(),
+                p.dtype,
+                m.dtype,
+            )
+            for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
+        ),
+    )
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints)
@@ -580,8 +721,17 @@ def _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> 
     return plan
 
 
-def fused_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper: torch.Tensor, ints: torch.Tensor,
-               dyn: torch.Tensor | None = None) -> None:
+def fused_step(
+    params,
+    grads,
+    exp_avgs,
+    masks,
+    row_seen,
+    ssq,
+    hyper: torch.Tensor,
+    ints: torch.Tensor,
+    dyn: torch.Tensor | None = None,
+) -> None:
     """``kexue::sign_optim_step`` on the tensors' device: in place on params, momenta, row_seen and
     the carried sums of squares ``ssq``.
 
@@ -602,19 +752,51 @@ def fused_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper: torch.Tenso
         partial = torch.empty(max(1, plan.prepass_slots), dtype=torch.float32, device=device)
         nan = torch.empty(max(1, plan.prepass_slots), dtype=torch.int32, device=device)
         for pcode, offset, items in plan.prepass:
-            _prepass_kernel[(items.shape[0],)](items, plan.addr, plan.ints, partial[offset:], nan[offset:],
-                                               PARAM=pcode, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _prepass_kernel[(items.shape[0],)](
+                items,
+                plan.addr,
+                plan.ints,
+                partial[offset:],
+                nan[offset:],
+                PARAM=pcode,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
         lr_eff = torch.empty(T, dtype=torch.float64, device=device)
-        _finish_kernel[(plan.spans.shape[0],)](plan.spans, plan.addr, plan.hyper, plan.ints, dyn_d, partial, nan,
-                                               lr_eff, group_nan, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _finish_kernel[(plan.spans.shape[0],)](
+            plan.spans,
+            plan.addr,
+            plan.hyper,
+            plan.ints,
+            dyn_d,
+            partial,
+            nan,
+            lr_eff,
+            group_nan,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
     parts = torch.empty(max(1, plan.step_slots), dtype=torch.float32, device=device)
     for pcode, mcode, offset, items in plan.steps:
-        _step_kernel[(items.shape[0],)](items, plan.addr, plan.hyper, plan.ints, dyn_d, lr_eff, group_nan,
-                                        parts[offset:], PARAM=pcode, MOM=mcode, BLOCK=BLOCK, ROW_COLS=ROW_COLS,
-                                        num_warps=NUM_WARPS)
+        _step_kernel[(items.shape[0],)](
+            items,
+            plan.addr,
+            plan.hyper,
+            plan.ints,
+            dyn_d,
+            lr_eff,
+            group_nan,
+            parts[offset:],
+            PARAM=pcode,
+            MOM=mcode,
+            BLOCK=BLOCK,
+            ROW_COLS=ROW_COLS,
+            num_warps=NUM_WARPS,
+        )
     if plan.outs is not None:
-        _ssq_out_kernel[(plan.outs.shape[0],)](plan.outs, plan.addr, plan.ints, group_nan, parts, BLOCK=BLOCK,
-                                               num_warps=NUM_WARPS)
+        _ssq_out_kernel[(plan.outs.shape[0],)](
+            plan.outs, plan.addr, plan.ints, group_nan, parts, BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,35 +806,82 @@ def fused_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper: torch.Tenso
 def _aot_configs() -> list[dict]:
     configs = []
     for pcode, pname in _TL_NAMES.items():
-        configs.append({
-            "kernel": _prepass_kernel, "name": f"sign_optim_prepass_{pname}", "num_warps": NUM_WARPS,
-            "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "ints_ptr": "*i64", "ssq_ptr": "*fp32",
-                          "nan_ptr": "*i32", "PARAM": "constexpr", "BLOCK": "constexpr"},
-            "constexprs": {"PARAM": pcode, "BLOCK": BLOCK},
-        })
-        for mcode in (_F32, _BF16):
-            configs.append({
-                "kernel": _step_kernel, "name": f"sign_optim_step_{pname}_m{_TL_NAMES[mcode]}",
+        configs.append(
+            {
+                "kernel": _prepass_kernel,
+                "name": f"sign_optim_prepass_{pname}",
                 "num_warps": NUM_WARPS,
-                "signature": {"items_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
-                              "dyn_ptr": "*fp64", "lr_ptr": "*fp64", "group_nan_ptr": "*i32", "part_ptr": "*fp32",
-                              "PARAM": "constexpr", "MOM": "constexpr", "BLOCK": "constexpr",
-                              "ROW_COLS": "constexpr"},
-                "constexprs": {"PARAM": pcode, "MOM": mcode, "BLOCK": BLOCK, "ROW_COLS": ROW_COLS},
-            })
-    configs.append({
-        "kernel": _finish_kernel, "name": "sign_optim_finish", "num_warps": NUM_WARPS,
-        "signature": {"fin_ptr": "*i64", "addr_ptr": "*i64", "hyper_ptr": "*fp64", "ints_ptr": "*i64",
-                      "dyn_ptr": "*fp64", "ssq_ptr": "*fp32", "nan_ptr": "*i32", "lr_ptr": "*fp64",
-                      "group_nan_ptr": "*i32", "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": BLOCK},
-    })
-    configs.append({
-        "kernel": _ssq_out_kernel, "name": "sign_optim_ssq_out", "num_warps": NUM_WARPS,
-        "signature": {"fin_ptr": "*i64", "addr_ptr": "*i64", "ints_ptr": "*i64", "group_nan_ptr": "*i32",
-                      "part_ptr": "*fp32", "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": BLOCK},
-    })
+                "signature": {
+                    "items_ptr": "*i64",
+                    "addr_ptr": "*i64",
+                    "ints_ptr": "*i64",
+                    "ssq_ptr": "*fp32",
+                    "nan_ptr": "*i32",
+                    "PARAM": "constexpr",
+                    "BLOCK": "constexpr",
+                },
+                "constexprs": {"PARAM": pcode, "BLOCK": BLOCK},
+            }
+        )
+        for mcode in (_F32, _BF16):
+            configs.append(
+                {
+                    "kernel": _step_kernel,
+                    "name": f"sign_optim_step_{pname}_m{_TL_NAMES[mcode]}",
+                    "num_warps": NUM_WARPS,
+                    "signature": {
+                        "items_ptr": "*i64",
+                        "addr_ptr": "*i64",
+                        "hyper_ptr": "*fp64",
+                        "ints_ptr": "*i64",
+                        "dyn_ptr": "*fp64",
+                        "lr_ptr": "*fp64",
+                        "group_nan_ptr": "*i32",
+                        "part_ptr": "*fp32",
+                        "PARAM": "constexpr",
+                        "MOM": "constexpr",
+                        "BLOCK": "constexpr",
+                        "ROW_COLS": "constexpr",
+                    },
+                    "constexprs": {"PARAM": pcode, "MOM": mcode, "BLOCK": BLOCK, "ROW_COLS": ROW_COLS},
+                }
+            )
+    configs.append(
+        {
+            "kernel": _finish_kernel,
+            "name": "sign_optim_finish",
+            "num_warps": NUM_WARPS,
+            "signature": {
+                "fin_ptr": "*i64",
+                "addr_ptr": "*i64",
+                "hyper_ptr": "*fp64",
+                "ints_ptr": "*i64",
+                "dyn_ptr": "*fp64",
+                "ssq_ptr": "*fp32",
+                "nan_ptr": "*i32",
+                "lr_ptr": "*fp64",
+                "group_nan_ptr": "*i32",
+                "BLOCK": "constexpr",
+            },
+            "constexprs": {"BLOCK": BLOCK},
+        }
+    )
+    configs.append(
+        {
+            "kernel": _ssq_out_kernel,
+            "name": "sign_optim_ssq_out",
+            "num_warps": NUM_WARPS,
+            "signature": {
+                "fin_ptr": "*i64",
+                "addr_ptr": "*i64",
+                "ints_ptr": "*i64",
+                "group_nan_ptr": "*i32",
+                "part_ptr": "*fp32",
+                "BLOCK": "constexpr",
+            },
+            "constexprs": {"BLOCK": BLOCK},
+        }
+    )
     return configs
 
 

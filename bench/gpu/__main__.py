@@ -33,7 +33,13 @@ PLANS = {
 COPY_FLOOR_BYTES = {"smoke": 1 << 22, "default": 1 << 31, "full": 1 << 31}  # per buffer
 CASE_MIN_S = 8.0
 # Attention has the most cases and peers, and compiling FlexAttention takes ~10 s a case.
-WEIGHTS = {"logn_attention": 3.0, "sign_optim": 1.0, "global_pointer": 1.0, "entropy_norm": 0.5, "biohash": 1.0}  # a case is not started with less time than this left to its family
+WEIGHTS = {
+    "logn_attention": 3.0,
+    "sign_optim": 1.0,
+    "global_pointer": 1.0,
+    "entropy_norm": 0.5,
+    "biohash": 1.0,
+}  # a case is not started with less time than this left to its family
 
 
 def measure_copy_floor(device: torch.device, clock: Clock, plan_name: str) -> dict[str, Any]:
@@ -45,12 +51,19 @@ def measure_copy_floor(device: torch.device, clock: Clock, plan_name: str) -> di
     if isinstance(timing, BaseException):
         raise timing
     moved = 2 * 4 * n
-    return {"op": "dst.copy_(src) fp32", "bytes": moved, "median_s": timing.median, "q20_s": timing.q20,
-            "q80_s": timing.q80, "gbps": moved / timing.median / 1e9}
+    return {
+        "op": "dst.copy_(src) fp32",
+        "bytes": moved,
+        "median_s": timing.median,
+        "q20_s": timing.q20,
+        "q80_s": timing.q80,
+        "gbps": moved / timing.median / 1e9,
+    }
 
 
-def run_case(family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor: dict,
-             env: dict) -> list[dict]:
+def run_case(
+    family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor: dict, env: dict
+) -> list[dict]:
     inputs = case.setup()
     fns: dict[str, Any] = {}
     results: dict[str, Any] = {}
@@ -78,13 +91,27 @@ def not_run_rows(family: str, case: Case, why: str) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--deadline", type=float, default=600.0, metavar="S",
-                        help="seconds for the whole run; cases that no longer fit are listed as not run")
-    parser.add_argument("--only", action="append", choices=FAMILIES, metavar="FAMILY",
-                        help="run only this family (repeatable); default: " + ", ".join(FAMILIES))
-    parser.add_argument("--plan", choices=tuple(PLANS), default="default",
-                        help="default: the headline shapes; full: every shape; smoke: tiny shapes on any device, "
-                             "to check the code paths (measures nothing)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds for the whole run; cases that no longer fit are listed as not run",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=FAMILIES,
+        metavar="FAMILY",
+        help="run only this family (repeatable); default: " + ", ".join(FAMILIES),
+    )
+    parser.add_argument(
+        "--plan",
+        choices=tuple(PLANS),
+        default="default",
+        help="default: the headline shapes; full: every shape; smoke: tiny shapes on any device, "
+        "to check the code paths (measures nothing)",
+    )
     return parser.parse_args(argv)
 
 
@@ -105,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     plan = PLANS[args.plan]
     floor = measure_copy_floor(device, clock, args.plan)
-    print(f"kexue GPU bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"plan {args.plan}, deadline {args.deadline:.0f} s")
-    print(f"copy floor: {floor['gbps']:.0f} GB/s (read + write, {floor['bytes'] / 2**30:.1f} GiB, "
-          f"median {floor['median_s'] * 1e3:.3f} ms)")
+    print(
+        f"kexue GPU bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+        f"plan {args.plan}, deadline {args.deadline:.0f} s"
+    )
+    print(
+        f"copy floor: {floor['gbps']:.0f} GB/s (read + write, {floor['bytes'] / 2**30:.1f} GiB, "
+        f"median {floor['median_s'] * 1e3:.3f} ms)"
+    )
     record: dict[str, Any] = {"status": "running", "env": env, "plan": args.plan, "floor": floor, "families": {}}
     families = args.only or list(FAMILIES)
     text = []

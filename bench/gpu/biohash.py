@@ -36,8 +36,22 @@ def cases(device: torch.device, plan: str) -> list[Case]:
     setup = functools.partial(cpu_family._inputs, batch, device, plan == "smoke")
     params = {"K": K, "N": 2 * V, "window": WINDOW, "k": cpu_family.TOP_K, "windows": batch, "dtype": "fp32"}
     return [
-        Case(name=f"K{K} N{2 * V} {batch}x{WINDOW}", mode="hash", bytes=batch * (WINDOW * 4 * K + K // 8),
-             setup=setup, peers=_peers("hash"), headline=True, params={**params, "floor_goal": FLOOR_GOAL}),
-        Case(name=f"K{K} N{2 * V} {batch}x{WINDOW}", mode="train", bytes=8 * K * 2 * V + batch * WINDOW * 4 * K,
-             setup=setup, peers=_peers("train"), headline=True, params=params),
+        Case(
+            name=f"K{K} N{2 * V} {batch}x{WINDOW}",
+            mode="hash",
+            bytes=batch * (WINDOW * 4 * K + K // 8),
+            setup=setup,
+            peers=_peers("hash"),
+            headline=True,
+            params={**params, "floor_goal": FLOOR_GOAL},
+        ),
+        Case(
+            name=f"K{K} N{2 * V} {batch}x{WINDOW}",
+            mode="train",
+            bytes=8 * K * 2 * V + batch * WINDOW * 4 * K,
+            setup=setup,
+            peers=_peers("train"),
+            headline=True,
+            params=params,
+        ),
     ]

@@ -57,7 +57,15 @@ PEERS = [Peer("kexue", _kexue(None)), Peer("kexue-cuda", _kexue("cuda")), Peer("
 
 
 def cases(device: torch.device, plan: str) -> list[Case]:
-    return [Case(name=f"{rows}x{n} bf16 logits", mode="forward", bytes=2 * 2 * rows * n, peers=PEERS,
-                 headline=i == 0, setup=functools.partial(_inputs, rows, n, device),
-                 params={"rows": rows, "n": n, "dtype": "bf16", "floor_goal": FLOOR_GOAL})
-            for i, (rows, n) in enumerate(SHAPES[plan])]
+    return [
+        Case(
+            name=f"{rows}x{n} bf16 logits",
+            mode="forward",
+            bytes=2 * 2 * rows * n,
+            peers=PEERS,
+            headline=i == 0,
+            setup=functools.partial(_inputs, rows, n, device),
+            params={"rows": rows, "n": n, "dtype": "bf16", "floor_goal": FLOOR_GOAL},
+        )
+        for i, (rows, n) in enumerate(SHAPES[plan])
+    ]

@@ -54,11 +54,17 @@ def cases(device: torch.device, plan: str) -> list[Case]:
         for mode in ("full", "forward"):
             elem = 2
             moved = (2 * b * length * d + 2 * b * length * types) * elem * (2 if mode == "full" else 1)
-            out.append(Case(
-                name=f"B{b} L{length} T{types} d{d} bf16", mode=mode, bytes=moved, peers=_peers(plan),
-                headline=i == 0,
-                setup=functools.partial(cpu_family.make_inputs, b, length, types, d, torch.bfloat16, device, mode,
-                                        plan == "smoke"),
-                params={"batch": b, "length": length, "types": types, "head_size": d, "dtype": "bf16"},
-            ))
+            out.append(
+                Case(
+                    name=f"B{b} L{length} T{types} d{d} bf16",
+                    mode=mode,
+                    bytes=moved,
+                    peers=_peers(plan),
+                    headline=i == 0,
+                    setup=functools.partial(
+                        cpu_family.make_inputs, b, length, types, d, torch.bfloat16, device, mode, plan == "smoke"
+                    ),
+                    params={"batch": b, "length": length, "types": types, "head_size": d, "dtype": "bf16"},
+                )
+            )
     return out

@@ -31,16 +31,29 @@ from bench._case import Case, Headline, Peer, Thunk, Unavailable
 TRAIN_LEN = 512
 BF16 = torch.bfloat16
 # (B, Hq, Hkv, L, D, causal)
-DEFAULT_SHAPES = [(4, 16, 4, 4096, 128, True), (4, 16, 4, 8192, 128, True), (4, 16, 4, 4096, 64, True),
-                  (4, 16, 4, 4096, 128, False), (4, 16, 16, 4096, 128, True)]
-FULL_SHAPES = [(4, 16, hkv, length, d, causal) for hkv in (4, 16) for length in (4096, 8192) for d in (64, 128)
-               for causal in (True, False)]
+DEFAULT_SHAPES = [
+    (4, 16, 4, 4096, 128, True),
+    (4, 16, 4, 8192, 128, True),
+    (4, 16, 4, 4096, 64, True),
+    (4, 16, 4, 4096, 128, False),
+    (4, 16, 16, 4096, 128, True),
+]
+FULL_SHAPES = [
+    (4, 16, hkv, length, d, causal)
+    for hkv in (4, 16)
+    for length in (4096, 8192)
+    for d in (64, 128)
+    for causal in (True, False)
+]
 SMOKE_SHAPES = [(1, 4, 2, 80, 32, True), (1, 2, 2, 64, 16, False)]
 # (B, Hq, Hkv, cache length, D)
 DECODE_SHAPE, SMOKE_DECODE_SHAPE = (8, 32, 8, 32768, 128), (2, 4, 2, 300, 32)
 DECODE_FLOOR_GOAL = 0.8
-SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
-                 "sdpa-efficient": "EFFICIENT_ATTENTION"}
+SDPA_BACKENDS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+}
 
 HEADLINES = [
     Headline("forward", "kexue", "sdpa-flash", "<=", 1.0),
@@ -109,8 +122,9 @@ def _sdpa(backend_name: str):
 
         def attend(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q * scale.to(q.dtype), k, v, is_causal=causal, scale=1.0,
-                                                      enable_gqa=gqa)
+                return F.scaled_dot_product_attention(
+                    q * scale.to(q.dtype), k, v, is_causal=causal, scale=1.0, enable_gqa=gqa
+                )
 
         return _checked(inputs, attend)
 
@@ -140,14 +154,16 @@ def _flex(inputs: dict) -> Thunk:
 
     block_mask = None
     if inputs["causal"]:
+
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
         block_mask = create_block_mask(causal, None, None, lq, lk, device=inputs["q"].device)
     flex = _compiled_flex()
     gqa = inputs["q"].shape[1] != inputs["k"].shape[1]
-    return _checked(inputs, lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
-                                                 enable_gqa=gqa))
+    return _checked(
+        inputs, lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, enable_gqa=gqa)
+    )
 
 
 def _flash_attn(inputs: dict) -> Thunk:
@@ -184,20 +200,45 @@ def cases(device: torch.device, plan: str) -> list[Case]:
         for mode in ("forward", "full"):
             elems = (2 * b * hq + 2 * b * hkv) * length * d  # q, out; k, v
             moved = 2 * elems * (2 if mode == "full" else 1)
-            out.append(Case(
-                name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'}",
-                mode=mode, bytes=moved, peers=_peers(decode=False), headline=i == 0,
-                setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device),
-                params={"batch": b, "heads_q": hq, "heads_kv": hkv, "length": length, "head_dim": d,
-                        "causal": causal, "dtype": "bf16", "flops": _flops(b, hq, length, length, d, causal, mode)},
-            ))
+            out.append(
+                Case(
+                    name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'}",
+                    mode=mode,
+                    bytes=moved,
+                    peers=_peers(decode=False),
+                    headline=i == 0,
+                    setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device),
+                    params={
+                        "batch": b,
+                        "heads_q": hq,
+                        "heads_kv": hkv,
+                        "length": length,
+                        "head_dim": d,
+                        "causal": causal,
+                        "dtype": "bf16",
+                        "flops": _flops(b, hq, length, length, d, causal, mode),
+                    },
+                )
+            )
     b, hq, hkv, cache, d = SMOKE_DECODE_SHAPE if plan == "smoke" else DECODE_SHAPE
     cache_bytes = 2 * b * hkv * cache * d * 2
-    out.append(Case(
-        name=f"decode B{b} H{hq}/{hkv} cache {cache} d{d}", mode="forward", bytes=cache_bytes + 2 * 2 * b * hq * d,
-        peers=_peers(decode=True),
-        setup=functools.partial(_inputs, b, hq, hkv, 1, cache, d, True, "forward", device),
-        params={"batch": b, "heads_q": hq, "heads_kv": hkv, "cache": cache, "head_dim": d, "dtype": "bf16",
-                "flops": _flops(b, hq, 1, cache, d, True, "forward"), "floor_goal": DECODE_FLOOR_GOAL},
-    ))
+    out.append(
+        Case(
+            name=f"decode B{b} H{hq}/{hkv} cache {cache} d{d}",
+            mode="forward",
+            bytes=cache_bytes + 2 * 2 * b * hq * d,
+            peers=_peers(decode=True),
+            setup=functools.partial(_inputs, b, hq, hkv, 1, cache, d, True, "forward", device),
+            params={
+                "batch": b,
+                "heads_q": hq,
+                "heads_kv": hkv,
+                "cache": cache,
+                "head_dim": d,
+                "dtype": "bf16",
+                "flops": _flops(b, hq, 1, cache, d, True, "forward"),
+                "floor_goal": DECODE_FLOOR_GOAL,
+            },
+        )
+    )
     return out

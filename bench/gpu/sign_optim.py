@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from kexue.optim import Lion, Tiger
-
 from bench import sign_optim as cpu_family
 from bench._case import Case, Headline, Peer
+from kexue.optim import Lion, Tiger
 
 FLOOR_GOAL = 0.85
 BYTES_PER_PARAM = 20  # fp32 param, grad, momentum: read 3, write 2
@@ -38,8 +37,20 @@ HEADLINES = [
 def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(vocab, width)]
     for _ in range(layers):
-        shapes += [(3 * width, width), (3 * width,), (width, width), (width,), (4 * width, width), (4 * width,),
-                   (width, 4 * width), (width,), (width,), (width,), (width,), (width,)]
+        shapes += [
+            (3 * width, width),
+            (3 * width,),
+            (width, width),
+            (width,),
+            (4 * width, width),
+            (4 * width,),
+            (width, 4 * width),
+            (width,),
+            (width,),
+            (width,),
+            (width,),
+            (width,),
+        ]
     return shapes + [(width,), (width,)]
 
 
@@ -67,11 +78,21 @@ def cases(device: torch.device, plan: str) -> list[Case]:
         shapes = transformer_shapes(layers, width, vocab)
         total = sum(torch.Size(s).numel() for s in shapes)
         for mode in ("lion", "tiger"):
-            out.append(Case(
-                name=f"{total / 1e6:.0f}M params in {len(shapes)} tensors fp32", mode=mode,
-                bytes=BYTES_PER_PARAM * total, peers=_peers(mode, device, plan), headline=i == 0,
-                setup=functools.partial(_inputs, shapes, device, plan == "smoke"),
-                params={"params": total, "tensors": len(shapes), "layers": layers, "width": width,
-                        "floor_goal": FLOOR_GOAL},
-            ))
+            out.append(
+                Case(
+                    name=f"{total / 1e6:.0f}M params in {len(shapes)} tensors fp32",
+                    mode=mode,
+                    bytes=BYTES_PER_PARAM * total,
+                    peers=_peers(mode, device, plan),
+                    headline=i == 0,
+                    setup=functools.partial(_inputs, shapes, device, plan == "smoke"),
+                    params={
+                        "params": total,
+                        "tensors": len(shapes),
+                        "layers": layers,
+                        "width": width,
+                        "floor_goal": FLOOR_GOAL,
+                    },
+                )
+            )
     return out

@@ -7,11 +7,27 @@ model. ``kexue.backends()`` reports which backends are available here; ``kexue.u
 or ``KEXUE_BACKEND=name`` forces one.
 """
 
+from kexue import (  # noqa: E402  (after the backend probe)
+    init,  # noqa: E402  (BERT-style initialization: kexue.init.bert_, trunc_normal_tf_)
+    nn,
+    ops,
+    optim,
+    reference,
+)
 from kexue._backend import BackendUnavailableError, backends, use_backend
-from kexue import nn, ops, optim, reference  # noqa: E402  (after the backend probe)
-from kexue import init  # noqa: E402  (BERT-style initialization: kexue.init.bert_, trunc_normal_tf_)
 from kexue.integrations import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "backends", "use_backend", "init", "nn", "ops", "optim", "reference", "patch",
-           "unpatch", "__version__"]
+__all__ = [
+    "BackendUnavailableError",
+    "backends",
+    "use_backend",
+    "init",
+    "nn",
+    "ops",
+    "optim",
+    "reference",
+    "patch",
+    "unpatch",
+    "__version__",
+]

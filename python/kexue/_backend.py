@@ -50,8 +50,7 @@ _native, _native_error = _probe_native()
 _triton_ok, _triton_error = _probe_triton()
 if _native is None:
     warnings.warn(
-        f"{_native_error}. kexue falls back to the torch reference on CPU "
-        "(run `python -m kexue.env` for details).",
+        f"{_native_error}. kexue falls back to the torch reference on CPU (run `python -m kexue.env` for details).",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -111,8 +110,13 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 
 
-def register(op: str, backend: str, fn: Callable, dtypes: tuple[torch.dtype, ...],
-             supports: Callable[..., str | None] | None = None) -> None:
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    dtypes: tuple[torch.dtype, ...],
+    supports: Callable[..., str | None] | None = None,
+) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op`` for ``dtypes``.
 
     ``supports(tensor, *args)`` receives what :func:`select` received and returns None when the

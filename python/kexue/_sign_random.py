@@ -18,6 +18,7 @@ from kexue._sign_table import keep_threshold
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
 
+
 def splitmix64(x: int) -> int:
     """One step of SplitMix64 (Steele et al.): a well-mixed 64-bit function of a 64-bit input."""
     x = (x + 0x9E3779B97F4A7C15) & _M64
@@ -124,5 +125,3 @@ def to_bf16_stochastic(x: Tensor, keys: tuple[int, int]) -> Tensor:
     top = torch.where(top >= 1 << 15, top - (1 << 16), top)  # as int16 two's complement
     rounded = top.to(torch.int16).view(torch.bfloat16)
     return torch.where(torch.isfinite(x), rounded, x.to(torch.bfloat16))
-
-

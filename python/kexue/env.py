@@ -61,9 +61,11 @@ def cpu_code_path(path: str, flags: set[str] | None) -> tuple[str, str, str]:
 def _native_lines() -> list[str]:
     native = _backend.native()
     if native is None:
-        return [f"kexue._C          not loaded: {_backend._native_error}",
-                "                  (every op runs on the torch reference; rebuild with "
-                "`pip install --no-build-isolation .`)"]
+        return [
+            f"kexue._C          not loaded: {_backend._native_error}",
+            "                  (every op runs on the torch reference; rebuild with "
+            "`pip install --no-build-isolation .`)",
+        ]
     path = native.__file__
     built = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
     lines = [

@@ -51,11 +51,20 @@ TF_TRUNCATED_STD_RATIO: float = _truncated_std_ratio(_BOUND)
 #: BERT/RoBERTa (``attention.output.dense``, ``output.dense``), ``nn.TransformerEncoderLayer`` /
 #: ``nn.MultiheadAttention`` / ``kexue.nn.LogNAttention`` (``out_proj``, ``linear2``),
 #: GPT-NeoX (``attention.dense``, ``dense_4h_to_h``).
-RESIDUAL_NAMES: tuple[str, ...] = ("c_proj", "o_proj", "down_proj", "output.dense", "out_proj", "linear2",
-                                   "attention.dense", "dense_4h_to_h")
+RESIDUAL_NAMES: tuple[str, ...] = (
+    "c_proj",
+    "o_proj",
+    "down_proj",
+    "output.dense",
+    "out_proj",
+    "linear2",
+    "attention.dense",
+    "dense_4h_to_h",
+)
 
 
 # ----------------------------------------------------------------------------------------- checks
+
 
 def _check_std(std, name: str = "std") -> float:
     if isinstance(std, bool) or not isinstance(std, (int, float)):
@@ -103,6 +112,7 @@ def _check_names(names) -> tuple[str, ...]:
 
 # -------------------------------------------------------------------------------------- sampling
 
+
 def _draw(tensor: torch.Tensor, std: float, mean: float, truncated: bool, generator) -> None:
     """Fill ``tensor`` (any shape, floating) with N(mean, std^2), optionally TF-truncated at +-2 std.
 
@@ -110,8 +120,10 @@ def _draw(tensor: torch.Tensor, std: float, mean: float, truncated: bool, genera
     dtypes get correctly rounded samples of the float32 law.
     """
     if generator is not None and generator.device.type != tensor.device.type:
-        raise ValueError(f"generator is on device {generator.device}, but the tensor to fill is on {tensor.device}; "
-                         f"pass a torch.Generator(device={str(tensor.device)!r})")
+        raise ValueError(
+            f"generator is on device {generator.device}, but the tensor to fill is on {tensor.device}; "
+            f"pass a torch.Generator(device={str(tensor.device)!r})"
+        )
     if tensor.numel() == 0:
         return
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
@@ -129,8 +141,14 @@ def _draw(tensor: torch.Tensor, std: float, mean: float, truncated: bool, genera
     tensor.copy_(x)
 
 
-def trunc_normal_tf_(tensor: torch.Tensor, std: float = 0.02, mean: float = 0.0, *, exact_std: bool = False,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def trunc_normal_tf_(
+    tensor: torch.Tensor,
+    std: float = 0.02,
+    mean: float = 0.0,
+    *,
+    exact_std: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Fill ``tensor`` in place with TensorFlow's ``truncated_normal(mean, stddev=std)``.
 
     Values are N(mean, std^2) conditioned on |x - mean| <= 2 * std: the cut is RELATIVE to std
@@ -178,9 +196,16 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, _LINEAR_LIKE) or type(module).__name__ == "Conv1D"
 
 
-def bert_(module: nn.Module, std: float = 0.02, *, truncated: bool = False, exact_std: bool = False,
-          n_layers: int | None = None, residual_names: Iterable[str] = RESIDUAL_NAMES,
-          generator: torch.Generator | None = None) -> nn.Module:
+def bert_(
+    module: nn.Module,
+    std: float = 0.02,
+    *,
+    truncated: bool = False,
+    exact_std: bool = False,
+    n_layers: int | None = None,
+    residual_names: Iterable[str] = RESIDUAL_NAMES,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
     """BERT's initialization of every submodule of ``module``, in place.
 
     Per submodule (``module.modules()``, the module itself included):
@@ -320,10 +345,13 @@ def _residual_weights(module: nn.Module, names: tuple[str, ...]) -> list[torch.T
         if qualified and any(_matches(qualified, s) for s in names):
             weight = getattr(m, "weight", None)
             if not isinstance(weight, torch.Tensor):
-                raise ValueError(f"residual projection {qualified!r} ({type(m).__name__}) matched names "
-                                 f"but has no weight tensor")
+                raise ValueError(
+                    f"residual projection {qualified!r} ({type(m).__name__}) matched names but has no weight tensor"
+                )
             found.setdefault(id(weight), weight)
     if not found:
-        raise ValueError(f"no submodule name ends with any of the residual names {names!r}; "
-                         f"pass the names of the residual output projections of this model")
+        raise ValueError(
+            f"no submodule name ends with any of the residual names {names!r}; "
+            f"pass the names of the residual output projections of this model"
+        )
     return list(found.values())

@@ -12,5 +12,14 @@ from kexue.flyvec.trainer import TrainConfig, train
 from kexue.flyvec.vocabulary import Vocabulary, build_vocabulary
 from kexue.flyvec.windows import context_windows
 
-__all__ = ["FlyVec", "ModelFileError", "TrainConfig", "Vocabulary", "build_vocabulary", "context_windows",
-           "read_sentences", "tokenize", "train"]
+__all__ = [
+    "FlyVec",
+    "ModelFileError",
+    "TrainConfig",
+    "Vocabulary",
+    "build_vocabulary",
+    "context_windows",
+    "read_sentences",
+    "tokenize",
+    "train",
+]

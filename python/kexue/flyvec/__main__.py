@@ -17,8 +17,18 @@ from kexue.flyvec.model import FlyVec
 from kexue.flyvec.storage import ModelFileError
 from kexue.flyvec.trainer import PRESETS, preset, train
 
-_SETTINGS = (("hidden", int), ("window", int), ("epochs", int), ("batch-size", int), ("lr", float),
-             ("delta", float), ("min-count", int), ("max-vocab", int), ("seed", int), ("hash-length", int))
+_SETTINGS = (
+    ("hidden", int),
+    ("window", int),
+    ("epochs", int),
+    ("batch-size", int),
+    ("lr", float),
+    ("delta", float),
+    ("min-count", int),
+    ("max-vocab", int),
+    ("seed", int),
+    ("hash-length", int),
+)
 
 
 def _positive_int(text: str) -> int:
@@ -34,13 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a text file (one sentence a line; .gz/.bz2 ok)")
     t.add_argument("corpus")
     t.add_argument("--out", required=True, help="folder for model.pt (a rerun resumes from it)")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="flyvec",
-                   help="flyvec: FlyVec's defaults (batch 10,000, lr 0.002; billions of windows); small: batch "
-                        "1,000, lr 0.1, 15 epochs (a corpus of up to a few million windows)")
+    t.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="flyvec",
+        help="flyvec: FlyVec's defaults (batch 10,000, lr 0.002; billions of windows); small: batch "
+        "1,000, lr 0.1, 15 epochs (a corpus of up to a few million windows)",
+    )
     for name, typ in _SETTINGS:
         t.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
-    t.add_argument("--stop-words", metavar="FILE",
-                   help="mask the words of FILE (one a line; 'english': the built-in list; default 'none')")
+    t.add_argument(
+        "--stop-words",
+        metavar="FILE",
+        help="mask the words of FILE (one a line; 'english': the built-in list; default 'none')",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
     n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static hashes")
     n.add_argument("model", help="a model folder (or model.pt)")
@@ -90,14 +107,17 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.pairs:
                 score = evaluate(model, path, args.similarity)
                 if math.isnan(score.spearman):  # too few pairs known, or every similarity tied
-                    print(f"{path}\tspearman undefined: {score.why_undefined()}\tpairs {score.pairs}"
-                          f"\tskipped {score.skipped}")
+                    print(
+                        f"{path}\tspearman undefined: {score.why_undefined()}\tpairs {score.pairs}"
+                        f"\tskipped {score.skipped}"
+                    )
                     status = 1
                     continue
                 lo, hi = score.ci95
                 interval = f"95% [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else "95% interval needs 4 pairs"
-                print(f"{path}\tspearman {score.spearman:.4f}\t{interval}\tpairs {score.pairs}"
-                      f"\tskipped {score.skipped}")
+                print(
+                    f"{path}\tspearman {score.spearman:.4f}\t{interval}\tpairs {score.pairs}\tskipped {score.skipped}"
+                )
             return status
         for word, dist in model.nearest(args.word.lower(), args.n):
             print(f"{word}\t{dist}")

@@ -33,8 +33,9 @@ def shard(batch: torch.Tensor) -> torch.Tensor:
     return batch[rank::size]
 
 
-def data_parallel_update(x: torch.Tensor, weights: torch.Tensor, synapses: torch.Tensor, lr: float, delta: float,
-                         rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def data_parallel_update(
+    x: torch.Tensor, weights: torch.Tensor, synapses: torch.Tensor, lr: float, delta: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step on this process's shard, then the average of every process's change, in place.
     Returns the shard's winners and scaled winner activations."""
     _, size = world()

@@ -54,8 +54,9 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
                 score = float(fields[2])
                 pairs.append((fields[0].lower(), fields[1].lower(), score))
             except (IndexError, ValueError):
-                raise ValueError(f"{os.fspath(path)}:{number}: expected 'word1<TAB>word2<TAB>score', "
-                                 f"got {line!r}") from None
+                raise ValueError(
+                    f"{os.fspath(path)}:{number}: expected 'word1<TAB>word2<TAB>score', got {line!r}"
+                ) from None
             if not math.isfinite(score):
                 raise ValueError(f"{os.fspath(path)}:{number}: the score must be a finite number, got {fields[2]!r}")
     if not pairs:
@@ -73,7 +74,7 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
         j = i
         while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        r[order[i:j + 1]] = (i + j) / 2 + 1
+        r[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return r
 
@@ -112,16 +113,19 @@ class Score:
         return (math.tanh(z - half), math.tanh(z + half))
 
 
-def evaluate_pairs(pairs: list[tuple[str, str, float]], known: Callable[[str], bool],
-                   similarity: Callable[[str, str], float]) -> Score:
+def evaluate_pairs(
+    pairs: list[tuple[str, str, float]], known: Callable[[str], bool], similarity: Callable[[str, str], float]
+) -> Score:
     kept = [(a, b, s) for a, b, s in pairs if known(a) and known(b)]
     if len(kept) < 2:
         return Score(float("nan"), len(kept), len(pairs) - len(kept))
     model_sims = [similarity(a, b) for a, b, _ in kept]
     bad = next(((a, b, x) for (a, b, _), x in zip(kept, model_sims, strict=True) if not math.isfinite(x)), None)
     if bad is not None:
-        raise ValueError(f"the model's similarity of {bad[0]!r} and {bad[1]!r} is {bad[2]}: its synapses are not "
-                         "finite (trained with an infinite lr or delta?)")
+        raise ValueError(
+            f"the model's similarity of {bad[0]!r} and {bad[1]!r} is {bad[2]}: its synapses are not "
+            "finite (trained with an infinite lr or delta?)"
+        )
     return Score(spearman(model_sims, [s for _, _, s in kept]), len(kept), len(pairs) - len(kept))
 
 
@@ -135,7 +139,7 @@ def flyvec_similarity(model: FlyVec, kind: str = "hash", k: int | None = None) -
 
         def sim(a: str, b: str) -> float:
             ia, ib = model.vocabulary.id(a), model.vocabulary.id(b)
-            return -float(hamming_distances(codes[ia:ia + 1], codes[ib:ib + 1])[0, 0])
+            return -float(hamming_distances(codes[ia : ia + 1], codes[ib : ib + 1])[0, 0])
 
         return sim
     if kind == "dense":

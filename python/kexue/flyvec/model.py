@@ -85,8 +85,9 @@ class FlyVec:
             return torch.zeros(code_bytes(self.num_hidden), dtype=torch.uint8)
         return self.word_hashes(k)[self.vocabulary.id(word)]
 
-    def sentence_hash(self, sentence: str | Sequence[str], target: str | int | None = None,
-                      k: int | None = None) -> torch.Tensor:
+    def sentence_hash(
+        self, sentence: str | Sequence[str], target: str | int | None = None, k: int | None = None
+    ) -> torch.Tensor:
         """The contextual code of a sentence.
 
         ``target``: the word (or its position in the tokenized sentence) whose contextual hash is
@@ -122,6 +123,9 @@ class FlyVec:
         n = max(0, min(n, V - 2))
         query = codes[self.vocabulary.id(word)][None]
         dist, idx = kexue.ops.hamming_topk(query, codes, min(V, n + 2))
-        out = [(self.vocabulary.words[i], d) for d, i in zip(dist[0].tolist(), idx[0].tolist(), strict=True)
-               if i != 0 and self.vocabulary.words[i] != word]
+        out = [
+            (self.vocabulary.words[i], d)
+            for d, i in zip(dist[0].tolist(), idx[0].tolist(), strict=True)
+            if i != 0 and self.vocabulary.words[i] != word
+        ]
         return out[:n]

@@ -8,7 +8,8 @@ them out of the context half and drops the windows whose target is one of them.
 
 from __future__ import annotations
 
-ENGLISH = frozenset("""
+ENGLISH = frozenset(
+    """
 a about above after again against all also am an and any are as at be because been before being
 below between both but by can could did do does doing down during each few for from further had
 has have having he her here hers herself him himself his how i if in into is it its itself just
@@ -16,4 +17,5 @@ me more most my myself no nor not now of off on once only or other our ours ours
 same she should so some such than that the their theirs them themselves then there these they this
 those through to too under until up very was we were what when where which while who whom why will
 with would you your yours yourself yourselves
-""".split())
+""".split()
+)

@@ -92,14 +92,23 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = ST
     return removed
 
 
-def save_state(path, synapses_t: torch.Tensor, words: list[str], counts: torch.Tensor, epoch: int,
-               config: dict[str, Any]) -> None:
+def save_state(
+    path, synapses_t: torch.Tensor, words: list[str], counts: torch.Tensor, epoch: int, config: dict[str, Any]
+) -> None:
     wt = synapses_t.detach().to("cpu", torch.float32).contiguous()
-    write_atomic(path, {
-        "format": FORMAT, "version": VERSION, "synapses_t": wt, "words": list(words),
-        "counts": counts.to(torch.int64).cpu(), "epoch": int(epoch), "config": dict(config),
-        "checksum": checksum(wt, list(words), int(epoch)),
-    })
+    write_atomic(
+        path,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "synapses_t": wt,
+            "words": list(words),
+            "counts": counts.to(torch.int64).cpu(),
+            "epoch": int(epoch),
+            "config": dict(config),
+            "checksum": checksum(wt, list(words), int(epoch)),
+        },
+    )
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,8 +121,9 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip errors, unpickling errors, EOF: all mean a damaged file
-        raise ModelFileError(f"{path!r} is not a readable FlyVec model file (corrupt or truncated?): "
-                             f"{type(exc).__name__}: {exc}") from None
+        raise ModelFileError(
+            f"{path!r} is not a readable FlyVec model file (corrupt or truncated?): {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path!r} is not a FlyVec model file (format {FORMAT!r} expected)")
     if state.get("version") != VERSION:
@@ -124,8 +134,9 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     wt, words, counts = state["synapses_t"], state["words"], state["counts"]
     V = len(words)
     if not (isinstance(wt, torch.Tensor) and wt.dim() == 2 and wt.shape[0] == 2 * V and wt.dtype == torch.float32):
-        raise ModelFileError(f"{path!r}: synapses_t must be float32 (2V, K) = ({2 * V}, K), "
-                             f"got {getattr(wt, 'shape', None)}")
+        raise ModelFileError(
+            f"{path!r}: synapses_t must be float32 (2V, K) = ({2 * V}, K), got {getattr(wt, 'shape', None)}"
+        )
     if not (isinstance(counts, torch.Tensor) and counts.shape == (V,)):
         raise ModelFileError(f"{path!r}: counts must have one entry per word")
     if checksum(wt, words, state["epoch"]) != state["checksum"]:

@@ -116,8 +116,7 @@ def init_correlation(synapses: torch.Tensor, config: TrainConfig) -> float:
 
 # What must match for a checkpoint to be resumed with a given config (the rest may change; epochs
 # may grow, to train a finished model further).
-_RESUME_KEYS = ("hidden", "window", "batch_size", "lr", "delta", "rank", "seed", "min_count", "max_vocab",
-                "stop_words")
+_RESUME_KEYS = ("hidden", "window", "batch_size", "lr", "delta", "rank", "seed", "min_count", "max_vocab", "stop_words")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -141,8 +140,10 @@ class EpochStats:
     busiest_share: float
 
     def line(self, epoch: int, epochs: int) -> str:
-        return (f"epoch {epoch + 1}/{epochs}: energy {self.energy:.4g} per window, synapses moved "
-                f"{self.moved:.3g} (relative), busiest unit {self.busiest_share:.1%} of the windows")
+        return (
+            f"epoch {epoch + 1}/{epochs}: energy {self.energy:.4g} per window, synapses moved "
+            f"{self.moved:.3g} (relative), busiest unit {self.busiest_share:.1%} of the windows"
+        )
 
 
 def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -151,8 +152,9 @@ def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_windows, generator=g)
 
 
-def run_epoch(windows: torch.Tensor, invf: torch.Tensor, synapses: torch.Tensor, epoch: int,
-              config: TrainConfig, bar=None) -> EpochStats:
+def run_epoch(
+    windows: torch.Tensor, invf: torch.Tensor, synapses: torch.Tensor, epoch: int, config: TrainConfig, bar=None
+) -> EpochStats:
     """One epoch in place on ``synapses``; returns what it did (:class:`EpochStats`)."""
     V = invf.shape[0]
     lr, delta = kexue.ops.biohash_schedule(epoch, config.epochs, config.lr, config.delta)
@@ -207,8 +209,14 @@ def input_weights(vocabulary: Vocabulary, config: TrainConfig) -> torch.Tensor:
     return invf
 
 
-def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, config: TrainConfig | None = None,
-          *, progress: bool = True, on_epoch_end: Callable[[int, FlyVec], None] | None = None) -> FlyVec:
+def train(
+    corpus: str | os.PathLike | Iterable[str],
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, FlyVec], None] | None = None,
+) -> FlyVec:
     """Train FlyVec on ``corpus`` (a text file, one sentence a line, or an iterable of lines),
     writing ``out/model.pt`` after every epoch; resumes from it when it exists.
 
@@ -227,12 +235,15 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
         state = storage.load_state(path)
         saved = state["config"]
         defaults = TrainConfig()
-        changed = [k for k in _RESUME_KEYS
-                   if _as_saved(saved.get(k, getattr(defaults, k))) != _as_saved(getattr(config, k))]
+        changed = [
+            k for k in _RESUME_KEYS if _as_saved(saved.get(k, getattr(defaults, k))) != _as_saved(getattr(config, k))
+        ]
         if changed:
-            raise ValueError(f"{path!r} was trained with other settings ({', '.join(changed)}); "
-                             "use another --out folder, or the same settings to resume (more epochs "
-                             "train it further)")
+            raise ValueError(
+                f"{path!r} was trained with other settings ({', '.join(changed)}); "
+                "use another --out folder, or the same settings to resume (more epochs "
+                "train it further)"
+            )
         start = int(state["epoch"])
         vocabulary = Vocabulary(list(state["words"]), state["counts"])
         synapses = state["synapses_t"].t()
@@ -246,8 +257,11 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     cfg["stop_words"] = list(config.stop_words)
     show = progress and distributed.world()[0] == 0
     if show and start >= config.epochs:
-        print(f"{path} is already trained for {start} epochs (asked: {config.epochs}); pass a larger "
-              "--epochs to train it further", file=sys.stderr)
+        print(
+            f"{path} is already trained for {start} epochs (asked: {config.epochs}); pass a larger "
+            "--epochs to train it further",
+            file=sys.stderr,
+        )
     for epoch in range(start, config.epochs):
         bar = _progress(windows.shape[0], f"epoch {epoch + 1}/{config.epochs}", show)
         try:
@@ -265,10 +279,13 @@ def train(corpus: str | os.PathLike | Iterable[str], out: str | os.PathLike, con
     model._static.clear()
     corr = init_correlation(synapses, config)
     if corr > UNTRAINED_CORRELATION:
-        warnings.warn(f"after {config.epochs} epochs of {windows.shape[0]} windows the target half of the synapses "
-                      f"still correlates {corr:.2f} with its random init: the model has barely trained. FlyVec's "
-                      f"defaults are sized for billions of windows; for a corpus this size use the 'small' preset "
-                      f"(--preset small: batch_size {SMALL_BATCH}, lr {SMALL_LR}) or make more "
-                      f"steps (now {-(-windows.shape[0] // config.batch_size)} batches an epoch at lr {config.lr})",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"after {config.epochs} epochs of {windows.shape[0]} windows the target half of the synapses "
+            f"still correlates {corr:.2f} with its random init: the model has barely trained. FlyVec's "
+            f"defaults are sized for billions of windows; for a corpus this size use the 'small' preset "
+            f"(--preset small: batch_size {SMALL_BATCH}, lr {SMALL_LR}) or make more "
+            f"steps (now {-(-windows.shape[0] // config.batch_size)} batches an epoch at lr {config.lr})",
+            UserWarning,
+            stacklevel=2,
+        )
     return model

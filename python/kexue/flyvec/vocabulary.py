@@ -53,8 +53,7 @@ class Vocabulary:
         return torch.where(c > 0, 1.0 / c.clamp_min(1), 0.0)
 
 
-def build_vocabulary(sentences: Iterable[Sequence[str]], min_count: int = 5,
-                     max_size: int | None = None) -> Vocabulary:
+def build_vocabulary(sentences: Iterable[Sequence[str]], min_count: int = 5, max_size: int | None = None) -> Vocabulary:
     """Count the words of ``sentences`` and keep those seen at least ``min_count`` times (at most
     ``max_size`` words besides ``<UNK>``, the most frequent)."""
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
@@ -70,8 +69,10 @@ def build_vocabulary(sentences: Iterable[Sequence[str]], min_count: int = 5,
     if max_size is not None:
         kept = kept[:max_size]
     if not kept:
-        raise ValueError(f"no word occurs at least min_count={min_count} times "
-                         f"(the most frequent occurs {counter.most_common(1)[0][1]} times)")
+        raise ValueError(
+            f"no word occurs at least min_count={min_count} times "
+            f"(the most frequent occurs {counter.most_common(1)[0][1]} times)"
+        )
     kept_set = set(kept)
     unknown = sum(c for w, c in counter.items() if w not in kept_set)
     counts = torch.tensor([unknown] + [counter[w] for w in kept], dtype=torch.int64)

@@ -18,7 +18,6 @@ transformers is an optional dependency: this module imports it, ``kexue`` itself
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +27,9 @@ try:
     from transformers import masking_utils
     from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 except ImportError as error:  # pragma: no cover - exercised only without the optional extra
-    raise ImportError("kexue.patch needs Hugging Face transformers: pip install 'kexue[transformers]' "
-                      "(or pip install transformers)") from error
+    raise ImportError(
+        "kexue.patch needs Hugging Face transformers: pip install 'kexue[transformers]' (or pip install transformers)"
+    ) from error
 
 from kexue.ops.logn_attention import logn_attention
 
@@ -53,11 +53,11 @@ class AttentionSettings:
     logn: bool = True
     clip: bool = False
     min_n: float = 1
-    scale: Optional[float | str] = None
+    scale: float | str | None = None
     ignore_dropout: bool = False
 
 
-_DEFAULTS: Optional[AttentionSettings] = None  # set by register(train_len=...)
+_DEFAULTS: AttentionSettings | None = None  # set by register(train_len=...)
 
 
 def _validated(train_len, logn, clip, min_n, scale, ignore_dropout) -> AttentionSettings:
@@ -66,8 +66,9 @@ def _validated(train_len, logn, clip, min_n, scale, ignore_dropout) -> Attention
         raise TypeError(f"ignore_dropout must be a bool, got {type(ignore_dropout).__name__}")
     probe = torch.zeros(1, 1, 1, 1)
     logn_attention(probe, probe, probe, scale=scale, train_len=train_len, logn=logn, clip=clip, min_n=min_n)
-    return AttentionSettings(train_len=train_len, logn=logn, clip=clip, min_n=min_n, scale=scale,
-                             ignore_dropout=ignore_dropout)
+    return AttentionSettings(
+        train_len=train_len, logn=logn, clip=clip, min_n=min_n, scale=scale, ignore_dropout=ignore_dropout
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,35 +94,56 @@ def _check_pattern(q_length, kv_length, q_offset, kv_offset, mask_function, devi
     compared with the two patterns, so a sliding window longer than the sequence is accepted.
     """
     if isinstance(q_offset, Tensor) or isinstance(kv_offset, Tensor):
-        raise ValueError("kexue attention does not support static (pre-allocated) caches: use the default "
-                         "DynamicCache")
+        raise ValueError("kexue attention does not support static (pre-allocated) caches: use the default DynamicCache")
     if mask_function is masking_utils.bidirectional_mask_function:
         return
     if q_offset + q_length != kv_offset + kv_length:
         # kexue aligns a causal query with the last keys (a KV cache comes first); transformers' causal
         # pattern is the same only when the queries end where the keys end.
-        raise ValueError(f"kexue attention needs the queries to end where the keys end, got q_offset={q_offset}, "
-                         f"q_length={q_length}, kv_offset={kv_offset}, kv_length={kv_length}")
+        raise ValueError(
+            f"kexue attention needs the queries to end where the keys end, got q_offset={q_offset}, "
+            f"q_length={q_length}, kv_offset={kv_offset}, kv_length={kv_length}"
+        )
     if mask_function is masking_utils.causal_mask_function:
         return
-    built = masking_utils.sdpa_mask(batch_size=1, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                                    kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
-                                    allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
-                                    device=device)
+    built = masking_utils.sdpa_mask(
+        batch_size=1,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=None,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        use_vmap=use_vmap,
+        device=device,
+    )
     if built is None:
         return
     q_pos = torch.arange(q_length, device=device)[:, None] + q_offset
     k_pos = torch.arange(kv_length, device=device)[None, :] + kv_offset
     causal = (k_pos <= q_pos).expand_as(built)
     if not (torch.equal(built, causal) or bool(built.all())):
-        raise ValueError("this model asked for an attention pattern kexue's log-n attention cannot express "
-                         "(a sliding window shorter than the sequence, packed sequences in one row, or a custom "
-                         "mask); it supports full or causal attention with key padding")
+        raise ValueError(
+            "this model asked for an attention pattern kexue's log-n attention cannot express "
+            "(a sliding window shorter than the sequence, packed sequences in one row, or a custom "
+            "mask); it supports full or causal attention with key padding"
+        )
 
 
-def kexue_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-               mask_function=masking_utils.causal_mask_function, attention_mask: Optional[Tensor] = None,
-               use_vmap: bool = False, device="cpu", **kwargs) -> Optional[Tensor]:
+def kexue_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=masking_utils.causal_mask_function,
+    attention_mask: Tensor | None = None,
+    use_vmap: bool = False,
+    device="cpu",
+    **kwargs,
+) -> Tensor | None:
     """The mask transformers builds for kexue: the ``(batch, kv_length)`` bool keep-mask, or ``None``.
 
     Called by ``create_causal_mask`` / ``create_bidirectional_mask`` with the 2-D padding mask the
@@ -132,49 +154,81 @@ def kexue_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
         return None
     keep = attention_mask[:, -kv_length:].to(dtype=torch.bool)
     if keep.shape != (batch_size, kv_length):
-        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the {kv_length} keys "
-                         f"of a batch of {batch_size}")
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the {kv_length} keys "
+            f"of a batch of {batch_size}"
+        )
     return keep
 
 
-def kexue_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                    dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                    **kwargs) -> tuple[Tensor, None]:
+def kexue_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
     """transformers' attention call: query ``(B, Hq, Lq, D)``, key/value ``(B, Hkv, Lk, D)``.
 
     Returns ``(out (B, Lq, Hq, D), None)``: attention weights are never formed.
     """
-    settings: Optional[AttentionSettings] = getattr(module, _SETTINGS_ATTR, None) or _DEFAULTS
+    settings: AttentionSettings | None = getattr(module, _SETTINGS_ATTR, None) or _DEFAULTS
     if settings is None:
-        raise ValueError(f"{type(module).__name__} runs with attn_implementation={IMPLEMENTATION!r} but was not "
-                         "prepared by kexue.patch(model, train_len=...), and no defaults were registered: call "
-                         "kexue.patch, or kexue.integrations.transformers.register(train_len=...) before building")
+        raise ValueError(
+            f"{type(module).__name__} runs with attn_implementation={IMPLEMENTATION!r} but was not "
+            "prepared by kexue.patch(model, train_len=...), and no defaults were registered: call "
+            "kexue.patch, or kexue.integrations.transformers.register(train_len=...) before building"
+        )
     if dropout and not settings.ignore_dropout:
-        raise ValueError(f"kexue attention has no attention-probability dropout, and this module asks for "
-                         f"{dropout}: set the config's attention dropout to 0, call model.eval(), or patch with "
-                         "ignore_dropout=True")
+        raise ValueError(
+            f"kexue attention has no attention-probability dropout, and this module asks for "
+            f"{dropout}: set the config's attention dropout to 0, call model.eval(), or patch with "
+            "ignore_dropout=True"
+        )
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
-        raise ValueError(f"sliding_window={window} is shorter than the {key.shape[2]} keys; kexue attention has no "
-                         "sliding window")
-    paged = [name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "block_table", "block_tables") if
-             kwargs.get(name) is not None]
+        raise ValueError(
+            f"sliding_window={window} is shorter than the {key.shape[2]} keys; kexue attention has no sliding window"
+        )
+    paged = [
+        name
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k", "block_table", "block_tables")
+        if kwargs.get(name) is not None
+    ]
     if paged:  # continuous batching hands over a paged cache (and packed rows): kexue reads contiguous k / v
-        raise ValueError(f"kexue attention does not support paged caches (called with {', '.join(paged)}): use "
-                         "the default DynamicCache")
+        raise ValueError(
+            f"kexue attention does not support paged caches (called with {', '.join(paged)}): use "
+            "the default DynamicCache"
+        )
     for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"kexue attention does not support {name}")
     if kwargs.get("output_attentions"):
         raise ValueError("kexue attention never forms attention weights: call with output_attentions=False")
     if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"kexue attention takes a 2-D padding mask (batch, k_len); got a {attention_mask.dim()}-d "
-                         "mask, which it cannot express (pass the 2-D attention_mask to the model instead)")
+        raise ValueError(
+            f"kexue attention takes a 2-D padding mask (batch, k_len); got a {attention_mask.dim()}-d "
+            "mask, which it cannot express (pass the 2-D attention_mask to the model instead)"
+        )
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
     padding = None if attention_mask is None else ~attention_mask
     scale = settings.scale if settings.scale is not None else scaling
-    out = logn_attention(query, key, value, causal=causal, scale=scale, train_len=settings.train_len,
-                         logn=settings.logn, clip=settings.clip, min_n=settings.min_n, key_padding_mask=padding)
+    out = logn_attention(
+        query,
+        key,
+        value,
+        causal=causal,
+        scale=scale,
+        train_len=settings.train_len,
+        logn=settings.logn,
+        clip=settings.clip,
+        min_n=settings.min_n,
+        key_padding_mask=padding,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -183,8 +237,15 @@ def _register_functions() -> None:
     masking_utils.AttentionMaskInterface.register(IMPLEMENTATION, kexue_mask)
 
 
-def register(*, train_len: Optional[float] = None, logn: bool = True, clip: bool = False, min_n: float = 1,
-             scale: Optional[float | str] = None, ignore_dropout: bool = False) -> str:
+def register(
+    *,
+    train_len: float | None = None,
+    logn: bool = True,
+    clip: bool = False,
+    min_n: float = 1,
+    scale: float | str | None = None,
+    ignore_dropout: bool = False,
+) -> str:
     """Register kexue's attention and mask functions with transformers; returns their name.
 
     With ``train_len``, the settings become the defaults of every attention module that
@@ -208,12 +269,24 @@ def register(*, train_len: Optional[float] = None, logn: bool = True, clip: bool
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The submodules that call the attention registry (they carry ``is_causal`` and ``scaling``)."""
-    return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "is_causal") and hasattr(m, "scaling") and hasattr(m, "config")]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "is_causal") and hasattr(m, "scaling") and hasattr(m, "config")
+    ]
 
 
-def patch(model: nn.Module, attention: str = "logn", *, train_len: float, logn: bool = True, clip: bool = False,
-          min_n: float = 1, scale: Optional[float | str] = None, ignore_dropout: bool = False) -> Patch:
+def patch(
+    model: nn.Module,
+    attention: str = "logn",
+    *,
+    train_len: float,
+    logn: bool = True,
+    clip: bool = False,
+    min_n: float = 1,
+    scale: float | str | None = None,
+    ignore_dropout: bool = False,
+) -> Patch:
     """Run a built transformers model's attention through :func:`kexue.ops.logn_attention`.
 
     Args:
@@ -235,29 +308,37 @@ def patch(model: nn.Module, attention: str = "logn", *, train_len: float, logn: 
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"kexue.patch supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"{type(model).__name__} has model_type={model_type!r}")
+        raise ValueError(
+            f"kexue.patch supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            f"{type(model).__name__} has model_type={model_type!r}"
+        )
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise ValueError("this model is already patched by kexue; call kexue.unpatch(model) first")
     settings = _validated(train_len, logn, clip, min_n, scale, ignore_dropout)
     modules = _attention_modules(model)
     if not modules:
-        raise ValueError(f"found no attention module in {type(model).__name__} that calls transformers' attention "
-                         "registry")
+        raise ValueError(
+            f"found no attention module in {type(model).__name__} that calls transformers' attention registry"
+        )
     _register_functions()
     replaced = model.config._attn_implementation
     for _, module in modules:
         setattr(module, _SETTINGS_ATTR, settings)
     model.set_attn_implementation(IMPLEMENTATION)
-    record = Patch(attention=attention, implementation=IMPLEMENTATION, replaced=replaced,
-                   modules=tuple(name for name, _ in modules), settings=settings)
+    record = Patch(
+        attention=attention,
+        implementation=IMPLEMENTATION,
+        replaced=replaced,
+        modules=tuple(name for name, _ in modules),
+        settings=settings,
+    )
     setattr(model, _PATCH_ATTR, record)
     return record
 
 
 def unpatch(model: nn.Module) -> Patch:
     """Undo :func:`patch`: the model gets back the attention implementation it had. Returns the record."""
-    record: Optional[Patch] = getattr(model, _PATCH_ATTR, None)
+    record: Patch | None = getattr(model, _PATCH_ATTR, None)
     if record is None:
         raise ValueError("this model is not patched by kexue")
     model.set_attn_implementation(record.replaced)
@@ -268,5 +349,15 @@ def unpatch(model: nn.Module) -> Patch:
     return record
 
 
-__all__ = ["IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "AttentionSettings", "Patch", "kexue_attention", "kexue_mask",
-           "patch", "register", "unpatch", "transformers"]
+__all__ = [
+    "IMPLEMENTATION",
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionSettings",
+    "Patch",
+    "kexue_attention",
+    "kexue_mask",
+    "patch",
+    "register",
+    "unpatch",
+    "transformers",
+]

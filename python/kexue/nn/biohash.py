@@ -22,25 +22,45 @@ class BioHash(nn.Module):
         packed: packed bits or a dense 0/1 code. std: initial synapses ~ N(0, std^2).
     """
 
-    def __init__(self, num_inputs: int, num_hidden: int, k: int, packed: bool = True, std: float = 0.02,
-                 dtype: torch.dtype = torch.float32, device=None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        num_inputs: int,
+        num_hidden: int,
+        k: int,
+        packed: bool = True,
+        std: float = 0.02,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if not 1 <= k <= num_hidden:
             raise ValueError(f"k must lie in [1, num_hidden] = [1, {num_hidden}], got {k}")
         self.k, self.packed = int(k), bool(packed)
-        self.register_buffer("synapses", kexue.ops.new_synapses(num_hidden, num_inputs, std=std, dtype=dtype,
-                                                                device=device, generator=generator))
+        self.register_buffer(
+            "synapses",
+            kexue.ops.new_synapses(num_hidden, num_inputs, std=std, dtype=dtype, device=device, generator=generator),
+        )
 
     def forward(self, indices: Tensor, offsets_or_mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
         return kexue.ops.biohash(indices, offsets_or_mask, weights, self.synapses, self.k, self.packed)
 
     @torch.no_grad()
-    def learn(self, indices: Tensor, offsets_or_mask: Tensor | None = None, weights: Tensor | None = None, *,
-              lr: float = 0.002, delta: float = 0.0, rank: int = 2) -> Tensor:
+    def learn(
+        self,
+        indices: Tensor,
+        offsets_or_mask: Tensor | None = None,
+        weights: Tensor | None = None,
+        *,
+        lr: float = 0.002,
+        delta: float = 0.0,
+        rank: int = 2,
+    ) -> Tensor:
         """One step of the learning rule (:func:`kexue.ops.biohash_update`) on a sparse batch;
         returns each row's winning unit."""
-        winners, _ = kexue.ops.biohash_update(indices, offsets_or_mask, weights, self.synapses, lr, delta=delta,
-                                              rank=rank)
+        winners, _ = kexue.ops.biohash_update(
+            indices, offsets_or_mask, weights, self.synapses, lr, delta=delta, rank=rank
+        )
         return winners
 
     def extra_repr(self) -> str:

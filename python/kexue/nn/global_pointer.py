@@ -38,8 +38,15 @@ class _PointerBase(nn.Module):
     heads: int
     head_size: int
 
-    def __init__(self, heads: int, head_size: int, RoPE: bool, tril_mask: bool, rope_layout: str,  # noqa: N803
-                 rope_base: float):
+    def __init__(
+        self,
+        heads: int,
+        head_size: int,
+        RoPE: bool,
+        tril_mask: bool,
+        rope_layout: str,  # noqa: N803
+        rope_base: float,
+    ):
         super().__init__()
         if not (isinstance(heads, int) and heads > 0):
             raise ValueError(f"heads must be a positive int, got {heads!r}")
@@ -53,8 +60,11 @@ class _PointerBase(nn.Module):
         raise NotImplementedError
 
     def _kw(self) -> dict:
-        return {"rope": _rope_arg(self.RoPE, self.rope_layout), "tril_mask": self.tril_mask,
-                "rope_base": self.rope_base}
+        return {
+            "rope": _rope_arg(self.RoPE, self.rope_layout),
+            "tril_mask": self.tril_mask,
+            "rope_base": self.rope_base,
+        }
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x (B, L, hidden)``, ``mask (B, L)`` nonzero at tokens -> scores ``(B, heads, L, L)``."""
@@ -67,15 +77,17 @@ class _PointerBase(nn.Module):
         ``labels``: dense ``(B, heads, L, L)`` bool or sparse ``(N, 4)`` rows ``(b, type, start, end)``.
         """
         kw = self._kw()
-        return global_pointer_loss(*self._inputs(x), labels, mask, kw["rope"], kw["tril_mask"],
-                                   reduction=reduction, rope_base=kw["rope_base"])
+        return global_pointer_loss(
+            *self._inputs(x), labels, mask, kw["rope"], kw["tril_mask"], reduction=reduction, rope_base=kw["rope_base"]
+        )
 
     @torch.no_grad()
     def decode(self, x: Tensor, mask: Tensor | None = None, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
         """Spans scoring above ``threshold``: ``(index (N, 4) = (b, type, start, end), score (N,))``."""
         kw = self._kw()
-        return global_pointer_decode(*self._inputs(x), mask, kw["rope"], kw["tril_mask"], threshold=threshold,
-                                     rope_base=kw["rope_base"])
+        return global_pointer_decode(
+            *self._inputs(x), mask, kw["rope"], kw["tril_mask"], threshold=threshold, rope_base=kw["rope_base"]
+        )
 
     def load_bert4torch(self, source: nn.Module | Mapping[str, Tensor], strict: bool = True):
         """Copy the weights of the same bert4torch layer (a module or its ``state_dict()``).
@@ -97,9 +109,19 @@ class EfficientGlobalPointer(_PointerBase):
     ``rope_layout``: ``"interleaved"`` (bert4torch / bert4keras) or ``"half"``.
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_size: int = 64, RoPE: bool = True,  # noqa: N803
-                 use_bias: bool = True, tril_mask: bool = True, *, max_len: int | None = None,
-                 rope_layout: str = "interleaved", rope_base: float = 10000.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        head_size: int = 64,
+        RoPE: bool = True,  # noqa: N803
+        use_bias: bool = True,
+        tril_mask: bool = True,
+        *,
+        max_len: int | None = None,
+        rope_layout: str = "interleaved",
+        rope_base: float = 10000.0,
+    ):
         super().__init__(heads, head_size, RoPE, tril_mask, rope_layout, rope_base)
         self.p_dense = nn.Linear(hidden_size, head_size * 2, bias=use_bias)
         self.q_dense = nn.Linear(head_size * 2, heads * 2, bias=use_bias)
@@ -118,9 +140,19 @@ class GlobalPointer(_PointerBase):
     ``rope_layout``, ``rope_base`` as in :class:`EfficientGlobalPointer`.
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_size: int = 64, RoPE: bool = True,  # noqa: N803
-                 use_bias: bool = True, tril_mask: bool = True, *, max_len: int | None = None,
-                 rope_layout: str = "interleaved", rope_base: float = 10000.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        head_size: int = 64,
+        RoPE: bool = True,  # noqa: N803
+        use_bias: bool = True,
+        tril_mask: bool = True,
+        *,
+        max_len: int | None = None,
+        rope_layout: str = "interleaved",
+        rope_base: float = 10000.0,
+    ):
         super().__init__(heads, head_size, RoPE, tril_mask, rope_layout, rope_base)
         self.dense = nn.Linear(hidden_size, heads * head_size * 2, bias=use_bias)
 

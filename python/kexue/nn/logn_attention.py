@@ -32,10 +32,25 @@ class LogNAttention(nn.Module):
         causal, scale, train_len, logn, clip, min_n: as :func:`kexue.ops.logn_attention`.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None, batch_first: bool = True, causal: bool = False,
-                 scale: float | str | None = None, train_len: float = 512, logn: bool = True, clip: bool = False,
-                 min_n: float = 1, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        causal: bool = False,
+        scale: float | str | None = None,
+        train_len: float = 512,
+        logn: bool = True,
+        clip: bool = False,
+        min_n: float = 1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
@@ -60,8 +75,17 @@ class LogNAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported")
         ref = mha.out_proj.weight
-        module = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim, vdim=mha.vdim,
-                     batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype, **kwargs)
+        module = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device=ref.device,
+            dtype=ref.dtype,
+            **kwargs,
+        )
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 wq, wk, wv = mha.in_proj_weight.chunk(3)
@@ -70,17 +94,29 @@ class LogNAttention(nn.Module):
             for proj, w in ((module.q_proj, wq), (module.k_proj, wk), (module.v_proj, wv)):
                 proj.weight.copy_(w)
             if mha.in_proj_bias is not None:
-                for proj, b in zip((module.q_proj, module.k_proj, module.v_proj), mha.in_proj_bias.chunk(3)):
+                for proj, b in zip(
+                    (module.q_proj, module.k_proj, module.v_proj), mha.in_proj_bias.chunk(3), strict=False
+                ):
                     proj.bias.copy_(b)
             module.out_proj.weight.copy_(mha.out_proj.weight)
             if mha.out_proj.bias is not None:
                 module.out_proj.bias.copy_(mha.out_proj.bias)
         return module
 
-    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
-                key_padding_mask: Tensor | None = None, need_weights: bool = False, attn_mask: Tensor | None = None,
-                is_causal: bool | None = None, *, cu_seqlens: Tensor | None = None,
-                cu_seqlens_k: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError("LogNAttention never forms attention weights; call it with need_weights=False")
         if attn_mask is not None:
@@ -93,37 +129,72 @@ class LogNAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
-            raise ValueError(f"query, key, value must be 3-d (batch, seq, features), got shapes "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+            raise ValueError(
+                f"query, key, value must be 3-d (batch, seq, features), got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
         b, lq, _ = query.shape
         lk = key.shape[1]
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = logn_attention(q, k, v, causal=causal, scale=self.scale, train_len=self.train_len, logn=self.logn,
-                             clip=self.clip, min_n=self.min_n, key_padding_mask=key_padding_mask)
+        out = logn_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=self.scale,
+            train_len=self.train_len,
+            logn=self.logn,
+            clip=self.clip,
+            min_n=self.min_n,
+            key_padding_mask=key_padding_mask,
+        )
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
 
-    def _packed(self, query: Tensor, key: Tensor, value: Tensor, causal: bool, cu_seqlens: Tensor,
-                cu_seqlens_k: Tensor | None, max_seqlen: int | None) -> Tensor:
+    def _packed(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        causal: bool,
+        cu_seqlens: Tensor,
+        cu_seqlens_k: Tensor | None,
+        max_seqlen: int | None,
+    ) -> Tensor:
         if query.dim() != 2 or key.dim() != 2 or value.dim() != 2:
-            raise ValueError(f"with cu_seqlens, query, key, value must be 2-d (total rows, features), got shapes "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+            raise ValueError(
+                f"with cu_seqlens, query, key, value must be 2-d (total rows, features), got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"key and value must have the same rows, got {key.shape[0]} and {value.shape[0]}")
         # The rows of the varlen layout are (total, heads, head_dim): a view of the projections.
         q = self.q_proj(query).view(query.shape[0], self.num_heads, self.head_dim)
         k = self.k_proj(key).view(key.shape[0], self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(value.shape[0], self.num_kv_heads, self.head_dim)
-        out = logn_attention(q, k, v, causal=causal, scale=self.scale, train_len=self.train_len, logn=self.logn,
-                             clip=self.clip, min_n=self.min_n, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                             max_seqlen=max_seqlen)
+        out = logn_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=self.scale,
+            train_len=self.train_len,
+            logn=self.logn,
+            clip=self.clip,
+            min_n=self.min_n,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen=max_seqlen,
+        )
         return self.out_proj(out.reshape(query.shape[0], self.embed_dim))
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, train_len={self.train_len}, logn={self.logn}, clip={self.clip}, "
-                f"min_n={self.min_n}, batch_first={self.batch_first}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"causal={self.causal}, train_len={self.train_len}, logn={self.logn}, clip={self.clip}, "
+            f"min_n={self.min_n}, batch_first={self.batch_first}"
+        )

@@ -28,5 +28,14 @@ from kexue.ops.biohash import (  # noqa: E402
     new_synapses,
 )
 
-__all__ += ["biohash", "biohash_activations", "biohash_dense", "biohash_energy", "biohash_schedule",
-            "biohash_topk", "biohash_update", "hamming_topk", "new_synapses"]
+__all__ += [
+    "biohash",
+    "biohash_activations",
+    "biohash_dense",
+    "biohash_energy",
+    "biohash_schedule",
+    "biohash_topk",
+    "biohash_update",
+    "hamming_topk",
+    "new_synapses",
+]

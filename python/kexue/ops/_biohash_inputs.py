@@ -47,8 +47,10 @@ def check_row_shapes(indices: Tensor, offsets: Tensor, weights: Tensor | None) -
     if indices.dtype != torch.int64 or offsets.dtype != torch.int64:
         raise TypeError(f"indices and offsets must be int64, got {indices.dtype} and {offsets.dtype}")
     if offsets.dim() != 1 or offsets.shape[0] < 1 or indices.dim() != 1:
-        raise ValueError(f"a CSR batch is indices (nnz,) and offsets (B+1,), got shapes {tuple(indices.shape)} "
-                         f"and {tuple(offsets.shape)}")
+        raise ValueError(
+            f"a CSR batch is indices (nnz,) and offsets (B+1,), got shapes {tuple(indices.shape)} "
+            f"and {tuple(offsets.shape)}"
+        )
     if weights is not None and weights.shape != indices.shape:
         raise ValueError(f"weights must be None or (nnz,) = {tuple(indices.shape)}, got {tuple(weights.shape)}")
 
@@ -63,8 +65,10 @@ def check_rows(indices: Tensor, offsets: Tensor, weights: Tensor | None, num_inp
     lengths = offsets[1:] - offsets[:-1]
     shortest = int(lengths.min()) if lengths.numel() else 1
     if int(offsets[0]) != 0 or int(offsets[-1]) != indices.shape[0] or shortest < 0:
-        raise ValueError(f"offsets must start at 0, never decrease and end at nnz = {indices.shape[0]}; "
-                         f"got {offsets.tolist() if offsets.numel() <= 12 else 'a longer tensor'}")
+        raise ValueError(
+            f"offsets must start at 0, never decrease and end at nnz = {indices.shape[0]}; "
+            f"got {offsets.tolist() if offsets.numel() <= 12 else 'a longer tensor'}"
+        )
     if shortest == 0:
         row = int(torch.nonzero(lengths == 0)[0, 0])
         raise ValueError(f"row {row} of the batch has no tokens (an empty window); every row needs at least one")
@@ -72,8 +76,9 @@ def check_rows(indices: Tensor, offsets: Tensor, weights: Tensor | None, num_inp
         low, high = (int(x) for x in torch.aminmax(indices))
         if low < 0 or high >= num_inputs:
             bad = low if low < 0 else high
-            raise ValueError(f"indices must lie in [0, N) = [0, {num_inputs}) for synapses of N = {num_inputs} "
-                             f"inputs; found {bad}")
+            raise ValueError(
+                f"indices must lie in [0, N) = [0, {num_inputs}) for synapses of N = {num_inputs} inputs; found {bad}"
+            )
 
 
 def check_update_scalars(lr, delta, rank, prec, tiny, num_hidden: int) -> None:
@@ -114,8 +119,10 @@ def _padded(indices: Tensor, mask, weights) -> tuple[Tensor, Tensor, Tensor | No
         flat_w = None if weights is None else weights.reshape(-1)
     else:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError("with 2-D indices, offsets_or_mask must be a bool mask (B, L) or None, got "
-                            f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+            raise TypeError(
+                "with 2-D indices, offsets_or_mask must be a bool mask (B, L) or None, got "
+                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
         if mask.shape != indices.shape:
             raise ValueError(f"mask must have the shape of indices {tuple(indices.shape)}, got {tuple(mask.shape)}")
         if mask.device != indices.device:
@@ -128,8 +135,9 @@ def _padded(indices: Tensor, mask, weights) -> tuple[Tensor, Tensor, Tensor | No
     return flat_ids, offsets, flat_w
 
 
-def csr(indices, offsets_or_mask, weights, device: torch.device,
-        weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+def csr(
+    indices, offsets_or_mask, weights, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Check a sparse batch's types and shapes and return it as CSR: ``indices (nnz,)`` int64,
     ``offsets (B+1,)`` int64, ``weights (nnz,)`` in ``weight_dtype`` or None, all contiguous.
     The values (ids in range, offsets) are checked by :func:`check_rows`, in the custom op.
@@ -152,17 +160,21 @@ def csr(indices, offsets_or_mask, weights, device: torch.device,
     elif indices.dim() == 1:
         offsets = offsets_or_mask
         if not isinstance(offsets, Tensor):
-            raise TypeError(f"with 1-D indices, offsets_or_mask must be the CSR offsets, a (B+1,) int64 tensor, "
-                            f"got {type(offsets).__name__}")
+            raise TypeError(
+                f"with 1-D indices, offsets_or_mask must be the CSR offsets, a (B+1,) int64 tensor, "
+                f"got {type(offsets).__name__}"
+            )
         if offsets.dtype not in (torch.int64, torch.int32) or offsets.dim() != 1 or offsets.shape[0] < 1:
-            raise ValueError(f"offsets must be a (B+1,) int64 tensor, got {offsets.dtype} of shape "
-                             f"{tuple(offsets.shape)}")
+            raise ValueError(
+                f"offsets must be a (B+1,) int64 tensor, got {offsets.dtype} of shape {tuple(offsets.shape)}"
+            )
         if offsets.device != device:
             raise ValueError(f"offsets is on {offsets.device} but synapses are on {device}")
         flat_ids, flat_w = indices, weights
     else:
-        raise ValueError(f"indices must be (nnz,) with CSR offsets or (B, L) with a mask, got shape "
-                         f"{tuple(indices.shape)}")
+        raise ValueError(
+            f"indices must be (nnz,) with CSR offsets or (B, L) with a mask, got shape {tuple(indices.shape)}"
+        )
     flat_ids = flat_ids.to(torch.int64).contiguous()
     if flat_w is not None:
         flat_w = flat_w.to(weight_dtype).contiguous()

@@ -68,8 +68,12 @@ def _register_backends() -> None:
     # Registered lazily: triton_kernels/{biohash,biohash_update,hamming}.py are imported on first use.
     if importlib.util.find_spec("kexue.triton_kernels.biohash") is None:
         return
-    register("biohash_sparse", "triton", lambda *a: _triton("biohash").biohash_sparse(*a),
-             (torch.float16, torch.bfloat16, torch.float32))
+    register(
+        "biohash_sparse",
+        "triton",
+        lambda *a: _triton("biohash").biohash_sparse(*a),
+        (torch.float16, torch.bfloat16, torch.float32),
+    )
     register("biohash_update", "triton", lambda *a: _triton("biohash_update").biohash_update(*a), (torch.float32,))
     register("hamming_topk", "triton", lambda *a: _triton("hamming").hamming_topk(*a), (torch.uint8,))
 
@@ -92,8 +96,9 @@ def _num_rows(offsets: Tensor) -> int:
 
 
 @torch.library.custom_op("kexue::biohash_sparse", mutates_args=())
-def biohash_sparse_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, k: int,
-                      packed: bool) -> Tensor:
+def biohash_sparse_op(
+    indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, k: int, packed: bool
+) -> Tensor:
     """CSR rows -> codes: uint8 ``(B, ceil(K/8))`` packed, or ``(B, K)`` of 0/1."""
     check_int("k", k, 1, synapses_t.shape[1])
     fn = _select("biohash_sparse", indices, offsets, weights, synapses_t)
@@ -136,8 +141,17 @@ def _(activations, k, packed):
 
 
 @torch.library.custom_op("kexue::biohash_update", mutates_args=("synapses_t",))
-def biohash_update_op(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses_t: Tensor, lr: float,
-                      delta: float, rank: int, prec: float, tiny: float) -> tuple[Tensor, Tensor]:
+def biohash_update_op(
+    indices: Tensor,
+    offsets: Tensor,
+    weights: Tensor | None,
+    synapses_t: Tensor,
+    lr: float,
+    delta: float,
+    rank: int,
+    prec: float,
+    tiny: float,
+) -> tuple[Tensor, Tensor]:
     """One FlyVec minibatch step in place on ``synapses_t (N, K)``; returns ``(winners, s_win)``."""
     check_update_scalars(lr, delta, rank, prec, tiny, synapses_t.shape[1])
     fn = _select("biohash_update", indices, offsets, weights, synapses_t)

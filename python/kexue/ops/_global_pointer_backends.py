@@ -110,24 +110,44 @@ def _register_backends() -> None:
     _backend.register(OP_SCORES, "torch", (_ref_scores_forward, _ref_scores_backward), ALL_FLOATS)
     native = _backend.native()
     if native is not None and hasattr(native, "global_pointer_loss_forward_cpu"):
-        _backend.register(OP_LOSS, "cpu",
-                          (native.global_pointer_loss_forward_cpu, native.global_pointer_loss_backward_cpu),
-                          ALL_FLOATS)
-        _backend.register(OP_SCORES, "cpu",
-                          (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
-                          ALL_FLOATS)
+        _backend.register(
+            OP_LOSS,
+            "cpu",
+            (native.global_pointer_loss_forward_cpu, native.global_pointer_loss_backward_cpu),
+            ALL_FLOATS,
+        )
+        _backend.register(
+            OP_SCORES,
+            "cpu",
+            (native.global_pointer_scores_forward_cpu, native.global_pointer_scores_backward_cpu),
+            ALL_FLOATS,
+        )
     with_cuda = native is not None and getattr(native, "WITH_CUDA", False)
     if with_cuda and hasattr(native, "global_pointer_loss_forward_cuda"):
-        _backend.register(OP_LOSS, "cuda",
-                          (native.global_pointer_loss_forward_cuda, native.global_pointer_loss_backward_cuda),
-                          ALL_FLOATS, supports=_cuda_supports)
-        _backend.register(OP_SCORES, "cuda",
-                          (native.global_pointer_scores_forward_cuda, native.global_pointer_scores_backward_cuda),
-                          ALL_FLOATS, supports=_cuda_supports)
-    _backend.register(OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS,
-                      supports=_triton_loss_supports)
-    _backend.register(OP_SCORES, "triton", (_triton_scores_forward, _triton_scores_backward), _FLOATS,
-                      supports=_triton_scores_supports)
+        _backend.register(
+            OP_LOSS,
+            "cuda",
+            (native.global_pointer_loss_forward_cuda, native.global_pointer_loss_backward_cuda),
+            ALL_FLOATS,
+            supports=_cuda_supports,
+        )
+        _backend.register(
+            OP_SCORES,
+            "cuda",
+            (native.global_pointer_scores_forward_cuda, native.global_pointer_scores_backward_cuda),
+            ALL_FLOATS,
+            supports=_cuda_supports,
+        )
+    _backend.register(
+        OP_LOSS, "triton", (_triton_loss_forward, _triton_loss_backward), _FLOATS, supports=_triton_loss_supports
+    )
+    _backend.register(
+        OP_SCORES,
+        "triton",
+        (_triton_scores_forward, _triton_scores_backward),
+        _FLOATS,
+        supports=_triton_scores_supports,
+    )
 
 
 _register_backends()

@@ -68,11 +68,13 @@ def canonical(q, k, start_bias, end_bias, mask, rope, rope_base):
     check_floating_tensor("q", q, _ALL_FLOATS)
     check_floating_tensor("k", k, _ALL_FLOATS)
     if q.dim() not in (3, 4):
-        raise ValueError(f"q must be (B, L, d) (shared by every type) or (B, L, T, d) (one per type), "
-                         f"got shape {tuple(q.shape)}")
+        raise ValueError(
+            f"q must be (B, L, d) (shared by every type) or (B, L, T, d) (one per type), got shape {tuple(q.shape)}"
+        )
     if k.shape != q.shape or k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(f"k must match q in shape, dtype and device: q {tuple(q.shape)} {q.dtype}, "
-                         f"k {tuple(k.shape)} {k.dtype}")
+        raise ValueError(
+            f"k must match q in shape, dtype and device: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}"
+        )
     batch, length, d = q.shape[0], q.shape[1], q.shape[-1]
     heads = 1 if q.dim() == 3 else q.shape[2]
     code = rope_code(rope)
@@ -91,8 +93,9 @@ def canonical(q, k, start_bias, end_bias, mask, rope, rope_base):
         if bias.dim() != 3 or bias.shape[0] != batch or bias.shape[1] != length:
             raise ValueError(f"{name} must be (B, L, T) = ({batch}, {length}, T), got {tuple(bias.shape)}")
         if types is not None and bias.shape[2] != types:
-            raise ValueError(f"start_bias and end_bias must have the same number of types, got {types} "
-                             f"and {bias.shape[2]}")
+            raise ValueError(
+                f"start_bias and end_bias must have the same number of types, got {types} and {bias.shape[2]}"
+            )
         types = bias.shape[2]
         biases.append(bias.to(q.dtype).transpose(1, 2).contiguous())
     if types is None:
@@ -119,12 +122,14 @@ def check_labels(labels, batch: int, types: int, length: int, mask: Tensor, tril
     if isinstance(labels, Sequence) and not isinstance(labels, Tensor):
         labels = torch.as_tensor(labels, dtype=torch.int64, device=mask.device).reshape(-1, 4)
     if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a tensor (dense (B, T, L, L) bool or sparse (N, 4) int), "
-                        f"got {type(labels).__name__}")
+        raise TypeError(
+            f"labels must be a tensor (dense (B, T, L, L) bool or sparse (N, 4) int), got {type(labels).__name__}"
+        )
     if labels.dim() == 4:
         if labels.shape != (batch, types, length, length):
-            raise ValueError(f"dense labels must be (B, T, L, L) = {(batch, types, length, length)}, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"dense labels must be (B, T, L, L) = {(batch, types, length, length)}, got {tuple(labels.shape)}"
+            )
         if labels.dtype != torch.bool:
             if labels.is_floating_point() or labels.is_complex():
                 raise TypeError(f"dense labels must be bool (or integer 0/1), got {labels.dtype}")
@@ -139,8 +144,10 @@ def check_labels(labels, batch: int, types: int, length: int, mask: Tensor, tril
         if torch.compiler.is_compiling():
             return index.contiguous()
     else:
-        raise ValueError(f"labels must be dense (B, T, L, L) = {(batch, types, length, length)} or sparse (N, 4) "
-                         f"(batch, type, start, end) rows, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be dense (B, T, L, L) = {(batch, types, length, length)} or sparse (N, 4) "
+            f"(batch, type, start, end) rows, got shape {tuple(labels.shape)}"
+        )
     if labels.device != mask.device:
         raise ValueError(f"labels are on {labels.device} but q is on {mask.device}")
     if index.numel():

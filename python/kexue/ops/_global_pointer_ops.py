@@ -14,8 +14,15 @@ from kexue.reference.global_pointer import compute_dtype
 
 @torch.library.custom_op("kexue::global_pointer_loss", mutates_args=())
 def global_pointer_loss_rows(
-    q: Tensor, k: Tensor, start_bias: Tensor, end_bias: Tensor, mask: Tensor, labels: Tensor,
-    rope: int, rope_base: float, tril_mask: bool,
+    q: Tensor,
+    k: Tensor,
+    start_bias: Tensor,
+    end_bias: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    rope: int,
+    rope_base: float,
+    tril_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     """Canonical layout -> ``(loss (B, T), lse (B, T, 2))`` in the compute dtype.
 
@@ -36,8 +43,17 @@ def _(q, k, start_bias, end_bias, mask, labels, rope, rope_base, tril_mask):
 
 @torch.library.custom_op("kexue::global_pointer_loss_backward", mutates_args=())
 def global_pointer_loss_rows_backward(
-    grad: Tensor, q: Tensor, k: Tensor, start_bias: Tensor, end_bias: Tensor, mask: Tensor, labels: Tensor,
-    lse: Tensor, rope: int, rope_base: float, tril_mask: bool,
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    start_bias: Tensor,
+    end_bias: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    rope: int,
+    rope_base: float,
+    tril_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * loss)``."""
     batch, _, length, _ = q.shape
@@ -73,7 +89,13 @@ global_pointer_loss_rows.register_autograd(_loss_backward, setup_context=_loss_s
 
 @torch.library.custom_op("kexue::global_pointer_scores", mutates_args=())
 def global_pointer_scores_canonical(
-    q: Tensor, k: Tensor, start_bias: Tensor, end_bias: Tensor, mask: Tensor, rope: int, rope_base: float,
+    q: Tensor,
+    k: Tensor,
+    start_bias: Tensor,
+    end_bias: Tensor,
+    mask: Tensor,
+    rope: int,
+    rope_base: float,
     tril_mask: bool,
 ) -> Tensor:
     """Canonical layout -> ``(B, T, L, L)`` scores in q's dtype, ``-inf`` where masked."""
@@ -89,8 +111,15 @@ def _(q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask):
 
 @torch.library.custom_op("kexue::global_pointer_scores_backward", mutates_args=())
 def global_pointer_scores_canonical_backward(
-    grad: Tensor, q: Tensor, k: Tensor, start_bias: Tensor, end_bias: Tensor, mask: Tensor, rope: int,
-    rope_base: float, tril_mask: bool,
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    start_bias: Tensor,
+    end_bias: Tensor,
+    mask: Tensor,
+    rope: int,
+    rope_base: float,
+    tril_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, (_, backward) = _backend.select(OP_SCORES, q)
     return backward(grad, q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask)

@@ -25,8 +25,9 @@ def tile_rows(bytes_per_row: int) -> int:
     return max(1, TILE_BYTES // max(1, bytes_per_row))
 
 
-def stream_topk(tile_keys: Callable[[int, int], Tensor], num_queries: int, num_codes: int, n: int, tile: int,
-                device: torch.device) -> tuple[Tensor, Tensor]:
+def stream_topk(
+    tile_keys: Callable[[int, int], Tensor], num_queries: int, num_codes: int, n: int, tile: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """The n smallest keys over the database, tile by tile: ``tile_keys(d0, d1)`` returns the
     ``(Q, d1 - d0)`` int64 keys ``distance * num_codes + index`` of codes ``d0 .. d1-1``."""
     best = torch.empty((num_queries, 0), dtype=torch.int64, device=device)

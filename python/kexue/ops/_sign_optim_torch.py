@@ -139,8 +139,17 @@ def fused_step(
             ssq[i].copy_(sum_squares(params[i], row_len).to(ssq[i].device))
 
 
-def _one_tensor(p: Tensor, grad: Tensor, m: Tensor, mask: Tensor | None, seen: Tensor, ssq: Tensor,
-                hr: list[float], ir: list[int], shrink: bool) -> None:
+def _one_tensor(
+    p: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    mask: Tensor | None,
+    seen: Tensor,
+    ssq: Tensor,
+    hr: list[float],
+    ir: list[int],
+    shrink: bool,
+) -> None:
     flags, row_len = ir[FLAGS], ir[ROW_LEN]
     ct = _compute_dtype(p.dtype)
     round_keys = (ir[ROUND_K0], ir[ROUND_K1])

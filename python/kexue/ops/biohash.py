@@ -48,8 +48,18 @@ from kexue.ops._biohash_ops import (
 )
 from kexue.reference import biohash as reference
 
-__all__ = ["SYNAPSE_DTYPES", "biohash", "biohash_activations", "biohash_dense", "biohash_energy", "biohash_schedule",
-           "biohash_topk", "biohash_update", "hamming_topk", "new_synapses"]
+__all__ = [
+    "SYNAPSE_DTYPES",
+    "biohash",
+    "biohash_activations",
+    "biohash_dense",
+    "biohash_energy",
+    "biohash_schedule",
+    "biohash_topk",
+    "biohash_update",
+    "hamming_topk",
+    "new_synapses",
+]
 
 PREC = reference.PREC
 TINY = reference.TINY
@@ -59,8 +69,16 @@ TINY = reference.TINY
 # Public functions.
 
 
-def new_synapses(num_hidden: int, num_inputs: int, *, std: float = 0.02, mean: float = 0.0,
-                 dtype: torch.dtype = torch.float32, device=None, generator: torch.Generator | None = None) -> Tensor:
+def new_synapses(
+    num_hidden: int,
+    num_inputs: int,
+    *,
+    std: float = 0.02,
+    mean: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Synapses ``(K, N)`` ~ N(mean, std^2) (FlyVec's init: mu = 0, sigma = 0.02), stored input-major
     (``.t()`` of a contiguous ``(N, K)``), the layout the kernels read without a copy."""
     check_int("num_hidden", num_hidden, 1)
@@ -69,8 +87,14 @@ def new_synapses(num_hidden: int, num_inputs: int, *, std: float = 0.02, mean: f
     return (wt.mul_(std).add_(mean)).t()
 
 
-def biohash(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None, synapses: Tensor, k: int,
-            packed: bool = True) -> Tensor:
+def biohash(
+    indices: Tensor,
+    offsets_or_mask: Tensor | None,
+    weights: Tensor | None,
+    synapses: Tensor,
+    k: int,
+    packed: bool = True,
+) -> Tensor:
     r"""Binary hash of sparse inputs by winner-take-all (BioHash / FlyVec, spec §1.2).
 
     Row ``b`` is a bag of input ids ``idx_j`` with weights ``w_j`` (1 when ``weights`` is None);
@@ -105,8 +129,9 @@ def biohash(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | N
     return biohash_sparse_op(ids, offsets, w, synapses_t, k, bool(packed))
 
 
-def biohash_activations(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None,
-                        synapses: Tensor) -> Tensor:
+def biohash_activations(
+    indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None, synapses: Tensor
+) -> Tensor:
     """The activations ``(B, K)`` that :func:`biohash` ranks (same arguments, same summation
     order), in float32 (float64 for float64 synapses)."""
     synapses_t = check_synapses(synapses)
@@ -147,9 +172,18 @@ def biohash_topk(activations: Tensor, k: int, packed: bool = True) -> Tensor:
     return biohash_topk_op(activations.contiguous(), k, bool(packed))
 
 
-def biohash_update(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None, synapses: Tensor,
-                   lr: float, *, delta: float = 0.0, rank: int = 2, prec: float = PREC,
-                   tiny: float = TINY) -> tuple[Tensor, Tensor]:
+def biohash_update(
+    indices: Tensor,
+    offsets_or_mask: Tensor | None,
+    weights: Tensor | None,
+    synapses: Tensor,
+    lr: float,
+    *,
+    delta: float = 0.0,
+    rank: int = 2,
+    prec: float = PREC,
+    tiny: float = TINY,
+) -> tuple[Tensor, Tensor]:
     r"""One minibatch step of the FlyVec/BioHash learning rule (spec §1.3), in place on ``synapses``.
 
     Per row b (same batch spellings as :func:`biohash`; ``weights`` are the 1/frequency factors
@@ -176,8 +210,7 @@ def biohash_update(indices: Tensor, offsets_or_mask: Tensor | None, weights: Ten
     check_update_scalars(lr, delta, rank, prec, tiny, synapses.shape[0])
     ct = reference.compute_dtype(synapses.dtype)
     ids, offsets, w = csr(indices, offsets_or_mask, weights, synapses.device, ct)
-    out = biohash_update_op(ids, offsets, w, synapses_t, float(lr), float(delta), int(rank), float(prec),
-                            float(tiny))
+    out = biohash_update_op(ids, offsets, w, synapses_t, float(lr), float(delta), int(rank), float(prec), float(tiny))
     if not synapses.t().is_contiguous():  # synapses_t was a copy: write the step back
         synapses.copy_(synapses_t.t())
     return out
@@ -193,8 +226,7 @@ def biohash_schedule(epoch: int, epochs: int, lr0: float = 0.002, delta0: float 
     return lr, delta
 
 
-def biohash_energy(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None,
-                   synapses: Tensor) -> Tensor:
+def biohash_energy(indices: Tensor, offsets_or_mask: Tensor | None, weights: Tensor | None, synapses: Tensor) -> Tensor:
     """The energy of spec §1.2 of a batch, a float64 scalar (lower is better):
     ``E = -sum_b <W_mu_b, v_b/p> / ||W_mu_b||`` with ``mu_b = argmax_mu <W_mu, v_b>``."""
     check_synapses(synapses)
@@ -220,8 +252,9 @@ def hamming_topk(queries: Tensor, database: Tensor, n: int, *, metric: str = "ha
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if queries.shape[1] != database.shape[1]:
-        raise ValueError(f"queries and database must have the same width, got {queries.shape[1]} "
-                         f"and {database.shape[1]}")
+        raise ValueError(
+            f"queries and database must have the same width, got {queries.shape[1]} and {database.shape[1]}"
+        )
     if queries.device != database.device:
         raise ValueError(f"queries is on {queries.device} but database is on {database.device}")
     n = check_int("n", n, 0, database.shape[0])

@@ -32,19 +32,27 @@ def _triton_module():
 
 
 def _register_backends() -> None:
-    _backend.register(OP, "torch", (reference.entropy_normalize_forward, reference.entropy_normalize_backward),
-                      _FLOATS + (torch.float64,))
+    _backend.register(
+        OP,
+        "torch",
+        (reference.entropy_normalize_forward, reference.entropy_normalize_backward),
+        _FLOATS + (torch.float64,),
+    )
     native = _backend.native()
     if native is not None:
-        _backend.register(OP, "cpu", (native.entropy_normalize_forward_cpu, native.entropy_normalize_backward_cpu),
-                          _FLOATS + (torch.float64,))
+        _backend.register(
+            OP,
+            "cpu",
+            (native.entropy_normalize_forward_cpu, native.entropy_normalize_backward_cpu),
+            _FLOATS + (torch.float64,),
+        )
         if getattr(native, "WITH_CUDA", False):
-            _backend.register(OP, "cuda",
-                              (native.entropy_normalize_forward_cuda, native.entropy_normalize_backward_cuda),
-                              _FLOATS)
-    _backend.register(OP, "triton",
-                      (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)),
-                      _FLOATS)
+            _backend.register(
+                OP, "cuda", (native.entropy_normalize_forward_cuda, native.entropy_normalize_backward_cuda), _FLOATS
+            )
+    _backend.register(
+        OP, "triton", (lambda *a: _triton_module().forward(*a), lambda *a: _triton_module().backward(*a)), _FLOATS
+    )
 
 
 _register_backends()
@@ -134,8 +142,10 @@ def _target_rows(target, batch_shape: torch.Size, n: int, like: Tensor) -> Tenso
     if not torch.compiler.is_compiling() and target.numel() > 0:
         bad = ~((target >= 0) & (target <= high + slack))
         if bool(bad.any()):
-            raise ValueError(f"every target must lie in [0, log n] = [0, {high:.6g}] for rows of n={n}; "
-                             f"found {target[bad].flatten()[0].item()}")
+            raise ValueError(
+                f"every target must lie in [0, log n] = [0, {high:.6g}] for rows of n={n}; "
+                f"found {target[bad].flatten()[0].item()}"
+            )
     return expanded.reshape(-1).to(ct).contiguous()
 
 
@@ -192,8 +202,10 @@ def entropy_normalize(
 
     if not logits and not torch.compiler.is_compiling() and x.numel() > 0 and bool((x < 0).any()):
         # x ** gamma of a negative entry is NaN: say so instead of returning a NaN row
-        raise ValueError(f"x holds probabilities, which must be non-negative; found {x[x < 0].flatten()[0].item()} "
-                         "(pass logits=True for logits)")
+        raise ValueError(
+            f"x holds probabilities, which must be non-negative; found {x[x < 0].flatten()[0].item()} "
+            "(pass logits=True for logits)"
+        )
     moved = x.movedim(dim, -1)
     batch_shape = moved.shape[:-1]
     rows = moved.reshape(-1, n).contiguous()

@@ -39,9 +39,19 @@ from kexue.ops.multilabel import check_reduction, multilabel_crossentropy, reduc
 from kexue.reference import global_pointer as reference
 
 __all__ = [
-    "CUDA_MAX_HEAD_SIZE", "OP_LOSS", "OP_SCORES", "decode", "global_pointer_decode", "global_pointer_loss",
-    "global_pointer_loss_rows", "global_pointer_loss_rows_backward", "global_pointer_scores",
-    "global_pointer_scores_canonical", "global_pointer_scores_canonical_backward", "label_args", "labels_to_csr",
+    "CUDA_MAX_HEAD_SIZE",
+    "OP_LOSS",
+    "OP_SCORES",
+    "decode",
+    "global_pointer_decode",
+    "global_pointer_loss",
+    "global_pointer_loss_rows",
+    "global_pointer_loss_rows_backward",
+    "global_pointer_scores",
+    "global_pointer_scores_canonical",
+    "global_pointer_scores_canonical_backward",
+    "label_args",
+    "labels_to_csr",
     "multilabel_crossentropy",
 ]
 
@@ -121,8 +131,10 @@ def global_pointer_loss(
         bad = loss == math.inf
         if bool(bad.any()):
             b, t = bad.nonzero()[0].tolist()
-            raise ValueError(f"labels[{b}, {t}] marks a span that is masked (a padded position, or start > end "
-                             "with tril_mask): such a span can never be predicted")
+            raise ValueError(
+                f"labels[{b}, {t}] marks a span that is masked (a padded position, or start > end "
+                "with tril_mask): such a span can never be predicted"
+            )
     return reduce_loss(loss, reduction, q.dtype)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,25 +36,43 @@ def _ref_scale(scale: float, gradmax: bool):
 
 
 def _torch_forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
-    return reference.logn_attention_forward(q, k, v, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip,
-                                            min_n)
+    return reference.logn_attention_forward(
+        q, k, v, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
 
 
-def _torch_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n,
-                    gradmax):
-    return reference.logn_attention_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal,
-                                             _ref_scale(scale, gradmax), train_len, logn, clip, min_n)
+def _torch_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    return reference.logn_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
 
 
 def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
-    return reference.logn_attention_varlen_forward(q, k, v, cu_q, cu_k, causal, _ref_scale(scale, gradmax), train_len,
-                                                   logn, clip, min_n)
+    return reference.logn_attention_varlen_forward(
+        q, k, v, cu_q, cu_k, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
 
 
-def _torch_varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len,
-                           logn, clip, min_n, gradmax):
-    return reference.logn_attention_varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, causal,
-                                                    _ref_scale(scale, gradmax), train_len, logn, clip, min_n)
+def _torch_varlen_backward(
+    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+):
+    return reference.logn_attention_varlen_backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        causal,
+        _ref_scale(scale, gradmax),
+        train_len,
+        logn,
+        clip,
+        min_n,
+    )
 
 
 def _triton_module():
@@ -64,8 +81,12 @@ def _triton_module():
     return logn_attention
 
 
-_WIDE = {"forward": _torch_forward, "backward": _torch_backward, "varlen_forward": _torch_varlen_forward,
-         "varlen_backward": _torch_varlen_backward}
+_WIDE = {
+    "forward": _torch_forward,
+    "backward": _torch_backward,
+    "varlen_forward": _torch_varlen_forward,
+    "varlen_backward": _torch_varlen_backward,
+}
 
 
 def _triton(name: str):
@@ -91,15 +112,24 @@ def _register_backends() -> None:
     _backend.register(OP, "torch", (_torch_forward, _torch_backward), _FLOATS + (torch.float64,))
     native = _backend.native()
     if native is not None and hasattr(native, "logn_attention_forward_cpu"):
-        _backend.register(OP, "cpu", (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
-                          _FLOATS + (torch.float64,))
+        _backend.register(
+            OP,
+            "cpu",
+            (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
+            _FLOATS + (torch.float64,),
+        )
     _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS)
     if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
-        _backend.register(OP, "cuda", (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
-                          _FLOATS + (torch.float64,))
+        _backend.register(
+            OP,
+            "cuda",
+            (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
+            _FLOATS + (torch.float64,),
+        )
     # Packed sequences: (q, k, v, cu_q, cu_k, max_seqlen, rule...); only Triton reads max_seqlen.
     _backend.register(OP_VARLEN, "torch", (_torch_varlen_forward, _torch_varlen_backward), _FLOATS + (torch.float64,))
     if native is not None and hasattr(native, "logn_attention_varlen_forward_cpu"):
+
         def cpu_forward(q, k, v, cu_q, cu_k, max_seqlen, *rule):
             return native.logn_attention_varlen_forward_cpu(q, k, v, cu_q, cu_k, *rule)
 
@@ -119,8 +149,17 @@ _register_backends()
 
 @torch.library.custom_op("kexue::logn_attention", mutates_args=())
 def logn_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-    train_len: float, logn: bool, clip: bool, min_n: float, gradmax: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+    gradmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Lq, D), lse (B, Hq, Lq))`` for contiguous, validated inputs."""
     _, (forward, _) = _backend.select(OP, q)
@@ -135,14 +174,27 @@ def _(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gr
 
 @torch.library.custom_op("kexue::logn_attention_backward", mutates_args=())
 def logn_attention_backward_op(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Optional[Tensor], causal: bool, scale: float, train_len: float, logn: bool, clip: bool,
-    min_n: float, gradmax: bool,
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+    gradmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, recomputing the attention weights from ``lse``."""
     _, (_, backward) = _backend.select(OP, q)
-    return backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, train_len, logn, clip,
-                    min_n, gradmax)
+    return backward(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax
+    )
 
 
 @logn_attention_backward_op.register_fake
@@ -178,15 +230,27 @@ logn_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("kexue::logn_attention_varlen", mutates_args=())
 def logn_attention_varlen_op(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen: Optional[int],
-    causal: bool, scale: float, train_len: float, logn: bool, clip: bool, min_n: float, gradmax: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen: int | None,
+    causal: bool,
+    scale: float,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+    gradmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out (Tq, Hq, D), lse (Hq, Tq))`` for contiguous packed inputs with validated shapes."""
     if max_seqlen is None:
         max_seqlen = _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     _, (forward, _) = _backend.select(OP_VARLEN, q)
-    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n,
-                   gradmax)
+    return forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+    )
 
 
 @logn_attention_varlen_op.register_fake
@@ -197,21 +261,69 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len,
 
 @torch.library.custom_op("kexue::logn_attention_varlen_backward", mutates_args=())
 def logn_attention_varlen_backward_op(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen: Optional[int], causal: bool, scale: float,
-    train_len: float, logn: bool, clip: bool, min_n: float, gradmax: bool,
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen: int | None,
+    causal: bool,
+    scale: float,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+    gradmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_op`."""
     if max_seqlen is None:  # only when compiled without max_seqlen: the offsets were checked forward
         max_seqlen = _max_seqlen(cu_seqlens_q, cu_seqlens_k)
     _, (_, backward) = _backend.select(OP_VARLEN, q)
-    return backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale,
-                    train_len, logn, clip, min_n, gradmax)
+    return backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+    )
 
 
 @logn_attention_varlen_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn,
-      clip, min_n, gradmax):
+def _(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -269,16 +381,19 @@ def _check_qkv(q, k, v, packed: bool = False) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     hq, d = q.shape[1], q.shape[-1]
     if (not packed and k.shape[0] != q.shape[0]) or k.shape[-1] != d:
-        raise ValueError(f"k of shape {tuple(k.shape)} does not match q of shape {tuple(q.shape)}: "
-                         f"expected the same {'head_dim' if packed else 'batch and head_dim'}")
+        raise ValueError(
+            f"k of shape {tuple(k.shape)} does not match q of shape {tuple(q.shape)}: "
+            f"expected the same {'head_dim' if packed else 'batch and head_dim'}"
+        )
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the number of q heads ({hq}) must be a positive multiple of the number of k/v heads ({hkv})")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
     if not packed and (q.shape[2] == 0 or k.shape[2] == 0):
-        raise ValueError(f"q and k must hold at least one position, got seq lengths {q.shape[2]} (q) and "
-                         f"{k.shape[2]} (k)")
+        raise ValueError(
+            f"q and k must hold at least one position, got seq lengths {q.shape[2]} (q) and {k.shape[2]} (k)"
+        )
 
 
 def _check_cu_seqlens(name: str, cu, device: torch.device) -> Tensor:
@@ -301,13 +416,15 @@ def _check_offsets(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> in
     values = (cu_q if cu_k is cu_q else torch.cat((cu_q, cu_k.to(cu_q.dtype)))).tolist()
     longest = 0
     name_k = "cu_seqlens" if cu_k is cu_q else "cu_seqlens_k"  # shared offsets: k must have as many rows
-    for name, offsets, total, what in (("cu_seqlens", values[:n], total_q, "q"),
-                                       (name_k, values[n:] or values[:n], total_k, "k")):
+    for name, offsets, total, what in (
+        ("cu_seqlens", values[:n], total_q, "q"),
+        (name_k, values[n:] or values[:n], total_k, "k"),
+    ):
         if offsets[0] != 0:
             raise ValueError(f"{name} must start at 0, got {offsets[0]}")
         if offsets[-1] != total:
             raise ValueError(f"{name} must end at the number of {what} rows ({total}), got {offsets[-1]}")
-        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        lengths = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
         if any(length < 0 for length in lengths):
             raise ValueError(f"{name} must be non-decreasing, got {offsets}")
         longest = max([longest, *lengths])
@@ -321,7 +438,7 @@ def _max_seqlen(cu_q: Tensor, cu_k: Tensor) -> int:
     return int(torch.maximum(torch.diff(cu_q).max(), torch.diff(cu_k).max()))
 
 
-def _check_mask(mask, q: Tensor, k: Tensor) -> Optional[Tensor]:
+def _check_mask(mask, q: Tensor, k: Tensor) -> Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -340,8 +457,7 @@ def _packed(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, *rule) -> tuple[Tenso
     cu_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
     cu_k = cu_q if cu_seqlens_k is None else _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     if cu_k.numel() != cu_q.numel():
-        raise ValueError(f"cu_seqlens_k must have one entry per cu_seqlens entry ({cu_q.numel()}), "
-                         f"got {cu_k.numel()}")
+        raise ValueError(f"cu_seqlens_k must have one entry per cu_seqlens entry ({cu_q.numel()}), got {cu_k.numel()}")
     if max_seqlen is not None:
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
             raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
@@ -445,10 +561,12 @@ def logn_attention(
     if packed:
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask cannot be combined with cu_seqlens: packed sequences have no padding")
-        out, lse = _packed(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, causal, base, train_len, logn, clip, min_n,
-                           gradmax)
+        out, lse = _packed(
+            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, causal, base, train_len, logn, clip, min_n, gradmax
+        )
         return (out, lse) if return_lse else out
     mask = _check_mask(key_padding_mask, q, k)
-    out, lse = logn_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, base, train_len, logn,
-                                 clip, min_n, gradmax)
+    out, lse = logn_attention_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, base, train_len, logn, clip, min_n, gradmax
+    )
     return (out, lse) if return_lse else out

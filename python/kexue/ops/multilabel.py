@@ -59,8 +59,9 @@ def multilabel_crossentropy(
     s = scores.to(ct)
     if labels.dtype == torch.bool or labels.is_floating_point():
         if labels.shape != scores.shape:
-            raise ValueError(f"dense labels must have the shape of scores {tuple(scores.shape)}, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"dense labels must have the shape of scores {tuple(scores.shape)}, got {tuple(labels.shape)}"
+            )
         if mask_zero:
             raise ValueError("mask_zero applies to sparse (index) labels only")
         t = labels.to(ct)
@@ -69,8 +70,9 @@ def multilabel_crossentropy(
             raise ValueError("soft labels must lie in [0, 1] (NaN is not allowed)")
     else:
         if labels.shape[:-1] != scores.shape[:-1] or labels.dim() != scores.dim():
-            raise ValueError(f"sparse labels must be (..., P) with ... = {tuple(scores.shape[:-1])}, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"sparse labels must be (..., P) with ... = {tuple(scores.shape[:-1])}, got {tuple(labels.shape)}"
+            )
         n = scores.shape[-1]
         index = labels.to(torch.int64)
         if not torch.compiler.is_compiling() and index.numel() and bool(((index < 0) | (index >= n)).any()):

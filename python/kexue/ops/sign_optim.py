@@ -55,6 +55,7 @@ def _triton_module():
 
     return sign_optim
 
+
 _register_backends()
 
 
@@ -127,5 +128,4 @@ def fused_step(
         return
     _, fn = _backend.select(OP, params[0])
     fn(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
-    torch.autograd.graph.increment_version(
-        params + exp_avgs + [s for s in row_seen + ssq if s.numel() > 0])
+    torch.autograd.graph.increment_version(params + exp_avgs + [s for s in row_seen + ssq if s.numel() > 0])

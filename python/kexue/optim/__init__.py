@@ -10,5 +10,12 @@ from kexue.optim.embedding_guard import embedding_param_groups, find_embedding_w
 from kexue.optim.lion import Lion
 from kexue.optim.tiger import Tiger, piecewise_linear, tiger_param_groups
 
-__all__ = ["Lion", "Tiger", "FisherInformation", "embedding_param_groups", "find_embedding_weights",
-           "piecewise_linear", "tiger_param_groups"]
+__all__ = [
+    "Lion",
+    "Tiger",
+    "FisherInformation",
+    "embedding_param_groups",
+    "find_embedding_weights",
+    "piecewise_linear",
+    "tiger_param_groups",
+]

@@ -64,8 +64,13 @@ def _words(prefixes: list[int]) -> list[tuple[int, int]]:
     return [(x >> 32, x & 0xFFFFFFFF) for x in prefixes]
 
 
-def dynamic_table(rows: list[DynRow], device: torch.device, consts: DeviceConstants,
-                  found_inf: Tensor | None, grad_scale: Tensor | None) -> Tensor:
+def dynamic_table(
+    rows: list[DynRow],
+    device: torch.device,
+    consts: DeviceConstants,
+    found_inf: Tensor | None,
+    grad_scale: Tensor | None,
+) -> Tensor:
     """The (T, NUM_DYN) float64 dynamic table of one call, by torch ops on ``device`` only."""
     f64 = torch.float64
     zero = consts([0.0], torch.float32, device)[0]
@@ -77,8 +82,11 @@ def dynamic_table(rows: list[DynRow], device: torch.device, consts: DeviceConsta
             continue
         if id(r.lr) not in lrs:
             lr = r.lr
-            lrs[id(r.lr)] = (lr.to(device=device, dtype=f64) if isinstance(lr, Tensor)
-                             else torch.full((), float(lr), dtype=f64, device=device))
+            lrs[id(r.lr)] = (
+                lr.to(device=device, dtype=f64)
+                if isinstance(lr, Tensor)
+                else torch.full((), float(lr), dtype=f64, device=device)
+            )
         alpha.append(lrs[id(r.lr)].reshape(()))
     lr = torch.stack(alpha) * consts([r.lr_factor for r in rows], f64, device)
     t = torch.stack([r.step if r.capturable else zero for r in rows]).to(f64)
@@ -88,8 +96,7 @@ def dynamic_table(rows: list[DynRow], device: torch.device, consts: DeviceConsta
     gscale = consts([r.gscale for r in rows], f64, device)
     if grad_scale is not None:
         gscale = gscale * (1.0 / grad_scale.to(device=device, dtype=f64).reshape(()))
-    skip = (torch.zeros_like(t) if found_inf is None
-            else found_inf.to(device=device, dtype=f64).reshape(()).expand_as(t))
+    skip = torch.zeros_like(t) if found_inf is None else found_inf.to(device=device, dtype=f64).reshape(()).expand_as(t)
     keys = []
     for attr, stream in (("mask_prefix", table.MASK_STREAM), ("round_prefix", table.ROUND_STREAM)):
         prefixes = [getattr(r, attr) for r in rows]

@@ -62,8 +62,12 @@ class CarriedRms:
         flags = ints[table.FLAGS]
         by_rows = ints[table.ROW_LEN] > 0 and flags & (table.RMS_ROW | table.LAZY_ROWS)
         per_row = bool(by_rows and flags & table.RMS_ROW)
-        eligible = (per_row or (flags & table.RMS_TENSOR and not by_rows)) and backend in ops.CARRIES_SSQ \
-            and not capturable and shard_groups(param) is None
+        eligible = (
+            (per_row or (flags & table.RMS_TENSOR and not by_rows))
+            and backend in ops.CARRIES_SSQ
+            and not capturable
+            and shard_groups(param) is None
+        )
         if not eligible:
             state.pop("rms_ssq", None)
             self._token.pop(param, None)
@@ -71,8 +75,13 @@ class CarriedRms:
         p = local(param)
         count = p.numel() // ints[table.ROW_LEN] if per_row else 1
         sums = state.get("rms_ssq")
-        if (not isinstance(sums, Tensor) or sums.dtype != torch.float64 or sums.numel() != count
-                or sums.device != p.device or not sums.is_contiguous()):
+        if (
+            not isinstance(sums, Tensor)
+            or sums.dtype != torch.float64
+            or sums.numel() != count
+            or sums.device != p.device
+            or not sums.is_contiguous()
+        ):
             sums = state["rms_ssq"] = torch.zeros(count, dtype=torch.float64, device=p.device)
             self._token.pop(param, None)
         flags |= table.SSQ_OUT

@@ -48,8 +48,9 @@ def sharded_last_dim(p: Tensor) -> bool:
     return any(isinstance(pl, Shard) and pl.dim % max(p.dim(), 1) == p.dim() - 1 for pl in p.placements)
 
 
-def complete_reductions(params: list[Tensor], grads: list[Tensor], rows_f: list[list[float]],
-                        rows_i: list[list[int]]) -> None:
+def complete_reductions(
+    params: list[Tensor], grads: list[Tensor], rows_f: list[list[float]], rows_i: list[list[int]]
+) -> None:
     """Finish Tiger's per-tensor reductions of sharded tensors across ranks, editing the table rows.
 
     ``params``/``grads`` are the DTensors (or plain tensors, left alone); each row's NAN_GROUP is

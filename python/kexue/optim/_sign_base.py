@@ -93,8 +93,10 @@ class SignOptimizer(ParamChecks, StateIO, torch.optim.Optimizer):
     def __init__(self, params, defaults: dict[str, Any], options: dict[str, Any], seed: int | None):
         unknown = sorted(set(options) - set(_COMMON_DEFAULTS))
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected option(s) {unknown}; "
-                            f"the shared options are {sorted(_COMMON_DEFAULTS)}")
+            raise TypeError(
+                f"{type(self).__name__} got unexpected option(s) {unknown}; "
+                f"the shared options are {sorted(_COMMON_DEFAULTS)}"
+            )
         if seed is None:
             # Drawn from torch's generator, so torch.manual_seed() makes runs repeatable; kept in
             # the groups (and in state_dict) so a resumed run draws the same masks.
@@ -121,8 +123,9 @@ class SignOptimizer(ParamChecks, StateIO, torch.optim.Optimizer):
         the momentum coefficient is that at k | t, else 1, and theta moves iff k | t + 1."""
         raise NotImplementedError
 
-    def _table_row(self, e: _Entry, t: int | None) -> tuple[list[float], list[int], Tensor | None, Tensor | None,
-                                                          DynRow]:
+    def _table_row(
+        self, e: _Entry, t: int | None
+    ) -> tuple[list[float], list[int], Tensor | None, Tensor | None, DynRow]:
         """One tensor's host-table row, its masks, and (capturable mode, ``t`` None) its dynamic row."""
         group, p, state = e.group, e.param, self.state[e.param]
         dyn = DynRow(capturable=t is None)
@@ -161,7 +164,8 @@ class SignOptimizer(ParamChecks, StateIO, torch.optim.Optimizer):
                 dyn.round_prefix = stream_prefix(group["seed"], e.flat_index)
             else:
                 ints[table.ROUND_K0], ints[table.ROUND_K1] = stream_keys(
-                    group["seed"], e.flat_index, t, table.ROUND_STREAM)
+                    group["seed"], e.flat_index, t, table.ROUND_STREAM
+                )
         ints[table.FLAGS] = flags
         self._algorithm_row(e, t, floats, ints)
         if dyn.capturable:
@@ -281,6 +285,7 @@ class SignOptimizer(ParamChecks, StateIO, torch.optim.Optimizer):
                 row[table.NAN_GROUP] = i
             elif row[table.NAN_GROUP] == NAN_SHARED:
                 row[table.NAN_GROUP] = shared
+
 
 def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
     out: dict[torch.device, list[Tensor]] = defaultdict(list)

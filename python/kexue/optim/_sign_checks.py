@@ -39,9 +39,9 @@ class _Entry:
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
+
 class ParamChecks:
     """Validation of a sign optimizer's groups, parameters and state (phase 1 of a step)."""
-
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -67,8 +67,9 @@ class ParamChecks:
         def real(key, low=-math.inf, high=math.inf, low_open=False, high_open=False):
             value = group[key]
             if isinstance(value, Tensor) and value.is_meta:
-                raise self._group_error(gi, f"{key} is a tensor on the meta device (it has no value); give a "
-                                            f"float or a tensor with data")
+                raise self._group_error(
+                    gi, f"{key} is a tensor on the meta device (it has no value); give a float or a tensor with data"
+                )
             if isinstance(value, Tensor) and value.numel() == 1:
                 if not read:
                     return
@@ -82,13 +83,21 @@ class ParamChecks:
 
         real("lr", 0.0)
         real("weight_decay", 0.0)
-        for key in ("maximize", "embedding", "drift_guard", "freeze_absent_momentum", "mask_update",
-                    "child_tuning_rescale", "stochastic_rounding"):
+        for key in (
+            "maximize",
+            "embedding",
+            "drift_guard",
+            "freeze_absent_momentum",
+            "mask_update",
+            "child_tuning_rescale",
+            "stochastic_rounding",
+        ):
             if not isinstance(group[key], bool):
                 raise self._group_error(gi, f"{key} must be a bool, got {group[key]!r}")
         if group["momentum_dtype"] not in ops.MOMENTUM_DTYPES:
-            raise self._group_error(gi, f"momentum_dtype must be torch.float32 or torch.bfloat16, "
-                                        f"got {group['momentum_dtype']!r}")
+            raise self._group_error(
+                gi, f"momentum_dtype must be torch.float32 or torch.bfloat16, got {group['momentum_dtype']!r}"
+            )
         if group["child_tuning"] not in (None, "F", "D"):
             raise self._group_error(gi, f"child_tuning must be None, 'F' or 'D', got {group['child_tuning']!r}")
         real("reserve_p", 0.0, 1.0, low_open=True)
@@ -118,10 +127,13 @@ class ParamChecks:
         elif m.dtype not in ops.MOMENTUM_DTYPES:
             raise TypeError(f"{where()}: state 'exp_avg' has dtype {m.dtype}; expected float32 or bfloat16")
         mask = state.get("child_tuning_mask")
-        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != p.shape
-                                 or (devices and mask.device != p.device)):
-            raise ValueError(f"{where()}: state 'child_tuning_mask' must be a tensor shaped and placed like the "
-                             f"parameter {tuple(p.shape)} on {p.device}")
+        if mask is not None and (
+            not isinstance(mask, Tensor) or mask.shape != p.shape or (devices and mask.device != p.device)
+        ):
+            raise ValueError(
+                f"{where()}: state 'child_tuning_mask' must be a tensor shaped and placed like the "
+                f"parameter {tuple(p.shape)} on {p.device}"
+            )
         seen = state.get("row_seen")
         if seen is not None:
             rows = local(p).numel() // p.shape[-1] if p.dim() >= 1 and p.shape[-1] > 0 else 0
@@ -140,14 +152,19 @@ class ParamChecks:
         g = p.grad
         problem = None
         if p.is_meta or g.is_meta:
-            problem = ValueError(f"the {'parameter' if p.is_meta else 'gradient'} is on the meta device (no data "
-                                 f"to update); materialize the model first, e.g. module.to_empty(device=...)")
+            problem = ValueError(
+                f"the {'parameter' if p.is_meta else 'gradient'} is on the meta device (no data "
+                f"to update); materialize the model first, e.g. module.to_empty(device=...)"
+            )
         elif g.layout != torch.strided:
-            problem = TypeError(f"{type(self).__name__} does not support sparse gradients "
-                                f"(layout {g.layout}); use a dense embedding (sparse=False)")
+            problem = TypeError(
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(layout {g.layout}); use a dense embedding (sparse=False)"
+            )
         elif p.is_complex() or g.is_complex():
-            problem = TypeError("complex parameters/gradients are not supported "
-                                "(view them as real with torch.view_as_real)")
+            problem = TypeError(
+                "complex parameters/gradients are not supported (view them as real with torch.view_as_real)"
+            )
         elif p.dtype not in _PARAM_DTYPES:
             problem = TypeError(f"parameter dtype {p.dtype} is not supported; expected float32, bfloat16 or float16")
         elif g.dtype != p.dtype:
@@ -157,11 +174,14 @@ class ParamChecks:
         elif g.device != p.device:
             problem = ValueError(f"gradient is on {g.device}, the parameter on {p.device}")
         elif group["embedding"] and p.dim() < 2:
-            problem = ValueError(f"an 'embedding' group holds tables of rows (at least 2 dims), "
-                                 f"got shape {tuple(p.shape)}")
+            problem = ValueError(
+                f"an 'embedding' group holds tables of rows (at least 2 dims), got shape {tuple(p.shape)}"
+            )
         elif group["embedding"] and sharded_last_dim(p):
-            problem = ValueError("an 'embedding' table must not be sharded along its last dimension "
-                                 "(its rows would straddle ranks); shard it along dim 0")
+            problem = ValueError(
+                "an 'embedding' table must not be sharded along its last dimension "
+                "(its rows would straddle ranks); shard it along dim 0"
+            )
         if problem is not None:
             raise type(problem)(f"{self._where(gi, pi, group)}: {problem}")
         where = functools.partial(self._where, gi, pi, group)

@@ -24,7 +24,6 @@ _STATE_TENSORS = ("exp_avg", "child_tuning_mask", "row_seen", "rms_ssq")
 class StateIO:
     """The optimizer state of a sign optimizer: creation, masks, load and unpickle."""
 
-
     def _needs_row_seen(self, group: dict) -> bool:
         """Whether lazy rows must remember rows seen earlier in an accumulation window."""
         return False
@@ -57,7 +56,6 @@ class StateIO:
         else:
             state.pop("row_seen", None)
 
-
     def set_child_tuning_masks(self, masks: Mapping[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]) -> None:
         """Fixed ChildTuning-D masks: ``{param: bool mask shaped like it}`` (True = trainable).
 
@@ -69,8 +67,10 @@ class StateIO:
         checked = []
         for p, mask in items:
             if id(p) not in known:
-                raise ValueError(f"{type(self).__name__}: set_child_tuning_masks got a tensor of shape "
-                                 f"{tuple(p.shape)} that is not a parameter of this optimizer")
+                raise ValueError(
+                    f"{type(self).__name__}: set_child_tuning_masks got a tensor of shape "
+                    f"{tuple(p.shape)} that is not a parameter of this optimizer"
+                )
             gi, pi = known[id(p)]
             if not isinstance(mask, Tensor) or mask.shape != p.shape:
                 where = self._where(gi, pi, self.param_groups[gi])
@@ -92,7 +92,8 @@ class StateIO:
         self._carried.forget()  # the params may be restored from anywhere: recompute the sums once
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         same_layout = len(groups) == len(saved_groups) and all(
-            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups, strict=True))
+            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups, strict=True)
+        )
         if not same_layout:
             return super().load_state_dict(state_dict)  # torch raises its own clear error
         where_of = {}
@@ -132,17 +133,23 @@ class StateIO:
             raise TypeError(f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}")
         for key in ("state", "param_groups"):
             if key not in state_dict:
-                raise ValueError(f"{name}.load_state_dict: the state_dict has no {key!r} entry (an optimizer's "
-                                 f"state_dict() has 'state' and 'param_groups'; was a model's state_dict passed?)")
+                raise ValueError(
+                    f"{name}.load_state_dict: the state_dict has no {key!r} entry (an optimizer's "
+                    f"state_dict() has 'state' and 'param_groups'; was a model's state_dict passed?)"
+                )
         for gi, saved in enumerate(state_dict["param_groups"]):
             missing = [k for k in self._ALGORITHM_KEYS if k not in saved]
             if missing:
-                raise ValueError(f"{name}.load_state_dict: saved param_groups[{gi}] has no {missing} (it was not "
-                                 f"saved by {name}; Lion and Tiger states do not convert into each other)")
+                raise ValueError(
+                    f"{name}.load_state_dict: saved param_groups[{gi}] has no {missing} (it was not "
+                    f"saved by {name}; Lion and Tiger states do not convert into each other)"
+                )
         for key, saved in state_dict["state"].items():
             if isinstance(saved, Mapping) and "step" in saved and "exp_avg" not in saved:
-                raise ValueError(f"{name}.load_state_dict: the state of parameter {key!r} has a step count but no "
-                                 f"'exp_avg' (momentum); refusing to restart it from zero silently")
+                raise ValueError(
+                    f"{name}.load_state_dict: the state of parameter {key!r} has a step count but no "
+                    f"'exp_avg' (momentum); refusing to restart it from zero silently"
+                )
 
     def forget_carried_rms(self, param: Tensor | None = None) -> None:
         """Tell Tiger that ``param`` (every parameter when None) was written through ``.data``:

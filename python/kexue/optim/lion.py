@@ -43,8 +43,16 @@ class Lion(SignOptimizer):
 
     _ALGORITHM_KEYS = ("betas",)
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, seed: int | None = None, **options):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        seed: int | None = None,
+        **options,
+    ):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay}, options, seed)
 
     def _check_algorithm_group(self, group, gi, real) -> None:

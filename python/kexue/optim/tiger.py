@@ -70,13 +70,33 @@ class Tiger(SignOptimizer):
 
     _ALGORITHM_KEYS = ("beta", "grad_accum_steps", "kind", "nan_guard")
 
-    def __init__(self, params, lr: float = 1e-3, beta: float = 0.965, weight_decay: float = 0.01, *,
-                 grad_accum_steps: int = 1, kind: str = "auto", elementwise_lr: float = 0.5,
-                 rms_scale: bool | float = True, nan_guard: str | None = "tensor", shrink_ratio: float = 0.99,
-                 seed: int | None = None, **options):
-        defaults = {"lr": lr, "beta": beta, "weight_decay": weight_decay, "grad_accum_steps": grad_accum_steps,
-                    "kind": kind, "elementwise_lr": elementwise_lr, "rms_scale": rms_scale,
-                    "nan_guard": nan_guard, "shrink_ratio": shrink_ratio}
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta: float = 0.965,
+        weight_decay: float = 0.01,
+        *,
+        grad_accum_steps: int = 1,
+        kind: str = "auto",
+        elementwise_lr: float = 0.5,
+        rms_scale: bool | float = True,
+        nan_guard: str | None = "tensor",
+        shrink_ratio: float = 0.99,
+        seed: int | None = None,
+        **options,
+    ):
+        defaults = {
+            "lr": lr,
+            "beta": beta,
+            "weight_decay": weight_decay,
+            "grad_accum_steps": grad_accum_steps,
+            "kind": kind,
+            "elementwise_lr": elementwise_lr,
+            "rms_scale": rms_scale,
+            "nan_guard": nan_guard,
+            "shrink_ratio": shrink_ratio,
+        }
         super().__init__(params, defaults, options, seed)
 
     def _check_algorithm_group(self, group, gi, real) -> None:
@@ -94,8 +114,11 @@ class Tiger(SignOptimizer):
             raise self._group_error(gi, f"nan_guard must be one of {NAN_GUARDS}, got {group['nan_guard']!r}")
         real("shrink_ratio", 0.0, 1.0, low_open=True)
         if k > 1 and group["freeze_absent_momentum"]:
-            raise self._group_error(gi, "freeze_absent_momentum cannot be combined with grad_accum_steps > 1 "
-                                        "(an absent row would skip the decay of its window)")
+            raise self._group_error(
+                gi,
+                "freeze_absent_momentum cannot be combined with grad_accum_steps > 1 "
+                "(an absent row would skip the decay of its window)",
+            )
 
     def _kind(self, group: dict, pi: int, p) -> str:
         kind = group["kind"]
@@ -112,14 +135,17 @@ class Tiger(SignOptimizer):
     def _check_algorithm_param(self, where: str, group: dict, pi: int, p) -> None:
         kind = self._kind(group, pi, p)
         if kind == "embedding" and p.dim() < 2:
-            raise ValueError(f"{where()}: kind 'embedding' needs a table of rows (at least 2 dims), "
-                             f"got shape {tuple(p.shape)}")
+            raise ValueError(
+                f"{where()}: kind 'embedding' needs a table of rows (at least 2 dims), got shape {tuple(p.shape)}"
+            )
         reduces = group["nan_guard"] is not None or (kind == "matrix" and group["rms_scale"] is True)
         if group["capturable"] and reduces and shard_groups(p) is not None:
-            raise ValueError(f"{where()}: capturable=True cannot serve a sharded DTensor parameter whose "
-                             f"whole-tensor RMS or NaN guard is completed across ranks (that reads the "
-                             f"reductions on the host); use rms_scale=<float> and nan_guard=None, or "
-                             f"capturable=False")
+            raise ValueError(
+                f"{where()}: capturable=True cannot serve a sharded DTensor parameter whose "
+                f"whole-tensor RMS or NaN guard is completed across ranks (that reads the "
+                f"reductions on the host); use rms_scale=<float> and nan_guard=None, or "
+                f"capturable=False"
+            )
 
     def _accumulation(self, group: dict) -> tuple[float, int]:
         return float(group["beta"]), group["grad_accum_steps"]
@@ -230,5 +256,8 @@ def tiger_param_groups(model: nn.Module, **options) -> list[dict]:
             else:
                 kind = "gamma" if leaf == "weight" or "gamma" in leaf or "scale" in leaf else "bias"
         groups[kind].append((name, p))
-    return [{"params": named, "kind": kind, "embedding": kind == "embedding", **options}
-            for kind, named in groups.items() if named]
+    return [
+        {"params": named, "kind": kind, "embedding": kind == "embedding", **options}
+        for kind, named in groups.items()
+        if named
+    ]

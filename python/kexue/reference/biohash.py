@@ -105,7 +105,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     nb = code_bytes(num_hidden)
     bits = torch.zeros(rows, nb * 8, dtype=torch.int32, device=mask.device)
     bits[:, :num_hidden] = mask.to(torch.int32)
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=mask.device))
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=mask.device)
     return (bits.view(rows, nb, 8) * weights).sum(-1).to(torch.uint8)
 
 
@@ -122,8 +122,9 @@ def codes_from_activations(act: Tensor, k: int, packed: bool) -> Tensor:
     return pack_bits(mask) if packed else mask.to(torch.uint8)
 
 
-def biohash_sparse(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses: Tensor, k: int,
-                   packed: bool) -> Tensor:
+def biohash_sparse(
+    indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses: Tensor, k: int, packed: bool
+) -> Tensor:
     return codes_from_activations(activations_sparse(indices, offsets, weights, synapses), k, packed)
 
 
@@ -144,8 +145,17 @@ def midpoint_hash(act: Tensor, k: int) -> Tensor:
 # The learning rule (spec §1.3, the official trainer's minibatch step, p = 2).
 
 
-def biohash_update_(indices: Tensor, offsets: Tensor, weights: Tensor | None, synapses: Tensor, lr: float,
-                    delta: float = 0.0, rank: int = 2, prec: float = PREC, tiny: float = TINY) -> tuple[Tensor, Tensor]:
+def biohash_update_(
+    indices: Tensor,
+    offsets: Tensor,
+    weights: Tensor | None,
+    synapses: Tensor,
+    lr: float,
+    delta: float = 0.0,
+    rank: int = 2,
+    prec: float = PREC,
+    tiny: float = TINY,
+) -> tuple[Tensor, Tensor]:
     """One minibatch step of the FlyVec/BioHash rule, in place on ``synapses``.
 
     With ``s = a(weights)`` the frequency-scaled activations and ``r = a(1)`` the raw ones:

@@ -232,7 +232,7 @@ def global_pointer_loss_backward(grad, q, k, start_bias, end_bias, mask, labels,
     ds = torch.where(labels, -g * torch.exp(-s - pos[..., None, None]), g * torch.exp(s - neg[..., None, None]))
     ds = torch.where(valid, ds, 0.0)
     grads = score_grad_to_inputs(ds, q, k, rope, rope_base, mask)
-    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
+    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias), strict=False))
 
 
 def global_pointer_scores_forward(q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask):
@@ -246,7 +246,7 @@ def global_pointer_scores_backward(grad, q, k, start_bias, end_bias, mask, rope,
     ok = span_mask(mask, batch, length, tril_mask, q.device)
     ds = torch.where(ok, grad.to(compute_dtype(q.dtype)), 0.0)
     grads = score_grad_to_inputs(ds, q, k, rope, rope_base, mask)
-    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias)))
+    return tuple(x.to(t.dtype) for x, t in zip(grads, (q, k, start_bias, end_bias), strict=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,8 +59,7 @@ def gradmax_alpha(n: Tensor) -> Tensor:
     return torch.sqrt(x)
 
 
-def visible_keys(batch: int, lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None,
-                 device=None) -> Tensor:
+def visible_keys(batch: int, lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device=None) -> Tensor:
     """``n (B, Lq)`` int64: how many keys each query may see (see the module docstring)."""
     if key_padding_mask is None:
         valid_prefix = torch.arange(1, lk + 1, device=device).expand(batch, lk)
@@ -75,8 +74,9 @@ def visible_keys(batch: int, lq: int, lk: int, causal: bool, key_padding_mask: T
     return valid_prefix[:, lk:].expand(batch, lq).contiguous()
 
 
-def row_scales(n: Tensor, head_dim: int, scale, train_len: float, logn: bool, clip: bool, min_n: float,
-               dtype: torch.dtype) -> Tensor:
+def row_scales(
+    n: Tensor, head_dim: int, scale, train_len: float, logn: bool, clip: bool, min_n: float, dtype: torch.dtype
+) -> Tensor:
     """Per-query softmax scale ``(B, Lq)`` from the visible-key counts ``n (B, Lq)``."""
     n = torch.clamp(n.to(dtype), min=max(1.0, float(min_n)))
     if isinstance(scale, str):
@@ -109,8 +109,18 @@ def _scores(q, k, scales, allowed):
     return torch.where(allowed, s, -math.inf)
 
 
-def logn_attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool,
-                           scale, train_len: float, logn: bool, clip: bool, min_n: float) -> tuple[Tensor, Tensor]:
+def logn_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in the compute dtype)``.
 
     Differentiable by autograd (gradcheck runs on it); :func:`logn_attention_backward` is the same
@@ -133,9 +143,22 @@ def logn_attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Te
     return out.to(q.dtype), lse
 
 
-def logn_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                            out: Tensor, lse: Tensor, key_padding_mask: Tensor | None, causal: bool, scale,
-                            train_len: float, logn: bool, clip: bool, min_n: float) -> tuple[Tensor, Tensor, Tensor]:
+def logn_attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)`` typed like the inputs, recomputing ``P`` from ``lse``.
 
     ``P = exp(s - lse)``; ``delta_i = sum_d dO_i O_i - dlse_i``; ``dS = P (dO V^T - delta)``;
@@ -166,9 +189,20 @@ def logn_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def logn_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale=None, train_len: float = 512,
-                   logn: bool = True, clip: bool = False, min_n: float = 1, key_padding_mask: Tensor | None = None,
-                   return_lse: bool = False):
+def logn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale=None,
+    train_len: float = 512,
+    logn: bool = True,
+    clip: bool = False,
+    min_n: float = 1,
+    key_padding_mask: Tensor | None = None,
+    return_lse: bool = False,
+):
     """Plain-PyTorch log-n attention with the public signature of :func:`kexue.ops.logn_attention`.
 
     No input checks (the ops layer does them). Differentiable by autograd.
@@ -195,9 +229,19 @@ def _packed(t: Tensor) -> Tensor:
     return t.squeeze(0).transpose(0, 1)
 
 
-def logn_attention_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, causal: bool, scale,
-                                  train_len: float, logn: bool, clip: bool,
-                                  min_n: float) -> tuple[Tensor, Tensor]:
+def logn_attention_varlen_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    causal: bool,
+    scale,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+) -> tuple[Tensor, Tensor]:
     """``(out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) in the compute dtype)``.
 
     ``cu_seqlens_q``, ``cu_seqlens_k``: ``(nseq + 1,)`` offsets (tensors or lists). Each sequence
@@ -208,18 +252,40 @@ def logn_attention_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q,
     for s in range(len(cq) - 1):
         if cq[s + 1] == cq[s]:
             continue  # an empty sequence has no output rows
-        out, lse = logn_attention_forward(_dense(q, cq[s], cq[s + 1]), _dense(k, ck[s], ck[s + 1]),
-                                          _dense(v, ck[s], ck[s + 1]), None, causal, scale, train_len, logn, clip,
-                                          min_n)
+        out, lse = logn_attention_forward(
+            _dense(q, cq[s], cq[s + 1]),
+            _dense(k, ck[s], ck[s + 1]),
+            _dense(v, ck[s], ck[s + 1]),
+            None,
+            causal,
+            scale,
+            train_len,
+            logn,
+            clip,
+            min_n,
+        )
         outs.append(_packed(out))
         lses.append(lse[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-def logn_attention_varlen_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-                                   out: Tensor, lse: Tensor, cu_seqlens_q, cu_seqlens_k, causal: bool, scale,
-                                   train_len: float, logn: bool, clip: bool,
-                                   min_n: float) -> tuple[Tensor, Tensor, Tensor]:
+def logn_attention_varlen_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    causal: bool,
+    scale,
+    train_len: float,
+    logn: bool,
+    clip: bool,
+    min_n: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_forward`, one
     :func:`logn_attention_backward` per sequence (keys of a sequence without queries get zeros)."""
     cq, ck = _as_list(cu_seqlens_q), _as_list(cu_seqlens_k)
@@ -229,16 +295,41 @@ def logn_attention_varlen_backward(grad_out: Tensor, grad_lse: Tensor | None, q:
         if q1 == q0:
             continue
         gl = None if grad_lse is None else grad_lse[None, :, q0:q1]
-        g = logn_attention_backward(_dense(grad_out, q0, q1), gl, _dense(q, q0, q1), _dense(k, k0, k1),
-                                    _dense(v, k0, k1), _dense(out, q0, q1), lse[None, :, q0:q1], None, causal, scale,
-                                    train_len, logn, clip, min_n)
+        g = logn_attention_backward(
+            _dense(grad_out, q0, q1),
+            gl,
+            _dense(q, q0, q1),
+            _dense(k, k0, k1),
+            _dense(v, k0, k1),
+            _dense(out, q0, q1),
+            lse[None, :, q0:q1],
+            None,
+            causal,
+            scale,
+            train_len,
+            logn,
+            clip,
+            min_n,
+        )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = _packed(g[0]), _packed(g[1]), _packed(g[2])
     return dq, dk, dv
 
 
-def logn_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, *, cu_seqlens_k=None, causal: bool = False,
-                          scale=None, train_len: float = 512, logn: bool = True, clip: bool = False,
-                          min_n: float = 1, return_lse: bool = False):
+def logn_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens,
+    *,
+    cu_seqlens_k=None,
+    causal: bool = False,
+    scale=None,
+    train_len: float = 512,
+    logn: bool = True,
+    clip: bool = False,
+    min_n: float = 1,
+    return_lse: bool = False,
+):
     """Plain-PyTorch log-n attention over packed sequences (see the module docstring); the
     varlen form of :func:`kexue.ops.logn_attention`. No input checks. Differentiable by autograd."""
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k

@@ -42,6 +42,7 @@ def _sign(c: Tensor) -> Tensor:
 def _any_non_finite(g: Tensor) -> bool:
     return not bool(torch.isfinite(g).all())
 
+
 def _row_present(grad: Tensor) -> Tensor:
     """For an embedding table: which rows (vectors along the last dim) have any nonzero gradient."""
     return (grad != 0).reshape(-1, grad.shape[-1]).any(-1)
@@ -212,5 +213,3 @@ def tiger_step(
         new_p = p - eta * (_sign(m) + wd * p)
         ok = _movable(p, masks[i], mask_update, live)
         p.copy_(new_p if ok is None else torch.where(ok, new_p, p))
-
-
