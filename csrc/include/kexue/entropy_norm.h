@@ -11,7 +11,7 @@
 // maximum) as gamma -> inf. Targets at or beyond those ends are answered exactly (uniform over
 // the support, or uniform over the maxima); everything in between is solved by Newton's method on
 // gamma, safeguarded by a bracket so that a bad step falls back to doubling or bisection.
-// See shared/spec/entropy_norm.md and python/kexue/reference/entropy_norm.py (the oracle).
+// See docs/entropy_norm.md and python/kexue/reference/entropy_norm.py (the oracle).
 #pragma once
 
 #include "kexue/macros.h"
