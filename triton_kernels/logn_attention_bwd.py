@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, row_scale, sequence_start, visible
+from .logn_attention_rules import allowed, block_d, dot, gpu_targets, row_scale, sequence_start, visible
 
 
 class Tiles(NamedTuple):
@@ -804,4 +804,4 @@ def _aot_configs() -> list[dict]:
     return configs
 
 
-AOT_CONFIGS = _aot_configs()
+AOT_CONFIGS = gpu_targets(_aot_configs())

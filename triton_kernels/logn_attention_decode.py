@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, interpreting, row_scale, visible
+from .logn_attention_rules import allowed, block_d, dot, gpu_targets, interpreting, row_scale, visible
 
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
@@ -363,4 +363,4 @@ def _aot_configs() -> list[dict]:
     return configs
 
 
-AOT_CONFIGS = _aot_configs()
+AOT_CONFIGS = gpu_targets(_aot_configs())

@@ -81,31 +81,25 @@ def _triton_module():
     return logn_attention
 
 
-_WIDE = {
-    "forward": _torch_forward,
-    "backward": _torch_backward,
-    "varlen_forward": _torch_varlen_forward,
-    "varlen_backward": _torch_varlen_backward,
-}
-
-
 def _triton(name: str):
-    """The ``triton`` backend's ``name``. A head wider than the Triton tiles compile for on a GPU
-    (``MAX_HEAD_DIM``; wider forward tiles spill) runs on the CUDA C++ kernel when it is built (dense
-    layout), else on the reference: slower, never wrong. Under the interpreter every head runs in
-    Triton."""
+    """The ``triton`` backend's ``name``, imported on first use (importing triton is slow)."""
 
     def call(*args):
-        q = args[2] if name.endswith("backward") else args[0]  # backwards take (grad_out, grad_lse) first
-        kernels = _triton_module()
-        if q.is_cuda and q.shape[-1] > kernels.MAX_HEAD_DIM:
-            native = _backend.native()
-            if not name.startswith("varlen") and native is not None and hasattr(native, f"logn_attention_{name}_cuda"):
-                return getattr(native, f"logn_attention_{name}_cuda")(*args)
-            return _WIDE[name](*args)
-        return getattr(kernels, name)(*args)
+        return getattr(_triton_module(), name)(*args)
 
     return call
+
+
+def _triton_serves(q: Tensor, *args) -> str | None:
+    """What the Triton kernels cannot take on a GPU; the dispatcher then picks the CUDA C++ kernel
+    or the reference. Under the interpreter (CPU tensors) they take everything."""
+    if not q.is_cuda:
+        return None
+    if q.shape[-1] > _triton_module().MAX_HEAD_DIM:
+        return f"heads wider than {_triton_module().MAX_HEAD_DIM} (the wider Triton tiles spill on a GPU)"
+    if q.dtype == torch.float32:
+        return "float32 on a GPU (its FMA-dot tiles keep a stack frame; fp16/bf16 run on tensor cores)"
+    return None
 
 
 def _register_backends() -> None:
@@ -118,7 +112,7 @@ def _register_backends() -> None:
             (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
             _FLOATS + (torch.float64,),
         )
-    _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS)
+    _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS, supports=_triton_serves)
     if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
         _backend.register(
             OP,
@@ -137,7 +131,9 @@ def _register_backends() -> None:
             return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
 
         _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
-    _backend.register(OP_VARLEN, "triton", (_triton("varlen_forward"), _triton("varlen_backward")), _FLOATS)
+    _backend.register(
+        OP_VARLEN, "triton", (_triton("varlen_forward"), _triton("varlen_backward")), _FLOATS, supports=_triton_serves
+    )
 
 
 _register_backends()
@@ -530,7 +526,8 @@ def logn_attention(
 
     On CUDA devices the Triton backend runs a FlashAttention-2 style kernel; a dense call with at
     most 16 queries (generation with a KV cache) takes a split-K decode kernel that reads the cache
-    once per key/value head. Heads wider than 128 leave Triton there for the CUDA C++ kernel.
+    once per key/value head. Heads wider than 128, and float32 inputs, leave Triton there for the
+    CUDA C++ kernel (or, without it or for packed sequences, the reference).
 
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
