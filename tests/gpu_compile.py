@@ -152,6 +152,16 @@ def discover(extra_modules: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]
     return found
 
 
+def sample(configs: list[tuple[str, int, dict]]) -> list[tuple[str, int, dict]]:
+    """The first and the last configuration of each kernel of each module: the quick form of the
+    check that ``make test`` runs (``make check-gpu`` compiles them all). Each module lists its
+    lightest configuration first and its heaviest (every switch on, widest tile) last."""
+    groups: dict[tuple[str, str], list[tuple[str, int, dict]]] = {}
+    for item in configs:
+        groups.setdefault((item[0], item[2]["kernel"].__name__), []).append(item)
+    return [x for group in groups.values() for x in ([group[0], group[-1]] if len(group) > 1 else group)]
+
+
 def work_items(configs: list[tuple[str, int, dict]], archs=ARCHS, modes=MODES) -> list[tuple[str, int, int, str]]:
     """``(module, index, arch, mode)`` for each compilation: the jit form on every target the
     configuration is meant for, the plain form on :data:`PLAIN_ARCHS` among them."""
@@ -334,10 +344,15 @@ def _compile_job(module: str, index: int, arch: int, mode: str) -> Result:
 
 
 def compile_all(
-    archs=ARCHS, modes=MODES, jobs: int | None = None, only: str | None = None, extra_modules: tuple[str, ...] = ()
+    archs=ARCHS,
+    modes=MODES,
+    jobs: int | None = None,
+    only: str | None = None,
+    extra_modules: tuple[str, ...] = (),
+    quick: bool = False,
 ) -> list[Result]:
-    """Compile every configuration (whose module or name contains ``only``, if given) in
-    ``jobs`` processes (default: all cores)."""
+    """Compile every configuration (whose module or name contains ``only``, if given; with
+    ``quick``, :func:`sample`) in ``jobs`` processes (default: all cores)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset; use run_subprocess()")
     configs = [
@@ -345,6 +360,8 @@ def compile_all(
         for m, i, c in discover(extra_modules)
         if only is None or only in m or only in c.get("name", c["kernel"].__name__)
     ]
+    if quick:
+        configs = sample(configs)
     work = work_items(configs, archs, modes)
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(work) <= 1:
@@ -361,7 +378,12 @@ def _worker_init(path: list[str]) -> None:
 
 
 def run_subprocess(
-    archs=ARCHS, modes=MODES, timeout: float = 3600, only: str | None = None, extra_modules: tuple[str, ...] = ()
+    archs=ARCHS,
+    modes=MODES,
+    timeout: float = 3600,
+    only: str | None = None,
+    extra_modules: tuple[str, ...] = (),
+    quick: bool = False,
 ) -> list[Result]:
     """:func:`compile_all` in a child process without TRITON_INTERPRET (for interpreter test runs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -379,6 +401,8 @@ def run_subprocess(
         cmd += ["--only", only]
     for module in extra_modules:
         cmd += ["--module", module]
+    if quick:
+        cmd.append("--quick")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"gpu_compile.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -441,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="only configurations whose module or name contains this text")
     parser.add_argument("--module", action="append", default=[], help="also compile this module's AOT_CONFIGS")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
+    parser.add_argument("--quick", action="store_true", help="the first and last configuration of each kernel only")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if set(modes) - set(MODES):
