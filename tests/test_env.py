@@ -33,7 +33,7 @@ def test_cpu_code_path_is_the_widest_level_both_have(tmp_path):
 def test_report_labels_its_columns_and_names_the_module():
     text = env.report()
     assert "op                     tensor device -> chosen backend" in text
-    assert "  entropy_norm           cpu           -> " in text
+    assert "  entropy_normalize      cpu           -> " in text
     native = _backend.native()
     if native is not None:
         assert f"loaded from {native.__file__}" in text and "CPU code path" in text

@@ -122,11 +122,15 @@ def block_k(num_hidden: int) -> int:
     return max(64, triton.next_power_of_2(num_hidden))
 
 
-def num_warps_for(block: int) -> int:
-    # One warp per 256 lanes, except 512: on two warps ptxas keeps an 8-byte stack frame for the
-    # float32 dense variant on sm_80 (with 40 registers); four warps compile without one.
+def num_warps_for(block: int, itemsize: int = 4, packed: bool = False) -> int:
+    """One warp per 256 lanes, up to 8, with two exceptions where ptxas keeps an 8-byte stack frame
+    in the aligned (JIT) form although registers are plenty (tests/gpu_compile.py): 512 lanes on
+    two warps (float32 dense, sm_80), and packed codes of 4096 16-bit lanes on eight warps (sm_80;
+    sixteen warps compile clean there, but not for dense codes on sm_90)."""
     if block == 512:
         return 4
+    if block == 4096 and itemsize == 2 and packed:
+        return 16
     return max(1, min(8, block // 256))
 
 
@@ -163,7 +167,7 @@ def biohash_sparse(
         PACKED=bool(packed),
         BLOCK_K=block,
         EXACT=not _interpreting(),
-        num_warps=num_warps_for(block),
+        num_warps=num_warps_for(block, synapses_t.element_size(), bool(packed)),
     )
     return out
 
@@ -179,12 +183,13 @@ def _aot_configs() -> list[dict]:
     blocks = [64 << i for i in range(7)]  # 64 .. 4096 = block_k(MAX_HIDDEN)
     assert blocks[-1] == block_k(MAX_HIDDEN)
     for dtype, ptr in _PTR.items():
+        itemsize = torch.empty((), dtype=dtype).element_size()
         for packed in (True, False):
             for block in blocks:
                 configs.append(
                     dict(
                         name=f"biohash_sparse {str(dtype).removeprefix('torch.')} "
-                        f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block)}",
+                        f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block, itemsize, packed)}",
                         kernel=_biohash_sparse_kernel,
                         signature=dict(
                             ids_ptr="*i64",
@@ -200,7 +205,7 @@ def _aot_configs() -> list[dict]:
                             EXACT="constexpr",
                         ),
                         constexprs=dict(PACKED=packed, BLOCK_K=block, EXACT=True),
-                        num_warps=num_warps_for(block),
+                        num_warps=num_warps_for(block, itemsize, packed),
                     )
                 )
     return configs
