@@ -168,6 +168,9 @@ def test_gradients_flow_to_both_inputs():
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = (
+    ".ci",
+    "examples",
+    "requirements",
     "python",
     "triton_kernels",
     "csrc",
