@@ -68,10 +68,11 @@ HEADLINES = [
 ]
 
 
-def _row_scale(length: int, causal: bool, device) -> torch.Tensor:
-    """(L, 1) float32: each query's log-n scale (no padding, Lq = Lk)."""
-    n = torch.arange(1, length + 1) if causal else torch.full((length,), length)
-    return (torch.log(n.double()) / math.log(TRAIN_LEN) / math.sqrt(HEAD_DIM)).float().to(device)[:, None]
+def row_scale(lq: int, lk: int, d: int, causal: bool, device) -> torch.Tensor:
+    """(Lq, 1) float32: each query's log-n scale ``ln(n_i) / ln(train_len) / sqrt(D)`` without padding;
+    ``n_i`` keys visible to query i (causal: up to its absolute position, a cache of Lk - Lq first)."""
+    n = torch.arange(lk - lq + 1, lk + 1) if causal else torch.full((lq,), lk)
+    return (torch.log(n.double()) / math.log(TRAIN_LEN) / math.sqrt(d)).float().to(device)[:, None]
 
 
 def _inputs(length: int, causal: bool, dtype, device, mode: str, quick: bool) -> dict:
@@ -86,7 +87,7 @@ def _inputs(length: int, causal: bool, dtype, device, mode: str, quick: bool) ->
         "mode": mode,
         "quick": quick,
         "length": length,
-        "row_scale": _row_scale(length, causal, device),
+        "row_scale": row_scale(length, length, HEAD_DIM, causal, device),
     }
     if mode == "full":
         for t in (q, k, v):

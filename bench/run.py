@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import importlib
 import json
 import pkgutil
@@ -31,15 +30,16 @@ from typing import Any
 import torch
 
 import bench
-from bench._case import Case, Unavailable
+from bench._case import Case
 from bench._env import describe, row_fields
-from bench._memory import measure_floor, peak_bytes
+from bench._measure import measure_case
+from bench._memory import measure_floor
 from bench._plot import plot
 from bench._ratio import duration
 from bench._readme import update as update_readme
 from bench._rows import add_ratios, make_row
 from bench._table import fmt_time, format_family
-from bench._timing import FULL, HEADLINE, QUICK, Clock, Plan, Timing, time_peers
+from bench._timing import FULL, HEADLINE, QUICK, Clock, Plan
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 LATEST = Path("latest")  # --publish without a path: the newest record in --out
@@ -67,21 +67,8 @@ def load_family(name: str) -> ModuleType:
 def run_case(
     family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor_gbps: float, env: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    inputs = case.setup()
-    fns, results = {}, {}
-    for peer in case.peers:
-        try:
-            fns[peer.name] = peer.build(inputs)
-        except Unavailable as exc:
-            results[peer.name] = exc
-    results.update(time_peers(fns, clock, plan))
-    peaks = {name: peak_bytes(fn, device) for name, fn in fns.items() if isinstance(results[name], Timing)}
-    rows = [make_row(family, case, p.name, results[p.name], peaks.get(p.name), floor_gbps, env) for p in case.peers]
-    del inputs, fns
-    gc.collect()  # free this case's tensors before the next case allocates its own
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    results, peaks = measure_case(case, device, clock, plan)
+    return [make_row(family, case, p.name, results[p.name], peaks.get(p.name), floor_gbps, env) for p in case.peers]
 
 
 def run_family(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib
 import json
 import sys
@@ -17,8 +16,8 @@ import torch
 
 from bench._case import Case, Unavailable
 from bench._env import describe
-from bench._memory import peak_bytes
-from bench._timing import Clock, Plan, Timing, time_peers
+from bench._measure import measure_case
+from bench._timing import Clock, Plan, time_peers
 from bench.gpu import FAMILIES
 from bench.gpu._report import evaluate_goals, format_family, make_rows
 
@@ -64,24 +63,8 @@ def measure_copy_floor(device: torch.device, clock: Clock, plan_name: str) -> di
 def run_case(
     family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor: dict, env: dict
 ) -> list[dict]:
-    inputs = case.setup()
-    fns: dict[str, Any] = {}
-    results: dict[str, Any] = {}
-    for peer in case.peers:
-        try:
-            fns[peer.name] = peer.build(inputs)
-        except Unavailable as exc:
-            results[peer.name] = exc
-        except Exception as exc:  # a peer that breaks is a result to report, not a reason to stop
-            results[peer.name] = exc
-    results.update(time_peers(fns, clock, plan))
-    peaks = {name: peak_bytes(fn, device) for name, fn in fns.items() if isinstance(results.get(name), Timing)}
-    rows = make_rows(family, case, results, peaks, floor, env)
-    del inputs, fns
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    results, peaks = measure_case(case, device, clock, plan)
+    return make_rows(family, case, results, peaks, floor, env)
 
 
 def not_run_rows(family: str, case: Case, why: str) -> list[dict]:

@@ -19,7 +19,6 @@ reading the cache once.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -27,8 +26,8 @@ import torch.nn.functional as F
 
 import kexue
 from bench._case import Case, Headline, Peer, Thunk, Unavailable
+from bench.logn_attention import TRAIN_LEN, _in_mode, row_scale
 
-TRAIN_LEN = 512
 BF16 = torch.bfloat16
 # (B, Hq, Hkv, L, D, causal)
 DEFAULT_SHAPES = [
@@ -63,13 +62,6 @@ HEADLINES = [
 ]
 
 
-def row_scale(lq: int, lk: int, d: int, causal: bool, device) -> torch.Tensor:
-    """(Lq, 1) float32: each query's log-n scale ``ln(n_i) / ln(train_len) / sqrt(D)``; ``n_i`` keys
-    visible to query i (causal: up to its absolute position, the cache coming first)."""
-    n = torch.arange(lk - lq + 1, lk + 1) if causal else torch.full((lq,), lk)
-    return (torch.log(n.double()) / math.log(TRAIN_LEN) / math.sqrt(d)).float().to(device)[:, None]
-
-
 def _inputs(b, hq, hkv, lq, lk, d, causal, mode, device) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, hq, lq, d, generator=gen, device=device, dtype=BF16)
@@ -81,15 +73,6 @@ def _inputs(b, hq, hkv, lq, lk, d, causal, mode, device) -> dict[str, Any]:
             t.requires_grad_()
         inputs["grad_out"] = torch.randn_like(q)
     return inputs
-
-
-def _in_mode(inputs: dict, attend) -> Any:
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    if inputs["mode"] == "forward":
-        with torch.no_grad():
-            return attend(q, k, v)
-    out = attend(q, k, v)
-    return torch.autograd.grad(out, (q, k, v), inputs["grad_out"])
 
 
 def _checked(inputs: dict, attend) -> Thunk:
