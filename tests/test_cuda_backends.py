@@ -16,11 +16,11 @@ import torch
 
 import kexue
 from kexue.optim import Lion, Tiger
+from tests.biohash.test_op import random_batch
+from tests.global_pointer.test_op import make_problem
 from tests.helpers import DTYPES, assert_close
-from tests.sign_optim_helpers import EPS32, ulp
-from tests.test_biohash import random_batch
-from tests.test_global_pointer import make_problem
-from tests.test_sign_optim import SHAPES
+from tests.sign_optim.helpers import EPS32, ulp
+from tests.sign_optim.test_step import SHAPES
 
 pytestmark = pytest.mark.skipif(
     not kexue.backends()["cuda"]["available"], reason=str(kexue.backends()["cuda"]["reason"])

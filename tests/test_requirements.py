@@ -47,7 +47,7 @@ def imports(path: Path) -> tuple[set[str], set[str]]:
 def test_every_test_import_is_in_the_test_extra_or_skipped():
     test_reqs = requirements("test")
     missing = {}
-    for path in sorted((ROOT / "tests").glob("*.py")):
+    for path in sorted((ROOT / "tests").rglob("*.py")):
         direct, skipped = imports(path)
         third_party = direct - set(sys.stdlib_module_names) - BASE - LOCAL - skipped
         if third_party - test_reqs:
@@ -59,7 +59,7 @@ def test_bench_peers_are_not_test_requirements_and_their_tests_skip():
     peers = requirements("bench") - {"matplotlib", "tqdm"}  # the plots and the progress bar serve both
     assert {"lion_pytorch", "pytorch_optimizer", "flyvec"} <= peers
     assert not peers & requirements("test")
-    for path in sorted((ROOT / "tests").glob("*.py")):
+    for path in sorted((ROOT / "tests").rglob("*.py")):
         direct, skipped = imports(path)
         assert not (direct & peers) - skipped, f"{path.name} imports a bench peer without importorskip"
 

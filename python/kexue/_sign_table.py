@@ -4,7 +4,7 @@
 values and flags (and, in capturable mode, a row of the float64 dynamic table on the device). The
 optimizers fill the rows, every backend reads them: the torch backend, the Triton kernel (which
 loads this file by path when kexue is not installed) and the C++ kernels, whose header
-csrc/include/kexue/sign_optim.h spells the same numbers (tests/test_sign_optim_table.py checks
+csrc/include/kexue/sign_optim.h spells the same numbers (tests/sign_optim/test_table.py checks
 that it agrees with this module). Plain Python: no imports, so anything can import it.
 """
 

@@ -1,6 +1,6 @@
 // Sign optimizers (Lion, Tiger): the per-element arithmetic and the step table shared by the CPU
 // and CUDA kernels. The table layout is defined once in python/kexue/_sign_table.py; this header
-// spells the same numbers for C++ (tests/test_sign_optim_table.py checks that they agree). The
+// spells the same numbers for C++ (tests/sign_optim/test_table.py checks that they agree). The
 // oracle is python/kexue/reference/sign_optim.py; python/kexue/optim/_sign_base.py fills the table.
 //
 // One fused step updates a list of tensors. Each tensor i has a row of doubles and a row of

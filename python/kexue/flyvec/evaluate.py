@@ -11,7 +11,7 @@ Codes have exactly k ones, so minus the Hamming distance is ``2 * overlap - 2k``
 ranking by overlap. Tied similarities share their average rank.
 
 What to expect on a small corpus (the Wikipedia extract in gensim's test data: 461k tokens, 245k
-windows, 8,615 words; tests/test_biohash_eval.py; 234 WordSim353 and 493 SimLex-999 pairs in the
+windows, 8,615 words; tests/biohash/test_eval.py; 234 WordSim353 and 493 SimLex-999 pairs in the
 vocabulary, the same pairs for every model; docs/flyvec.md has the table):
 
 - FlyVec's own settings (10,000 windows a batch, lr 0.002) leave the synapses at their random

@@ -71,7 +71,7 @@ class TrainConfig:
 
 
 # The "small" recipe, measured on the Wikipedia extract in gensim's test data (461k tokens, 245k
-# windows; tests/test_biohash_eval.py): FlyVec's batch of 10,000 at lr 0.002 makes 25 steps an
+# windows; tests/biohash/test_eval.py): FlyVec's batch of 10,000 at lr 0.002 makes 25 steps an
 # epoch that leave the synapses at their random init; 1,000 windows a batch at lr 0.1 makes 245
 # steps that bring every unit to unit norm. Stop words stay in: masking them (stop_words=) spreads
 # the windows over more units but did not raise the word-similarity scores (docs/flyvec.md).

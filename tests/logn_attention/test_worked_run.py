@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")  # the optional extra; make test installs it
 pytest.importorskip("matplotlib")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "worked_run.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "worked_run.py"
 
 
 def _load_example():

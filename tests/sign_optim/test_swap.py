@@ -19,7 +19,7 @@ from torch import nn
 import kexue
 from kexue.optim import Lion, Tiger
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 HEADING = "### Swapping AdamW for Lion or Tiger"
 
 

@@ -3,7 +3,7 @@
 The float64 reference (kexue.reference.biohash) is checked first against independent formulas
 (dense matmuls, brute-force sorting, Python popcounts); every backend is then checked against it:
 hashes bit for bit (inputs built to have ties), the learning step in float64 and float32, Hamming
-search against brute force. The Triton kernels are in tests/test_triton_biohash.py.
+search against brute force. The Triton kernels are in tests/biohash/test_triton.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ extracted with gensim's own wiki parser, split into sentences and tokenized with
 tokenizer. Both models see the same sentences and the same vocabulary
 (Word2Vec's is built from FlyVec's counts). Run as a script to print the table:
 
-    .venv/bin/python tests/test_biohash_eval.py [--epochs N] [--out DIR] [--stop-words] [--threads N]
+    .venv/bin/python tests/biohash/test_eval.py [--epochs N] [--out DIR] [--stop-words] [--threads N]
 
 FlyVec trains with the "small" preset (kexue.flyvec.trainer.PRESETS: 1,000 windows a batch, lr 0.1);
 docs/flyvec.md has the measured table.
@@ -191,7 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--stop-words", action="store_true", help="mask English stop words (kexue.flyvec.stopwords)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     if args.threads:
         import torch
 

@@ -23,7 +23,7 @@ from kexue.ops import sign_optim as ops
 from kexue.optim import Lion, Tiger, piecewise_linear
 from kexue.reference import sign_optim as R
 from tests.conftest import DEVICE
-from tests.test_sign_optim import BACKENDS
+from tests.sign_optim.test_step import BACKENDS
 
 # Backends whose capturable step must not synchronise (the torch backend, a float64 fallback,
 # reads values on the host by design: see kexue/optim/_sign_base.py).

@@ -1,6 +1,6 @@
 """Lion and Tiger as torch optimizers: reproducibility, ChildTuning, the embedding-drift guard,
 state_dict, schedulers, errors, and the custom op itself. The oracle comparisons are in
-tests/test_sign_optim.py."""
+tests/sign_optim/test_step.py."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from kexue.optim import (
     tiger_param_groups,
 )
 from kexue.reference import sign_optim as R
-from tests.sign_optim_helpers import assert_rounded
-from tests.test_sign_optim import BACKENDS, make_params, random_grads
+from tests.sign_optim.helpers import assert_rounded
+from tests.sign_optim.test_step import BACKENDS, make_params, random_grads
 
 
 def train(opt_factory, shapes, steps, backend, dtype=torch.float32, grads_seed=0):

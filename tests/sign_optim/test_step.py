@@ -2,7 +2,7 @@
 
 Every step of every configuration is checked element by element against
 kexue.reference.sign_optim.lion_step / tiger_step run in float64 from the optimizer's own state
-(tests/sign_optim_helpers.py explains the tolerance: the rounding of float32 arithmetic and of
+(tests/sign_optim/helpers.py explains the tolerance: the rounding of float32 arithmetic and of
 the storage dtype, nothing wider).
 """
 
@@ -16,7 +16,7 @@ from kexue.optim import Lion, Tiger
 from kexue.optim._sign_base import flat_params
 from kexue.reference import sign_optim as R
 from tests.conftest import DEVICE, triton_unavailable_reason
-from tests.sign_optim_helpers import EPS32, Trace, assert_rounded, snapshot
+from tests.sign_optim.helpers import EPS32, Trace, assert_rounded, snapshot
 
 NATIVE = kexue.backends()["cpu"]["available"]
 # The Triton kernels run on CPU tensors in the interpreter (tests/conftest.py) when there is no GPU.

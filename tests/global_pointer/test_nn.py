@@ -255,7 +255,6 @@ def test_against_installed_bert4torch(name):
 def test_end_to_end_example_fits():
     import runpy
 
-    example = runpy.run_path(
-        os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "global_pointer_ner.py")
-    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    example = runpy.run_path(os.path.join(root, "examples", "global_pointer_ner.py"))
     assert example["main"](["--steps", "120"]) > 0.95

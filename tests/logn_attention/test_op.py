@@ -19,18 +19,11 @@ ops_mod = sys.modules["kexue.ops.logn_attention"]
 ref = sys.modules["kexue.reference.logn_attention"]
 attn = kexue.ops.logn_attention
 
-
-@pytest.fixture(autouse=True)
-def poison():
-    """torch.empty (at::empty in C++ too) returns NaN-filled memory in deterministic mode, so an
-    output element a kernel forgets to write fails the comparison."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
+# Every torch.empty (at::empty in C++ too) is NaN-filled: an output element a kernel forgets fails.
+pytestmark = pytest.mark.usefixtures("nan_empty")
 
 
-# Backends that run on this machine's CPU tensors (triton is tested in test_triton_logn_attention.py).
+# Backends that run on this machine's CPU tensors (triton is tested in test_triton.py).
 CPU_BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
 
 
@@ -361,7 +354,7 @@ def test_bad_inputs():
         attn(q, k, v, causal=1)
     with pytest.raises(ValueError, match="min_n"):
         attn(q, k, v, min_n=-1)
-    with pytest.raises(ValueError, match="3-d"):  # packed sequences (tests/test_logn_attention_varlen.py)
+    with pytest.raises(ValueError, match="3-d"):  # packed sequences (tests/logn_attention/test_varlen.py)
         attn(q, k, v, cu_seqlens=torch.tensor([0, 5]))
 
 

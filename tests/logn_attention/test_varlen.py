@@ -2,7 +2,7 @@
 layout ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``, ``lse (Hq, Tq)``) on the CPU backends (C++ and
 torch): the packed result against the dense op and the float64 reference run sequence by
 sequence, forward and backward, and the checks of the offsets. The Triton kernels are tested in
-test_triton_logn_attention.py.
+test_triton.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from kexue import _sign_table as table
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 HEADER = REPO / "csrc" / "include" / "kexue" / "sign_optim.h"
 # C++ names whose CamelCase does not split into the Python name.
 RENAMED = {"kCm": "C_M", "kCg": "C_G", "kMm": "M_M", "kMg": "M_G", "kDMm": "D_M_M"}
