@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import kexue
@@ -61,3 +62,27 @@ def test_env_report_names_every_backend():
     text = report()
     for name in ("triton", "cuda", "cpu", "torch", "entropy_norm"):
         assert name in text
+
+
+def test_an_op_can_prefer_another_order_without_changing_the_others():
+    op, other = "toy_prefer", "toy_prefer_default"
+    try:
+        for name in (op, other):
+            _backend.register(name, "torch", lambda: "torch", (torch.float32,))
+            _backend.register(name, "cpu", lambda: "cpu", (torch.float32,))
+        x = torch.ones(2)
+        if not kexue.backends()["cpu"]["available"]:
+            pytest.skip("the native module is not built here")
+        assert _backend.select(op, x)[0] == "cpu"
+        _backend.prefer(op, "cpu", ("torch",))
+        assert _backend.preference(op, "cpu") == ("torch", "cpu")
+        assert _backend.select(op, x)[0] == "torch"
+        assert _backend.select(other, x)[0] == "cpu"  # other ops keep the default order
+        with kexue.use_backend("cpu"):  # forcing still wins over the preference
+            assert _backend.select(op, x)[0] == "cpu"
+        with pytest.raises(ValueError, match="unknown backends"):
+            _backend.prefer(op, "cpu", ("fast",))
+    finally:
+        for name in (op, other):
+            _backend._REGISTRY.pop(name, None)
+            _backend._OP_PREFERENCE.pop((name, "cpu"), None)

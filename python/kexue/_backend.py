@@ -21,6 +21,10 @@ import torch
 
 NAMES = ("triton", "cuda", "cpu", "torch")
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# Per-op exceptions to _PREFERENCE, set with prefer(): an op whose CUDA C++ kernel was measured
+# faster than its Triton one on a GPU lists "cuda" first. Only the order changes; every backend's
+# reason still decides whether it can serve the call.
+_OP_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -128,6 +132,21 @@ def register(
     _REGISTRY.setdefault(op, {})[backend] = Impl(fn, dtypes, supports or _serves_everything)
 
 
+def prefer(op: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Try ``order``'s backends first, in that order, for ``op`` on ``device_type`` tensors; the
+    backends it leaves out follow in the default order."""
+    unknown = [b for b in order if b not in NAMES]
+    if unknown:
+        raise ValueError(f"order names unknown backends {unknown}; expected some of {NAMES}")
+    default = _PREFERENCE.get(device_type, ("torch",))
+    _OP_PREFERENCE[(op, device_type)] = tuple(order) + tuple(b for b in default if b not in order)
+
+
+def preference(op: str, device_type: str) -> tuple[str, ...]:
+    """The order in which automatic choice tries the backends for ``op`` on ``device_type``."""
+    return _OP_PREFERENCE.get((op, device_type), _PREFERENCE.get(device_type, ("torch",)))
+
+
 def reasons(op: str, tensor: torch.Tensor, *args) -> dict[str, str | None]:
     """For every backend, why it cannot serve ``op`` on ``tensor`` (None: it can)."""
     impls = _REGISTRY.get(op, {})
@@ -183,7 +202,7 @@ def select(op: str, tensor: torch.Tensor, *args) -> tuple[str, Callable]:
             detail = "; ".join(f"{b}: {r or 'available'}" for b, r in why.items())
             raise BackendUnavailableError(f"backend {name!r} was forced but cannot serve {op} ({detail})")
         return name, _REGISTRY[op][name].fn
-    for candidate in _PREFERENCE.get(tensor.device.type, ("torch",)):
+    for candidate in preference(op, tensor.device.type):
         if why[candidate] is None:
             return candidate, _REGISTRY[op][candidate].fn
     detail = "; ".join(f"{b}: {r}" for b, r in why.items())
