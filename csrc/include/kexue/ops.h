@@ -134,7 +134,7 @@ void sign_optim_step_dyn_cuda(const std::vector<at::Tensor>& params, const std::
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
                           const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints);
-// BioHash on CUDA tensors (csrc/cuda/biohash.cu): the contracts of the _cpu functions above.
+// BioHash on CUDA tensors (csrc/cuda/{biohash,biohash_update,hamming}.cu): the contracts of the _cpu functions above.
 at::Tensor biohash_activations_cuda(const at::Tensor& indices, const at::Tensor& offsets,
                                     const std::optional<at::Tensor>& weights, const at::Tensor& synapses_t);
 at::Tensor biohash_sparse_cuda(const at::Tensor& indices, const at::Tensor& offsets,
