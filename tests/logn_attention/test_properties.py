@@ -100,9 +100,11 @@ def dense_problems(draw, backend):
 
 
 def _filled(t, mask, value):
-    """``t`` with every padded key (mask True) set to ``value``."""
+    """``t`` with every padded key (mask True) set to ``value`` (a huge one: the dtype's largest)."""
     if mask is None:
         return t
+    if math.isfinite(value):
+        value = max(-torch.finfo(t.dtype).max, min(value, torch.finfo(t.dtype).max))
     return t.masked_fill(mask[:, None, :, None], value)
 
 
