@@ -616,7 +616,8 @@ def logn_attention(
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
         key gets zeros and ``lse = 0``, and no gradient. NaN in a query, or in a key or value it
-        sees, propagates to its output (a NaN value may reach queries that do not see it).
+        sees, propagates to its output (a NaN value may reach queries that a causal mask hides it
+        from). Padded keys may hold anything (NaN, inf): they are zeroed before the kernels run.
     """
     packed = cu_seqlens is not None
     if cu_seqlens_k is not None and not packed:
