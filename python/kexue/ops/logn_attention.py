@@ -519,8 +519,12 @@ def _check_raw_packed(q, k, v, cu_q, cu_k, max_seqlen, scale, train_len, min_n):
         if max_seqlen is not None and max_seqlen < longest:
             raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest sequence ({longest})")
         return cu_q, cu_k, longest if max_seqlen is None else max_seqlen
-    clamp = [torch.cummax(cu.clamp(0, total), 0).values for cu, total in ((cu_q, q.shape[0]), (cu_k, k.shape[0]))]
-    return clamp[0], clamp[1], max_seqlen
+    return _clamped_offsets(cu_q, q.shape[0]), _clamped_offsets(cu_k, k.shape[0]), max_seqlen
+
+
+def _clamped_offsets(cu: Tensor, total: int) -> Tensor:
+    """Offsets forced into ``[0, total]`` and non-decreasing, on the device (no synchronisation)."""
+    return torch.cummax(cu.clamp(0, total), 0).values
 
 
 def _zero_padded(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
