@@ -9,7 +9,60 @@ from torch import Tensor
 
 from kexue import _backend
 from kexue.ops._global_pointer_backends import OP_LOSS, OP_SCORES, label_args
+from kexue.ops._global_pointer_inputs import ROPE_NAMES
 from kexue.reference.global_pointer import compute_dtype
+
+# The op bodies check the canonical layout again: raw ``torch.ops.kexue.global_pointer_*`` calls
+# and compiled graphs reach them without the public functions, and the Triton launchers take
+# the shapes as given (a short mask or bias would be read past its end). Metadata only.
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_canonical(q, k, start_bias, end_bias, mask, rope) -> None:
+    tensors = {"q": q, "k": k, "start_bias": start_bias, "end_bias": end_bias, "mask": mask}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _expect(t.is_contiguous() and t.device == q.device, f"{name} must be contiguous and on q's device")
+    _expect(
+        q.dim() == 4 and k.shape == q.shape and k.dtype == q.dtype and q.is_floating_point(),
+        f"q and k must be floating (B, H, L, d) tensors of one shape and dtype, got {tuple(q.shape)}, {tuple(k.shape)}",
+    )
+    b, h, length = q.shape[:3]
+    _expect(
+        start_bias.dim() == 3
+        and start_bias.shape[0] == b
+        and start_bias.shape[2] == length
+        and end_bias.shape == start_bias.shape
+        and start_bias.dtype == end_bias.dtype == q.dtype,
+        f"start_bias and end_bias must be (B, T, L) = ({b}, T, {length}) tensors of q's dtype, "
+        f"got {tuple(start_bias.shape)} and {tuple(end_bias.shape)}",
+    )
+    _expect(h in (1, start_bias.shape[1]), f"q must have 1 or T = {start_bias.shape[1]} heads, got {h}")
+    _expect(
+        mask.dtype == torch.bool and tuple(mask.shape) == (b, length),
+        f"mask must be a (B, L) = {(b, length)} bool tensor, got {mask.dtype} {tuple(mask.shape)}",
+    )
+    _expect(rope in ROPE_NAMES, f"rope must be one of the codes {sorted(ROPE_NAMES)}, got {rope}")
+
+
+def _check_grad(name: str, t, shape, dtype, q: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _expect(
+        tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.is_contiguous() and t.device == q.device,
+        f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}",
+    )
+
+
+def _check_dense_labels(labels: Tensor, start_bias: Tensor) -> None:
+    if labels.dim() == 4:
+        b, types, length = start_bias.shape
+        _check_grad("dense labels", labels, (b, types, length, length), torch.bool, start_bias)
 
 
 @torch.library.custom_op("kexue::global_pointer_loss", mutates_args=())
@@ -28,6 +81,8 @@ def global_pointer_loss_rows(
 
     ``labels``: dense ``(B, T, L, L)`` bool or sparse ``(N, 4)`` int64, already validated.
     """
+    _check_canonical(q, k, start_bias, end_bias, mask, rope)
+    _check_dense_labels(labels, start_bias)
     batch, _, length, _ = q.shape
     row_ptr, cols, dense = label_args(labels, batch, start_bias.shape[1], length)
     _, (forward, _) = _backend.select(OP_LOSS, q)
@@ -56,6 +111,11 @@ def global_pointer_loss_rows_backward(
     tril_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * loss)``."""
+    _check_canonical(q, k, start_bias, end_bias, mask, rope)
+    _check_dense_labels(labels, start_bias)
+    ct = compute_dtype(q.dtype)
+    _check_grad("grad", grad, start_bias.shape[:2], ct, q)
+    _check_grad("lse", lse, (*start_bias.shape[:2], 2), ct, q)
     batch, _, length, _ = q.shape
     row_ptr, cols, dense = label_args(labels, batch, start_bias.shape[1], length)
     _, (_, backward) = _backend.select(OP_LOSS, q)
@@ -99,6 +159,7 @@ def global_pointer_scores_canonical(
     tril_mask: bool,
 ) -> Tensor:
     """Canonical layout -> ``(B, T, L, L)`` scores in q's dtype, ``-inf`` where masked."""
+    _check_canonical(q, k, start_bias, end_bias, mask, rope)
     _, (forward, _) = _backend.select(OP_SCORES, q)
     return forward(q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask)
 
@@ -121,6 +182,9 @@ def global_pointer_scores_canonical_backward(
     rope_base: float,
     tril_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_canonical(q, k, start_bias, end_bias, mask, rope)
+    b, types, length = start_bias.shape
+    _check_grad("grad", grad, (b, types, length, length), q.dtype, q)
     _, (_, backward) = _backend.select(OP_SCORES, q)
     return backward(grad, q, k, start_bias, end_bias, mask, rope, rope_base, tril_mask)
 

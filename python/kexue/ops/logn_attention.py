@@ -157,7 +157,10 @@ def logn_attention_op(
     min_n: float,
     gradmax: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Lq, D), lse (B, Hq, Lq))`` for contiguous, validated inputs."""
+    """``(out (B, Hq, Lq, D), lse (B, Hq, Lq))`` for contiguous inputs (checked here again: the op
+    is also reached raw, ``torch.ops.kexue.logn_attention``, and from compiled graphs)."""
+    _check_raw_dense(q, k, v, key_padding_mask, scale, train_len, min_n)
+    k, v = _zero_padded(k, v, key_padding_mask)
     _, (forward, _) = _backend.select(OP, q)
     return forward(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax)
 
@@ -187,6 +190,9 @@ def logn_attention_backward_op(
     gradmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, recomputing the attention weights from ``lse``."""
+    _check_raw_dense(q, k, v, key_padding_mask, scale, train_len, min_n)
+    _check_raw_grads(grad_out, grad_lse, q, out, lse, q.shape[:3])
+    k, v = _zero_padded(k, v, key_padding_mask)
     _, (_, backward) = _backend.select(OP, q)
     return backward(
         grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax
@@ -240,9 +246,10 @@ def logn_attention_varlen_op(
     min_n: float,
     gradmax: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (Tq, Hq, D), lse (Hq, Tq))`` for contiguous packed inputs with validated shapes."""
-    if max_seqlen is None:
-        max_seqlen = _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    """``(out (Tq, Hq, D), lse (Hq, Tq))`` for contiguous packed inputs (checked here again)."""
+    cu_seqlens_q, cu_seqlens_k, max_seqlen = _check_raw_packed(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, scale, train_len, min_n
+    )
     _, (forward, _) = _backend.select(OP_VARLEN, q)
     return forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
@@ -276,8 +283,10 @@ def logn_attention_varlen_backward_op(
     gradmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_op`."""
-    if max_seqlen is None:  # only when compiled without max_seqlen: the offsets were checked forward
-        max_seqlen = _max_seqlen(cu_seqlens_q, cu_seqlens_k)
+    cu_seqlens_q, cu_seqlens_k, max_seqlen = _check_raw_packed(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, scale, train_len, min_n
+    )
+    _check_raw_grads(grad_out, grad_lse, q, out, lse, (q.shape[1], q.shape[0]))
     _, (_, backward) = _backend.select(OP_VARLEN, q)
     return backward(
         grad_out,
@@ -427,13 +436,6 @@ def _check_offsets(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> in
     return longest
 
 
-def _max_seqlen(cu_q: Tensor, cu_k: Tensor) -> int:
-    """The longest sequence, q or k, in one read to the host."""
-    if cu_q.numel() < 2:
-        return 0
-    return int(torch.maximum(torch.diff(cu_q).max(), torch.diff(cu_k).max()))
-
-
 def _check_mask(mask, q: Tensor, k: Tensor) -> Tensor | None:
     if mask is None:
         return None
@@ -447,6 +449,92 @@ def _check_mask(mask, q: Tensor, k: Tensor) -> Tensor | None:
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
     return mask.contiguous()
+
+
+# Checks inside the op bodies. The public function checks the user's arguments; the custom ops
+# check again because they are reached without it: raw (torch.ops.kexue.*) and from graphs that
+# torch.compile traced, where the kernels would otherwise take a wrong shape, a short mask or an
+# offset past the end as given and read out of bounds. Metadata only, except the offsets (below).
+
+
+def _check_layout(name: str, t, like: Tensor, shape, dtype: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != like.device:
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {like.device}, "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the custom ops take the canonical layout)")
+
+
+def _check_rule(scale: float, train_len: float, min_n: float) -> None:
+    _check_real("scale", scale, low=0.0, strict=True)
+    _check_real("train_len", train_len, low=1.0, strict=True)
+    _check_real("min_n", min_n, low=0.0, strict=False)
+
+
+def _check_raw_dense(q, k, v, mask, scale, train_len, min_n) -> None:
+    _check_qkv(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the custom ops take the canonical layout)")
+    if mask is not None:
+        _check_mask(mask, q, k)
+        if not mask.is_contiguous():
+            raise ValueError("key_padding_mask must be contiguous (the custom ops take the canonical layout)")
+    _check_rule(scale, train_len, min_n)
+
+
+def _check_raw_grads(grad_out, grad_lse, q: Tensor, out, lse, lse_shape) -> None:
+    """The backward ops' extra inputs: shaped and typed as the forward returned them."""
+    _check_layout("grad_out", grad_out, q, q.shape, q.dtype)
+    _check_layout("out", out, q, q.shape, q.dtype)
+    ct = reference.compute_dtype(q.dtype)
+    _check_layout("lse", lse, q, lse_shape, ct)
+    if grad_lse is not None:
+        _check_layout("grad_lse", grad_lse, q, lse_shape, ct)
+
+
+def _check_raw_packed(q, k, v, cu_q, cu_k, max_seqlen, scale, train_len, min_n):
+    """``(cu_q, cu_k, max_seqlen)`` safe to hand to a kernel. The offsets' values are read to the
+    host and checked on CPU tensors (no synchronisation there) and whenever ``max_seqlen`` is None
+    (it must be computed anyway). With ``max_seqlen`` on CUDA the offsets are trusted, as
+    documented, but clamped on the device into ``[0, total]`` and made non-decreasing, so that
+    wrong offsets give wrong rows, never a read past the end."""
+    _check_qkv(q, k, v, packed=True)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the custom ops take the canonical layout)")
+    cu_q = _check_cu_seqlens("cu_seqlens", cu_q, q.device)
+    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_k, q.device)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"cu_seqlens_k must have one entry per cu_seqlens entry ({cu_q.numel()}), got {cu_k.numel()}")
+    _check_rule(scale, train_len, min_n)
+    if max_seqlen is not None and max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if max_seqlen is None or q.device.type == "cpu":
+        longest = _check_offsets(cu_q, cu_k, q.shape[0], k.shape[0])
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest sequence ({longest})")
+        return cu_q, cu_k, longest if max_seqlen is None else max_seqlen
+    return _clamped_offsets(cu_q, q.shape[0]), _clamped_offsets(cu_k, k.shape[0]), max_seqlen
+
+
+def _clamped_offsets(cu: Tensor, total: int) -> Tensor:
+    """Offsets forced into ``[0, total]`` and non-decreasing, on the device (no synchronisation)."""
+    return torch.cummax(cu.clamp(0, total), 0).values
+
+
+def _zero_padded(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """k and v with their padded keys set to 0. A padded key's weight is 0, but the kernels still
+    load it, and 0 * NaN (or q . NaN masked after the product) is NaN: without this, a NaN or inf
+    in padding reached every query of its batch row. One pass over k and v, only with a mask."""
+    if mask is None:
+        return k, v
+    pad = mask[:, None, :, None]
+    return k.masked_fill(pad, 0), v.masked_fill(pad, 0)
 
 
 def _packed(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, *rule) -> tuple[Tensor, Tensor]:
@@ -532,7 +620,8 @@ def logn_attention(
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
         key gets zeros and ``lse = 0``, and no gradient. NaN in a query, or in a key or value it
-        sees, propagates to its output (a NaN value may reach queries that do not see it).
+        sees, propagates to its output (a NaN value may reach queries that a causal mask hides it
+        from). Padded keys may hold anything (NaN, inf): they are zeroed before the kernels run.
     """
     packed = cu_seqlens is not None
     if cu_seqlens_k is not None and not packed:
