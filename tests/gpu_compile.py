@@ -476,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         only=args.only,
         extra_modules=tuple(args.module),
+        quick=args.quick,
     )
     if args.json:  # for run_subprocess: the verdicts travel in the results, exit 0
         print(json.dumps([asdict(r) for r in results]))
