@@ -40,29 +40,38 @@ class BwdTiles(NamedTuple):
     dq: Tiles  # block_m: queries per program (the dots' M), block_n: keys per step
 
 
-# family -> padded head dim -> tiles for 16-bit inputs. Up to d=64 each dot has 16 rows a warp
-# (64 a warpgroup on sm_90: wgmma). From d=128 on, the dK/dV kernel keeps k, v, dk and dv of its
-# rows in registers (16 rows x d x 12 bytes a warp): no configuration with 16 rows a warp compiled
-# without a stack in triton 3.9 (sm_80: 16x64 w4 255 regs + 40..128 B stack; sm_90: 16x128 w8
-# 255 + 24..40 B), so those use 8 warps on 32 keys, whose score tiles are replicated across warps
-# (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
+# family -> padded head dim -> tiles for 16-bit inputs. dK/dV: the key block is the dots' M, so
+# 128 keys on 8 warps is 64 rows a warpgroup on sm_90 (wgmma, no replicated tile), 64 keys on 4
+# warps 16 rows a warp on mma.sync targets; 16 query rows a step keep the score tile (128 x 16
+# fp32) small next to the dK and dV accumulators (128 x d fp32 each). On sm_90 that holds up to
+# d=128 since the loop over (query head, query block) is flat (see the kernel); sm_80 keeps 8
+# warps on 32 x 32 from d=128 on (16 rows a warp kept a 40..128 byte stack in triton 3.9), whose
+# score tiles are replicated across warps (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
 _T = Tiles
 # On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
 # for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
 # for every switch combination.
 _TILES_16 = {
-    90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64)},
+    90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
         32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
         64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2)),
     },
 }
-_TILES_16[90][128] = BwdTiles(_T(32, 32, 8, 2), _T(128, 64, 8, 2))
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
     _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
+# A head dim that is not a multiple of 16 makes the row strides unaligned: the JIT then compiles
+# scalar loads, whose addresses take the registers. In that form (triton 3.9, sm_90) the 16 x 128
+# dK/dV tile keeps a 360..530 byte stack at d=128, and every dQ tile of 64 rows or more one of
+# 16..1000 bytes (64 x 32 on 4 warps: 16..24 at d=64, 340..660 at d=128). Those heads take the
+# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16 x 32 dQ tiles.
+_TILES_16_UNALIGNED = {
+    (90, 64): BwdTiles(_T(16, 128, 8, 2), _T(16, 32, 4, 2)),
+    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 32, 4, 2)),
+}
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {
     16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
@@ -77,6 +86,8 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     d = block_d(head_dim)
     if dot_mode == 1:
         return _TILES_IEEE[d]
+    if head_dim % 16 and (family, d) in _TILES_16_UNALIGNED:
+        return _TILES_16_UNALIGNED[family, d]
     return _TILES_16[family][d]
 
 
@@ -306,73 +317,76 @@ def logn_bwd_dkdv_kernel(
         mid = 0
     full_end = Lq // BLOCK_M * BLOCK_M
     tail = tl.maximum(full_end, mid)  # the ragged last query block, if any, starts here
+    n_full = (full_end - mid) // BLOCK_M  # per query head of the group
     n_masked = (mid - lo) // BLOCK_M + (tail < Lq).to(tl.int32)
     # keys past Lk in this block (the last one) are zero and their rows are not stored: only the
-    # query-side bounds and the causal diagonal need masks
-    for g in range(groups):
+    # query-side bounds and the causal diagonal need masks.
+    # One flat loop over (query head of the group, query block) per stage rather than a loop over
+    # heads around a loop over blocks: a single loop is what Triton software-pipelines (the
+    # nested form kept dK/dV live across two loop levels, which cost a stack frame at d=128).
+    for i in range(groups * n_full):  # whole query blocks that see every key here
+        g = i // n_full
         h = hk * groups + g
-        q_base = q_ptr + q_off + h * stride_qh
-        do_base = do_ptr + q_off + h * stride_qh
-        lse_base = lse_ptr + l_off + h * stride_lh
-        delta_base = delta_ptr + l_off + h * stride_lh
-        sc_base = sc_ptr + l_off + h * stride_lh
-        for start in range(mid, full_end, BLOCK_M):  # whole query blocks that see every key here
-            dk, dv = _dkdv_step(
-                dk,
-                dv,
-                k,
-                v,
-                key_ok,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                sc_base,
-                start,
-                cols,
-                dcol,
-                b,
-                Lq,
-                Lk,
-                mask_ptr,
-                stride_qm,
-                D,
-                False,
-                CAUSAL,
-                HAS_MASK,
-                EVEN_D,
-                IEEE,
-                BLOCK_M,
-            )
-        for i in range(n_masked):  # the diagonal blocks, then the ragged last one: one loop, one copy of the code
-            start = tl.where(lo + i * BLOCK_M < mid, lo + i * BLOCK_M, tail)
-            dk, dv = _dkdv_step(
-                dk,
-                dv,
-                k,
-                v,
-                key_ok,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                sc_base,
-                start,
-                cols,
-                dcol,
-                b,
-                Lq,
-                Lk,
-                mask_ptr,
-                stride_qm,
-                D,
-                True,
-                CAUSAL,
-                HAS_MASK,
-                EVEN_D,
-                IEEE,
-                BLOCK_M,
-            )
+        start = mid + (i - g * n_full) * BLOCK_M
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            key_ok,
+            q_ptr + q_off + h * stride_qh,
+            do_ptr + q_off + h * stride_qh,
+            lse_ptr + l_off + h * stride_lh,
+            delta_ptr + l_off + h * stride_lh,
+            sc_ptr + l_off + h * stride_lh,
+            start,
+            cols,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_qm,
+            D,
+            False,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_M,
+        )
+    for i in range(groups * n_masked):  # the diagonal blocks, then the ragged last one
+        g = i // n_masked
+        h = hk * groups + g
+        j = i - g * n_masked
+        start = tl.where(lo + j * BLOCK_M < mid, lo + j * BLOCK_M, tail)
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            key_ok,
+            q_ptr + q_off + h * stride_qh,
+            do_ptr + q_off + h * stride_qh,
+            lse_ptr + l_off + h * stride_lh,
+            delta_ptr + l_off + h * stride_lh,
+            sc_ptr + l_off + h * stride_lh,
+            start,
+            cols,
+            dcol,
+            b,
+            Lq,
+            Lk,
+            mask_ptr,
+            stride_qm,
+            D,
+            True,
+            CAUSAL,
+            HAS_MASK,
+            EVEN_D,
+            IEEE,
+            BLOCK_M,
+        )
     tl.store(dk_ptr + kv_at, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -673,6 +687,8 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
 HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: unaligned row strides (sm_90 has tiles for them)
+_STRIDES_WITH_D = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 _INTS = (
     "Hq",
@@ -691,12 +707,15 @@ _INTS = (
 )
 
 
-def _expect(family: int, mode: int, tile: Tiles, kernel: str) -> tuple:
-    """What the static check may demand: tensor cores for 16-bit inputs; wgmma and unreplicated
-    score tiles where the dots' M (keys in dK/dV, queries in dQ) gives each warp 16 rows (64 a
-    warpgroup on sm_90)."""
+def _expect(family: int, mode: int, tile: Tiles, kernel: str, head_dim: int) -> tuple:
+    """What the static check demands: tensor cores for 16-bit inputs; on sm_90, for head dims that
+    are multiples of 16, wgmma and unreplicated tiles in both kernels (demanded, not derived from
+    the tile: a table change that loses them fails the check); elsewhere the same where the dots'
+    M (keys in dK/dV, queries in dQ) gives each warp 16 rows (64 a warpgroup on sm_90)."""
     if mode != 0:
         return ()
+    if family == 90 and head_dim % 16 == 0:
+        return ("wgmma", "no_replication", "tensor_cores")
     rows = tile.block_n if kernel == "dkdv" else tile.block_m
     if rows < (64 * tile.num_warps // 4 if family == 90 else 16 * tile.num_warps):
         return ("tensor_cores",)
@@ -710,8 +729,9 @@ def _aot_configs() -> list[dict]:
             mode = int(dtype == torch.float32)
             if mode == 1 and family != 80:
                 continue
-            for d in HEAD_DIMS:
+            for d in HEAD_DIMS + (UNALIGNED_HEAD_DIMS if family == 90 and mode == 0 else ()):
                 t, bd = tiles(family, d, mode), block_d(d)
+                unaligned = ("Lq", "Lk") if d % 16 == 0 else ("Lq", "Lk", "D", *_STRIDES_WITH_D)
                 for causal, has_mask, varlen in _SWITCHES:
                     switches = (
                         ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
@@ -757,8 +777,8 @@ def _aot_configs() -> list[dict]:
                                 num_warps=tile.num_warps,
                                 num_stages=tile.num_stages,
                                 archs=archs if mode == 0 else (80, 86, 89, 90),
-                                unaligned_ints=("Lq", "Lk"),
-                                expect=_expect(family, mode, tile, name),
+                                unaligned_ints=unaligned,
+                                expect=_expect(family, mode, tile, name, d),
                             )
                         )
     # the preprocess kernel: no dots; one configuration per dtype with every switch on
