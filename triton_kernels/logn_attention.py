@@ -11,7 +11,7 @@ there is no padding mask, from a per-batch prefix count of unpadded keys otherwi
 multiplies the fp32 scores, not q, so 16-bit q is never rounded after scaling. Scores are kept in
 base 2 (``exp2``); ``lse`` is returned in natural log.
 
-The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd` (backward),
+The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd_launch` (backward, split by job),
 :mod:`.logn_attention_decode` (short queries against a long KV cache); shared pieces in
 :mod:`.logn_attention_rules`. Tiles are fixed per target family and head dim in each, not
 autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget.
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import logn_attention_bwd as _bwd
+from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
 from .logn_attention_rules import arch_family, block_d, dot_mode

@@ -26,7 +26,13 @@ from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import logn_attention as K  # noqa: E402  (after the skip)
-from kexue.triton_kernels import logn_attention_bwd, logn_attention_decode, logn_attention_fwd  # noqa: E402
+from kexue.triton_kernels import (  # noqa: E402
+    logn_attention_bwd_dkdv,
+    logn_attention_bwd_dq,
+    logn_attention_bwd_tiles,
+    logn_attention_decode,
+    logn_attention_fwd,
+)
 
 ref = sys.modules["kexue.reference.logn_attention"]
 
@@ -151,15 +157,15 @@ def test_aot_configs_cover_every_pickable_config():
                     t = logn_attention_fwd.tiles(family, d, mode, has_mask)
                     want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
                     assert listed(logn_attention_fwd, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
-                b = logn_attention_bwd.tiles(family, d, mode)
+                b = logn_attention_bwd_tiles.tiles(family, d, mode)
                 assert listed(
-                    logn_attention_bwd,
-                    logn_attention_bwd.logn_bwd_dkdv_kernel,
+                    logn_attention_bwd_dkdv,
+                    logn_attention_bwd_dkdv.logn_bwd_dkdv_kernel,
                     dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode),
                 )
                 assert listed(
-                    logn_attention_bwd,
-                    logn_attention_bwd.logn_bwd_dq_kernel,
+                    logn_attention_bwd_dq,
+                    logn_attention_bwd_dq.logn_bwd_dq_kernel,
                     dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode),
                 )
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
