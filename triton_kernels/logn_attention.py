@@ -40,7 +40,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned. The JIT specializes aligned pointers, and only that
     form of each kernel was sized to fit the registers (an unaligned view, e.g. a slice of a
     fused qkv projection, would compile a scalar-load variant that spills): such a view is copied.
-    Every tensor the dK/dV and dQ kernels read or write passes through here or is freshly allocated,
+    Every tensor the backward kernels read or write passes through here or is freshly allocated,
     which is what their ``aligned_only`` AOT entries (tests/gpu_compile.py) rely on."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -158,11 +158,11 @@ def _backward(
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
     _bwd.launch(
         grad_out,
-        grad_lse,
+        None if grad_lse is None else _aligned(grad_lse),
         q,
         k,
         v,
-        out,
+        _aligned(out),
         _aligned(lse.float()),
         dq,
         dk,

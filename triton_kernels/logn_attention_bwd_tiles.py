@@ -67,10 +67,11 @@ _TILES_16[86] = _TILES_16[80]
 # scalar loads, whose addresses take the registers. In that form (triton 3.9, sm_90) the 16 x 128
 # dK/dV tile keeps a 360..530 byte stack at d=128, and every dQ tile of 64 rows or more one of
 # 16..1000 bytes (64 x 32 on 4 warps: 16..24 at d=64, 340..660 at d=128). Those heads take the
-# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16 x 32 dQ tiles.
+# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16-row dQ tiles: 16 x 32
+# up to d=64, 16 x 16 from d=128 on (16 x 32 kept 24 bytes there, causal varlen).
 _TILES_16_UNALIGNED = {
     (90, 64): BwdTiles(_T(16, 128, 8, 2), _T(16, 32, 4, 2)),
-    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 32, 4, 2)),
+    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 16, 4, 2)),
 }
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {

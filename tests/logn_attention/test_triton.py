@@ -189,6 +189,16 @@ def test_head_dims(triton_device, d):
     _check(triton_device, 1, 2, 1, 37, 70, d, torch.float16, True, mask_p=0.2)
 
 
+@pytest.mark.parametrize("d", [72, 96])
+def test_sm90_tiles(triton_device, monkeypatch, d):
+    # the interpreter runs the sm_80 table; this runs sm_90's: dK/dV 16 query rows x 128 keys (d=96,
+    # EVEN_D off) or 32 x 32 with 16 x 16 dQ (d=72, not a multiple of 16), through the flat loop over
+    # (query head, query block) with GQA, causal diagonal, ragged last blocks and padding
+    monkeypatch.setattr(K, "arch_family", lambda device: 90)
+    assert logn_attention_bwd_tiles.tiles(90, d, 0).dkdv.block_n == (128 if d % 16 == 0 else 32)
+    _check(triton_device, 1, 4, 2, 150, 150, d, torch.float16, True, mask_p=0.1)
+
+
 @pytest.mark.parametrize("hkv", [8, 4, 2, 1])
 def test_gqa_ratios(triton_device, hkv):
     _check(triton_device, 1, 8, hkv, 33, 65, 16, torch.bfloat16, False, mask_p=0.1)
