@@ -11,7 +11,9 @@ cubin's resources. Each configuration is compiled in two forms:
   for every pointer and integer; a configuration lists the integers that are usually not
   multiples of 16 under ``"unaligned_ints"``.
 - ``plain``: no specialization, what an unaligned launch compiles (sm_80 and sm_90 only: the
-  Ampere-class targets compile alike).
+  Ampere-class targets compile alike). A configuration whose launcher makes every pointer 16-byte
+  aligned (copying an unaligned input) never runs this form: it says ``"aligned_only": True`` and
+  only its ``jit`` form is compiled.
 
 A result fails when the configuration does not compile, spills (LOCAL > 0), keeps a stack
 (STACK > 0), or needs more shared memory than the target gives one block (:data:`SHARED_LIMIT`).
@@ -34,6 +36,8 @@ only adds that list. Each entry is a dict:
     name            optional label for the table (default: the kernel's name)
     archs           optional: the targets the dispatcher uses it on (default: all)
     unaligned_ints  optional: integer arguments a typical launch does not make multiples of 16
+    aligned_only    optional: True when the launcher guarantees 16-byte aligned pointers (the
+                    plain form is never launched, so it is not compiled)
     expect          optional: see above
 
 This module is a library (tests/test_gpu_compile.py) and a script: ``python tests/gpu_compile.py``
@@ -148,6 +152,8 @@ def discover(extra_modules: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]
             unknown = set(config.get("expect", ())) - set(EXPECTATIONS)
             if unknown:
                 raise ValueError(f"{name} AOT_CONFIGS[{index}]: unknown expectations {sorted(unknown)}")
+            if not isinstance(config.get("aligned_only", False), bool):
+                raise TypeError(f"{name} AOT_CONFIGS[{index}]: aligned_only must be a bool")
             found.append((module.__name__, index, config))
     return found
 
@@ -164,14 +170,15 @@ def sample(configs: list[tuple[str, int, dict]]) -> list[tuple[str, int, dict]]:
 
 def work_items(configs: list[tuple[str, int, dict]], archs=ARCHS, modes=MODES) -> list[tuple[str, int, int, str]]:
     """``(module, index, arch, mode)`` for each compilation: the jit form on every target the
-    configuration is meant for, the plain form on :data:`PLAIN_ARCHS` among them."""
+    configuration is meant for, the plain form on :data:`PLAIN_ARCHS` among them unless the
+    configuration is ``aligned_only`` (its launcher never passes an unaligned pointer)."""
     items = []
     for module, index, config in configs:
         for arch in archs:
             if arch not in config.get("archs", ARCHS):
                 continue
             for mode in modes:
-                if mode == "plain" and arch not in PLAIN_ARCHS:
+                if mode == "plain" and (arch not in PLAIN_ARCHS or config.get("aligned_only", False)):
                     continue
                 items.append((module, index, arch, mode))
     return items
@@ -476,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         only=args.only,
         extra_modules=tuple(args.module),
+        quick=args.quick,
     )
     if args.json:  # for run_subprocess: the verdicts travel in the results, exit 0
         print(json.dumps([asdict(r) for r in results]))

@@ -92,6 +92,8 @@ AOT_CONFIGS = [
     _chained("fixture replicated", 64, 64, 64, 8, archs=(80, 90), expect=("no_replication",)),
     # One warp cannot issue wgmma (a warpgroup of four can): sm_90 falls back to mma.sync.
     _chained("fixture no wgmma", 16, 64, 64, 1, archs=(90,), expect=("wgmma",)),
+    # Its launcher would align every pointer: only the jit form is compiled, never the plain one.
+    _dot("fixture aligned only", 64, 64, 64, 4, archs=(80,), aligned_only=True),
     # Well shaped: must pass every check, wgmma on sm_90 and 16-byte copies from global memory.
     _dot(
         "fixture healthy",

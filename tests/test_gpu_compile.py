@@ -109,6 +109,25 @@ def test_a_healthy_config_passes_and_shows_its_instruction_classes(fixtures):
     assert "wgmma" in table and "cp128" in table and "FAIL" in table
 
 
+def test_an_aligned_only_config_compiles_the_jit_form_only(fixtures):
+    assert fixtures["fixture aligned only", 80, "jit"].ok
+    assert ("fixture aligned only", 80, "plain") not in fixtures
+    assert ("fixture healthy", 80, "plain") in fixtures  # the others still get both forms
+
+
+def test_work_items_skip_the_plain_form_of_aligned_only_configs():
+    configs = [("m", 0, {"archs": (80, 86, 90)}), ("m", 1, {"archs": (80, 86, 90), "aligned_only": True})]
+    items = gpu_compile.work_items(configs)
+    assert [(i, a, m) for _, i, a, m in items if i == 0] == [
+        (0, 80, "jit"),
+        (0, 80, "plain"),
+        (0, 86, "jit"),
+        (0, 90, "jit"),
+        (0, 90, "plain"),
+    ]
+    assert [(i, a, m) for _, i, a, m in items if i == 1] == [(1, 80, "jit"), (1, 86, "jit"), (1, 90, "jit")]
+
+
 def test_parse_resource_usage():
     text = """
 Resource usage:

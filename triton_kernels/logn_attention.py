@@ -11,7 +11,7 @@ there is no padding mask, from a per-batch prefix count of unpadded keys otherwi
 multiplies the fp32 scores, not q, so 16-bit q is never rounded after scaling. Scores are kept in
 base 2 (``exp2``); ``lse`` is returned in natural log.
 
-The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd` (backward),
+The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd_launch` (backward, split by job),
 :mod:`.logn_attention_decode` (short queries against a long KV cache); shared pieces in
 :mod:`.logn_attention_rules`. Tiles are fixed per target family and head dim in each, not
 autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget.
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import logn_attention_bwd as _bwd
+from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
 from .logn_attention_rules import arch_family, block_d, dot_mode
@@ -39,7 +39,9 @@ MAX_HEAD_DIM = 128
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned. The JIT specializes aligned pointers, and only that
     form of each kernel was sized to fit the registers (an unaligned view, e.g. a slice of a
-    fused qkv projection, would compile a scalar-load variant that spills): such a view is copied."""
+    fused qkv projection, would compile a scalar-load variant that spills): such a view is copied.
+    Every tensor the backward kernels read or write passes through here or is freshly allocated,
+    which is what their ``aligned_only`` AOT entries (tests/gpu_compile.py) rely on."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
@@ -156,12 +158,12 @@ def _backward(
     mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
     _bwd.launch(
         grad_out,
-        grad_lse,
+        None if grad_lse is None else _aligned(grad_lse),
         q,
         k,
         v,
-        out,
-        lse.float().contiguous(),
+        _aligned(out),
+        _aligned(lse.float()),
         dq,
         dk,
         dv,
@@ -225,7 +227,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, lo
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    pb = _packed_problem(q, k, lse, cu_q.contiguous(), cu_k.contiguous(), max_seqlen)
+    pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
     _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True)
     return out, lse
 
@@ -239,7 +241,7 @@ def varlen_backward(
     dq = torch.empty_like(q)
     # keys of a sequence without queries are still written (zeros) by their program
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    pb = _packed_problem(q, k, lse, cu_q.contiguous(), cu_k.contiguous(), max_seqlen)
+    pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
     _backward(
         grad_out,
         grad_lse,

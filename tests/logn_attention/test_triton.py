@@ -26,7 +26,13 @@ from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import logn_attention as K  # noqa: E402  (after the skip)
-from kexue.triton_kernels import logn_attention_bwd, logn_attention_decode, logn_attention_fwd  # noqa: E402
+from kexue.triton_kernels import (  # noqa: E402
+    logn_attention_bwd_dkdv,
+    logn_attention_bwd_dq,
+    logn_attention_bwd_tiles,
+    logn_attention_decode,
+    logn_attention_fwd,
+)
 
 ref = sys.modules["kexue.reference.logn_attention"]
 
@@ -145,21 +151,21 @@ def test_aot_configs_cover_every_pickable_config():
     for family in (80, 86, 90):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             mode = 1 if dtype == torch.float32 else 0
-            for d in (8, 24, 64, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
+            for d in (8, 24, 40, 64, 72, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
                 bd = block_d(d)
                 for has_mask in (False, True):
                     t = logn_attention_fwd.tiles(family, d, mode, has_mask)
                     want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
                     assert listed(logn_attention_fwd, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
-                b = logn_attention_bwd.tiles(family, d, mode)
+                b = logn_attention_bwd_tiles.tiles(family, d, mode)
                 assert listed(
-                    logn_attention_bwd,
-                    logn_attention_bwd.logn_bwd_dkdv_kernel,
+                    logn_attention_bwd_dkdv,
+                    logn_attention_bwd_dkdv.logn_bwd_dkdv_kernel,
                     dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode),
                 )
                 assert listed(
-                    logn_attention_bwd,
-                    logn_attention_bwd.logn_bwd_dq_kernel,
+                    logn_attention_bwd_dq,
+                    logn_attention_bwd_dq.logn_bwd_dq_kernel,
                     dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode),
                 )
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
@@ -181,6 +187,16 @@ def test_causal_split_at_tile_edges(triton_device, lq, lk):
 def test_head_dims(triton_device, d):
     # 40 and 96 are padded to 64 / 128 columns (EVEN_D off), 256 the widest the API accepts
     _check(triton_device, 1, 2, 1, 37, 70, d, torch.float16, True, mask_p=0.2)
+
+
+@pytest.mark.parametrize("d", [72, 96])
+def test_sm90_tiles(triton_device, monkeypatch, d):
+    # the interpreter runs the sm_80 table; this runs sm_90's: dK/dV 16 query rows x 128 keys (d=96,
+    # EVEN_D off) or 32 x 32 with 16 x 16 dQ (d=72, not a multiple of 16), through the flat loop over
+    # (query head, query block) with GQA, causal diagonal, ragged last blocks and padding
+    monkeypatch.setattr(K, "arch_family", lambda device: 90)
+    assert logn_attention_bwd_tiles.tiles(90, d, 0).dkdv.block_n == (128 if d % 16 == 0 else 32)
+    _check(triton_device, 1, 4, 2, 150, 150, d, torch.float16, True, mask_p=0.1)
 
 
 @pytest.mark.parametrize("hkv", [8, 4, 2, 1])

@@ -1,0 +1,202 @@
+"""Log-n attention backward: the tile table and the AOT configurations of its two dot kernels.
+
+The backward is FlashAttention-2's split into three kernels, one module each, plus the launcher:
+
+* :mod:`.logn_attention_bwd_prep`: per query row, ``delta = rowsum(o * dO) - dlse`` and the row's
+  softmax scale, both float32, in the layout of ``lse``. The scale rule (30 Newton steps under
+  gradmax) thus runs once per (row, head), not once per (key block x query block) in the others.
+* :mod:`.logn_attention_bwd_dkdv`: one program per (batch or sequence x key/value head, block of
+  keys); it walks every (query head of its group, query block) that sees its keys in one flat
+  loop, accumulates dK and dV in float32 registers and writes them once, in the input dtype (no
+  per-query-head slabs, no reduction afterwards, no atomics). Causal programs skip the query
+  blocks before their keys and mask only the blocks that straddle the diagonal.
+* :mod:`.logn_attention_bwd_dq`: one program per (batch or sequence x query head, block of
+  queries), two-stage like the forward.
+* :mod:`.logn_attention_bwd_launch`: the three launches.
+
+Tiles: the dK/dV dots have the key block as M, the dQ dots the query block, so each is 64 rows a
+warpgroup (wgmma on sm_90) or 16 rows a warp (mma.sync), as in the forward. This module holds
+what the kernel modules and the launcher share: :func:`tiles` and :func:`attention_configs`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .logn_attention_rules import block_d, gpu_targets
+
+
+class Tiles(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+class BwdTiles(NamedTuple):
+    dkdv: Tiles  # block_n: keys per program (the dots' M), block_m: queries per step
+    dq: Tiles  # block_m: queries per program (the dots' M), block_n: keys per step
+
+
+# family -> padded head dim -> tiles for 16-bit inputs. dK/dV: the key block is the dots' M, so
+# 128 keys on 8 warps is 64 rows a warpgroup on sm_90 (wgmma, no replicated tile), 64 keys on 4
+# warps 16 rows a warp on mma.sync targets; 16 query rows a step keep the score tile (128 x 16
+# fp32) small next to the dK and dV accumulators (128 x d fp32 each). On sm_90 that holds up to
+# d=128 since the loop over (query head, query block) is flat (see the kernel); sm_80 keeps 8
+# warps on 32 x 32 from d=128 on (16 rows a warp kept a 40..128 byte stack in triton 3.9), whose
+# score tiles are replicated across warps (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
+_T = Tiles
+# On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
+# for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
+# for every switch combination.
+_TILES_16 = {
+    90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
+    80: {
+        16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
+        32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
+        64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2)),
+    },
+}
+_TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
+for _f in (80, 90):
+    _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
+_TILES_16[86] = _TILES_16[80]
+# A head dim that is not a multiple of 16 makes the row strides unaligned: the JIT then compiles
+# scalar loads, whose addresses take the registers. In that form (triton 3.9, sm_90) the 16 x 128
+# dK/dV tile keeps a 360..530 byte stack at d=128, and every dQ tile of 64 rows or more one of
+# 16..1000 bytes (64 x 32 on 4 warps: 16..24 at d=64, 340..660 at d=128). Those heads take the
+# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16-row dQ tiles: 16 x 32
+# up to d=64, 16 x 16 from d=128 on (16 x 32 kept 24 bytes there, causal varlen).
+_TILES_16_UNALIGNED = {
+    (90, 64): BwdTiles(_T(16, 128, 8, 2), _T(16, 32, 4, 2)),
+    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 16, 4, 2)),
+}
+# float32 without TF32 (FMA dots): small tiles, sized to compile without spills
+_TILES_IEEE = {
+    16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
+    32: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
+    64: BwdTiles(_T(16, 32, 4, 2), _T(16, 32, 4, 2)),
+    128: BwdTiles(_T(16, 32, 8, 2), _T(16, 32, 4, 2)),
+    256: BwdTiles(_T(16, 16, 8, 1), _T(16, 16, 4, 1)),
+}
+
+
+def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
+    d = block_d(head_dim)
+    if dot_mode == 1:
+        return _TILES_IEEE[d]
+    if head_dim % 16 and (family, d) in _TILES_16_UNALIGNED:
+        return _TILES_16_UNALIGNED[family, d]
+    return _TILES_16[family][d]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every configuration the launcher can pick, for tests/gpu_compile.py (see the forward's list).
+
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
+HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: unaligned row strides (sm_90 has tiles for them)
+_STRIDES_WITH_D = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
+_ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}
+_INTS = (
+    "Hq",
+    "Hkv",
+    "Lq",
+    "Lk",
+    "D",
+    "stride_qb",
+    "stride_qh",
+    "stride_qm",
+    "stride_kb",
+    "stride_kh",
+    "stride_kn",
+    "stride_lb",
+    "stride_lh",
+)
+
+
+def _expect(family: int, mode: int, tile: Tiles, kernel: str, head_dim: int) -> tuple:
+    """What the static check demands: tensor cores for 16-bit inputs; on sm_90, for head dims that
+    are multiples of 16, wgmma and unreplicated tiles in both kernels (demanded, not derived from
+    the tile: a table change that loses them fails the check); elsewhere the same where the dots'
+    M (keys in dK/dV, queries in dQ) gives each warp 16 rows (64 a warpgroup on sm_90)."""
+    if mode != 0:
+        return ()
+    if family == 90 and head_dim % 16 == 0:
+        return ("wgmma", "no_replication", "tensor_cores")
+    rows = tile.block_n if kernel == "dkdv" else tile.block_m
+    if rows < (64 * tile.num_warps // 4 if family == 90 else 16 * tile.num_warps):
+        return ("tensor_cores",)
+    return ("wgmma", "no_replication", "tensor_cores") if family == 90 else ("no_replication", "tensor_cores")
+
+
+def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
+    """The AOT list of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: every family, dtype,
+    head-dim class and switch combination, with ``outs`` the kernel's output pointers. The two
+    kernels take the same arguments but their outputs, so one builder serves both."""
+    configs = []
+    for family, archs in _ARCHS.items():
+        for dtype, ptr in PTR.items():
+            mode = int(dtype == torch.float32)
+            if mode == 1 and family != 80:
+                continue
+            for d in sorted(HEAD_DIMS + (UNALIGNED_HEAD_DIMS if family == 90 and mode == 0 else ())):
+                t, bd = tiles(family, d, mode), block_d(d)
+                tile = t.dkdv if name == "dkdv" else t.dq
+                unaligned = ("Lq", "Lk") if d % 16 == 0 else ("Lq", "Lk", "D", *_STRIDES_WITH_D)
+                for causal, has_mask, varlen in _SWITCHES:
+                    switches = (
+                        ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
+                    )
+                    consts = dict(
+                        CAUSAL=causal,
+                        HAS_MASK=has_mask,
+                        IEEE=mode,
+                        VARLEN=varlen,
+                        EVEN_D=d == bd,
+                        BLOCK_M=tile.block_m,
+                        BLOCK_N=tile.block_n,
+                        BLOCK_D=bd,
+                    )
+                    sig = dict(
+                        q_ptr=ptr,
+                        k_ptr=ptr,
+                        v_ptr=ptr,
+                        do_ptr=ptr,
+                        lse_ptr="*fp32",
+                        delta_ptr="*fp32",
+                        sc_ptr="*fp32",
+                        mask_ptr="*u8",
+                        **dict.fromkeys(outs, ptr),
+                        cu_q_ptr="*i32",
+                        cu_k_ptr="*i32",
+                        **dict.fromkeys(_INTS, "i32"),
+                        **dict.fromkeys(consts, "constexpr"),
+                    )
+                    configs.append(
+                        dict(
+                            name=(
+                                f"logn_bwd_{name} {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} "
+                                f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+                            ),
+                            kernel=kernel,
+                            signature=sig,
+                            constexprs=consts,
+                            num_warps=tile.num_warps,
+                            num_stages=tile.num_stages,
+                            archs=archs if mode == 0 else (80, 86, 89, 90),
+                            unaligned_ints=unaligned,
+                            # the launcher aligns every pointer (see _aligned there): no plain form
+                            aligned_only=True,
+                            expect=_expect(family, mode, tile, name, d),
+                        )
+                    )
+    # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the
+    # lightest 16-bit one (sm_80 d=16) first, the heaviest (sm_90 d=128 causal varlen) last, and the
+    # interpreter-only float32 entries, which no target compiles, between them
+    wide = [c for c in configs if c["constexprs"]["IEEE"] == 1]
+    narrow = [c for c in configs if c["constexprs"]["IEEE"] != 1]
+    return gpu_targets(narrow[:1] + wide + narrow[1:])
