@@ -15,11 +15,12 @@ from bench._timing import Clock, Plan, Timing, time_peers
 
 
 def measure_case(
-    case: Case, device: torch.device, clock: Clock, plan: Plan
+    case: Case, device: torch.device, clock: Clock, plan: Plan, deadline: float | None = None
 ) -> tuple[dict[str, Any], dict[str, int | None]]:
     """``(results, peaks)``: per peer a :class:`Timing` or the exception that stopped it (an
     ``Unavailable`` from its build, or whatever its build or a call raised), and the peak bytes of
-    each timed peer (None where the device keeps no statistics)."""
+    each timed peer (None where the device keeps no statistics). ``deadline``: a
+    ``time.perf_counter()`` reading by which the sampling should end (see :func:`time_peers`)."""
     inputs = case.setup()
     fns: dict[str, Any] = {}
     results: dict[str, Any] = {}
@@ -28,7 +29,7 @@ def measure_case(
             fns[peer.name] = peer.build(inputs)
         except Exception as exc:  # a peer that cannot run is a result to report, not a reason to stop
             results[peer.name] = exc
-    results.update(time_peers(fns, clock, plan))
+    results.update(time_peers(fns, clock, plan, deadline))
     peaks = {name: peak_bytes(fn, device) for name, fn in fns.items() if isinstance(results[name], Timing)}
     del inputs, fns
     gc.collect()

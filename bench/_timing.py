@@ -97,20 +97,35 @@ def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> tuple[float, fl
     return first, spent / count
 
 
-def time_peers(fns: dict[str, Callable[[], Any]], clock: Clock, plan: Plan) -> dict[str, Timing | BaseException]:
-    """Time every callable of ``fns``; a callable that raises gets its exception instead."""
+def time_peers(
+    fns: dict[str, Callable[[], Any]],
+    clock: Clock,
+    plan: Plan,
+    deadline: float | None = None,
+    now: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing | BaseException]:
+    """Time every callable of ``fns``; a callable that raises gets its exception instead.
+
+    ``deadline``: a reading of ``now`` by which the sampling should end (a run's time budget,
+    :mod:`bench._budget`). After the warm-ups the time left is split evenly among the peers and
+    caps each one's ``plan.budget_s``; a peer still gets at least ``plan.min_runs`` samples.
+    """
     results: dict[str, Timing | BaseException] = {}
     first: dict[str, float] = {}
     calls: dict[str, int] = {}
     runs: dict[str, int] = {}
+    estimates: dict[str, float] = {}
     for name, fn in fns.items():
         try:
-            first[name], estimate = _warm_up(clock, fn, plan)
+            first[name], estimates[name] = _warm_up(clock, fn, plan)
         except Exception as exc:  # a peer failing is a result to report, not a reason to stop
             results[name] = exc
-            continue
+    per_peer_s = plan.budget_s
+    if deadline is not None and estimates:
+        per_peer_s = min(per_peer_s, max(0.0, deadline - now()) / len(estimates))
+    for name, estimate in estimates.items():
         calls[name] = max(1, math.ceil(plan.run_s / max(estimate, 1e-9)))
-        affordable = int(plan.budget_s / max(estimate * calls[name], 1e-9))
+        affordable = int(per_peer_s / max(estimate * calls[name], 1e-9))
         runs[name] = min(plan.max_runs, max(plan.min_runs, affordable))
 
     samples: dict[str, list[float]] = {name: [] for name in runs}

@@ -1,0 +1,89 @@
+"""A wall-clock budget for a bench run, so that ``make bench`` ends in minutes on 2 cores.
+
+The default plan (each family's headline cases, every peer) gets :data:`DEFAULT_BUDGET_S` seconds
+in all, the memory floor included. The families share what is left when each starts, in
+proportion to their weights (the number of peers they time), so time one family saves goes to
+the next and time it overspends comes out of the rest. Inside a family each case gets a deadline
+the same way; :func:`bench._timing.time_peers` takes fewer samples to meet it (never fewer than
+the plan's ``min_runs``). A case whose cheapest possible measurement (every peer warmed up and
+sampled ``min_runs`` times) no longer fits in what is left of the whole budget is skipped and
+reported with the reason, rather than run past the budget.
+
+What the budget cannot bound is a single first call: ``torch.compile`` of a peer compiles in its
+first call, which takes what it takes; the run then makes up for it in the cases that follow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from bench._case import Case, Skipped
+from bench._timing import Plan
+
+DEFAULT_BUDGET_S = 420.0  # 7 minutes: `make bench` must end within 8 on 2 cores, build check included
+
+
+def case_weight(case: Case) -> int:
+    """A case's claim on its family's time: one share per peer timed."""
+    return max(1, len(case.peers))
+
+
+def least_cost_s(case: Case, plan: Plan) -> float:
+    """The least a case can take under ``plan``: each peer warmed up for ``warmup_s`` and sampled
+    ``min_runs`` times of at least ``run_s`` (first calls and input set-up come on top)."""
+    return len(case.peers) * (plan.warmup_s + plan.min_runs * plan.run_s)
+
+
+@dataclass
+class Budget:
+    """``total_s`` seconds of wall time from construction; ``now`` is the clock (a fake in tests)."""
+
+    total_s: float
+    now: Callable[[], float] = time.perf_counter
+    started: float = field(init=False)
+    skipped: list[str] = field(default_factory=list, init=False)  # "family: case mode (why)"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.total_s, bool) or not isinstance(self.total_s, (int, float)) or not self.total_s > 0:
+            raise ValueError(f"budget must be a positive number of seconds, got {self.total_s!r}")
+        self.started = self.now()
+
+    def spent(self) -> float:
+        return self.now() - self.started
+
+    def left(self) -> float:
+        return max(0.0, self.total_s - self.spent())
+
+    def share(self, weight: float, weights_left: float) -> float:
+        """Seconds for a part of weight ``weight`` when the parts not yet run (it included) weigh
+        ``weights_left`` together: its proportion of what is left now."""
+        if weights_left <= 0:
+            return self.left()
+        return self.left() * min(1.0, weight / weights_left)
+
+    def family_deadline(self, weights: Sequence[float], index: int) -> float:
+        """The clock reading by which family ``index`` of ``weights`` (in run order) should end."""
+        return self.now() + self.share(weights[index], sum(weights[index:]))
+
+    def case_deadline(self, family_deadline: float, weights: Sequence[float], index: int) -> float:
+        """The clock reading by which case ``index`` of a family's ``weights`` should end: its
+        proportion of the family's time left, within what is left of the whole budget."""
+        family_left = max(0.0, family_deadline - self.now())
+        share = family_left * min(1.0, weights[index] / max(sum(weights[index:]), 1e-12))
+        return self.now() + min(share, self.left())
+
+    def check(self, family: str, case: Case, plan: Plan) -> Skipped | None:
+        """None when ``case`` can still be measured within the budget; otherwise the
+        :class:`~bench._case.Skipped` that its rows report (and the skip is recorded)."""
+        need, left = least_cost_s(case, plan), self.left()
+        if need <= left:
+            return None
+        reason = (
+            f"over the run's {self.total_s:.0f} s budget: {left:.0f} s left, the case needs at least "
+            f"{need:.0f} s ({len(case.peers)} peers x (warm-up + {plan.min_runs} samples)); "
+            "--budget S or --full to run it"
+        )
+        self.skipped.append(f"{family}: {case.name} {case.mode} ({reason})")
+        return Skipped(reason)
