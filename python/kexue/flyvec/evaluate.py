@@ -129,29 +129,57 @@ def evaluate_pairs(
     return Score(spearman(model_sims, [s for _, _, s in kept]), len(kept), len(pairs) - len(kept))
 
 
-def flyvec_similarity(model: FlyVec, kind: str = "hash", k: int | None = None) -> Callable[[str, str], float]:
-    """The similarity function of a FlyVec model (see the module docstring)."""
-    V = len(model.vocabulary)
+SIMILARITIES = ("hash", "dense", "context-hash")
+
+
+def _hamming_similarity(model: FlyVec, codes: torch.Tensor) -> Callable[[str, str], float]:
+    from kexue.reference.biohash import hamming_distances
+
+    def sim(a: str, b: str) -> float:
+        ia, ib = model.vocabulary.id(a), model.vocabulary.id(b)
+        return -float(hamming_distances(codes[ia : ia + 1], codes[ib : ib + 1])[0, 0])
+
+    return sim
+
+
+def flyvec_similarity(
+    model: FlyVec,
+    kind: str = "hash",
+    k: int | None = None,
+    corpus=None,
+    contexts: int | None = None,
+) -> Callable[[str, str], float]:
+    """The similarity function of a FlyVec model (see the module docstring). ``"context-hash"``
+    needs the ``corpus`` (a file or lines) whose windows vote the codes, ``contexts`` a word
+    (:func:`kexue.flyvec.context.context_hashes`)."""
+    if kind not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(map(repr, SIMILARITIES))}, got {kind!r}")
     if kind == "hash":
-        from kexue.reference.biohash import hamming_distances
+        return _hamming_similarity(model, model.word_hashes(k))
+    if kind == "context-hash":
+        from kexue.flyvec.context import context_hashes
 
-        codes = model.word_hashes(k)
+        if corpus is None:
+            raise ValueError("similarity 'context-hash' needs the corpus its windows come from (corpus=)")
+        codes = context_hashes(model, corpus, contexts, k)
+        return _hamming_similarity(model, codes)
+    emb = torch.nn.functional.normalize(model.synapses[:, len(model.vocabulary) :].t().double(), dim=1)
 
-        def sim(a: str, b: str) -> float:
-            ia, ib = model.vocabulary.id(a), model.vocabulary.id(b)
-            return -float(hamming_distances(codes[ia : ia + 1], codes[ib : ib + 1])[0, 0])
+    def sim(a: str, b: str) -> float:
+        return float(emb[model.vocabulary.id(a)] @ emb[model.vocabulary.id(b)])
 
-        return sim
-    if kind == "dense":
-        emb = torch.nn.functional.normalize(model.synapses[:, V:].t().double(), dim=1)
-
-        def sim(a: str, b: str) -> float:
-            return float(emb[model.vocabulary.id(a)] @ emb[model.vocabulary.id(b)])
-
-        return sim
-    raise ValueError(f"similarity must be 'hash' or 'dense', got {kind!r}")
+    return sim
 
 
-def evaluate(model: FlyVec, pair_file: str | os.PathLike, similarity: str = "hash", k: int | None = None) -> Score:
-    """Spearman correlation of ``model`` on a pair file."""
-    return evaluate_pairs(read_pairs(pair_file), model.vocabulary.__contains__, flyvec_similarity(model, similarity, k))
+def evaluate(
+    model: FlyVec,
+    pair_file: str | os.PathLike,
+    similarity: str | Callable[[str, str], float] = "hash",
+    k: int | None = None,
+    corpus=None,
+    contexts: int | None = None,
+) -> Score:
+    """Spearman correlation of ``model`` on a pair file; ``similarity`` is a kind (see
+    :func:`flyvec_similarity`) or a function made by it once for several pair files."""
+    sim = similarity if callable(similarity) else flyvec_similarity(model, similarity, k, corpus, contexts)
+    return evaluate_pairs(read_pairs(pair_file), model.vocabulary.__contains__, sim)
