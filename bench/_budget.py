@@ -9,15 +9,22 @@ the plan's ``min_runs``). A case whose cheapest possible measurement (every peer
 sampled ``min_runs`` times) no longer fits in what is left of the whole budget is skipped and
 reported with the reason, rather than run past the budget.
 
-What the budget cannot bound is a single first call: ``torch.compile`` of a peer compiles in its
-first call, which takes what it takes; the run then makes up for it in the cases that follow.
+That cheapest measurement includes each peer's first call (``torch.compile`` compiles in it) and
+its time per call, which only a run can tell: they are read from the newest earlier records in
+the results folder that timed the same case and peer (:func:`history`); without one, a peer is
+assumed to need its warm-up and ``min_runs`` samples of ``run_s``, and a first call or a case's
+input set-up that takes longer is paid for by the cases after it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from bench._case import Case, Skipped
 from bench._timing import Plan
@@ -30,10 +37,41 @@ def case_weight(case: Case) -> int:
     return max(1, len(case.peers))
 
 
-def least_cost_s(case: Case, plan: Plan) -> float:
-    """The least a case can take under ``plan``: each peer warmed up for ``warmup_s`` and sampled
-    ``min_runs`` times of at least ``run_s`` (first calls and input set-up come on top)."""
-    return len(case.peers) * (plan.warmup_s + plan.min_runs * plan.run_s)
+Key = tuple[str, str, str, str]  # (family, case, mode, peer)
+HISTORY_RECORDS = 5  # how many of the newest records in the results folder are read for costs
+
+
+def history(out: Path, records: int = HISTORY_RECORDS) -> dict[Key, dict[str, Any]]:
+    """The newest timed row of each (family, case, mode, peer) in the newest ``records`` bench
+    records of ``out`` (unreadable files are passed over: they only inform an estimate)."""
+    rows: dict[Key, dict[str, Any]] = {}
+    for path in sorted(out.glob("bench-*.json"))[-records:]:  # oldest first: newer rows overwrite
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("quick"):
+            continue
+        for row in record.get("rows", []):
+            if row.get("median_s") and row.get("first_call_s") is not None:
+                rows[(row["family"], row["case"], row["mode"], row["peer"])] = row
+    return rows
+
+
+def least_cost_s(case: Case, plan: Plan, family: str = "", known: dict[Key, dict[str, Any]] | None = None) -> float:
+    """The least a case can take under ``plan``: each peer's first call, its warm-up (at least one
+    more call) and ``min_runs`` samples of at least ``run_s``. A peer's first call and time per
+    call come from ``known`` (:func:`history`); a peer not in it counts as instant calls."""
+    total = 0.0
+    for peer in case.peers:
+        row = (known or {}).get((family, case.name, case.mode, peer.name))
+        if row is None:
+            total += plan.warmup_s + plan.min_runs * plan.run_s
+            continue
+        call = float(row["median_s"])
+        calls = max(1, math.ceil(plan.run_s / max(call, 1e-9)))
+        total += float(row["first_call_s"]) + max(plan.warmup_s, call) + plan.min_runs * calls * call
+    return total
 
 
 @dataclass
@@ -42,6 +80,7 @@ class Budget:
 
     total_s: float
     now: Callable[[], float] = time.perf_counter
+    known: dict[Key, dict[str, Any]] = field(default_factory=dict)  # earlier timings (:func:`history`)
     started: float = field(init=False)
     skipped: list[str] = field(default_factory=list, init=False)  # "family: case mode (why)"
 
@@ -77,12 +116,14 @@ class Budget:
     def check(self, family: str, case: Case, plan: Plan) -> Skipped | None:
         """None when ``case`` can still be measured within the budget; otherwise the
         :class:`~bench._case.Skipped` that its rows report (and the skip is recorded)."""
-        need, left = least_cost_s(case, plan), self.left()
+        need, left = least_cost_s(case, plan, family, self.known), self.left()
         if need <= left:
             return None
+        timed = sum((family, case.name, case.mode, p.name) in self.known for p in case.peers)
+        basis = f"; first calls and times per call of {timed} peers from earlier runs" if timed else ""
         reason = (
             f"over the run's {self.total_s:.0f} s budget: {left:.0f} s left, the case needs at least "
-            f"{need:.0f} s ({len(case.peers)} peers x (warm-up + {plan.min_runs} samples)); "
+            f"{need:.0f} s ({len(case.peers)} peers x (first call, warm-up, {plan.min_runs} samples){basis}); "
             "--budget S or --full to run it"
         )
         self.skipped.append(f"{family}: {case.name} {case.mode} ({reason})")

@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench._case import Skipped
+
+# Why a peer is left out when its case has used up its share of the run's time budget.
+LATE = "left out: its case's share of the run's time budget was spent before its turn (--budget S or --full to time it)"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -103,11 +108,14 @@ def time_peers(
     plan: Plan,
     deadline: float | None = None,
     now: Callable[[], float] = time.perf_counter,
+    keep: str | None = None,
 ) -> dict[str, Timing | BaseException]:
     """Time every callable of ``fns``; a callable that raises gets its exception instead.
 
     ``deadline``: a reading of ``now`` by which the sampling should end (a run's time budget,
-    :mod:`bench._budget`). After the warm-ups the time left is split evenly among the peers and
+    :mod:`bench._budget`). A peer whose warm-up would start after it is left out (a
+    :class:`~bench._case.Skipped` result), except ``keep`` (the case's subject, which every other
+    peer is compared with). After the warm-ups the time left is split evenly among the peers and
     caps each one's ``plan.budget_s``; a peer still gets at least ``plan.min_runs`` samples.
     """
     results: dict[str, Timing | BaseException] = {}
@@ -116,6 +124,9 @@ def time_peers(
     runs: dict[str, int] = {}
     estimates: dict[str, float] = {}
     for name, fn in fns.items():
+        if deadline is not None and name != keep and now() >= deadline:
+            results[name] = Skipped(LATE)
+            continue
         try:
             first[name], estimates[name] = _warm_up(clock, fn, plan)
         except Exception as exc:  # a peer failing is a result to report, not a reason to stop

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import bench
-from bench._budget import DEFAULT_BUDGET_S, Budget, case_weight
+from bench._budget import DEFAULT_BUDGET_S, Budget, case_weight, history
 from bench._case import Case
 from bench._env import describe, row_fields
 from bench._measure import measure_case
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     budget_s = args.budget if args.budget is not None else None if args.full or args.quick else DEFAULT_BUDGET_S
-    budget = Budget(budget_s) if budget_s is not None else None
+    budget = Budget(budget_s, known=history(args.out)) if budget_s is not None else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with warnings.catch_warnings():
         # A missing kexue._C warns on import; the table reports it per case instead.

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from bench import run
-from bench._budget import DEFAULT_BUDGET_S, Budget, least_cost_s
-from bench._case import Case, Peer
+from bench._budget import DEFAULT_BUDGET_S, Budget, history, least_cost_s
+from bench._case import Case, Peer, Skipped
 from bench._timing import HEADLINE, Plan, Timing, time_peers
 
 
@@ -84,6 +84,42 @@ def test_a_case_that_would_overrun_is_skipped_with_the_reason():
     assert budget.skipped == [f"fam: big forward ({skipped})"]
 
 
+def write_record(path, rows, quick=False):
+    path.write_text(json.dumps({"quick": quick, "rows": rows}))
+
+
+def timed_row(peer, median_s, first_call_s, case="big"):
+    return {
+        "family": "fam",
+        "case": case,
+        "mode": "forward",
+        "peer": peer,
+        "median_s": median_s,
+        "first_call_s": first_call_s,
+    }
+
+
+def test_earlier_runs_tell_what_a_case_costs(tmp_path):
+    write_record(tmp_path / "bench-20260101-000000.json", [timed_row("p0", 9.0, 9.0), timed_row("p1", 9.0, 9.0)])
+    # the newest record wins; a --quick record (its shapes are small) is not read
+    write_record(tmp_path / "bench-20260102-000000.json", [timed_row("p0", 2.0, 30.0)])
+    write_record(tmp_path / "bench-20260103-000000.json", [timed_row("p0", 1e-3, 1e-3)], quick=True)
+    (tmp_path / "bench-20260104-000000.json").write_text("{not json")
+    known = history(tmp_path)
+    assert known[("fam", "big", "forward", "p0")]["median_s"] == 2.0
+    case = make_case("big", peers=3)
+    plan = HEADLINE
+    # p0: first call 30 s, one warm-up call of 2 s, 3 samples of one 2 s call; p1: 9 + 9 + 27;
+    # p2 (never timed): warm-up and 3 samples of run_s
+    expected = (30 + 2 + 3 * 2) + (9 + 9 + 3 * 9) + (plan.warmup_s + 3 * plan.run_s)
+    assert least_cost_s(case, plan, "fam", known) == pytest.approx(expected)
+    now = FakeTime()
+    budget = Budget(60.0, now=now, known=known)
+    skipped = budget.check("fam", case, plan)
+    assert skipped is not None and "2 peers from earlier runs" in str(skipped)
+    assert Budget(60.0, now=now).check("fam", case, plan) is None  # without history it looks cheap
+
+
 def test_budget_must_be_positive():
     for bad in (0, -1.0, float("nan"), True, "60"):
         with pytest.raises(ValueError, match="budget"):
@@ -150,7 +186,7 @@ def test_default_plan_has_the_default_budget(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_budget(total_s):
+    def fake_budget(total_s, known=None):
         seen["total_s"] = total_s
         raise Stop
 
@@ -160,3 +196,41 @@ def test_default_plan_has_the_default_budget(monkeypatch):
     assert seen["total_s"] == DEFAULT_BUDGET_S <= 8 * 60 - 60  # a minute left for start-up and plots
     with pytest.raises(SystemExit):
         run.parse_args(["--budget", "0"])
+
+
+def test_peers_whose_turn_comes_after_the_deadline_are_left_out():
+    now = FakeTime()
+    clock = FakeClock(now, per_call_s=0.0625)
+    plan = Plan(warmup_s=0.5, run_s=0.25, min_runs=3, max_runs=9, budget_s=3.0)
+    fns = {"slow": lambda: None, "kexue": lambda: None, "late": lambda: None}
+    # each warm-up takes 0.5625 s of fake time: "late" comes after the deadline, "kexue" is kept
+    result = time_peers(fns, clock, plan, deadline=now.t + 0.5, now=now, keep="kexue")
+    assert isinstance(result["slow"], Timing) and isinstance(result["kexue"], Timing)
+    assert result["late"].status == "skipped" and "time budget" in str(result["late"])
+    assert len(result["kexue"].samples) == plan.min_runs
+
+
+def test_measure_case_leaves_out_peers_built_after_the_deadline():
+    from bench._measure import measure_case
+
+    now = FakeTime()
+    built = []
+
+    def build(name, seconds):
+        def make(inputs):
+            built.append(name)
+            now.advance(seconds)  # building may compile
+            return lambda: None
+
+        return make
+
+    peers = [
+        Peer("compiled", build("compiled", 5.0)),
+        Peer("kexue", build("kexue", 0.0)),
+        Peer("other", build("other", 0)),
+    ]
+    case = Case("c", "forward", 1, dict, peers, subject="kexue")
+    results, _ = measure_case(case, __import__("torch").device("cpu"), FakeClock(now, 0.0625), HEADLINE, now.t + 1, now)
+    assert built == ["compiled", "kexue"]  # the subject is built and timed however late
+    assert results["other"].status == "skipped"
+    assert isinstance(results["kexue"], Timing) and isinstance(results["compiled"], Skipped)
