@@ -25,6 +25,30 @@ from bench._case import Skipped
 LATE = "left out: its case's share of the run's time budget was spent before its turn (--budget S or --full to time it)"
 
 
+def left_out(
+    name: str,
+    keep: str | None,
+    deadline: float | None,
+    now: Callable[[], float],
+    expected_s: dict[str, float] | None = None,
+) -> Skipped | None:
+    """Why peer ``name`` is not to be built or warmed up now, or None: its case's ``deadline``
+    has passed, or ``expected_s[name]`` (what earlier runs say its first call and fewest samples
+    take) would end past it. ``keep`` (the case's subject) is never left out."""
+    if deadline is None or name == keep:
+        return None
+    left = deadline - now()
+    if left <= 0:
+        return Skipped(LATE)
+    need = (expected_s or {}).get(name, 0.0)
+    if need > left:
+        return Skipped(
+            f"left out: earlier runs say its first call, warm-up and fewest samples take {need:.0f} s, more than "
+            f"the {left:.0f} s its case has left of the run's time budget (--budget S or --full to time it)"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Plan:
     """How long to time each peer. ``--quick`` uses a smaller plan."""
@@ -109,14 +133,16 @@ def time_peers(
     deadline: float | None = None,
     now: Callable[[], float] = time.perf_counter,
     keep: str | None = None,
+    expected_s: dict[str, float] | None = None,
 ) -> dict[str, Timing | BaseException]:
     """Time every callable of ``fns``; a callable that raises gets its exception instead.
 
     ``deadline``: a reading of ``now`` by which the sampling should end (a run's time budget,
-    :mod:`bench._budget`). A peer whose warm-up would start after it is left out (a
-    :class:`~bench._case.Skipped` result), except ``keep`` (the case's subject, which every other
-    peer is compared with). After the warm-ups the time left is split evenly among the peers and
-    caps each one's ``plan.budget_s``; a peer still gets at least ``plan.min_runs`` samples.
+    :mod:`bench._budget`). A peer whose warm-up would start after it, or would not end before it by
+    ``expected_s`` (:func:`left_out`), is left out (a :class:`~bench._case.Skipped` result), except
+    ``keep`` (the case's subject, which every other peer is compared with). After the warm-ups
+    the time left is split evenly among the peers and caps each one's ``plan.budget_s``; a peer
+    still gets at least ``plan.min_runs`` samples.
     """
     results: dict[str, Timing | BaseException] = {}
     first: dict[str, float] = {}
@@ -124,8 +150,9 @@ def time_peers(
     runs: dict[str, int] = {}
     estimates: dict[str, float] = {}
     for name, fn in fns.items():
-        if deadline is not None and name != keep and now() >= deadline:
-            results[name] = Skipped(LATE)
+        skipped = left_out(name, keep, deadline, now, expected_s)
+        if skipped is not None:
+            results[name] = skipped
             continue
         try:
             first[name], estimates[name] = _warm_up(clock, fn, plan)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import bench
-from bench._budget import DEFAULT_BUDGET_S, Budget, case_weight, history
+from bench._budget import DEFAULT_BUDGET_S, Budget, case_weight, expected_costs, history
 from bench._case import Case
 from bench._env import describe, row_fields
 from bench._measure import measure_case
@@ -77,8 +77,9 @@ def run_case(
     floor_gbps: float,
     env: dict[str, Any],
     deadline: float | None = None,
+    expected_s: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    results, peaks = measure_case(case, device, clock, plan, deadline)
+    results, peaks = measure_case(case, device, clock, plan, deadline, expected_s=expected_s)
     return [make_row(family, case, p.name, results[p.name], peaks.get(p.name), floor_gbps, env) for p in case.peers]
 
 
@@ -122,10 +123,11 @@ def run_family(
             print(f" skipped: {skipped}", file=sys.stderr, flush=True)
             rows += [make_row(name, case, p.name, skipped, None, floor["gbps"], env) for p in case.peers]
             continue
-        case_deadline = None
+        case_deadline, expected = None, None
         if budget is not None:
             case_deadline = budget.case_deadline(deadline if deadline is not None else budget.now(), weights, i)
-        rows += run_case(name, case, device, clock, plan, floor["gbps"], env, case_deadline)
+            expected = expected_costs(case, plan, name, budget.known)
+        rows += run_case(name, case, device, clock, plan, floor["gbps"], env, case_deadline, expected)
         print(f" {fmt_time(time.perf_counter() - t0)}", file=sys.stderr, flush=True)
     add_ratios(rows)
     headlines = [h.evaluate(rows) for h in getattr(module, "HEADLINES", [])]

@@ -149,7 +149,7 @@ def test_run_family_skips_what_no_longer_fits(monkeypatch, capsys):
     budget = Budget(10.0, now=now)
     deadlines = []
 
-    def fake_measure(case, device, clock, plan, deadline=None):
+    def fake_measure(case, device, clock, plan, deadline=None, expected_s=None):
         deadlines.append(deadline - now.t)
         now.advance(4.0)  # each case takes 4 s whatever its deadline (first calls are not bounded)
         timing = Timing([1e-3] * plan.min_runs, 1, 1e-3)
@@ -208,6 +208,11 @@ def test_peers_whose_turn_comes_after_the_deadline_are_left_out():
     assert isinstance(result["slow"], Timing) and isinstance(result["kexue"], Timing)
     assert result["late"].status == "skipped" and "time budget" in str(result["late"])
     assert len(result["kexue"].samples) == plan.min_runs
+    # before the deadline, a peer that earlier runs say would not end in time is left out too
+    now.t = 0.0
+    result = time_peers(fns, clock, plan, deadline=5.0, now=now, keep="kexue", expected_s={"slow": 6.0, "kexue": 9})
+    assert "earlier runs say" in str(result["slow"]) and "6 s" in str(result["slow"])
+    assert isinstance(result["kexue"], Timing) and isinstance(result["late"], Timing)
 
 
 def test_measure_case_leaves_out_peers_built_after_the_deadline():
