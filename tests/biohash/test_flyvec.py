@@ -699,3 +699,9 @@ def test_evaluate_context_hash_cli(tmp_path, trained, capsys):
     assert "needs --corpus" in capsys.readouterr().err
     assert main(["evaluate", str(out), str(pairs), "--corpus", str(corpus)]) == 2
     assert "go with --similarity context-hash" in capsys.readouterr().err
+    assert main(["neighbors", str(out), "apple", "-n", "4", "--corpus", str(corpus)]) == 0
+    neighbours = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(neighbours) == 4 and sum(w in TOPICS[0] for w in neighbours) >= 3  # fruit near apple
+    _, model = trained
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        model.nearest("apple", 3, codes=torch.zeros(2, 3, dtype=torch.uint8))

@@ -1,4 +1,4 @@
-"""``python -m kexue.flyvec train CORPUS --out DIR [--preset small]``, ``... neighbors DIR WORD``,
+"""``python -m kexue.flyvec train CORPUS --out DIR [--preset small]``, ``... neighbors DIR WORD [--corpus CORPUS]``,
 ``... evaluate DIR PAIRS... [--similarity context-hash --corpus CORPUS]``.
 
 Settings given on the command line override the preset's (``--preset flyvec``, the default:
@@ -59,10 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="mask the words of FILE (one a line; 'english': the built-in list; default 'none')",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
-    n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static hashes")
+    n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static (or context) hashes")
     n.add_argument("model", help="a model folder (or model.pt)")
     n.add_argument("word")
     n.add_argument("-n", type=_positive_int, default=10, help="how many neighbours (default 10)")
+    n.add_argument("--corpus", help="compare context hashes voted by this text's windows (the training corpus)")
     e = sub.add_parser("evaluate", help="Spearman correlation on word-similarity pair files")
     e.add_argument("model", help="a model folder (or model.pt)")
     e.add_argument("pairs", nargs="+", help="tab-separated 'word1 word2 score' files (e.g. wordsim353.tsv)")
@@ -137,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{path}\tspearman {score.spearman:.4f}\t{interval}\tpairs {score.pairs}\tskipped {score.skipped}"
                 )
             return status
-        for word, dist in model.nearest(args.word.lower(), args.n):
+        codes = None
+        if args.corpus is not None:
+            from kexue.flyvec.context import context_hashes
+
+            codes = context_hashes(model, args.corpus)
+        for word, dist in model.nearest(args.word.lower(), args.n, codes=codes):
             print(f"{word}\t{dist}")
         return 0
     except (ValueError, TypeError, KeyError, OSError, ModelFileError) as exc:

@@ -124,14 +124,23 @@ class FlyVec:
         codes = kexue.ops.biohash(torch.tensor(row), torch.tensor([0, len(row)]), None, self.synapses, self._k(k))
         return codes[0]
 
-    def nearest(self, word: str, n: int = 10, k: int | None = None) -> list[tuple[str, int]]:
-        """The ``n`` words nearest to ``word`` by Hamming distance of static codes:
+    def nearest(
+        self, word: str, n: int = 10, k: int | None = None, codes: torch.Tensor | None = None
+    ) -> list[tuple[str, int]]:
+        """The ``n`` words nearest to ``word`` by Hamming distance of static codes (or of
+        ``codes``, one packed row per vocabulary id, e.g. context hashes):
         ``[(word, distance), ...]``, nearest first, ties by frequency rank. ``<UNK>`` and the word
         itself are left out."""
         if word not in self.vocabulary:
             raise KeyError(f"{word!r} is not in the vocabulary ({len(self.vocabulary) - 1:,} words)")
-        codes = self.word_hashes(k)
         V = len(self.vocabulary)
+        if codes is None:
+            codes = self.word_hashes(k)
+        elif codes.dtype != torch.uint8 or codes.shape != (V, code_bytes(self.num_hidden)):
+            raise ValueError(
+                f"codes must be uint8 (V, ceil(K/8)) = ({V}, {code_bytes(self.num_hidden)}), "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
         n = max(0, min(n, V - 2))
         query = codes[self.vocabulary.id(word)][None]
         dist, idx = kexue.ops.hamming_topk(query, codes, min(V, n + 2))
