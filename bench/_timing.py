@@ -112,18 +112,32 @@ class Clock:
         return (time.perf_counter() - t0) / calls
 
 
-def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> tuple[float, float]:
-    """``(first call, mean warm call)`` in seconds.
+def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> float:
+    """The mean warm call in seconds (the first call is made and timed before this).
 
     Warm-up runs for a set time rather than a set count: fast calls get many (their mean is what
     sizes the samples, and one call is too noisy for that), slow ones a single call.
     """
-    first = clock.per_call(fn, 1)
     spent, count = 0.0, 0
     while count == 0 or spent < plan.warmup_s:
         spent += clock.per_call(fn, 1)
         count += 1
-    return first, spent / count
+    return spent / count
+
+
+def _late_after_first_call(first_s: float, plan: Plan, deadline: float, now: Callable[[], float]) -> Skipped | None:
+    """A peer whose first call alone shows that its warm-up and ``min_runs`` samples would end
+    past the deadline (taking the first call as the time per call: compiling peers look slower
+    than they are, and are the ones left out when time is short)."""
+    rest = max(plan.warmup_s, first_s) + plan.min_runs * max(plan.run_s, first_s)
+    left = deadline - now()
+    if rest <= left:
+        return None
+    return Skipped(
+        f"left out after its first call ({first_s:.3g} s): its warm-up and {plan.min_runs} samples would take "
+        f"about {rest:.0f} s, more than the {max(left, 0):.0f} s its case has left of the run's time budget "
+        "(--budget S or --full to time it)"
+    )
 
 
 def time_peers(
@@ -155,7 +169,12 @@ def time_peers(
             results[name] = skipped
             continue
         try:
-            first[name], estimates[name] = _warm_up(clock, fn, plan)
+            first_s = clock.per_call(fn, 1)  # pays for compilation and lazy set-up
+            late = None if deadline is None or name == keep else _late_after_first_call(first_s, plan, deadline, now)
+            if late is not None:
+                results[name] = late
+                continue
+            first[name], estimates[name] = first_s, _warm_up(clock, fn, plan)
         except Exception as exc:  # a peer failing is a result to report, not a reason to stop
             results[name] = exc
     per_peer_s = plan.budget_s

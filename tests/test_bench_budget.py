@@ -126,7 +126,7 @@ def test_budget_must_be_positive():
             Budget(bad)
 
 
-@pytest.mark.parametrize(("deadline_in", "runs"), [(None, 9), (3.0, 6), (0.5, 3)])
+@pytest.mark.parametrize(("deadline_in", "runs"), [(None, 9), (3.0, 6), (1.5, 3)])
 def test_sampling_shrinks_to_meet_the_deadline(deadline_in, runs):
     now = FakeTime()
     clock = FakeClock(now, per_call_s=0.0625)  # 4 calls a 0.25 s sample (binary fractions: exact sums)
@@ -203,8 +203,9 @@ def test_peers_whose_turn_comes_after_the_deadline_are_left_out():
     clock = FakeClock(now, per_call_s=0.0625)
     plan = Plan(warmup_s=0.5, run_s=0.25, min_runs=3, max_runs=9, budget_s=3.0)
     fns = {"slow": lambda: None, "kexue": lambda: None, "late": lambda: None}
-    # each warm-up takes 0.5625 s of fake time: "late" comes after the deadline, "kexue" is kept
-    result = time_peers(fns, clock, plan, deadline=now.t + 0.5, now=now, keep="kexue")
+    # each warm-up takes 0.5625 s of fake time: "slow" fits (1.25 s of warm-up and samples after its
+    # first call), "late" no longer does when its turn comes, "kexue" is kept
+    result = time_peers(fns, clock, plan, deadline=now.t + 1.5, now=now, keep="kexue")
     assert isinstance(result["slow"], Timing) and isinstance(result["kexue"], Timing)
     assert result["late"].status == "skipped" and "time budget" in str(result["late"])
     assert len(result["kexue"].samples) == plan.min_runs
@@ -213,6 +214,35 @@ def test_peers_whose_turn_comes_after_the_deadline_are_left_out():
     result = time_peers(fns, clock, plan, deadline=5.0, now=now, keep="kexue", expected_s={"slow": 6.0, "kexue": 9})
     assert "earlier runs say" in str(result["slow"]) and "6 s" in str(result["slow"])
     assert isinstance(result["kexue"], Timing) and isinstance(result["late"], Timing)
+
+
+class PerPeerClock(FakeClock):
+    """Calls of ``fn`` take ``seconds[fn]`` of fake time each."""
+
+    def __init__(self, time_, seconds):
+        super().__init__(time_, 0.0)
+        self.seconds = seconds
+
+    def per_call(self, fn, calls):
+        self.time.advance(self.seconds[fn] * calls)
+        return self.seconds[fn]
+
+
+def test_a_peer_whose_first_call_shows_it_cannot_finish_is_left_out():
+    now = FakeTime()
+    plan = Plan(warmup_s=0.5, run_s=0.25, min_runs=3, max_runs=9, budget_s=3.0)
+    kexue, slow, quick = (lambda: 1), (lambda: 2), (lambda: 3)
+    clock = PerPeerClock(now, {kexue: 2.0, slow: 2.0, quick: 0.0625})
+    fns = {"slow": slow, "kexue": kexue, "quick": quick}
+    # 10 s: "slow" needs 2 + (2 + 3 x 2) s; after its first call 8 s are left: it just fits
+    result = time_peers(fns, clock, plan, deadline=now.t + 10.0, now=now, keep="kexue")
+    assert isinstance(result["slow"], Timing)
+    now.t = 0.0
+    result = time_peers(fns, clock, plan, deadline=7.0, now=now, keep="kexue")
+    assert result["slow"].status == "skipped" and "after its first call (2 s)" in str(result["slow"])
+    assert "about 8 s, more than the 5 s" in str(result["slow"])
+    assert isinstance(result["kexue"], Timing)  # the subject as slow, but kept
+    assert isinstance(result["quick"], Timing) or result["quick"].status == "skipped"
 
 
 def test_measure_case_leaves_out_peers_built_after_the_deadline():
