@@ -5,9 +5,10 @@ in all, the memory floor included. The families share what is left when each sta
 proportion to their weights (the number of peers they time), so time one family saves goes to
 the next and time it overspends comes out of the rest. Inside a family each case gets a deadline
 the same way; :func:`bench._timing.time_peers` takes fewer samples to meet it (never fewer than
-the plan's ``min_runs``). A case whose cheapest possible measurement (every peer warmed up and
-sampled ``min_runs`` times) no longer fits in what is left of the whole budget is skipped and
-reported with the reason, rather than run past the budget.
+the plan's ``min_runs``), and a peer that would not finish by then is left out
+(:func:`bench._timing.left_out`). A case whose cheapest useful measurement (the subject and its
+quickest peer, each warmed up and sampled ``min_runs`` times) no longer fits in what is left of
+the whole budget is skipped and reported with the reason, rather than run past the budget.
 
 That cheapest measurement includes each peer's first call (``torch.compile`` compiles in it) and
 its time per call, which only a run can tell: they are read from the newest earlier records in
@@ -75,11 +76,15 @@ def expected_costs(case: Case, plan: Plan, family: str, known: dict[Key, dict[st
     return {name: peer_cost_s(plan, known[key]) for name, key in keys.items() if key in known}
 
 
-def least_cost_s(case: Case, plan: Plan, family: str = "", known: dict[Key, dict[str, Any]] | None = None) -> float:
-    """The least a case can take under ``plan``: :func:`peer_cost_s` summed over its peers, from
-    ``known`` (:func:`history`) where an earlier run timed them."""
+def least_case_cost_s(
+    case: Case, plan: Plan, family: str = "", known: dict[Key, dict[str, Any]] | None = None
+) -> float:
+    """What a case needs to say anything: its subject and its quickest other peer, each at
+    :func:`peer_cost_s` (the other peers are left out one by one when time is short)."""
     known = known or {}
-    return sum(peer_cost_s(plan, known.get((family, case.name, case.mode, p.name))) for p in case.peers)
+    costs = {p.name: peer_cost_s(plan, known.get((family, case.name, case.mode, p.name))) for p in case.peers}
+    subject = costs.pop(case.subject, 0.0)
+    return subject + min(costs.values(), default=0.0)
 
 
 @dataclass
@@ -124,15 +129,15 @@ class Budget:
     def check(self, family: str, case: Case, plan: Plan) -> Skipped | None:
         """None when ``case`` can still be measured within the budget; otherwise the
         :class:`~bench._case.Skipped` that its rows report (and the skip is recorded)."""
-        need, left = least_cost_s(case, plan, family, self.known), self.left()
+        need, left = least_case_cost_s(case, plan, family, self.known), self.left()
         if need <= left:
             return None
         timed = sum((family, case.name, case.mode, p.name) in self.known for p in case.peers)
         basis = f"; first calls and times per call of {timed} peers from earlier runs" if timed else ""
         reason = (
             f"over the run's {self.total_s:.0f} s budget: {left:.0f} s left, the case needs at least "
-            f"{need:.0f} s ({len(case.peers)} peers x (first call, warm-up, {plan.min_runs} samples){basis}); "
-            "--budget S or --full to run it"
+            f"{need:.0f} s ({case.subject} and its quickest peer: first call, warm-up, {plan.min_runs} samples "
+            f"each{basis}); --budget S or --full to run it"
         )
         self.skipped.append(f"{family}: {case.name} {case.mode} ({reason})")
         return Skipped(reason)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import run
-from bench._budget import DEFAULT_BUDGET_S, Budget, history, least_cost_s
+from bench._budget import DEFAULT_BUDGET_S, Budget, history, least_case_cost_s
 from bench._case import Case, Peer, Skipped
 from bench._timing import HEADLINE, Plan, Timing, time_peers
 
@@ -44,6 +44,7 @@ def make_case(name: str, peers: int = 2) -> Case:
         bytes=1,
         setup=dict,
         peers=[Peer(f"p{i}", lambda inputs: lambda: None) for i in range(peers)],
+        subject="p0",
         headline=True,
     )
 
@@ -74,13 +75,14 @@ def test_a_case_that_would_overrun_is_skipped_with_the_reason():
     now = FakeTime()
     budget = Budget(10.0, now=now)
     case = make_case("big", peers=5)
-    need = least_cost_s(case, HEADLINE)
-    assert need == pytest.approx(5 * (HEADLINE.warmup_s + HEADLINE.min_runs * HEADLINE.run_s))
-    assert budget.check("fam", case, HEADLINE) is None  # 5.5 s of 10 s
+    # the subject and its quickest peer (the others are left out one by one when time is short)
+    need = least_case_cost_s(case, HEADLINE)
+    assert need == pytest.approx(2 * (HEADLINE.warmup_s + HEADLINE.min_runs * HEADLINE.run_s))
+    assert budget.check("fam", case, HEADLINE) is None  # 2.2 s of 10 s
     now.advance(10.0 - need + 0.1)
     skipped = budget.check("fam", case, HEADLINE)
     assert skipped is not None and skipped.status == "skipped"
-    assert "10 s budget" in str(skipped) and "needs at least 6 s" in str(skipped)
+    assert "10 s budget" in str(skipped) and "needs at least 2 s (p0 and its quickest peer" in str(skipped)
     assert budget.skipped == [f"fam: big forward ({skipped})"]
 
 
@@ -109,15 +111,15 @@ def test_earlier_runs_tell_what_a_case_costs(tmp_path):
     assert known[("fam", "big", "forward", "p0")]["median_s"] == 2.0
     case = make_case("big", peers=3)
     plan = HEADLINE
-    # p0: first call 30 s, one warm-up call of 2 s, 3 samples of one 2 s call; p1: 9 + 9 + 27;
-    # p2 (never timed): warm-up and 3 samples of run_s
-    expected = (30 + 2 + 3 * 2) + (9 + 9 + 3 * 9) + (plan.warmup_s + 3 * plan.run_s)
-    assert least_cost_s(case, plan, "fam", known) == pytest.approx(expected)
+    # p0 (the subject): first call 30 s, one warm-up call of 2 s, 3 samples of one 2 s call;
+    # p1: 9 + 9 + 27; p2 (never timed, the quickest): warm-up and 3 samples of run_s
+    expected = (30 + 2 + 3 * 2) + (plan.warmup_s + 3 * plan.run_s)
+    assert least_case_cost_s(case, plan, "fam", known) == pytest.approx(expected)
     now = FakeTime()
-    budget = Budget(60.0, now=now, known=known)
+    budget = Budget(30.0, now=now, known=known)
     skipped = budget.check("fam", case, plan)
     assert skipped is not None and "2 peers from earlier runs" in str(skipped)
-    assert Budget(60.0, now=now).check("fam", case, plan) is None  # without history it looks cheap
+    assert Budget(30.0, now=now).check("fam", case, plan) is None  # without history it looks cheap
 
 
 def test_budget_must_be_positive():
