@@ -19,6 +19,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench._case import Skipped
+
+# Why a peer is left out when its case has used up its share of the run's time budget.
+LATE = "left out: its case's share of the run's time budget was spent before its turn (--budget S or --full to time it)"
+
+
+def left_out(
+    name: str,
+    keep: str | None,
+    deadline: float | None,
+    now: Callable[[], float],
+    expected_s: dict[str, float] | None = None,
+) -> Skipped | None:
+    """Why peer ``name`` is not to be built or warmed up now, or None: its case's ``deadline``
+    has passed, or ``expected_s[name]`` (what earlier runs say its first call and fewest samples
+    take) would end past it. ``keep`` (the case's subject) is never left out."""
+    if deadline is None or name == keep:
+        return None
+    left = deadline - now()
+    if left <= 0:
+        return Skipped(LATE)
+    need = (expected_s or {}).get(name, 0.0)
+    if need > left:
+        return Skipped(
+            f"left out: earlier runs say its first call, warm-up and fewest samples take {need:.0f} s, more than "
+            f"the {left:.0f} s its case has left of the run's time budget (--budget S or --full to time it)"
+        )
+    return None
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -83,34 +112,77 @@ class Clock:
         return (time.perf_counter() - t0) / calls
 
 
-def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> tuple[float, float]:
-    """``(first call, mean warm call)`` in seconds.
+def _warm_up(clock: Clock, fn: Callable[[], Any], plan: Plan) -> float:
+    """The mean warm call in seconds (the first call is made and timed before this).
 
     Warm-up runs for a set time rather than a set count: fast calls get many (their mean is what
     sizes the samples, and one call is too noisy for that), slow ones a single call.
     """
-    first = clock.per_call(fn, 1)
     spent, count = 0.0, 0
     while count == 0 or spent < plan.warmup_s:
         spent += clock.per_call(fn, 1)
         count += 1
-    return first, spent / count
+    return spent / count
 
 
-def time_peers(fns: dict[str, Callable[[], Any]], clock: Clock, plan: Plan) -> dict[str, Timing | BaseException]:
-    """Time every callable of ``fns``; a callable that raises gets its exception instead."""
+def _late_after_first_call(first_s: float, plan: Plan, deadline: float, now: Callable[[], float]) -> Skipped | None:
+    """A peer whose first call alone shows that its warm-up and ``min_runs`` samples would end
+    past the deadline (taking the first call as the time per call: compiling peers look slower
+    than they are, and are the ones left out when time is short)."""
+    rest = max(plan.warmup_s, first_s) + plan.min_runs * max(plan.run_s, first_s)
+    left = deadline - now()
+    if rest <= left:
+        return None
+    return Skipped(
+        f"left out after its first call ({first_s:.3g} s): its warm-up and {plan.min_runs} samples would take "
+        f"about {rest:.0f} s, more than the {max(left, 0):.0f} s its case has left of the run's time budget "
+        "(--budget S or --full to time it)"
+    )
+
+
+def time_peers(
+    fns: dict[str, Callable[[], Any]],
+    clock: Clock,
+    plan: Plan,
+    deadline: float | None = None,
+    now: Callable[[], float] = time.perf_counter,
+    keep: str | None = None,
+    expected_s: dict[str, float] | None = None,
+) -> dict[str, Timing | BaseException]:
+    """Time every callable of ``fns``; a callable that raises gets its exception instead.
+
+    ``deadline``: a reading of ``now`` by which the sampling should end (a run's time budget,
+    :mod:`bench._budget`). A peer whose warm-up would start after it, or would not end before it by
+    ``expected_s`` (:func:`left_out`), is left out (a :class:`~bench._case.Skipped` result), except
+    ``keep`` (the case's subject, which every other peer is compared with). After the warm-ups
+    the time left is split evenly among the peers and caps each one's ``plan.budget_s``; a peer
+    still gets at least ``plan.min_runs`` samples.
+    """
     results: dict[str, Timing | BaseException] = {}
     first: dict[str, float] = {}
     calls: dict[str, int] = {}
     runs: dict[str, int] = {}
+    estimates: dict[str, float] = {}
     for name, fn in fns.items():
+        skipped = left_out(name, keep, deadline, now, expected_s)
+        if skipped is not None:
+            results[name] = skipped
+            continue
         try:
-            first[name], estimate = _warm_up(clock, fn, plan)
+            first_s = clock.per_call(fn, 1)  # pays for compilation and lazy set-up
+            late = None if deadline is None or name == keep else _late_after_first_call(first_s, plan, deadline, now)
+            if late is not None:
+                results[name] = late
+                continue
+            first[name], estimates[name] = first_s, _warm_up(clock, fn, plan)
         except Exception as exc:  # a peer failing is a result to report, not a reason to stop
             results[name] = exc
-            continue
+    per_peer_s = plan.budget_s
+    if deadline is not None and estimates:
+        per_peer_s = min(per_peer_s, max(0.0, deadline - now()) / len(estimates))
+    for name, estimate in estimates.items():
         calls[name] = max(1, math.ceil(plan.run_s / max(estimate, 1e-9)))
-        affordable = int(plan.budget_s / max(estimate * calls[name], 1e-9))
+        affordable = int(per_peer_s / max(estimate * calls[name], 1e-9))
         runs[name] = min(plan.max_runs, max(plan.min_runs, affordable))
 
     samples: dict[str, list[float]] = {name: [] for name in runs}

@@ -1,10 +1,13 @@
-"""Run the benchmarks: ``python -m bench [--full] [--only FAMILY] [--quick] [--out DIR] [--device D] [--threads N]``.
+"""Run the benchmarks: ``python -m bench [--full] [--only FAMILY] [--quick] [--budget S] [--out DIR]
+[--device D] [--threads N]``.
 
 Finds every family module in bench/ (see :mod:`bench`), measures the memory floor, times each
 case's peers against each other, prints a table per family, and writes the rows to
 ``DIR/bench-<time>.json``, plots to ``DIR/bench.png`` (all families) and ``DIR/bench-<family>.png``.
 By default only each family's headline cases run (every peer of them: minutes); ``--full`` runs
-every case. A run writes nothing outside DIR (bench/results/, ignored by git).
+every case. The default plan runs under a time budget (``--budget``, :mod:`bench._budget`): its
+families share it, and a case that would overrun it is skipped with the reason. A run writes
+nothing outside DIR (bench/results/, ignored by git).
 
 ``--publish [JSON]`` runs nothing: it rewrites the README's results table from a record (default:
 the newest in DIR) and copies its per-family plots to docs/bench/, and refuses a record whose
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 import bench
+from bench._budget import DEFAULT_BUDGET_S, Budget, case_weight, expected_costs, history
 from bench._case import Case
 from bench._env import describe, row_fields
 from bench._measure import measure_case
@@ -65,10 +69,31 @@ def load_family(name: str) -> ModuleType:
 
 
 def run_case(
-    family: str, case: Case, device: torch.device, clock: Clock, plan: Plan, floor_gbps: float, env: dict[str, Any]
+    family: str,
+    case: Case,
+    device: torch.device,
+    clock: Clock,
+    plan: Plan,
+    floor_gbps: float,
+    env: dict[str, Any],
+    deadline: float | None = None,
+    expected_s: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    results, peaks = measure_case(case, device, clock, plan)
+    results, peaks = measure_case(case, device, clock, plan, deadline, expected_s=expected_s)
     return [make_row(family, case, p.name, results[p.name], peaks.get(p.name), floor_gbps, env) for p in case.peers]
+
+
+def plan_family(name: str, device: torch.device, quick: bool, full: bool = False) -> tuple[ModuleType, list[Case]]:
+    """A family's module and the cases this run measures (the default plan: the headline ones)."""
+    module = load_family(name)
+    cases = module.cases(device, quick)
+    if not full:  # the default plan: the cases the family's headlines are read from
+        cases = [c for c in cases if c.headline]
+    return module, cases
+
+
+def family_weight(cases: list[Case]) -> int:
+    return sum(case_weight(c) for c in cases)
 
 
 def run_family(
@@ -80,16 +105,29 @@ def run_family(
     floor: dict[str, Any],
     env: dict[str, Any],
     full: bool = False,
+    budget: Budget | None = None,
+    deadline: float | None = None,
+    planned: tuple[ModuleType, list[Case]] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    module = load_family(name)
-    cases = module.cases(device, quick)
-    if not full:  # the default plan: the cases the family's headlines are read from
-        cases = [c for c in cases if c.headline]
+    """Rows and headlines of one family. With a ``budget``, the family should end by ``deadline``
+    (a ``budget.now()`` reading): each case gets its share of that time, and a case that no
+    longer fits in the whole budget is skipped (its rows say why)."""
+    module, cases = planned or plan_family(name, device, quick, full)
+    weights = [case_weight(c) for c in cases]
     rows: list[dict[str, Any]] = []
-    for i, case in enumerate(cases, 1):
+    for i, case in enumerate(cases):
         t0 = time.perf_counter()
-        print(f"[{name} {i}/{len(cases)}] {case.name} {case.mode} ...", end="", file=sys.stderr, flush=True)
-        rows += run_case(name, case, device, clock, plan, floor["gbps"], env)
+        print(f"[{name} {i + 1}/{len(cases)}] {case.name} {case.mode} ...", end="", file=sys.stderr, flush=True)
+        skipped = budget.check(name, case, plan) if budget is not None else None
+        if skipped is not None:
+            print(f" skipped: {skipped}", file=sys.stderr, flush=True)
+            rows += [make_row(name, case, p.name, skipped, None, floor["gbps"], env) for p in case.peers]
+            continue
+        case_deadline, expected = None, None
+        if budget is not None:
+            case_deadline = budget.case_deadline(deadline if deadline is not None else budget.now(), weights, i)
+            expected = expected_costs(case, plan, name, budget.known)
+        rows += run_case(name, case, device, clock, plan, floor["gbps"], env, case_deadline, expected)
         print(f" {fmt_time(time.perf_counter() - t0)}", file=sys.stderr, flush=True)
     add_ratios(rows)
     headlines = [h.evaluate(rows) for h in getattr(module, "HEADLINES", [])]
@@ -112,6 +150,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="every case of every family (default: each family's headline cases, every peer)",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="S",
+        help=f"seconds of wall time for the whole run (default {DEFAULT_BUDGET_S:.0f} for the default plan, "
+        "none for --full and --quick): families share it by their number of peers, cases take fewer "
+        "samples to fit, and a case that would overrun it is skipped with the reason",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke run, not numbers")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
@@ -133,6 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.budget is not None and not args.budget > 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     return args
@@ -150,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    budget_s = args.budget if args.budget is not None else None if args.full or args.quick else DEFAULT_BUDGET_S
+    budget = Budget(budget_s, known=history(args.out)) if budget_s is not None else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with warnings.catch_warnings():
         # A missing kexue._C warns on import; the table reports it per case instead.
@@ -158,12 +209,12 @@ def _run(args: argparse.Namespace) -> int:
     per_row = row_fields(device)
     plan = QUICK if args.quick else FULL if args.full else HEADLINE
     clock = Clock(device)
-    started = time.perf_counter()
 
     plan_name = "full plan" if args.full else "headline cases (--full for all)"
+    budget_text = f"; budget {budget.total_s:.0f} s" if budget else ""
     print(
         f"kexue bench on {env['device']} ({device.type}), {env['threads']} threads, torch {env['torch']}, "
-        f"triton {env['triton']}, kexue {env['kexue']}; {plan_name}{', --quick' if args.quick else ''}"
+        f"triton {env['triton']}, kexue {env['kexue']}; {plan_name}{', --quick' if args.quick else ''}{budget_text}"
     )
     for backend, state in env["kexue_backends"].items():
         print(f"  backend {backend}: {'available' if state['available'] else state['reason']}")
@@ -176,10 +227,16 @@ def _run(args: argparse.Namespace) -> int:
         f"fastest of {floor['runs']} samples ({fmt_time(floor['best_s'])}; median {fmt_time(floor['median_s'])})"
     )
 
+    names = args.only or family_names()
+    planned = {name: plan_family(name, device, args.quick, args.full) for name in names}
+    weights = [family_weight(planned[name][1]) for name in names]
     rows: list[dict[str, Any]] = []
     headlines: dict[str, list[dict]] = {}
-    for name in args.only or family_names():
-        family_rows, headlines[name] = run_family(name, device, clock, plan, args.quick, floor, per_row, args.full)
+    for i, name in enumerate(names):
+        deadline = budget.family_deadline(weights, i) if budget else None
+        family_rows, headlines[name] = run_family(
+            name, device, clock, plan, args.quick, floor, per_row, args.full, budget, deadline, planned[name]
+        )
         rows += family_rows
         print()
         print(format_family(name, family_rows, headlines[name], floor))
@@ -198,10 +255,19 @@ def _run(args: argparse.Namespace) -> int:
         "headlines": headlines,
         "rows": rows,
         "elapsed_s": elapsed,
+        "budget": {"total_s": budget.total_s, "skipped": budget.skipped} if budget else None,
     }
     json_path.write_text(json.dumps(record, indent=1, default=str))
-    print(f"\nwrote {json_path} ({duration(elapsed)} in all)")
+    print(f"\nwrote {json_path}")
     draw(record, args.out)
+    wall = time.perf_counter() - started
+    if budget:
+        print(f"wall time {duration(wall)} of a {duration(budget.total_s)} budget", end="")
+        print(f"; {len(budget.skipped)} case(s) skipped to stay within it:" if budget.skipped else "")
+        for text in budget.skipped:
+            print(f"  {text}")
+    else:
+        print(f"wall time {duration(wall)}")
     if load["ok"] and not args.quick:
         print("to put these results in README.md and docs/bench/: make bench-publish")
     return 0

@@ -58,6 +58,18 @@ def cpu_code_path(path: str, flags: set[str] | None) -> tuple[str, str, str]:
     return ", ".join(compiled + [BASELINE]), ", ".join(supported + [BASELINE]), in_use
 
 
+def cuda_build_note(torch_cuda: str | None) -> str:
+    """Why a native module has no CUDA kernels, from what the build needed (it does not record
+    which condition failed; the build's own output printed that)."""
+    if torch_cuda is None:
+        return "the installed torch has no CUDA (a CPU wheel), so setup.py built the CPU sources only"
+    return (
+        "setup.py builds them only when torch has CUDA, nvcc is found and the GPU architectures are "
+        "known: a GPU visible at build time, or TORCH_CUDA_ARCH_LIST set (e.g. '8.0;9.0'); reinstall "
+        "with `TORCH_CUDA_ARCH_LIST=... pip install --no-build-isolation .` to add them"
+    )
+
+
 def _native_lines() -> list[str]:
     native = _backend.native()
     if native is None:
@@ -68,11 +80,13 @@ def _native_lines() -> list[str]:
         ]
     path = native.__file__
     built = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+    with_cuda = getattr(native, "WITH_CUDA", False)
     lines = [
         f"kexue._C          loaded from {path}",
-        f"  built           {built:%Y-%m-%d %H:%M} UTC (the file's time), CUDA kernels: "
-        f"{'yes' if getattr(native, 'WITH_CUDA', False) else 'no'}",
+        f"  built           {built:%Y-%m-%d %H:%M} UTC (the file's time), CUDA kernels: {'yes' if with_cuda else 'no'}",
     ]
+    if not with_cuda:
+        lines.append(f"    no CUDA       {cuda_build_note(torch.version.cuda)}")
     if platform.machine() in ("x86_64", "AMD64"):
         compiled, supported, in_use = cpu_code_path(path, cpu_flags())
         lines += [
@@ -102,8 +116,13 @@ def report() -> str:
     forced = _backend.forced()
     lines.append(f"forced backend    {forced or 'none (KEXUE_BACKEND unset)'}")
     lines.append("backends:")
+    native = _backend.native()
     for name, info in kexue.backends().items():
-        lines.append(f"  {name:7s} {'available' if info['available'] else 'unavailable: ' + str(info['reason'])}")
+        reason = str(info["reason"])
+        # with a CUDA torch the module could have had CUDA kernels: say what the build needed
+        if name == "cuda" and torch.version.cuda and native is not None and not getattr(native, "WITH_CUDA", False):
+            reason += f"; {cuda_build_note(torch.version.cuda)}"
+        lines.append(f"  {name:7s} {'available' if info['available'] else 'unavailable: ' + reason}")
     lines.append("the backend each op chooses (float32 tensors, or the op's own dtype when it takes no float32):")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines.append(f"  {'op':22s} {'tensor device':13s} -> chosen backend")

@@ -1,5 +1,5 @@
-"""``python -m kexue.flyvec train CORPUS --out DIR [--preset small]``, ``... neighbors DIR WORD``,
-``... evaluate DIR PAIRS...``.
+"""``python -m kexue.flyvec train CORPUS --out DIR [--preset small]``, ``... neighbors DIR WORD [--corpus CORPUS]``,
+``... evaluate DIR PAIRS... [--similarity context-hash --corpus CORPUS]``.
 
 Settings given on the command line override the preset's (``--preset flyvec``, the default:
 FlyVec's own, sized for billions of windows; ``--preset small``: a corpus of up to a few million
@@ -59,14 +59,28 @@ def _parser() -> argparse.ArgumentParser:
         help="mask the words of FILE (one a line; 'english': the built-in list; default 'none')",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
-    n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static hashes")
+    n = sub.add_parser("neighbors", help="nearest words by Hamming distance of static (or context) hashes")
     n.add_argument("model", help="a model folder (or model.pt)")
     n.add_argument("word")
     n.add_argument("-n", type=_positive_int, default=10, help="how many neighbours (default 10)")
+    n.add_argument("--corpus", help="compare context hashes voted by this text's windows (the training corpus)")
     e = sub.add_parser("evaluate", help="Spearman correlation on word-similarity pair files")
     e.add_argument("model", help="a model folder (or model.pt)")
     e.add_argument("pairs", nargs="+", help="tab-separated 'word1 word2 score' files (e.g. wordsim353.tsv)")
-    e.add_argument("--similarity", choices=("hash", "dense"), default="hash")
+    e.add_argument(
+        "--similarity",
+        choices=("hash", "dense", "context-hash"),
+        default="hash",
+        help="hash: static hashes (Hamming); dense: cosine of the target synapses; context-hash: "
+        "codes voted from the word's most typical windows of --corpus (the best on a small corpus)",
+    )
+    e.add_argument("--corpus", help="the text whose windows vote the context hashes (the training corpus)")
+    e.add_argument(
+        "--contexts",
+        type=_positive_int,
+        default=None,
+        help="vote each context hash from the word's N most typical windows (default: all of them)",
+    )
     return p
 
 
@@ -101,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         model = FlyVec.load(args.model)
         if args.command == "evaluate":
-            from kexue.flyvec.evaluate import evaluate
+            from kexue.flyvec.evaluate import evaluate, flyvec_similarity
 
+            if args.similarity == "context-hash" and args.corpus is None:
+                raise ValueError("--similarity context-hash needs --corpus (the text the model was trained on)")
+            if args.similarity != "context-hash" and (args.corpus is not None or args.contexts is not None):
+                raise ValueError("--corpus and --contexts go with --similarity context-hash")
+            similarity = flyvec_similarity(model, args.similarity, None, args.corpus, args.contexts)
             status = 0
             for path in args.pairs:
-                score = evaluate(model, path, args.similarity)
+                score = evaluate(model, path, similarity)
                 if math.isnan(score.spearman):  # too few pairs known, or every similarity tied
                     print(
                         f"{path}\tspearman undefined: {score.why_undefined()}\tpairs {score.pairs}"
@@ -119,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{path}\tspearman {score.spearman:.4f}\t{interval}\tpairs {score.pairs}\tskipped {score.skipped}"
                 )
             return status
-        for word, dist in model.nearest(args.word.lower(), args.n):
+        codes = None
+        if args.corpus is not None:
+            from kexue.flyvec.context import context_hashes
+
+            codes = context_hashes(model, args.corpus)
+        for word, dist in model.nearest(args.word.lower(), args.n, codes=codes):
             print(f"{word}\t{dist}")
         return 0
     except (ValueError, TypeError, KeyError, OSError, ModelFileError) as exc:

@@ -5,6 +5,8 @@
 - :meth:`FlyVec.sentence_hash`: the contextual hash of a word in a sentence (the rest of the
   sentence is its context), or of a whole sentence as a bag of context words.
 - :meth:`FlyVec.nearest`: the words whose static hashes are nearest in Hamming distance.
+- :func:`kexue.flyvec.context.context_hashes`: a word's code voted from the hashed windows it
+  occurs in (better word similarity than static hashes on a small corpus; docs/flyvec.md).
 
 Codes are packed uint8 rows (see :func:`kexue.ops.biohash`); an unknown word's code is all zeros
 (as in the flyvec package).
@@ -29,12 +31,21 @@ DEFAULT_HASH_LENGTH = 50  # flyvec/core.py's default
 class FlyVec:
     """Synapses ``W (K, 2V)`` (stored input-major) and the vocabulary they were trained on."""
 
-    def __init__(self, synapses: torch.Tensor, vocabulary: Vocabulary, hash_length: int = DEFAULT_HASH_LENGTH):
+    def __init__(
+        self,
+        synapses: torch.Tensor,
+        vocabulary: Vocabulary,
+        hash_length: int = DEFAULT_HASH_LENGTH,
+        config: dict | None = None,
+    ):
         if synapses.dim() != 2 or synapses.shape[1] != 2 * len(vocabulary):
             raise ValueError(f"synapses must be (K, 2V) = (K, {2 * len(vocabulary)}), got {tuple(synapses.shape)}")
         self.synapses = synapses
         self.vocabulary = vocabulary
         self.hash_length = int(hash_length)
+        # the training settings (window size, stop words, ...), as the model file holds them; what
+        # context hashes need to cut and weigh a corpus's windows as training did
+        self.config = dict(config or {})
         # static codes per k, valid while the synapses are unchanged: training updates them in
         # place, which bumps the tensor's version counter and so drops these
         self._static: dict[int, torch.Tensor] = {}
@@ -54,7 +65,7 @@ class FlyVec:
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".pt"):
             path = os.path.join(path, storage.MODEL_FILE)
-        cfg = dict(config or {})
+        cfg = dict(config if config is not None else self.config)
         cfg.setdefault("hash_length", self.hash_length)
         storage.save_state(path, self.synapses.t(), self.vocabulary.words, self.vocabulary.counts, epoch, cfg)
 
@@ -63,7 +74,8 @@ class FlyVec:
         """Read a model written by :meth:`save` or by training (a folder or a file)."""
         state = storage.load_state(path)
         vocab = Vocabulary(list(state["words"]), state["counts"])
-        return cls(state["synapses_t"].t(), vocab, state["config"].get("hash_length", DEFAULT_HASH_LENGTH))
+        config = state["config"]
+        return cls(state["synapses_t"].t(), vocab, config.get("hash_length", DEFAULT_HASH_LENGTH), config)
 
     # ---- queries -----------------------------------------------------------------------------
 
@@ -112,14 +124,23 @@ class FlyVec:
         codes = kexue.ops.biohash(torch.tensor(row), torch.tensor([0, len(row)]), None, self.synapses, self._k(k))
         return codes[0]
 
-    def nearest(self, word: str, n: int = 10, k: int | None = None) -> list[tuple[str, int]]:
-        """The ``n`` words nearest to ``word`` by Hamming distance of static codes:
+    def nearest(
+        self, word: str, n: int = 10, k: int | None = None, codes: torch.Tensor | None = None
+    ) -> list[tuple[str, int]]:
+        """The ``n`` words nearest to ``word`` by Hamming distance of static codes (or of
+        ``codes``, one packed row per vocabulary id, e.g. context hashes):
         ``[(word, distance), ...]``, nearest first, ties by frequency rank. ``<UNK>`` and the word
         itself are left out."""
         if word not in self.vocabulary:
             raise KeyError(f"{word!r} is not in the vocabulary ({len(self.vocabulary) - 1:,} words)")
-        codes = self.word_hashes(k)
         V = len(self.vocabulary)
+        if codes is None:
+            codes = self.word_hashes(k)
+        elif codes.dtype != torch.uint8 or codes.shape != (V, code_bytes(self.num_hidden)):
+            raise ValueError(
+                f"codes must be uint8 (V, ceil(K/8)) = ({V}, {code_bytes(self.num_hidden)}), "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
         n = max(0, min(n, V - 2))
         query = codes[self.vocabulary.id(word)][None]
         dist, idx = kexue.ops.hamming_topk(query, codes, min(V, n + 2))

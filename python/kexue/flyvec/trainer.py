@@ -251,10 +251,10 @@ def train(
     if synapses is None:
         g = torch.Generator().manual_seed(config.seed)
         synapses = kexue.ops.new_synapses(config.hidden, 2 * len(vocabulary), std=config.sigma, generator=g)
-    model = FlyVec(synapses, vocabulary, config.hash_length)
-    invf = input_weights(vocabulary, config)
     cfg = dataclasses.asdict(config)
     cfg["stop_words"] = list(config.stop_words)
+    model = FlyVec(synapses, vocabulary, config.hash_length, cfg)
+    invf = input_weights(vocabulary, config)
     show = progress and distributed.world()[0] == 0
     if show and start >= config.epochs:
         print(
