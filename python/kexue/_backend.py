@@ -82,7 +82,10 @@ def _device_reason(name: str, device: torch.device) -> str | None:
         if _native is None:
             return _native_error
         if not getattr(_native, "WITH_CUDA", False):
-            return "kexue._C was built without CUDA (torch without CUDA, or nvcc not found at build time)"
+            return (
+                "kexue._C was built without CUDA (torch without CUDA, nvcc not found, or neither a visible GPU"
+                " nor TORCH_CUDA_ARCH_LIST at build time)"
+            )
         return None if device.type == "cuda" else f"the CUDA path serves CUDA tensors, not {device.type}"
     if name == "triton":
         if not _triton_ok:
