@@ -96,23 +96,77 @@ _A_PARAM, _A_GRAD, _A_MOM, _A_MASK, _A_SEEN, _A_SSQ = (
 _NA = tl.constexpr(NUM_ADDRS)
 
 CHUNK = 65536  # elements per work item (as ATen's multi_tensor_apply)
-BLOCK = 512  # elements per tile of the element-wise sweeps
-ROW_COLS = 128  # columns per tile of the row-wise sweeps (rows of any length: looped)
+# Elements per tile of the element-wise sweeps. The vector form: Triton gives a thread at most
+# BLOCK / (32 * warps) contiguous elements, so a 16-byte access of 16-bit data (8 elements) needs
+# BLOCK >= 2048 with 8 warps. The scalar form keeps 512: at 2048, 8 scalar elements a thread,
+# ptxas needed a stack for the bfloat16 step. A tensor's pre-pass and step use the same VEC, so
+# its sums of squares are added over the same tiles in the same order in both.
+BLOCK = 2048
+SCALAR_BLOCK = 512
+# Columns per tile of the row-wise sweeps (rows of any length: looped), and elements per row tile
+# (ROW_TILE // ROW_COLS rows): 2048 took 155 registers a thread on sm_90, 1024 takes ~100-120.
+ROW_COLS = 128
+ROW_TILE = 1024
+_ROW_TILE = tl.constexpr(ROW_TILE)
 NUM_WARPS = 8
+
+
+def block_for(vec: int) -> int:
+    """The element tile of the form that serves vector width ``vec``."""
+    return BLOCK if vec > 1 else SCALAR_BLOCK
+
+
+ALIGN = 16  # bytes: the width of ld.global.v4.b32, the widest global access
 
 # Storage codes of the constexpr dtype arguments.
 _F32, _BF16, _F16 = 0, 1, 2
 _CODES = {torch.float32: _F32, torch.bfloat16: _BF16, torch.float16: _F16}
 _TL_NAMES = {_F32: "fp32", _BF16: "bf16", _F16: "fp16"}
+_SIZES = {_F32: 4, _BF16: 2, _F16: 2}
+
+
+def vector_width(pcode: int, mcode: int) -> int:
+    """Elements per 16-byte access of the narrowest storage a (param, momentum) pair reads: 4
+    for float32 only, 8 when either is 16-bit (the float32 one then takes two 16-byte accesses)."""
+    return ALIGN // min(_SIZES[pcode], _SIZES[mcode])
 
 
 @triton.jit
-def _float_ptr(addr, CODE: tl.constexpr):
-    """An int64 address as a pointer to the storage type ``CODE``."""
+def _float_ptr(addr, CODE: tl.constexpr, VEC: tl.constexpr):
+    """An int64 address as a pointer to the storage type ``CODE``.
+
+    A pointer made from an integer tells Triton nothing about its alignment, so without a hint
+    every access is scalar. With ``VEC > 1`` the launcher has checked on the host that the address
+    is a multiple of 16 bytes, and says so (``tl.multiple_of``); together with tile offsets that
+    are multiples of VEC this lets the compiler emit 16-byte vector loads and stores.
+    """
     if CODE == 0:
         ptr = addr.to(tl.pointer_type(tl.float32))
     elif CODE == 1:
         ptr = addr.to(tl.pointer_type(tl.bfloat16))
     else:
         ptr = addr.to(tl.pointer_type(tl.float16))
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def _byte_ptr(addr, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """An int64 address as a pointer to a byte-sized ``DTYPE`` (masks, row flags), aligned as
+    :func:`_float_ptr` says."""
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _tile_offsets(start, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Offsets of the tile that starts at element ``start``: a multiple of VEC in every tile the
+    vector form visits (work items start at multiples of CHUNK, or of a row length that the host
+    checked is a multiple of VEC, and full tiles step by BLOCK)."""
+    offs = start + tl.arange(0, BLOCK)
+    if VEC > 1:
+        offs = tl.multiple_of(offs, VEC)
+    return offs

@@ -1,8 +1,17 @@
-"""Sign optimizers, Triton side: the launch plan (work items, pre-pass spans, device tables).
+"""Sign optimizers, Triton side: the launch plan, kept between steps, and the per-step tables.
 
 A plan says which programs each launch runs: work items of at most CHUNK elements (whole rows for
-tensors updated row by row), one launch per (param dtype, momentum dtype), the pre-pass items of
-the tensors that need one, and each tensor's span of partial sums for the finishing kernels.
+tensors updated row by row), one launch per (param dtype, momentum dtype, vector width), the
+pre-pass items of the tensors that need one, and each tensor's span of partial sums for the
+finishing kernels. It depends only on the call's structure (sizes, dtypes, alignment, the flags
+that decide which passes run, row lengths, NaN-guard groups), so it is built once and found again
+at every later step (:func:`prepare`); a new parameter, dtype, group or structural option builds a
+new one. What changes from step to step (the tensors' addresses, the learning rate and every
+other coefficient, the UPDATE switch, the random keys) is not in it: those three tables go to the
+device at each step in one host-to-device copy from page-locked memory that does not wait
+(``non_blocking``), and not at all when they are what the previous step uploaded. A step on CUDA
+therefore never synchronises the host with the device; in capturable mode nothing is copied
+after the first step, as CUDA graph capture requires.
 """
 
 from __future__ import annotations
@@ -14,18 +23,27 @@ import torch
 
 from .sign_optim_layout import (
     _CODES,
+    ALIGN,
     CHUNK,
     DYNAMIC,
     FLAGS,
     LAZY_ROWS,
     NAN_GROUP,
+    NUM_ADDRS,
+    NUM_FLOATS,
+    NUM_INTS,
     RMS_CARRIED,
     RMS_ROW,
     RMS_TENSOR,
     ROW_LEN,
     SSQ_OUT,
-    UPDATE,
+    vector_width,
 )
+
+# The flags a plan depends on (which tensors get a pre-pass, are swept by rows, hand on a sum).
+# UPDATE is not among them: on Tiger's accumulation micro-steps it is cleared, and the kernels
+# read it at run time, so the plan serves both kinds of micro-step.
+STRUCTURAL_FLAGS = RMS_TENSOR | RMS_ROW | LAZY_ROWS | SSQ_OUT | RMS_CARRIED | DYNAMIC
 
 
 def _items(tensors: list[int], numels: list[int], row_lens: list[int]) -> tuple[list[tuple], list[tuple]]:
@@ -40,113 +58,164 @@ def _items(tensors: list[int], numels: list[int], row_lens: list[int]) -> tuple[
     return items, spans
 
 
-def _table(rows: list[tuple], width: int, device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, width).to(device)
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait: on CUDA through page-locked memory and
+    a non-blocking copy (a copy from pageable memory waits for the stream to drain). The pinned
+    block comes from torch's caching host allocator, which does not hand it out again before the
+    copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "sign_optim_step (triton): the step tables changed while a CUDA graph was being captured; "
+            "run one step of the capturable optimizer before capturing"
+        )
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _pack(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """int64 vectors end to end, each starting at a multiple of 16 bytes (so every slice of the
+    device copy is aligned, and Triton's specialization on aligned pointers never varies)."""
+    offsets, pieces, at = [], [], 0
+    for part in parts:
+        offsets.append(at)
+        pad = -part.numel() % 2
+        pieces += [part.reshape(-1), torch.zeros(pad, dtype=torch.int64)]
+        at += part.numel() + pad
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64), offsets
+
+
+def _rows(rows: list[tuple], width: int) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, width)
 
 
 @dataclass
-class _Plan:
-    """The device tables of one call: addresses, the host tables, and the launches' work items."""
+class Plan:
+    """The launches of one call structure, and the per-step tables last uploaded for it."""
 
-    addr: torch.Tensor
-    hyper: torch.Tensor
-    ints: torch.Tensor
-    prepass: list[tuple[int, int, torch.Tensor]]  # (param code, first slot, items) per launch
+    num_tensors: int
+    prepass: list[tuple[int, int, int, torch.Tensor]]  # (param code, vec, first slot, items) per launch
     prepass_slots: int
     spans: torch.Tensor | None  # per tensor: (tensor, first slot, slot count, numel), for _finish_kernel
-    steps: list[tuple[int, int, int, torch.Tensor]]  # (param code, momentum code, first slot, items) per launch
+    steps: list[tuple[int, int, int, int, torch.Tensor]]  # (param code, momentum code, vec, first slot, items)
     step_slots: int
     outs: torch.Tensor | None  # per whole-tensor SSQ_OUT tensor: its span of step slots, for _ssq_out_kernel
+    staged: torch.Tensor | None = None  # the host tables of the last upload
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # addr, hyper, ints on the device
 
 
-# Plans of capturable calls, by everything a plan depends on. A capturable step's host tables do not
-# change from step to step, so after the first step the plan is found here and the call copies
-# nothing from the host (a copy from pageable host memory is not allowed in CUDA graph capture).
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
-_MAX_PLANS = 16
+def tensor_vector_width(p, g, m, mask, row_len: int) -> int:
+    """The VEC a tensor is served with: the 16-byte width of its storage when every address it
+    is read through is a multiple of 16 bytes and its row length (if any) a multiple of that
+    width, else 1 (scalar accesses; a view at an odd offset, a gradient inside a flat bucket)."""
+    vec = vector_width(_CODES[p.dtype], _CODES[m.dtype])
+    addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), 0 if mask is None else mask.data_ptr())
+    if any(a % ALIGN for a in addrs) or row_len % vec:
+        return 1
+    return vec
 
 
-def _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
-    device = params[0].device
-    T = len(params)
-    iv = ints.tolist()
-    for t, r in enumerate(iv):
-        if r[FLAGS] & DYNAMIC and r[FLAGS] & (SSQ_OUT | RMS_CARRIED):
+def build_plan(device: torch.device, structure: tuple) -> Plan:
+    """The plan of a call whose :func:`structure_key` is ``(device, structure)``."""
+    T = len(structure)
+    numels = [s[0] for s in structure]
+    flags = [s[4] for s in structure]
+    for t, f in enumerate(flags):
+        if f & DYNAMIC and f & (SSQ_OUT | RMS_CARRIED):
             raise ValueError(
                 f"sign_optim_step (triton): tensor {t}: carried sums of squares are not served "
                 f"in capturable mode (DYNAMIC rows)"
             )
-    numels = [p.numel() for p in params]
     # Row-wise work items only where the kernel goes row by row (as by_rows() in C++).
-    row_lens = [r[ROW_LEN] if r[ROW_LEN] > 0 and r[FLAGS] & (RMS_ROW | LAZY_ROWS) else 0 for r in iv]
-    addr = torch.tensor(
-        [
-            [
-                p.data_ptr(),
-                g.data_ptr(),
-                m.data_ptr(),
-                0 if mk is None else mk.data_ptr(),
-                s.data_ptr() if s.numel() > 0 else 0,
-                q.data_ptr() if q.numel() > 0 else 0,
-            ]
-            for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
-        ],
-        dtype=torch.int64,
-    ).to(device)
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for t in range(T):
-        if numels[t] > 0:
-            buckets[(_CODES[params[t].dtype], _CODES[exp_avgs[t].dtype])].append(t)
+    row_lens = [s[6] if s[6] > 0 and s[4] & (RMS_ROW | LAZY_ROWS) else 0 for s in structure]
+    buckets: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for t, (n, pdtype, mdtype, vec, *_rest) in enumerate(structure):
+        if n > 0:
+            buckets[(_CODES[pdtype], _CODES[mdtype], vec)].append(t)
 
+    # Tensors that may need lr * RMS(theta); whether this step does (UPDATE) is read in the kernels.
     def needs_rms(t: int) -> bool:
-        flags = iv[t][FLAGS]
-        return bool(flags & RMS_TENSOR and flags & UPDATE)
+        return bool(flags[t] & RMS_TENSOR)
 
     def wants_prepass(t: int) -> bool:
-        return (needs_rms(t) and not iv[t][FLAGS] & RMS_CARRIED) or iv[t][NAN_GROUP] >= 0
+        return (needs_rms(t) and not flags[t] & RMS_CARRIED) or structure[t][5] >= 0
 
     # One partial sum and NaN flag per pre-pass item, all buckets in one buffer; each bucket writes
     # its slice, then _finish_kernel reads every tensor's span of it (an empty span for a tensor whose
     # sum of squares is carried and that has no NaN guard).
-    spans, prepass, total = [], [], 0
-    for (pcode, _), ts in buckets.items():
+    spans, prepass, pre_items, total = [], [], [], 0
+    by_param: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for (pcode, _, vec), ts in buckets.items():
+        by_param[(pcode, vec)] += ts
+    for (pcode, vec), ts in by_param.items():
         pre = [t for t in ts if wants_prepass(t)]
         if pre:
             items, bucket_spans = _items(pre, numels, [0] * T)
             spans += [(t, total + first, count, n) for t, first, count, n in bucket_spans]
-            prepass.append((pcode, total, _table(items, 3, device)))
+            prepass.append((pcode, vec, total))
+            pre_items.append(_rows(items, 3))
             total += len(items)
         spans += [(t, total, 0, numels[t]) for t in ts if needs_rms(t) and not wants_prepass(t)]
     # One partial sum per step item likewise, for the tensors that hand on a whole-tensor sum.
-    steps, outs, slots = [], [], 0
-    for (pcode, mcode), ts in buckets.items():
+    steps, step_items, outs, slots = [], [], [], 0
+    for (pcode, mcode, vec), ts in buckets.items():
         items, bucket_spans = _items(ts, numels, row_lens)
         outs += [
             (t, slots + first, count, n)
             for t, first, count, n in bucket_spans
-            if iv[t][FLAGS] & SSQ_OUT and not row_lens[t]
+            if flags[t] & SSQ_OUT and not row_lens[t]
         ]
-        steps.append((pcode, mcode, slots, _table(items, 3, device)))
+        steps.append((pcode, mcode, vec, slots))
+        step_items.append(_rows(items, 3))
         slots += len(items)
-    return _Plan(
-        addr,
-        hyper.to(device=device, dtype=torch.float64),
-        ints.to(device=device, dtype=torch.int64),
-        prepass,
+    # Everything in one upload; the launches read slices of it.
+    parts = [*pre_items, *step_items, _rows(spans, 4), _rows(outs, 4)]
+    host, offsets = _pack(parts)
+    dev = _upload(host, device)
+    views = [dev[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, parts, strict=True)]
+    n_pre = len(pre_items)
+    return Plan(
+        T,
+        [(*launch, items) for launch, items in zip(prepass, views[:n_pre], strict=True)],
         total,
-        _table(spans, 4, device) if spans else None,
-        steps,
+        views[-2] if spans else None,
+        [(*launch, items) for launch, items in zip(steps, views[n_pre:-2], strict=True)],
         slots,
-        _table(outs, 4, device) if outs else None,
+        views[-1] if outs else None,
     )
 
 
-def _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> _Plan:
-    key = (
-        params[0].device,
-        hyper.numpy().tobytes(),
-        ints.numpy().tobytes(),
-        tuple(
+def structure_key(params, grads, exp_avgs, masks, ints_rows: list[list[int]]) -> tuple:
+    """What a plan depends on, per tensor: numel, dtypes, vector width, structural flags, NaN-guard
+    group, row length. Not the addresses, nor any coefficient."""
+    return tuple(
+        (
+            p.numel(),
+            p.dtype,
+            m.dtype,
+            tensor_vector_width(p, g, m, mk, r[ROW_LEN]),
+            r[FLAGS] & STRUCTURAL_FLAGS,
+            r[NAN_GROUP],
+            r[ROW_LEN],
+        )
+        for p, g, m, mk, r in zip(params, grads, exp_avgs, masks, ints_rows, strict=True)
+    )
+
+
+# Plans by (device, structure). A model's step has one structure (two while Tiger's carried sums
+# start: the first step reads theta, the next ones carry), so a handful of entries is plenty.
+_PLANS: OrderedDict[tuple, Plan] = OrderedDict()
+_MAX_PLANS = 16
+
+
+def clear_plans() -> None:
+    """Forget every plan (tests; a plan holds device memory for its work items)."""
+    _PLANS.clear()
+
+
+def _addresses(params, grads, exp_avgs, masks, row_seen, ssq) -> torch.Tensor:
+    return _rows(
+        [
             (
                 p.data_ptr(),
                 g.data_ptr(),
@@ -154,17 +223,41 @@ def _cached_plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints) -> 
                 0 if mk is None else mk.data_ptr(),
                 s.data_ptr() if s.numel() > 0 else 0,
                 q.data_ptr() if q.numel() > 0 else 0,
-                p.numel(),
-                p.dtype,
-                m.dtype,
             )
             for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
-        ),
+        ],
+        NUM_ADDRS,
     )
+
+
+def prepare(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, capturable: bool = False) -> tuple[Plan, tuple]:
+    """The plan of this call (built only if its structure is new) and the device copies of its
+    address, coefficient and flag tables (uploaded only if they differ from the last ones).
+
+    ``capturable``: the tables are part of the key too, so the device tables a captured CUDA
+    graph reads are never replaced by another optimizer's of the same structure.
+    """
+    device = params[0].device
+    ints = ints.to(torch.int64)
+    hyper = hyper.to(torch.float64)
+    T = len(params)
+    parts = [
+        _addresses(params, grads, exp_avgs, masks, row_seen, ssq),
+        hyper.contiguous().view(torch.int64).reshape(T, NUM_FLOATS),
+        ints.contiguous().reshape(T, NUM_INTS),
+    ]
+    staged, offsets = _pack(parts)
+    key = (device, structure_key(params, grads, exp_avgs, masks, ints.tolist()))
+    if capturable:
+        key += (staged.numpy().tobytes(),)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints)
+        plan = _PLANS[key] = build_plan(device, key[1])
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
-    return plan
+    if plan.staged is None or not torch.equal(plan.staged, staged):
+        dev = _upload(staged, device)
+        addr, hyper_d, ints_d = (dev[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, parts, strict=True))
+        plan.staged, plan.tables = staged, (addr, hyper_d.view(torch.float64), ints_d)
+    return plan, plan.tables

@@ -30,14 +30,29 @@ from .sign_optim_layout import (
     _NF,
     _NI,
     _float_ptr,
+    _tile_offsets,
 )
-from .sign_optim_tiles import _dyn_or
+from .sign_optim_tiles import _dyn_or, _load
 
 
 @triton.jit
-def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr, PARAM: tl.constexpr, BLOCK: tl.constexpr):
+def _prepass_tile(p_ptr, g_ptr, offs, inb, rms, guard, acc, found, FULL: tl.constexpr):
+    if rms:
+        x = _load(p_ptr, offs, inb, FULL).to(tl.float32)
+        acc += x * x
+    if guard:
+        g = _load(g_ptr, offs, inb, FULL).to(tl.float32)
+        # NaN or +-inf: the exponent all ones (on the bits, as non_finite() in C++)
+        found = tl.maximum(found, ((g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32))
+    return acc, found
+
+
+@triton.jit
+def _prepass_kernel(
+    items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr, PARAM: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr
+):
     """Per work item: sum of squares of theta (RMS_TENSOR and UPDATE, unless the sum is carried),
-    any NaN/inf in the grad."""
+    any NaN/inf in the grad. Full tiles unmasked (vector accesses with VEC > 1), then the tail."""
     it = tl.program_id(0).to(tl.int64)
     t = tl.load(items_ptr + 3 * it)
     begin = tl.load(items_ptr + 3 * it + 1)
@@ -45,20 +60,16 @@ def _prepass_kernel(items_ptr, addr_ptr, ints_ptr, ssq_ptr, nan_ptr, PARAM: tl.c
     flags = tl.load(ints_ptr + t * _NI + _C_FLAGS)
     rms = ((flags & _K_RMS_TENSOR) != 0) & ((flags & _K_UPDATE) != 0) & ((flags & _K_RMS_CARRIED) == 0)
     guard = tl.load(ints_ptr + t * _NI + _C_NAN_GROUP) >= 0
-    p_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_PARAM), PARAM)
-    g_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_GRAD), PARAM)
+    p_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_PARAM), PARAM, VEC)
+    g_ptr = _float_ptr(tl.load(addr_ptr + t * _NA + _A_GRAD), PARAM, VEC)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     found = tl.zeros([BLOCK], dtype=tl.int32)
-    for s in range(begin, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        inb = offs < end
-        if rms:
-            x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            acc += x * x
-        if guard:
-            g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            # NaN or +-inf: the exponent all ones (on the bits, as non_finite() in C++)
-            found = tl.maximum(found, ((g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32))
+    full_end = begin + (end - begin) // BLOCK * BLOCK
+    for s in range(begin, full_end, BLOCK):
+        acc, found = _prepass_tile(p_ptr, g_ptr, _tile_offsets(s, BLOCK, VEC), end, rms, guard, acc, found, True)
+    if full_end < end:
+        offs = _tile_offsets(full_end, BLOCK, VEC)
+        acc, found = _prepass_tile(p_ptr, g_ptr, offs, offs < end, rms, guard, acc, found, False)
     tl.store(ssq_ptr + it, tl.sum(acc, axis=0))
     tl.store(nan_ptr + it, tl.max(found, axis=0))
 

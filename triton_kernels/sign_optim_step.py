@@ -59,10 +59,13 @@ from .sign_optim_layout import (
     _ND,
     _NF,
     _NI,
+    _ROW_TILE,
+    _byte_ptr,
     _float_ptr,
+    _tile_offsets,
 )
 from .sign_optim_reduce import _row_sums
-from .sign_optim_tiles import _dyn_or, _store_float, _update_tile
+from .sign_optim_tiles import _dyn_or, _load, _store_float, _update_tile
 
 
 @triton.jit
@@ -79,11 +82,17 @@ def _step_kernel(
     MOM: tl.constexpr,
     BLOCK: tl.constexpr,
     ROW_COLS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """The update of one work item: NaN-guard shrink, row by row, or element by element.
 
     SSQ_OUT: the sum of squares of theta as this item leaves it goes to ``part_ptr[item]`` (a
     whole-tensor sum, finished by _ssq_out_kernel), or per row straight into the tensor's ssq.
+
+    ``VEC > 1`` (the launcher checked that every address of the item's tensor is 16-byte aligned
+    and its row length, if any, a multiple of VEC): the full tiles of the element sweep go
+    unmasked with alignment hints, so they compile to 16-byte accesses; the tail is masked. The
+    row sweeps get the hints too (their column masks then change only every VEC elements).
     """
     it = tl.program_id(0).to(tl.int64)
     t = tl.load(items_ptr + 3 * it)
@@ -100,16 +109,18 @@ def _step_kernel(
     flags = flags - tl.where(_dyn_or(dv, _D_UPDATE, dynamic, 1.0) == 0, flags & _K_UPDATE, 0)
     group = tl.load(iv + _C_NAN_GROUP)
     row_len = tl.load(iv + _C_ROW_LEN)
-    p_ptr = _float_ptr(tl.load(av + _A_PARAM), PARAM)
-    g_ptr = _float_ptr(tl.load(av + _A_GRAD), PARAM)
-    m_ptr = _float_ptr(tl.load(av + _A_MOM), MOM)
+    if VEC > 1:
+        row_len = tl.multiple_of(row_len, VEC)
+    p_ptr = _float_ptr(tl.load(av + _A_PARAM), PARAM, VEC)
+    g_ptr = _float_ptr(tl.load(av + _A_GRAD), PARAM, VEC)
+    m_ptr = _float_ptr(tl.load(av + _A_MOM), MOM, VEC)
     mask_addr = tl.load(av + _A_MASK)
     seen_addr = tl.load(av + _A_SEEN)
     ssq_rows = tl.load(av + _A_SSQ).to(tl.pointer_type(tl.float64))
     out = (flags & _K_SSQ_OUT) != 0
     carried = (flags & _K_RMS_CARRIED) != 0
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # whole-tensor sum of squares of theta as left
-    mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+    mask_ptr = _byte_ptr(mask_addr, tl.int8, VEC)
     seen_ptr = seen_addr.to(tl.pointer_type(tl.uint8))
     stochastic = (flags & _K_STOCHASTIC) != 0  # read for bfloat16 params only
     rk0 = tl.where(
@@ -119,7 +130,7 @@ def _step_kernel(
         dynamic, _dyn_or(dv, _D_ROUND_K1, dynamic, 0.0).to(tl.uint32), tl.load(iv + _C_ROUND_K1).to(tl.uint32)
     )
     update = (flags & _K_UPDATE) != 0
-    ROWS: tl.constexpr = BLOCK // ROW_COLS
+    ROWS: tl.constexpr = _ROW_TILE // ROW_COLS
 
     shrink_now = ((group >= 0) & (tl.load(group_nan_ptr + tl.maximum(group, 0)) != 0)) | ((flags & _K_SHRINK_NOW) != 0)
     if shrink_now:
@@ -130,10 +141,12 @@ def _step_kernel(
             offs = s + tl.arange(0, BLOCK)
             inb = offs < end
             theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            stored = _store_float(p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1)
+            stored = _store_float(
+                p_ptr, offs, inb, (theta - centre) * shrink + centre, PARAM, stochastic, rk0, rk1, False
+            )
             acc += tl.where(inb, stored * stored, 0.0)
         if out & (row_len > 0) & ((flags & _K_RMS_ROW) != 0):
-            _row_sums(p_ptr, ssq_rows, begin // row_len, end // row_len, row_len, PARAM, BLOCK // ROW_COLS, ROW_COLS)
+            _row_sums(p_ptr, ssq_rows, begin // row_len, end // row_len, row_len, PARAM, ROWS, ROW_COLS)
     else:
         lr64 = _dyn_or(dv, _D_LR, dynamic, tl.load(h + _C_LR))
         if ((flags & _K_RMS_TENSOR) != 0) & update:
@@ -229,6 +242,7 @@ def _step_kernel(
                         rk1,
                         PARAM,
                         MOM,
+                        False,
                     )
                     new_ssq += tl.sum(squares, axis=1)
                 if row_out:
@@ -239,18 +253,16 @@ def _step_kernel(
             lr = lr64.to(tl.float32)
             decay = (1.0 - lr64 * wd).to(tl.float32)
             read_theta = out & ~update & ~carried  # theta stays: hand on its sum
-            for s in range(begin, end, BLOCK):
-                offs = s + tl.arange(0, BLOCK)
-                inb = offs < end
-                squares = _update_tile(
+            # Whole tiles first, unmasked (the vector form's 16-byte accesses), then the tail.
+            full_end = begin + (end - begin) // BLOCK * BLOCK
+            for s in range(begin, full_end, BLOCK):
+                acc += _element_tile(
                     p_ptr,
                     g_ptr,
                     m_ptr,
                     mask_ptr,
-                    offs,
-                    inb,
-                    inb,
-                    offs < 0,
+                    _tile_offsets(s, BLOCK, VEC),
+                    end,
                     lr,
                     decay,
                     c_m,
@@ -266,11 +278,106 @@ def _step_kernel(
                     stochastic,
                     rk0,
                     rk1,
+                    read_theta,
                     PARAM,
                     MOM,
+                    True,
                 )
-                if read_theta:
-                    x = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                    squares = x * x
-                acc += squares
+            if full_end < end:
+                offs = _tile_offsets(full_end, BLOCK, VEC)
+                acc += _element_tile(
+                    p_ptr,
+                    g_ptr,
+                    m_ptr,
+                    mask_ptr,
+                    offs,
+                    offs < end,
+                    lr,
+                    decay,
+                    c_m,
+                    c_g,
+                    m_m,
+                    m_g,
+                    gscale,
+                    flags,
+                    use_dmask,
+                    mk0,
+                    mk1,
+                    mthr,
+                    stochastic,
+                    rk0,
+                    rk1,
+                    read_theta,
+                    PARAM,
+                    MOM,
+                    False,
+                )
     tl.store(part_ptr + it, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _element_tile(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    mask_ptr,
+    offs,
+    inb,
+    lr,
+    decay,
+    c_m,
+    c_g,
+    m_m,
+    m_g,
+    gscale,
+    flags,
+    use_dmask,
+    mk0,
+    mk1,
+    mthr,
+    stochastic,
+    rk0,
+    rk1,
+    read_theta,
+    PARAM: tl.constexpr,
+    MOM: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One tile of the element-wise sweep; the squares of theta as it leaves the tile (read back
+    where this call keeps theta and must hand its sum on: ``read_theta``)."""
+    if FULL:
+        live = offs >= 0  # every element (``inb`` is not a mask then)
+    else:
+        live = inb
+    squares = _update_tile(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        mask_ptr,
+        offs,
+        inb,
+        live,
+        offs < 0,
+        lr,
+        decay,
+        c_m,
+        c_g,
+        m_m,
+        m_g,
+        gscale,
+        flags,
+        use_dmask,
+        mk0,
+        mk1,
+        mthr,
+        stochastic,
+        rk0,
+        rk1,
+        PARAM,
+        MOM,
+        FULL,
+    )
+    if read_theta:
+        x = _load(p_ptr, offs, inb, FULL).to(tl.float32)
+        squares = x * x
+    return squares

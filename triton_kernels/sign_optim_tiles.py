@@ -38,12 +38,32 @@ def _element_bits(k0, k1, index):
 
 
 @triton.jit
-def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
+def _load(ptr, offs, inb, FULL: tl.constexpr):
+    """The tile's values as stored (0 where out of bounds). A FULL tile lies inside its item and
+    is loaded without a mask: a mask whose value may change every element would keep the
+    compiler from vectorizing, however aligned the pointer."""
+    if FULL:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=inb, other=0)
+    return x
+
+
+@triton.jit
+def _store(ptr, offs, inb, x, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr + offs, x)
+    else:
+        tl.store(ptr + offs, x, mask=inb)
+
+
+@triton.jit
+def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1, FULL: tl.constexpr):
     """Store float32 ``x`` in the storage type: round to nearest even, or (bfloat16 with
     ``stochastic``) add 16 random bits below the kept mantissa and truncate. Returns the stored
     values as float32 (what a later load would give: the carried sums of squares are of these)."""
     if CODE == 0:
-        tl.store(ptr + offs, x, mask=inb)
+        _store(ptr, offs, inb, x, FULL)
         stored = x
     elif CODE == 1:
         # On the bits, as float_to_bf16_bits() in C++ (the interpreter's own cast truncates).
@@ -53,10 +73,10 @@ def _store_float(ptr, offs, inb, x, CODE: tl.constexpr, stochastic, k0, k1):
         if stochastic:
             noise = _element_bits(k0, k1, offs) & 0xFFFF
             bits = tl.where((u & 0x7F800000) != 0x7F800000, (u + noise) >> 16, bits)
-        tl.store(ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=inb)
+        _store(ptr, offs, inb, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), FULL)
         stored = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
-        tl.store(ptr + offs, x.to(tl.float16), mask=inb)
+        _store(ptr, offs, inb, x.to(tl.float16), FULL)
         stored = x.to(tl.float16).to(tl.float32)
     return stored
 
@@ -88,20 +108,24 @@ def _update_tile(
     rk1,
     PARAM: tl.constexpr,
     MOM: tl.constexpr,
+    FULL: tl.constexpr,
 ):
     """One tile of the element update (sign_optim.h): momentum always, theta if UPDATE.
 
-    ``live``: elements whose row may move; ``freeze``: elements whose momentum stays (absent rows
-    under FREEZE_ABSENT); ``lr``/``decay``: scalars or per-row columns. Returns the squares of the
+    ``inb``: the elements inside the item (all of them, and not read, when FULL); ``live``:
+    elements whose row may move; ``freeze``: elements whose momentum stays (absent rows under
+    FREEZE_ABSENT); ``lr``/``decay``: scalars or per-row columns. Returns the squares of the
     stored theta (zeros where theta is not written: the caller knows).
     """
-    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    g = _load(g_ptr, offs, inb, FULL).to(tl.float32)
+    m = _load(m_ptr, offs, inb, FULL).to(tl.float32)
     gated = ((flags & _K_MASK_F) != 0) | use_dmask
     if (flags & _K_MASK_F) != 0:
         keep = (_element_bits(mk0, mk1, offs) >> 8) < mthr
     elif use_dmask:
-        keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+        keep = _load(mask_ptr, offs, inb, FULL) != 0
+    elif FULL:
+        keep = offs >= 0  # all
     else:
         keep = inb
     g = tl.where(keep, g * gscale, 0.0)
@@ -113,14 +137,17 @@ def _update_tile(
         else:  # Lion: interpolate the OLD momentum with the gradient
             c = c_m * m + c_g * g
         s = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))  # sign(0) = 0, NaN stays NaN
-        theta = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        theta = _load(p_ptr, offs, inb, FULL).to(tl.float32)
         stepped = theta * decay - lr * s
         movable = live & (keep | ~(gated & ((flags & _K_MASK_UPDATE) != 0)))  # masked ones stay
         theta = tl.where(movable, stepped, theta)
-        stored = _store_float(p_ptr, offs, inb, theta, PARAM, stochastic, rk0, rk1)
-        squares = tl.where(inb, stored * stored, 0.0)
+        stored = _store_float(p_ptr, offs, inb, theta, PARAM, stochastic, rk0, rk1, FULL)
+        if FULL:
+            squares = stored * stored
+        else:
+            squares = tl.where(inb, stored * stored, 0.0)
     m_new = tl.where(freeze, m, m_new)
-    _store_float(m_ptr, offs, inb, m_new, MOM, False, 0, 0)
+    _store_float(m_ptr, offs, inb, m_new, MOM, False, 0, 0, FULL)
     return squares
 
 
