@@ -16,6 +16,7 @@ after the first step, as CUDA graph capture requires.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
@@ -100,7 +101,7 @@ class Plan:
     steps: list[tuple[int, int, int, int, torch.Tensor]]  # (param code, momentum code, vec, first slot, items)
     step_slots: int
     outs: torch.Tensor | None  # per whole-tensor SSQ_OUT tensor: its span of step slots, for _ssq_out_kernel
-    staged: torch.Tensor | None = None  # the host tables of the last upload
+    staged: bytes | None = None  # the host tables of the last upload
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # addr, hyper, ints on the device
 
 
@@ -213,21 +214,37 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _addresses(params, grads, exp_avgs, masks, row_seen, ssq) -> torch.Tensor:
-    return _rows(
-        [
-            (
-                p.data_ptr(),
-                g.data_ptr(),
-                m.data_ptr(),
-                0 if mk is None else mk.data_ptr(),
-                s.data_ptr() if s.numel() > 0 else 0,
-                q.data_ptr() if q.numel() > 0 else 0,
-            )
-            for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
-        ],
-        NUM_ADDRS,
+def _staged(params, grads, exp_avgs, masks, row_seen, ssq, rows_f, rows_i) -> tuple[bytes, list[int]]:
+    """The per-step tables as the bytes of one int64 buffer: addresses (T x 6), coefficients
+    (T x 9 float64), flags (T x 8), each region starting at a multiple of 16 bytes; and the
+    regions' offsets in elements. Built from Python values (no tensor is read), so comparing two
+    steps' tables costs no tensor op either."""
+    T = len(params)
+    addrs = [
+        a
+        for p, g, m, mk, s, q in zip(params, grads, exp_avgs, masks, row_seen, ssq, strict=True)
+        for a in (
+            p.data_ptr(),
+            g.data_ptr(),
+            m.data_ptr(),
+            0 if mk is None else mk.data_ptr(),
+            s.data_ptr() if s.numel() > 0 else 0,
+            q.data_ptr() if q.numel() > 0 else 0,
+        )
+    ]
+    sizes = [NUM_ADDRS * T, NUM_FLOATS * T, NUM_INTS * T]
+    pads = [n % 2 for n in sizes]
+    blob = struct.pack(
+        f"<{sizes[0] + pads[0]}q{sizes[1] + pads[1]}d{sizes[2] + pads[2]}q",
+        *addrs,
+        *[0] * pads[0],
+        *(x for row in rows_f for x in row),
+        *[0.0] * pads[1],
+        *(x for row in rows_i for x in row),
+        *[0] * pads[2],
     )
+    offsets = [0, sizes[0] + pads[0], sizes[0] + pads[0] + sizes[1] + pads[1]]
+    return blob, offsets
 
 
 def prepare(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, capturable: bool = False) -> tuple[Plan, tuple]:
@@ -238,26 +255,22 @@ def prepare(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, capturab
     graph reads are never replaced by another optimizer's of the same structure.
     """
     device = params[0].device
-    ints = ints.to(torch.int64)
-    hyper = hyper.to(torch.float64)
     T = len(params)
-    parts = [
-        _addresses(params, grads, exp_avgs, masks, row_seen, ssq),
-        hyper.contiguous().view(torch.int64).reshape(T, NUM_FLOATS),
-        ints.contiguous().reshape(T, NUM_INTS),
-    ]
-    staged, offsets = _pack(parts)
-    key = (device, structure_key(params, grads, exp_avgs, masks, ints.tolist()))
+    rows_i = ints.to(torch.int64).tolist()
+    rows_f = hyper.to(torch.float64).tolist()
+    blob, offsets = _staged(params, grads, exp_avgs, masks, row_seen, ssq, rows_f, rows_i)
+    key = (device, structure_key(params, grads, exp_avgs, masks, rows_i))
     if capturable:
-        key += (staged.numpy().tobytes(),)
+        key += (blob,)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = build_plan(device, key[1])
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
-    if plan.staged is None or not torch.equal(plan.staged, staged):
-        dev = _upload(staged, device)
-        addr, hyper_d, ints_d = (dev[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, parts, strict=True))
-        plan.staged, plan.tables = staged, (addr, hyper_d.view(torch.float64), ints_d)
+    if plan.staged != blob:
+        dev = _upload(torch.frombuffer(bytearray(blob), dtype=torch.int64), device)
+        shapes = [(T, NUM_ADDRS), (T, NUM_FLOATS), (T, NUM_INTS)]
+        addr, hyper_d, ints_d = (dev[o : o + a * b].view(a, b) for o, (a, b) in zip(offsets, shapes, strict=True))
+        plan.staged, plan.tables = blob, (addr, hyper_d.view(torch.float64), ints_d)
     return plan, plan.tables
