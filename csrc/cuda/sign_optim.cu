@@ -245,12 +245,17 @@ __global__ void step_kernel(const Item* __restrict__ items, const Job* __restric
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// A vector of plain structs as a device tensor (bytes).
+// A vector of plain structs as a device tensor (bytes), copied without making the host wait: a
+// copy from pageable memory synchronises with the stream (the host would stall until the backward
+// pass has drained), one from page-locked memory with non_blocking does not. The pinned block comes
+// from torch's caching host allocator, which records the copy's stream and does not hand the block
+// out again before the copy has run, so it may be released as soon as this returns.
 template <typename T>
 at::Tensor to_device(const std::vector<T>& v, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(std::max<size_t>(1, v.size() * sizeof(T)))}, at::kByte);
+  const auto pinned = at::TensorOptions().dtype(at::kByte).pinned_memory(true);
+  at::Tensor host = at::empty({static_cast<int64_t>(std::max<size_t>(1, v.size() * sizeof(T)))}, pinned);
   if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
-  return host.to(device);
+  return host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
 }
 
 std::vector<Item> make_items(const std::vector<Job>& jobs, const std::vector<int64_t>& which, bool rows) {

@@ -422,9 +422,9 @@ def test_tiger_accumulation_equals_one_step_on_the_mean_gradient():
 
 
 def test_triton_table_layout_matches_the_reference():
-    """triton_kernels/sign_optim.py keeps its own copy of the table layout (it must import without
+    """triton_kernels/sign_optim_layout.py keeps its own copy of the table layout (it must import without
     kexue); it has to be the reference's (and so the C++ header's, which the oracle tests cover)."""
-    tk = pytest.importorskip("kexue.triton_kernels.sign_optim")
+    tk = pytest.importorskip("kexue.triton_kernels.sign_optim_layout")
     names = [
         "LR",
         "WD",
