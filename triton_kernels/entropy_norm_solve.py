@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 SAMPLES = tl.constexpr(8)
-TRUST = tl.constexpr(0.1)  # (b - a) * sqrt(max L'') of an interval whose interpolant is final
+TRUST = tl.constexpr(0.25)  # (b - a) * sqrt(max L'') of an interval whose interpolant is final
+NARROW = tl.constexpr(0.1)  # (b - a) * sqrt(max L'') below which L' is the cubic, not the quintic's slope
 VAR_RATIO = tl.constexpr(1.5)  # most L''(b) / L''(a) (or its inverse) of a final interval
 MODEL_STEPS = tl.constexpr(12)  # Newton/bisection steps on the interpolant (registers only)
 
@@ -49,9 +50,10 @@ def hermite(h, dl, mean_a, var_a, mean_b, var_b, t):
 
     L is the quintic through L, L', L'' at a and b (in t the end data scale by h and h^2;
     p(t) = sum c_i t^i with c0 = 0, c1, c2 from a and c3..c5 from the conditions at t = 1).
-    L' is not that quintic's derivative, which would divide the float32 rounding of dl by h, but
-    the cubic through L', L'' at both ends; L'' (only the Newton slope) is interpolated linearly.
-    Every result is then a weighted mean of end data, with no rounding amplified.
+    L' is that quintic's derivative, except on intervals narrower than NARROW standard deviations:
+    there the derivative would divide the float32 rounding of dl by a small h, and the cubic
+    through L', L'' at both ends (a weighted mean of end data, its own error of order
+    (h sigma)^4 / 384) is the better of the two. L'' (the Newton slope only) is linear in t.
     """
     c1 = mean_a * h
     c2 = 0.5 * var_a * h * h
@@ -65,7 +67,10 @@ def hermite(h, dl, mean_a, var_a, mean_b, var_b, t):
     # cubic Hermite basis: h00 = 2t^3 - 3t^2 + 1, h10 = t^3 - 2t^2 + t, h01 = 1 - h00, h11 = t^3 - t^2
     t2 = t * t
     h01 = t2 * (3.0 - 2.0 * t)
-    mean = mean_a + (mean_b - mean_a) * h01 + h * (var_a * (t2 * t - 2.0 * t2 + t) + var_b * (t2 * t - t2))
+    cubic = mean_a + (mean_b - mean_a) * h01 + h * (var_a * (t2 * t - 2.0 * t2 + t) + var_b * (t2 * t - t2))
+    quintic = (c1 + t * (2.0 * c2 + t * (3.0 * c3 + t * (4.0 * c4 + t * 5.0 * c5)))) / h
+    narrow = h * tl.sqrt(tl.maximum(var_a, var_b)) < NARROW
+    mean = tl.where(narrow, cubic, quintic)
     var = var_a + (var_b - var_a) * t
     return p, mean, var
 

@@ -40,7 +40,7 @@ def count_loads(*tensors):
     def spy(self, ptrs, mask, other, *args):
         addresses = ptrs.data.reshape(-1).astype(np.int64)
         live = mask.data.reshape(-1).astype(bool) if mask is not None else np.ones(addresses.shape, bool)
-        for count, (lo, hi, size) in zip(counts, spans):
+        for count, (lo, hi, size) in zip(counts, spans, strict=True):
             hit = live & (addresses >= lo) & (addresses < hi)
             np.add.at(count, (addresses[hit] - lo) // size, 1)
         return original(self, ptrs, mask, other, *args)

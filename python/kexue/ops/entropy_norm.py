@@ -196,8 +196,9 @@ def entropy_normalize(
             shape (``x.shape`` without ``dim``). A differentiable tensor receives gradients.
         dim: the dimension that holds each distribution.
         logits: ``x`` holds logits rather than probabilities.
-        max_iter: most Newton iterations per row (each is one pass over the row). Fewer give
-            rougher control, as in the post (1-2 iterations).
+        max_iter: most Newton iterations per row. Fewer give rougher control, as in the post
+            (1-2 iterations). Rows too long for one tile on the triton backend solve for gamma in
+            sweeps over the row instead (docs/entropy_norm.md), and max_iter caps the sweeps.
         tol: relative step of gamma below which a row counts as converged (default 1e-5 for
             16/32-bit inputs, 1e-10 for float64).
         return_gamma: also return gamma, shaped like the batch, in float32 (float64 for float64).
