@@ -72,7 +72,7 @@ def _kth_largest_key(keys, in_row, k):
     prefix = tl.zeros((1,), tl.uint32)
     rank = tl.zeros((1,), tl.int32) + k  # the rank sought among the keys still in the search
     for r in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * r
+        shift = 24 - 8 * r
         digit = ((keys >> shift) & 0xFF).to(tl.int32)
         if r == 0:
             match = in_row
