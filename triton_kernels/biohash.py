@@ -11,7 +11,7 @@ The contract is python/kexue/reference/biohash.py (and csrc/include/kexue/biohas
   numpy, which never fuses.
 * Winner-take-all without sorting: each activation becomes an unsigned key whose integer order
   is the ranking order (NaN above everything, -0.0 equal to +0.0); the k-th largest key is found
-  bit by bit from the top (32 counting reductions over the row); units above it win, and units
+  by a radix select, one 256-bin histogram per byte from the top (4 rounds); units above it win, and units
   equal to it win in index order (an exclusive prefix count) until k are set: ties go to the
   lowest index.
 * Packed codes: unit mu is bit ``mu % 8`` of byte ``mu // 8``.
@@ -62,6 +62,34 @@ def _order_key(a):
 
 
 @triton.jit
+def _kth_largest_key(keys, in_row, k):
+    """The k-th largest of the row's uint32 keys, by radix select: four rounds, one per byte from
+    the top. Each round histograms that byte over the keys that share the bytes chosen so far
+    (256 bins), and picks the byte value where the count from the top reaches the rank still
+    sought; the keys in higher bins leave the search. Four histograms instead of 32 block-wide
+    counting reductions (one per bit)."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((1,), tl.uint32)
+    rank = tl.zeros((1,), tl.int32) + k  # the rank sought among the keys still in the search
+    for r in tl.static_range(4):
+        shift = 24 - 8 * r
+        digit = ((keys >> shift) & 0xFF).to(tl.int32)
+        if r == 0:
+            match = in_row
+        else:
+            match = in_row & ((keys >> (shift + 8)) == (prefix >> (shift + 8)))
+        hist = tl.histogram(digit, 256, mask=match)
+        from_top = tl.cumsum(hist, 0, reverse=True)  # keys in the search with this byte or more
+        # counts summed as float32 (exact below 2**24; an integer sum of a boolean vector is
+        # lowered through a stack slot on sm_90)
+        chosen = tl.sum(tl.where(from_top[None, :] >= rank[:, None], 1.0, 0.0), axis=1).to(tl.int32) - 1
+        higher = tl.sum(tl.where(bins[None, :] > chosen[:, None], hist[None, :], 0), axis=1)
+        rank -= higher
+        prefix = prefix | (chosen.to(tl.uint32) << shift)
+    return prefix
+
+
+@triton.jit
 def _biohash_sparse_kernel(
     ids_ptr,
     offsets_ptr,
@@ -89,16 +117,10 @@ def _biohash_sparse_kernel(
         col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0).to(tl.float32)
         acc = acc + _mul_rn(col, w + tl.zeros_like(col), EXACT)
 
-    # The k-th largest key, bit by bit. Padding lanes get key 0, below every real key (the
-    # smallest real key is -inf's, 0x007FFFFF), so they are never counted.
+    # Padding lanes get key 0, below every real key (the smallest real key is -inf's, 0x007FFFFF),
+    # and stay out of every count.
     keys = tl.where(in_row, _order_key(acc), 0)
-    threshold = tl.zeros((1,), tl.uint32)
-    for b in tl.static_range(31, -1, -1):
-        candidate = threshold | (1 << b)
-        # counts summed as float32 (exact below 2**24; an integer sum of a boolean vector is
-        # lowered through a stack slot on sm_90)
-        count = tl.sum(tl.where(keys[None, :] >= candidate[:, None], 1.0, 0.0), axis=1)
-        threshold = tl.where(count >= k, candidate, threshold)
+    threshold = _kth_largest_key(keys, in_row, k)
     above = keys > threshold
     greater = tl.sum(tl.where(above, 1.0, 0.0), axis=0)
     tied = keys == threshold

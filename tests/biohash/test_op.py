@@ -665,3 +665,15 @@ def test_module():
     assert torch.equal(m2(ids, offsets, w), m(ids, offsets, w))
     with pytest.raises(ValueError, match="k must lie"):
         kexue.nn.BioHash(30, 40, k=41)
+
+
+def test_cuda_hash_prefers_the_cuda_kernel_over_triton():
+    """Hashing on CUDA tensors tries the CUDA C++ kernel first (measured 7x faster than Triton on an
+    H200); the other BioHash ops keep the default order, and CPU tensors are unaffected."""
+    from kexue import _backend
+
+    assert _backend.preference("biohash_sparse", "cuda")[:2] == ("cuda", "triton")
+    assert _backend.preference("biohash_sparse", "cuda")[-1] == "torch"
+    assert _backend.preference("biohash_update", "cuda") == _backend.preference("no such op", "cuda")
+    assert _backend.preference("biohash_update", "cuda")[0] == "triton"
+    assert _backend.preference("biohash_sparse", "cpu") == ("cpu", "torch")

@@ -72,6 +72,30 @@ def test_order_key_nan_and_signed_zero(triton_backend):
     assert codes.cpu().tolist() == [[1, 0, 1, 1, 0, 1, 0, 0, 0, 1]]
 
 
+@pytest.mark.parametrize("k", [1, 2, 7, 31, 32, 33, 63, 64])
+def test_radix_select_keys_sharing_high_bytes_with_ties(triton_backend, k):
+    """The k-th largest is found one key byte at a time: activations one ulp apart share their top
+    three key bytes (and carry over a byte boundary), with ties, NaN, +-0.0 and +-inf among them.
+    Row j reads input j, so each row ranks its own column of W; every k is checked against sorting."""
+    g = torch.Generator().manual_seed(k)
+    base = torch.tensor(1.0).view(torch.int32)
+    near_one = (base + torch.randint(-300, 300, (64,), generator=g, dtype=torch.int32)).view(torch.float32)
+    columns = [near_one, near_one.clone(), -near_one, torch.randn(64, generator=g)]
+    columns[1][::3] = columns[1][5]  # ties across the row
+    columns[3][[0, 9, 40]] = torch.tensor([float("nan"), -0.0, float("inf")])
+    columns[3][[1, 10, 41]] = torch.tensor([0.0, float("-inf"), float("nan")])
+    W = torch.stack(columns, 1).contiguous()  # (K=64, N=4)
+    ids, offsets = torch.arange(4), torch.arange(5)
+    act = ref.activations_sparse(ids, offsets, None, W)
+    expected = brute_topk_mask(act[:3].double(), k)  # Python's sort cannot rank the NaN row
+    codes = kexue.ops.biohash(
+        ids.to(triton_backend), offsets.to(triton_backend), None, W.to(triton_backend), k, packed=False
+    ).cpu()
+    assert torch.equal(codes[:3], expected.to(torch.uint8))
+    assert torch.equal(codes, ref.biohash_sparse(ids, offsets, None, W, k, False))
+    assert (codes.sum(1) == k).all()
+
+
 def test_empty_batch(triton_backend):
     W = kexue.ops.new_synapses(20, 10).to(triton_backend)
     z = torch.zeros(0, dtype=torch.int64, device=triton_backend)

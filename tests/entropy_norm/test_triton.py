@@ -114,12 +114,12 @@ def test_random_rows_16bit(triton_device, rows, n, dtype, logits):
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunked layout: as the launchers pick it for long rows, and forced with small chunks so
-# that short rows cross several chunk boundaries (and BLOCK_M > 1 with a partial last block).
+# The streamed layout: as the launchers pick it for long rows, and forced with small chunks so
+# that short rows cross several chunk boundaries (one row a program, as the forward streams).
 
 
 @pytest.mark.parametrize("logits", [True, False], ids=["logits", "probs"])
-@pytest.mark.parametrize("n", [K.MAX_SINGLE_TILE_BACKWARD + 3, K.MAX_SINGLE_TILE_FORWARD + 2 * K._CHUNK.block_n + 5])
+@pytest.mark.parametrize("n", [K.MAX_SINGLE_TILE_BACKWARD + 3, K.MAX_SINGLE_TILE_FORWARD + 2 * K._STREAM.block_n + 5])
 def test_long_rows(triton_device, n, logits):
     assert not K.backward_tile(n).single_tile
     g = torch.Generator().manual_seed(n)
@@ -133,7 +133,7 @@ def test_long_rows(triton_device, n, logits):
 def test_forced_small_chunks(triton_device, rows, n, dtype, logits):
     g = torch.Generator().manual_seed(31 * rows + n)
     x, target = random_rows(rows, n, dtype, logits, g)
-    check(x.to(triton_device), target.to(triton_device), logits, tile=Tile(2, 16, False, 4), generator=g)
+    check(x.to(triton_device), target.to(triton_device), logits, tile=Tile(1, 16, False, 4), generator=g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_special_rows(triton_device, dtype, logits, chunked):
     grad_y = torch.randn(x.shape, generator=g, dtype=torch.float64)
     grad_y = torch.where(torch.isnan(y_r) | masked, NAN, grad_y).to(dtype)
     grad_gamma = torch.where(torch.isnan(gamma_r), NAN, torch.randn(x.shape[0], generator=g, dtype=torch.float64))
-    tile = Tile(4, 4, False, 4) if chunked else None  # 8 columns in two chunks, 17 rows in 5 blocks
+    tile = Tile(1, 4, False, 4) if chunked else None  # 8 columns in two chunks, one row a program
     y, gamma = check(
         x.to(triton_device),
         t.float().to(triton_device),
@@ -292,19 +292,29 @@ def test_every_launch_configuration_is_compiled_ahead_of_time():
     }
     lengths = list(range(1, 300)) + [2**k + d for k in range(8, 16) for d in (-1, 0, 1)] + [10**6, 2**31 - 1]
     for n in lengths:
-        for kernel, tile in (
-            (K._entropy_norm_fwd_kernel, K.forward_tile(n)),
-            (K._entropy_norm_bwd_kernel, K.backward_tile(n)),
-        ):
-            for ptr in ("*fp16", "*bf16", "*fp32"):
-                for logits in (True, False):
-                    consts = dict(
-                        LOGITS=logits, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_TILE=tile.single_tile
-                    )
-                    key = (kernel, tuple(sorted(consts.items())), tile.num_warps, ptr)
-                    assert key in shipped, f"n={n}: {kernel.__name__} {tile} {ptr} logits={logits} not in AOT_CONFIGS"
-        assert K.forward_tile(n).single_tile == (n <= K.MAX_SINGLE_TILE_FORWARD)
-        assert K.backward_tile(n).single_tile == (n <= K.MAX_SINGLE_TILE_BACKWARD)
+        fwd, bwd = K.forward_tile(n), K.backward_tile(n)
+        for ptr in ("*fp16", "*bf16", "*fp32"):
+            for logits in (True, False):
+                if fwd.single_tile:
+                    consts = dict(LOGITS=logits, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n)
+                    kernel = K.entropy_norm_fwd_tile_kernel
+                else:
+                    assert fwd.block_m == 1
+                    consts = dict(LOGITS=logits, BLOCK_N=fwd.block_n)
+                    kernel = K.entropy_norm_fwd_stream_kernel
+                key = (kernel, tuple(sorted(consts.items())), fwd.num_warps, ptr)
+                assert key in shipped, f"n={n}: forward {fwd} {ptr} logits={logits} not in AOT_CONFIGS"
+                consts = dict(LOGITS=logits, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, SINGLE_TILE=bwd.single_tile)
+                key = (K.entropy_norm_bwd_kernel, tuple(sorted(consts.items())), bwd.num_warps, ptr)
+                assert key in shipped, f"n={n}: backward {bwd} {ptr} logits={logits} not in AOT_CONFIGS"
+        assert fwd.single_tile == (n <= K.MAX_SINGLE_TILE_FORWARD)
+        assert bwd.single_tile == (n <= K.MAX_SINGLE_TILE_BACKWARD)
+
+
+def test_streamed_forward_takes_one_row_a_program(triton_device):
+    x = torch.rand(2, 8, device=triton_device)
+    with pytest.raises(ValueError, match="one row a program"):
+        K.forward(x, torch.ones(2, device=triton_device), False, 20, TOL, tile=Tile(2, 4, False, 4))
 
 
 # ---------------------------------------------------------------------------------------------

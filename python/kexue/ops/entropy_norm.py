@@ -68,7 +68,30 @@ def entropy_normalize_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rows ``x (R, n)``, targets ``(R,)`` -> ``(y (R, n), gamma (R,), stats (R, 2))``."""
     _, (forward, _) = _backend.select(OP, x)
-    return forward(x, target, logits, max_iter, tol)
+    y, gamma, stats = forward(x, target, logits, max_iter, tol)
+    if not logits:
+        _refuse_negative_probabilities(x, gamma)
+    return y, gamma, stats
+
+
+def _refuse_negative_probabilities(x: Tensor, gamma: Tensor) -> None:
+    """Raise the ValueError for a negative probability, from the op body.
+
+    The check lives here, not in the public function, so that it also holds under torch.compile
+    (the body runs on real tensors inside the compiled graph) and for the raw op. Every backend
+    turns a negative entry into log p = NaN and the row into a NaN row, so gamma is the error flag:
+    one read of R values after the call, and x is searched only when some row came out NaN (which
+    a NaN or +inf entry, an all-zero row or a NaN target also give, legitimately).
+    """
+    if gamma.numel() == 0 or not bool(torch.isnan(gamma).any()):
+        return
+    negative = x < 0
+    if bool(negative.any()):
+        # x ** gamma of a negative entry is NaN: say so instead of returning a NaN row
+        raise ValueError(
+            f"x holds probabilities, which must be non-negative; found {x[negative].flatten()[0].item()} "
+            "(pass logits=True for logits)"
+        )
 
 
 @entropy_normalize_op.register_fake
@@ -173,8 +196,9 @@ def entropy_normalize(
             shape (``x.shape`` without ``dim``). A differentiable tensor receives gradients.
         dim: the dimension that holds each distribution.
         logits: ``x`` holds logits rather than probabilities.
-        max_iter: most Newton iterations per row (each is one pass over the row). Fewer give
-            rougher control, as in the post (1-2 iterations).
+        max_iter: most Newton iterations per row. Fewer give rougher control, as in the post
+            (1-2 iterations). Rows too long for one tile on the triton backend solve for gamma in
+            sweeps over the row instead (docs/entropy_norm.md), and max_iter caps the sweeps.
         tol: relative step of gamma below which a row counts as converged (default 1e-5 for
             16/32-bit inputs, 1e-10 for float64).
         return_gamma: also return gamma, shaped like the batch, in float32 (float64 for float64).
@@ -200,12 +224,8 @@ def entropy_normalize(
     elif not (isinstance(tol, numbers.Real) and tol > 0):
         raise ValueError(f"tol must be a positive float, got {tol!r}")
 
-    if not logits and not torch.compiler.is_compiling() and x.numel() > 0 and bool((x < 0).any()):
-        # x ** gamma of a negative entry is NaN: say so instead of returning a NaN row
-        raise ValueError(
-            f"x holds probabilities, which must be non-negative; found {x[x < 0].flatten()[0].item()} "
-            "(pass logits=True for logits)"
-        )
+    # A negative probability is refused by the custom op itself (_refuse_negative_probabilities),
+    # eagerly, under torch.compile and through torch.ops.kexue.entropy_normalize alike.
     moved = x.movedim(dim, -1)
     batch_shape = moved.shape[:-1]
     rows = moved.reshape(-1, n).contiguous()
