@@ -26,9 +26,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from kexue.triton_kernels.entropy_norm_backward import entropy_norm_bwd_kernel
-from kexue.triton_kernels.entropy_norm_stream import entropy_norm_fwd_stream_kernel
-from kexue.triton_kernels.entropy_norm_tile import entropy_norm_fwd_tile_kernel
+from .entropy_norm_backward import entropy_norm_bwd_kernel
+from .entropy_norm_stream import entropy_norm_fwd_stream_kernel
+from .entropy_norm_tile import entropy_norm_fwd_tile_kernel
 
 
 class Tile(NamedTuple):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kexue.triton_kernels.entropy_norm_rows import logits_of, shift, tile_at
+from .entropy_norm_rows import logits_of, shift, tile_at
 
 
 @triton.jit

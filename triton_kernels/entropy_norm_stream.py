@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kexue.triton_kernels.entropy_norm_rows import (
+from .entropy_norm_rows import (
     ARGMAX,
     INVALID,
     NEWTON,
@@ -39,7 +39,7 @@ from kexue.triton_kernels.entropy_norm_rows import (
     shift,
     tile_at,
 )
-from kexue.triton_kernels.entropy_norm_solve import SAMPLES, mean_var, model_root, pick, sample_sums, untrusted
+from .entropy_norm_solve import SAMPLES, mean_var, model_root, pick, sample_sums, untrusted
 
 
 @triton.jit

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kexue.triton_kernels.entropy_norm_rows import (
+from .entropy_norm_rows import (
     ARGMAX,
     INVALID,
     NEWTON,
