@@ -1,6 +1,8 @@
 """GlobalPointer in Triton: launchers of the fused multilabel loss and of the dense scores op.
 
-The kernels (tile loops) are in :mod:`global_pointer_tiles`; the arithmetic follows
+The kernels are in :mod:`global_pointer_loss_kernels` and :mod:`global_pointer_score_kernels`
+(tile helpers in :mod:`global_pointer_tile_ops`), the choice of tile and what Triton serves in
+:mod:`global_pointer_configs`, the ahead-of-time list in :mod:`global_pointer_aot`. The arithmetic follows
 csrc/include/kexue/global_pointer.h and the float64 oracle python/kexue/reference/global_pointer.py.
 Canonical layout: q, k ``(B, H, L, d)`` with ``H = 1`` (one pair shared by the T types) or
 ``H = T``; biases ``(B, T, L)``; mask ``(B, L)``; positives as CSR over the rows (b, t, i)
@@ -10,7 +12,7 @@ The loss: a forward kernel leaves per-row log-sum-exp states that :func:`loss_fo
 with the implicit extra logit 0; two backward passes (rows: d_start_bias and dq; columns:
 d_end_bias and dk, no atomics). The scores op: a forward that writes each tile for every type of
 its head, and a backward in the same two passes reading dScores. In every kernel a tile's
-``Q K^T`` is computed once for all the types of its head (see :mod:`global_pointer_tiles`).
+``Q K^T`` is computed once for all the types of its head (see :mod:`global_pointer_loss_kernels`).
 
 The launcher rotates q and k once (RoPE in float32 from float64 angles, O(L d)), folds 1/sqrt(d)
 into q, and stores the rows in the input dtype: bf16/fp16 dots run on tensor cores, fp32 dots in
@@ -25,99 +27,29 @@ in O(N) and make the loss of their (b, t) +inf, as in the dense formula.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 
-from .global_pointer_tiles import (
-    _gp_loss_bwd_cols_kernel,
-    _gp_loss_bwd_rows_kernel,
-    _gp_loss_fwd_kernel,
+from .global_pointer_configs import (  # noqa: F401  (re-exported: the backends and tests ask this module)
+    MAX_HEAD_SIZE,
+    MAX_SERVED_HEAD,
+    Tile,
+    dot_precision,
+    operand_dtype,
+    scores_tile_for,
+    supports,
+    tile_for,
+)
+from .global_pointer_loss_kernels import _gp_loss_bwd_cols_kernel, _gp_loss_bwd_rows_kernel, _gp_loss_fwd_kernel
+from .global_pointer_score_kernels import (
     _gp_scores_bwd_cols_kernel,
     _gp_scores_bwd_rows_kernel,
     _gp_scores_fwd_kernel,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Launchers.
-
-
-class Tile(NamedTuple):
-    block_m: int
-    block_n: int
-    block_h: int
-    num_warps: int
-    num_stages: int = 1  # no software pipelining: with 2-3 stages the backward kernels spill
-
-
-MAX_HEAD_SIZE = 128  # the widest head block the kernels are written for (see MAX_SERVED_HEAD)
-
-
-def _head_block(head_size: int) -> int:
-    return 64 if head_size <= 64 else 128
-
-
-# (head block, fp32 operands?) -> tile. Each entry is a candidate whose kernels (every pass; IEEE
-# and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (JIT
-# and unspecialized forms, sm_80/86/89/90). ptxas's choice is erratic (the fp32 loss columns pass
-# used a 24-byte stack at 32 x 32 x 64 over 4 warps on sm_90), hence one measured entry per case.
-#
-# 128-channel heads: the kernels are written for them (BLOCK_H = 128) and pass the interpreter
-# tests, but no tile tried compiled without a stack everywhere (16-bit loss: 32x32 w4 kept 24-120
-# bytes in the unspecialized form, 32x32 w8 40 bytes on sm_90, 16x32 / 32x16 w8 8 bytes on sm_80;
-# the scores forward at 32x32 w8 8 bytes on sm_86/89; fp32: every 16/32 x 16/32 tile at 4-16
-# warps). Until one does, MAX_SERVED_HEAD is 64 and wider heads go to the CUDA C++ kernels.
-# fp32 LOSS: with fp32 operands (IEEE or TF32 dots) every loss tile tried kept an 8-48 byte stack
-# in the unspecialized form on sm_80 or sm_90 (32x32 w4, 32x16 w2/w4/w8, 16x32 w4/w8, 16x16
-# w2/w4/w8), so the loss serves fp16/bf16 only and fp32 goes to the CUDA C++ kernels; the fp32
-# scores op has a clean tile.
-MAX_SERVED_HEAD = 64
-_LOSS_TILES = {
-    (64, False): Tile(32, 32, 64, 4),
-}
-_SCORES_TILES = {
-    (64, False): Tile(16, 32, 64, 4),
-    (64, True): Tile(32, 16, 64, 4),
-}
-
-
-def _key(head_size: int, dtype: torch.dtype, op: str) -> tuple[int, bool]:
-    why = supports(head_size, dtype, op)
-    if why is not None:
-        raise ValueError(why)
-    return _head_block(head_size), operand_dtype(dtype, torch.device("cuda")) == torch.float32
-
-
-def tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
-    """The loss kernels' configuration for a head of ``head_size`` channels (padded to a block of
-    64, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
-    return _LOSS_TILES[_key(head_size, dtype, "loss")]
-
-
-def scores_tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
-    """The scores op's configuration, chosen as :func:`tile_for`'s."""
-    return _SCORES_TILES[_key(head_size, dtype, "scores")]
-
-
-def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "loss") -> str | None:
-    """Why the Triton ``op`` ("loss" or "scores") cannot serve a head of ``head_size`` channels in
-    ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
-    if head_size > MAX_SERVED_HEAD:
-        return (
-            f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
-            f"still use a stack frame), got {head_size}"
-        )
-    if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
-        return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
-    return None
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots in IEEE, or TF32 when the user opted in as for torch.matmul."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+# Rotation of the rows around the kernels (RoPE in float32 from float64 angles, O(L d)).
 
 
 def _rope(x: torch.Tensor, layout: int, base: float, inverse: bool = False) -> torch.Tensor:
@@ -136,15 +68,6 @@ def _rope(x: torch.Tensor, layout: int, base: float, inverse: bool = False) -> t
     return torch.cat((ra, rb), dim=-1)
 
 
-def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the rows the dots read: the input's for fp16/bf16 (tensor cores), else fp32.
-    bf16 on CPU tensors (the Triton interpreter) is read as fp32: the interpreter multiplies
-    bf16 tiles as raw integers (triton 3.x)."""
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and device.type != "cpu"):
-        return dtype
-    return torch.float32
-
-
 def _rotated(x: torch.Tensor, rope: int, base: float, scale: float) -> torch.Tensor:
     """``scale * R x`` computed in float32, stored contiguous in :func:`operand_dtype`."""
     out = x.float()
@@ -158,6 +81,10 @@ def _unrotated(g: torch.Tensor, rope: int, base: float, scale: float, dtype) -> 
     if rope:
         g = _rope(g, rope, base, inverse=True)
     return (g * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
 
 
 def _common(q, k, sb, mask, rope, base, tile):
@@ -314,86 +241,3 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
         dsb.to(sb.dtype),
         deb.to(eb.dtype),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Every configuration the launchers can pick, for tests/gpu_compile.py.
-
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-
-
-def _served(dtype: torch.dtype) -> range:
-    return range(1, MAX_SERVED_HEAD + 1)
-
-
-def all_tiles(dtype: torch.dtype) -> list[Tile]:
-    if supports(1, dtype, "loss") is not None:
-        return []
-    return sorted({tile_for(d, dtype) for d in _served(dtype)})
-
-
-def all_scores_tiles(dtype: torch.dtype) -> list[Tile]:
-    return sorted({scores_tile_for(d, dtype) for d in _served(dtype)})
-
-
-def _config(name, kernel, sig, tile, dtype, prec) -> dict:
-    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=prec)
-    tag = f"{str(dtype).removeprefix('torch.')} {tile.block_m}x{tile.block_n}x{tile.block_h} w{tile.num_warps}"
-    if dtype == torch.float32:
-        tag += f" {prec}"
-    ints = dict(H="i32", T="i32", L="i32", D="i32", TRIL="i32")
-    return dict(
-        name=f"global_pointer_{name} {tag}",
-        kernel=kernel,
-        signature=dict(**sig, **ints, **dict.fromkeys(consts, "constexpr")),
-        constexprs=consts,
-        num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
-    )
-
-
-def _aot_configs() -> list[dict]:
-    configs = []
-    for dtype, ptr in _PTR.items():
-        csr = dict(row_ptr="*i64", cols_ptr="*i64")
-        inputs = dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", **csr)
-        loss = [
-            ("fwd", _gp_loss_fwd_kernel, dict(**inputs, state_ptr="*fp32")),
-            (
-                "bwd_rows",
-                _gp_loss_bwd_rows_kernel,
-                dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dq_ptr="*fp32", dsb_ptr="*fp32"),
-            ),
-            (
-                "bwd_cols",
-                _gp_loss_bwd_cols_kernel,
-                dict(**inputs, grad_ptr="*fp32", lse_ptr="*fp32", dk_ptr="*fp32", deb_ptr="*fp32"),
-            ),
-        ]
-        scores = [
-            (
-                "scores_fwd",
-                _gp_scores_fwd_kernel,
-                dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr),
-            ),
-            (
-                "scores_bwd_rows",
-                _gp_scores_bwd_rows_kernel,
-                dict(k_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32"),
-            ),
-            (
-                "scores_bwd_cols",
-                _gp_scores_bwd_cols_kernel,
-                dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32"),
-            ),
-        ]
-        precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for tiles, kernels in ((all_tiles(dtype), loss), (all_scores_tiles(dtype), scores)):
-            for tile in tiles:
-                configs += [
-                    _config(name, kernel, sig, tile, dtype, prec) for name, kernel, sig in kernels for prec in precs
-                ]
-    return configs
-
-
-AOT_CONFIGS = _aot_configs()

@@ -19,7 +19,6 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -28,6 +27,7 @@
 #include "biohash_rows.h"
 #include "kexue/biohash.h"
 #include "kexue/biohash_checks.h"
+#include "kexue/dynamic_for.h"
 #include "kexue/ops.h"
 #include "simd.h"
 
@@ -204,12 +204,12 @@ void prefetch_columns(const int64_t* ids, int64_t len, const T* wt, int64_t K) {
 
 // Runs fn(row, acc) for every CSR row in parallel with acc holding the row's activations.
 //
-// Rows are handed out in blocks of row_grain rows from a shared counter, not split into one
-// contiguous share per thread as at::parallel_for does: on a machine whose cores are shared with
-// other work, a thread that is descheduled for a while then delays the call by one block instead
-// of by its whole share. (On 2 cores busy with other work, 2 threads were still no faster than 1
-// here with OpenMP's default spinning wait; OMP_WAIT_POLICY=passive recovered it. On idle cores
-// 2 threads take half the time of 1.)
+// Rows are handed out in blocks of row_grain rows from a shared counter (kexue/dynamic_for.h),
+// not split into one contiguous share per thread: on a machine whose cores are shared with other
+// work, a thread that is descheduled for a while then delays the call by one block instead of by
+// its whole share. (On 2 cores busy with other work, 2 threads were still no faster than 1 here
+// with OpenMP's default spinning wait; OMP_WAIT_POLICY=passive recovered it. On idle cores 2
+// threads take half the time of 1.)
 template <typename T, typename A, typename Fn>
 void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A* w, const at::Tensor& wt, Fn fn) {
   const int64_t rows = offsets.size(0) - 1;
@@ -217,22 +217,18 @@ void for_each_row(const at::Tensor& indices, const at::Tensor& offsets, const A*
   const int64_t* ids = indices.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const T* wtp = wt.data_ptr<T>();
-  const int64_t grain = row_grain(K, indices.size(0), rows);
-  const int64_t blocks = (rows + grain - 1) / grain;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), blocks);
-  std::atomic<int64_t> next_block{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<A> acc(K);
-    std::vector<Key<A>> keys(K);
-    for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
-      const int64_t begin = b * grain, end = std::min(rows, begin + grain);
-      prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t start = off[r];
-        if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
-        row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, acc.data());
-        fn(r, acc.data(), keys.data());
-      }
+  struct Scratch {
+    std::vector<A> acc;
+    std::vector<Key<A>> keys;
+  };
+  auto make = [&](int64_t) { return Scratch{std::vector<A>(K), std::vector<Key<A>>(K)}; };
+  cpu::dynamic_blocks(rows, row_grain(K, indices.size(0), rows), make, [&](Scratch& s, int64_t begin, int64_t end) {
+    prefetch_columns(ids + off[begin], off[begin + 1] - off[begin], wtp, K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t start = off[r];
+      if (r + 1 < end) prefetch_columns(ids + off[r + 1], off[r + 2] - off[r + 1], wtp, K);
+      row_activations(ids + start, w == nullptr ? nullptr : w + start, off[r + 1] - start, wtp, K, s.acc.data());
+      fn(r, s.acc.data(), s.keys.data());
     }
   });
 }
@@ -293,13 +289,15 @@ at::Tensor biohash_topk_cpu(const at::Tensor& activations, int64_t k, bool packe
   uint8_t* o = out.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES(activations.scalar_type(), "biohash_topk_cpu", [&] {
     const scalar_t* a = activations.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<Key<scalar_t>> keys(K);
-      for (int64_t r = begin; r < end; ++r) {
-        keys_of(a + r * K, K, keys.data());
-        write_code(keys.data(), K, k, packed, o + r * width);
-      }
-    });
+    cpu::dynamic_blocks(
+        rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+        [&](int64_t) { return std::vector<Key<scalar_t>>(K); },
+        [&](std::vector<Key<scalar_t>>& keys, int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            keys_of(a + r * K, K, keys.data());
+            write_code(keys.data(), K, k, packed, o + r * width);
+          }
+        });
   });
   return out;
 }

@@ -19,6 +19,7 @@
 
 #include "biohash_rows.h"
 #include "kexue/biohash_checks.h"
+#include "kexue/dynamic_for.h"
 #include "kexue/ops.h"
 
 namespace kexue {
@@ -112,22 +113,27 @@ std::tuple<at::Tensor, at::Tensor> update_impl(const at::Tensor& indices, const 
   std::vector<A> s_second(anti ? rows : 0);
 
   // 1. Winners by the raw activation, and the scaled activation of each chosen unit.
-  at::parallel_for(0, rows, row_grain(K, indices.size(0), rows), [&](int64_t begin, int64_t end) {
-    std::vector<A> raw(K), scaled(w == nullptr ? 0 : K);
-    std::vector<Key<A>> keys(K);
-    for (int64_t r = begin; r < end; ++r) {
+  struct RowScratch {
+    std::vector<A> raw, scaled;
+    std::vector<Key<A>> keys;
+  };
+  auto make_rows = [&](int64_t) {
+    return RowScratch{std::vector<A>(K), std::vector<A>(w == nullptr ? 0 : K), std::vector<Key<A>>(K)};
+  };
+  cpu::dynamic_blocks(rows, row_grain(K, indices.size(0), rows), make_rows, [&](RowScratch& t, int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
       const int64_t start = off[r], len = off[r + 1] - start;
-      row_activations(ids + start, static_cast<const A*>(nullptr), len, static_cast<const A*>(wtp), K, raw.data());
-      const A* s = raw.data();
+      row_activations(ids + start, static_cast<const A*>(nullptr), len, static_cast<const A*>(wtp), K, t.raw.data());
+      const A* s = t.raw.data();
       if (w != nullptr) {
-        row_activations(ids + start, w + start, len, static_cast<const A*>(wtp), K, scaled.data());
-        s = scaled.data();
+        row_activations(ids + start, w + start, len, static_cast<const A*>(wtp), K, t.scaled.data());
+        s = t.scaled.data();
       }
-      keys_of(raw.data(), K, keys.data());
-      winners[r] = unit_of_rank(keys.data(), K, 1);
+      keys_of(t.raw.data(), K, t.keys.data());
+      winners[r] = unit_of_rank(t.keys.data(), K, 1);
       s_win[r] = s[winners[r]];
       if (anti) {
-        second[r] = unit_of_rank(keys.data(), K, rank);
+        second[r] = unit_of_rank(t.keys.data(), K, rank);
         s_second[r] = s[second[r]];
       }
     }
@@ -151,22 +157,26 @@ std::tuple<at::Tensor, at::Tensor> update_impl(const at::Tensor& indices, const 
   const Hebbian<A> hebb =
       bucket_hebbian<A>(ids, off, w, rows, N, winners, anti ? second.data() : nullptr, static_cast<A>(delta));
 
-  // 3. max |ds| over the whole matrix, without storing ds.
+  // 3. max |ds| over the whole matrix, without storing ds. Chunks of `grain` rows are handed out
+  // dynamically; each writes its own maximum, and max is exact, so the result is deterministic.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   const int64_t chunks = (N + grain - 1) / grain;
   std::vector<A> chunk_max(std::max<int64_t>(chunks, 1), A(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<A> ds(K), sum(K, A(0));
-    std::vector<uint8_t> touched(K, 0);
-    for (int64_t c = cb; c < ce; ++c) {
-      A m = 0;
-      for (int64_t i = c * grain; i < std::min(N, (c + 1) * grain); ++i) {
-        ds_row(wtp + i * K, nx.data(), active.data(), hebb, i, K, ds.data(), sum.data(), touched.data());
-        const A rm = abs_max(ds.data(), K);
-        m = rm > m ? rm : m;
-      }
-      chunk_max[c] = m;
+  struct DsScratch {
+    std::vector<A> ds, sum;
+    std::vector<uint8_t> touched;
+  };
+  auto make_ds = [&](int64_t) {
+    return DsScratch{std::vector<A>(K), std::vector<A>(K, A(0)), std::vector<uint8_t>(K, 0)};
+  };
+  cpu::dynamic_blocks(N, grain, make_ds, [&](DsScratch& t, int64_t begin, int64_t end) {
+    A m = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      ds_row(wtp + i * K, nx.data(), active.data(), hebb, i, K, t.ds.data(), t.sum.data(), t.touched.data());
+      const A rm = abs_max(t.ds.data(), K);
+      m = rm > m ? rm : m;
     }
+    chunk_max[begin / grain] = m;
   });
   A nc = 0;
   for (A m : chunk_max) nc = m > nc ? m : nc;
@@ -175,18 +185,15 @@ std::tuple<at::Tensor, at::Tensor> update_impl(const at::Tensor& indices, const 
   const A p = static_cast<A>(prec);
   const A scale = static_cast<A>(lr) / (nc > p ? nc : p);
   const A small = static_cast<A>(tiny);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<A> ds(K), sum(K, A(0));
-    std::vector<uint8_t> touched(K, 0);
-    for (int64_t c = cb; c < ce; ++c) {
-      for (int64_t i = c * grain; i < std::min(N, (c + 1) * grain); ++i) {
-        A* wrow = wtp + i * K;
-        ds_row(wrow, nx.data(), active.data(), hebb, i, K, ds.data(), sum.data(), touched.data());
+  cpu::dynamic_blocks(N, grain, make_ds, [&](DsScratch& t, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      A* wrow = wtp + i * K;
+      ds_row(wrow, nx.data(), active.data(), hebb, i, K, t.ds.data(), t.sum.data(), t.touched.data());
+      const A* ds = t.ds.data();
 #pragma omp simd
-        for (int64_t mu = 0; mu < K; ++mu) {
-          const A change = scale * ds[mu];
-          wrow[mu] = std::abs(change) > small ? wrow[mu] + change : wrow[mu];
-        }
+      for (int64_t mu = 0; mu < K; ++mu) {
+        const A change = scale * ds[mu];
+        wrow[mu] = std::abs(change) > small ? wrow[mu] + change : wrow[mu];
       }
     }
   });

@@ -1,5 +1,7 @@
-// Entropy normalization on CPU: rows in parallel through at::parallel_for, each row processed
-// in a thread-local float buffer (it stays in L1/L2 while Newton iterates over it).
+// Entropy normalization on CPU: blocks of rows handed out to torch's threads from a shared counter
+// (kexue/dynamic_for.h; each row is computed alone, so the result does not depend on which thread
+// takes it), each row processed in a per-thread float buffer (it stays in L1/L2 while Newton
+// iterates over it).
 //
 // The per-row decisions (classification, Newton step, backward coefficient) come from
 // csrc/include/kexue/entropy_norm.h, shared with the CUDA kernels. This file holds the passes
@@ -13,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "kexue/dynamic_for.h"
 #include "kexue/entropy_norm.h"
 #include "kexue/ops.h"
 #include "simd.h"
@@ -248,7 +251,8 @@ void backward_row(const T* gy, A grad_gamma, const T* x, int64_t n, A gamma, con
   *grad_target = -k / gamma;
 }
 
-// Rows per task: enough elements per task to amortise the scratch allocation.
+// Rows per hand-out: ~16k elements, so that taking a block from the shared counter costs nothing
+// next to computing it.
 int64_t grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
 void check_rows(const at::Tensor& x, const char* name) {
@@ -278,8 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_normalize_forward_cpu(con
     const A* tp = target.data_ptr<A>();
     A* gp = gamma.data_ptr<A>();
     A* sp = stats.data_ptr<A>();
-    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-      Scratch<A> scratch(n);
+    auto make = [&](int64_t) { return Scratch<A>(n); };
+    cpu::dynamic_blocks(rows, grain(n), make, [&](Scratch<A>& scratch, int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         forward_row(xp + r * n, n, tp[r], logits, max_iter, static_cast<A>(tol), scratch, yp + r * n, gp + r,
                     sp + 2 * r);
@@ -315,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cpu(const at::Tens
     const A* gp = gamma.data_ptr<A>();
     const A* sp = stats.data_ptr<A>();
     A* gtp = grad_target.data_ptr<A>();
-    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-      Scratch<A> scratch(n);
+    auto make = [&](int64_t) { return Scratch<A>(n); };
+    cpu::dynamic_blocks(rows, grain(n), make, [&](Scratch<A>& scratch, int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         backward_row(gyp + r * n, ggp[r], xp + r * n, n, gp[r], sp + 2 * r, logits, scratch, gxp + r * n, gtp + r);
       }

@@ -16,7 +16,8 @@
 // size L x L is ever allocated; the largest buffers are kRows x L per worker.
 //
 // Parallelism (drive): one parallel region per call; the (batch element, block) items are handed
-// out from a shared counter (dynamic_for.h), so a core taken by another process delays one block.
+// out from a shared counter (kexue/dynamic_for.h), so a core taken by another process delays one
+// block; the row rotations and the final merge are handed out the same way.
 // Each worker keeps its own accumulators for the quantities indexed by key (dk, d_end_bias, the
 // loss states) over every batch element, summed at the end. With shared q/k (H = 1) a block's
 // scores come from ONE product for all T types: the types only add their biases to the same rows,
@@ -31,8 +32,8 @@
 #include <limits>
 #include <vector>
 
+#include "kexue/dynamic_for.h"
 #include "kexue/global_pointer.h"
-#include "dynamic_for.h"
 #include "kexue/ops.h"
 #include "rows.h"
 #include "simd.h"
@@ -169,13 +170,16 @@ void rope_tables(int64_t L, int64_t d, double base, std::vector<A>* cos_t, std::
   }
 }
 
+// Rows per hand-out of the rotations: ~4k elements, far below a thread's share.
+inline int64_t rotate_block(int64_t d) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)); }
+
 // dst = scale * R_p src for each of `rows` rows of size d (row r is at position r % L of batch
 // element r / (H L)). Rows of padded tokens (mask false) become 0 whatever they hold: a NaN or inf
 // there would otherwise reach the real spans through 0 * NaN in the products G k and G^T q.
 template <typename X, typename A>
 void rotate(const X* src, A* dst, int64_t rows, int64_t H, int64_t L, int64_t d, const bool* mask, int layout,
             const std::vector<A>& cos_t, const std::vector<A>& sin_t, A scale) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+  cpu::dynamic_blocks(rows, rotate_block(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const X* s = src + r * d;
       A* o = dst + r * d;
@@ -205,7 +209,7 @@ void rotate(const X* src, A* dst, int64_t rows, int64_t H, int64_t L, int64_t d,
 template <typename A, typename X>
 void unrotate(const A* g, X* dst, int64_t rows, int64_t L, int64_t d, int layout, const std::vector<A>& cos_t,
               const std::vector<A>& sin_t, A scale) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+  cpu::dynamic_blocks(rows, rotate_block(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const A* s = g + r * d;
       X* o = dst + r * d;
@@ -268,20 +272,22 @@ at::Tensor block_scores(const Problem<A>& pb, int64_t b, int64_t h, int64_t i0, 
 // blocks handed out from a shared counter (cpu::dynamic_for): a worker that stalls (its core
 // taken by another process) delays the block it holds, and there is no barrier per batch element
 // for it to hold up. Each worker's accumulators cover every batch element; once all blocks are
-// done, flush(b, accs, n) merges the workers' shares of each b (in parallel over b).
+// done, flush(b, accs, n) merges the workers' shares of each b (in parallel over b). Which blocks a
+// worker's share holds depends on timing, so the key-indexed float sums (dk, d_end_bias, the loss
+// states) may differ in the last bits from run to run; a static split would fix that order but
+// bring back the stall this hand-out removes.
 template <typename Acc, typename Make, typename Process, typename Flush>
 void drive(int64_t B, int64_t nblk, Make make, Process process, Flush flush) {
   if (B == 0 || nblk == 0) return;
   const int64_t items = B * nblk;
-  const int64_t nw = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t nw = cpu::worker_count(items);
   std::vector<Acc> accs;
   for (int64_t w = 0; w < nw; ++w) accs.push_back(make());
   // Counter order: batch-major, and with the tril mask a batch element's early blocks (the
   // longest rows) first.
   cpu::dynamic_for(items, nw, [&](int64_t w, int64_t item) { process(accs[w], item / nblk, item % nblk); });
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) flush(b, accs.data(), nw);
-  });
+  // Each b is merged by one worker, over the workers' shares in worker order.
+  cpu::dynamic_for(B, cpu::worker_count(B), [&](int64_t, int64_t b) { flush(b, accs.data(), nw); });
 }
 
 // ---------------------------------------------------------------------------------------------

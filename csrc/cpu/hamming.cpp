@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kexue/biohash_checks.h"
+#include "kexue/dynamic_for.h"
 #include "kexue/ops.h"
 #include "simd.h"
 
@@ -48,9 +49,15 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
   int64_t* iop = idx_out.data_ptr<int64_t>();
   const int64_t max_dist = nb * 8;
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(D * std::max<int64_t>(nb, 1), 1));
-  at::parallel_for(0, Q, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> dist(D);
-    std::vector<int64_t> slot(max_dist + 2);
+  // Queries are independent: blocks of them handed out from a shared counter (kexue/dynamic_for.h).
+  struct Scratch {
+    std::vector<int32_t> dist;
+    std::vector<int64_t> slot;
+  };
+  auto make = [&](int64_t) { return Scratch{std::vector<int32_t>(D), std::vector<int64_t>(max_dist + 2)}; };
+  cpu::dynamic_blocks(Q, grain, make, [&](Scratch& t, int64_t begin, int64_t end) {
+    std::vector<int32_t>& dist = t.dist;
+    std::vector<int64_t>& slot = t.slot;
     for (int64_t q = begin; q < end; ++q) {
       hamming_row(qp + q * nb, dbp, D, nb, dist.data());
       // Counting sort on the distance, stopping at the n-th: slot[v] = first output position of v.

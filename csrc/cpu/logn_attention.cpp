@@ -20,12 +20,12 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "kexue/dynamic_for.h"
 #include "kexue/logn_attention.h"
 #include "kexue/logn_attention_checks.h"
 #include "kexue/ops.h"
@@ -273,26 +273,22 @@ A scale_of(const Seq& s, int64_t i, bool causal, const ScaleRule& rule) {
 
 // ---------------------------------------------------------------------------------------------
 // Scheduling. Tasks of very different cost (causal query blocks, sequences of mixed lengths) go
-// longest first to whichever thread of torch's pool is free: at::parallel_for alone would give
-// each thread a fixed contiguous range, and one thread could get all the long ones.
+// longest first to whichever thread of torch's pool is free (kexue/dynamic_for.h): at::parallel_for
+// alone would give each thread a fixed contiguous range, and one thread could get all the long ones.
 
 struct Task {
   int64_t seq, head, block, cost;
 };
 
-// body(task, scratch, slot): slot in [0, workers(n)) is distinct for concurrently running
-// workers, for per-worker partial sums.
-int64_t workers(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
-
+// body(task, scratch, slot): slot in [0, cpu::worker_count(n)) is distinct for concurrently
+// running workers, for per-worker partial sums.
 template <typename Scratch, typename Body>
 void run_tasks(std::vector<Task>& tasks, const Body& body) {
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   const int64_t n = static_cast<int64_t>(tasks.size());
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers(n), 1, [&](int64_t slot, int64_t) {
-    Scratch scratch;
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(tasks[t], scratch, slot);
-  });
+  cpu::dynamic_for(
+      n, cpu::worker_count(n), [](int64_t) { return Scratch(); },
+      [&](Scratch& scratch, int64_t slot, int64_t t) { body(tasks[t], scratch, slot); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,7 +468,7 @@ void backward_impl(const Layout& L, const T* dop, const A* dlse, const T* qp, co
     const Seq& sq = L.seqs[s];
     std::vector<Task> tasks;
     for (int64_t i0 = 0, qb = 0; i0 < sq.lq; i0 += kBlockQ, ++qb) tasks.push_back(Task{s, 0, qb, block_cost(sq, i0)});
-    const int64_t slots = workers(static_cast<int64_t>(tasks.size()));
+    const int64_t slots = cpu::worker_count(static_cast<int64_t>(tasks.size()));
     std::vector<A> part(slots * 2 * sq.lk * D, A(0));  // per worker: dK (lk, D), then dV (lk, D)
     for (int64_t h = 0; h < L.Hq; ++h) {
       if (h > 0) std::fill(part.begin(), part.end(), A(0));

@@ -1,9 +1,10 @@
 // Lion / Tiger on CPU: one fused multi-tensor step over every parameter handed in.
 //
 // The tensors are cut into work items of ~64k elements (whole rows for tensors updated row by
-// row) and at::parallel_for runs over the items of all tensors at once, so a step over many small
-// tensors keeps every thread busy and a step over a few large ones splits them. Each element is
-// read and written once: read param, grad, momentum; write param, momentum.
+// row) and torch's threads take the items of all tensors at once from a shared counter
+// (kexue/dynamic_for.h), so a step over many small tensors keeps every thread busy, a step over a
+// few large ones splits them, and a thread whose core another process holds delays one item.
+// Each element is read and written once: read param, grad, momentum; write param, momentum.
 //
 // Two reductions must finish before the update they feed: Tiger's whole-tensor RMS(theta) and the NaN guard's
 // "any NaN or inf in the grad". The RMS is carried from the previous step when the optimizer can vouch for it
@@ -28,6 +29,7 @@
 #include <optional>
 #include <vector>
 
+#include "kexue/dynamic_for.h"
 #include "kexue/ops.h"
 #include "kexue/sign_optim.h"
 #include "kexue/sign_optim_host.h"
@@ -578,16 +580,16 @@ void overlapped(const std::vector<Job>& jobs, MainPass* main, PrePass* pre, cons
       order.push_back({1, b++});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t lo, int64_t hi) {
-    Tiles tiles;
-    for (int64_t k = lo; k < hi; ++k) {
-      if (order[k].first == 0) {
-        main->run_item(jobs, order[k].second, lr, shrink, tiles);
-      } else {
-        pre->run_item(jobs, order[k].second, tiles.out);
-      }
-    }
-  });
+  const int64_t n = static_cast<int64_t>(order.size());
+  cpu::dynamic_for(
+      n, cpu::worker_count(n), [](int64_t) { return Tiles{}; },
+      [&](Tiles& tiles, int64_t, int64_t k) {
+        if (order[k].first == 0) {
+          main->run_item(jobs, order[k].second, lr, shrink, tiles);
+        } else {
+          pre->run_item(jobs, order[k].second, tiles.out);
+        }
+      });
 }
 
 // The whole step over decoded jobs: the pre-pass of the first cache batch, then per batch its main

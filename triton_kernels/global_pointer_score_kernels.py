@@ -1,0 +1,158 @@
+"""The dense GlobalPointer scores op in Triton: the forward writes the masked ``(B, T, L, L)``
+scores, the backward reduces dScores in a rows pass (d_start_bias, dq) and a columns pass
+(d_end_bias, dk). The launchers are in :mod:`global_pointer`, the shared tile helpers in
+:mod:`global_pointer_tile_ops`.
+
+As in the loss kernels, a tile's ``Q K^T`` (forward) or gradient product (backward) is computed
+once for all the types of its head: the types' dScores tiles add up into one ``G`` first.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .global_pointer_tile_ops import add_owned, bias, candidates, load_rows, store_rows, token_ok
+
+
+@triton.jit
+def _gp_scores_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    sb_ptr,
+    eb_ptr,
+    mask_ptr,
+    out_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Grid (tiles, B * H): one tile's dot, written for every type of the head with its biases."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_col_blk = tl.cdiv(L, BLOCK_N)
+    pid_m = pid // n_col_blk
+    pid_n = pid % n_col_blk
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
+    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
+    row_in, row_ok = token_ok(mask_ptr, b, L, i)
+    col_in, col_ok = token_ok(mask_ptr, b, L, j)
+    qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+    kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+    dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
+    valid = candidates(i, j, row_ok, col_ok, TRIL)
+    n_types = T // H
+    t0 = h * (H // T)
+    # int64 offsets: B * T * L * L overflows int32 from L = 2^15 / sqrt(B T) on
+    tile_off = i.to(tl.int64)[:, None] * L + j[None, :]
+    in_tile = row_in[:, None] & col_in[None, :]
+    for tt in range(0, n_types):
+        bt = b * T + t0 + tt
+        s = dots + bias(sb_ptr, bt, L, i, row_ok)[:, None] + bias(eb_ptr, bt, L, j, col_ok)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        tl.store(out_ptr + bt * L * L + tile_off, s.to(out_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _grad_scores_tile(grad_ptr, bt, L, i, j, valid):
+    """dScores of (b, t) = bt on a tile in fp32, 0 at non-candidates (their scores are the
+    constant -inf, so whatever dScores holds there, NaN included, is not a gradient)."""
+    rows = grad_ptr + bt * L * L + i.to(tl.int64) * L
+    return tl.load(rows[:, None] + j[None, :], mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gp_scores_bwd_rows_kernel(
+    k_ptr,
+    mask_ptr,
+    grad_ptr,
+    dq_ptr,
+    dsb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Rows pass: d_start_bias = row sums of dScores, dq = (sum over the head's types) dScores K."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
+    row_in, row_ok = token_ok(mask_ptr, b, L, i)
+    dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    n_types = T // H
+    t0 = h * (H // T)
+    j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
+    for j0 in range(j_lo, L, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        col_in, col_ok = token_ok(mask_ptr, b, L, j)
+        kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+        valid = candidates(i, j, row_ok, col_ok, TRIL)
+        G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for tt in range(0, n_types):
+            bt = b * T + t0 + tt
+            p = _grad_scores_tile(grad_ptr, bt, L, i, j, valid)
+            G += p
+            add_owned(dsb_ptr + bt * L, i, row_in, tl.sum(p, axis=1))
+        dq += tl.dot(G.to(kr.dtype), kr, input_precision=DOT_PREC)
+    store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
+
+
+@triton.jit
+def _gp_scores_bwd_cols_kernel(
+    q_ptr,
+    mask_ptr,
+    grad_ptr,
+    dk_ptr,
+    deb_ptr,
+    H,
+    T,
+    L,
+    D,
+    TRIL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Columns pass: d_end_bias = column sums of dScores, dk = G^T Q (each program owns its keys)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    c = tl.arange(0, BLOCK_H)
+    j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
+    col_in, col_ok = token_ok(mask_ptr, b, L, j)
+    dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    n_types = T // H
+    t0 = h * (H // T)
+    i_hi = tl.where(TRIL != 0, tl.minimum((pid_n + 1).to(tl.int32) * BLOCK_N, L), L)
+    for i0 in range(0, i_hi, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
+        row_in, row_ok = token_ok(mask_ptr, b, L, i)
+        qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+        valid = candidates(i, j, row_ok, col_ok, TRIL)
+        G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for tt in range(0, n_types):
+            bt = b * T + t0 + tt
+            p = _grad_scores_tile(grad_ptr, bt, L, i, j, valid)
+            G += p
+            add_owned(deb_ptr + bt * L, j, col_in, tl.sum(p, axis=0))
+        dk += tl.dot(tl.trans(G.to(qr.dtype)), qr, input_precision=DOT_PREC)
+    store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)

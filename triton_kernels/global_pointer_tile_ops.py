@@ -1,0 +1,82 @@
+"""Tile-level building blocks shared by the GlobalPointer Triton kernels
+(:mod:`global_pointer_loss_kernels`, :mod:`global_pointer_score_kernels`): row loads and stores,
+token and span masks, the positives of a tile read from CSR rows, and the loss's dL/ds tile.
+
+Every program owns a block of rows (or columns) of one (batch, head) and walks the other axis in
+tiles. State that belongs to one (batch, type) and one row or column (the online log-sum-exp of
+the loss, the bias gradients) lives in small ``(B, T, L, ...)`` fp32 buffers that the program owns
+(read-modify-write through :func:`add_owned`, no atomics): the type loop sits inside the tile loop,
+so that state cannot stay in registers for a runtime T.
+
+Positives come as CSR over the rows (b, t, i): ``row_ptr (B*T*L + 1,)``, ``cols (N,)``; a tile's
+label mask is built by comparing the columns of its rows' positives with the tile's columns.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows(ptr, base, pos, pos_ok, c, D):
+    """Rows ``pos`` of one head (rotated and scaled by the launcher), 0 where ``pos_ok`` is False:
+    a padded token's row is never read, so NaN or inf there cannot reach a real span through
+    0 * NaN in a product."""
+    return tl.load(ptr + base + pos[:, None] * D + c[None, :], mask=pos_ok[:, None] & (c < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, base, pos, pos_in, c, D, value):
+    tl.store(
+        ptr + base + pos[:, None] * D + c[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=pos_in[:, None] & (c < D)[None, :],
+    )
+
+
+@triton.jit
+def token_ok(mask_ptr, b, L, pos):
+    """(in range, real token) for positions ``pos`` of batch element b."""
+    pos_in = pos < L
+    return pos_in, pos_in & (tl.load(mask_ptr + b * L + pos, mask=pos_in, other=0) != 0)
+
+
+@triton.jit
+def candidates(i, j, row_ok, col_ok, TRIL):
+    """Whether each span (i, j) of the tile is a candidate (both tokens real; i <= j with tril)."""
+    first = tl.where(TRIL != 0, i, 0)  # the first candidate column of each row
+    return row_ok[:, None] & col_ok[None, :] & (j[None, :] >= first[:, None])
+
+
+@triton.jit
+def labels_tile(row_ptr, cols_ptr, bt, L, i, j, row_in):
+    """The tile's positives of (b, t) = bt from the CSR rows: True at (i, j) if j is a positive
+    end of row i. Loops over the most positives any row of the block has (usually 0 or 1)."""
+    r = bt * L + i
+    lo = tl.load(row_ptr + r, mask=row_in, other=0)
+    hi = tl.load(row_ptr + r + 1, mask=row_in, other=0)
+    y = (i[:, None] < 0) & (j[None, :] < 0)
+    for p in range(0, tl.max(hi - lo, axis=0)):
+        col = tl.load(cols_ptr + lo + p, mask=lo + p < hi, other=-1)
+        y = y | (col[:, None] == j[None, :])
+    return y
+
+
+@triton.jit
+def bias(ptr, bt, L, pos, pos_ok):
+    return tl.load(ptr + bt * L + pos, mask=pos_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def add_owned(ptr, pos, pos_in, value):
+    """``ptr[pos] += value`` on entries this program alone owns (no atomics needed)."""
+    tl.store(ptr + pos, tl.load(ptr + pos, mask=pos_in, other=0.0) + value, mask=pos_in)
+
+
+@triton.jit
+def grad_tile(s, valid, y, g, ln, lp):
+    """dL/ds on a tile with one exp per score: g e^{s - lse_neg} at negatives, -g e^{-s - lse_pos}
+    at positives, 0 at non-candidates."""
+    e = g * tl.exp(tl.where(y, -s - lp, s - ln))
+    return tl.where(valid, tl.where(y, -e, e), 0.0)
