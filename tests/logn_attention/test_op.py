@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import kexue
-import kexue.ops.logn_attention  # noqa: F401  (the module, for its custom ops)
+import kexue.ops._logn_attention_ops  # noqa: F401  (the module of the custom ops)
 import kexue.reference.logn_attention  # noqa: F401
 from tests.helpers import DTYPES, assert_close
 
-ops_mod = sys.modules["kexue.ops.logn_attention"]
+ops_mod = sys.modules["kexue.ops._logn_attention_ops"]
 ref = sys.modules["kexue.reference.logn_attention"]
 attn = kexue.ops.logn_attention
 

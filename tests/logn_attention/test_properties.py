@@ -427,8 +427,8 @@ def test_trusted_offsets_are_clamped_into_range():
     """With max_seqlen on CUDA the op trusts the offsets without reading them; it clamps them on
     the device instead, so wrong ones select wrong rows but never rows past the end. (The path
     itself needs CUDA; the clamp is checked here on CPU tensors.)"""
-    ops_mod = sys.modules["kexue.ops.logn_attention"]  # the module (kexue.ops.logn_attention is the function)
+    inputs_mod = sys.modules["kexue.ops._logn_attention_inputs"]
     for dtype in (torch.int32, torch.int64):
         cu = torch.tensor([-4, 3, 100, 2, 6], dtype=dtype)
-        clamped = ops_mod._clamped_offsets(cu, 6)
+        clamped = inputs_mod._clamped_offsets(cu, 6)
         assert clamped.dtype == dtype and clamped.tolist() == [0, 3, 6, 6, 6]

@@ -1,0 +1,127 @@
+"""Log-n attention's backends: what each one is and what it serves.
+
+Each dense backend takes contiguous q, k, v, an optional contiguous bool mask and the scale rule as
+plain scalars: ``(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax)``; the packed
+(varlen) ones take ``(q, k, v, cu_q, cu_k, max_seqlen, rule...)``. :mod:`kexue._backend` picks one
+per call; the custom ops in :mod:`kexue.ops._logn_attention_ops` call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kexue import _backend
+from kexue.ops._logn_attention_inputs import FLOATS as _FLOATS
+from kexue.reference import logn_attention as reference
+
+OP = "logn_attention"
+OP_VARLEN = "logn_attention_varlen"
+
+
+def _ref_scale(scale: float, gradmax: bool):
+    return reference.GRADMAX if gradmax else scale
+
+
+def _torch_forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    return reference.logn_attention_forward(
+        q, k, v, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
+
+
+def _torch_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+    return reference.logn_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
+
+
+def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+    return reference.logn_attention_varlen_forward(
+        q, k, v, cu_q, cu_k, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
+    )
+
+
+def _torch_varlen_backward(
+    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+):
+    return reference.logn_attention_varlen_backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        causal,
+        _ref_scale(scale, gradmax),
+        train_len,
+        logn,
+        clip,
+        min_n,
+    )
+
+
+def _triton_module():
+    from kexue.triton_kernels import logn_attention
+
+    return logn_attention
+
+
+def _triton(name: str):
+    """The ``triton`` backend's ``name``, imported on first use (importing triton is slow)."""
+
+    def call(*args):
+        return getattr(_triton_module(), name)(*args)
+
+    return call
+
+
+def _triton_serves(q: Tensor, *args) -> str | None:
+    """What the Triton kernels cannot take on a GPU; the dispatcher then picks the CUDA C++ kernel
+    or the reference. Under the interpreter (CPU tensors) they take everything."""
+    if not q.is_cuda:
+        return None
+    if q.shape[-1] > _triton_module().MAX_HEAD_DIM:
+        return f"heads wider than {_triton_module().MAX_HEAD_DIM} (the wider Triton tiles spill on a GPU)"
+    if q.dtype == torch.float32:
+        return "float32 on a GPU (its FMA-dot tiles keep a stack frame; fp16/bf16 run on tensor cores)"
+    return None
+
+
+def _register_backends() -> None:
+    _backend.register(OP, "torch", (_torch_forward, _torch_backward), _FLOATS + (torch.float64,))
+    native = _backend.native()
+    if native is not None and hasattr(native, "logn_attention_forward_cpu"):
+        _backend.register(
+            OP,
+            "cpu",
+            (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
+            _FLOATS + (torch.float64,),
+        )
+    _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS, supports=_triton_serves)
+    if native is not None and hasattr(native, "logn_attention_forward_cuda"):  # built with CUDA; dense inputs only
+        _backend.register(
+            OP,
+            "cuda",
+            (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
+            _FLOATS + (torch.float64,),
+        )
+    # Packed sequences: (q, k, v, cu_q, cu_k, max_seqlen, rule...); only Triton reads max_seqlen.
+    _backend.register(OP_VARLEN, "torch", (_torch_varlen_forward, _torch_varlen_backward), _FLOATS + (torch.float64,))
+    if native is not None and hasattr(native, "logn_attention_varlen_forward_cpu"):
+
+        def cpu_forward(q, k, v, cu_q, cu_k, max_seqlen, *rule):
+            return native.logn_attention_varlen_forward_cpu(q, k, v, cu_q, cu_k, *rule)
+
+        def cpu_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, *rule):
+            return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
+
+        _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
+    _backend.register(
+        OP_VARLEN, "triton", (_triton("varlen_forward"), _triton("varlen_backward")), _FLOATS, supports=_triton_serves
+    )
+
+
+_register_backends()
