@@ -22,6 +22,7 @@ from tests.biohash.test_op import NATIVE, brute_pack, brute_topk_mask, random_ba
 pytest.importorskip("triton")
 from kexue.triton_kernels import biohash as T  # noqa: E402  (after the skip)
 from kexue.triton_kernels import biohash_update as U  # noqa: E402
+from kexue.triton_kernels import biohash_update_aot as UA  # noqa: E402
 from kexue.triton_kernels import hamming as H  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
@@ -278,12 +279,12 @@ def test_training_run_matches_the_cpu_kernel(triton_backend):
 
 
 def test_update_configs_cover_the_launcher_choices():
-    rows = {c["constexprs"]["BLOCK_K"] for c in U.AOT_CONFIGS if c["kernel"] is U._update_rows_kernel}
-    ds = {c["constexprs"]["BLOCK_K"] for c in U.AOT_CONFIGS if c["kernel"] is U._update_ds_kernel}
+    rows = {c["constexprs"]["BLOCK_K"] for c in UA.AOT_CONFIGS if c["kernel"] is U._update_rows_kernel}
+    ds = {c["constexprs"]["BLOCK_K"] for c in UA.AOT_CONFIGS if c["kernel"] is U._update_ds_kernel}
     for num_hidden in (1, 63, 64, 65, 400, 1000, 1025, T.MAX_HIDDEN):
         assert T.block_k(num_hidden) in rows and U.ds_block(num_hidden) in ds
-    assert any(c["kernel"] is U._update_xx_kernel for c in U.AOT_CONFIGS)
-    assert any(c["kernel"] is U._update_nx_kernel for c in U.AOT_CONFIGS)
+    assert any(c["kernel"] is U._update_xx_kernel for c in UA.AOT_CONFIGS)
+    assert any(c["kernel"] is U._update_nx_kernel for c in UA.AOT_CONFIGS)
 
 
 CUDA_NATIVE = kexue.backends()["cuda"]["available"] and hasattr(kexue._backend.native(), "biohash_update_cuda")
