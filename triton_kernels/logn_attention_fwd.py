@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, gpu_targets, row_scale, sequence_start, visible
+from .logn_attention_rules import allowed, block_d, dot, row_scale, sequence_start, visible
 
 
 class Tiles(NamedTuple):
@@ -333,97 +332,3 @@ def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) 
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Every configuration the launcher can pick, for tests/gpu_compile.py: each (family, head dim,
-# dtype) with the lightest switches (non-causal, no mask: the unmasked path alone), the heaviest
-# dense ones (causal + mask + gradmax) and the packed ones (causal + gradmax + varlen).
-
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-_SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
-HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
-_ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
-
-
-def signature(ptr: str) -> dict:
-    ints = (
-        "Hq",
-        "Hkv",
-        "Lq",
-        "Lk",
-        "D",
-        "stride_qb",
-        "stride_qh",
-        "stride_qm",
-        "stride_kb",
-        "stride_kh",
-        "stride_kn",
-        "stride_lb",
-        "stride_lh",
-    )
-    return dict(
-        q_ptr=ptr,
-        k_ptr=ptr,
-        v_ptr=ptr,
-        mask_ptr="*u8",
-        prefix_ptr="*i32",
-        out_ptr=ptr,
-        lse_ptr="*fp32",
-        cu_q_ptr="*i32",
-        cu_k_ptr="*i32",
-        **dict.fromkeys(ints, "i32"),
-        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
-    )
-
-
-def _aot_configs() -> list[dict]:
-    configs = []
-    for family, archs in _ARCHS.items():
-        for dtype, ptr in _PTR.items():
-            mode = int(dtype == torch.float32)
-            if mode == 1 and family != 80:
-                continue  # the IEEE tiles do not depend on the family: compiled once, for every target
-            for d in HEAD_DIMS:
-                bd = block_d(d)
-                for causal, has_mask, gradmax, varlen in _SWITCHES:
-                    t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
-                    consts = dict(
-                        CAUSAL=causal,
-                        HAS_MASK=has_mask,
-                        LOGN=True,
-                        CLIP=False,
-                        GRADMAX=gradmax,
-                        IEEE=mode,
-                        VARLEN=varlen,
-                        EVEN_D=d == bd,
-                        BLOCK_M=t.block_m,
-                        BLOCK_N=t.block_n,
-                        BLOCK_D=bd,
-                    )
-                    switches = (
-                        ("causal" if causal else "full")
-                        + (" mask" if has_mask else "")
-                        + (" gradmax" if gradmax else "")
-                        + (" varlen" if varlen else "")
-                    )
-                    configs.append(
-                        dict(
-                            name=(
-                                f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
-                                f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
-                            ),
-                            kernel=logn_fwd_kernel,
-                            signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
-                            constexprs=consts,
-                            num_warps=t.num_warps,
-                            num_stages=t.num_stages,
-                            archs=archs if mode == 0 else (80, 86, 89, 90),
-                            unaligned_ints=("Lq", "Lk"),
-                            expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else (),
-                        )
-                    )
-    return configs
-
-
-AOT_CONFIGS = gpu_targets(_aot_configs())

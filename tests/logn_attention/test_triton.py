@@ -32,6 +32,7 @@ from kexue.triton_kernels import (  # noqa: E402
     logn_attention_bwd_tiles,
     logn_attention_decode,
     logn_attention_fwd,
+    logn_attention_fwd_aot,
 )
 
 ref = sys.modules["kexue.reference.logn_attention"]
@@ -156,7 +157,7 @@ def test_aot_configs_cover_every_pickable_config():
                 for has_mask in (False, True):
                     t = logn_attention_fwd.tiles(family, d, mode, has_mask)
                     want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
-                    assert listed(logn_attention_fwd, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
+                    assert listed(logn_attention_fwd_aot, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
                 b = logn_attention_bwd_tiles.tiles(family, d, mode)
                 assert listed(
                     logn_attention_bwd_dkdv,
