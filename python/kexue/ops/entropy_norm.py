@@ -59,6 +59,51 @@ _register_backends()
 
 
 # --------------------------------------------------------------------------------------------
+# Checks inside the op bodies. The public function shapes the user's input into rows; the custom
+# ops are also reached raw (torch.ops.kexue.*) and from compiled graphs, where a short target or
+# gradient would otherwise be read past its end by a kernel. Metadata only: no synchronisation.
+
+
+def _check_rows_layout(name: str, t, shape, dtype: torch.dtype, like: Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != like.device:
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {like.device}, "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the custom ops take rows in the canonical layout)")
+
+
+def _check_raw_rows(x: Tensor) -> tuple[int, torch.dtype]:
+    """``(R, compute dtype)`` of contiguous rows ``x (R, n)``."""
+    check_floating_tensor("x", x, allowed=_FLOATS + (torch.float64,))
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"x must be (rows, n) with n >= 1, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (the custom ops take rows in the canonical layout)")
+    return x.shape[0], reference.compute_dtype(x.dtype)
+
+
+def _check_raw_forward(x: Tensor, target: Tensor, max_iter: int, tol: float) -> None:
+    rows, ct = _check_raw_rows(x)
+    _check_rows_layout("target", target, (rows,), ct, x)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive float, got {tol}")
+
+
+def _check_raw_backward(grad_y: Tensor, grad_gamma: Tensor, x: Tensor, gamma: Tensor, stats: Tensor) -> None:
+    rows, ct = _check_raw_rows(x)
+    _check_rows_layout("grad_y", grad_y, x.shape, x.dtype, x)
+    _check_rows_layout("grad_gamma", grad_gamma, (rows,), ct, x)
+    _check_rows_layout("gamma", gamma, (rows,), ct, x)
+    _check_rows_layout("stats", stats, (rows, 2), ct, x)
+
+
+# --------------------------------------------------------------------------------------------
 # Custom ops.
 
 
@@ -67,6 +112,7 @@ def entropy_normalize_op(
     x: Tensor, target: Tensor, logits: bool, max_iter: int, tol: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rows ``x (R, n)``, targets ``(R,)`` -> ``(y (R, n), gamma (R,), stats (R, 2))``."""
+    _check_raw_forward(x, target, max_iter, tol)
     _, (forward, _) = _backend.select(OP, x)
     y, gamma, stats = forward(x, target, logits, max_iter, tol)
     if not logits:
@@ -106,6 +152,7 @@ def entropy_normalize_backward_op(
     grad_y: Tensor, grad_gamma: Tensor, x: Tensor, gamma: Tensor, stats: Tensor, logits: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients ``(grad_x (R, n), grad_target (R,))``."""
+    _check_raw_backward(grad_y, grad_gamma, x, gamma, stats)
     _, (_, backward) = _backend.select(OP, x)
     return backward(grad_y, grad_gamma, x, gamma, stats, logits)
 
