@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kexue import _backend
 from kexue.ops import _sign_optim_torch
+from kexue.ops._sign_optim_inputs import check_step
 
 OP = "sign_optim"
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,6 +101,7 @@ def sign_optim_step(
     """
     if not params:
         return
+    check_step(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
     _, fn = _backend.select(OP, params[0])
     fn(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn)
 
