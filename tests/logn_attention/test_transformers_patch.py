@@ -18,6 +18,7 @@ from transformers import masking_utils  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import kexue  # noqa: E402
+from kexue.integrations import _hf_attention as hf_attention  # noqa: E402
 from kexue.integrations import transformers as hf  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
@@ -326,7 +327,7 @@ def test_static_and_paged_caches_are_refused():
 
 @pytest.fixture
 def no_defaults(monkeypatch):
-    monkeypatch.setattr(hf, "_DEFAULTS", None)  # restored after the test
+    monkeypatch.setattr(hf_attention, "_DEFAULTS", None)  # restored after the test
 
 
 def test_naming_the_implementation_without_patch_explains_what_to_do(no_defaults):
