@@ -35,6 +35,7 @@ from .global_pointer_configs import (  # noqa: F401  (re-exported: the backends 
     MAX_HEAD_SIZE,
     MAX_SERVED_HEAD,
     Tile,
+    device_arch,
     dot_precision,
     operand_dtype,
     scores_tile_for,
@@ -68,19 +69,30 @@ def _rope(x: torch.Tensor, layout: int, base: float, inverse: bool = False) -> t
     return torch.cat((ra, rb), dim=-1)
 
 
-def _rotated(x: torch.Tensor, rope: int, base: float, scale: float) -> torch.Tensor:
-    """``scale * R x`` computed in float32, stored contiguous in :func:`operand_dtype`."""
+def _rotated(x: torch.Tensor, rope: int, base: float, scale: float, width: int) -> torch.Tensor:
+    """``scale * R x`` computed in float32, zero-padded to ``width`` channels (the tile's head
+    block: the kernels read rows of that stride with no channel mask), stored contiguous in
+    :func:`operand_dtype`."""
     out = x.float()
     if rope:
         out = _rope(out, rope, base)
-    return (out * scale).to(operand_dtype(x.dtype, x.device)).contiguous()
+    out = torch.nn.functional.pad(out * scale, (0, width - x.shape[-1]))
+    return out.to(operand_dtype(x.dtype, x.device)).contiguous()
 
 
-def _unrotated(g: torch.Tensor, rope: int, base: float, scale: float, dtype) -> torch.Tensor:
-    """Gradient wrt the un-rotated rows: ``scale * R^T g`` in ``dtype``."""
+def _unrotated(g: torch.Tensor, d: int, rope: int, base: float, scale: float, dtype) -> torch.Tensor:
+    """Gradient wrt the un-rotated rows from the kernel's padded ``g``: ``scale * R^T g[..., :d]``."""
+    g = g[..., :d]
     if rope:
         g = _rope(g, rope, base, inverse=True)
     return (g * scale).to(dtype)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous on a 16-byte boundary (a copy if not): the kernels are compiled and
+    checked for aligned pointers only (``aligned_only`` in :mod:`global_pointer_aot`)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,12 +101,13 @@ def _unrotated(g: torch.Tensor, rope: int, base: float, scale: float, dtype) -> 
 
 def _common(q, k, sb, mask, rope, base, tile):
     batch, heads, length, d = q.shape
-    tile = tile or tile_for(d, q.dtype)
+    tile = tile or tile_for(d, q.dtype, device_arch(q.device))
     if d > tile.block_h:
         raise ValueError(f"the tile's head block {tile.block_h} is narrower than the head size {d}")
     scale = 1.0 / max(d, 1) ** 0.5
-    qr, kr = _rotated(q, rope, base, scale), _rotated(k, rope, base, 1.0)
-    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile, mask.contiguous().view(torch.uint8))
+    qr, kr = _rotated(q, rope, base, scale, tile.block_h), _rotated(k, rope, base, 1.0, tile.block_h)
+    m8 = _aligned(mask.contiguous().view(torch.uint8))
+    return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile, m8)
 
 
 def _meta(tile: Tile, dtype: torch.dtype) -> dict:
@@ -105,6 +118,7 @@ def _meta(tile: Tile, dtype: torch.dtype) -> dict:
         DOT_PREC=dot_precision(dtype),
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
+        **({} if tile.maxnreg is None else dict(maxnreg=tile.maxnreg)),
     )
 
 
@@ -134,11 +148,11 @@ def loss_forward(q, k, sb, eb, mask, row_ptr, cols, rope, base, tril, *, tile: T
     _gp_loss_fwd_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
         qr,
         kr,
-        sb.contiguous(),
-        eb.contiguous(),
+        _aligned(sb),
+        _aligned(eb),
         m8,
-        row_ptr,
-        cols,
+        _aligned(row_ptr),
+        _aligned(cols),
         state,
         heads,
         types,
@@ -168,12 +182,12 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril
     deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
         return torch.zeros_like(q), torch.zeros_like(k), dsb.to(sb.dtype), deb.to(eb.dtype)
-    grad = grad.float().contiguous()
-    lse = lse.float().contiguous()
+    grad = _aligned(grad.float())
+    lse = _aligned(lse.float())
     dqr = torch.empty(qr.shape, dtype=torch.float32, device=q.device)
     dkr = torch.empty_like(dqr)
     args = (heads, types, length, d, int(bool(tril)))
-    inputs = (qr, kr, sb.contiguous(), eb.contiguous(), m8, row_ptr, cols, grad, lse)
+    inputs = (qr, kr, _aligned(sb), _aligned(eb), m8, _aligned(row_ptr), _aligned(cols), grad, lse)
     _gp_loss_bwd_rows_kernel[(triton.cdiv(length, tile.block_m), batch * heads)](
         *inputs, dqr, dsb, *args, **_meta(tile, q.dtype)
     )
@@ -182,8 +196,8 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril
     )
     # s = <scale R q, R k>: dq = scale R^T dqr, dk = R^T dkr (dkr already carries the scale via qr)
     return (
-        _unrotated(dqr, rope, base, scale, q.dtype),
-        _unrotated(dkr, rope, base, 1.0, k.dtype),
+        _unrotated(dqr, d, rope, base, scale, q.dtype),
+        _unrotated(dkr, d, rope, base, 1.0, k.dtype),
         dsb.to(sb.dtype),
         deb.to(eb.dtype),
     )
@@ -192,7 +206,7 @@ def loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, rope, base, tril
 def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = None):
     """Masked ``(B, T, L, L)`` scores in q's dtype (``-inf`` where masked)."""
     batch, heads, types, length, d, qr, kr, _, tile, m8 = _common(
-        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype)
+        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype, device_arch(q.device))
     )
     out = torch.empty(batch, types, length, length, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -201,8 +215,8 @@ def scores_forward(q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | None = 
     _gp_scores_fwd_kernel[grid](
         qr,
         kr,
-        sb.contiguous(),
-        eb.contiguous(),
+        _aligned(sb),
+        _aligned(eb),
         m8,
         out,
         heads,
@@ -219,13 +233,13 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
     """``(dq, dk, d_start_bias, d_end_bias)`` of ``sum(grad * scores)`` over the unmasked spans,
     in the inputs' dtypes. ``grad``: ``(B, T, L, L)`` of q's dtype."""
     batch, heads, types, length, d, qr, kr, scale, tile, m8 = _common(
-        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype)
+        q, k, sb, mask, rope, base, tile or scores_tile_for(q.shape[-1], q.dtype, device_arch(q.device))
     )
     dsb = torch.zeros(batch, types, length, dtype=torch.float32, device=q.device)
     deb = torch.zeros_like(dsb)
     if batch == 0 or types == 0 or length == 0:
         return torch.zeros_like(q), torch.zeros_like(k), dsb.to(sb.dtype), deb.to(eb.dtype)
-    grad = grad.contiguous()
+    grad = _aligned(grad)
     dqr = torch.empty(qr.shape, dtype=torch.float32, device=q.device)
     dkr = torch.empty_like(dqr)
     args = (heads, types, length, d, int(bool(tril)))
@@ -236,8 +250,8 @@ def scores_backward(grad, q, k, sb, eb, mask, rope, base, tril, *, tile: Tile | 
         qr, m8, grad, dkr, deb, *args, **_meta(tile, q.dtype)
     )
     return (
-        _unrotated(dqr, rope, base, scale, q.dtype),
-        _unrotated(dkr, rope, base, 1.0, k.dtype),
+        _unrotated(dqr, d, rope, base, scale, q.dtype),
+        _unrotated(dkr, d, rope, base, 1.0, k.dtype),
         dsb.to(sb.dtype),
         deb.to(eb.dtype),
     )

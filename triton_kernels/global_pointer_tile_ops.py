@@ -19,20 +19,26 @@ import triton.language as tl
 
 
 @triton.jit
-def load_rows(ptr, base, pos, pos_ok, c, D):
-    """Rows ``pos`` of one head (rotated and scaled by the launcher), 0 where ``pos_ok`` is False:
-    a padded token's row is never read, so NaN or inf there cannot reach a real span through
-    0 * NaN in a product."""
-    return tl.load(ptr + base + pos[:, None] * D + c[None, :], mask=pos_ok[:, None] & (c < D)[None, :], other=0.0)
+def batch_head(H):
+    """``(b, h, b * H + h)`` of this program (grid axis 1), the divisions in int32: a 64-bit
+    division is a ptxas subroutine call, whose frame showed up as a stack in the compiled
+    kernels. Offsets then grow from the int64 results."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64), bh % H, bh.to(tl.int64)
 
 
 @triton.jit
-def store_rows(ptr, base, pos, pos_in, c, D, value):
-    tl.store(
-        ptr + base + pos[:, None] * D + c[None, :],
-        value.to(ptr.dtype.element_ty),
-        mask=pos_in[:, None] & (c < D)[None, :],
-    )
+def load_rows(ptr, base, pos, pos_ok, c, WIDTH: tl.constexpr):
+    """Rows ``pos`` of one head (rotated, scaled and zero-padded to ``WIDTH`` channels by the
+    launcher), 0 where ``pos_ok`` is False: a padded token's row is never read, so NaN or inf there
+    cannot reach a real span through 0 * NaN in a product. The row stride is the constexpr tile
+    width, so the loads need no channel mask and vectorize whatever the head size."""
+    return tl.load(ptr + base + pos[:, None] * WIDTH + c[None, :], mask=pos_ok[:, None], other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, base, pos, pos_in, c, WIDTH: tl.constexpr, value):
+    tl.store(ptr + base + pos[:, None] * WIDTH + c[None, :], value.to(ptr.dtype.element_ty), mask=pos_in[:, None])
 
 
 @triton.jit
