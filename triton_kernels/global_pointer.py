@@ -15,8 +15,9 @@ its head, and a backward in the same two passes reading dScores. In every kernel
 ``Q K^T`` is computed once for all the types of its head (see :mod:`global_pointer_loss_kernels`).
 
 The launcher rotates q and k once (RoPE in float32 from float64 angles, O(L d)), folds 1/sqrt(d)
-into q, and stores the rows in the input dtype: bf16/fp16 dots run on tensor cores, fp32 dots in
-IEEE unless ``torch.backends.cuda.matmul.allow_tf32`` opts in to TF32 (the loss sums
+into q, zero-pads the rows to the tile's head block (64 or 128 channels: the row loads need no
+channel mask and vectorize for any head size) and stores them in the input dtype: bf16/fp16 dots
+run on tensor cores, fp32 dots in IEEE unless ``torch.backends.cuda.matmul.allow_tf32`` opts in to TF32 (the loss sums
 exponentials of the scores: TF32's 1e-3 relative error on a score of 20 moves e^s by 2%). The
 kernels accumulate in fp32 and write gradients in the rotated frame, rotated back here (R^T).
 
