@@ -13,6 +13,7 @@ from .global_pointer_score_kernels import (
     _gp_scores_fwd_kernel,
 )
 
+_ROPE_TAGS = {0: "no-rope", 1: "rope-interleaved", 2: "rope-half"}  # ROPE: RoPE in the prologue
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
@@ -48,20 +49,22 @@ def _expect(tile: Tile, dtype: torch.dtype, prec: str, archs) -> list[str]:
     return expect
 
 
-def _config(name, kernel, sig, tile, dtype, prec, archs=GPU_ARCHS) -> dict:
-    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=prec)
+def _config(name, kernel, sig, tile, dtype, prec, archs=GPU_ARCHS, rope=0) -> dict:
+    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_H=tile.block_h, DOT_PREC=prec, ROPE=rope)
     tag = f"{str(dtype).removeprefix('torch.')} {tile.block_m}x{tile.block_n}x{tile.block_h} w{tile.num_warps}"
     if dtype == torch.float32:
         tag += f" {prec}"
+    tag += f" {_ROPE_TAGS[rope]}"
     if tuple(archs) != GPU_ARCHS:
         tag += " sm_" + "/".join(map(str, archs))
     ints = dict(H="i32", T="i32", L="i32", D="i32", TRIL="i32")
+    floats = dict(SCALE="fp32")
     # The launcher passes 16-byte aligned pointers only (copies of unaligned inputs, rows padded to
     # BLOCK_H channels); its integers are whatever the call has: none is assumed a multiple of 16.
     config = dict(
         name=f"global_pointer_{name} {tag}",
         kernel=kernel,
-        signature=dict(**sig, **ints, **dict.fromkeys(consts, "constexpr")),
+        signature=dict(**sig, **ints, **floats, **dict.fromkeys(consts, "constexpr")),
         constexprs=consts,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
@@ -80,7 +83,7 @@ def kernel_table(dtype: torch.dtype) -> list[tuple[str, object, dict]]:
     operands of ``dtype``."""
     ptr = _PTR[dtype]
     csr = dict(row_ptr="*i64", cols_ptr="*i64")
-    inputs = dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", **csr)
+    inputs = dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", rope_ptr="*fp32", **csr)
     return [
         ("fwd", _gp_loss_fwd_kernel, dict(**inputs, state_ptr="*fp32")),
         (
@@ -96,17 +99,17 @@ def kernel_table(dtype: torch.dtype) -> list[tuple[str, object, dict]]:
         (
             "scores_fwd",
             _gp_scores_fwd_kernel,
-            dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", out_ptr=ptr),
+            dict(q_ptr=ptr, k_ptr=ptr, sb_ptr=ptr, eb_ptr=ptr, mask_ptr="*u8", rope_ptr="*fp32", out_ptr=ptr),
         ),
         (
             "scores_bwd_rows",
             _gp_scores_bwd_rows_kernel,
-            dict(k_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32"),
+            dict(k_ptr=ptr, mask_ptr="*u8", rope_ptr="*fp32", grad_ptr=ptr, dq_ptr="*fp32", dsb_ptr="*fp32"),
         ),
         (
             "scores_bwd_cols",
             _gp_scores_bwd_cols_kernel,
-            dict(q_ptr=ptr, mask_ptr="*u8", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32"),
+            dict(q_ptr=ptr, mask_ptr="*u8", rope_ptr="*fp32", grad_ptr=ptr, dk_ptr="*fp32", deb_ptr="*fp32"),
         ),
     ]
 
@@ -120,9 +123,10 @@ def _aot_configs() -> list[dict]:
         for tiles, kernels in ((all_tiles(dtype), loss), (all_scores_tiles(dtype), scores)):
             for tile, archs in tiles:
                 configs += [
-                    _config(name, kernel, sig, tile, dtype, prec, archs)
+                    _config(name, kernel, sig, tile, dtype, prec, archs, rope)
                     for name, kernel, sig in kernels
                     for prec in precs
+                    for rope in _ROPE_TAGS
                 ]
     return configs
 

@@ -1,6 +1,7 @@
 """Tile-level building blocks shared by the GlobalPointer Triton kernels
-(:mod:`global_pointer_loss_kernels`, :mod:`global_pointer_score_kernels`): row loads and stores,
-token and span masks, the positives of a tile read from CSR rows, and the loss's dL/ds tile.
+(:mod:`global_pointer_loss_kernels`, :mod:`global_pointer_score_kernels`): token and span masks,
+the positives of a tile read from CSR rows, and the loss's dL/ds tile (row loads and stores, with
+their RoPE, are in :mod:`global_pointer_rope`).
 
 Every program owns a block of rows (or columns) of one (batch, head) and walks the other axis in
 tiles. State that belongs to one (batch, type) and one row or column (the online log-sum-exp of
@@ -25,20 +26,6 @@ def batch_head(H):
     kernels. Offsets then grow from the int64 results."""
     bh = tl.program_id(1)
     return (bh // H).to(tl.int64), bh % H, bh.to(tl.int64)
-
-
-@triton.jit
-def load_rows(ptr, base, pos, pos_ok, c, WIDTH: tl.constexpr):
-    """Rows ``pos`` of one head (rotated, scaled and zero-padded to ``WIDTH`` channels by the
-    launcher), 0 where ``pos_ok`` is False: a padded token's row is never read, so NaN or inf there
-    cannot reach a real span through 0 * NaN in a product. The row stride is the constexpr tile
-    width, so the loads need no channel mask and vectorize whatever the head size."""
-    return tl.load(ptr + base + pos[:, None] * WIDTH + c[None, :], mask=pos_ok[:, None], other=0.0)
-
-
-@triton.jit
-def store_rows(ptr, base, pos, pos_in, c, WIDTH: tl.constexpr, value):
-    tl.store(ptr + base + pos[:, None] * WIDTH + c[None, :], value.to(ptr.dtype.element_ty), mask=pos_in[:, None])
 
 
 @triton.jit

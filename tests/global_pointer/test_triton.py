@@ -379,3 +379,20 @@ def test_every_pickable_tile_is_compiled_ahead_of_time():
                         assert "tensor_cores" in config["expect"], key
                         assert ("wgmma" in config["expect"]) == (arch == 90 and t.block_m >= 64), key
     assert K.tile_for(128, torch.bfloat16, 90).block_m >= 64  # sm_90 takes the wgmma tile
+
+
+@pytest.mark.parametrize("rope", [0, 1, 2])
+def test_rope_runs_in_the_kernels(rope):
+    """The launcher hands q and k to the kernels unrotated: rows of 64 channels in fp16 (the operand
+    dtype) are passed as they are, with no eager rotation or copy; narrower rows are only padded
+    (each half separately for rotate-half, so a channel's pair sits at c + 32)."""
+    q = torch.randn(2, 1, 9, 64, dtype=torch.float16)
+    assert K._rows(q, rope, 64).data_ptr() == q.data_ptr()
+    narrow = torch.randn(2, 1, 9, 6, dtype=torch.float16)
+    rows = K._rows(narrow, rope, 16)
+    if rope == 2:
+        assert torch.equal(rows[..., :3], narrow[..., :3]) and torch.equal(rows[..., 8:11], narrow[..., 3:])
+        assert not rows[..., 3:8].any() and not rows[..., 11:].any()
+    else:
+        assert torch.equal(rows[..., :6], narrow) and not rows[..., 6:].any()
+    assert torch.equal(K._unpadded(rows.float(), 6, rope, torch.float16), narrow)
