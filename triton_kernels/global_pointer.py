@@ -59,20 +59,25 @@ from .global_pointer_score_kernels import (
 # The rows as the kernels read them (RoPE itself is applied in the kernels: global_pointer_rope).
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
+def _rope_table_cached(positions: int, d: int, width: int, base: float, device: torch.device) -> torch.Tensor:
+    inv_freq = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
+    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    table = torch.zeros(positions, 2, width // 2, dtype=torch.float64)
+    table[:, 0] = 1.0
+    table[:, 0, : d // 2] = torch.cos(ang)
+    table[:, 1, : d // 2] = torch.sin(ang)
+    return table.to(device=device, dtype=torch.float32)
+
+
 def _rope_table(length: int, d: int, width: int, base: float, rope: int, device: torch.device) -> torch.Tensor:
-    """``(2, L, width/2)`` float32 cos and sin of the angles ``p * base**(-2c/d)`` (computed in
-    float64; 1 and 0 on the padded pairs), or an empty tensor without RoPE. Cached: it depends on
-    the shape alone."""
+    """``(positions, 2, width/2)`` float32 cos and sin of the angles ``p * base**(-2c/d)`` for
+    at least ``length`` positions (computed in float64; 1 and 0 on the padded pairs), or an empty
+    tensor without RoPE. Cached for a power-of-two number of positions, so that calls of varying
+    length share one table per (head size, base, device)."""
     if not rope:
         return torch.empty(0, dtype=torch.float32, device=device)
-    inv_freq = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
-    ang = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    table = torch.zeros(2, length, width // 2, dtype=torch.float64)
-    table[0] = 1.0
-    table[0, :, : d // 2] = torch.cos(ang)
-    table[1, :, : d // 2] = torch.sin(ang)
-    return table.to(device=device, dtype=torch.float32)
+    return _rope_table_cached(max(64, 1 << max(length - 1, 0).bit_length()), d, width, base, device)
 
 
 def _rows(x: torch.Tensor, rope: int, width: int) -> torch.Tensor:

@@ -60,14 +60,14 @@ def _gp_loss_fwd_kernel(
     b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
-    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, L, SCALE, BLOCK_H, ROPE)
+    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
     n_types = T // H
     t0 = h * (H // T)
     j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
     for j0 in range(j_lo, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
-        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, L, 1.0, BLOCK_H, ROPE)
+        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)  # once for every type
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         for tt in range(0, n_types):
@@ -126,7 +126,7 @@ def _gp_loss_bwd_rows_kernel(
     b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
-    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, L, SCALE, BLOCK_H, ROPE)
+    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
     dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     n_types = T // H
     t0 = h * (H // T)
@@ -134,7 +134,7 @@ def _gp_loss_bwd_rows_kernel(
     for j0 in range(j_lo, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
-        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, L, 1.0, BLOCK_H, ROPE)
+        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -146,7 +146,7 @@ def _gp_loss_bwd_rows_kernel(
             G += p
             add_owned(dsb_ptr + bt * L, i, row_in, tl.sum(p, axis=1))
         dq += tl.dot(G.to(kr.dtype), kr, input_precision=DOT_PREC)
-    store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, L, SCALE, dq, BLOCK_H, ROPE)
+    store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, SCALE, dq, BLOCK_H, ROPE)
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _gp_loss_bwd_cols_kernel(
     b, h, pid_bh = batch_head(H)
     j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
     col_in, col_ok = token_ok(mask_ptr, b, L, j)
-    kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, L, 1.0, BLOCK_H, ROPE)
+    kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
     dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
     n_types = T // H
     t0 = h * (H // T)
@@ -188,7 +188,7 @@ def _gp_loss_bwd_cols_kernel(
     for i0 in range(0, i_hi, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
         row_in, row_ok = token_ok(mask_ptr, b, L, i)
-        qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, L, SCALE, BLOCK_H, ROPE)
+        qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -200,4 +200,4 @@ def _gp_loss_bwd_cols_kernel(
             G += p
             add_owned(deb_ptr + bt * L, j, col_in, tl.sum(p, axis=0))
         dk += tl.dot(tl.trans(G.to(qr.dtype)), qr, input_precision=DOT_PREC)
-    store_unrotated(dk_ptr, pid_bh * L * BLOCK_H, j, col_in, rope_ptr, L, 1.0, dk, BLOCK_H, ROPE)
+    store_unrotated(dk_ptr, pid_bh * L * BLOCK_H, j, col_in, rope_ptr, 1.0, dk, BLOCK_H, ROPE)

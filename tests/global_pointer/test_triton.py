@@ -396,3 +396,16 @@ def test_rope_runs_in_the_kernels(rope):
     else:
         assert torch.equal(rows[..., :6], narrow) and not rows[..., 6:].any()
     assert torch.equal(K._unpadded(rows.float(), 6, rope, torch.float16), narrow)
+
+
+def test_rope_table_is_shared_across_lengths():
+    """The kernels read cos/sin per position from one cached table per (head, base, device):
+    lengths up to the next power of two share it; its values are the float64 angles rounded once."""
+    a = K._rope_table(33, 6, 16, 1e4, 1, torch.device("cpu"))
+    assert K._rope_table(40, 6, 16, 1e4, 2, torch.device("cpu")) is a
+    assert a.shape == (64, 2, 8) and a.dtype == torch.float32
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * 1e4 ** (-torch.arange(3, dtype=torch.float64) * 2 / 6)
+    assert torch.equal(a[:, 0, :3], torch.cos(ang).float()) and torch.equal(a[:, 1, :3], torch.sin(ang).float())
+    assert (a[:, 0, 3:] == 1).all() and (a[:, 1, 3:] == 0).all()  # padded pairs: identity
+    assert K._rope_table(65, 6, 16, 1e4, 1, torch.device("cpu")).shape[0] == 128
+    assert K._rope_table(65, 6, 16, 1e4, 0, torch.device("cpu")).numel() == 0
