@@ -32,7 +32,8 @@ only adds that list. Each entry is a dict:
     kernel          the @triton.jit function
     signature       {argument name: type}, e.g. "*fp32", "*bf16", "i32", "fp32", "constexpr"
     constexprs      {argument name: value} for the constexpr arguments
-    num_warps       optional (default 4); num_stages optional
+    num_warps       optional (default 4); num_stages optional; maxnreg optional (the launcher's
+                    register budget, PTX .maxnreg)
     name            optional label for the table (default: the kernel's name)
     archs           optional: the targets the dispatcher uses it on (default: all)
     unaligned_ints  optional: integer arguments a typical launch does not make multiples of 16
@@ -316,6 +317,8 @@ def compile_config(config: dict, arch: int, module: str = "?", mode: str = "jit"
     options = {"num_warps": num_warps, "enable_fp_fusion": _fp_fusion()}
     if "num_stages" in config:
         options["num_stages"] = int(config["num_stages"])
+    if "maxnreg" in config:
+        options["maxnreg"] = int(config["maxnreg"])
     try:
         attrs = jit_attributes(config) if mode == "jit" else None
         source = triton.compiler.ASTSource(

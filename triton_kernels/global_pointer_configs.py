@@ -17,9 +17,19 @@ class Tile(NamedTuple):
     block_h: int
     num_warps: int
     num_stages: int = 1  # no software pipelining: with 2-3 stages the backward kernels spill
+    # ptxas's own register budget is erratic on the 128-channel kernels: left to itself it capped
+    # the 16 x 32 x 128 loss forward at 96 registers and spilled 8 bytes on sm_80 (the 32 x 32 x 128
+    # columns pass over 8 warps: 128 registers and a 32-byte stack on sm_90). An explicit
+    # ``.maxnreg`` lets it use what the tile needs; the 128-channel entries set it.
+    maxnreg: int | None = None
 
 
-MAX_HEAD_SIZE = 128  # the widest head block the kernels are written for (see MAX_SERVED_HEAD)
+MAX_HEAD_SIZE = 128  # the widest head block the kernels are written for
+MAX_SERVED_HEAD = 128  # the widest head the launchers' tiles serve (every entry compiles clean)
+# The compute capabilities the tables are checked for (tests/gpu_compile.py); :func:`tile_for`
+# takes the caller's, None for CPU tensors (the interpreter).
+GPU_ARCHS = (80, 86, 89, 90)
+HOPPER = 90  # wgmma: its warpgroup covers 64 rows, so only tiles with BLOCK_M >= 64 use it
 
 
 def _head_block(head_size: int) -> int:
@@ -27,26 +37,27 @@ def _head_block(head_size: int) -> int:
 
 
 # (head block, fp32 operands?) -> tile. Each entry is a candidate whose kernels (every pass; IEEE
-# and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (JIT
-# and unspecialized forms, sm_80/86/89/90). ptxas's choice is erratic (the fp32 loss columns pass
-# used a 24-byte stack at 32 x 32 x 64 over 4 warps on sm_90), hence one measured entry per case.
+# and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (the
+# JIT form: the launcher passes aligned pointers and rows padded to the head block, see
+# global_pointer_aot; sm_80/86/89/90). One measured entry per case: ptxas's choice is erratic.
 #
-# 128-channel heads: the kernels are written for them (BLOCK_H = 128) and pass the interpreter
-# tests, but no tile tried compiled without a stack everywhere (16-bit loss: 32x32 w4 kept 24-120
-# bytes in the unspecialized form, 32x32 w8 40 bytes on sm_90, 16x32 / 32x16 w8 8 bytes on sm_80;
-# the scores forward at 32x32 w8 8 bytes on sm_86/89; fp32: every 16/32 x 16/32 tile at 4-16
-# warps). Until one does, MAX_SERVED_HEAD is 64 and wider heads go to the CUDA C++ kernels.
 # fp32 LOSS: with fp32 operands (IEEE or TF32 dots) every loss tile tried kept an 8-48 byte stack
-# in the unspecialized form on sm_80 or sm_90 (32x32 w4, 32x16 w2/w4/w8, 16x32 w4/w8, 16x16
-# w2/w4/w8), so the loss serves fp16/bf16 only and fp32 goes to the CUDA C++ kernels; the fp32
-# scores op has a clean tile.
-MAX_SERVED_HEAD = 64
+# in the unspecialized form on sm_80 or sm_90, so the loss serves fp16/bf16 only and fp32 goes to
+# the CUDA C++ kernels; the fp32 scores op has clean tiles.
 _LOSS_TILES = {
-    (64, False): Tile(32, 32, 64, 4),
+    (64, False): Tile(32, 32, 64, 4, maxnreg=255),  # without: a 16-byte stack on sm_86/89
+    (128, False): Tile(32, 32, 128, 8, maxnreg=255),  # 142-224 registers (sm_80/90)
 }
-_SCORES_TILES = {
-    (64, False): Tile(16, 32, 64, 4),
-    (64, True): Tile(32, 16, 64, 4),
+_SCORES_TILES = {  # maxnreg everywhere: left to ptxas, 16x32x64 kept 8 bytes with RoPE on sm_80
+    (64, False): Tile(16, 32, 64, 4, maxnreg=255),
+    (64, True): Tile(32, 16, 64, 4, maxnreg=255),
+    (128, False): Tile(32, 32, 128, 8, maxnreg=255),
+    (128, True): Tile(32, 32, 128, 8, maxnreg=255),  # 4 warps: 464-592 byte stacks (fp32 IEEE)
+}
+# sm_90, 16-bit operands, 128-channel heads: 64 x 64 tiles, whose dots compile to wgmma (every
+# pass of the loss and of the scores op, zero stack at 178-250 registers).
+_HOPPER_TILES = {
+    (128, False): Tile(64, 64, 128, 8, maxnreg=255),
 }
 
 
@@ -57,25 +68,33 @@ def _key(head_size: int, dtype: torch.dtype, op: str) -> tuple[int, bool]:
     return _head_block(head_size), operand_dtype(dtype, torch.device("cuda")) == torch.float32
 
 
-def tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
+def tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16, arch: int | None = None) -> Tile:
     """The loss kernels' configuration for a head of ``head_size`` channels (padded to a block of
-    64, masked loads) and inputs of ``dtype``: score tiles, warps, one pipeline stage."""
-    return _LOSS_TILES[_key(head_size, dtype, "loss")]
+    64 or 128) and inputs of ``dtype`` on a GPU of compute capability ``arch`` (e.g. 80; None:
+    CPU tensors): score tiles, warps, one pipeline stage."""
+    key = _key(head_size, dtype, "loss")
+    return (_HOPPER_TILES if arch == HOPPER and key in _HOPPER_TILES else _LOSS_TILES)[key]
 
 
-def scores_tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16) -> Tile:
+def scores_tile_for(head_size: int, dtype: torch.dtype = torch.bfloat16, arch: int | None = None) -> Tile:
     """The scores op's configuration, chosen as :func:`tile_for`'s."""
-    return _SCORES_TILES[_key(head_size, dtype, "scores")]
+    key = _key(head_size, dtype, "scores")
+    return (_HOPPER_TILES if arch == HOPPER and key in _HOPPER_TILES else _SCORES_TILES)[key]
+
+
+def device_arch(device: torch.device) -> int | None:
+    """The compute capability of a CUDA ``device`` as an int (80, 90, ...), None otherwise."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "loss") -> str | None:
     """Why the Triton ``op`` ("loss" or "scores") cannot serve a head of ``head_size`` channels in
     ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
     if head_size > MAX_SERVED_HEAD:
-        return (
-            f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels (128-channel tiles "
-            f"still use a stack frame), got {head_size}"
-        )
+        return f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels, got {head_size}"
     if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
         return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
     return None

@@ -19,14 +19,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .global_pointer_rope import load_rotated, store_unrotated
 from .global_pointer_tile_ops import (
     add_owned,
+    batch_head,
     bias,
     candidates,
     grad_tile,
     labels_tile,
-    load_rows,
-    store_rows,
     token_ok,
 )
 
@@ -38,6 +38,7 @@ def _gp_loss_fwd_kernel(
     sb_ptr,
     eb_ptr,
     mask_ptr,
+    rope_ptr,
     row_ptr,
     cols_ptr,
     state_ptr,
@@ -46,28 +47,27 @@ def _gp_loss_fwd_kernel(
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Per row (b, t, i) the online log-sum-exp states (m_neg, s_neg, m_pos, s_pos) in
     ``state (B, T, L, 4)``, initialized by the launcher to (-inf, 0, -inf, 0)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    pid_m = tl.program_id(0)
+    b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
-    qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
     n_types = T // H
     t0 = h * (H // T)
     j_lo = tl.where(TRIL != 0, (pid_m * BLOCK_M // BLOCK_N).to(tl.int32) * BLOCK_N, 0)
     for j0 in range(j_lo, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
-        kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)  # once for every type
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         for tt in range(0, n_types):
@@ -102,6 +102,7 @@ def _gp_loss_bwd_rows_kernel(
     sb_ptr,
     eb_ptr,
     mask_ptr,
+    rope_ptr,
     row_ptr,
     cols_ptr,
     grad_ptr,
@@ -113,20 +114,19 @@ def _gp_loss_bwd_rows_kernel(
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Rows pass: d_start_bias (row sums of dL/ds, into the zeroed ``dsb``) and dq = G K."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    pid_m = tl.program_id(0)
+    b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
-    qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
     dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     n_types = T // H
     t0 = h * (H // T)
@@ -134,7 +134,7 @@ def _gp_loss_bwd_rows_kernel(
     for j0 in range(j_lo, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
-        kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -146,7 +146,7 @@ def _gp_loss_bwd_rows_kernel(
             G += p
             add_owned(dsb_ptr + bt * L, i, row_in, tl.sum(p, axis=1))
         dq += tl.dot(G.to(kr.dtype), kr, input_precision=DOT_PREC)
-    store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
+    store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, SCALE, dq, BLOCK_H, ROPE)
 
 
 @triton.jit
@@ -156,6 +156,7 @@ def _gp_loss_bwd_cols_kernel(
     sb_ptr,
     eb_ptr,
     mask_ptr,
+    rope_ptr,
     row_ptr,
     cols_ptr,
     grad_ptr,
@@ -167,20 +168,19 @@ def _gp_loss_bwd_cols_kernel(
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Columns pass: d_end_bias (column sums, into the zeroed ``deb``) and dk = G^T Q."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    pid_n = tl.program_id(0)
+    b, h, pid_bh = batch_head(H)
     j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
     col_in, col_ok = token_ok(mask_ptr, b, L, j)
-    kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+    kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
     dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
     n_types = T // H
     t0 = h * (H // T)
@@ -188,7 +188,7 @@ def _gp_loss_bwd_cols_kernel(
     for i0 in range(0, i_hi, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
         row_in, row_ok = token_ok(mask_ptr, b, L, i)
-        qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+        qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
         dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -200,4 +200,4 @@ def _gp_loss_bwd_cols_kernel(
             G += p
             add_owned(deb_ptr + bt * L, j, col_in, tl.sum(p, axis=0))
         dk += tl.dot(tl.trans(G.to(qr.dtype)), qr, input_precision=DOT_PREC)
-    store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)
+    store_unrotated(dk_ptr, pid_bh * L * BLOCK_H, j, col_in, rope_ptr, 1.0, dk, BLOCK_H, ROPE)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .global_pointer_tile_ops import add_owned, bias, candidates, load_rows, store_rows, token_ok
+from .global_pointer_rope import load_rotated, store_unrotated
+from .global_pointer_tile_ops import add_owned, batch_head, bias, candidates, token_ok
 
 
 @triton.jit
@@ -22,32 +23,32 @@ def _gp_scores_fwd_kernel(
     sb_ptr,
     eb_ptr,
     mask_ptr,
+    rope_ptr,
     out_ptr,
     H,
     T,
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Grid (tiles, B * H): one tile's dot, written for every type of the head with its biases."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
     n_col_blk = tl.cdiv(L, BLOCK_N)
     pid_m = pid // n_col_blk
     pid_n = pid % n_col_blk
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
     col_in, col_ok = token_ok(mask_ptr, b, L, j)
-    qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
-    kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+    qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
+    kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
     dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
     valid = candidates(i, j, row_ok, col_ok, TRIL)
     n_types = T // H
@@ -74,6 +75,7 @@ def _grad_scores_tile(grad_ptr, bt, L, i, j, valid):
 def _gp_scores_bwd_rows_kernel(
     k_ptr,
     mask_ptr,
+    rope_ptr,
     grad_ptr,
     dq_ptr,
     dsb_ptr,
@@ -82,17 +84,16 @@ def _gp_scores_bwd_rows_kernel(
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Rows pass: d_start_bias = row sums of dScores, dq = (sum over the head's types) dScores K."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    pid_m = tl.program_id(0)
+    b, h, pid_bh = batch_head(H)
     i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)
     row_in, row_ok = token_ok(mask_ptr, b, L, i)
     dq = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
@@ -102,7 +103,7 @@ def _gp_scores_bwd_rows_kernel(
     for j0 in range(j_lo, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
-        kr = load_rows(k_ptr, pid_bh * L * D, j, col_ok, c, D)
+        kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for tt in range(0, n_types):
@@ -111,13 +112,14 @@ def _gp_scores_bwd_rows_kernel(
             G += p
             add_owned(dsb_ptr + bt * L, i, row_in, tl.sum(p, axis=1))
         dq += tl.dot(G.to(kr.dtype), kr, input_precision=DOT_PREC)
-    store_rows(dq_ptr, pid_bh * L * D, i, row_in, c, D, dq)
+    store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, SCALE, dq, BLOCK_H, ROPE)
 
 
 @triton.jit
 def _gp_scores_bwd_cols_kernel(
     q_ptr,
     mask_ptr,
+    rope_ptr,
     grad_ptr,
     dk_ptr,
     deb_ptr,
@@ -126,17 +128,16 @@ def _gp_scores_bwd_cols_kernel(
     L,
     D,
     TRIL,
+    SCALE,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Columns pass: d_end_bias = column sums of dScores, dk = G^T Q (each program owns its keys)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    c = tl.arange(0, BLOCK_H)
+    pid_n = tl.program_id(0)
+    b, h, pid_bh = batch_head(H)
     j = (pid_n * BLOCK_N).to(tl.int32) + tl.arange(0, BLOCK_N)
     col_in, col_ok = token_ok(mask_ptr, b, L, j)
     dk = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
@@ -146,7 +147,7 @@ def _gp_scores_bwd_cols_kernel(
     for i0 in range(0, i_hi, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
         row_in, row_ok = token_ok(mask_ptr, b, L, i)
-        qr = load_rows(q_ptr, pid_bh * L * D, i, row_ok, c, D)
+        qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for tt in range(0, n_types):
@@ -155,4 +156,4 @@ def _gp_scores_bwd_cols_kernel(
             G += p
             add_owned(deb_ptr + bt * L, j, col_in, tl.sum(p, axis=0))
         dk += tl.dot(tl.trans(G.to(qr.dtype)), qr, input_precision=DOT_PREC)
-    store_rows(dk_ptr, pid_bh * L * D, j, col_in, c, D, dk)
+    store_unrotated(dk_ptr, pid_bh * L * BLOCK_H, j, col_in, rope_ptr, 1.0, dk, BLOCK_H, ROPE)

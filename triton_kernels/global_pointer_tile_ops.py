@@ -1,6 +1,7 @@
 """Tile-level building blocks shared by the GlobalPointer Triton kernels
-(:mod:`global_pointer_loss_kernels`, :mod:`global_pointer_score_kernels`): row loads and stores,
-token and span masks, the positives of a tile read from CSR rows, and the loss's dL/ds tile.
+(:mod:`global_pointer_loss_kernels`, :mod:`global_pointer_score_kernels`): token and span masks,
+the positives of a tile read from CSR rows, and the loss's dL/ds tile (row loads and stores, with
+their RoPE, are in :mod:`global_pointer_rope`).
 
 Every program owns a block of rows (or columns) of one (batch, head) and walks the other axis in
 tiles. State that belongs to one (batch, type) and one row or column (the online log-sum-exp of
@@ -19,20 +20,12 @@ import triton.language as tl
 
 
 @triton.jit
-def load_rows(ptr, base, pos, pos_ok, c, D):
-    """Rows ``pos`` of one head (rotated and scaled by the launcher), 0 where ``pos_ok`` is False:
-    a padded token's row is never read, so NaN or inf there cannot reach a real span through
-    0 * NaN in a product."""
-    return tl.load(ptr + base + pos[:, None] * D + c[None, :], mask=pos_ok[:, None] & (c < D)[None, :], other=0.0)
-
-
-@triton.jit
-def store_rows(ptr, base, pos, pos_in, c, D, value):
-    tl.store(
-        ptr + base + pos[:, None] * D + c[None, :],
-        value.to(ptr.dtype.element_ty),
-        mask=pos_in[:, None] & (c < D)[None, :],
-    )
+def batch_head(H):
+    """``(b, h, b * H + h)`` of this program (grid axis 1), the divisions in int32: a 64-bit
+    division is a ptxas subroutine call, whose frame showed up as a stack in the compiled
+    kernels. Offsets then grow from the int64 results."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64), bh % H, bh.to(tl.int64)
 
 
 @triton.jit

@@ -545,6 +545,35 @@ def test_backends_declare_the_heads_they_serve(monkeypatch):
     assert all(f"{name}:" in str(err.value) for name in _backend.NAMES)
 
 
+def test_128_channel_heads_pick_triton(monkeypatch):
+    """Heads of 65..128 channels are served by the Triton tiles (loss: fp16/bf16; scores: every
+    float dtype), so the automatic choice on a GPU picks Triton for them; 129 channels and the fp32
+    loss go to the next backend. (Meta tensors stand for CUDA ones, ordered as on a GPU; a
+    stand-in CUDA entry is registered if this build has none.)"""
+    from kexue import _backend
+    from kexue.ops import _global_pointer_backends as gpb
+
+    monkeypatch.setattr(_backend, "_device_reason", lambda name, device: None)
+    on_gpu = _backend.preference
+    monkeypatch.setattr(_backend, "preference", lambda op, device_type: on_gpu(op, "cuda"))
+    for op in (gpb.OP_LOSS, gpb.OP_SCORES):
+        if "cuda" not in _backend._REGISTRY[op]:
+            monkeypatch.setitem(
+                _backend._REGISTRY[op], "cuda", _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports)
+            )
+    for d in (65, 96, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            head = torch.empty(2, 1, 8, d, device="meta", dtype=dtype)
+            assert _backend.select(gpb.OP_LOSS, head)[0] == "triton", (d, dtype)
+            assert _backend.select(gpb.OP_SCORES, head)[0] == "triton", (d, dtype)
+        fp32 = torch.empty(2, 1, 8, d, device="meta")
+        assert _backend.select(gpb.OP_SCORES, fp32)[0] == "triton"
+        assert _backend.select(gpb.OP_LOSS, fp32)[0] == "cuda"  # the fp32 loss tiles keep a stack
+    wider = torch.empty(2, 1, 8, 129, device="meta", dtype=torch.bfloat16)
+    assert "heads up to 128" in _backend.reasons(gpb.OP_LOSS, wider)["triton"]
+    assert _backend.select(gpb.OP_LOSS, wider)[0] == "torch"  # beyond the CUDA C++ rows as well
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 16: masked positions never matter; out-of-range labels are errors also under compile and
 # through the raw op; NaN soft labels are errors.

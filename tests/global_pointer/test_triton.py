@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 
 SMALL = K.Tile(16, 16, 16, 4)
-WIDE = K.Tile(32, 32, 128, 4)  # the kernels' 128-channel head block (not yet picked by tile_for)
+WIDE = K.Tile(32, 32, 128, 4)  # a 128-channel head block over 4 warps (the launcher's uses 8)
+HOPPER = K.tile_for(128, torch.bfloat16, arch=90)  # sm_90's 64 x 64 wgmma tile, run here too
 ROPE_NAMES = {0: None, 1: "interleaved", 2: "half"}
 
 
@@ -52,6 +53,12 @@ CASES = [
     (2, 1, 2, 33, 5, 0, True, SMALL),  # odd head size without RoPE
     (1, 1, 2, 70, 8, 1, True, None),  # the launcher's own tile (32 x 32 x 64)
     (1, 1, 2, 40, 72, 1, True, WIDE),  # a head wider than 64: the 128-channel head block
+    # the launcher's 128-channel tile (32 x 32 x 128): 65 / 96 / 128 channels, L one past a tile
+    # edge or exactly one tile; sm_90's 64 x 64 tile, L one past its edge
+    (1, 1, 2, 33, 65, 0, True, None),  # odd: no RoPE (it needs an even head)
+    (2, 2, 2, 32, 96, 2, False, None),
+    (1, 1, 3, 33, 128, 1, True, None),
+    (1, 1, 2, 65, 128, 2, True, HOPPER),
 ]
 
 
@@ -217,6 +224,10 @@ SCORE_CASES = [
     (1, 1, 1, 1, 4, 1, True, False, SMALL),  # one token
     (2, 3, 3, 18, 5, 0, True, False, SMALL),  # odd head size without RoPE, no padding
     (1, 1, 2, 35, 8, 1, True, True, None),  # the launcher's own tile (16 x 32 x 64)
+    (1, 1, 2, 33, 65, 0, True, True, None),  # 128-channel tiles (32 x 32 x 128): L past an edge
+    (2, 2, 2, 32, 96, 2, False, True, None),
+    (1, 1, 2, 33, 128, 1, True, False, None),
+    (1, 1, 2, 65, 128, 2, True, True, HOPPER),  # sm_90's 64 x 64 tile
 ]
 
 
@@ -315,10 +326,9 @@ def test_production_size_on_the_gpu(d, dtype):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    tile = WIDE if d > K.MAX_SERVED_HEAD else None
-    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, True, tile=tile)
+    loss, lse = K.loss_forward(q, k, sb, eb, mask, row_ptr, cols, 1, 1e4, True)
     grad = torch.rand(batch, types, device="cuda")
-    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, True, tile=tile)
+    grads = K.loss_backward(grad, q, k, sb, eb, mask, row_ptr, cols, lse, 1, 1e4, True)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < batch * types * length * length * 2 / 8  # 1/8 of one bf16 copy of the scores
@@ -339,3 +349,63 @@ def test_production_scores_on_the_gpu():
     out = K.scores_forward(q, k, sb, eb, mask, 1, 1e4, True)
     out64 = ref.global_pointer_scores(*[t.double() for t in (q, k, sb, eb)], mask, "interleaved", True, 1e4)
     assert_close(out, out64, torch.bfloat16, "scores")
+
+
+def test_every_pickable_tile_is_compiled_ahead_of_time():
+    """tests/gpu_compile.py checks AOT_CONFIGS (zero stack and spills, tensor cores): every tile
+    the launchers can pick on each target is there, for that target, with the 16-bit entries
+    demanding tensor-core dots (and wgmma for the 64-row sm_90 tiles)."""
+    from kexue.triton_kernels import global_pointer_aot as aot
+
+    shipped = {}
+    for c in aot.AOT_CONFIGS:
+        key = (c["kernel"].__name__, c["signature"]["q_ptr" if "q_ptr" in c["signature"] else "k_ptr"])
+        consts = c["constexprs"]
+        for arch in c["archs"]:
+            shipped[(*key, consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_H"], c["num_warps"], arch)] = c
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    for arch in aot.GPU_ARCHS:
+        for dtype in ptr:
+            for d in range(1, K.MAX_SERVED_HEAD + 1):
+                picks = [("_gp_scores_fwd_kernel", K.scores_tile_for(d, dtype, arch))]
+                if K.supports(d, dtype, "loss") is None:
+                    picks.append(("_gp_loss_fwd_kernel", K.tile_for(d, dtype, arch)))
+                for kernel, t in picks:
+                    key = (kernel, ptr[dtype], t.block_m, t.block_n, t.block_h, t.num_warps, arch)
+                    assert key in shipped, key
+                    config = shipped[key]
+                    assert config.get("maxnreg") == t.maxnreg and config["aligned_only"]
+                    if dtype != torch.float32:
+                        assert "tensor_cores" in config["expect"], key
+                        assert ("wgmma" in config["expect"]) == (arch == 90 and t.block_m >= 64), key
+    assert K.tile_for(128, torch.bfloat16, 90).block_m >= 64  # sm_90 takes the wgmma tile
+
+
+@pytest.mark.parametrize("rope", [0, 1, 2])
+def test_rope_runs_in_the_kernels(rope):
+    """The launcher hands q and k to the kernels unrotated: rows of 64 channels in fp16 (the operand
+    dtype) are passed as they are, with no eager rotation or copy; narrower rows are only padded
+    (each half separately for rotate-half, so a channel's pair sits at c + 32)."""
+    q = torch.randn(2, 1, 9, 64, dtype=torch.float16)
+    assert K._rows(q, rope, 64).data_ptr() == q.data_ptr()
+    narrow = torch.randn(2, 1, 9, 6, dtype=torch.float16)
+    rows = K._rows(narrow, rope, 16)
+    if rope == 2:
+        assert torch.equal(rows[..., :3], narrow[..., :3]) and torch.equal(rows[..., 8:11], narrow[..., 3:])
+        assert not rows[..., 3:8].any() and not rows[..., 11:].any()
+    else:
+        assert torch.equal(rows[..., :6], narrow) and not rows[..., 6:].any()
+    assert torch.equal(K._unpadded(rows.float(), 6, rope, torch.float16), narrow)
+
+
+def test_rope_table_is_shared_across_lengths():
+    """The kernels read cos/sin per position from one cached table per (head, base, device):
+    lengths up to the next power of two share it; its values are the float64 angles rounded once."""
+    a = K._rope_table(33, 6, 16, 1e4, 1, torch.device("cpu"))
+    assert K._rope_table(40, 6, 16, 1e4, 2, torch.device("cpu")) is a
+    assert a.shape == (64, 2, 8) and a.dtype == torch.float32
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * 1e4 ** (-torch.arange(3, dtype=torch.float64) * 2 / 6)
+    assert torch.equal(a[:, 0, :3], torch.cos(ang).float()) and torch.equal(a[:, 1, :3], torch.sin(ang).float())
+    assert (a[:, 0, 3:] == 1).all() and (a[:, 1, 3:] == 0).all()  # padded pairs: identity
+    assert K._rope_table(65, 6, 16, 1e4, 1, torch.device("cpu")).shape[0] == 128
+    assert K._rope_table(65, 6, 16, 1e4, 0, torch.device("cpu")).numel() == 0
