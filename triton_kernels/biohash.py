@@ -299,6 +299,7 @@ def _aot_configs() -> list[dict]:
                             PACKED=packed, BLOCK_K=block, TOKENS=tokens, STAGES=stages_for(block, tokens), EXACT=True
                         ),
                         num_warps=warps,
+                        expect=["vector_loads"],  # the tile's 16-byte cp.async
                     )
                 )
     return configs
