@@ -102,10 +102,12 @@ def _gather_sum(
     TOKENS: tl.constexpr,
     STAGES: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    RAW: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     """The row's activations: sum over tokens j in [start, end) of weights[j] * wt[ids[j], :], added
-    in row order (the reference's order), TOKENS tokens a step.
+    in row order (the reference's order), TOKENS tokens a step; with RAW also the unweighted sum of
+    the rows (the learning step's winner activations), else zeros. Returns ``(weighted, raw)``.
 
     Each step loads TOKENS ids and weights with one load, then the TOKENS rows of wt as one
     (TOKENS, BLOCK_K) tile with one load: no row's address waits for another row's data. Loads
@@ -120,6 +122,7 @@ def _gather_sum(
     """
     tok = tl.arange(0, TOKENS)
     acc = tl.zeros((BLOCK_K,), tl.float32)
+    raw = tl.zeros((BLOCK_K,), tl.float32)
     for j0 in tl.range(start, end, TOKENS, num_stages=STAGES):
         ok = j0 + tok < end
         idx = tl.load(ids_ptr + j0 + tok, mask=ok, other=0).to(tl.int64)
@@ -131,7 +134,10 @@ def _gather_sum(
         for u in tl.static_range(TOKENS):
             term = tl.sum(tl.where(tok[:, None] == u, prod, -0.0), axis=0)
             acc = tl.where(j0 + u < end, acc + term, acc)
-    return acc
+            if RAW:
+                col = tl.sum(tl.where(tok[:, None] == u, tile, -0.0), axis=0)
+                raw = tl.where(j0 + u < end, raw + col, raw)
+    return acc, raw
 
 
 @triton.jit
@@ -156,7 +162,9 @@ def _biohash_sparse_kernel(
     cols = tl.arange(0, BLOCK_K)
     in_row = cols < K
 
-    acc = _gather_sum(ids_ptr, weights_ptr, wt_ptr, start, end, K, cols, in_row, TOKENS, STAGES, BLOCK_K, EXACT)
+    acc, _ = _gather_sum(
+        ids_ptr, weights_ptr, wt_ptr, start, end, K, cols, in_row, TOKENS, STAGES, BLOCK_K, False, EXACT
+    )
 
     # Padding lanes get key 0, below every real key (the smallest real key is -inf's, 0x007FFFFF),
     # and stay out of every count.

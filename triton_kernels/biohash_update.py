@@ -7,7 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, block_k, num_warps_for
+from .biohash import (
+    MAX_HIDDEN,
+    _gather_sum,
+    _interpreting,
+    _mul_rn,
+    _order_key,
+    block_k,
+    num_warps_for,
+    stages_for,
+    tokens_per_step,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp and the reference's
@@ -76,6 +86,8 @@ def _update_rows_kernel(
     delta,
     ANTI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TOKENS: tl.constexpr,
+    STAGES: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -84,15 +96,11 @@ def _update_rows_kernel(
     cols = tl.arange(0, BLOCK_K)
     in_row = cols < K
 
-    # Raw (winner) and scaled (update) activations, token by token in row order.
-    raw = tl.zeros((BLOCK_K,), tl.float32)
-    scaled = tl.zeros((BLOCK_K,), tl.float32)
-    for j in range(start, end):
-        idx = tl.load(ids_ptr + j).to(tl.int64)
-        w = tl.load(weights_ptr + j)
-        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0)
-        raw = raw + col
-        scaled = scaled + _mul_rn(col, w + tl.zeros_like(col), EXACT)
+    # Scaled (update) and raw (winner) activations in row order, TOKENS rows of wt in flight
+    # (the hash kernel's pipelined gather).
+    scaled, raw = _gather_sum(
+        ids_ptr, weights_ptr, wt_ptr, start, end, K, cols, in_row, TOKENS, STAGES, BLOCK_K, True, EXACT
+    )
 
     # Winner: the largest key, lowest index (padding keys are 0, below every real key).
     keys = tl.where(in_row, _order_key(raw), 0)
@@ -245,6 +253,13 @@ MAX_DS_BLOCK = 1024
 GROUP_BLOCK = 32  # groups per program of _group_sums_kernel: one warp
 
 
+def rows_tokens(block: int) -> int:
+    """Tokens a gather step of _update_rows_kernel: half the hash kernel's (same float32 warps),
+    as it keeps two sums (raw and scaled) and, with ANTI, the rank search live beside the tile
+    (with the hash kernel's count ptxas keeps an 8 to 16-byte stack at K <= 2048 on sm_80)."""
+    return max(1, tokens_per_step(block, num_warps_for(block)) // 2)
+
+
 def ds_chunk(block: int) -> int:
     """Groups a trip of the ds kernel marks: one per thread."""
     return 32 * num_warps_for(block)
@@ -310,6 +325,8 @@ def biohash_update(
         float(delta),
         ANTI=anti,
         BLOCK_K=block,
+        TOKENS=rows_tokens(block),
+        STAGES=stages_for(block, rows_tokens(block)),
         EXACT=exact,
         num_warps=num_warps_for(block),
     )

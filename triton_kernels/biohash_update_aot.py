@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .biohash import num_warps_for
+from .biohash import num_warps_for, stages_for
 from .biohash_update import (
     GROUP_BLOCK,
     MAX_DS_BLOCK,
@@ -15,6 +15,7 @@ from .biohash_update import (
     _update_rows_kernel,
     _update_xx_kernel,
     ds_chunk,
+    rows_tokens,
 )
 
 
@@ -44,9 +45,17 @@ def _aot_configs() -> list[dict]:
                         delta="fp32",
                         ANTI="constexpr",
                         BLOCK_K="constexpr",
+                        TOKENS="constexpr",
+                        STAGES="constexpr",
                         EXACT="constexpr",
                     ),
-                    constexprs=dict(ANTI=anti, BLOCK_K=block, EXACT=True),
+                    constexprs=dict(
+                        ANTI=anti,
+                        BLOCK_K=block,
+                        TOKENS=rows_tokens(block),
+                        STAGES=stages_for(block, rows_tokens(block)),
+                        EXACT=True,
+                    ),
                     num_warps=num_warps_for(block),
                     expect=["vector_loads"] if block >= 128 else [],  # 64 lanes: 2 a thread
                 )
