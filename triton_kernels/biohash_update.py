@@ -230,7 +230,8 @@ def _update_ds_kernel(
     marks = tl.zeros((BLOCK_K,), tl.int32)
     for c0 in range(g0, g1, CHUNK):
         ok = c0 + chunk < g1
-        lane = tl.load(group_unit_ptr + c0 + chunk, mask=ok, other=0) - kb * BLOCK_K
+        unit = tl.load(group_unit_ptr + c0 + chunk, mask=ok, other=0)
+        lane = tl.where(ok, unit - kb * BLOCK_K, 0)  # in range even where masked off
         marks += tl.histogram(lane, BLOCK_K, mask=ok)
     before = tl.cumsum(marks, axis=0) - marks
     hebb = tl.load(group_sum_ptr + g0 + before, mask=marks > 0, other=0.0)
