@@ -90,6 +90,57 @@ def _kth_largest_key(keys, in_row, k):
 
 
 @triton.jit
+def _gather_sum(
+    ids_ptr,
+    weights_ptr,
+    wt_ptr,
+    start,
+    end,
+    K,
+    cols,
+    in_row,
+    TOKENS: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RAW: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """The row's activations: sum over tokens j in [start, end) of weights[j] * wt[ids[j], :], added
+    in row order (the reference's order), TOKENS tokens a step; with RAW also the unweighted sum of
+    the rows (the learning step's winner activations), else zeros. Returns ``(weighted, raw)``.
+
+    Each step loads TOKENS ids and weights with one load, then the TOKENS rows of wt as one
+    (TOKENS, BLOCK_K) tile with one load: no row's address waits for another row's data. Loads
+    issued as plain registers loads were still serialized by ptxas (it reuses one set of registers
+    for consecutive rows, so each row waited for the previous one's adds); the loop is therefore
+    software-pipelined (``num_stages=STAGES``): the tiles of the next STAGES - 1 steps are copied
+    into shared memory with 16-byte cp.async while this step adds, and the ids one stage before
+    their rows. The adds stay in row order: row u of the tile is picked by a sum over the token
+    axis in which every other token contributes -0.0, which leaves any float (signed zeros,
+    infinities, NaN) unchanged, so the pick is exact (the token axis lies within each thread:
+    nothing crosses threads and the compiler folds the -0.0 terms away).
+    """
+    tok = tl.arange(0, TOKENS)
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    raw = tl.zeros((BLOCK_K,), tl.float32)
+    for j0 in tl.range(start, end, TOKENS, num_stages=STAGES):
+        ok = j0 + tok < end
+        idx = tl.load(ids_ptr + j0 + tok, mask=ok, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + j0 + tok, mask=ok, other=0.0).to(tl.float32)
+        tile = tl.load(wt_ptr + idx[:, None] * K + cols[None, :], mask=ok[:, None] & in_row[None, :], other=0.0).to(
+            tl.float32
+        )
+        prod = _mul_rn(tile, w[:, None] + tl.zeros_like(tile), EXACT)
+        for u in tl.static_range(TOKENS):
+            term = tl.sum(tl.where(tok[:, None] == u, prod, -0.0), axis=0)
+            acc = tl.where(j0 + u < end, acc + term, acc)
+            if RAW:
+                col = tl.sum(tl.where(tok[:, None] == u, tile, -0.0), axis=0)
+                raw = tl.where(j0 + u < end, raw + col, raw)
+    return acc, raw
+
+
+@triton.jit
 def _biohash_sparse_kernel(
     ids_ptr,
     offsets_ptr,
@@ -101,6 +152,8 @@ def _biohash_sparse_kernel(
     out_stride,
     PACKED: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TOKENS: tl.constexpr,
+    STAGES: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -109,13 +162,9 @@ def _biohash_sparse_kernel(
     cols = tl.arange(0, BLOCK_K)
     in_row = cols < K
 
-    # Gather-sum, token by token in row order (the reference's order).
-    acc = tl.zeros((BLOCK_K,), tl.float32)
-    for j in range(start, end):
-        idx = tl.load(ids_ptr + j).to(tl.int64)
-        w = tl.load(weights_ptr + j).to(tl.float32)
-        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0).to(tl.float32)
-        acc = acc + _mul_rn(col, w + tl.zeros_like(col), EXACT)
+    acc, _ = _gather_sum(
+        ids_ptr, weights_ptr, wt_ptr, start, end, K, cols, in_row, TOKENS, STAGES, BLOCK_K, False, EXACT
+    )
 
     # Padding lanes get key 0, below every real key (the smallest real key is -inf's, 0x007FFFFF),
     # and stay out of every count.
@@ -156,6 +205,26 @@ def num_warps_for(block: int, itemsize: int = 4, packed: bool = False) -> int:
     return max(1, min(8, block // 256))
 
 
+def tokens_per_step(block: int, num_warps: int) -> int:
+    """Tokens gathered per step of the hash kernel's loop: rows in flight together. Each thread holds
+    block / (32 * num_warps) lanes of every row of the (tokens, block) tile; 32 float32 tile registers
+    per thread (8 rows of 4 lanes, one 128-bit load each) keep enough bytes in flight without
+    spilling, at most 8 tokens (a CSR row of FlyVec is a window of about 10 to 30 tokens)."""
+    lanes = max(1, block // (32 * num_warps))
+    return max(1, min(8, 32 // lanes))
+
+
+STAGE_BYTES = 16 * 1024  # one (tokens, block) tile of float32 at K <= 1024
+
+
+def stages_for(block: int, tokens: int) -> int:
+    """Pipeline depth of the gather loop: three tiles (two in flight while one is added) up to
+    STAGE_BYTES a tile, two above (64 KB of shared memory at K <= 4096, within every target's
+    limit). The shared-memory tile holds float32 rows whatever the synapses' dtype would allow,
+    so the budget is the float32 one."""
+    return 3 if tokens * block * 4 <= STAGE_BYTES else 2
+
+
 def biohash_sparse(
     indices: torch.Tensor,
     offsets: torch.Tensor,
@@ -177,6 +246,8 @@ def biohash_sparse(
     if weights is None:  # one kernel for both: a weight of 1 changes no product
         weights = torch.ones(indices.shape[0], dtype=torch.float32, device=indices.device)
     block = block_k(num_hidden)
+    warps = num_warps_for(block, synapses_t.element_size(), bool(packed))
+    tokens = tokens_per_step(block, warps)
     _biohash_sparse_kernel[(rows,)](
         indices.contiguous(),
         offsets.contiguous(),
@@ -188,8 +259,10 @@ def biohash_sparse(
         out.stride(0),
         PACKED=bool(packed),
         BLOCK_K=block,
+        TOKENS=tokens,
+        STAGES=stages_for(block, tokens),
         EXACT=not _interpreting(),
-        num_warps=num_warps_for(block, synapses_t.element_size(), bool(packed)),
+        num_warps=warps,
     )
     return out
 
@@ -208,10 +281,12 @@ def _aot_configs() -> list[dict]:
         itemsize = torch.empty((), dtype=dtype).element_size()
         for packed in (True, False):
             for block in blocks:
+                warps = num_warps_for(block, itemsize, packed)
+                tokens = tokens_per_step(block, warps)
                 configs.append(
                     dict(
                         name=f"biohash_sparse {str(dtype).removeprefix('torch.')} "
-                        f"{'packed' if packed else 'dense'} K<={block} w{num_warps_for(block, itemsize, packed)}",
+                        f"{'packed' if packed else 'dense'} K<={block} w{warps}",
                         kernel=_biohash_sparse_kernel,
                         signature=dict(
                             ids_ptr="*i64",
@@ -224,10 +299,15 @@ def _aot_configs() -> list[dict]:
                             out_stride="i32",
                             PACKED="constexpr",
                             BLOCK_K="constexpr",
+                            TOKENS="constexpr",
+                            STAGES="constexpr",
                             EXACT="constexpr",
                         ),
-                        constexprs=dict(PACKED=packed, BLOCK_K=block, EXACT=True),
-                        num_warps=num_warps_for(block, itemsize, packed),
+                        constexprs=dict(
+                            PACKED=packed, BLOCK_K=block, TOKENS=tokens, STAGES=stages_for(block, tokens), EXACT=True
+                        ),
+                        num_warps=warps,
+                        expect=["vector_loads"],  # the tile's 16-byte cp.async
                     )
                 )
     return configs

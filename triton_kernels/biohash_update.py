@@ -7,7 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, block_k, num_warps_for
+from .biohash import (
+    MAX_HIDDEN,
+    _gather_sum,
+    _interpreting,
+    _mul_rn,
+    _order_key,
+    block_k,
+    num_warps_for,
+    stages_for,
+    tokens_per_step,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The learning step (contract: biohash_update_cpu in csrc/cpu/biohash_update.cpp and the reference's
@@ -21,12 +31,19 @@ from .biohash import MAX_HIDDEN, _interpreting, _mul_rn, _order_key, block_k, nu
 # 2. _update_xx_kernel, one program per block of units and slice of 256 rows: partial sums of
 #    xx[mu]; _update_nx_kernel adds the slices in order and stores nx = -xx on active units
 #    (xx != 0) and 0 elsewhere.
-# 3. (torch) the contributions stably sorted by input id, and each input's bucket of them:
-#    every element then sums its contributions in the CPU kernel's order (winners in sample
-#    order, then ranked units), without atomics and without an (N, K) scratch.
+# 3. (torch) the contributions stably sorted by (input id, unit): each (input, unit) pair is one
+#    run, in the CPU kernel's order (winners in sample order, then ranked units), and
+#    _group_sums_kernel adds each run once, one lane per run, from 0.0 in that order (no atomics,
+#    no (N, K) scratch). bounds (torch.searchsorted) gives each (synapse row, block of units) its
+#    runs, sorted by unit: at most one per unit.
 # 4. _update_ds_kernel twice, one program per row i of synapses_t (and block of units):
-#    ds[i, mu] = nx[mu] * W[i, mu] + (sum of the bucket's values for mu) on active units (0 on
-#    the others). The first pass writes each program's max |ds| (a partial; torch's amax makes
+#    ds[i, mu] = nx[mu] * W[i, mu] + (the run sum of (i, mu), 0 without one) on active units (0 on
+#    the others). The run sums reach their lanes without a loop over the bucket: a histogram of
+#    the runs' units marks their lanes, and the marked lanes, in order, take the runs in order (an
+#    exclusive count of the marks indexes them). Work per program: one pass over the row's block
+#    and over its runs (ceil(runs / CHUNK) histogram trips), where the loop it replaced did
+#    BLOCK_K-wide work for every contribution in the input's bucket (a frequent word's bucket holds
+#    thousands). The first pass writes each program's max |ds| (a partial; torch's amax makes
 #    it the global nc); the second applies W += lr / max(nc, prec) * ds where the change exceeds
 #    tiny. The decay term touches every row of synapses_t (column mu of W for each active unit
 #    mu), so both passes stream the whole matrix: ds is recomputed rather than stored.
@@ -69,6 +86,8 @@ def _update_rows_kernel(
     delta,
     ANTI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TOKENS: tl.constexpr,
+    STAGES: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -77,15 +96,11 @@ def _update_rows_kernel(
     cols = tl.arange(0, BLOCK_K)
     in_row = cols < K
 
-    # Raw (winner) and scaled (update) activations, token by token in row order.
-    raw = tl.zeros((BLOCK_K,), tl.float32)
-    scaled = tl.zeros((BLOCK_K,), tl.float32)
-    for j in range(start, end):
-        idx = tl.load(ids_ptr + j).to(tl.int64)
-        w = tl.load(weights_ptr + j)
-        col = tl.load(wt_ptr + idx * K + cols, mask=in_row, other=0.0)
-        raw = raw + col
-        scaled = scaled + _mul_rn(col, w + tl.zeros_like(col), EXACT)
+    # Scaled (update) and raw (winner) activations in row order, TOKENS rows of wt in flight
+    # (the hash kernel's pipelined gather).
+    scaled, raw = _gather_sum(
+        ids_ptr, weights_ptr, wt_ptr, start, end, K, cols, in_row, TOKENS, STAGES, BLOCK_K, True, EXACT
+    )
 
     # Winner: the largest key, lowest index (padding keys are 0, below every real key).
     keys = tl.where(in_row, _order_key(raw), 0)
@@ -161,12 +176,28 @@ def _update_nx_kernel(partial_ptr, nx_ptr, splits, K, BLOCK_U: tl.constexpr):
 
 
 @triton.jit
+def _group_sums_kernel(values_ptr, starts_ptr, sums_ptr, groups, BLOCK_G: tl.constexpr):
+    """sums[g]: the values of group g (entries starts[g] .. starts[g + 1] - 1, in bucket order)
+    added one after another from 0.0, as the CPU kernel adds them. One lane per group: a warp runs
+    as many trips as its longest group, so the warp instructions never exceed the entries read."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    ok = g < groups
+    first = tl.load(starts_ptr + g, mask=ok, other=0)
+    count = tl.load(starts_ptr + g + 1, mask=ok, other=0) - first
+    acc = tl.zeros((BLOCK_G,), tl.float32)
+    for t in range(0, tl.max(count, axis=0)):
+        more = t < count
+        acc = tl.where(more, acc + tl.load(values_ptr + first + t, mask=more, other=0.0), acc)
+    tl.store(sums_ptr + g, acc, mask=ok)
+
+
+@triton.jit
 def _update_ds_kernel(
     wt_ptr,
     nx_ptr,
-    bucket_ptr,
-    unit_ptr,
-    value_ptr,
+    bounds_ptr,
+    group_unit_ptr,
+    group_sum_ptr,
     partial_ptr,
     nc_ptr,
     lr,
@@ -175,22 +206,35 @@ def _update_ds_kernel(
     K,
     APPLY: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
-    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    lanes = tl.arange(0, BLOCK_K)
+    cols = kb * BLOCK_K + lanes
     nx = tl.load(nx_ptr + cols, mask=cols < K, other=0.0)
     live = (cols < K) & (nx != 0)  # inactive units never change: not even read
     ptrs = wt_ptr + i * K + cols
     w = tl.load(ptrs, mask=live, other=0.0)
 
-    # The Hebbian sum of this input's bucket, in bucket order (the CPU kernel's order).
-    hebb = tl.zeros((BLOCK_K,), tl.float32)
-    for s in range(tl.load(bucket_ptr + i), tl.load(bucket_ptr + i + 1)):
-        unit = tl.load(unit_ptr + s)
-        value = tl.load(value_ptr + s)
-        hebb = tl.where(cols == unit, hebb + value, hebb)
+    # The Hebbian sums of this row's units in this block: groups g0 .. g1 - 1, one per distinct
+    # unit, sorted by unit (their sums come from _group_sums_kernel, in bucket order). A histogram
+    # of their units marks the lanes that have one; the k-th marked lane (in lane order) holds
+    # group g0 + k, so an exclusive count of the marks gathers each lane's sum. Trips:
+    # ceil(groups / CHUNK), at most BLOCK_K / CHUNK, none for a row the batch never touched.
+    p = i * tl.num_programs(1) + kb
+    g0 = tl.load(bounds_ptr + p)
+    g1 = tl.load(bounds_ptr + p + 1)
+    chunk = tl.arange(0, CHUNK)
+    marks = tl.zeros((BLOCK_K,), tl.int32)
+    for c0 in range(g0, g1, CHUNK):
+        ok = c0 + chunk < g1
+        unit = tl.load(group_unit_ptr + c0 + chunk, mask=ok, other=0)
+        lane = tl.where(ok, unit - kb * BLOCK_K, 0)  # in range even where masked off
+        marks += tl.histogram(lane, BLOCK_K, mask=ok)
+    before = tl.cumsum(marks, axis=0) - marks
+    hebb = tl.load(group_sum_ptr + g0 + before, mask=marks > 0, other=0.0)
     ds = tl.where(live, _mul_rn(nx, w, EXACT) + hebb, 0.0)
 
     if APPLY:
@@ -207,6 +251,19 @@ UPDATE_BLOCK_B = 64
 UPDATE_BLOCK_U = 32
 UPDATE_ROWS_PER_SPLIT = 256  # rows of the batch per xx program
 MAX_DS_BLOCK = 1024
+GROUP_BLOCK = 32  # groups per program of _group_sums_kernel: one warp
+
+
+def rows_tokens(block: int) -> int:
+    """Tokens a gather step of _update_rows_kernel: half the hash kernel's (same float32 warps),
+    as it keeps two sums (raw and scaled) and, with ANTI, the rank search live beside the tile
+    (with the hash kernel's count ptxas keeps an 8 to 16-byte stack at K <= 2048 on sm_80)."""
+    return max(1, tokens_per_step(block, num_warps_for(block)) // 2)
+
+
+def ds_chunk(block: int) -> int:
+    """Groups a trip of the ds kernel marks: one per thread."""
+    return 32 * num_warps_for(block)
 
 
 def ds_block(num_hidden: int) -> int:
@@ -269,6 +326,8 @@ def biohash_update(
         float(delta),
         ANTI=anti,
         BLOCK_K=block,
+        TOKENS=rows_tokens(block),
+        STAGES=stages_for(block, rows_tokens(block)),
         EXACT=exact,
         num_warps=num_warps_for(block),
     )
@@ -297,39 +356,47 @@ def biohash_update(
     nx = torch.empty(num_hidden, dtype=torch.float32, device=device)
     _update_nx_kernel[(unit_blocks,)](partial_xx, nx, splits, num_hidden, BLOCK_U=UPDATE_BLOCK_U, num_warps=1)
 
-    # Buckets: contributions stably sorted by input id (slot j and nnz + j both belong to indices[j]).
+    # Groups: the contributions stably sorted by (input id, unit), so each (input, unit) pair is
+    # one run in bucket order (slot j and nnz + j both belong to indices[j]; slots in sample
+    # order), summed once by _group_sums_kernel. bounds[i * blocks + kb] is the first group of
+    # synapse row i at units kb * dblock and up.
     inputs = torch.cat([indices, indices]) if anti else indices
-    sorted_inputs, order = torch.sort(inputs, stable=True)
-    units, values = units[order].contiguous(), values[order].contiguous()
-    bucket = torch.searchsorted(sorted_inputs, torch.arange(num_inputs + 1, device=device))
+    keys, order = torch.sort(inputs * num_hidden + units.to(torch.int64), stable=True)
+    values = values[order].contiguous()
+    group_keys, counts = torch.unique_consecutive(keys, return_counts=True)
+    groups = group_keys.shape[0]
+    starts = torch.zeros(groups + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    group_units = (group_keys % num_hidden).to(torch.int32)
+    sums = torch.empty(groups, dtype=torch.float32, device=device)
+    if groups:
+        _group_sums_kernel[(triton.cdiv(groups, GROUP_BLOCK),)](
+            values, starts, sums, groups, BLOCK_G=GROUP_BLOCK, num_warps=1
+        )
 
     dblock = ds_block(num_hidden)
     grid = (num_inputs, triton.cdiv(num_hidden, dblock))
+    firsts = torch.arange(num_inputs, device=device)[:, None] * num_hidden + torch.arange(
+        0, grid[1] * dblock, dblock, device=device
+    )
+    firsts = torch.cat([firsts.flatten(), torch.tensor([num_inputs * num_hidden], device=device)])
+    bounds = torch.searchsorted(group_keys, firsts)
     partial = torch.empty(grid, dtype=torch.float32, device=device)
-    args = (synapses_t, nx, bucket, units, values, partial)
-    _update_ds_kernel[grid](
-        *args,
-        partial,
-        float(lr),
-        float(prec),
-        float(tiny),
-        num_hidden,
-        APPLY=False,
-        BLOCK_K=dblock,
-        EXACT=exact,
-        num_warps=num_warps_for(dblock),
-    )
-    nc = partial.amax().reshape(1)
-    _update_ds_kernel[grid](
-        *args,
-        nc,
-        float(lr),
-        float(prec),
-        float(tiny),
-        num_hidden,
-        APPLY=True,
-        BLOCK_K=dblock,
-        EXACT=exact,
-        num_warps=num_warps_for(dblock),
-    )
+    args = (synapses_t, nx, bounds, group_units, sums, partial)
+    for apply, nc in ((False, partial), (True, None)):
+        if apply:
+            nc = partial.amax().reshape(1)
+        _update_ds_kernel[grid](
+            *args,
+            nc,
+            float(lr),
+            float(prec),
+            float(tiny),
+            num_hidden,
+            APPLY=apply,
+            BLOCK_K=dblock,
+            CHUNK=ds_chunk(dblock),
+            EXACT=exact,
+            num_warps=num_warps_for(dblock),
+        )
     return winners, s_win

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
-from .biohash import num_warps_for
+from .biohash import num_warps_for, stages_for
 from .biohash_update import (
+    GROUP_BLOCK,
     MAX_DS_BLOCK,
     UPDATE_BLOCK_B,
     UPDATE_BLOCK_U,
+    _group_sums_kernel,
     _update_ds_kernel,
     _update_nx_kernel,
     _update_rows_kernel,
     _update_xx_kernel,
+    ds_chunk,
+    rows_tokens,
 )
 
 
@@ -41,10 +45,19 @@ def _aot_configs() -> list[dict]:
                         delta="fp32",
                         ANTI="constexpr",
                         BLOCK_K="constexpr",
+                        TOKENS="constexpr",
+                        STAGES="constexpr",
                         EXACT="constexpr",
                     ),
-                    constexprs=dict(ANTI=anti, BLOCK_K=block, EXACT=True),
+                    constexprs=dict(
+                        ANTI=anti,
+                        BLOCK_K=block,
+                        TOKENS=rows_tokens(block),
+                        STAGES=stages_for(block, rows_tokens(block)),
+                        EXACT=True,
+                    ),
                     num_warps=num_warps_for(block),
+                    expect=["vector_loads"] if block >= 128 else [],  # 64 lanes: 2 a thread
                 )
             )
         configs.append(
@@ -79,6 +92,15 @@ def _aot_configs() -> list[dict]:
             num_warps=1,
         )
     )
+    configs.append(
+        dict(
+            name=f"update_group_sums {GROUP_BLOCK}",
+            kernel=_group_sums_kernel,
+            signature=dict(values_ptr="*fp32", starts_ptr="*i64", sums_ptr="*fp32", groups="i32", BLOCK_G="constexpr"),
+            constexprs=dict(BLOCK_G=GROUP_BLOCK),
+            num_warps=1,
+        )
+    )
     for apply in (False, True):
         for block in [b for b in blocks if b <= MAX_DS_BLOCK]:
             configs.append(
@@ -88,9 +110,9 @@ def _aot_configs() -> list[dict]:
                     signature=dict(
                         wt_ptr="*fp32",
                         nx_ptr="*fp32",
-                        bucket_ptr="*i64",
-                        unit_ptr="*i32",
-                        value_ptr="*fp32",
+                        bounds_ptr="*i64",
+                        group_unit_ptr="*i32",
+                        group_sum_ptr="*fp32",
                         partial_ptr="*fp32",
                         nc_ptr="*fp32",
                         lr="fp32",
@@ -99,10 +121,12 @@ def _aot_configs() -> list[dict]:
                         K="i32",
                         APPLY="constexpr",
                         BLOCK_K="constexpr",
+                        CHUNK="constexpr",
                         EXACT="constexpr",
                     ),
-                    constexprs=dict(APPLY=apply, BLOCK_K=block, EXACT=True),
+                    constexprs=dict(APPLY=apply, BLOCK_K=block, CHUNK=ds_chunk(block), EXACT=True),
                     num_warps=num_warps_for(block),
+                    expect=["vector_loads"] if block >= 128 else [],  # 64 lanes: 2 a thread
                 )
             )
     return configs
