@@ -14,7 +14,9 @@ base 2 (``exp2``); ``lse`` is returned in natural log.
 The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd_launch` (backward, split by job),
 :mod:`.logn_attention_decode` (short queries against a long KV cache); shared pieces in
 :mod:`.logn_attention_rules`. Tiles are fixed per target family and head dim in each, not
-autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget.
+autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget, unless
+the caller passes ``allow_tf32=True``: then every dot reads its float32 operands as TF32 on tensor
+cores (the ``allow_tf32`` argument of each launcher, the ``IEEE`` dot mode of the kernels).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False):
+def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False, allow_tf32=False):
     """The padding mask as bytes and its prefix counts, the scale rule's scalars, the switches."""
     d = q.shape[-1]
     if mask is not None:
@@ -64,7 +66,7 @@ def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, va
         LOGN=bool(logn),
         CLIP=bool(clip),
         GRADMAX=bool(gradmax),
-        IEEE=dot_mode(q.dtype),
+        IEEE=dot_mode(q.dtype, allow_tf32),
         VARLEN=bool(varlen),
         BLOCK_D=block_d(d),
     )
@@ -122,10 +124,14 @@ def _packed_problem(q, k, lse, cu_q, cu_k, max_seqlen) -> _Problem:
     )
 
 
-def _forward(q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen):
+def _forward(
+    q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+):
     if out.numel() == 0 or pb.max_q == 0:
         return
-    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
+    mask_u8, prefix, scalars, flags = _common(
+        q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+    )
     if not varlen and q.shape[2] <= _decode.MAX_Q:  # a few queries against a KV cache: split-K, heads packed
         _decode.launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags)
         return
@@ -153,9 +159,12 @@ def _backward(
     min_n,
     gradmax,
     varlen,
+    allow_tf32,
 ):
     """dq like q; dk, dv like k, v."""
-    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
+    mask_u8, prefix, scalars, flags = _common(
+        q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+    )
     _bwd.launch(
         grad_out,
         None if grad_lse is None else _aligned(grad_lse),
@@ -176,19 +185,36 @@ def _backward(
     )
 
 
-def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False):
     """``(out like q, lse (B, Hq, Lq) float32)`` for ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     b, hq, lq, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     _forward(
-        q, k, v, out, lse, _dense_problem(q, k, lse), mask, causal, scale, train_len, logn, clip, min_n, gradmax, False
+        q,
+        k,
+        v,
+        out,
+        lse,
+        _dense_problem(q, k, lse),
+        mask,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        False,
+        allow_tf32,
     )
     return out, lse
 
 
-def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def backward(
+    grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     """``(grad_q, grad_k, grad_v)`` typed like the inputs."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     grad_out = _aligned(grad_out.to(q.dtype))
@@ -217,23 +243,43 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_l
         min_n,
         gradmax,
         False,
+        allow_tf32,
     )
     return dq, dk, dv
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+def varlen_forward(
+    q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     """``(out like q, lse (Hq, Tq) float32)`` for packed ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``,
     offsets ``cu_q``, ``cu_k`` (nseq + 1,) and ``max_seqlen`` >= every sequence length."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
-    _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True)
+    _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True, allow_tf32)
     return out, lse
 
 
 def varlen_backward(
-    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_q,
+    cu_k,
+    max_seqlen,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+    allow_tf32=False,
 ):
     """``(grad_q, grad_k, grad_v)`` of :func:`varlen_forward`, typed like the inputs."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -263,5 +309,6 @@ def varlen_backward(
         min_n,
         gradmax,
         True,
+        allow_tf32,
     )
     return dq, dk, dv

@@ -31,8 +31,12 @@ def _block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
-def _num_stages(block_d: int) -> int:
-    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean
+def _num_stages(block_d: int, itemsize: int = 2) -> int:
+    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean.
+    # float32 k / v tiles are twice as large: two stages (64 keys x 128 x 4 B x 2 tensors x 2 = 128 KB
+    # would pass sm_86's 99 KB, so d=128 float32 takes one)
+    if itemsize == 4:
+        return 2 if block_d <= 64 else 1
     return 2 if block_d <= 64 else 3
 
 
@@ -252,7 +256,7 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
         BLOCK_N=BLOCK_N,
         BLOCK_D=bd,
         num_warps=_num_warps(block_r),
-        num_stages=_num_stages(bd),
+        num_stages=_num_stages(bd, q.element_size()),
     )
     logn_decode_combine_kernel[(b * hkv,)](
         part_o,
