@@ -29,7 +29,7 @@ import torch
 from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
-from .logn_attention_rules import arch_family, block_d, dot_mode
+from .logn_attention_rules import arch_family, block_d, dot_mode, row_length
 
 # The widest head the kernels serve on a GPU: from 256 on, the forward's 16 rows a warp of fp32
 # accumulator and q operand (16 x d x 6 bytes) leave no registers for the scores, and every tile
@@ -46,6 +46,27 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     which is what their ``aligned_only`` AOT entries (tests/gpu_compile.py) rely on."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _rows(t: torch.Tensor, row: int) -> torch.Tensor:
+    """``t`` (last dim d) as the kernels read it (:func:`.logn_attention_rules.row_length`):
+    contiguous and aligned when ``row == d``, else a view ``buf[..., :d]`` of a buffer whose rows
+    are ``row`` elements long, the columns past d zero."""
+    d = t.shape[-1]
+    if row == d:
+        return _aligned(t)
+    buf = t.new_empty(*t.shape[:-1], row)
+    buf[..., d:] = 0
+    buf[..., :d] = t
+    return buf[..., :d]
+
+
+def _empty_rows(like: torch.Tensor, row: int) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``like``, laid out as :func:`_rows` lays inputs out."""
+    d = like.shape[-1]
+    if row == d:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return like.new_empty(*like.shape[:-1], row)[..., :d]
 
 
 def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False, allow_tf32=False):
@@ -171,7 +192,7 @@ def _backward(
         q,
         k,
         v,
-        _aligned(out),
+        out,
         _aligned(lse.float()),
         dq,
         dk,
@@ -187,9 +208,10 @@ def _backward(
 
 def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False):
     """``(out like q, lse (B, Hq, Lq) float32)`` for ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    row = row_length(q.shape[-1])
+    q, k, v = _rows(q, row), _rows(k, row), _rows(v, row)
     b, hq, lq, d = q.shape
-    out = torch.empty_like(q)
+    out = _empty_rows(q, row)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     _forward(
         q,
@@ -209,19 +231,19 @@ def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax,
         False,
         allow_tf32,
     )
-    return out, lse
+    return out.contiguous(), lse
 
 
 def backward(
     grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
 ):
     """``(grad_q, grad_k, grad_v)`` typed like the inputs."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    grad_out = _aligned(grad_out.to(q.dtype))
-    dq = torch.empty_like(q)
     if q.numel() == 0:
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    row = row_length(q.shape[-1])
+    q, k, v, out = _rows(q, row), _rows(k, row), _rows(v, row), _rows(out, row)
+    grad_out = _rows(grad_out.to(q.dtype), row)
+    dq, dk, dv = _empty_rows(q, row), _empty_rows(k, row), _empty_rows(v, row)
     _backward(
         grad_out,
         grad_lse,
@@ -245,7 +267,7 @@ def backward(
         False,
         allow_tf32,
     )
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def varlen_forward(
@@ -253,12 +275,13 @@ def varlen_forward(
 ):
     """``(out like q, lse (Hq, Tq) float32)`` for packed ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``,
     offsets ``cu_q``, ``cu_k`` (nseq + 1,) and ``max_seqlen`` >= every sequence length."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = torch.empty_like(q)
+    row = row_length(q.shape[-1])
+    q, k, v = _rows(q, row), _rows(k, row), _rows(v, row)
+    out = _empty_rows(q, row)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
     _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True, allow_tf32)
-    return out, lse
+    return out.contiguous(), lse
 
 
 def varlen_backward(
@@ -282,11 +305,11 @@ def varlen_backward(
     allow_tf32=False,
 ):
     """``(grad_q, grad_k, grad_v)`` of :func:`varlen_forward`, typed like the inputs."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    grad_out = _aligned(grad_out.to(q.dtype))
-    dq = torch.empty_like(q)
+    row = row_length(q.shape[-1])
+    q, k, v, out = _rows(q, row), _rows(k, row), _rows(v, row), _rows(out, row)
+    grad_out = _rows(grad_out.to(q.dtype), row)
     # keys of a sequence without queries are still written (zeros) by their program
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_rows(q, row), _empty_rows(k, row), _empty_rows(v, row)
     pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
     _backward(
         grad_out,
@@ -311,4 +334,4 @@ def varlen_backward(
         True,
         allow_tf32,
     )
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()

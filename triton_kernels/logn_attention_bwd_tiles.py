@@ -63,16 +63,6 @@ _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
     _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
-# A head dim that is not a multiple of 16 makes the row strides unaligned: the JIT then compiles
-# scalar loads, whose addresses take the registers. In that form (triton 3.9, sm_90) the 16 x 128
-# dK/dV tile keeps a 360..530 byte stack at d=128, and every dQ tile of 64 rows or more one of
-# 16..1000 bytes (64 x 32 on 4 warps: 16..24 at d=64, 340..660 at d=128). Those heads take the
-# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16-row dQ tiles: 16 x 32
-# up to d=64, 16 x 16 from d=128 on (16 x 32 kept 24 bytes there, causal varlen).
-_TILES_16_UNALIGNED = {
-    (90, 64): BwdTiles(_T(16, 128, 8, 2), _T(16, 32, 4, 2)),
-    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 16, 4, 2)),
-}
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {
     16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
@@ -113,8 +103,6 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
         return _TILES_IEEE[d]
     if dot_mode == TF32:
         return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (MAX_HEAD_DIM)
-    if head_dim % 16 and (family, d) in _TILES_16_UNALIGNED:
-        return _TILES_16_UNALIGNED[family, d]
     return _TILES_16[family][d]
 
 
@@ -124,7 +112,7 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
 HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
-UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: unaligned row strides, listed for every family
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned (the rows are padded to 16, see the launchers)
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
 MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
 _ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}
@@ -173,7 +161,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                 continue
             ptr = PTR[dtype]
             kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
-            for d in sorted(HEAD_DIMS + (UNALIGNED_HEAD_DIMS if mode == NATIVE else ())):
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
                 t, bd = tiles(family, d, mode), block_d(d)
                 tile = t.dkdv if name == "dkdv" else t.dq
                 for causal, has_mask, varlen in _SWITCHES:
@@ -217,7 +205,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                             num_warps=tile.num_warps,
                             num_stages=tile.num_stages,
                             archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-                            unaligned_ints=unaligned_ints(d, varlen),
+                            unaligned_ints=unaligned_ints(varlen),
                             # the launcher aligns every pointer (see _aligned there): no plain form
                             aligned_only=True,
                             expect=_expect(family, mode, tile, name, d),

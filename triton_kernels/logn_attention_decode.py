@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, interpreting, row_scale, visible
+from .logn_attention_rules import allowed, block_d, dot, interpreting, row_length, row_scale, visible
 
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
@@ -223,7 +223,8 @@ def num_splits(batch_heads: int, lk: int, device: torch.device) -> int:
 
 def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     """``q (B, Hq, Lq <= MAX_Q, D)``, ``k, v (B, Hkv, Lk, D)``, contiguous; out like q, lse (B, Hq, Lq)."""
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
+    d = row_length(q.shape[-1])  # rows padded by the launchers
     hkv, lk = k.shape[1], k.shape[2]
     bd = block_d(d)
     block_r = _block_rows(hq // hkv * lq)

@@ -27,7 +27,18 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import FP32_IEEE, TF32, allowed, block_d, dot, row_scale, sequence_start, tile_mode, visible
+from .logn_attention_rules import (
+    FP32_IEEE,
+    TF32,
+    allowed,
+    block_d,
+    dot,
+    row_length,
+    row_scale,
+    sequence_start,
+    tile_mode,
+    visible,
+)
 
 
 class Tiles(NamedTuple):
@@ -324,7 +335,7 @@ def logn_fwd_kernel(
 
 def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
     """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles."""
-    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    d, hq, hkv = row_length(q.shape[-1]), q.shape[1], k.shape[1]  # rows padded by the launchers
     t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
     grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
     logn_fwd_kernel[grid](

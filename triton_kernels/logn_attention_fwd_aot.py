@@ -2,7 +2,8 @@
 as ``AOT_CONFIGS`` for tests/gpu_compile.py: each (family, head dim, dtype) with the lightest
 switches (non-causal, no mask: the unmasked path alone), the heaviest dense ones (causal + mask +
 gradmax) and the packed ones (causal + gradmax + varlen). Head dims that are not multiples of 16
-(40, 72) are listed with their row strides unaligned, as the JIT compiles them."""
+(40, 72) are listed with D unaligned and aligned row strides: the launchers copy such inputs into
+rows of a multiple of 16 elements."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets,
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
-UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: row strides the JIT cannot take as aligned
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned, rows padded to 16 by the launchers
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -70,7 +71,7 @@ def _aot_configs() -> list[dict]:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
             ptr = _PTR[dtype]
             kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
-            for d in sorted(HEAD_DIMS + (UNALIGNED_HEAD_DIMS if mode == NATIVE else ())):
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
                 bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
                     t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
@@ -105,7 +106,7 @@ def _aot_configs() -> list[dict]:
                             num_warps=t.num_warps,
                             num_stages=t.num_stages,
                             archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-                            unaligned_ints=unaligned_ints(d, varlen),
+                            unaligned_ints=unaligned_ints(varlen),
                             expect=_expect(family, mode, d),
                         )
                     )

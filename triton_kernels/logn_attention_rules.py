@@ -23,6 +23,19 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def row_length(head_dim: int) -> int:
+    """The row length (elements) the kernels see: ``head_dim`` rounded up to a multiple of 16.
+
+    The JIT compiles 16-byte vector loads only for row strides, and column masks (``col < D``),
+    that it knows to be multiples of 16; with a head dim like 40 or 72 it compiled scalar loads
+    whose addresses took the registers, and every forward tile tried kept a stack (16..800 bytes,
+    sm_80 to sm_90, triton 3.9). The launchers in :mod:`.logn_attention` therefore copy such
+    inputs into zero-padded rows of this length and launch with ``D = row_length(head_dim)``: the
+    zero columns add nothing to q.k, give zero output / gradient columns, and are sliced away.
+    The softmax scale still uses the true head dim (it is passed as a scalar)."""
+    return -(-head_dim // 16) * 16
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -147,16 +160,12 @@ def allowed(rows, cols, b, Lq, Lk, mask_ptr, BOUNDS: tl.constexpr, CAUSAL: tl.co
     return ok
 
 
-_STRIDES_WITH_D = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
-
-
-def unaligned_ints(head_dim: int, varlen: bool) -> tuple[str, ...]:
-    """The integer arguments a launch of this form does not make multiples of 16, so that the jit
-    form compiles what the JIT specialises for ordinary shapes: sequence lengths, head counts and
-    the lse strides (dense: ``(Hq * Lq, Lq)``; packed: ``(0, total_q)`` with Lq = Lk = 0 passed) are
-    arbitrary; q / k / v strides are multiples of D, so unaligned only when D is not a multiple of 16."""
-    ints = ("Hq", "Hkv", "stride_lh") + (() if varlen else ("Lq", "Lk", "stride_lb"))
-    return ints + (() if head_dim % 16 == 0 else ("D", *_STRIDES_WITH_D))
+def unaligned_ints(varlen: bool) -> tuple[str, ...]:
+    """The integer arguments a launch does not make multiples of 16, so that the jit form compiles
+    what the JIT specialises for ordinary shapes: sequence lengths, head counts and the lse strides
+    (dense: ``(Hq * Lq, Lq)``; packed: ``(0, total_q)``, with Lq = Lk = 0 passed) are arbitrary.
+    D and the row strides are multiples of 16 (:func:`row_length`)."""
+    return ("Hq", "Hkv", "stride_lh") + (() if varlen else ("Lq", "Lk", "stride_lb"))
 
 
 def gpu_targets(configs: list[dict]) -> list[dict]:

@@ -123,8 +123,6 @@ def _triton_serves(q: Tensor, allow_tf32: bool = False) -> str | None:
         return f"heads wider than {_triton_module().MAX_HEAD_DIM} (the wider Triton tiles spill on a GPU)"
     if q.dtype == torch.float32 and not allow_tf32:
         return "float32 on a GPU without allow_tf32 (its FMA-dot tiles keep a stack frame; pass allow_tf32=True)"
-    if q.dtype == torch.float32 and q.shape[-1] % 16:
-        return "float32 (TF32) heads that are not a multiple of 16 (their unaligned-stride tiles keep a stack frame)"
     return None
 
 

@@ -114,9 +114,8 @@ def logn_attention(
 
     On CUDA devices the Triton backend runs a FlashAttention-2 style kernel; a dense call with at
     most 16 queries (generation with a KV cache) takes a split-K decode kernel that reads the cache
-    once per key/value head. Heads wider than 128, and float32 inputs without ``allow_tf32`` (or
-    with it, heads that are not a multiple of 16), leave Triton there for the CUDA C++ kernel (or,
-    without it or for packed sequences, the reference).
+    once per key/value head. Heads wider than 128, and float32 inputs without ``allow_tf32``, leave
+    Triton there for the CUDA C++ kernel (or, without it or for packed sequences, the reference).
 
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
