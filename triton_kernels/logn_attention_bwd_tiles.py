@@ -96,14 +96,22 @@ _TILES_TF32 = {
 _TILES_TF32[86] = _TILES_TF32[80]
 
 
+# Heads padded to BLOCK_D = 64 (EVEN_D off, e.g. d=40 launched as D=48) on the sm_80 family: ptxas
+# kept an 8-byte stack (at 168 registers) in dK/dV with the d=64 stage counts, one switch
+# combination or another (16-bit s1: non-causal, s2: causal varlen; TF32 s1: causal varlen on
+# sm_86); these stage counts compiled clean for every switch.
+_DKDV_PADDED = {(NATIVE, 64): _T(16, 64, 4, 3), (TF32, 64): _T(16, 32, 2, 2)}
+
+
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     d = block_d(head_dim)
     dot_mode = tile_mode(dot_mode)
     if dot_mode == FP32_IEEE:
         return _TILES_IEEE[d]
-    if dot_mode == TF32:
-        return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (MAX_HEAD_DIM)
-    return _TILES_16[family][d]
+    t = _TILES_TF32[family].get(d, _TILES_IEEE[d]) if dot_mode == TF32 else _TILES_16[family][d]
+    if family != 90 and head_dim != d and (dot_mode, d) in _DKDV_PADDED:
+        t = t._replace(dkdv=_DKDV_PADDED[dot_mode, d])
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
