@@ -69,6 +69,7 @@ def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal
         num_stages=_num_stages(d, dtype.itemsize),
         # chunk is a multiple of BLOCK_N; Lk, and the head counts of the GQA packing, are arbitrary
         unaligned_ints=tuple(n for n in ("Hq", "Hkv", "Lq", "Lk") if n not in consts),
+        aligned_only=True,  # q, k, v aligned by the launchers; the partials are fresh allocations
         expect=expect,
     )
 
@@ -102,6 +103,7 @@ def _aot_configs() -> list[dict]:
                     constexprs=consts,
                     num_warps=4,
                     unaligned_ints=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"),
+                    aligned_only=True,
                 )
             )
     return configs
