@@ -50,13 +50,14 @@ class BwdTiles(NamedTuple):
 _T = Tiles
 # On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
 # for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
-# for every switch combination.
+# for every switch combination, in the jit form with arbitrary head counts and lse strides (d=64:
+# 1 stage kept 8 bytes there, non-causal; 3 are clean, also for heads padded to 64 columns).
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
         32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
-        64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2)),
+        64: BwdTiles(_T(16, 64, 4, 3), _T(64, 32, 4, 2)),
     },
 }
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
@@ -88,19 +89,13 @@ _TILES_TF32 = {
     },
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
-        32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
-        64: BwdTiles(_T(16, 32, 2, 1), _T(32, 32, 2, 1)),
+        32: BwdTiles(_T(16, 64, 4, 4), _T(64, 32, 4, 1)),
+        64: BwdTiles(_T(16, 32, 2, 2), _T(32, 32, 2, 1)),
         128: BwdTiles(_T(16, 32, 4, 1), _T(32, 16, 2, 1)),
     },
 }
-_TILES_TF32[86] = _TILES_TF32[80]
-
-
-# Heads padded to BLOCK_D = 64 (EVEN_D off, e.g. d=40 launched as D=48) on the sm_80 family: ptxas
-# kept an 8-byte stack (at 168 registers) in dK/dV with the d=64 stage counts, one switch
-# combination or another (16-bit s1: non-causal, s2: causal varlen; TF32 s1: causal varlen on
-# sm_86); these stage counts compiled clean for every switch.
-_DKDV_PADDED = {(NATIVE, 64): _T(16, 64, 4, 3), (TF32, 64): _T(16, 32, 2, 2)}
+_TILES_TF32[86] = _TILES_TF32[80]  # sm_80 family d=32 / d=64: the dK/dV stage counts without the
+# 8..16-byte stacks ptxas kept at 128 registers on sm_86 with 16 x 64 on 4 warps, 1 or 2 stages
 
 
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
@@ -108,10 +103,9 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     dot_mode = tile_mode(dot_mode)
     if dot_mode == FP32_IEEE:
         return _TILES_IEEE[d]
-    t = _TILES_TF32[family].get(d, _TILES_IEEE[d]) if dot_mode == TF32 else _TILES_16[family][d]
-    if family != 90 and head_dim != d and (dot_mode, d) in _DKDV_PADDED:
-        t = t._replace(dkdv=_DKDV_PADDED[dot_mode, d])
-    return t
+    if dot_mode == TF32:
+        return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (MAX_HEAD_DIM)
+    return _TILES_16[family][d]
 
 
 # ---------------------------------------------------------------------------------------------
