@@ -177,6 +177,32 @@ def test_aot_configs_cover_every_pickable_config():
     assert K.MAX_HEAD_DIM == 128
 
 
+def test_aot_lists_stop_where_the_dispatcher_stops():
+    """Every configuration compiled for a GPU target is one the dispatcher can launch there: padded
+    head sizes up to MAX_HEAD_DIM, never float32 without TF32; and the preprocess lists each
+    padded head size of every dtype (it runs before the dK/dV and dQ kernels in every backward)."""
+    from kexue.triton_kernels import logn_attention_bwd_prep, logn_attention_decode_aot
+    from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, block_d
+
+    widest = block_d(K.MAX_HEAD_DIM)
+    modules = (
+        logn_attention_fwd_aot,
+        logn_attention_bwd_dkdv,
+        logn_attention_bwd_dq,
+        logn_attention_bwd_prep,
+        logn_attention_decode_aot,
+    )
+    for module in modules:
+        for c in module.AOT_CONFIGS:
+            if c.get("archs", (80,)) == ():
+                assert c["constexprs"].get("IEEE") == FP32_IEEE or c["constexprs"]["BLOCK_D"] > widest, c["name"]
+                continue
+            assert c["constexprs"]["BLOCK_D"] <= widest, c["name"]
+            assert c["constexprs"].get("IEEE") != FP32_IEEE, c["name"]
+    prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
+    assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The restructured kernels: the two-stage causal split, head dims, GQA ratios, decode.
 
