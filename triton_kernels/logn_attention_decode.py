@@ -40,10 +40,14 @@ def _num_stages(block_d: int, itemsize: int = 2) -> int:
     return 2 if block_d <= 64 else 3
 
 
-def _num_warps(block_r: int) -> int:
+def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2) -> int:
     # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
     # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
-    # at d=128). From 64 rows on, 16 rows a warp.
+    # at d=128). From 64 rows on, 16 rows a warp; but float32 (TF32) at d=128 with 64 rows kept a
+    # 16..120-byte stack on 4 warps (sm_80 to sm_90): 8 there (mma.sync lays them along the keys;
+    # on sm_90 two warpgroups share the 64 wgmma rows, a replicated score tile).
+    if itemsize == 4 and block_d >= 128 and block_r >= 64:
+        return 8
     return max(4, min(8, block_r // 16))
 
 
@@ -256,7 +260,7 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
         BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
         BLOCK_D=bd,
-        num_warps=_num_warps(block_r),
+        num_warps=_num_warps(block_r, bd, q.element_size()),
         num_stages=_num_stages(bd, q.element_size()),
     )
     logn_decode_combine_kernel[(b * hkv,)](

@@ -54,9 +54,11 @@ def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal
     )
     sig.update(dict.fromkeys(consts, "constexpr"))
     sig = {name: sig[name] for name in logn_decode_split_kernel.arg_names}  # in the kernel's order
-    warps = _num_warps(block_r)
+    warps = _num_warps(block_r, d, dtype.itemsize)
     kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
-    expect = () if mode == FP32_IEEE else ("no_replication", "tensor_cores") + (("tf32",) if mode == TF32 else ())
+    expect = () if mode == FP32_IEEE else ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
+    if mode == NATIVE or (mode == TF32 and warps == _num_warps(block_r)):  # see _num_warps: TF32 d=128 x 64
+        expect += ("no_replication",)
     return dict(
         name=(
             f"logn_decode {kind} d{d} rows{block_r} {'q1' if lq == 1 else 'qn'} {'causal' if causal else 'full'}"
