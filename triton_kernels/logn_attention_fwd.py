@@ -104,7 +104,8 @@ _TILES_TF32 = {
     90: {16: Tiles(128, 32, 8, 2), 32: Tiles(128, 32, 8, 2), 64: Tiles(128, 32, 8, 2), 128: Tiles(128, 32, 8, 1)},
     80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(64, 16, 4, 2)},
 }
-_TILES_TF32[86] = _TILES_TF32[80]
+# sm_86 / sm_89 at d=128 (and heads padded to 128): two stages kept 16 bytes of stack there
+_TILES_TF32[86] = {**_TILES_TF32[80], 128: Tiles(64, 16, 4, 1)}
 _TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 (interpreter only: MAX_HEAD_DIM), as small as a dot goes
 
 
@@ -123,6 +124,9 @@ def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> 
     if has_mask and family == 90 and d == 128 and head_dim != d:
         # a padded head (96, 80...) with a mask: the column masks tip 128x64 over (16 B of stack)
         return Tiles(128, 32, 8, 3)
+    if family == 86 and d == 128 and head_dim != d:
+        # a padded head on sm_86 / sm_89: 128x32 in two stages kept 16 B of stack (causal varlen)
+        return Tiles(128, 16, 8, 2)
     return _TILES_16[family][d]
 
 
