@@ -211,3 +211,23 @@ def test_compiled_and_raw_ops_take_allow_tf32(triton_device):
         assert torch.equal(got, want)
         args = (q, k, v, None, True, 0.25, 512.0, True, False, 1.0, False, True)
         torch.library.opcheck(ops_mod.logn_attention_op, args)
+
+
+def test_static_check_reads_and_demands_tf32():
+    # tests/gpu_compile.py counts tensor-core dots with TF32 operands and fails a configuration
+    # that demands them ("tf32" under expect, as every log-n float32 TF32 entry does) without them
+    from tests import gpu_compile as gc
+
+    ampere = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    hopper = "wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, p, 1, 1;"
+    half = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    assert gc.count_instructions(ampere)["tf32"] == 1 and gc.count_instructions(hopper)["tf32"] == 1
+    assert gc.count_instructions(half)["tf32"] == 0
+    base = dict(module="m", name="n", arch=80, num_warps=4, reg=100, stack=0, shared=0, dyn_shared=0, local=0)
+    assert gc.Result(**base, instructions=gc.count_instructions(ampere), expect=["tf32"]).ok
+    assert "TF32" in gc.Result(**base, instructions=gc.count_instructions(half), expect=["tf32"]).problem()
+    from kexue.triton_kernels import logn_attention_bwd_dq, logn_attention_decode_aot, logn_attention_fwd_aot
+
+    for module in (logn_attention_fwd_aot, logn_attention_bwd_dq, logn_attention_decode_aot):
+        tf32 = [c for c in module.AOT_CONFIGS if " tf32 " in c["name"]]
+        assert tf32 and all("tf32" in c["expect"] and c.get("archs", "every") != () for c in tf32)
