@@ -231,3 +231,10 @@ def test_static_check_reads_and_demands_tf32():
     for module in (logn_attention_fwd_aot, logn_attention_bwd_dq, logn_attention_decode_aot):
         tf32 = [c for c in module.AOT_CONFIGS if " tf32 " in c["name"]]
         assert tf32 and all("tf32" in c["expect"] and c.get("archs", "every") != () for c in tf32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_tf32_within_the_derived_bound(d):
+    # on a GPU: the real tensor cores (and the sm_80/sm_90 TF32 tiles) against the same bound
+    _check_bound(torch.device("cuda"), 1, 4, 2, 300, 520, d, True, 0.1)
