@@ -15,7 +15,7 @@ from .logn_attention_decode import (
     logn_decode_combine_kernel,
     logn_decode_split_kernel,
 )
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, gpu_targets
+from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, row_length
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -23,9 +23,11 @@ _INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "chunk")
 _STRIDES = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
 
 
-def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal: bool, has_mask: bool) -> dict:
-    """The split kernel for one case. ``lq=1``: one token a step, which the JIT specialises as the
-    constant 1 (ints equal to 1 become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
+def _split_config(dtype, mode: int, head: int, block_r: int, lq: int | None, causal: bool, has_mask: bool) -> dict:
+    """The split kernel for one case (``head``: the head size; the kernel sees it padded).
+    ``lq=1``: one token a step, which the JIT specialises as the constant 1 (ints equal to 1
+    become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
+    d = block_d(row_length(head))
     consts = dict(
         CAUSAL=causal,
         HAS_MASK=has_mask,
@@ -33,7 +35,7 @@ def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal
         CLIP=False,
         GRADMAX=has_mask,
         IEEE=mode,
-        EVEN_D=True,
+        EVEN_D=row_length(head) == d,
         BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
         BLOCK_D=d,
@@ -54,14 +56,17 @@ def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal
     )
     sig.update(dict.fromkeys(consts, "constexpr"))
     sig = {name: sig[name] for name in logn_decode_split_kernel.arg_names}  # in the kernel's order
-    warps = _num_warps(block_r, d, dtype.itemsize)
+    warps = _num_warps(block_r, d, dtype.itemsize)  # as the launcher: by the padded width
     kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
     expect = () if mode == FP32_IEEE else ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
-    if mode == NATIVE or (mode == TF32 and warps == _num_warps(block_r)):  # see _num_warps: TF32 d=128 x 64
+    # not demanded: TF32 d=128 x 64 rows (see _num_warps), and d=16 x 16 rows, whose 16 x 16 output
+    # tile is smaller than 4 warps' mma tiles (a few hundred FLOPs a key tile; one warp would
+    # serialise the cache reads instead)
+    if (mode == NATIVE or warps == _num_warps(block_r)) and not (d == 16 and block_r == 16):
         expect += ("no_replication",)
     return dict(
         name=(
-            f"logn_decode {kind} d{d} rows{block_r} {'q1' if lq == 1 else 'qn'} {'causal' if causal else 'full'}"
+            f"logn_decode {kind} d{head} rows{block_r} {'q1' if lq == 1 else 'qn'} {'causal' if causal else 'full'}"
             f"{' mask gradmax' if has_mask else ''} w{warps}"
         ),
         kernel=logn_decode_split_kernel,
@@ -79,13 +84,15 @@ def _split_config(dtype, mode: int, d: int, block_r: int, lq: int | None, causal
 def _aot_configs() -> list[dict]:
     configs = []
     for dtype, mode in _MODES:
-        for d in (64, 128):  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
+        # GPUs stop at 128 (MAX_HEAD_DIM in the launchers); 40 and 72: rows padded to 48 / 80, EVEN_D off
+        for head in (16, 32, 64, 128, 40, 72):
+            d = block_d(row_length(head))
             # 16 rows: one token (Lq = 1) with GQA groups up to 16, or a few tokens of a small
             # group; 64 rows: 16 draft tokens with groups of 4
             for block_r, lq in ((16, 1), (16, None), (64, None)):
                 for causal, has_mask in ((True, False), (True, True)):
-                    configs.append(_split_config(dtype, mode, d, block_r, lq, causal, has_mask))
-            if mode == TF32:
+                    configs.append(_split_config(dtype, mode, head, block_r, lq, causal, has_mask))
+            if mode == TF32 or head != d:
                 continue  # the merge has no dots: the float32 entry serves both modes
             consts = dict(BLOCK_R=16, BLOCK_D=d)
             ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")

@@ -199,6 +199,17 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
                 continue
             assert c["constexprs"]["BLOCK_D"] <= widest, c["name"]
             assert c["constexprs"].get("IEEE") != FP32_IEEE, c["name"]
+    # the decode kernel: every padded width, EVEN_D and warp count the launcher can pick
+    for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
+        for head in (8, 40, 64, 72, 96, 128):
+            bd = block_d(K.row_length(head))
+            for rows in (16, 64):
+                want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
+                warps = logn_attention_decode._num_warps(rows, bd, dtype.itemsize)
+                assert any(
+                    c["num_warps"] == warps and all(c["constexprs"].get(k) == v for k, v in want.items())
+                    for c in logn_attention_decode_aot.AOT_CONFIGS
+                ), (dtype, head, rows)
     prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
     assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
 
