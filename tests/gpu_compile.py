@@ -25,6 +25,7 @@ across warps (read from the TTGIR). A configuration can demand some of them unde
     "tensor_cores"     its dots use mma.sync or wgmma on every target
     "no_replication"   no dot's tile is smaller than its warps' tile (no warp recomputes another's)
     "vector_loads"     the jit form loads global memory 128 bits at a time somewhere
+    "tf32"             its tensor-core dots read TF32 operands (mma.sync / wgmma ... .tf32)
 
 Every module of ``kexue.triton_kernels`` that defines ``AOT_CONFIGS`` is covered; a new op family
 only adds that list. Each entry is a dict:
@@ -68,7 +69,7 @@ MODES = ("jit", "plain")
 PLAIN_ARCHS = (80, 90)  # the unspecialized form adds nothing new on sm_86/sm_89
 WARP_SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPECTATIONS = ("wgmma", "tensor_cores", "no_replication", "vector_loads")
+EXPECTATIONS = ("wgmma", "tensor_cores", "no_replication", "vector_loads", "tf32")
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Result:
             return "expected tensor-core dots (mma/wgmma), the PTX has none"
         if "vector_loads" in self.expect and self.mode == "jit" and not (ins.get("ld128") or ins.get("cp128")):
             return "expected 128-bit global loads (ld.global.v4 or 16-byte cp.async) in the jit form, the PTX has none"
+        if "tf32" in self.expect and not ins.get("tf32"):
+            return "expected TF32 tensor-core dots (mma/wgmma with .tf32 operands), the PTX has none"
         if "no_replication" in self.expect and self.replicated:
             return "dot tiles replicated across warps: " + "; ".join(self.replicated)
         return None
@@ -231,6 +234,7 @@ def count_instructions(ptx: str) -> dict[str, int]:
         "mma": len(re.findall(r"\bmma\.sync\b", ptx)),
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
         "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor\b", ptx)),
+        "tf32": len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)\S*\.tf32\b", ptx)),
     }
     for size in _CP_ASYNC_BYTES.findall(ptx):  # global->shared copies are loads too: by their width
         bits = int(size, 0) * 8
@@ -427,7 +431,8 @@ def instruction_summary(r: Result) -> str:
     """``wgmma``/``mma`` (tensor cores), ``cp.async``/``tma`` (async copies), the widest global load
     (``ld128``: ld.global.v4.b32) and the widest cp.async (``cp128``: 16 bytes a copy)."""
     ins = r.instructions
-    parts = [name for key, name in (("wgmma", "wgmma"), ("mma", "mma"), ("tma", "tma")) if ins.get(key)]
+    kinds = (("wgmma", "wgmma"), ("mma", "mma"), ("tf32", "tf32"), ("tma", "tma"))
+    parts = [name for key, name in kinds if ins.get(key)]
     for prefix in ("ld", "cp"):  # the widest plain load, the widest async copy
         widths = sorted((int(k[2:]) for k in ins if k.startswith(prefix) and k[2:].isdigit() and ins[k]), reverse=True)
         if widths:

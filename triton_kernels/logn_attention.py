@@ -14,7 +14,9 @@ base 2 (``exp2``); ``lse`` is returned in natural log.
 The kernels: :mod:`.logn_attention_fwd` (forward), :mod:`.logn_attention_bwd_launch` (backward, split by job),
 :mod:`.logn_attention_decode` (short queries against a long KV cache); shared pieces in
 :mod:`.logn_attention_rules`. Tiles are fixed per target family and head dim in each, not
-autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget.
+autotuned. float32 inputs use IEEE dots (no TF32), so they meet the float32 error budget, unless
+the caller passes ``allow_tf32=True``: then every dot reads its float32 operands as TF32 on tensor
+cores (the ``allow_tf32`` argument of each launcher, the ``IEEE`` dot mode of the kernels).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
-from .logn_attention_rules import arch_family, block_d, dot_mode
+from .logn_attention_rules import arch_family, block_d, dot_mode, row_length
 
 # The widest head the kernels serve on a GPU: from 256 on, the forward's 16 rows a warp of fp32
 # accumulator and q operand (16 x d x 6 bytes) leave no registers for the scores, and every tile
@@ -46,7 +48,28 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False):
+def _rows(t: torch.Tensor, row: int) -> torch.Tensor:
+    """``t`` (last dim d) as the kernels read it (:func:`.logn_attention_rules.row_length`):
+    contiguous and aligned when ``row == d``, else a view ``buf[..., :d]`` of a buffer whose rows
+    are ``row`` elements long, the columns past d zero."""
+    d = t.shape[-1]
+    if row == d:
+        return _aligned(t)
+    buf = t.new_empty(*t.shape[:-1], row)
+    buf[..., d:] = 0
+    buf[..., :d] = t
+    return buf[..., :d]
+
+
+def _empty_rows(like: torch.Tensor, row: int) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``like``, laid out as :func:`_rows` lays inputs out."""
+    d = like.shape[-1]
+    if row == d:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return like.new_empty(*like.shape[:-1], row)[..., :d]
+
+
+def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen=False, allow_tf32=False):
     """The padding mask as bytes and its prefix counts, the scale rule's scalars, the switches."""
     d = q.shape[-1]
     if mask is not None:
@@ -64,7 +87,7 @@ def _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, va
         LOGN=bool(logn),
         CLIP=bool(clip),
         GRADMAX=bool(gradmax),
-        IEEE=dot_mode(q.dtype),
+        IEEE=dot_mode(q.dtype, allow_tf32),
         VARLEN=bool(varlen),
         BLOCK_D=block_d(d),
     )
@@ -122,10 +145,14 @@ def _packed_problem(q, k, lse, cu_q, cu_k, max_seqlen) -> _Problem:
     )
 
 
-def _forward(q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen):
+def _forward(
+    q, k, v, out, lse, pb: _Problem, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+):
     if out.numel() == 0 or pb.max_q == 0:
         return
-    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
+    mask_u8, prefix, scalars, flags = _common(
+        q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+    )
     if not varlen and q.shape[2] <= _decode.MAX_Q:  # a few queries against a KV cache: split-K, heads packed
         _decode.launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags)
         return
@@ -153,16 +180,19 @@ def _backward(
     min_n,
     gradmax,
     varlen,
+    allow_tf32,
 ):
     """dq like q; dk, dv like k, v."""
-    mask_u8, prefix, scalars, flags = _common(q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen)
+    mask_u8, prefix, scalars, flags = _common(
+        q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
+    )
     _bwd.launch(
         grad_out,
         None if grad_lse is None else _aligned(grad_lse),
         q,
         k,
         v,
-        _aligned(out),
+        out,
         _aligned(lse.float()),
         dq,
         dk,
@@ -176,26 +206,44 @@ def _backward(
     )
 
 
-def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False):
     """``(out like q, lse (B, Hq, Lq) float32)`` for ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    row = row_length(q.shape[-1])
+    q, k, v = _rows(q, row), _rows(k, row), _rows(v, row)
     b, hq, lq, d = q.shape
-    out = torch.empty_like(q)
+    out = _empty_rows(q, row)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     _forward(
-        q, k, v, out, lse, _dense_problem(q, k, lse), mask, causal, scale, train_len, logn, clip, min_n, gradmax, False
+        q,
+        k,
+        v,
+        out,
+        lse,
+        _dense_problem(q, k, lse),
+        mask,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        False,
+        allow_tf32,
     )
-    return out, lse
+    return out.contiguous(), lse
 
 
-def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def backward(
+    grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     """``(grad_q, grad_k, grad_v)`` typed like the inputs."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    grad_out = _aligned(grad_out.to(q.dtype))
-    dq = torch.empty_like(q)
     if q.numel() == 0:
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    row = row_length(q.shape[-1])
+    q, k, v, out = _rows(q, row), _rows(k, row), _rows(v, row), _rows(out, row)
+    grad_out = _rows(grad_out.to(q.dtype), row)
+    dq, dk, dv = _empty_rows(q, row), _empty_rows(k, row), _empty_rows(v, row)
     _backward(
         grad_out,
         grad_lse,
@@ -217,30 +265,51 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_l
         min_n,
         gradmax,
         False,
+        allow_tf32,
     )
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+def varlen_forward(
+    q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     """``(out like q, lse (Hq, Tq) float32)`` for packed ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``,
     offsets ``cu_q``, ``cu_k`` (nseq + 1,) and ``max_seqlen`` >= every sequence length."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = torch.empty_like(q)
+    row = row_length(q.shape[-1])
+    q, k, v = _rows(q, row), _rows(k, row), _rows(v, row)
+    out = _empty_rows(q, row)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
-    _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True)
-    return out, lse
+    _forward(q, k, v, out, lse, pb, None, causal, scale, train_len, logn, clip, min_n, gradmax, True, allow_tf32)
+    return out.contiguous(), lse
 
 
 def varlen_backward(
-    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_q,
+    cu_k,
+    max_seqlen,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+    allow_tf32=False,
 ):
     """``(grad_q, grad_k, grad_v)`` of :func:`varlen_forward`, typed like the inputs."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    grad_out = _aligned(grad_out.to(q.dtype))
-    dq = torch.empty_like(q)
+    row = row_length(q.shape[-1])
+    q, k, v, out = _rows(q, row), _rows(k, row), _rows(v, row), _rows(out, row)
+    grad_out = _rows(grad_out.to(q.dtype), row)
     # keys of a sequence without queries are still written (zeros) by their program
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_rows(q, row), _empty_rows(k, row), _empty_rows(v, row)
     pb = _packed_problem(q, k, lse, _aligned(cu_q), _aligned(cu_k), max_seqlen)
     _backward(
         grad_out,
@@ -263,5 +332,6 @@ def varlen_backward(
         min_n,
         gradmax,
         True,
+        allow_tf32,
     )
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()

@@ -11,12 +11,12 @@ from .logn_attention_bwd_dkdv import logn_bwd_dkdv_kernel
 from .logn_attention_bwd_dq import logn_bwd_dq_kernel
 from .logn_attention_bwd_prep import PREP_ROWS, logn_bwd_prep_kernel
 from .logn_attention_bwd_tiles import tiles
-from .logn_attention_rules import block_d
+from .logn_attention_rules import block_d, row_length
 
 
 def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefix, scalars, flags, family: int):
     """dq like q, dk / dv like k / v (input dtype), over problem ``pb`` (see the launchers)."""
-    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    d, hq, hkv = row_length(q.shape[-1]), q.shape[1], k.shape[1]  # rows padded by the launchers
     even_d, bd = d == block_d(d), block_d(d)
     delta = torch.empty_like(lse)
     sc = torch.empty_like(lse)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import PTR
-from .logn_attention_rules import gpu_targets, row_scale, sequence_start, visible
+from .logn_attention_rules import gpu_targets, row_scale, sequence_start, unaligned_ints, visible
 
 PREP_ROWS = 64  # query rows a program
 
@@ -83,48 +83,49 @@ def logn_bwd_prep_kernel(
 
 
 def _aot_configs() -> list[dict]:
-    """No dots: one configuration per dtype and head-dim class, with every switch on."""
+    """No dots: per dtype and padded head size the GPUs take (16 to 128: MAX_HEAD_DIM in the
+    launchers), the dense form with every switch on and the packed one."""
     configs = []
     for dtype, ptr in PTR.items():
-        for d in (64, 128, 256):
-            consts = dict(
-                CAUSAL=True,
-                HAS_MASK=True,
-                LOGN=True,
-                CLIP=False,
-                GRADMAX=True,
-                VARLEN=False,
-                HAS_DLSE=True,
-                BLOCK_M=PREP_ROWS,
-                BLOCK_D=d,
-            )
-            sig = dict(
-                out_ptr=ptr,
-                do_ptr=ptr,
-                dlse_ptr="*fp32",
-                delta_ptr="*fp32",
-                sc_ptr="*fp32",
-                mask_ptr="*u8",
-                prefix_ptr="*i32",
-                cu_q_ptr="*i32",
-                cu_k_ptr="*i32",
-                **dict.fromkeys(
-                    ("Hq", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh"), "i32"
-                ),
-                **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
-                **dict.fromkeys(consts, "constexpr"),
-            )
-            configs.append(
-                dict(
-                    name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal mask gradmax",
-                    kernel=logn_bwd_prep_kernel,
-                    signature=sig,
-                    constexprs=consts,
-                    num_warps=4,
-                    unaligned_ints=("Lq", "Lk"),
-                    aligned_only=True,  # the launcher aligns out, dO and dlse too
+        for d in (16, 32, 64, 128):
+            for varlen in (False, True):
+                consts = dict(
+                    CAUSAL=True,
+                    HAS_MASK=not varlen,
+                    LOGN=True,
+                    CLIP=False,
+                    GRADMAX=True,
+                    VARLEN=varlen,
+                    HAS_DLSE=True,
+                    BLOCK_M=PREP_ROWS,
+                    BLOCK_D=d,
                 )
-            )
+                ints = ("Hq", "Lq", "Lk", "D", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
+                sig = dict(
+                    out_ptr=ptr,
+                    do_ptr=ptr,
+                    dlse_ptr="*fp32",
+                    delta_ptr="*fp32",
+                    sc_ptr="*fp32",
+                    mask_ptr="*u8",
+                    prefix_ptr="*i32",
+                    cu_q_ptr="*i32",
+                    cu_k_ptr="*i32",
+                    **dict.fromkeys(ints, "i32"),
+                    **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+                    **dict.fromkeys(consts, "constexpr"),
+                )
+                configs.append(
+                    dict(
+                        name=f"logn_bwd_prep {str(dtype)[6:]} d{d} causal {'varlen' if varlen else 'mask'} gradmax",
+                        kernel=logn_bwd_prep_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=4,
+                        unaligned_ints=tuple(n for n in unaligned_ints(varlen) if n in ints),
+                        aligned_only=True,  # the launcher aligns out, dO and dlse too
+                    )
+                )
     return configs
 
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .logn_attention_rules import block_d, gpu_targets
+from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, tile_mode, unaligned_ints
 
 
 class Tiles(NamedTuple):
@@ -50,29 +50,20 @@ class BwdTiles(NamedTuple):
 _T = Tiles
 # On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
 # for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
-# for every switch combination.
+# for every switch combination, in the jit form with arbitrary head counts and lse strides (d=64:
+# 1 stage kept 8 bytes there, non-causal; 3 are clean, also for heads padded to 64 columns).
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
         32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
-        64: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 2)),
+        64: BwdTiles(_T(16, 64, 4, 3), _T(64, 32, 4, 2)),
     },
 }
 _TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
     _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
-# A head dim that is not a multiple of 16 makes the row strides unaligned: the JIT then compiles
-# scalar loads, whose addresses take the registers. In that form (triton 3.9, sm_90) the 16 x 128
-# dK/dV tile keeps a 360..530 byte stack at d=128, and every dQ tile of 64 rows or more one of
-# 16..1000 bytes (64 x 32 on 4 warps: 16..24 at d=64, 340..660 at d=128). Those heads take the
-# 32 x 32 dK/dV tile from d=128 on (mma.sync, replicated, no stack) and 16-row dQ tiles: 16 x 32
-# up to d=64, 16 x 16 from d=128 on (16 x 32 kept 24 bytes there, causal varlen).
-_TILES_16_UNALIGNED = {
-    (90, 64): BwdTiles(_T(16, 128, 8, 2), _T(16, 32, 4, 2)),
-    (90, 128): BwdTiles(_T(32, 32, 8, 2), _T(16, 16, 4, 2)),
-}
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {
     16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
@@ -83,12 +74,37 @@ _TILES_IEEE = {
 }
 
 
+# float32 with allow_tf32 (tensor cores, 4-byte operands): the dots' M as in the 16-bit table
+# (16 rows a warp, 64 a warpgroup on sm_90) where the fp32 k, v and dK, dV tiles fit beside each
+# other. At d=128 they do not: 16 keys a warp hold k, v, dK and dV at 64 fp32 registers a thread
+# each (sm_80 16x32 w2: 88 bytes of stack; sm_90 16x64 w4 / w8: 176 bytes), so dK/dV takes tiles
+# whose warps split the head dim (Triton lays them along N; the score tiles are replicated, as in
+# the 16-bit sm_80 d=128 tile), mma.sync also on sm_90. Checked with tests/gpu_compile.py.
+_TILES_TF32 = {
+    90: {
+        16: BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2)),
+        32: BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2)),
+        64: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
+        128: BwdTiles(_T(32, 32, 8, 1), _T(64, 16, 4, 1)),
+    },
+    80: {
+        16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
+        32: BwdTiles(_T(16, 64, 4, 4), _T(64, 32, 4, 2)),
+        64: BwdTiles(_T(16, 32, 2, 2), _T(32, 32, 2, 1)),
+        128: BwdTiles(_T(16, 32, 4, 1), _T(32, 16, 2, 1)),
+    },
+}
+_TILES_TF32[86] = _TILES_TF32[80]  # sm_80 family d=32 / d=64: the dK/dV stage counts without the
+# 8..16-byte stacks ptxas kept at 128 registers on sm_86 with 16 x 64 on 4 warps, 1 or 2 stages
+
+
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     d = block_d(head_dim)
-    if dot_mode == 1:
+    dot_mode = tile_mode(dot_mode)
+    if dot_mode == FP32_IEEE:
         return _TILES_IEEE[d]
-    if head_dim % 16 and (family, d) in _TILES_16_UNALIGNED:
-        return _TILES_16_UNALIGNED[family, d]
+    if dot_mode == TF32:
+        return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (MAX_HEAD_DIM)
     return _TILES_16[family][d]
 
 
@@ -98,8 +114,9 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
 HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
-UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: unaligned row strides (sm_90 has tiles for them)
-_STRIDES_WITH_D = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned (the rows are padded to 16, see the launchers)
+# (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
+MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
 _ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}
 _INTS = (
     "Hq",
@@ -119,18 +136,20 @@ _INTS = (
 
 
 def _expect(family: int, mode: int, tile: Tiles, kernel: str, head_dim: int) -> tuple:
-    """What the static check demands: tensor cores for 16-bit inputs; on sm_90, for head dims that
-    are multiples of 16, wgmma and unreplicated tiles in both kernels (demanded, not derived from
-    the tile: a table change that loses them fails the check); elsewhere the same where the dots'
-    M (keys in dK/dV, queries in dQ) gives each warp 16 rows (64 a warpgroup on sm_90)."""
-    if mode != 0:
+    """What the static check demands: tensor cores for 16-bit and TF32 inputs (TF32 operands for
+    the latter); on sm_90, for 16-bit head dims that are multiples of 16, wgmma and unreplicated
+    tiles in both kernels (demanded, not derived from the tile: a table change that loses them fails the
+    check); elsewhere the same where the dots' M (keys in dK/dV, queries in dQ) gives each warp 16
+    rows (64 a warpgroup on sm_90)."""
+    if mode == FP32_IEEE:
         return ()
-    if family == 90 and head_dim % 16 == 0:
-        return ("wgmma", "no_replication", "tensor_cores")
+    kind = ("tensor_cores", "tf32") if mode == TF32 else ("tensor_cores",)
+    if family == 90 and head_dim % 16 == 0 and mode == NATIVE:
+        return ("wgmma", "no_replication", *kind)
     rows = tile.block_n if kernel == "dkdv" else tile.block_m
     if rows < (64 * tile.num_warps // 4 if family == 90 else 16 * tile.num_warps):
-        return ("tensor_cores",)
-    return ("wgmma", "no_replication", "tensor_cores") if family == 90 else ("no_replication", "tensor_cores")
+        return kind
+    return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
 
 
 def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
@@ -139,14 +158,14 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
     kernels take the same arguments but their outputs, so one builder serves both."""
     configs = []
     for family, archs in _ARCHS.items():
-        for dtype, ptr in PTR.items():
-            mode = int(dtype == torch.float32)
-            if mode == 1 and family != 80:
+        for dtype, mode in MODES:
+            if mode == FP32_IEEE and family != 80:
                 continue
-            for d in sorted(HEAD_DIMS + (UNALIGNED_HEAD_DIMS if family == 90 and mode == 0 else ())):
+            ptr = PTR[dtype]
+            kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
                 t, bd = tiles(family, d, mode), block_d(d)
                 tile = t.dkdv if name == "dkdv" else t.dq
-                unaligned = ("Lq", "Lk") if d % 16 == 0 else ("Lq", "Lk", "D", *_STRIDES_WITH_D)
                 for causal, has_mask, varlen in _SWITCHES:
                     switches = (
                         ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
@@ -179,7 +198,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                     configs.append(
                         dict(
                             name=(
-                                f"logn_bwd_{name} {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} "
+                                f"logn_bwd_{name} {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} "
                                 f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
                             ),
                             kernel=kernel,
@@ -187,8 +206,8 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                             constexprs=consts,
                             num_warps=tile.num_warps,
                             num_stages=tile.num_stages,
-                            archs=archs if mode == 0 else (80, 86, 89, 90),
-                            unaligned_ints=unaligned,
+                            archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
+                            unaligned_ints=unaligned_ints(varlen),
                             # the launcher aligns every pointer (see _aligned there): no plain form
                             aligned_only=True,
                             expect=_expect(family, mode, tile, name, d),
@@ -197,6 +216,6 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the
     # lightest 16-bit one (sm_80 d=16) first, the heaviest (sm_90 d=128 causal varlen) last, and the
     # interpreter-only float32 entries, which no target compiles, between them
-    wide = [c for c in configs if c["constexprs"]["IEEE"] == 1]
-    narrow = [c for c in configs if c["constexprs"]["IEEE"] != 1]
+    wide = [c for c in configs if c["constexprs"]["IEEE"] == FP32_IEEE]
+    narrow = [c for c in configs if c["constexprs"]["IEEE"] != FP32_IEEE]
     return gpu_targets(narrow[:1] + wide + narrow[1:])

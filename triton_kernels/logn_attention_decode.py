@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, interpreting, row_scale, visible
+from .logn_attention_rules import allowed, block_d, dot, interpreting, row_length, row_scale, visible
 
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
@@ -31,15 +31,23 @@ def _block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
-def _num_stages(block_d: int) -> int:
-    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean
+def _num_stages(block_d: int, itemsize: int = 2) -> int:
+    # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean.
+    # float32 k / v tiles are twice as large: two stages (64 keys x 128 x 4 B x 2 tensors x 2 = 128 KB
+    # would pass sm_86's 99 KB, so d=128 float32 takes one)
+    if itemsize == 4:
+        return 2 if block_d <= 64 else 1
     return 2 if block_d <= 64 else 3
 
 
-def _num_warps(block_r: int) -> int:
+def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2) -> int:
     # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
     # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
-    # at d=128). From 64 rows on, 16 rows a warp.
+    # at d=128). From 64 rows on, 16 rows a warp; but float32 (TF32) at d=128 with 64 rows kept a
+    # 16..120-byte stack on 4 warps (sm_80 to sm_90): 8 there (mma.sync lays them along the keys;
+    # on sm_90 two warpgroups share the 64 wgmma rows, a replicated score tile).
+    if itemsize == 4 and block_d >= 128 and block_r >= 64:
+        return 8
     return max(4, min(8, block_r // 16))
 
 
@@ -219,7 +227,8 @@ def num_splits(batch_heads: int, lk: int, device: torch.device) -> int:
 
 def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     """``q (B, Hq, Lq <= MAX_Q, D)``, ``k, v (B, Hkv, Lk, D)``, contiguous; out like q, lse (B, Hq, Lq)."""
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
+    d = row_length(q.shape[-1])  # rows padded by the launchers
     hkv, lk = k.shape[1], k.shape[2]
     bd = block_d(d)
     block_r = _block_rows(hq // hkv * lq)
@@ -251,8 +260,8 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
         BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
         BLOCK_D=bd,
-        num_warps=_num_warps(block_r),
-        num_stages=_num_stages(bd),
+        num_warps=_num_warps(block_r, bd, q.element_size()),
+        num_stages=_num_stages(bd, q.element_size()),
     )
     logn_decode_combine_kernel[(b * hkv,)](
         part_o,

@@ -1,6 +1,8 @@
 """The log-n attention decode kernels' configurations (:mod:`.logn_attention_decode`), as
 ``AOT_CONFIGS`` for tests/gpu_compile.py: the packed row counts of Lq = 1 with GQA groups 1..8
-(16 rows) and of 16 draft tokens with groups of 4 (64 rows), per dtype and head dim."""
+(16 rows; Lq = 1 compiled as the constant the JIT makes of it) and of 16 draft tokens with groups of
+4 (64 rows), per dtype, dot mode and head dim. Hkv = 1 (multi-query attention) is specialised
+to a constant too; it only folds the head arithmetic and is not compiled separately."""
 
 from __future__ import annotations
 
@@ -13,78 +15,91 @@ from .logn_attention_decode import (
     logn_decode_combine_kernel,
     logn_decode_split_kernel,
 )
-from .logn_attention_rules import gpu_targets
+from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, row_length
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
+_INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "chunk")
+_STRIDES = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
+
+
+def _split_config(dtype, mode: int, head: int, block_r: int, lq: int | None, causal: bool, has_mask: bool) -> dict:
+    """The split kernel for one case (``head``: the head size; the kernel sees it padded).
+    ``lq=1``: one token a step, which the JIT specialises as the constant 1 (ints equal to 1
+    become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
+    d = block_d(row_length(head))
+    consts = dict(
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        LOGN=True,
+        CLIP=False,
+        GRADMAX=has_mask,
+        IEEE=mode,
+        EVEN_D=row_length(head) == d,
+        BLOCK_R=block_r,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=d,
+    )
+    if lq is not None:
+        consts["Lq"] = lq
+    ptr = _PTR[dtype]
+    sig = dict(
+        q_ptr=ptr,
+        k_ptr=ptr,
+        v_ptr=ptr,
+        mask_ptr="*u8",
+        prefix_ptr="*i32",
+        part_o_ptr="*fp32",
+        part_lse_ptr="*fp32",
+        **dict.fromkeys(_INTS + _STRIDES, "i32"),
+        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
+    )
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    sig = {name: sig[name] for name in logn_decode_split_kernel.arg_names}  # in the kernel's order
+    warps = _num_warps(block_r, d, dtype.itemsize)  # as the launcher: by the padded width
+    kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+    expect = () if mode == FP32_IEEE else ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
+    # not demanded: TF32 d=128 x 64 rows (see _num_warps), and d=16 x 16 rows, whose 16 x 16 output
+    # tile is smaller than 4 warps' mma tiles (a few hundred FLOPs a key tile; one warp would
+    # serialise the cache reads instead)
+    if (mode == NATIVE or warps == _num_warps(block_r)) and not (d == 16 and block_r == 16):
+        expect += ("no_replication",)
+    return dict(
+        name=(
+            f"logn_decode {kind} d{head} rows{block_r} {'q1' if lq == 1 else 'qn'} {'causal' if causal else 'full'}"
+            f"{' mask gradmax' if has_mask else ''} w{warps}"
+        ),
+        kernel=logn_decode_split_kernel,
+        signature=sig,
+        constexprs=consts,
+        num_warps=warps,
+        num_stages=_num_stages(d, dtype.itemsize),
+        # chunk is a multiple of BLOCK_N; Lk, and the head counts of the GQA packing, are arbitrary
+        unaligned_ints=tuple(n for n in ("Hq", "Hkv", "Lq", "Lk") if n not in consts),
+        aligned_only=True,  # q, k, v aligned by the launchers; the partials are fresh allocations
+        expect=expect,
+    )
 
 
 def _aot_configs() -> list[dict]:
     configs = []
-    for dtype, ptr in _PTR.items():
-        mode = int(dtype == torch.float32)
-        for d in (64, 128):  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
-            for block_r in (16, 64):
-                for causal, has_mask, gradmax in ((True, False, False), (True, True, True)):
-                    consts = dict(
-                        CAUSAL=causal,
-                        HAS_MASK=has_mask,
-                        LOGN=True,
-                        CLIP=False,
-                        GRADMAX=gradmax,
-                        IEEE=mode,
-                        EVEN_D=True,
-                        BLOCK_R=block_r,
-                        BLOCK_N=BLOCK_N,
-                        BLOCK_D=d,
-                    )
-                    ints = (
-                        "Hq",
-                        "Hkv",
-                        "Lq",
-                        "Lk",
-                        "D",
-                        "chunk",
-                        "stride_qb",
-                        "stride_qh",
-                        "stride_qm",
-                        "stride_kb",
-                        "stride_kh",
-                        "stride_kn",
-                    )
-                    sig = dict(
-                        q_ptr=ptr,
-                        k_ptr=ptr,
-                        v_ptr=ptr,
-                        mask_ptr="*u8",
-                        prefix_ptr="*i32",
-                        part_o_ptr="*fp32",
-                        part_lse_ptr="*fp32",
-                        **dict.fromkeys(ints, "i32"),
-                        **dict.fromkeys(("base", "inv_log_train", "min_n", "inv_sqrt_d"), "fp32"),
-                        **dict.fromkeys(consts, "constexpr"),
-                    )
-                    warps = _num_warps(block_r)
-                    configs.append(
-                        dict(
-                            name=(
-                                f"logn_decode {str(dtype)[6:]} d{d} rows{block_r} {'causal' if causal else 'full'}"
-                                f"{' mask gradmax' if has_mask else ''} w{warps}"
-                            ),
-                            kernel=logn_decode_split_kernel,
-                            signature=sig,
-                            constexprs=consts,
-                            num_warps=warps,
-                            num_stages=_num_stages(d),
-                            unaligned_ints=("Lq", "Lk", "chunk"),
-                            expect=("no_replication", "tensor_cores") if mode == 0 else (),
-                        )
-                    )
+    for dtype, mode in _MODES:
+        # GPUs stop at 128 (MAX_HEAD_DIM in the launchers); 40 and 72: rows padded to 48 / 80, EVEN_D off
+        for head in (16, 32, 64, 128, 40, 72):
+            d = block_d(row_length(head))
+            # 16 rows: one token (Lq = 1) with GQA groups up to 16, or a few tokens of a small
+            # group; 64 rows: 16 draft tokens with groups of 4
+            for block_r, lq in ((16, 1), (16, None), (64, None)):
+                for causal, has_mask in ((True, False), (True, True)):
+                    configs.append(_split_config(dtype, mode, head, block_r, lq, causal, has_mask))
+            if mode == TF32 or head != d:
+                continue  # the merge has no dots: the float32 entry serves both modes
             consts = dict(BLOCK_R=16, BLOCK_D=d)
             ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
             sig = dict(
                 part_o_ptr="*fp32",
                 part_lse_ptr="*fp32",
-                out_ptr=ptr,
+                out_ptr=_PTR[dtype],
                 lse_ptr="*fp32",
                 **dict.fromkeys(ints, "i32"),
                 **dict.fromkeys(consts, "constexpr"),
@@ -96,7 +111,8 @@ def _aot_configs() -> list[dict]:
                     signature=sig,
                     constexprs=consts,
                     num_warps=4,
-                    unaligned_ints=("Lq", "splits"),
+                    unaligned_ints=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"),
+                    aligned_only=True,
                 )
             )
     return configs

@@ -27,7 +27,18 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, row_scale, sequence_start, visible
+from .logn_attention_rules import (
+    FP32_IEEE,
+    TF32,
+    allowed,
+    block_d,
+    dot,
+    row_length,
+    row_scale,
+    sequence_start,
+    tile_mode,
+    visible,
+)
 
 
 class Tiles(NamedTuple):
@@ -79,18 +90,43 @@ _TILES_IEEE = {
 }
 
 
+# float32 with allow_tf32: tensor-core dots on 4-byte operands, so each tile of q, k and v takes
+# twice the registers and shared memory of its 16-bit counterpart. BLOCK_M keeps 16 rows a warp
+# (64 a warpgroup on sm_90); the keys per step are cut until the heaviest form (causal + padding
+# mask + gradmax) compiled without a stack (tests/gpu_compile.py, triton 3.9): sm_90 128x64 kept
+# 56 bytes at d=64 and d=128 (two stages), so 32 keys there, and one stage at d=128 (234
+# registers); sm_80 64x32 kept 32 bytes at d=64. At d=128 the sm_80 family has no clean
+# unreplicated tile (16 rows a warp hold q and the accumulator, 64 + 64 fp32 registers a thread,
+# beside the k and v operands: 32x16 w2, 32x32 w2, 16x32 w1 all kept 16..1168 bytes); 64x16 on 4
+# warps compiles clean, with Triton laying the warps along the 16 keys (its score tile is
+# replicated twice; the static check lets that one config through).
+_TILES_TF32 = {
+    90: {16: Tiles(128, 32, 8, 2), 32: Tiles(128, 32, 8, 2), 64: Tiles(128, 32, 8, 2), 128: Tiles(128, 32, 8, 1)},
+    80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(64, 16, 4, 2)},
+}
+# sm_86 / sm_89 at d=128 (and heads padded to 128): two stages kept 16 bytes of stack there
+_TILES_TF32[86] = {**_TILES_TF32[80], 128: Tiles(64, 16, 4, 1)}
+_TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 (interpreter only: MAX_HEAD_DIM), as small as a dot goes
+
+
 def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
     """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
     padding mask. Head dims above 128 are listed for the interpreter only (see MAX_HEAD_DIM in
     the launchers): they spill on every target."""
     d = block_d(head_dim)
-    if dot_mode == 1:
+    dot_mode = tile_mode(dot_mode)
+    if dot_mode == FP32_IEEE:
         return _TILES_IEEE[d]
+    if dot_mode == TF32:
+        return _TILES_TF32[family].get(d, _TILES_TF32_WIDE)
     if has_mask and (family, d) in _TILES_16_MASK:
         return _TILES_16_MASK[family, d]
     if has_mask and family == 90 and d == 128 and head_dim != d:
         # a padded head (96, 80...) with a mask: the column masks tip 128x64 over (16 B of stack)
         return Tiles(128, 32, 8, 3)
+    if family == 86 and d == 128 and head_dim != d:
+        # a padded head on sm_86 / sm_89: 128x32 in two stages kept 16 B of stack (causal varlen)
+        return Tiles(128, 16, 8, 2)
     return _TILES_16[family][d]
 
 
@@ -303,7 +339,7 @@ def logn_fwd_kernel(
 
 def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
     """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles."""
-    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    d, hq, hkv = row_length(q.shape[-1]), q.shape[1], k.shape[1]  # rows padded by the launchers
     t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
     grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
     logn_fwd_kernel[grid](

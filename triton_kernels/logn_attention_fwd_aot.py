@@ -1,19 +1,24 @@
 """Every configuration the log-n attention forward launcher (:mod:`.logn_attention_fwd`) can pick,
 as ``AOT_CONFIGS`` for tests/gpu_compile.py: each (family, head dim, dtype) with the lightest
 switches (non-causal, no mask: the unmasked path alone), the heaviest dense ones (causal + mask +
-gradmax) and the packed ones (causal + gradmax + varlen)."""
+gradmax) and the packed ones (causal + gradmax + varlen). Head dims that are not multiples of 16
+(40, 72) are listed with D unaligned and aligned row strides: the launchers copy such inputs into
+rows of a multiple of 16 elements."""
 
 from __future__ import annotations
 
 import torch
 
 from .logn_attention_fwd import logn_fwd_kernel, tiles
-from .logn_attention_rules import block_d, gpu_targets
+from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, unaligned_ints
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
+UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned, rows padded to 16 by the launchers
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
+# (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
+_MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
 
 
 def signature(ptr: str) -> dict:
@@ -47,14 +52,26 @@ def signature(ptr: str) -> dict:
     )
 
 
+def _expect(family: int, mode: int, head_dim: int) -> tuple:
+    """Tensor cores everywhere but float32 IEEE, TF32 operands with allow_tf32, wgmma on sm_90, and
+    no replicated score tile except the sm_80-family TF32 tile at d=128 (see _TILES_TF32)."""
+    if mode == FP32_IEEE:
+        return ()
+    need = ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
+    if not (mode == TF32 and family != 90 and block_d(head_dim) == 128):
+        need += ("no_replication",)
+    return need + (("wgmma",) if family == 90 else ())
+
+
 def _aot_configs() -> list[dict]:
     configs = []
     for family, archs in _ARCHS.items():
-        for dtype, ptr in _PTR.items():
-            mode = int(dtype == torch.float32)
-            if mode == 1 and family != 80:
+        for dtype, mode in _MODES:
+            if mode == FP32_IEEE and family != 80:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
-            for d in HEAD_DIMS:
+            ptr = _PTR[dtype]
+            kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
                 bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
                     t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
@@ -80,7 +97,7 @@ def _aot_configs() -> list[dict]:
                     configs.append(
                         dict(
                             name=(
-                                f"logn_fwd {f'sm{family}' if mode == 0 else 'any-sm'} {str(dtype)[6:]} d{d} {switches} "
+                                f"logn_fwd {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} {switches} "
                                 f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
                             ),
                             kernel=logn_fwd_kernel,
@@ -88,9 +105,11 @@ def _aot_configs() -> list[dict]:
                             constexprs=consts,
                             num_warps=t.num_warps,
                             num_stages=t.num_stages,
-                            archs=archs if mode == 0 else (80, 86, 89, 90),
-                            unaligned_ints=("Lq", "Lk"),
-                            expect=("wgmma", "no_replication", "tensor_cores") if mode == 0 else (),
+                            archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
+                            unaligned_ints=unaligned_ints(varlen),
+                            # the launchers align every pointer (_aligned / _rows there): no plain form
+                            aligned_only=True,
+                            expect=_expect(family, mode, d),
                         )
                     )
     return configs

@@ -23,6 +23,19 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def row_length(head_dim: int) -> int:
+    """The row length (elements) the kernels see: ``head_dim`` rounded up to a multiple of 16.
+
+    The JIT compiles 16-byte vector loads only for row strides, and column masks (``col < D``),
+    that it knows to be multiples of 16; with a head dim like 40 or 72 it compiled scalar loads
+    whose addresses took the registers, and every forward tile tried kept a stack (16..800 bytes,
+    sm_80 to sm_90, triton 3.9). The launchers in :mod:`.logn_attention` therefore copy such
+    inputs into zero-padded rows of this length and launch with ``D = row_length(head_dim)``: the
+    zero columns add nothing to q.k, give zero output / gradient columns, and are sliced away.
+    The softmax scale still uses the true head dim (it is passed as a scalar)."""
+    return -(-head_dim // 16) * 16
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -41,24 +54,52 @@ def arch_family(device: torch.device) -> int:
     return 86
 
 
-def dot_mode(dtype: torch.dtype) -> int:
-    """0: native 16-bit dots; 1: float32 without TF32 (IEEE, FMA units); 2: bfloat16 under the
-    interpreter."""
+# The dot modes (the kernels' ``IEEE`` constexpr): how tl.dot treats its operands.
+NATIVE = 0  # fp16 / bf16 on tensor cores
+FP32_IEEE = 1  # float32 without TF32: FMA units, full float32 products
+BF16_INTERPRETED = 2  # bfloat16 under the interpreter (operands widened, see dot)
+TF32 = 3  # float32 with allow_tf32: tensor cores, operands read as TF32 (10 mantissa bits)
+TF32_INTERPRETED = 4  # allow_tf32 under the interpreter: the operands truncated to TF32 in the kernel
+
+
+def dot_mode(dtype: torch.dtype, allow_tf32: bool = False) -> int:
+    """The dot mode of ``dtype`` inputs; ``allow_tf32`` only changes float32."""
     if dtype == torch.float32:
-        return 1
+        if not allow_tf32:
+            return FP32_IEEE
+        return TF32_INTERPRETED if interpreting() else TF32
     if dtype == torch.bfloat16 and interpreting():
-        return 2
-    return 0
+        return BF16_INTERPRETED
+    return NATIVE
+
+
+def tile_mode(mode: int) -> int:
+    """The dot mode whose tile table a mode uses: the interpreter's stand-ins run the tiles of the
+    mode they stand for, so the tests exercise shipped configurations."""
+    return {BF16_INTERPRETED: NATIVE, TF32_INTERPRETED: TF32}.get(mode, mode)
+
+
+@triton.jit
+def _tf32(x):
+    """float32 ``x`` with the 13 low mantissa bits cleared: what a TF32 tensor-core dot reads of an
+    operand that Triton hands it unrounded (its tf32 dots insert no cvt.rna), i.e. truncation."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     # IEEE == 2: the interpreter with bfloat16 operands, whose tl.dot returns garbage in triton 3.9
     # (seen here: errors of 1e10 on a 16x16 product); the operands go to float32 first.
+    # IEEE == 4: the interpreter ignores input_precision (numpy float32 products), so the TF32
+    # operand rounding is applied here, and the tests see the error a GPU would give.
     if IEEE == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     if IEEE == 1:
         return tl.dot(a, b, input_precision="ieee")
+    if IEEE == 3:
+        return tl.dot(a, b, input_precision="tf32")
+    if IEEE == 4:
+        return tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -119,12 +160,22 @@ def allowed(rows, cols, b, Lq, Lk, mask_ptr, BOUNDS: tl.constexpr, CAUSAL: tl.co
     return ok
 
 
-def gpu_targets(configs: list[dict]) -> list[dict]:
-    """The AOT list with every float32 configuration marked interpreter-only (no GPU target).
+def unaligned_ints(varlen: bool) -> tuple[str, ...]:
+    """The integer arguments a launch does not make multiples of 16, so that the jit form compiles
+    what the JIT specialises for ordinary shapes: sequence lengths, head counts and the lse strides
+    (dense: ``(Hq * Lq, Lq)``; packed: ``(0, total_q)``, with Lq = Lk = 0 passed) are arbitrary.
+    D and the row strides are multiples of 16 (:func:`row_length`)."""
+    return ("Hq", "Hkv", "stride_lh") + (() if varlen else ("Lq", "Lk", "stride_lb"))
 
-    On a GPU the op does not send float32 here (python/kexue/ops/logn_attention.py,
-    ``_triton_serves``): without tensor cores its FMA-dot tiles keep a stack frame on sm_80/sm_90
-    (8-64 bytes; the decode kernel's 64-row tile several KB), which tests/gpu_compile.py refuses.
-    The interpreter still runs them on CPU tensors, so they stay listed for the coverage test.
+
+def gpu_targets(configs: list[dict]) -> list[dict]:
+    """The AOT list with every float32 IEEE configuration marked interpreter-only (no GPU target).
+
+    On a GPU the op does not send float32 without ``allow_tf32`` here
+    (python/kexue/ops/_logn_attention_backends.py, ``_triton_serves``): without tensor cores its
+    FMA-dot tiles keep a stack frame on sm_80/sm_90 (8-64 bytes; the decode kernel's 64-row tile
+    several KB), which tests/gpu_compile.py refuses. The interpreter still runs them on CPU
+    tensors, so they stay listed for the coverage test. The TF32 configurations (``tf32`` in
+    their names) are launched on GPUs and keep their targets.
     """
-    return [dict(c, archs=()) if "float32" in c["name"].split() else c for c in configs]
+    return [dict(c, archs=()) if c.get("constexprs", {}).get("IEEE") == FP32_IEEE else c for c in configs]

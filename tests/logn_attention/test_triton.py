@@ -150,27 +150,68 @@ def test_aot_configs_cover_every_pickable_config():
         )
 
     for family in (80, 86, 90):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            mode = 1 if dtype == torch.float32 else 0
-            for d in (8, 24, 40, 64, 72, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
+        for dtype, tf32 in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 0), (torch.float32, 1)):
+            mode = {torch.float32: 3 if tf32 else 1}.get(dtype, 0)  # the GPU's modes, not the interpreter's
+            for head_dim in (8, 24, 40, 64, 72, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
+                d = K.row_length(head_dim)  # what the launchers pass
                 bd = block_d(d)
                 for has_mask in (False, True):
                     t = logn_attention_fwd.tiles(family, d, mode, has_mask)
-                    want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask)
+                    want = dict(
+                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask, EVEN_D=d == bd
+                    )
                     assert listed(logn_attention_fwd_aot, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
                 b = logn_attention_bwd_tiles.tiles(family, d, mode)
                 assert listed(
                     logn_attention_bwd_dkdv,
                     logn_attention_bwd_dkdv.logn_bwd_dkdv_kernel,
-                    dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode),
+                    dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd),
                 )
                 assert listed(
                     logn_attention_bwd_dq,
                     logn_attention_bwd_dq.logn_bwd_dq_kernel,
-                    dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode),
+                    dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd),
                 )
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
+    assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
     assert K.MAX_HEAD_DIM == 128
+
+
+def test_aot_lists_stop_where_the_dispatcher_stops():
+    """Every configuration compiled for a GPU target is one the dispatcher can launch there: padded
+    head sizes up to MAX_HEAD_DIM, never float32 without TF32; and the preprocess lists each
+    padded head size of every dtype (it runs before the dK/dV and dQ kernels in every backward)."""
+    from kexue.triton_kernels import logn_attention_bwd_prep, logn_attention_decode_aot
+    from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, block_d
+
+    widest = block_d(K.MAX_HEAD_DIM)
+    modules = (
+        logn_attention_fwd_aot,
+        logn_attention_bwd_dkdv,
+        logn_attention_bwd_dq,
+        logn_attention_bwd_prep,
+        logn_attention_decode_aot,
+    )
+    for module in modules:
+        for c in module.AOT_CONFIGS:
+            if c.get("archs", (80,)) == ():
+                assert c["constexprs"].get("IEEE") == FP32_IEEE or c["constexprs"]["BLOCK_D"] > widest, c["name"]
+                continue
+            assert c["constexprs"]["BLOCK_D"] <= widest, c["name"]
+            assert c["constexprs"].get("IEEE") != FP32_IEEE, c["name"]
+    # the decode kernel: every padded width, EVEN_D and warp count the launcher can pick
+    for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
+        for head in (8, 40, 64, 72, 96, 128):
+            bd = block_d(K.row_length(head))
+            for rows in (16, 64):
+                want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
+                warps = logn_attention_decode._num_warps(rows, bd, dtype.itemsize)
+                assert any(
+                    c["num_warps"] == warps and all(c["constexprs"].get(k) == v for k, v in want.items())
+                    for c in logn_attention_decode_aot.AOT_CONFIGS
+                ), (dtype, head, rows)
+    prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
+    assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +233,26 @@ def test_head_dims(triton_device, d):
 
 @pytest.mark.parametrize("d", [72, 96])
 def test_sm90_tiles(triton_device, monkeypatch, d):
-    # the interpreter runs the sm_80 table; this runs sm_90's: dK/dV 16 query rows x 128 keys (d=96,
-    # EVEN_D off) or 32 x 32 with 16 x 16 dQ (d=72, not a multiple of 16), through the flat loop over
-    # (query head, query block) with GQA, causal diagonal, ragged last blocks and padding
+    # the interpreter runs the sm_80 table; this runs sm_90's: dK/dV 16 query rows x 128 keys with
+    # EVEN_D off (d=96; d=72 also has its rows padded to 80 by the launcher), through the flat loop
+    # over (query head, query block) with GQA, causal diagonal, ragged last blocks and padding
     monkeypatch.setattr(K, "arch_family", lambda device: 90)
-    assert logn_attention_bwd_tiles.tiles(90, d, 0).dkdv.block_n == (128 if d % 16 == 0 else 32)
+    assert logn_attention_bwd_tiles.tiles(90, K.row_length(d), 0).dkdv.block_n == 128
     _check(triton_device, 1, 4, 2, 150, 150, d, torch.float16, True, mask_p=0.1)
+
+
+@pytest.mark.parametrize("d", [8, 40, 72])
+def test_rows_padded_to_16(d):
+    # a head dim that is not a multiple of 16 reaches the kernels as a view of rows padded with
+    # zeros to the next multiple of 16 (aligned strides, D a multiple of 16; see row_length)
+    t = torch.randn(2, 3, 5, d)
+    row = K.row_length(d)
+    view = K._rows(t, row)
+    assert row % 16 == 0 and row - 16 < d <= row
+    assert view.stride() == (3 * 5 * row, 5 * row, row, 1) and torch.equal(view, t)
+    base = view.as_strided((2, 3, 5, row), view.stride())
+    assert torch.count_nonzero(base[..., d:]) == 0
+    assert K._rows(torch.randn(2, 3, 5, 64), 64).stride() == (3 * 5 * 64, 5 * 64, 64, 1)
 
 
 @pytest.mark.parametrize("hkv", [8, 4, 2, 1])

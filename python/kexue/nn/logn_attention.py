@@ -29,7 +29,9 @@ class LogNAttention(nn.Module):
     Args:
         embed_dim, num_heads, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
         num_kv_heads: key/value heads (default ``num_heads``); fewer gives grouped-query attention.
-        causal, scale, train_len, logn, clip, min_n: as :func:`kexue.ops.logn_attention`.
+        causal, scale, train_len, logn, clip, min_n, allow_tf32: as :func:`kexue.ops.logn_attention`
+            (``allow_tf32`` concerns the attention alone; the projections follow
+            ``torch.backends.cuda.matmul.allow_tf32``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LogNAttention(nn.Module):
         logn: bool = True,
         clip: bool = False,
         min_n: float = 1,
+        allow_tf32: bool = False,
         device=None,
         dtype=None,
     ):
@@ -62,6 +65,9 @@ class LogNAttention(nn.Module):
         self.batch_first = batch_first
         self.causal, self.scale, self.train_len = causal, scale, train_len
         self.logn, self.clip, self.min_n = logn, clip, min_n
+        if not isinstance(allow_tf32, bool):
+            raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+        self.allow_tf32 = allow_tf32
         kv_dim = self.head_dim * num_kv_heads
         factory = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -149,6 +155,7 @@ class LogNAttention(nn.Module):
             clip=self.clip,
             min_n=self.min_n,
             key_padding_mask=key_padding_mask,
+            allow_tf32=self.allow_tf32,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         if not self.batch_first:
@@ -189,6 +196,7 @@ class LogNAttention(nn.Module):
             cu_seqlens=cu_seqlens,
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen=max_seqlen,
+            allow_tf32=self.allow_tf32,
         )
         return self.out_proj(out.reshape(query.shape[0], self.embed_dim))
 
@@ -196,5 +204,5 @@ class LogNAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"causal={self.causal}, train_len={self.train_len}, logn={self.logn}, clip={self.clip}, "
-            f"min_n={self.min_n}, batch_first={self.batch_first}"
+            f"min_n={self.min_n}, allow_tf32={self.allow_tf32}, batch_first={self.batch_first}"
         )

@@ -1,9 +1,14 @@
 """Log-n attention's backends: what each one is and what it serves.
 
-Each dense backend takes contiguous q, k, v, an optional contiguous bool mask and the scale rule as
-plain scalars: ``(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax)``; the packed
-(varlen) ones take ``(q, k, v, cu_q, cu_k, max_seqlen, rule...)``. :mod:`kexue._backend` picks one
-per call; the custom ops in :mod:`kexue.ops._logn_attention_ops` call it.
+Each dense backend takes contiguous q, k, v, an optional contiguous bool mask, the scale rule as
+plain scalars and the precision switch: ``(q, k, v, mask, causal, scale, train_len, logn, clip,
+min_n, gradmax, allow_tf32)``; the packed (varlen) ones take ``(q, k, v, cu_q, cu_k, max_seqlen,
+rule..., allow_tf32)``. :mod:`kexue._backend` picks one per call; the custom ops in
+:mod:`kexue.ops._logn_attention_ops` call it.
+
+``allow_tf32`` is a permission, not a demand: only the Triton kernels use it (float32 dots on
+tensor cores with TF32 operands). The C++ CPU and CUDA kernels and the reference have no TF32 path
+and compute float32 inputs in full float32 (or float64), which is at least as precise as asked.
 """
 
 from __future__ import annotations
@@ -23,26 +28,47 @@ def _ref_scale(scale: float, gradmax: bool):
     return reference.GRADMAX if gradmax else scale
 
 
-def _torch_forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _torch_forward(q, k, v, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False):
     return reference.logn_attention_forward(
         q, k, v, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
     )
 
 
-def _torch_backward(grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _torch_backward(
+    grad_out, grad_lse, q, k, v, out, lse, mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     return reference.logn_attention_backward(
         grad_out, grad_lse, q, k, v, out, lse, mask, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
     )
 
 
-def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _torch_varlen_forward(
+    q, k, v, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False
+):
     return reference.logn_attention_varlen_forward(
         q, k, v, cu_q, cu_k, causal, _ref_scale(scale, gradmax), train_len, logn, clip, min_n
     )
 
 
 def _torch_varlen_backward(
-    grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_q,
+    cu_k,
+    max_seqlen,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+    allow_tf32=False,
 ):
     return reference.logn_attention_varlen_backward(
         grad_out,
@@ -78,15 +104,25 @@ def _triton(name: str):
     return call
 
 
-def _triton_serves(q: Tensor, *args) -> str | None:
+def _full_precision(fn):
+    """A backend without a TF32 path: ``allow_tf32`` (the last argument) is dropped, and float32
+    runs in full float32, more precise than the caller allowed."""
+
+    def call(*args):
+        return fn(*args[:-1])
+
+    return call
+
+
+def _triton_serves(q: Tensor, allow_tf32: bool = False) -> str | None:
     """What the Triton kernels cannot take on a GPU; the dispatcher then picks the CUDA C++ kernel
     or the reference. Under the interpreter (CPU tensors) they take everything."""
     if not q.is_cuda:
         return None
     if q.shape[-1] > _triton_module().MAX_HEAD_DIM:
         return f"heads wider than {_triton_module().MAX_HEAD_DIM} (the wider Triton tiles spill on a GPU)"
-    if q.dtype == torch.float32:
-        return "float32 on a GPU (its FMA-dot tiles keep a stack frame; fp16/bf16 run on tensor cores)"
+    if q.dtype == torch.float32 and not allow_tf32:
+        return "float32 on a GPU without allow_tf32 (its FMA-dot tiles keep a stack frame; pass allow_tf32=True)"
     return None
 
 
@@ -97,7 +133,7 @@ def _register_backends() -> None:
         _backend.register(
             OP,
             "cpu",
-            (native.logn_attention_forward_cpu, native.logn_attention_backward_cpu),
+            (_full_precision(native.logn_attention_forward_cpu), _full_precision(native.logn_attention_backward_cpu)),
             _FLOATS + (torch.float64,),
         )
     _backend.register(OP, "triton", (_triton("forward"), _triton("backward")), _FLOATS, supports=_triton_serves)
@@ -105,18 +141,20 @@ def _register_backends() -> None:
         _backend.register(
             OP,
             "cuda",
-            (native.logn_attention_forward_cuda, native.logn_attention_backward_cuda),
+            (_full_precision(native.logn_attention_forward_cuda), _full_precision(native.logn_attention_backward_cuda)),
             _FLOATS + (torch.float64,),
         )
     # Packed sequences: (q, k, v, cu_q, cu_k, max_seqlen, rule...); only Triton reads max_seqlen.
     _backend.register(OP_VARLEN, "torch", (_torch_varlen_forward, _torch_varlen_backward), _FLOATS + (torch.float64,))
     if native is not None and hasattr(native, "logn_attention_varlen_forward_cpu"):
 
-        def cpu_forward(q, k, v, cu_q, cu_k, max_seqlen, *rule):
-            return native.logn_attention_varlen_forward_cpu(q, k, v, cu_q, cu_k, *rule)
+        def cpu_forward(q, k, v, cu_q, cu_k, max_seqlen, *rule_and_tf32):
+            return native.logn_attention_varlen_forward_cpu(q, k, v, cu_q, cu_k, *rule_and_tf32[:-1])
 
-        def cpu_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, *rule):
-            return native.logn_attention_varlen_backward_cpu(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule)
+        def cpu_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_seqlen, *rule_and_tf32):
+            return native.logn_attention_varlen_backward_cpu(
+                grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *rule_and_tf32[:-1]
+            )
 
         _backend.register(OP_VARLEN, "cpu", (cpu_forward, cpu_backward), _FLOATS + (torch.float64,))
     _backend.register(

@@ -34,17 +34,18 @@ def logn_attention_op(
     clip: bool,
     min_n: float,
     gradmax: bool,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Lq, D), lse (B, Hq, Lq))`` for contiguous inputs (checked here again: the op
     is also reached raw, ``torch.ops.kexue.logn_attention``, and from compiled graphs)."""
     _check_raw_dense(q, k, v, key_padding_mask, scale, train_len, min_n)
     k, v = _zero_padded(k, v, key_padding_mask)
-    _, (forward, _) = _backend.select(OP, q)
-    return forward(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax)
+    _, (forward, _) = _backend.select(OP, q, allow_tf32)
+    return forward(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32)
 
 
 @logn_attention_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _(q, k, v, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32=False):
     ct = reference.compute_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=ct)
 
@@ -66,23 +67,56 @@ def logn_attention_backward_op(
     clip: bool,
     min_n: float,
     gradmax: bool,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, recomputing the attention weights from ``lse``."""
     _check_raw_dense(q, k, v, key_padding_mask, scale, train_len, min_n)
     _check_raw_grads(grad_out, grad_lse, q, out, lse, q.shape[:3])
     k, v = _zero_padded(k, v, key_padding_mask)
-    _, (_, backward) = _backend.select(OP, q)
+    _, (_, backward) = _backend.select(OP, q, allow_tf32)
     return backward(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        causal,
+        scale,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        allow_tf32,
     )
 
 
 @logn_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    key_padding_mask,
+    causal,
+    scale,
+    train_len,
+    logn,
+    clip,
+    min_n,
+    gradmax,
+    allow_tf32=False,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_RULE_ARGS = ("causal", "scale", "train_len", "logn", "clip", "min_n", "gradmax")
+_RULE_ARGS = ("causal", "scale", "train_len", "logn", "clip", "min_n", "gradmax", "allow_tf32")
 
 
 def _setup_context(ctx, inputs, output):
@@ -97,7 +131,7 @@ def _backward(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     dq, dk, dv = logn_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask, *ctx.rule)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(ctx.rule) + 1)  # no gradient for the mask and the rule
 
 
 logn_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -123,19 +157,19 @@ def logn_attention_varlen_op(
     clip: bool,
     min_n: float,
     gradmax: bool,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(out (Tq, Hq, D), lse (Hq, Tq))`` for contiguous packed inputs (checked here again)."""
     cu_seqlens_q, cu_seqlens_k, max_seqlen = _check_raw_packed(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, scale, train_len, min_n
     )
-    _, (forward, _) = _backend.select(OP_VARLEN, q)
-    return forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax
-    )
+    _, (forward, _) = _backend.select(OP_VARLEN, q, allow_tf32)
+    rule = (causal, scale, train_len, logn, clip, min_n, gradmax, allow_tf32)
+    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, *rule)
 
 
 @logn_attention_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, causal, scale, train_len, logn, clip, min_n, gradmax):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, *rule):
     ct = reference.compute_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=ct)
 
@@ -159,13 +193,14 @@ def logn_attention_varlen_backward_op(
     clip: bool,
     min_n: float,
     gradmax: bool,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)`` of :func:`logn_attention_varlen_op`."""
     cu_seqlens_q, cu_seqlens_k, max_seqlen = _check_raw_packed(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, scale, train_len, min_n
     )
     _check_raw_grads(grad_out, grad_lse, q, out, lse, (q.shape[1], q.shape[0]))
-    _, (_, backward) = _backend.select(OP_VARLEN, q)
+    _, (_, backward) = _backend.select(OP_VARLEN, q, allow_tf32)
     return backward(
         grad_out,
         grad_lse,
@@ -184,6 +219,7 @@ def logn_attention_varlen_backward_op(
         clip,
         min_n,
         gradmax,
+        allow_tf32,
     )
 
 
@@ -206,6 +242,7 @@ def _(
     clip,
     min_n,
     gradmax,
+    allow_tf32=False,
 ):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -222,7 +259,7 @@ def _backward_varlen(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     dq, dk, dv = logn_attention_varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.rest)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.rest))  # offsets, max_seqlen, the rule
 
 
 logn_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)

@@ -67,6 +67,7 @@ def logn_attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen: int | None = None,
     return_lse: bool = False,
+    allow_tf32: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Scaled dot-product attention whose per-query scale grows with log of the keys it sees.
 
@@ -105,11 +106,16 @@ def logn_attention(
             ``max_seqlen`` avoids (the offsets are then trusted on CUDA).
         return_lse: also return ``lse (B, Hq, Lq)``, the natural log-sum-exp of each query's scaled
             logits, in float32 (float64 for float64 inputs); it is differentiable.
+        allow_tf32: let float32 inputs run their dots on tensor cores with TF32 operands (10
+            mantissa bits, as ``torch.backends.cuda.matmul.allow_tf32``): much faster on a GPU,
+            with errors of order 1e-3 relative instead of 1e-6 (docs/logn_attention.md states the
+            bound). Only the Triton kernels use it; every other backend, and 16-bit or float64
+            inputs, compute as without it. Default False: float32 stays IEEE float32.
 
     On CUDA devices the Triton backend runs a FlashAttention-2 style kernel; a dense call with at
     most 16 queries (generation with a KV cache) takes a split-K decode kernel that reads the cache
-    once per key/value head. Heads wider than 128, and float32 inputs, leave Triton there for the
-    CUDA C++ kernel (or, without it or for packed sequences, the reference).
+    once per key/value head. Heads wider than 128, and float32 inputs without ``allow_tf32``, leave
+    Triton there for the CUDA C++ kernel (or, without it or for packed sequences, the reference).
 
     Returns:
         ``out`` shaped and typed like ``q``, and ``lse`` if ``return_lse``. A query that sees no
@@ -127,6 +133,7 @@ def logn_attention(
     logn = _check_bool("logn", logn)
     clip = _check_bool("clip", clip)
     return_lse = _check_bool("return_lse", return_lse)
+    allow_tf32 = _check_bool("allow_tf32", allow_tf32)
     gradmax = False
     if isinstance(scale, str):
         if scale != reference.GRADMAX:
@@ -142,11 +149,35 @@ def logn_attention(
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask cannot be combined with cu_seqlens: packed sequences have no padding")
         out, lse = _packed(
-            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, causal, base, train_len, logn, clip, min_n, gradmax
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens_k,
+            max_seqlen,
+            causal,
+            base,
+            train_len,
+            logn,
+            clip,
+            min_n,
+            gradmax,
+            allow_tf32,
         )
         return (out, lse) if return_lse else out
     mask = _check_mask(key_padding_mask, q, k)
     out, lse = logn_attention_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, base, train_len, logn, clip, min_n, gradmax
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        mask,
+        causal,
+        base,
+        train_len,
+        logn,
+        clip,
+        min_n,
+        gradmax,
+        allow_tf32,
     )
     return (out, lse) if return_lse else out
