@@ -1,4 +1,4 @@
-"""Log-n attention: the Triton forward kernel (FlashAttention-2 structure) and its tile table.
+"""Log-n attention: the Triton forward kernel (FlashAttention-2 structure); tiles in logn_attention_fwd_tiles.py.
 
 One program per (batch or packed sequence x query head, block of BLOCK_M query rows); it keeps the
 block's q in registers / shared memory and streams keys and values in BLOCK_N tiles with an online
@@ -15,119 +15,26 @@ Structure, and why:
   is exact because every scale is >= 0.
 * Causal programs run longest first (the last row block is launched first), so the short blocks
   fill the tail of the launch.
-* Tiles are chosen per target family and head dim (:func:`tiles`) so that no warp recomputes
+* Tiles are chosen per target family and head dim (:func:`.logn_attention_fwd_tiles.tiles`) so that no warp recomputes
   another's scores: with chained dots Triton lays the warps along M, so BLOCK_M is 16 rows per
   warp on mma.sync targets and 64 rows per warpgroup (4 warps) for wgmma on sm_90.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import triton
 import triton.language as tl
 
+from .logn_attention_fwd_tiles import tiles  # re-exported: the AOT list and tests use it
 from .logn_attention_rules import (
-    FP32_IEEE,
-    TF32,
     allowed,
     block_d,
     dot,
     row_length,
     row_scale,
     sequence_start,
-    tile_mode,
     visible,
 )
-
-
-class Tiles(NamedTuple):
-    block_m: int  # query rows per program
-    block_n: int  # keys per tile
-    num_warps: int
-    num_stages: int
-
-
-# (family, padded head dim) -> tiles for 16-bit inputs. BLOCK_M equals
-# 16 * num_warps (mma.sync) or 64 * num_warps / 4 (wgmma) or more, so no S tile is replicated.
-# Shared memory: q (BLOCK_M x D) plus num_stages copies of the k and v tiles must fit the target
-# (163 KB on sm_80, 99 KB on sm_86 / sm_89, 227 KB on sm_90); the tables were checked with
-# tests/gpu_compile.py for registers, spills and shared memory.
-_TILES_16 = {
-    90: {
-        16: Tiles(128, 128, 8, 3),
-        32: Tiles(128, 128, 8, 3),
-        64: Tiles(128, 128, 8, 3),
-        128: Tiles(128, 64, 8, 3),
-        256: Tiles(128, 32, 8, 2),
-    },
-    80: {
-        16: Tiles(128, 64, 4, 3),
-        32: Tiles(128, 64, 4, 3),
-        64: Tiles(128, 64, 8, 3),
-        128: Tiles(128, 32, 8, 3),
-        256: Tiles(64, 32, 4, 1),
-    },
-    86: {
-        16: Tiles(128, 64, 4, 2),
-        32: Tiles(128, 64, 4, 2),
-        64: Tiles(128, 64, 8, 2),
-        128: Tiles(128, 32, 8, 2),
-        256: Tiles(64, 32, 4, 1),
-    },
-}
-# A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
-# with 32 keys): half the keys per step there.
-_TILES_16_MASK = {(80, 128): Tiles(128, 16, 8, 3)}
-# float32 without TF32: FMA dots, no tensor cores; the operands stay in registers, hence the
-# small tiles (sized to compile without spills).
-_TILES_IEEE = {
-    16: Tiles(32, 32, 4, 2),
-    32: Tiles(32, 32, 4, 2),
-    64: Tiles(32, 32, 4, 2),
-    128: Tiles(16, 32, 8, 2),
-    256: Tiles(16, 16, 8, 2),
-}
-
-
-# float32 with allow_tf32: tensor-core dots on 4-byte operands, so each tile of q, k and v takes
-# twice the registers and shared memory of its 16-bit counterpart. BLOCK_M keeps 16 rows a warp
-# (64 a warpgroup on sm_90); the keys per step are cut until the heaviest form (causal + padding
-# mask + gradmax) compiled without a stack (tests/gpu_compile.py, triton 3.9): sm_90 128x64 kept
-# 56 bytes at d=64 and d=128 (two stages), so 32 keys there, and one stage at d=128 (234
-# registers); sm_80 64x32 kept 32 bytes at d=64. At d=128 the sm_80 family has no clean
-# unreplicated tile (16 rows a warp hold q and the accumulator, 64 + 64 fp32 registers a thread,
-# beside the k and v operands: 32x16 w2, 32x32 w2, 16x32 w1 all kept 16..1168 bytes); 64x16 on 4
-# warps compiles clean, with Triton laying the warps along the 16 keys (its score tile is
-# replicated twice; the static check lets that one config through).
-_TILES_TF32 = {
-    90: {16: Tiles(128, 32, 8, 2), 32: Tiles(128, 32, 8, 2), 64: Tiles(128, 32, 8, 2), 128: Tiles(128, 32, 8, 1)},
-    80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(64, 16, 4, 2)},
-}
-# sm_86 / sm_89 at d=128 (and heads padded to 128): two stages kept 16 bytes of stack there
-_TILES_TF32[86] = {**_TILES_TF32[80], 128: Tiles(64, 16, 4, 1)}
-_TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 (interpreter only: MAX_HEAD_DIM), as small as a dot goes
-
-
-def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
-    """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
-    padding mask. Head dims above 128 are listed for the interpreter only (see MAX_HEAD_DIM in
-    the launchers): they spill on every target."""
-    d = block_d(head_dim)
-    dot_mode = tile_mode(dot_mode)
-    if dot_mode == FP32_IEEE:
-        return _TILES_IEEE[d]
-    if dot_mode == TF32:
-        return _TILES_TF32[family].get(d, _TILES_TF32_WIDE)
-    if has_mask and (family, d) in _TILES_16_MASK:
-        return _TILES_16_MASK[family, d]
-    if has_mask and family == 90 and d == 128 and head_dim != d:
-        # a padded head (96, 80...) with a mask: the column masks tip 128x64 over (16 B of stack)
-        return Tiles(128, 32, 8, 3)
-    if family == 86 and d == 128 and head_dim != d:
-        # a padded head on sm_86 / sm_89: 128x32 in two stages kept 16 B of stack (causal varlen)
-        return Tiles(128, 16, 8, 2)
-    return _TILES_16[family][d]
 
 
 @triton.jit
