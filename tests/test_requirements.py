@@ -15,7 +15,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"torch", "numpy", "triton", "setuptools", "pybind11"}  # installed before the test extra
-LOCAL = {"kexue", "tests", "bench", "conftest", "helpers", "sign_optim_helpers", "gpu_compile", "gpu_compile_fixtures"}
+LOCAL = {
+    "kexue",
+    "tests",
+    "bench",
+    "conftest",
+    "helpers",
+    "sign_optim_helpers",
+    "gpu_compile",
+    "gpu_compile_fixtures",
+    "gpu_compile_output",
+}
 IMPORT_NAMES = {"lion-pytorch": "lion_pytorch", "pytorch-optimizer": "pytorch_optimizer"}
 
 
