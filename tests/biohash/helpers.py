@@ -26,11 +26,7 @@ def topic_corpus(sentences: int = 240, length: int = 9, seed: int = 0) -> list[s
 
 
 SMALL = flyvec.TrainConfig(hidden=24, window=5, epochs=4, batch_size=64, lr=0.05, min_count=2, hash_length=4)
-
-
 NATIVE = kexue.backends()["cpu"]["available"]
-
-
 CPU_BACKENDS = ["cpu", "torch"] if NATIVE else ["torch"]
 
 

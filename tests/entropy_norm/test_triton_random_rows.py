@@ -13,8 +13,6 @@ from kexue.triton_kernels import entropy_norm as K  # noqa: E402  (after the ski
 from tests.entropy_norm.triton_helpers import Tile, check, random_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
-
-
 SHAPES = [
     (67, 1),
     (5, 2),

@@ -17,11 +17,7 @@ from kexue.triton_kernels import entropy_norm as K  # noqa: E402  (after the ski
 from tests.entropy_norm.triton_helpers import TOL, Tile, check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
-
-
 NINF, INF, NAN = -math.inf, math.inf, math.nan
-
-
 LOG8 = math.log(8)
 
 

@@ -8,8 +8,6 @@ import kexue
 from kexue.reference import global_pointer as ref
 
 NATIVE = kexue.backends()["cpu"]["available"]
-
-
 CPU_BACKENDS = ["cpu", "torch"] if NATIVE else ["torch"]
 
 

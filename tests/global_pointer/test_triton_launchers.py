@@ -15,8 +15,6 @@ pytest.importorskip("triton")
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
-
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

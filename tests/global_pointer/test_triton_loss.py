@@ -18,8 +18,6 @@ from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the s
 from tests.global_pointer.triton_helpers import HOPPER, ROPE_NAMES, SMALL, problem  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
-
-
 WIDE = K.Tile(32, 32, 128, 4)  # a 128-channel head block over 4 warps (the launcher's uses 8)
 
 

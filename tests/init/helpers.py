@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 SPEC_RATIO = 0.8796257  # docs/init.md: sqrt(gamma), gamma = 0.7737413
-
-
 SIGMAS = 6.0
 
 

@@ -15,8 +15,6 @@ from tests.logn_attention.helpers import CPU_BACKENDS, _inputs, attn, ref
 
 # Every torch.empty (at::empty in C++ too) is NaN-filled: an output element a kernel forgets fails.
 pytestmark = pytest.mark.usefixtures("nan_empty")
-
-
 SHAPES = [  # (b, hq, hkv, lq, lk, d)
     (1, 1, 1, 1, 1, 8),
     (2, 4, 2, 5, 123, 16),
