@@ -51,7 +51,7 @@ def test_bad_inputs():
         attn(q, k, v, causal=1)
     with pytest.raises(ValueError, match="min_n"):
         attn(q, k, v, min_n=-1)
-    with pytest.raises(ValueError, match="3-d"):  # packed sequences (tests/logn_attention/test_varlen.py)
+    with pytest.raises(ValueError, match="3-d"):  # packed sequences (tests/logn_attention/test_varlen_*.py)
         attn(q, k, v, cu_seqlens=torch.tensor([0, 5]))
 
 
