@@ -16,8 +16,8 @@ import torch
 
 import kexue
 from kexue.optim import Lion, Tiger
-from tests.biohash.test_op import random_batch
-from tests.global_pointer.test_op import make_problem
+from tests.biohash.helpers import random_batch
+from tests.global_pointer.helpers import make_problem
 from tests.helpers import DTYPES, assert_close
 from tests.sign_optim.helpers import EPS32, ulp
 from tests.sign_optim.test_step import SHAPES

@@ -18,7 +18,7 @@ import torch
 
 import kexue
 from kexue.reference import biohash as ref
-from tests.biohash.test_op import brute_pack, brute_topk_mask
+from tests.biohash.helpers import brute_pack, brute_topk_mask
 from tests.conftest import triton_unavailable_reason
 
 pytest.importorskip("triton")

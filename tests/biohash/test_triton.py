@@ -17,7 +17,7 @@ import torch
 
 import kexue
 from kexue.reference import biohash as ref
-from tests.biohash.test_op import NATIVE, brute_pack, brute_topk_mask, random_batch, tied_synapses, toy_corpus, windows
+from tests.biohash.helpers import NATIVE, brute_pack, brute_topk_mask, random_batch, tied_synapses, toy_corpus, windows
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import biohash as T  # noqa: E402  (after the skip)

@@ -20,7 +20,7 @@ import torch
 
 import kexue
 from kexue.reference import biohash as ref
-from tests.biohash.test_op import random_batch
+from tests.biohash.helpers import random_batch
 from tests.biohash.test_triton import check_step, step_all
 from tests.conftest import triton_unavailable_reason
 

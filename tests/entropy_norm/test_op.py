@@ -1,7 +1,7 @@
 """Entropy normalization through the public op, on the C++ CPU and torch backends.
 
 The float64 reference is the oracle. The Triton kernels are covered in
-tests/entropy_norm/test_triton.py (interpreter on CPU), the CUDA ones by `make check-cuda`.
+tests/entropy_norm/test_triton_*.py (interpreter on CPU), the CUDA ones by `make check-cuda`.
 """
 
 from __future__ import annotations

@@ -1,44 +1,17 @@
-"""Log-n attention over packed variable-length sequences (``cu_seqlens``, the flash-attn varlen
-layout ``q (Tq, Hq, D)``, ``k, v (Tk, Hkv, D)``, ``lse (Hq, Tq)``) on the CPU backends (C++ and
-torch): the packed result against the dense op and the float64 reference run sequence by
-sequence, forward and backward, and the checks of the offsets. The Triton kernels are tested in
-test_triton.py.
+"""Packed variable-length log-n attention (cu_seqlens) forward: the reference equals padded dense
+attention, every backend matches it over length mixes, key offsets, positions and scale rules.
 """
 
 from __future__ import annotations
-
-import sys
 
 import pytest
 import torch
 
 import kexue
-import kexue.ops._logn_attention_ops  # noqa: F401  (the module of the custom ops)
-import kexue.reference.logn_attention  # noqa: F401
 from tests.helpers import DTYPES, assert_close
-
-ops_mod = sys.modules["kexue.ops._logn_attention_ops"]
-ref = sys.modules["kexue.reference.logn_attention"]
-attn = kexue.ops.logn_attention
+from tests.logn_attention.helpers import CPU_BACKENDS, _offsets, _packed, attn, ref
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
-
-CPU_BACKENDS = [b for b in ("cpu", "torch") if kexue.backends()[b]["available"]]
-
-
-def _offsets(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _packed(lengths_q, lengths_k=None, hq=4, hkv=2, d=16, dtype=torch.float64, seed=0):
-    """Random packed ``q, k, v`` (float64 values rounded to ``dtype``) and their offsets."""
-    lengths_k = lengths_q if lengths_k is None else lengths_k
-    gen = torch.Generator().manual_seed(seed)
-    tq, tk = sum(lengths_q), sum(lengths_k)
-    q = torch.randn(tq, hq, d, generator=gen, dtype=torch.float64) * 1.5
-    k = torch.randn(tk, hkv, d, generator=gen, dtype=torch.float64) * 1.5
-    v = torch.randn(tk, hkv, d, generator=gen, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype), _offsets(lengths_q), _offsets(lengths_k)
 
 
 def _dense(t, start, end):
@@ -246,145 +219,3 @@ def test_int64_offsets_and_max_seqlen():
     q, k, v, cu, _ = _packed([4, 7], dtype=torch.float32)
     want = attn(q, k, v, cu_seqlens=cu, causal=True)
     assert_close(attn(q, k, v, cu_seqlens=cu.long(), causal=True, max_seqlen=9), want, torch.float32)
-
-
-def test_reference_gradcheck():
-    q, k, v, cu_q, cu_k = _packed([2, 0, 3], [3, 1, 2], hq=2, hkv=1, d=3)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    for causal in (False, True):
-
-        def f(q, k, v, causal=causal):
-            return ref.logn_attention_varlen(
-                q, k, v, cu_q, cu_seqlens_k=cu_k, causal=causal, train_len=4, return_lse=True
-            )
-
-        assert torch.autograd.gradcheck(f, (q, k, v))
-
-
-def test_reference_backward_formula_matches_autograd():
-    q, k, v, cu_q, cu_k = _packed([4, 0, 6], [5, 2, 6], d=5)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out, lse = ref.logn_attention_varlen_forward(q, k, v, cu_q, cu_k, True, None, 8, True, False, 1)
-    go, gl = torch.randn_like(out), torch.randn_like(lse)
-    want = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
-    got = ref.logn_attention_varlen_backward(
-        go, gl, q, k, v, out.detach(), lse.detach(), cu_q, cu_k, True, None, 8, True, False, 1
-    )
-    for g, w, name in zip(got, want, "qkv", strict=False):
-        assert_close(g, w, torch.float64, f"grad {name}")
-
-
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kexue._C is not built")
-def test_cpu_kernel_gradcheck_float64():
-    q, k, v, cu_q, cu_k = _packed([2, 3], [3, 2], hq=2, hkv=1, d=3)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def f(q, k, v):
-        return attn(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, causal=True, train_len=4, return_lse=True)
-
-    with kexue.use_backend("cpu"):
-        assert torch.autograd.gradcheck(f, (q, k, v))
-
-
-# --------------------------------------------------------------------------------------------
-# torch.compile and opcheck.
-
-
-@pytest.mark.parametrize("max_seqlen", [None, 9])
-def test_torch_compile_fullgraph(max_seqlen):
-    q, k, v, cu, _ = _packed([4, 0, 9], dtype=torch.float32)
-    q.requires_grad_()
-
-    def f(q, k, v, cu):
-        return attn(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, causal=True, train_len=8).sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = compiled(q, k, v, cu)
-    (g_got,) = torch.autograd.grad(got, q)
-    want = f(q, k, v, cu)
-    (g_want,) = torch.autograd.grad(want, q)
-    assert_close(got, want, torch.float32)
-    assert_close(g_got, g_want, torch.float32)
-
-
-def test_offsets_checked_inside_the_op_when_compiled():
-    q, k, v, _, _ = _packed([4, 5], dtype=torch.float32)
-    bad = torch.tensor([0, 6, 4, 9], dtype=torch.int32)
-    compiled = torch.compile(lambda q, k, v, cu: attn(q, k, v, cu_seqlens=cu), fullgraph=True, backend="aot_eager")
-    with pytest.raises(ValueError, match="non-decreasing"):
-        compiled(q, k, v, bad)
-
-
-@pytest.mark.parametrize("max_seqlen", [None, 6])
-def test_opcheck(max_seqlen):
-    q, k, v, cu_q, cu_k = _packed([2, 0, 5], [3, 1, 6], d=8, dtype=torch.float32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    args = (q, k, v, cu_q, cu_k, max_seqlen, True, 0.35, 4.0, True, False, 1.0, False)
-    torch.library.opcheck(ops_mod.logn_attention_varlen_op, args)
-    out, lse = ops_mod.logn_attention_varlen_op(*args)
-    bargs = (
-        torch.randn_like(out),
-        torch.randn_like(lse),
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        out.detach(),
-        lse.detach(),
-        cu_q,
-        cu_k,
-        max_seqlen,
-        True,
-        0.35,
-        4.0,
-        True,
-        False,
-        1.0,
-        False,
-    )
-    torch.library.opcheck(ops_mod.logn_attention_varlen_backward_op, bargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Bad input.
-
-
-def test_bad_offsets_and_layouts():
-    q, k, v, cu, _ = _packed([4, 5], dtype=torch.float32)
-    with pytest.raises(TypeError, match="cu_seqlens must have dtype int32 or int64"):
-        attn(q, k, v, cu_seqlens=cu.float())
-    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
-        attn(q, k, v, cu_seqlens=[0, 4, 9])
-    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-d"):
-        attn(q, k, v, cu_seqlens=cu[None])
-    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-d"):
-        attn(q, k, v, cu_seqlens=cu[:0])
-    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
-        attn(q, k, v, cu_seqlens=torch.tensor([1, 4, 9], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"cu_seqlens must end at the number of q rows \(9\)"):
-        attn(q, k, v, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
-    with pytest.raises(ValueError, match="non-decreasing"):
-        attn(q, k, v, cu_seqlens=torch.tensor([0, 6, 4, 9], dtype=torch.int32))
-    with pytest.raises(ValueError, match="is on meta but q is on cpu"):
-        attn(q, k, v, cu_seqlens=cu.to("meta"))
-    with pytest.raises(ValueError, match="key_padding_mask cannot be combined with cu_seqlens"):
-        attn(q, k, v, cu_seqlens=cu, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"q must be 3-d \(total, heads, head_dim\)"):
-        attn(q[None], k, v, cu_seqlens=cu)
-    with pytest.raises(ValueError, match="cu_seqlens_k needs cu_seqlens"):
-        attn(q[None], k[None], v[None], cu_seqlens_k=cu)
-    with pytest.raises(ValueError, match="max_seqlen goes with cu_seqlens"):
-        attn(q[None], k[None], v[None], max_seqlen=4)
-    with pytest.raises(ValueError, match="cu_seqlens_k must have one entry per cu_seqlens entry"):
-        attn(q, k, v, cu_seqlens=cu, cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"cu_seqlens_k must end at the number of k rows \(9\)"):
-        attn(q, k, v, cu_seqlens=cu, cu_seqlens_k=torch.tensor([0, 4, 7], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"cu_seqlens must end at the number of k rows \(8\)"):
-        attn(q, k[:8], v[:8], cu_seqlens=cu)  # shared offsets: k needs as many rows as q
-    with pytest.raises(ValueError, match=r"max_seqlen \(3\) is below the longest sequence \(5\)"):
-        attn(q, k, v, cu_seqlens=cu, max_seqlen=3)
-    with pytest.raises(TypeError, match="max_seqlen must be an int"):
-        attn(q, k, v, cu_seqlens=cu, max_seqlen=4.0)
-    with pytest.raises(ValueError, match="multiple"):
-        attn(q[:, :3], k, v, cu_seqlens=cu)
-    with pytest.raises(ValueError, match="head_dim"):
-        attn(q, k[..., :4], v[..., :4], cu_seqlens=cu)
