@@ -11,6 +11,10 @@ FLOPs: ``4 * B * Hq * L^2 * D`` forward, halved when causal; forward+backward is
 (the backward's five matrix products against the forward's two), the convention of flash-attn's
 benchmarks.
 
+float32 with ``allow_tf32=True`` (one shape): kexue's TF32 tensor-core dots against SDPA's
+memory-efficient backend and FlexAttention on the same float32 inputs, each under torch's TF32
+matmul setting.
+
 Decode: one query per sequence against a cache of 32k keys (q ``(B, 32, 1, 128)``, cache
 ``(B, 8, 32768, 128)`` bf16): memory-bound, so the goal is a fraction of the copy floor for
 reading the cache once.
@@ -45,6 +49,9 @@ FULL_SHAPES = [
     for causal in (True, False)
 ]
 SMOKE_SHAPES = [(1, 4, 2, 80, 32, True), (1, 2, 2, 64, 16, False)]
+# float32 inputs with allow_tf32 (B, Hq, Hkv, L, D, causal), per plan
+TF32_SHAPE = {"smoke": (1, 2, 2, 64, 32, True), "default": (4, 16, 4, 4096, 128, True)}
+TF32_PEERS = ("kexue", "sdpa-efficient", "flex")
 # (B, Hq, Hkv, cache length, D)
 DECODE_SHAPE, SMOKE_DECODE_SHAPE = (8, 32, 8, 32768, 128), (2, 4, 2, 300, 32)
 DECODE_FLOOR_GOAL = 0.8
@@ -62,12 +69,13 @@ HEADLINES = [
 ]
 
 
-def _inputs(b, hq, hkv, lq, lk, d, causal, mode, device) -> dict[str, Any]:
+def _inputs(b, hq, hkv, lq, lk, d, causal, mode, device, dtype=BF16) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(b, hq, lq, d, generator=gen, device=device, dtype=BF16)
-    k = torch.randn(b, hkv, lk, d, generator=gen, device=device, dtype=BF16)
-    v = torch.randn(b, hkv, lk, d, generator=gen, device=device, dtype=BF16)
+    q = torch.randn(b, hq, lq, d, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(b, hkv, lk, d, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(b, hkv, lk, d, generator=gen, device=device, dtype=dtype)
     inputs = {"q": q, "k": k, "v": v, "causal": causal, "mode": mode, "scale": row_scale(lq, lk, d, causal, device)}
+    inputs["allow_tf32"] = dtype == torch.float32  # kexue's switch; the peers follow torch's setting
     if mode == "full":
         for t in (q, k, v):
             t.requires_grad_()
@@ -76,17 +84,32 @@ def _inputs(b, hq, hkv, lq, lk, d, causal, mode, device) -> dict[str, Any]:
 
 
 def _checked(inputs: dict, attend) -> Thunk:
-    """One call outside the timings (compilation, and the reason if this peer cannot run here)."""
+    """One call outside the timings (compilation, and the reason if this peer cannot run here).
+    float32 cases run every peer under torch's TF32 matmul setting, as kexue runs with allow_tf32."""
+
+    def call():
+        if not inputs["allow_tf32"]:
+            return _in_mode(inputs, attend)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return _in_mode(inputs, attend)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
     try:
-        _in_mode(inputs, attend)
+        call()
     except Exception as exc:
         raise Unavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
-    return lambda: _in_mode(inputs, attend)
+    return call
 
 
 def _kexue(inputs: dict) -> Thunk:
-    causal = inputs["causal"]
-    return _checked(inputs, lambda q, k, v: kexue.ops.logn_attention(q, k, v, causal=causal, train_len=TRAIN_LEN))
+    causal, tf32 = inputs["causal"], inputs["allow_tf32"]
+    return _checked(
+        inputs,
+        lambda q, k, v: kexue.ops.logn_attention(q, k, v, causal=causal, train_len=TRAIN_LEN, allow_tf32=tf32),
+    )
 
 
 def _causal_sdpa(inputs: dict) -> bool:
@@ -203,6 +226,7 @@ def cases(device: torch.device, plan: str) -> list[Case]:
                     },
                 )
             )
+    out += _tf32_cases(device, plan)
     b, hq, hkv, cache, d = SMOKE_DECODE_SHAPE if plan == "smoke" else DECODE_SHAPE
     cache_bytes = 2 * b * hkv * cache * d * 2
     out.append(
@@ -225,3 +249,30 @@ def cases(device: torch.device, plan: str) -> list[Case]:
         )
     )
     return out
+
+
+def _tf32_cases(device: torch.device, plan: str) -> list[Case]:
+    """float32 inputs, kexue with allow_tf32 against the peers that take float32 (not flash)."""
+    b, hq, hkv, length, d, causal = TF32_SHAPE.get(plan, TF32_SHAPE["default"])
+    peers = [p for p in _peers(decode=False) if p.name in TF32_PEERS]
+    elems = (2 * b * hq + 2 * b * hkv) * length * d
+    return [
+        Case(
+            name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'} fp32 tf32",
+            mode=mode,
+            bytes=4 * elems * (2 if mode == "full" else 1),
+            peers=peers,
+            setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device, torch.float32),
+            params={
+                "batch": b,
+                "heads_q": hq,
+                "heads_kv": hkv,
+                "length": length,
+                "head_dim": d,
+                "causal": causal,
+                "dtype": "fp32-tf32",
+                "flops": _flops(b, hq, length, length, d, causal, mode),
+            },
+        )
+        for mode in ("forward", "full")
+    ]
