@@ -52,6 +52,7 @@ def test_unknown_architecture_lists_the_supported_ones():
         (dict(train_len=8, min_n=-1), ValueError, "min_n"),
         (dict(train_len=8, scale="big"), ValueError, "scale"),
         (dict(train_len=8, ignore_dropout=1), TypeError, "ignore_dropout"),
+        (dict(train_len=8, allow_tf32="yes"), TypeError, "allow_tf32"),
     ],
 )
 def test_bad_arguments(bad, exc, match):
@@ -59,6 +60,29 @@ def test_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
         kexue.patch(model, **bad)
     assert model.config._attn_implementation == "sdpa", "a refused patch must leave the model as it was"
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_allow_tf32_reaches_the_op(monkeypatch, allow_tf32):
+    """The patch's allow_tf32 is what every attention call passes on (the CPU backend then computes
+    in full float32, so the output is the same either way)."""
+    seen = []
+    op = hf_attention.logn_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["allow_tf32"])
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "logn_attention", spy)
+    model = build("llama").eval()
+    ids, keep = inputs("llama")
+    record = kexue.patch(model, train_len=TRAIN_LEN, allow_tf32=allow_tf32)
+    assert record.settings.allow_tf32 is allow_tf32
+    out = run(model, ids, keep)
+    assert seen and set(seen) == {allow_tf32}
+    kexue.unpatch(model)
+    kexue.patch(model, train_len=TRAIN_LEN)
+    torch.testing.assert_close(run(model, ids, keep), out, rtol=0, atol=0)
 
 
 def test_not_a_model_and_double_patch():

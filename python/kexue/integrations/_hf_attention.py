@@ -30,6 +30,7 @@ class AttentionSettings:
     min_n: float = 1
     scale: float | str | None = None
     ignore_dropout: bool = False
+    allow_tf32: bool = False
 
 
 _DEFAULTS: AttentionSettings | None = None  # set by set_defaults (register(train_len=...))
@@ -183,5 +184,6 @@ def kexue_attention(
         clip=settings.clip,
         min_n=settings.min_n,
         key_padding_mask=padding,
+        allow_tf32=settings.allow_tf32,
     )
     return out.transpose(1, 2).contiguous(), None

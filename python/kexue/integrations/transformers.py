@@ -49,14 +49,30 @@ ATTENTIONS = ("logn",)
 _PATCH_ATTR = "_kexue_patch"
 
 
-def _validated(train_len, logn, clip, min_n, scale, ignore_dropout) -> AttentionSettings:
+def _validated(train_len, logn, clip, min_n, scale, ignore_dropout, allow_tf32) -> AttentionSettings:
     """The settings, checked once here with the op's own argument checks rather than at the first forward."""
     if not isinstance(ignore_dropout, bool):
         raise TypeError(f"ignore_dropout must be a bool, got {type(ignore_dropout).__name__}")
     probe = torch.zeros(1, 1, 1, 1)
-    logn_attention(probe, probe, probe, scale=scale, train_len=train_len, logn=logn, clip=clip, min_n=min_n)
+    logn_attention(
+        probe,
+        probe,
+        probe,
+        scale=scale,
+        train_len=train_len,
+        logn=logn,
+        clip=clip,
+        min_n=min_n,
+        allow_tf32=allow_tf32,
+    )
     return AttentionSettings(
-        train_len=train_len, logn=logn, clip=clip, min_n=min_n, scale=scale, ignore_dropout=ignore_dropout
+        train_len=train_len,
+        logn=logn,
+        clip=clip,
+        min_n=min_n,
+        scale=scale,
+        ignore_dropout=ignore_dropout,
+        allow_tf32=allow_tf32,
     )
 
 
@@ -84,6 +100,7 @@ def register(
     min_n: float = 1,
     scale: float | str | None = None,
     ignore_dropout: bool = False,
+    allow_tf32: bool = False,
 ) -> str:
     """Register kexue's attention and mask functions with transformers; returns their name.
 
@@ -96,7 +113,7 @@ def register(
     Without it only the functions are registered (idempotent) and the defaults stay as they were.
     """
     if train_len is not None:
-        set_defaults(_validated(train_len, logn, clip, min_n, scale, ignore_dropout))
+        set_defaults(_validated(train_len, logn, clip, min_n, scale, ignore_dropout, allow_tf32))
     _register_functions()
     return IMPLEMENTATION
 
@@ -124,6 +141,7 @@ def patch(
     min_n: float = 1,
     scale: float | str | None = None,
     ignore_dropout: bool = False,
+    allow_tf32: bool = False,
 ) -> Patch:
     """Run a built transformers model's attention through :func:`kexue.ops.logn_attention`.
 
@@ -136,6 +154,8 @@ def patch(
         logn, clip, min_n, scale: as :func:`kexue.ops.logn_attention`; ``scale=None`` keeps the
             model's own scaling (``1/sqrt(head_dim)`` for the supported families).
         ignore_dropout: run without attention dropout even when the module asks for it in training.
+        allow_tf32: float32 models only: TF32 tensor-core dots in the Triton kernels on GPUs (see
+            :func:`kexue.ops.logn_attention`); the CPU and CUDA C++ backends compute in full float32.
 
     Returns:
         a :class:`Patch` naming the implementation replaced and the attention modules patched.
@@ -152,7 +172,7 @@ def patch(
         )
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise ValueError("this model is already patched by kexue; call kexue.unpatch(model) first")
-    settings = _validated(train_len, logn, clip, min_n, scale, ignore_dropout)
+    settings = _validated(train_len, logn, clip, min_n, scale, ignore_dropout, allow_tf32)
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
