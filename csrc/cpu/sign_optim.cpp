@@ -42,7 +42,6 @@ using namespace sign_optim;
 
 constexpr int64_t kChunk = 65536;  // elements per work item (as ATen's multi_tensor_apply)
 constexpr int64_t kTile = 1024;    // elements per float tile (4 KB per buffer)
-constexpr int64_t kPiece = 2 * kTile;  // elements of main pass between pre-pass tiles (overlapped())
 
 // Software prefetch. A step streams up to three arrays from memory at once, and on the 2-core
 // benchmark machine one core's hardware prefetchers keep too few of their lines in flight to
@@ -243,6 +242,29 @@ KEXUE_CPU_CLONES bool any_nonzero(const float* x, int64_t n) {
 
 KEXUE_CPU_CLONES bool any_non_finite(const float* x, int64_t n) {
   return any_of_tile(x, n, [](float v) { return static_cast<int32_t>(non_finite(v)); });
+}
+
+// any_non_finite over a whole work item, read as kStreams interleaved sub-ranges: a loop that reads
+// one stream streams at about 24 GB/s on the 2-core benchmark machine, one that reads 4 to 8 at once
+// at 34-36 GB/s (Lion's update loop, with its 3 read and 2 write streams, moves 53 GB/s). The NaN
+// guard's pre-pass is such a read-only loop over the grads, so this is its cost.
+constexpr int64_t kStreams = 4;
+
+KEXUE_CPU_CLONES bool any_non_finite_streams(const float* x, int64_t n) {
+  const int64_t q = n / (kStreams * kBlock) * kBlock;  // elements per stream, whole blocks
+  int32_t lanes[kBlock] = {};
+  for (int64_t b = 0; b < q; b += kBlock) {
+    for (int64_t k = 0; k < kStreams; ++k) {
+      const float* y = x + k * q + b;
+      prefetch_ahead(y);
+#pragma omp simd
+      for (int64_t i = 0; i < kBlock; ++i) lanes[i] |= static_cast<int32_t>(non_finite(y[i]));
+    }
+  }
+  int32_t found = 0;
+  for (int64_t i = 0; i < kBlock; ++i) found |= lanes[i];
+  for (int64_t i = kStreams * q; i < n; ++i) found |= static_cast<int32_t>(non_finite(x[i]));
+  return found != 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,12 +474,6 @@ int64_t pre_pass_bytes(const Job& j) {
 // (load ~9 on 2 cores) 128 MB and larger batches came out best (Tiger/Lion 1.42-1.52x, against 1.72x at 32 MB
 // and 2.1x at 8 MB), and within the noise of one batch of everything (1.42x): the overlap is not shown to
 // gain there.
-//
-// The first batch's pre-pass has no main pass to run beside: it is started small (kFirstBatchBytes) and each
-// batch may read at most kGrowth times the previous one's pre-pass bytes, so that the pre-pass of a batch is
-// spread over a main pass that moves several times its bytes (the main pass moves 20 bytes per parameter
-// against the pre-pass's 4). With one batch of 128 MB first, about a third of the benchmark's grads were
-// read with nothing to overlap.
 constexpr int64_t kBatchBytes = int64_t{128} << 20;
 constexpr int64_t kFirstBatchBytes = int64_t{4} << 20;
 constexpr int64_t kGrowth = 4;
@@ -500,19 +516,23 @@ struct PrePass {
         ssq(items.size(), 0.0),
         nan(items.size(), 0) {}
 
-  int64_t tiles(size_t it) const { return (items[it].end - items[it].begin + kTile - 1) / kTile; }
-
-  // Tiles [from, to) of item `it`, in order: called for consecutive ranges of one item by one
-  // thread, the sum and the flag accumulate exactly as one loop over the item would.
-  void run_tiles(const std::vector<Job>& jobs, size_t it, int64_t from, int64_t to, float* buf) {
+  void run_item(const std::vector<Job>& jobs, size_t it, float* buf) {
     const Item& item = items[it];
     const Job& j = jobs[item.job];
     const bool rms = pre_reads_params(j), guard = pre_reads_grads(j);
-    for (int64_t s = item.begin + from * kTile; s < std::min(item.end, item.begin + to * kTile); s += kTile) {
-      const int64_t n = std::min(kTile, item.end - s);
-      if (rms) ssq[it] += sum_squares(load(j.param, j.ps, s, n, buf), n);
-      if (guard && !nan[it]) nan[it] = any_non_finite(load(j.grad, j.ps, s, n, buf), n);
+    double sum = 0.0;
+    bool found = false;
+    if (guard && !rms && j.ps == kF32) {  // the common case: the grads only, read in place
+      nan[it] = any_non_finite_streams(static_cast<const float*>(j.grad) + item.begin, item.end - item.begin);
+      return;
     }
+    for (int64_t s = item.begin; s < item.end; s += kTile) {
+      const int64_t n = std::min(kTile, item.end - s);
+      if (rms) sum += sum_squares(load(j.param, j.ps, s, n, buf), n);
+      if (guard) found = found || any_non_finite(load(j.grad, j.ps, s, n, buf), n);
+    }
+    ssq[it] = sum;
+    nan[it] = found;
   }
 
   // Partial sums added in item order, so results do not depend on the number of threads.
@@ -539,30 +559,21 @@ struct MainPass {
                          })),
         part(items.size(), 0.0) {}
 
-  // Elements [begin, end) of item `it`, whole rows for a job updated or summed row by row.
-  // Consecutive ranges of one item, run in order by one thread, leave exactly what one run over the
-  // whole item leaves: every loop below works row by row or tile by tile and adds its sums in order.
-  void run_range(const std::vector<Job>& jobs, size_t it, int64_t begin, int64_t end, const std::vector<double>& lr,
-                 const std::vector<uint8_t>& shrink, Tiles& tiles) {
-    const Job& j = jobs[items[it].job];
+  void run_item(const std::vector<Job>& jobs, size_t it, const std::vector<double>& lr,
+                const std::vector<uint8_t>& shrink, Tiles& tiles) {
+    const Item& item = items[it];
+    const Job& j = jobs[item.job];
     double* sum = has(j, kSsqOut) && !row_ssq(j) ? &part[it] : nullptr;
     if (j.skip) {
-      row_sums(j, begin / j.row_len, end / j.row_len, tiles);
-    } else if (shrink[items[it].job]) {
-      shrink_range(j, begin, end, tiles, sum);
-      if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, begin / j.row_len, end / j.row_len, tiles);
+      row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
+    } else if (shrink[item.job]) {
+      shrink_range(j, item.begin, item.end, tiles, sum);
+      if (has(j, kSsqOut) && row_ssq(j)) row_sums(j, item.begin / j.row_len, item.end / j.row_len, tiles);
     } else if (by_rows(j)) {
-      update_rows(j, begin / j.row_len, end / j.row_len, lr[items[it].job], has(j, kUpdate), tiles);
+      update_rows(j, item.begin / j.row_len, item.end / j.row_len, lr[item.job], has(j, kUpdate), tiles);
     } else {
-      update_range(j, begin, end, coefs_for(j, lr[items[it].job]), has(j, kUpdate), tiles, sum);
+      update_range(j, item.begin, item.end, coefs_for(j, lr[item.job]), has(j, kUpdate), tiles, sum);
     }
-  }
-
-  // Elements per piece of item `it` that run_range may be handed: kPiece, or whole rows.
-  int64_t piece(const std::vector<Job>& jobs, size_t it) const {
-    const Job& j = jobs[items[it].job];
-    const bool rows = j.skip || by_rows(j) || (has(j, kSsqOut) && row_ssq(j));
-    return rows ? std::max<int64_t>(1, kPiece / j.row_len) * j.row_len : kPiece;
   }
 
   // The sums of the theta written, per job in item order (as PrePass::finish adds its own).
@@ -580,52 +591,35 @@ struct MainPass {
   }
 };
 
-// One parallel region over the main pass of a batch and the pre-pass of the next, fused within
-// each thread: work unit k is main item k together with its share of the pre-pass items, and the
-// thread alternates between a piece of the main item (kPiece elements) and the pre-pass tiles due
-// by then. The read-only stream of the next batch's grads (the NaN guard) then runs in each core
-// at the same time as the update's streams. On the 2-core benchmark machine a read-only loop
-// streams at about half the bytes per second of the update loop, so a pre-pass run apart (the
-// first batch, or threads taking pre-pass items between main items as this function used to do)
-// costs about twice its bytes' share; in a microbenchmark (Lion's loop over 100M floats, plus one
-// more read of 400 MB) the extra read cost 1.44x Lion's time run apart and 1.2-1.35x interleaved
-// tile by tile. The two passes touch disjoint jobs (batches never share a tensor or a NaN group),
-// and every partial lands in its own slot, accumulated in the order of one loop over its item, so
-// the result is that of the two passes run one after the other.
-
+// One parallel region over the main pass of a batch and the pre-pass of the next, interleaved so
+// that both threads do some of each: the read-only stream of the next batch's grads (the NaN
+// guard) then runs while the update streams, instead of in a phase of its own, and leaves those
+// grads in the last-level cache for the next main pass (kBatchBytes says what was measured). The
+// two touch disjoint jobs (batches never share a tensor or a NaN group), and every partial lands in
+// its own slot, so the result is that of the two passes run one after the other.
 void overlapped(const std::vector<Job>& jobs, MainPass* main, PrePass* pre, const std::vector<double>& lr,
                 const std::vector<uint8_t>& shrink) {
   const int64_t nm = main == nullptr ? 0 : static_cast<int64_t>(main->items.size());
   const int64_t np = pre == nullptr ? 0 : static_cast<int64_t>(pre->items.size());
-  // Unit k: main item k (if any) and pre items [first_pre(k), first_pre(k + 1)).
-  const int64_t units = nm > 0 ? nm : np;
-  auto first_pre = [&](int64_t k) { return nm > 0 ? k * np / nm : k; };
+  // Merge order: item k of a list of n sits at (k + 0.5) / n.
+  std::vector<std::pair<int32_t, int64_t>> order;  // (0 main / 1 pre, item)
+  order.reserve(nm + np);
+  for (int64_t a = 0, b = 0; a < nm || b < np;) {
+    if (b >= np || (a < nm && (2 * a + 1) * np <= (2 * b + 1) * nm)) {
+      order.push_back({0, a++});
+    } else {
+      order.push_back({1, b++});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(order.size());
   cpu::dynamic_for(
-      units, cpu::worker_count(units), [](int64_t) { return Tiles{}; },
+      n, cpu::worker_count(n), [](int64_t) { return Tiles{}; },
       [&](Tiles& tiles, int64_t, int64_t k) {
-        const int64_t p0 = first_pre(k), p1 = first_pre(k + 1);
-        int64_t pre_total = 0;
-        for (int64_t p = p0; p < p1; ++p) pre_total += pre->tiles(p);
-        // The pre-pass cursor: item p, next tile t; `done` tiles run so far.
-        int64_t p = p0, t = 0, done = 0;
-        auto run_pre_until = [&](int64_t target) {
-          while (done < target && p < p1) {
-            const int64_t take = std::min(target - done, pre->tiles(p) - t);
-            pre->run_tiles(jobs, p, t, t + take, tiles.out);
-            t += take, done += take;
-            if (t == pre->tiles(p)) ++p, t = 0;
-          }
-        };
-        if (nm > 0) {
-          const Item& item = main->items[k];
-          const int64_t len = item.end - item.begin, step = main->piece(jobs, k);
-          for (int64_t b = item.begin; b < item.end; b += step) {
-            const int64_t e = std::min(item.end, b + step);
-            main->run_range(jobs, k, b, e, lr, shrink, tiles);
-            run_pre_until((pre_total * (e - item.begin) + len - 1) / len);
-          }
+        if (order[k].first == 0) {
+          main->run_item(jobs, order[k].second, lr, shrink, tiles);
+        } else {
+          pre->run_item(jobs, order[k].second, tiles.out);
         }
-        run_pre_until(pre_total);
       });
 }
 
