@@ -278,12 +278,11 @@ def test_tiger_matches_oracle(backend, config):
 @pytest.mark.skipif(not NATIVE, reason="the C++ CPU backend is not built")
 @pytest.mark.parametrize("nan_guard", ["tensor", "global"])
 def test_tiger_cache_batches_match_oracle(nan_guard):
-    """The CPU step runs its pre-pass (RMS, NaN check) and main pass batch by batch, the first
-    batch reading about 4 MB in its pre-pass and each next one up to 4x the previous one's bytes
-    (csrc/cpu/sign_optim.cpp, cache_batches). With three tensors of 18 MB of params (or grads),
-    the first tensor is a batch of its own under the per-tensor guard and the rest a second one,
-    and the one "global" group must stay one batch: a NaN in the last tensor still holds back the
-    tensors before it, whose pre-pass and update would otherwise already be done."""
+    """The CPU step runs its pre-pass (RMS, NaN check) and main pass batch by batch, each batch
+    reading about 32 MB in its pre-pass (csrc/cpu/sign_optim.cpp, cache_batches). With three
+    tensors of 36 MB of params + grads, every tensor is a batch of its own under the per-tensor
+    guard, and the one "global" group must stay one batch: a NaN in the last tensor still holds
+    back the tensors before it, whose pre-pass and update would otherwise already be done."""
     params = make_params([(3, 1_500_000)] * 3 + [(1000,)], torch.float32, seed=5)
     named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
     opt = Tiger(named, lr=2e-2, nan_guard=nan_guard)
