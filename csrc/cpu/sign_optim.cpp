@@ -473,10 +473,10 @@ int64_t pre_pass_bytes(const Job& j) {
 // 128 MB: 71.7 to 73.5 ms). Now that it reads only the grads and overlaps the main pass, on a shared machine
 // (load ~9 on 2 cores) 128 MB and larger batches came out best (Tiger/Lion 1.42-1.52x, against 1.72x at 32 MB
 // and 2.1x at 8 MB), and within the noise of one batch of everything (1.42x): the overlap is not shown to
-// gain there.
+// gain there. On a quiet machine, with the pre-pass's multi-stream read, a first batch of 4 MB and each next
+// one up to 4x the previous one (so that less of the grads is read with no main pass beside it) measured the
+// same as 128 MB batches (Tiger/Lion 1.30x either way).
 constexpr int64_t kBatchBytes = int64_t{128} << 20;
-constexpr int64_t kFirstBatchBytes = int64_t{4} << 20;
-constexpr int64_t kGrowth = 4;
 
 // [first, last) job ranges of the batches; one batch of all jobs when no job needs the pre-pass.
 std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& jobs) {
@@ -487,13 +487,11 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
   }
   std::vector<std::pair<int64_t, int64_t>> out;
   int64_t first = 0, bytes = 0, open_until = -1;  // open_until: last job of a group begun in this batch
-  int64_t target = kFirstBatchBytes;
   for (int64_t i = 0; i < T; ++i) {
     bytes += pre_pass_bytes(jobs[i]);
     if (jobs[i].nan_group >= 0) open_until = std::max(open_until, group_last[jobs[i].nan_group]);
-    if (bytes >= target && open_until <= i) {
+    if (bytes >= kBatchBytes && open_until <= i) {
       out.push_back({first, i + 1});
-      target = std::min(kBatchBytes, std::max(target, bytes) * kGrowth);
       first = i + 1, bytes = 0;
     }
   }
