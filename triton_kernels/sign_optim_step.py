@@ -65,7 +65,7 @@ from .sign_optim_layout import (
     _tile_offsets,
 )
 from .sign_optim_reduce import _row_sums
-from .sign_optim_tiles import _dyn_or, _load, _store_float, _update_tile
+from .sign_optim_tiles import _dyn_or, _element_tile, _store_float, _update_tile
 
 
 @triton.jit
@@ -313,71 +313,3 @@ def _step_kernel(
                     False,
                 )
     tl.store(part_ptr + it, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _element_tile(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    mask_ptr,
-    offs,
-    inb,
-    lr,
-    decay,
-    c_m,
-    c_g,
-    m_m,
-    m_g,
-    gscale,
-    flags,
-    use_dmask,
-    mk0,
-    mk1,
-    mthr,
-    stochastic,
-    rk0,
-    rk1,
-    read_theta,
-    PARAM: tl.constexpr,
-    MOM: tl.constexpr,
-    FULL: tl.constexpr,
-):
-    """One tile of the element-wise sweep; the squares of theta as it leaves the tile (read back
-    where this call keeps theta and must hand its sum on: ``read_theta``)."""
-    if FULL:
-        live = offs >= 0  # every element (``inb`` is not a mask then)
-    else:
-        live = inb
-    squares = _update_tile(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        mask_ptr,
-        offs,
-        inb,
-        live,
-        offs < 0,
-        lr,
-        decay,
-        c_m,
-        c_g,
-        m_m,
-        m_g,
-        gscale,
-        flags,
-        use_dmask,
-        mk0,
-        mk1,
-        mthr,
-        stochastic,
-        rk0,
-        rk1,
-        PARAM,
-        MOM,
-        FULL,
-    )
-    if read_theta:
-        x = _load(p_ptr, offs, inb, FULL).to(tl.float32)
-        squares = x * x
-    return squares

@@ -1,8 +1,8 @@
 """Sign optimizers, Triton side: the element arithmetic of one tile (sign_optim.h in C++).
 
 The random bits (ChildTuning-F masks, stochastic rounding), the store in the storage dtype, the
-update of one tile of momentum and theta, and the choice between a host-table and a dynamic-table
-(capturable mode) value.
+update of one tile of momentum and theta (and its element-wise form, with the squares of theta as
+the tile leaves it), and the choice between a host-table and a dynamic-table (capturable mode) value.
 """
 
 from __future__ import annotations
@@ -155,3 +155,71 @@ def _update_tile(
 def _dyn_or(dyn_row, slot, dynamic, static):
     """A dynamic-table value where the row is DYNAMIC, else the host table's ``static``."""
     return tl.where(dynamic, tl.load(dyn_row + slot, mask=dynamic, other=0.0), static)
+
+
+@triton.jit
+def _element_tile(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    mask_ptr,
+    offs,
+    inb,
+    lr,
+    decay,
+    c_m,
+    c_g,
+    m_m,
+    m_g,
+    gscale,
+    flags,
+    use_dmask,
+    mk0,
+    mk1,
+    mthr,
+    stochastic,
+    rk0,
+    rk1,
+    read_theta,
+    PARAM: tl.constexpr,
+    MOM: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One tile of the element-wise sweep; the squares of theta as it leaves the tile (read back
+    where this call keeps theta and must hand its sum on: ``read_theta``)."""
+    if FULL:
+        live = offs >= 0  # every element (``inb`` is not a mask then)
+    else:
+        live = inb
+    squares = _update_tile(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        mask_ptr,
+        offs,
+        inb,
+        live,
+        offs < 0,
+        lr,
+        decay,
+        c_m,
+        c_g,
+        m_m,
+        m_g,
+        gscale,
+        flags,
+        use_dmask,
+        mk0,
+        mk1,
+        mthr,
+        stochastic,
+        rk0,
+        rk1,
+        PARAM,
+        MOM,
+        FULL,
+    )
+    if read_theta:
+        x = _load(p_ptr, offs, inb, FULL).to(tl.float32)
+        squares = x * x
+    return squares
