@@ -14,6 +14,7 @@ A second test keeps the repository self-contained: no file in it may point to fi
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,40 @@ def test_no_reference_to_files_outside_the_repository():
     assert any(f.name == "ARCHITECTURE.md" for f in files)  # the walk reaches docs/
     found = _outside_references(files, ROOT)
     assert not found, "references to files outside the repository:\n" + "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layering: the oracle is for tests and the torch backend, not for kernels or product code.
+
+LEAN_ON_NOTHING = ("triton_kernels", "python/kexue/optim", "python/kexue/flyvec", "python/kexue/nn")
+
+
+def _reference_imports(path: Path) -> list[str]:
+    """The ``kexue.reference`` imports of one module (absolute, or relative from inside kexue)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ("." * node.level) + (node.module or "")
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        if any(n.startswith("kexue.reference") or n.lstrip(".").startswith("reference") for n in names):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_the_import_scan_finds_a_planted_reference_import(tmp_path, monkeypatch):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\nfrom kexue.reference.biohash import pack_bits\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _reference_imports(planted) == ["planted.py:2"]
+
+
+def test_kernels_and_product_code_do_not_import_the_reference():
+    files = [p for d in LEAN_ON_NOTHING for p in sorted((ROOT / d).rglob("*.py"))]
+    assert len(files) > 20, "the scan must see the kernel and product modules"
+    found = [hit for p in files for hit in _reference_imports(p)]
+    assert not found, "modules that lean on kexue.reference:\n" + "\n".join(found)

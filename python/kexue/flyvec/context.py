@@ -30,10 +30,10 @@ from collections.abc import Iterable
 import torch
 
 import kexue.ops
+from kexue._biohash_codes import pack_bits
 from kexue.flyvec.model import FlyVec
 from kexue.flyvec.tokenize import read_sentences
 from kexue.flyvec.windows import context_windows, target_ids
-from kexue.reference.biohash import pack_bits
 
 _CHUNK = 1 << 15  # windows hashed at a time: bounds the (chunk, K) activations
 

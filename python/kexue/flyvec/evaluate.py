@@ -138,7 +138,7 @@ SIMILARITIES = ("hash", "dense", "context-hash")
 
 
 def _hamming_similarity(model: FlyVec, codes: torch.Tensor) -> Callable[[str, str], float]:
-    from kexue.reference.biohash import hamming_distances
+    from kexue._biohash_codes import hamming_distances
 
     def sim(a: str, b: str) -> float:
         ia, ib = model.vocabulary.id(a), model.vocabulary.id(b)

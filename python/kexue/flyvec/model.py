@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import torch
 
 import kexue.ops
+from kexue._biohash_codes import code_bytes
 from kexue.flyvec import storage
 from kexue.flyvec.tokenize import tokenize
 from kexue.flyvec.vocabulary import Vocabulary
-from kexue.reference.biohash import code_bytes
 
 DEFAULT_HASH_LENGTH = 50  # flyvec/core.py's default
 

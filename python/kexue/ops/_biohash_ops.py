@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kexue import _backend
+from kexue._biohash_codes import code_bytes
 from kexue.ops import _hamming_tiles
 from kexue.ops._biohash_inputs import check_int, check_row_shapes, check_rows, check_update_scalars
 from kexue.reference import biohash as reference
@@ -116,7 +117,7 @@ def biohash_sparse_op(
 @biohash_sparse_op.register_fake
 def _(indices, offsets, weights, synapses_t, k, packed):
     num_hidden = synapses_t.shape[1]
-    width = reference.code_bytes(num_hidden) if packed else num_hidden
+    width = code_bytes(num_hidden) if packed else num_hidden
     return synapses_t.new_empty((_num_rows(offsets), width), dtype=torch.uint8)
 
 
@@ -144,7 +145,7 @@ def biohash_topk_op(activations: Tensor, k: int, packed: bool) -> Tensor:
 @biohash_topk_op.register_fake
 def _(activations, k, packed):
     num_hidden = activations.shape[1]
-    width = reference.code_bytes(num_hidden) if packed else num_hidden
+    width = code_bytes(num_hidden) if packed else num_hidden
     return activations.new_empty((activations.shape[0], width), dtype=torch.uint8)
 
 

@@ -18,15 +18,16 @@ Winner-take-all (the hash): the k units with the largest activations, ties broke
 unit index; NaN ranks above every number (as in ``torch.sort``), -0.0 equals +0.0. Exactly k bits
 are set in every code.
 
-Packed codes: ``uint8 (B, ceil(K/8))``, little-endian bit order: unit mu is bit ``mu % 8`` (value
-``1 << (mu % 8)``) of byte ``mu // 8``; unused high bits of the last byte are 0. On a little-endian
-machine, 8 consecutive bytes read as one uint64 hold units ``64w .. 64w+63`` in bits 0..63.
+Packed codes: ``uint8 (B, ceil(K/8))``, little-endian bit order, as kexue/_biohash_codes.py defines
+them (the packing and Hamming helpers here are that module's).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kexue._biohash_codes import code_bytes, hamming_distances, pack_bits, unpack_bits  # noqa: F401  (layout contract)
 
 # The official trainer's constants (flyvec/src/cu_special_reduction.cu): the step is scaled by
 # lr / max(max|ds|, PREC), and an element whose scaled change is at most TINY in magnitude is left as is.
@@ -37,11 +38,6 @@ TINY = 1e-10
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype activations accumulate in for synapses of ``dtype``."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def code_bytes(num_hidden: int) -> int:
-    """Bytes of one packed code of ``num_hidden`` bits."""
-    return (num_hidden + 7) // 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,23 +93,6 @@ def topk_mask(act: Tensor, k: int) -> Tensor:
     winners = ranked(act)[:, :k]
     mask = torch.zeros(act.shape, dtype=torch.bool, device=act.device)
     return mask.scatter_(1, winners, True)
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """``(B, K)`` bool or 0/1 -> ``(B, ceil(K/8))`` uint8, little-endian bit order."""
-    rows, num_hidden = mask.shape
-    nb = code_bytes(num_hidden)
-    bits = torch.zeros(rows, nb * 8, dtype=torch.int32, device=mask.device)
-    bits[:, :num_hidden] = mask.to(torch.int32)
-    weights = 1 << torch.arange(8, dtype=torch.int32, device=mask.device)
-    return (bits.view(rows, nb, 8) * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(codes: Tensor, num_hidden: int) -> Tensor:
-    """``(B, nb)`` uint8 -> ``(B, num_hidden)`` bool (inverse of :func:`pack_bits`)."""
-    shifts = torch.arange(8, dtype=torch.int32, device=codes.device)
-    bits = (codes.to(torch.int32)[:, :, None] >> shifts) & 1
-    return bits.reshape(codes.shape[0], -1)[:, :num_hidden].bool()
 
 
 def codes_from_activations(act: Tensor, k: int, packed: bool) -> Tensor:
@@ -221,14 +200,6 @@ def biohash_energy(indices: Tensor, offsets: Tensor, weights: Tensor | None, syn
 
 # --------------------------------------------------------------------------------------------
 # Nearest neighbours.
-
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def hamming_distances(queries: Tensor, database: Tensor) -> Tensor:
-    """``(Q, D)`` int64 Hamming distances between packed uint8 codes ``(Q, nb)`` and ``(D, nb)``."""
-    x = torch.bitwise_xor(queries[:, None, :], database[None, :, :])
-    return _POPCOUNT.to(queries.device)[x.long()].sum(-1)
 
 
 def hamming_topk(queries: Tensor, database: Tensor, n: int) -> tuple[Tensor, Tensor]:
