@@ -23,9 +23,8 @@ from tests.helpers import assert_close, fresh_probs
 if triton_unavailable_reason() is not None or torch.cuda.is_available():
     pytest.skip("counts loads in the Triton interpreter (CPU tensors)", allow_module_level=True)
 
-from triton.runtime import interpreter  # noqa: E402
-
 from kexue.triton_kernels import entropy_norm as K  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
 
 TOL = ref.default_tol(torch.float32)
 

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import entropy_norm as K  # noqa: E402  (after the skip)
+
 from tests.entropy_norm.triton_helpers import Tile, check, random_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN

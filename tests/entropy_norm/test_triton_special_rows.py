@@ -14,6 +14,7 @@ from tests.helpers import assert_close, reachable_targets
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import entropy_norm as K  # noqa: E402  (after the skip)
+
 from tests.entropy_norm.triton_helpers import TOL, Tile, check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN

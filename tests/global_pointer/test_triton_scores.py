@@ -13,6 +13,7 @@ from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
+
 from tests.global_pointer.triton_helpers import HOPPER, ROPE_NAMES, SMALL, problem  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as NaN
