@@ -19,8 +19,7 @@ from kexue.optim import Lion, Tiger
 from tests.biohash.helpers import random_batch
 from tests.global_pointer.helpers import make_problem
 from tests.helpers import DTYPES, assert_close
-from tests.sign_optim.helpers import EPS32, ulp
-from tests.sign_optim.test_step import SHAPES
+from tests.sign_optim.helpers import EPS32, SHAPES, ulp
 
 pytestmark = pytest.mark.skipif(
     not kexue.backends()["cuda"]["available"], reason=str(kexue.backends()["cuda"]["reason"])

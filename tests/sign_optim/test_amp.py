@@ -10,7 +10,7 @@ from torch import nn
 
 import kexue
 from kexue.optim import Lion, Tiger
-from tests.sign_optim.test_step import BACKENDS
+from tests.sign_optim.helpers import BACKENDS
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 import kexue
 from kexue.optim import Lion, Tiger
 from kexue.reference import sign_optim as R
-from tests.sign_optim.test_step import BACKENDS
+from tests.sign_optim.helpers import BACKENDS
 
 SHAPES = [(6, 7), (1500,), (5, 9)]
 NAN, INF = float("nan"), float("inf")

@@ -16,7 +16,7 @@ import kexue
 from kexue import _sign_table as table
 from kexue.ops import sign_optim as ops
 from kexue.optim import Tiger
-from tests.sign_optim.test_step import BACKENDS
+from tests.sign_optim.helpers import BACKENDS
 
 CARRYING = [b for b in BACKENDS if b in ops.CARRIES_SSQ]
 

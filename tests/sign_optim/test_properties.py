@@ -8,7 +8,7 @@ guard, ChildTuning-F), and gradients for a few steps holding NaN, +inf or -inf a
 interpreter when present):
 
 * every step equals the float64 reference step (kexue.reference.sign_optim, driven from the
-  optimizer's own state by tests/sign_optim/test_step.py's ``run_oracle``): NaN and +-inf in the
+  optimizer's own state by tests/sign_optim/helpers.py's ``run_oracle``): NaN and +-inf in the
   same places, finite values to the rounding of float32 arithmetic and the storage dtype (the
   non-finite rule is the reference's docstring: IEEE arithmetic, sign(NaN) = NaN, Tiger's guard
   on NaN and +-inf);
@@ -33,8 +33,7 @@ from hypothesis import strategies as st
 import kexue
 from kexue.ops import sign_optim as ops
 from kexue.optim import Lion, Tiger
-from tests.sign_optim.helpers import assert_rounded
-from tests.sign_optim.test_step import BACKENDS, run_oracle
+from tests.sign_optim.helpers import BACKENDS, assert_rounded, run_oracle
 
 FAST = {"torch": 6, "cpu": 8, "triton": 2}
 SLOW = {"torch": 150, "cpu": 300, "triton": 30}
