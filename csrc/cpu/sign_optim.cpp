@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -478,6 +479,17 @@ int64_t pre_pass_bytes(const Job& j) {
 // same as 128 MB batches (Tiger/Lion 1.30x either way).
 constexpr int64_t kBatchBytes = int64_t{128} << 20;
 
+// The batch size, or KEXUE_SIGN_OPTIM_BATCH_BYTES when set to a positive integer: for tests, which
+// need batch boundaries between tensors of a few MB, and for measuring other sizes. Read per step
+// (one getenv against a step over megabytes), so a test can set it in a running process.
+int64_t batch_bytes() {
+  const char* text = std::getenv("KEXUE_SIGN_OPTIM_BATCH_BYTES");
+  if (text == nullptr) return kBatchBytes;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  return (end != text && *end == '\0' && value > 0) ? static_cast<int64_t>(value) : kBatchBytes;
+}
+
 // [first, last) job ranges of the batches; one batch of all jobs when no job needs the pre-pass.
 std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& jobs) {
   const int64_t T = static_cast<int64_t>(jobs.size());
@@ -486,11 +498,12 @@ std::vector<std::pair<int64_t, int64_t>> cache_batches(const std::vector<Job>& j
     if (jobs[i].nan_group >= 0) group_last[jobs[i].nan_group] = i;
   }
   std::vector<std::pair<int64_t, int64_t>> out;
+  const int64_t limit = batch_bytes();
   int64_t first = 0, bytes = 0, open_until = -1;  // open_until: last job of a group begun in this batch
   for (int64_t i = 0; i < T; ++i) {
     bytes += pre_pass_bytes(jobs[i]);
     if (jobs[i].nan_group >= 0) open_until = std::max(open_until, group_last[jobs[i].nan_group]);
-    if (bytes >= kBatchBytes && open_until <= i) {
+    if (bytes >= limit && open_until <= i) {
       out.push_back({first, i + 1});
       first = i + 1, bytes = 0;
     }

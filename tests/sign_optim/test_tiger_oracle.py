@@ -53,13 +53,19 @@ def test_tiger_matches_oracle(backend, config):
 
 @pytest.mark.skipif(not NATIVE, reason="the C++ CPU backend is not built")
 @pytest.mark.parametrize("nan_guard", ["tensor", "global"])
-def test_tiger_cache_batches_match_oracle(nan_guard):
+@pytest.mark.parametrize("batch_bytes", [None, 4 << 20])
+def test_tiger_cache_batches_match_oracle(nan_guard, batch_bytes, monkeypatch):
     """The CPU step runs its pre-pass (RMS, NaN check) and main pass batch by batch; a batch closes
-    once its pre-pass reads kBatchBytes, 128 MB (csrc/cpu/sign_optim.cpp, cache_batches), and never
-    inside a NaN group. The three tensors here hold 18 MB of params and 18 MB of grads each, so the
-    pre-pass reads at most 108 MB in all and the step is a single batch under either guard: this
-    checks the batched step and a NaN in the last tensor holding back the tensors before it under
-    "global", but these sizes no longer put a batch boundary between tensors."""
+    once its pre-pass reads the batch size, 128 MB by default (csrc/cpu/sign_optim.cpp,
+    cache_batches), and never inside a NaN group. The three tensors here hold 18 MB of params and
+    18 MB of grads each: with the default the step is one batch; with 4 MB
+    (KEXUE_SIGN_OPTIM_BATCH_BYTES) every tensor closes a batch of its own under "tensor", while
+    under "global" the NaN group holds all of them in one. A NaN in the last tensor must hold back
+    the tensors before it under "global" either way."""
+    if batch_bytes is None:
+        monkeypatch.delenv("KEXUE_SIGN_OPTIM_BATCH_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("KEXUE_SIGN_OPTIM_BATCH_BYTES", str(batch_bytes))
     params = make_params([(3, 1_500_000)] * 3 + [(1000,)], torch.float32, seed=5)
     named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
     opt = Tiger(named, lr=2e-2, nan_guard=nan_guard)
