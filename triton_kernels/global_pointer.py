@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ._aligned import aligned as _aligned
 from .global_pointer_configs import (  # noqa: F401  (re-exported: the backends and tests ask this module)
     MAX_HEAD_SIZE,
     MAX_SERVED_HEAD,
@@ -105,13 +106,6 @@ def _unpadded(g: torch.Tensor, d: int, rope: int, dtype: torch.dtype) -> torch.T
     return g.to(dtype)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous on a 16-byte boundary (a copy if not): the kernels are compiled and
-    checked for aligned pointers only (``aligned_only`` in :mod:`global_pointer_aot`)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 
@@ -123,7 +117,7 @@ def _common(q, k, sb, mask, rope, base, tile):
         raise ValueError(f"the tile's head block {tile.block_h} is narrower than the head size {d}")
     scale = 1.0 / max(d, 1) ** 0.5
     qr, kr = _rows(q, rope, tile.block_h), _rows(k, rope, tile.block_h)
-    m8 = _aligned(mask.contiguous().view(torch.uint8))
+    m8 = _aligned(mask.view(torch.uint8))
     table = _rope_table(length, d, tile.block_h, float(base), int(rope), q.device)
     return (batch, heads, sb.shape[1], length, d, qr, kr, scale, tile, m8, table)
 

@@ -29,6 +29,7 @@ import torch
 from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
+from ._aligned import aligned as _aligned
 from .logn_attention_rules import arch_family, block_d, dot_mode, row_length
 
 # The widest head the kernels serve on a GPU: from 256 on, the forward's 16 rows a warp of fp32
@@ -36,16 +37,6 @@ from .logn_attention_rules import arch_family, block_d, dot_mode, row_length
 # tried spilled (sm_80 64x32 w4: 232 B of stack; sm_90 128x32 w8: 64 B). kexue.ops routes wider
 # heads on CUDA devices elsewhere; the interpreter still runs them.
 MAX_HEAD_DIM = 128
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous and 16-byte aligned. The JIT specializes aligned pointers, and only that
-    form of each kernel was sized to fit the registers (an unaligned view, e.g. a slice of a
-    fused qkv projection, would compile a scalar-load variant that spills): such a view is copied.
-    Every tensor the backward kernels read or write passes through here or is freshly allocated,
-    which is what their ``aligned_only`` AOT entries (tests/gpu_compile.py) rely on."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _rows(t: torch.Tensor, row: int) -> torch.Tensor:

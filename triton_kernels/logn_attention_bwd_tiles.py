@@ -208,7 +208,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                             num_stages=tile.num_stages,
                             archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
                             unaligned_ints=unaligned_ints(varlen),
-                            # the launcher aligns every pointer (see _aligned there): no plain form
+                            # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
                             aligned_only=True,
                             expect=_expect(family, mode, tile, name, d),
                         )

@@ -202,31 +202,12 @@ def _flops(b, hq, lq, lk, d, causal, mode) -> float:
 def cases(device: torch.device, plan: str) -> list[Case]:
     shapes = {"smoke": SMOKE_SHAPES, "default": DEFAULT_SHAPES, "full": FULL_SHAPES}[plan]
     out = []
-    for i, (b, hq, hkv, length, d, causal) in enumerate(shapes):
-        for mode in ("forward", "full"):
-            elems = (2 * b * hq + 2 * b * hkv) * length * d  # q, out; k, v
-            moved = 2 * elems * (2 if mode == "full" else 1)
-            out.append(
-                Case(
-                    name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'}",
-                    mode=mode,
-                    bytes=moved,
-                    peers=_peers(decode=False),
-                    headline=i == 0,
-                    setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device),
-                    params={
-                        "batch": b,
-                        "heads_q": hq,
-                        "heads_kv": hkv,
-                        "length": length,
-                        "head_dim": d,
-                        "causal": causal,
-                        "dtype": "bf16",
-                        "flops": _flops(b, hq, length, length, d, causal, mode),
-                    },
-                )
-            )
-    out += _tf32_cases(device, plan)
+    peers = _peers(decode=False)
+    for i, shape in enumerate(shapes):
+        out += [_prefill_case(shape, mode, device, BF16, peers, headline=i == 0) for mode in ("forward", "full")]
+    tf32_peers = [p for p in peers if p.name in TF32_PEERS]  # those that take float32 (not flash)
+    tf32_shape = TF32_SHAPE.get(plan, TF32_SHAPE["default"])
+    out += [_prefill_case(tf32_shape, mode, device, torch.float32, tf32_peers) for mode in ("forward", "full")]
     b, hq, hkv, cache, d = SMOKE_DECODE_SHAPE if plan == "smoke" else DECODE_SHAPE
     cache_bytes = 2 * b * hkv * cache * d * 2
     out.append(
@@ -251,28 +232,28 @@ def cases(device: torch.device, plan: str) -> list[Case]:
     return out
 
 
-def _tf32_cases(device: torch.device, plan: str) -> list[Case]:
-    """float32 inputs, kexue with allow_tf32 against the peers that take float32 (not flash)."""
-    b, hq, hkv, length, d, causal = TF32_SHAPE.get(plan, TF32_SHAPE["default"])
-    peers = [p for p in _peers(decode=False) if p.name in TF32_PEERS]
-    elems = (2 * b * hq + 2 * b * hkv) * length * d
-    return [
-        Case(
-            name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'} fp32 tf32",
-            mode=mode,
-            bytes=4 * elems * (2 if mode == "full" else 1),
-            peers=peers,
-            setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device, torch.float32),
-            params={
-                "batch": b,
-                "heads_q": hq,
-                "heads_kv": hkv,
-                "length": length,
-                "head_dim": d,
-                "causal": causal,
-                "dtype": "fp32-tf32",
-                "flops": _flops(b, hq, length, length, d, causal, mode),
-            },
-        )
-        for mode in ("forward", "full")
-    ]
+def _prefill_case(shape, mode: str, device, dtype, peers, headline: bool = False) -> Case:
+    """One prefill case: bf16, or float32 run with allow_tf32 (and the peers under torch's TF32 setting)."""
+    b, hq, hkv, length, d, causal = shape
+    elems = (2 * b * hq + 2 * b * hkv) * length * d  # q, out; k, v
+    size = torch.empty((), dtype=dtype).element_size()
+    label = "bf16" if dtype == BF16 else "fp32-tf32"
+    return Case(
+        name=f"B{b} H{hq}/{hkv} L{length} d{d} {'causal' if causal else 'full'}"
+        + ("" if dtype == BF16 else " fp32 tf32"),
+        mode=mode,
+        bytes=size * elems * (2 if mode == "full" else 1),
+        peers=peers,
+        headline=headline,
+        setup=functools.partial(_inputs, b, hq, hkv, length, length, d, causal, mode, device, dtype),
+        params={
+            "batch": b,
+            "heads_q": hq,
+            "heads_kv": hkv,
+            "length": length,
+            "head_dim": d,
+            "causal": causal,
+            "dtype": label,
+            "flops": _flops(b, hq, length, length, d, causal, mode),
+        },
+    )
