@@ -64,8 +64,21 @@ __device__ __forceinline__ Job row_of(const Job* __restrict__ jobs, const double
 // ---------------------------------------------------------------------------------------------
 // Storage.
 
+// The tensors' addresses come from the jobs array, not from kernel arguments, so the compiler
+// cannot tell that they point to global memory and would emit generic accesses (LD/ST, which
+// resolve the address space at run time); the assumption lets it emit LDG/STG.
+__device__ __forceinline__ void assume_global(const void* p) { __builtin_assume(__isGlobal(p)); }
+
+// p, known to point to global memory (only where p is dereferenced: null is not global).
+template <typename T>
+__device__ __forceinline__ T* global(T* p) {
+  assume_global(p);
+  return p;
+}
+
 template <int S>
 __device__ __forceinline__ float load(const void* p, int64_t i) {
+  assume_global(p);
   if constexpr (S == kF32) {
     return static_cast<const float*>(p)[i];
   } else if constexpr (S == kBF16) {
@@ -79,6 +92,7 @@ __device__ __forceinline__ float load(const void* p, int64_t i) {
 // sum adds.
 template <int S>
 __device__ __forceinline__ float store(void* p, int64_t i, float x, bool stochastic, uint32_t k0, uint32_t k1) {
+  assume_global(p);
   if constexpr (S == kF32) {
     static_cast<float*>(p)[i] = x;
     return x;
@@ -171,7 +185,7 @@ __global__ void finish_kernel(const Span* __restrict__ spans, int64_t n, const J
   double total = 0.0;
   int found = 0;
   for (int64_t i = span.first; i < span.first + span.count; ++i) total += ssq[i], found |= nan[i];
-  if (has(j, kRmsCarried)) total = *j.ssq;  // theta_{t-1}'s sum, left by the last call
+  if (has(j, kRmsCarried)) total = *global(j.ssq);  // theta_{t-1}'s sum, left by the last call
   job_ssq[span.job] = total;
   lr_out[span.job] = j.lr * sqrt(total / static_cast<double>(j.numel));
   if (found && j.nan_group >= 0) atomicMax(group_nan + j.nan_group, 1);
@@ -195,9 +209,9 @@ __global__ void ssq_out_kernel(const Span* __restrict__ outs, int64_t n, const J
   if (shrinks(j, group_nan) || has(j, kUpdate)) {
     double total = 0.0;
     for (int64_t i = span.first; i < span.first + span.count; ++i) total += parts[i];
-    *j.ssq = total;
+    *global(j.ssq) = total;
   } else if (!has(j, kRmsCarried)) {
-    *j.ssq = job_ssq[span.job];
+    *global(j.ssq) = job_ssq[span.job];
   }
 }
 
@@ -212,7 +226,7 @@ __device__ __forceinline__ float update_element(const Job& j, int64_t i, const C
   if (has(j, kMaskF)) {
     keep = keep_element(element_bits(j.mask_k0, j.mask_k1, static_cast<uint64_t>(i)), j.mask_threshold);
   } else if (gated) {
-    keep = j.mask[i] != 0;
+    keep = global(j.mask)[i] != 0;
   }
   g = keep ? g * j.gscale : 0.f;
   const float mn = new_momentum(m, g, k);
@@ -250,7 +264,7 @@ __device__ void shrink_item(const Job& j, const Item& item, bool stochastic, dou
                                         stochastic, j.round_k0, j.round_k1));
       }
       acc = warp_sum(acc);
-      if (lane == 0) j.ssq[r] = static_cast<double>(acc);
+      if (lane == 0) global(j.ssq)[r] = static_cast<double>(acc);
     }
     return;
   }
@@ -284,11 +298,11 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
       if (read) ssq = add_square(ssq, load<PS>(j.param, s + c));
     }
     present = warp_or(present);
-    const double before = carried ? j.ssq[r] : static_cast<double>(warp_sum(ssq));
+    const double before = carried ? global(j.ssq)[r] : static_cast<double>(warp_sum(ssq));
     bool live = true, freeze = false;
     if (lazy) {
-      live = present || (j.seen != nullptr && j.seen[r] != 0);
-      if (j.seen != nullptr && lane == 0) j.seen[r] = update ? 0 : static_cast<uint8_t>(live);
+      live = present || (j.seen != nullptr && global(j.seen)[r] != 0);
+      if (j.seen != nullptr && lane == 0) global(j.seen)[r] = update ? 0 : static_cast<uint8_t>(live);
       freeze = !present && has(j, kFreezeAbsent);
     }
     const double row_lr = row_rms ? lr * sqrt(before / static_cast<double>(len)) : lr;
@@ -298,7 +312,7 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
       after = add_square(after, update_element<PS, MS>(j, s + c, k, update && live, live, freeze, gated, stochastic));
     }
     after = warp_sum(after);
-    if (out && lane == 0) j.ssq[r] = update && live ? static_cast<double>(after) : before;
+    if (out && lane == 0) global(j.ssq)[r] = update && live ? static_cast<double>(after) : before;
   }
 }
 
