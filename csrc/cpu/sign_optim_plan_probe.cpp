@@ -43,8 +43,12 @@ sign_optim_plan_probe(const std::vector<at::Tensor>& params, const std::vector<a
                       const at::Tensor& hyper, const at::Tensor& ints, bool capturable, bool clear) {
   PlanCache<at::Tensor>& cache = probe_plans();
   if (clear) cache.clear();
-  const Call call = decode_jobs("sign_optim_plan_probe", params, grads, exp_avgs, masks, row_seen, hyper, ints,
-                                std::nullopt, at::kCPU, &ssq);
+  // Capturable: a dynamic table of zeros stands in for the device one (decode_jobs wants one for
+  // kDynamic rows; the values it applies on CPU only change the jobs' bytes).
+  std::optional<at::Tensor> dyn;
+  if (capturable) dyn = at::zeros({static_cast<int64_t>(params.size()), kNumDyn}, at::kDouble);
+  const Call call = decode_jobs("sign_optim_plan_probe", params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn,
+                                at::kCPU, &ssq);
   check_plan_jobs("sign_optim_plan_probe", call.jobs);
   const Plan<at::Tensor> plan = cache.prepare(call.jobs, "cpu", capturable, [](const void* data, size_t bytes) {
     at::Tensor t = at::empty({static_cast<int64_t>(bytes)}, at::kByte);
