@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
   m.def("sign_optim_step_dyn_cpu", &kexue::sign_optim_step_dyn_cpu, nogil, arg("params"), arg("grads"),
         arg("exp_avgs"), arg("masks"), arg("row_seen"), arg("ssq"), arg("hyper"), arg("ints"), arg("dyn"));
+  m.def("sign_optim_plan_probe", &kexue::sign_optim_plan_probe, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
+        arg("masks"), arg("row_seen"), arg("ssq"), arg("hyper"), arg("ints"), arg("capturable"), arg("clear"));
   m.def("biohash_activations_cpu", &kexue::biohash_activations_cpu, nogil, arg("indices"), arg("offsets"),
         arg("weights"), arg("synapses_t"));
   m.def("biohash_sparse_cpu", &kexue::biohash_sparse_cpu, nogil, arg("indices"), arg("offsets"), arg("weights"),
@@ -57,7 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("entropy_normalize_backward_cuda", &kexue::entropy_normalize_backward_cuda, nogil, arg("grad_y"),
         arg("grad_gamma"), arg("x"), arg("gamma"), arg("stats"), arg("logits"));
   m.def("sign_optim_step_dyn_cuda", &kexue::sign_optim_step_dyn_cuda, nogil, arg("params"), arg("grads"),
-        arg("exp_avgs"), arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"), arg("dyn"));
+        arg("exp_avgs"), arg("masks"), arg("row_seen"), arg("ssq"), arg("hyper"), arg("ints"), arg("dyn"));
   m.def("sign_optim_step_cuda", &kexue::sign_optim_step_cuda, nogil, arg("params"), arg("grads"), arg("exp_avgs"),
         arg("masks"), arg("row_seen"), arg("hyper"), arg("ints"));
   m.def("biohash_activations_cuda", &kexue::biohash_activations_cuda, nogil, arg("indices"), arg("offsets"),

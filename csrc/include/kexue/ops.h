@@ -43,6 +43,16 @@ void sign_optim_step_dyn_cpu(const std::vector<at::Tensor>& params, const std::v
                              const std::vector<std::optional<at::Tensor>>& masks,
                              const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
                              const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn);
+// Test hook for the CUDA step's launch-plan cache (csrc/include/kexue/sign_optim_plan.h), run on
+// CPU tensors with the sign_optim_step_dyn_cpu arguments: the plan the CUDA step would use for
+// this call, from a cache of its own (the CUDA step's is not touched). Returns (builds, uploads,
+// cached plans, items (N, 3), pre-pass launches (L, 4), step launches (S, 4), spans (., 3), outs
+// (., 3)) as int64 tensors; launches are (ps, ms, first, count). clear: empty the cache first.
+std::tuple<int64_t, int64_t, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sign_optim_plan_probe(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,
+                      const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
+                      const at::Tensor& hyper, const at::Tensor& ints, bool capturable, bool clear);
 
 // BioHash / FlyVec (csrc/cpu/{biohash,biohash_update,hamming}.cpp). Sparse rows are CSR:
 // indices (nnz,) int64, offsets (B+1,) int64, optional weights (nnz,) in the compute dtype.
@@ -124,12 +134,13 @@ std::tuple<at::Tensor, at::Tensor> entropy_normalize_backward_cuda(const at::Ten
                                                                    const at::Tensor& grad_gamma, const at::Tensor& x,
                                                                    const at::Tensor& gamma, const at::Tensor& stats,
                                                                    bool logits);
-// Lion / Tiger on CUDA tensors with the dynamic table: the contract of sign_optim_step_dyn_cpu.
+// Lion / Tiger on CUDA tensors with the dynamic table and the carried sums of squares: the
+// contract of sign_optim_step_dyn_cpu (carried sums are refused in kDynamic rows).
 void sign_optim_step_dyn_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                               const std::vector<at::Tensor>& exp_avgs,
                               const std::vector<std::optional<at::Tensor>>& masks,
-                              const std::vector<at::Tensor>& row_seen, const at::Tensor& hyper, const at::Tensor& ints,
-                              const std::optional<at::Tensor>& dyn);
+                              const std::vector<at::Tensor>& row_seen, const std::vector<at::Tensor>& ssq,
+                              const at::Tensor& hyper, const at::Tensor& ints, const std::optional<at::Tensor>& dyn);
 // Lion / Tiger on CUDA tensors (csrc/cuda/sign_optim.cu): the contract of sign_optim_step_cpu.
 void sign_optim_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& exp_avgs, const std::vector<std::optional<at::Tensor>>& masks,

@@ -111,6 +111,9 @@ KEXUE_HOST_DEVICE bool has(const TableRow& r, int64_t flag) { return (r.flags & 
 // Whether the tensor is updated row by row (per-row RMS or lazy rows of an embedding table).
 KEXUE_HOST_DEVICE bool by_rows(const TableRow& r) { return r.row_len > 0 && has(r, kRmsRow | kLazyRows); }
 
+// Whether the tensor's sums of squares (carried ones included) are one per row, else one in all.
+KEXUE_HOST_DEVICE bool per_row_sums(const TableRow& r) { return by_rows(r) && has(r, kRmsRow); }
+
 inline TableRow decode_row(const double* h, const int64_t* i) {
   TableRow r{};  // zeroed, padding included: a row's bytes are a cache key on CUDA
   r.flags = i[kFlags];

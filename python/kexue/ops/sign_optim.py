@@ -26,9 +26,9 @@ from kexue.ops._sign_optim_inputs import check_step
 OP = "sign_optim"
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
-# Backends that implement the RMS_CARRIED / SSQ_OUT flags (one-pass Tiger); the optimizers ask
-# the others for the pre-pass over the params.
-CARRIES_SSQ = frozenset({"torch", "cpu", "triton"})
+# Backends that implement the RMS_CARRIED / SSQ_OUT flags (one-pass Tiger): all of them; a backend
+# left out of this set would be asked for the pre-pass over the params instead.
+CARRIES_SSQ = frozenset({"torch", "cpu", "triton", "cuda"})
 
 
 def _register_backends() -> None:
@@ -38,23 +38,13 @@ def _register_backends() -> None:
     if native is not None and hasattr(native, "sign_optim_step_dyn_cpu"):
         _backend.register(OP, "cpu", native.sign_optim_step_dyn_cpu, PARAM_DTYPES)
         if getattr(native, "WITH_CUDA", False):
-            _backend.register(OP, "cuda", _without_ssq(native.sign_optim_step_dyn_cuda), PARAM_DTYPES)
+            _backend.register(OP, "cuda", native.sign_optim_step_dyn_cuda, PARAM_DTYPES)
     _backend.register(OP, "triton", lambda *args: _triton_module().fused_step(*args), PARAM_DTYPES)
     # On CUDA tensors the C++ step goes first: on an H200, Lion over 531M params in 195 tensors
     # took 4.69 ms a step with the CUDA C++ kernel against 13.3 ms with the Triton one (that
-    # Triton step predates its 16-byte vector accesses, which are not measured on a GPU). Tiger
-    # served by the CUDA kernel reads theta in a pre-pass (no carried sums: CARRIES_SSQ).
+    # Triton step predates its 16-byte vector accesses, which are not measured on a GPU). Both
+    # carry Tiger's sums of squares (one-pass Tiger) and keep their launch plans between steps.
     _backend.prefer(OP, "cuda", ("cuda", "triton"))
-
-
-def _without_ssq(fn):
-    """A backend that predates the carried sums of squares (not in CARRIES_SSQ): the optimizers
-    never set RMS_CARRIED / SSQ_OUT for it, so its ``ssq`` list is all placeholders."""
-
-    def call(params, grads, exp_avgs, masks, row_seen, ssq, hyper, ints, dyn=None):
-        fn(params, grads, exp_avgs, masks, row_seen, hyper, ints, dyn)
-
-    return call
 
 
 def _triton_module():
