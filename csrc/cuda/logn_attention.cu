@@ -1,4 +1,8 @@
 // Log-n attention on CUDA: the C++ fallback behind the Triton kernels (dense (B, H, L, D) inputs).
+// The entry points below check the inputs, build the per-query scales and the backward's delta,
+// then hand float16 / bfloat16 / float32 calls with D % 8 == 0, D <= 128 on sm_80+ to the tiled
+// flash-attention kernels (csrc/cuda/logn_attention_tiled.cu); the warp-per-row kernels of this
+// file serve the rest (float64, other head sizes up to 256, older GPUs, unaligned data).
 //
 // The contract is that of logn_attention_{forward,backward}_cpu (csrc/cpu/logn_attention.cpp); the
 // per-query scale and the visible-key count come from csrc/include/kexue/logn_attention.h, shared
@@ -33,6 +37,7 @@
 
 #include "kexue/logn_attention.h"
 #include "kexue/logn_attention_checks.h"
+#include "kexue/logn_attention_tiled.h"
 #include "kexue/ops.h"
 
 namespace kexue {
@@ -404,10 +409,14 @@ std::tuple<at::Tensor, at::Tensor> logn_attention_forward_cuda(const at::Tensor&
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
   const int64_t* pre = prefix.defined() ? prefix.data_ptr<int64_t>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool tiled = logn_attention::tiled::serves(q, {q, k, v}, /*backward=*/false);
   dispatch(q, [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     const at::Tensor scales = scales_of<A>(pre, s, rule, lse);
+    if constexpr (std::is_same_v<A, float>) {
+      if (tiled) return logn_attention::tiled::forward(q, k, v, pad, scales.data_ptr<float>(), causal, out, lse);
+    }
     forward_kernel<T, A><<<row_grid(s.Lq, s.Hq, s.B), kRows * kWarpSize, tile_bytes<A>(s.D), stream>>>(
         q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), pad, scales.data_ptr<A>(), s, out.data_ptr<T>(),
         lse.data_ptr<A>());
@@ -434,6 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cuda(
   const bool* pad = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
   const int64_t* pre = prefix.defined() ? prefix.data_ptr<int64_t>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool tiled = logn_attention::tiled::serves(q, {q, k, v, grad_out}, /*backward=*/true);
   dispatch(q, [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
@@ -443,6 +453,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logn_attention_backward_cuda(
     delta_kernel<T, A><<<q_grid, kRows * kWarpSize, 0, stream>>>(grad_out.data_ptr<T>(), out.data_ptr<T>(), dlse, s,
                                                                 delta.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (std::is_same_v<A, float>) {
+      if (tiled) {
+        return logn_attention::tiled::backward(grad_out, q, k, v, lse, delta, pad, scales.data_ptr<float>(), causal,
+                                               dq, dk, dv);
+      }
+    }
     dq_kernel<T, A><<<q_grid, kRows * kWarpSize, tile_bytes<A>(s.D), stream>>>(
         q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), grad_out.data_ptr<T>(), lse.data_ptr<A>(),
         delta.data_ptr<A>(), pad, scales.data_ptr<A>(), s, dq.data_ptr<T>());

@@ -1,0 +1,65 @@
+"""Instruction counts of the tiled log-n attention kernels, read from the SASS of their object file;
+fails when a kernel lost what makes it fast or spills to local memory.
+
+    python .ci/sass_counts.py OBJECT CUOBJDUMP
+
+Per kernel and architecture: HMMA (tensor-core mma.sync), LDGSTS (cp.async), LDSM (ldmatrix),
+FFMA, MUFU.EX2, BAR.SYNC and local loads / stores (LDL / STL). The float16 and bfloat16 kernels
+must use HMMA, LDSM and LDGSTS, the float32 ones LDGSTS, and no kernel may touch local memory.
+Run by .ci/check-cuda after the build (docs/logn_attention.md, "The CUDA C++ kernels").
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+COUNTS = {
+    "HMMA": r"\bHMMA\.16816",
+    "LDGSTS": r"\bLDGSTS\b",
+    "LDSM": r"\bLDSM\b",
+    "FFMA": r"\bFFMA\b",
+    "EX2": r"\bMUFU\.EX2\b",
+    "BAR": r"\bBAR\.SYNC\b",
+    "LDL/STL": r"\b(?:LDL|STL)\b",
+}
+
+
+def kernels(sass: str):
+    """(arch, mangled name, body) for each function of a cuobjdump -sass listing."""
+    arch = "?"
+    for part in re.split(r"\n(?=\s*(?:arch = |Function : ))", sass):
+        head = part.strip()
+        if head.startswith("arch = "):
+            arch = head.split()[2]
+        elif head.startswith("Function : "):
+            yield arch, head.split()[2], part
+
+
+def main(obj: str, cuobjdump: str) -> int:
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for arch, name, body in kernels(sass):
+        pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+        pretty = re.sub(r"^void |\(anonymous namespace\)::|kexue::logn_attention::tiled::", "", pretty).split("(")[0]
+        rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in COUNTS.items()}))
+    if not rows:
+        sys.exit(f"sass_counts: no kernels in {obj}")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>7}" for k in COUNTS))
+    bad = []
+    for name, arch, c in sorted(rows):
+        print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>7}" for k in COUNTS))
+        sixteen = "__half" in name or "__nv_bfloat16" in name
+        need = ("HMMA", "LDSM", "LDGSTS") if sixteen else ("LDGSTS",)
+        if any(c[k] == 0 for k in need) or c["LDL/STL"]:
+            bad.append(f"{name} ({arch})")
+    if bad:
+        sys.exit("sass_counts: FAILED: missing HMMA/LDSM/LDGSTS or local memory in " + ", ".join(bad))
+    print(f"sass_counts: {len(rows)} tiled kernel builds: tensor cores and cp.async where required, no local memory")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
