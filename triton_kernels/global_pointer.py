@@ -62,8 +62,11 @@ from .global_pointer_score_kernels import (
 
 @functools.lru_cache(maxsize=16)
 def _rope_table_cached(positions: int, d: int, width: int, base: float, device: torch.device) -> torch.Tensor:
-    inv_freq = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
-    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    # the formula's one definition, shared with the oracle; imported here, as this module is also
+    # imported without kexue (tests/gpu_compile.py's source-tree fallback)
+    from kexue._rope import rope_angles
+
+    ang = rope_angles(positions, d, base)
     table = torch.zeros(positions, 2, width // 2, dtype=torch.float64)
     table[:, 0] = 1.0
     table[:, 0, : d // 2] = torch.cos(ang)
