@@ -25,9 +25,9 @@ from .global_pointer_tile_ops import (
     batch_head,
     bias,
     candidates,
-    tile_dots,
     grad_tile,
     labels_tile,
+    tile_dots,
     token_ok,
 )
 

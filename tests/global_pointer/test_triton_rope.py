@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
-from kexue._rope import rope_angles  # noqa: E402
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 from kexue.triton_kernels.global_pointer_rope import load_rotated, store_unrotated  # noqa: E402
+
+from kexue._rope import rope_angles  # noqa: E402
 
 
 @triton.jit
@@ -28,7 +28,9 @@ def _rotated_rows_kernel(x_ptr, rope_ptr, out_ptr, L, scale, M: tl.constexpr, WI
 
 
 @triton.jit
-def _unrotated_rows_kernel(g_ptr, rope_ptr, out_ptr, L, scale, M: tl.constexpr, WIDTH: tl.constexpr, ROPE: tl.constexpr):
+def _unrotated_rows_kernel(
+    g_ptr, rope_ptr, out_ptr, L, scale, M: tl.constexpr, WIDTH: tl.constexpr, ROPE: tl.constexpr
+):
     pos = tl.program_id(0) * M + tl.arange(0, M)
     ok = pos < L
     c = tl.arange(0, WIDTH)
