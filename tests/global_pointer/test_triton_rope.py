@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kexue._rope import rope_angles
+
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from kexue.triton_kernels import global_pointer as K  # noqa: E402  (after the skip)
 from kexue.triton_kernels.global_pointer_rope import load_rotated, store_unrotated  # noqa: E402
-
-from kexue._rope import rope_angles  # noqa: E402
 
 
 @triton.jit
