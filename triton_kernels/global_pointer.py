@@ -61,24 +61,35 @@ from .global_pointer_score_kernels import (
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_table_cached(positions: int, d: int, width: int, base: float, device: torch.device) -> torch.Tensor:
-    inv_freq = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
-    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+def _rope_table_cached(
+    positions: int, d: int, width: int, base: float, interleaved: bool, device: torch.device
+) -> torch.Tensor:
+    # the formula's one definition, shared with the oracle; imported here, as this module is also
+    # imported without kexue (tests/gpu_compile.py's source-tree fallback)
+    from kexue._rope import rope_angles
+
+    ang = rope_angles(positions, d, base)
     table = torch.zeros(positions, 2, width // 2, dtype=torch.float64)
     table[:, 0] = 1.0
     table[:, 0, : d // 2] = torch.cos(ang)
     table[:, 1, : d // 2] = torch.sin(ang)
+    if interleaved:  # per channel: each pair's cos twice, its sin signed -, + (see global_pointer_rope)
+        table = table.repeat_interleave(2, dim=-1)
+        table[:, 1, 0::2] *= -1.0
     return table.to(device=device, dtype=torch.float32)
 
 
 def _rope_table(length: int, d: int, width: int, base: float, rope: int, device: torch.device) -> torch.Tensor:
-    """``(positions, 2, width/2)`` float32 cos and sin of the angles ``p * base**(-2c/d)`` for
-    at least ``length`` positions (computed in float64; 1 and 0 on the padded pairs), or an empty
+    """float32 cos and sin of the angles ``p * base**(-2c/d)`` for at least ``length`` positions
+    (computed in float64; 1 and 0 on the padded pairs): ``(positions, 2, width/2)``, one per pair,
+    for rotate-half; ``(positions, 2, width)``, one per channel (cos_c, -sin_c, cos_c, sin_c for
+    pair c), for the interleaved layout, so that its kernels read them in vector loads. An empty
     tensor without RoPE. Cached for a power-of-two number of positions, so that calls of varying
-    length share one table per (head size, base, device)."""
+    length share one table per (head size, base, layout, device)."""
     if not rope:
         return torch.empty(0, dtype=torch.float32, device=device)
-    return _rope_table_cached(max(64, 1 << max(length - 1, 0).bit_length()), d, width, base, device)
+    positions = max(64, 1 << max(length - 1, 0).bit_length())
+    return _rope_table_cached(positions, d, width, base, rope == 1, device)
 
 
 def _rows(x: torch.Tensor, rope: int, width: int) -> torch.Tensor:

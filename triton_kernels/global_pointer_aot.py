@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .global_pointer_configs import GPU_ARCHS, HOPPER, MAX_SERVED_HEAD, Tile, scores_tile_for, supports, tile_for
+from .global_pointer_configs import GPU_ARCHS, HOPPER, MAX_SERVED_HEAD, Tile, scores_tile_for, tile_for
 from .global_pointer_loss_kernels import _gp_loss_bwd_cols_kernel, _gp_loss_bwd_rows_kernel, _gp_loss_fwd_kernel
 from .global_pointer_score_kernels import (
     _gp_scores_bwd_cols_kernel,
@@ -31,8 +31,6 @@ def _by_arch(choose, dtype: torch.dtype) -> list[tuple[Tile, tuple[int, ...]]]:
 
 
 def all_tiles(dtype: torch.dtype) -> list[tuple[Tile, tuple[int, ...]]]:
-    if supports(1, dtype, "loss") is not None:
-        return []
     return _by_arch(tile_for, dtype)
 
 
@@ -41,9 +39,11 @@ def all_scores_tiles(dtype: torch.dtype) -> list[tuple[Tile, tuple[int, ...]]]:
 
 
 def _expect(tile: Tile, dtype: torch.dtype, prec: str, archs) -> list[str]:
-    """Tensor-core dots for 16-bit operands and TF32; wgmma where the tile is picked on sm_90 and
-    is tall enough for a warpgroup (64 rows)."""
+    """Tensor-core dots for 16-bit operands and TF32 (whose operands must then be read as TF32);
+    wgmma where the tile is picked on sm_90 and is tall enough for a warpgroup (64 rows)."""
     expect = ["tensor_cores"] if dtype != torch.float32 or prec == "tf32" else []
+    if prec == "tf32":
+        expect.append("tf32")
     if expect and HOPPER in archs and tile.block_m >= 64:
         expect.append("wgmma")
     return expect

@@ -40,13 +40,15 @@ def _head_block(head_size: int) -> int:
 # and TF32 dots for fp32) compiled with no stack frame and no spill in tests/gpu_compile.py (the
 # JIT form: the launcher passes aligned pointers and rows padded to the head block, see
 # global_pointer_aot; sm_80/86/89/90). One measured entry per case: ptxas's choice is erratic.
-#
-# fp32 LOSS: with fp32 operands (IEEE or TF32 dots) every loss tile tried kept an 8-48 byte stack
-# in the unspecialized form on sm_80 or sm_90, so the loss serves fp16/bf16 only and fp32 goes to
-# the CUDA C++ kernels; the fp32 scores op has clean tiles.
+# fp32 LOSS (docs/global_pointer.md lists the candidates tried): with the dot kept out of the type
+# loop (tile_dots) and the interleaved RoPE rotated in its full-width form, fp32 operands compile
+# clean in the 16-bit tiles but for one pass: 32 x 32 x 64 over 4 warps kept a 40-104 byte stack
+# in the TF32 rows pass with interleaved RoPE (sm_80/90), so 64-channel heads spread it over 8.
 _LOSS_TILES = {
     (64, False): Tile(32, 32, 64, 4, maxnreg=255),  # without: a 16-byte stack on sm_86/89
+    (64, True): Tile(32, 32, 64, 8, maxnreg=255),  # at most 202 registers (sm_80/90)
     (128, False): Tile(32, 32, 128, 8, maxnreg=255),  # 142-224 registers (sm_80/90)
+    (128, True): Tile(32, 32, 128, 8, maxnreg=255),
 }
 _SCORES_TILES = {  # maxnreg everywhere: left to ptxas, 16x32x64 kept 8 bytes with RoPE on sm_80
     (64, False): Tile(16, 32, 64, 4, maxnreg=255),
@@ -95,8 +97,8 @@ def supports(head_size: int, dtype: torch.dtype = torch.bfloat16, op: str = "los
     ``dtype``, or None. Only what compiles without a stack frame is served (see the tile tables)."""
     if head_size > MAX_SERVED_HEAD:
         return f"Triton GlobalPointer tiles hold heads up to {MAX_SERVED_HEAD} channels, got {head_size}"
-    if op == "loss" and dtype not in (torch.float16, torch.bfloat16):
-        return f"the Triton GlobalPointer loss serves fp16/bf16 (fp32 loss tiles still use a stack frame), not {dtype}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton GlobalPointer {op} serves fp16/bf16/fp32, not {dtype}"
     return None
 
 

@@ -27,6 +27,7 @@ from .global_pointer_tile_ops import (
     candidates,
     grad_tile,
     labels_tile,
+    tile_dots,
     token_ok,
 )
 
@@ -68,8 +69,8 @@ def _gp_loss_fwd_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
         kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
-        dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)  # once for every type
         valid = candidates(i, j, row_ok, col_ok, TRIL)
+        dots = tile_dots(qr, kr, valid, DOT_PREC)  # once for every type
         for tt in range(0, n_types):
             bt = b * T + t0 + tt
             s = dots + bias(sb_ptr, bt, L, i, row_ok)[:, None] + bias(eb_ptr, bt, L, j, col_ok)[None, :]
@@ -135,8 +136,8 @@ def _gp_loss_bwd_rows_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         col_in, col_ok = token_ok(mask_ptr, b, L, j)
         kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
-        dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
+        dots = tile_dots(qr, kr, valid, DOT_PREC)  # once for every type
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for tt in range(0, n_types):
             bt = b * T + t0 + tt
@@ -189,8 +190,8 @@ def _gp_loss_bwd_cols_kernel(
         i = i0 + tl.arange(0, BLOCK_M)
         row_in, row_ok = token_ok(mask_ptr, b, L, i)
         qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
-        dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
         valid = candidates(i, j, row_ok, col_ok, TRIL)
+        dots = tile_dots(qr, kr, valid, DOT_PREC)  # once for every type
         G = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for tt in range(0, n_types):
             bt = b * T + t0 + tt

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .global_pointer_rope import load_rotated, store_unrotated
-from .global_pointer_tile_ops import add_owned, batch_head, bias, candidates, token_ok
+from .global_pointer_tile_ops import add_owned, batch_head, bias, candidates, tile_dots, token_ok
 
 
 @triton.jit
@@ -49,8 +49,8 @@ def _gp_scores_fwd_kernel(
     col_in, col_ok = token_ok(mask_ptr, b, L, j)
     qr = load_rotated(q_ptr, pid_bh * L * BLOCK_H, i, row_ok, rope_ptr, SCALE, BLOCK_H, ROPE)
     kr = load_rotated(k_ptr, pid_bh * L * BLOCK_H, j, col_ok, rope_ptr, 1.0, BLOCK_H, ROPE)
-    dots = tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC)
     valid = candidates(i, j, row_ok, col_ok, TRIL)
+    dots = tile_dots(qr, kr, valid, DOT_PREC)  # once for every type
     n_types = T // H
     t0 = h * (H // T)
     # int64 offsets: B * T * L * L overflows int32 from L = 2^15 / sqrt(B T) on

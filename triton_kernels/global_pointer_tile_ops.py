@@ -43,6 +43,15 @@ def candidates(i, j, row_ok, col_ok, TRIL):
 
 
 @triton.jit
+def tile_dots(qr, kr, valid, DOT_PREC: tl.constexpr):
+    """``Q K^T`` of a tile, once for all the types of its head: 0 on the non-candidates (which
+    every caller masks again). The select is what keeps it once: left as a plain dot, whose one
+    use is the type loop's ``dots + bias``, Triton's combine pass folds that add into the dot's
+    accumulator, which moves the dot into the type loop and recomputes it for every type."""
+    return tl.where(valid, tl.dot(qr, tl.trans(kr), input_precision=DOT_PREC), 0.0)
+
+
+@triton.jit
 def labels_tile(row_ptr, cols_ptr, bt, L, i, j, row_in):
     """The tile's positives of (b, t) = bt from the CSR rows: True at (i, j) if j is a positive
     end of row i. Loops over the most positives any row of the block has (usually 0 or 1)."""

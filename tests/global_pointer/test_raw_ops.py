@@ -60,7 +60,7 @@ def _cases(q, k, sb, eb, m, code, base):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raw_ops_refuse_a_wrong_layout(backend):
-    # the Triton loss serves fp16/bf16 only; bf16 everywhere keeps one problem for all backends
+    # bf16, which every backend serves, keeps one problem for all backends
     canonical = _canonical(torch.bfloat16)
     for name, case in _cases(*canonical).items():
         with kexue.use_backend(backend), pytest.raises((ValueError, TypeError)):

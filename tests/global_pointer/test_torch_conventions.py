@@ -95,13 +95,12 @@ def test_128_channel_heads_pick_triton(monkeypatch):
                 _backend._REGISTRY[op], "cuda", _backend.Impl(lambda *a: "cuda", gpb.ALL_FLOATS, gpb._cuda_supports)
             )
     for d in (65, 96, 128):
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
             head = torch.empty(2, 1, 8, d, device="meta", dtype=dtype)
             assert _backend.select(gpb.OP_LOSS, head)[0] == "triton", (d, dtype)
             assert _backend.select(gpb.OP_SCORES, head)[0] == "triton", (d, dtype)
-        fp32 = torch.empty(2, 1, 8, d, device="meta")
-        assert _backend.select(gpb.OP_SCORES, fp32)[0] == "triton"
-        assert _backend.select(gpb.OP_LOSS, fp32)[0] == "cuda"  # the fp32 loss tiles keep a stack
+        fp64 = torch.empty(2, 1, 8, d, device="meta", dtype=torch.float64)
+        assert _backend.select(gpb.OP_LOSS, fp64)[0] == "cuda"  # the Triton kernels take no float64
     wider = torch.empty(2, 1, 8, 129, device="meta", dtype=torch.bfloat16)
     assert "heads up to 128" in _backend.reasons(gpb.OP_LOSS, wider)["triton"]
     assert _backend.select(gpb.OP_LOSS, wider)[0] == "torch"  # beyond the CUDA C++ rows as well

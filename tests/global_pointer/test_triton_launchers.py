@@ -119,13 +119,20 @@ def test_rope_runs_in_the_kernels(rope):
 
 
 def test_rope_table_is_shared_across_lengths():
-    """The kernels read cos/sin per position from one cached table per (head, base, device):
-    lengths up to the next power of two share it; its values are the float64 angles rounded once."""
-    a = K._rope_table(33, 6, 16, 1e4, 1, torch.device("cpu"))
+    """The kernels read cos/sin per position from one cached table per (head, base, layout,
+    device): lengths up to the next power of two share it; its values are the float64 angles
+    rounded once, per pair for rotate-half, per channel (sin signed -, +) for the interleaved layout."""
+    a = K._rope_table(33, 6, 16, 1e4, 2, torch.device("cpu"))
     assert K._rope_table(40, 6, 16, 1e4, 2, torch.device("cpu")) is a
     assert a.shape == (64, 2, 8) and a.dtype == torch.float32
     ang = torch.arange(64, dtype=torch.float64)[:, None] * 1e4 ** (-torch.arange(3, dtype=torch.float64) * 2 / 6)
-    assert torch.equal(a[:, 0, :3], torch.cos(ang).float()) and torch.equal(a[:, 1, :3], torch.sin(ang).float())
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+    assert torch.equal(a[:, 0, :3], cos) and torch.equal(a[:, 1, :3], sin)
     assert (a[:, 0, 3:] == 1).all() and (a[:, 1, 3:] == 0).all()  # padded pairs: identity
+    b = K._rope_table(40, 6, 16, 1e4, 1, torch.device("cpu"))
+    assert b is K._rope_table(64, 6, 16, 1e4, 1, torch.device("cpu")) and b.shape == (64, 2, 16)
+    assert torch.equal(b[:, 0, 0:6:2], cos) and torch.equal(b[:, 0, 1:6:2], cos)
+    assert torch.equal(b[:, 1, 0:6:2], -sin) and torch.equal(b[:, 1, 1:6:2], sin)
+    assert (b[:, 0, 6:] == 1).all() and (b[:, 1, 6:] == 0).all()
     assert K._rope_table(65, 6, 16, 1e4, 1, torch.device("cpu")).shape[0] == 128
     assert K._rope_table(65, 6, 16, 1e4, 0, torch.device("cpu")).numel() == 0

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from kexue._rope import rope_angles  # the angle formula, shared with the Triton launchers
+
 ROPE_LAYOUTS = ("interleaved", "half")
 
 
@@ -37,13 +39,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding.
-
-
-def rope_angles(length: int, head_size: int, base: float = 10000.0, dtype=torch.float64) -> Tensor:
-    """``(L, d/2)`` angles ``p * base**(-2c/d)`` for position p and pair c (computed in float64)."""
-    inv_freq = base ** (-2.0 * torch.arange(head_size // 2, dtype=torch.float64) / head_size)
-    pos = torch.arange(length, dtype=torch.float64)
-    return (pos[:, None] * inv_freq[None, :]).to(dtype)
 
 
 def apply_rope(x: Tensor, layout: str = "interleaved", base: float = 10000.0, inverse: bool = False) -> Tensor:
