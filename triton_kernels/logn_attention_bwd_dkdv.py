@@ -140,13 +140,13 @@ def logn_bwd_dkdv_kernel(
         q_off = b * stride_qb
         kv_off = b * stride_kb + hk * stride_kh
         l_off = b * stride_lb
-    n0 = pid_n * BLOCK_N
+    n0 = tl.program_id(1) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     dcol = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < Lk) & (dcol[None, :] < D)
-    kv_at = kv_off + cols[:, None] * stride_kn + dcol[None, :]
-    k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+    kv_at = cols[:, None] * stride_kn + dcol[None, :]
+    k = tl.load(k_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off + kv_at, mask=kv_mask, other=0.0)
     if HAS_MASK:  # the program's keys are fixed: their padding is read once
         key_ok = tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=1) == 0
     else:
@@ -235,8 +235,13 @@ def logn_bwd_dkdv_kernel(
             IEEE,
             BLOCK_M,
         )
-    tl.store(dk_ptr + kv_at, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    # the store's offsets are recomputed here, in int64 so that no compiler pass merges them with
+    # the load's: held across the loop they took 64 registers a thread (sm_90 TF32 d=128: a stack)
+    cols64 = cols.to(tl.int64)
+    st_at = cols64[:, None] * stride_kn + dcol[None, :]
+    st_mask = (cols64[:, None] < Lk) & (dcol[None, :] < D)
+    tl.store(dk_ptr + kv_off + st_at, dk.to(dk_ptr.dtype.element_ty), mask=st_mask)
+    tl.store(dv_ptr + kv_off + st_at, dv.to(dv_ptr.dtype.element_ty), mask=st_mask)
 
 
 AOT_CONFIGS = attention_configs("dkdv", logn_bwd_dkdv_kernel, ("dk_ptr", "dv_ptr"))

@@ -75,17 +75,21 @@ _TILES_IEEE = {
 
 
 # float32 with allow_tf32 (tensor cores, 4-byte operands): the dots' M as in the 16-bit table
-# (16 rows a warp, 64 a warpgroup on sm_90) where the fp32 k, v and dK, dV tiles fit beside each
-# other. At d=128 they do not: 16 keys a warp hold k, v, dK and dV at 64 fp32 registers a thread
-# each (sm_80 16x32 w2: 88 bytes of stack; sm_90 16x64 w4 / w8: 176 bytes), so dK/dV takes tiles
-# whose warps split the head dim (Triton lays them along N; the score tiles are replicated, as in
-# the 16-bit sm_80 d=128 tile), mma.sync also on sm_90. Checked with tests/gpu_compile.py.
+# (16 rows a warp, 64 a warpgroup on sm_90). At d=128 the fp32 dK and dV accumulators take 128
+# registers a thread at 16 keys a warp (64 a warpgroup); k and v stay in shared memory (wgmma reads
+# them there; mma.sync loads them per step), so what decides is everything else held across the
+# loop: the kernel recomputes its store offsets after the loop for that reason (held, they kept
+# 56..176 bytes of stack). sm_90 d=128: 128 keys on 8 warps (wgmma, 231..254 registers, 161 KB);
+# 64 keys on 4 warps kept 16..56 bytes. sm_86 / sm_89 d=128: 32 keys on 2 warps, two stages
+# (clean); on sm_80 that tile keeps 32 bytes in the packed (varlen) form (int64 row offsets) and
+# 8..32 bytes with one or three stages, so sm_80 keeps 16 x 32 on 4 warps, whose warps split the
+# keys (score tiles replicated). Checked with tests/gpu_compile.py.
 _TILES_TF32 = {
     90: {
         16: BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2)),
         32: BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2)),
         64: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
-        128: BwdTiles(_T(32, 32, 8, 1), _T(64, 16, 4, 1)),
+        128: BwdTiles(_T(16, 128, 8, 2), _T(64, 16, 4, 1)),
     },
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
@@ -94,8 +98,9 @@ _TILES_TF32 = {
         128: BwdTiles(_T(16, 32, 4, 1), _T(32, 16, 2, 1)),
     },
 }
-_TILES_TF32[86] = _TILES_TF32[80]  # sm_80 family d=32 / d=64: the dK/dV stage counts without the
-# 8..16-byte stacks ptxas kept at 128 registers on sm_86 with 16 x 64 on 4 warps, 1 or 2 stages
+# sm_80 family d=32 / d=64: the dK/dV stage counts without the 8..16-byte stacks ptxas kept at
+# 128 registers on sm_86 with 16 x 64 on 4 warps, 1 or 2 stages
+_TILES_TF32[86] = {**_TILES_TF32[80], 128: BwdTiles(_T(16, 32, 2, 2), _T(32, 16, 2, 1))}
 
 
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
@@ -135,21 +140,21 @@ _INTS = (
 )
 
 
-def _expect(family: int, mode: int, tile: Tiles, kernel: str, head_dim: int) -> tuple:
+def _expect(family: int, mode: int, tile: Tiles, kernel: str) -> tuple:
     """What the static check demands: tensor cores for 16-bit and TF32 inputs (TF32 operands for
-    the latter); on sm_90, for 16-bit head dims that are multiples of 16, wgmma and unreplicated
-    tiles in both kernels (demanded, not derived from the tile: a table change that loses them fails the
-    check); elsewhere the same where the dots' M (keys in dK/dV, queries in dQ) gives each warp 16
-    rows (64 a warpgroup on sm_90)."""
+    the latter); on sm_90 wgmma and unreplicated tiles in both kernels, for every dtype and head
+    dim (demanded, not derived from the tile: a table change that loses them fails the check);
+    elsewhere no replicated tile where the dots' M (keys in dK/dV, queries in dQ) gives each warp
+    16 rows."""
     if mode == FP32_IEEE:
         return ()
     kind = ("tensor_cores", "tf32") if mode == TF32 else ("tensor_cores",)
-    if family == 90 and head_dim % 16 == 0 and mode == NATIVE:
+    if family == 90:
         return ("wgmma", "no_replication", *kind)
     rows = tile.block_n if kernel == "dkdv" else tile.block_m
-    if rows < (64 * tile.num_warps // 4 if family == 90 else 16 * tile.num_warps):
+    if rows < 16 * tile.num_warps:
         return kind
-    return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
+    return ("no_replication", *kind)
 
 
 def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
@@ -210,7 +215,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                             unaligned_ints=unaligned_ints(varlen),
                             # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
                             aligned_only=True,
-                            expect=_expect(family, mode, tile, name, d),
+                            expect=_expect(family, mode, tile, name),
                         )
                     )
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the

@@ -240,7 +240,12 @@ def logn_fwd_kernel(
     empty = l_i == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, 0.0, m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(out_ptr + q_off + q_at, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    # the store's offsets are recomputed in int64: no compiler pass merges them with the load's,
+    # which held across the key loop took BLOCK_M * BLOCK_D / threads registers (see the dK/dV kernel)
+    rows64 = rows.to(tl.int64)
+    out_at = rows64[:, None] * stride_qm + dcol[None, :]
+    out_mask = (rows64[:, None] < Lq) & (dcol[None, :] < D)
+    tl.store(out_ptr + q_off + out_at, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
 
 

@@ -52,14 +52,12 @@ def signature(ptr: str) -> dict:
     )
 
 
-def _expect(family: int, mode: int, head_dim: int) -> tuple:
+def _expect(family: int, mode: int) -> tuple:
     """Tensor cores everywhere but float32 IEEE, TF32 operands with allow_tf32, wgmma on sm_90, and
-    no replicated score tile except the sm_80-family TF32 tile at d=128 (see _TILES_TF32)."""
+    no replicated score tile."""
     if mode == FP32_IEEE:
         return ()
-    need = ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
-    if not (mode == TF32 and family != 90 and block_d(head_dim) == 128):
-        need += ("no_replication",)
+    need = ("tensor_cores", "no_replication") + (("tf32",) if mode == TF32 else ())
     return need + (("wgmma",) if family == 90 else ())
 
 
@@ -109,7 +107,7 @@ def _aot_configs() -> list[dict]:
                             unaligned_ints=unaligned_ints(varlen),
                             # the launchers align every pointer (_aligned / _rows there): no plain form
                             aligned_only=True,
-                            expect=_expect(family, mode, d),
+                            expect=_expect(family, mode),
                         )
                     )
     return configs

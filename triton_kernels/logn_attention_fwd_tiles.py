@@ -66,17 +66,16 @@ _TILES_IEEE = {
 # (64 a warpgroup on sm_90); the keys per step are cut until the heaviest form (causal + padding
 # mask + gradmax) compiled without a stack (tests/gpu_compile.py, triton 3.9): sm_90 128x64 kept
 # 56 bytes at d=64 and d=128 (two stages), so 32 keys there, and one stage at d=128 (234
-# registers); sm_80 64x32 kept 32 bytes at d=64. At d=128 the sm_80 family has no clean
-# unreplicated tile (16 rows a warp hold q and the accumulator, 64 + 64 fp32 registers a thread,
-# beside the k and v operands: 32x16 w2, 32x32 w2, 16x32 w1 all kept 16..1168 bytes); 64x16 on 4
-# warps compiles clean, with Triton laying the warps along the 16 keys (its score tile is
-# replicated twice; the static check lets that one config through).
+# registers); sm_80 64x32 kept 32 bytes at d=64. At d=128 the sm_80 family takes 128 rows on 8
+# warps: Triton lays the warps of chained dots along M only when the second dot's tile (BLOCK_M x
+# BLOCK_D) is at least as tall as it is wide, so 64 x 16 on 4 warps went along the 16 keys (score
+# tile replicated twice). 128 x 16 on 8 warps compiles clean on sm_80 and sm_86 (172..255
+# registers, 80 KB); 128 x 32 kept 16..32 bytes on sm_80 for padded heads (72, 96).
 _TILES_TF32 = {
     90: {16: Tiles(128, 32, 8, 2), 32: Tiles(128, 32, 8, 2), 64: Tiles(128, 32, 8, 2), 128: Tiles(128, 32, 8, 1)},
-    80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(64, 16, 4, 2)},
+    80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(128, 16, 8, 2)},
 }
-# sm_86 / sm_89 at d=128 (and heads padded to 128): two stages kept 16 bytes of stack there
-_TILES_TF32[86] = {**_TILES_TF32[80], 128: Tiles(64, 16, 4, 1)}
+_TILES_TF32[86] = _TILES_TF32[80]
 _TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 (interpreter only: MAX_HEAD_DIM), as small as a dot goes
 
 

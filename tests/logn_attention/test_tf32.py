@@ -124,12 +124,25 @@ def _check_bound(device, b, hq, hkv, lq, lk, d, causal, mask_p=None, seed=0, **k
     [
         (1, 4, 2, 70, 90, 64, True, 0.2),  # GQA, KV-cache offset, padding, tile edges (64 x 16 tiles)
         (2, 2, 2, 50, 50, 40, False, None),  # head dim padded to rows of 48
-        (1, 2, 1, 33, 40, 128, True, None),  # the widest GPU head (64 x 16 forward tiles on sm_80)
+        (1, 2, 1, 33, 40, 128, True, None),  # the widest GPU head (128 x 16 forward tiles on sm_80)
         (1, 8, 2, 3, 150, 64, True, 0.1),  # decode: 3 queries, 4 heads a KV head packed, split-K
     ],
 )
 def test_tf32_errors_within_the_derived_bound(triton_device, b, hq, hkv, lq, lk, d, causal, mask_p):
     _check_bound(triton_device, b, hq, hkv, lq, lk, d, causal, mask_p)
+
+
+@pytest.mark.parametrize("family", [90, 86])
+def test_tf32_tiles_of_other_targets(triton_device, monkeypatch, family):
+    # the interpreter runs the sm_80 tables; this runs sm_90's (dK/dV 128 keys x 16 query rows on
+    # 8 warps, forward 128 x 32) and sm_86's (dK/dV 32 keys on 2 warps) at a head padded to 128
+    # columns (EVEN_D off), with GQA, the causal diagonal, ragged last blocks and padding
+    from kexue.triton_kernels import logn_attention as launchers
+    from kexue.triton_kernels import logn_attention_bwd_tiles
+
+    monkeypatch.setattr(launchers, "arch_family", lambda device: family)
+    assert logn_attention_bwd_tiles.tiles(family, 96, 3).dkdv.block_n == {90: 128, 86: 32}[family]
+    _check_bound(triton_device, 1, 4, 2, 131, 140, 96, True, 0.1)
 
 
 def test_tf32_gradmax_within_the_derived_bound(triton_device):
