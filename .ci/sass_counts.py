@@ -78,13 +78,17 @@ SIGN_NEEDS = {"step_kernel": ("LDG.128", "STG.128"), "prepass_kernel": ("LDG.128
 STORAGE = {"0": "f32", "1": "bf16", "2": "f16"}
 
 
+def storage_names(args: str) -> str:
+    return ", ".join(STORAGE[x.strip()] for x in args.split(","))
+
+
 def sign_optim(obj: str, cuobjdump: str) -> int:
     sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
     rows = []
     for arch, name, body in kernels(sass):
         pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
         pretty = re.sub(r"^void |\(anonymous namespace\)::|kexue::", "", pretty).split("(")[0]
-        pretty = re.sub(r"<([\d, ]+)>", lambda m: "<" + ", ".join(STORAGE[x.strip()] for x in m[1].split(",")) + ">", pretty)
+        pretty = re.sub(r"<([\d, ]+)>", lambda m: "<" + storage_names(m[1]) + ">", pretty)  # <0, 1> -> <f32, bf16>
         rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in SIGN_COUNTS.items()}))
     if not any(name.startswith("step_kernel") for name, _, _ in rows):
         sys.exit(f"sass_counts: no sign-optimizer step kernels in {obj}")
@@ -98,7 +102,7 @@ def sign_optim(obj: str, cuobjdump: str) -> int:
             bad.append(f"{name} ({arch})")
     if bad:
         sys.exit("sass_counts: FAILED: missing 128-bit global loads/stores or local memory in " + ", ".join(bad))
-    print(f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit global accesses where required, no local memory")
+    print(f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit accesses where required, no local memory")
     return 0
 
 

@@ -17,10 +17,16 @@
 //
 // One-pass Tiger (kRmsCarried / kSsqOut, python/kexue/optim/_carried_rms.py): the step sums the
 // squares of the theta it stores, in the order in which the pre-pass would read them -- per item
-// the same thread strides and block reduction, per row the same lane strides and warp reduction --
-// and ssq_out_kernel adds the item partials in item order as finish_kernel does. The sum handed
-// on is therefore bit for bit the one a pre-pass over the new theta would compute, and the next
-// step reads it instead of theta.
+// the same groups per thread and block reduction, per row the same groups per lane and warp
+// reduction -- and ssq_out_kernel adds the item partials in item order as finish_kernel does. The
+// sum handed on is therefore bit for bit the one a pre-pass over the new theta would compute, and
+// the next step reads it instead of theta.
+//
+// Memory accesses (sign_optim_access.cuh): every sweep takes groups of kGroup = 8 consecutive
+// elements per thread; a tensor whose param, grad and momentum start on 16 bytes (mask: 8) moves
+// its full groups as 128-bit loads and stores (Item::vec, decided by the plan), any other group
+// element by element in the same order. So the choice changes no bit, sums of squares included,
+// and an aligned tensor and an unaligned copy of it step alike.
 //
 // The element arithmetic comes from sign_optim.h, shared with the C++ CPU kernel; the checks and
 // the decoding of the table into jobs from sign_optim_host.h. In capturable mode the rows flagged
