@@ -75,7 +75,7 @@ def _grads(params: dict, t: int, nan_at=None) -> dict:
     g = _values({k: p.shape for k, p in params.items()}, next(iter(params.values())).dtype, 100 + t)
     for k in ROWS:
         if k in g:
-            g[k][:: 3] = 0  # absent rows: lazy updates
+            g[k][::3] = 0  # absent rows: lazy updates
     if nan_at is not None and t == nan_at:
         g["odd"][5] = float("nan")
     return g
