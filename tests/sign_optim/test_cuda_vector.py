@@ -10,8 +10,9 @@ the second step), its NaN guard, ChildTuning-F, stochastic rounding, and gradien
 in one flat buffer (as DDP's buckets).
 
 Targets: the CUDA C++ step on a GPU, and the C++ CPU step everywhere (it has no vector form, so
-there the test checks only itself and the CPU step's indifference to addresses). The vector path's
-agreement with the float64 reference is checked by the oracle tests, whose tensors are aligned.
+there the test checks only itself and the CPU step's indifference to addresses). The vector path
+against the reference: tests/test_cuda_backends.py::test_sign_optim_step holds the CUDA step on
+(aligned) tensors of odd sizes to the C++ CPU step, which the oracle tests hold to float64.
 """
 
 from __future__ import annotations
