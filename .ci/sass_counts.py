@@ -2,6 +2,7 @@
 fails when a kernel lost what makes it fast or spills to local memory.
 
     python .ci/sass_counts.py OBJECT CUOBJDUMP
+    python .ci/sass_counts.py OBJECT CUOBJDUMP --sign-optim    (csrc/cuda/sign_optim.cu, see below)
 
 Per kernel and architecture: HMMA (tensor-core mma.sync), LDGSTS (cp.async), LDSM (ldmatrix),
 FFMA, MUFU.EX2, BAR.SYNC and local loads / stores (LDL / STL). The float16 and bfloat16 kernels
@@ -61,5 +62,51 @@ def main(obj: str, cuobjdump: str) -> int:
     return 0
 
 
+# The sign-optimizer step (csrc/cuda/sign_optim.cu, docs/sign_optim.md): 128-bit global loads and
+# stores of the tensors (LDG.E.128 / STG.E.128) against the scalar ones that unaligned tensors and
+# tails take (LDG / STG other than 128-bit, less the .CONSTANT reads of the job and item tables).
+# Every step_kernel must load and store 128 bits, every prepass_kernel load them; none may touch
+# local memory.
+SIGN_COUNTS = {
+    "LDG.128": r"\bLDG\.E\.128\b",
+    "STG.128": r"\bSTG\.E\.128\b",
+    "LDG other": r"\bLDG\.E(?!\.128\b)(?![.\w]*CONSTANT)[.\w]*",
+    "STG other": r"\bSTG\.E(?!\.128\b)[.\w]*",
+    "LDL/STL": r"\b(?:LDL|STL)\b",
+}
+SIGN_NEEDS = {"step_kernel": ("LDG.128", "STG.128"), "prepass_kernel": ("LDG.128",)}
+STORAGE = {"0": "f32", "1": "bf16", "2": "f16"}
+
+
+def storage_names(args: str) -> str:
+    return ", ".join(STORAGE[x.strip()] for x in args.split(","))
+
+
+def sign_optim(obj: str, cuobjdump: str) -> int:
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for arch, name, body in kernels(sass):
+        pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+        pretty = re.sub(r"^void |\(anonymous namespace\)::|kexue::", "", pretty).split("(")[0]
+        pretty = re.sub(r"<([\d, ]+)>", lambda m: "<" + storage_names(m[1]) + ">", pretty)  # <0, 1> -> <f32, bf16>
+        rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in SIGN_COUNTS.items()}))
+    if not any(name.startswith("step_kernel") for name, _, _ in rows):
+        sys.exit(f"sass_counts: no sign-optimizer step kernels in {obj}")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>9}" for k in SIGN_COUNTS))
+    bad = []
+    for name, arch, c in sorted(rows):
+        print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>9}" for k in SIGN_COUNTS))
+        need = SIGN_NEEDS.get(name.split("<")[0], ())
+        if any(c[k] == 0 for k in need) or c["LDL/STL"]:
+            bad.append(f"{name} ({arch})")
+    if bad:
+        sys.exit("sass_counts: FAILED: missing 128-bit global loads/stores or local memory in " + ", ".join(bad))
+    print(f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit accesses where required, no local memory")
+    return 0
+
+
 if __name__ == "__main__":
+    if "--sign-optim" in sys.argv:
+        sys.exit(sign_optim(*[a for a in sys.argv[1:] if a != "--sign-optim"][:2]))
     sys.exit(main(*sys.argv[1:3]))

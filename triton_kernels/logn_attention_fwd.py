@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .logn_attention_fwd_tiles import tiles  # re-exported: the AOT list and tests use it
+from . import _tile_tuner
+from .logn_attention_fwd_tiles import candidates, tiles  # noqa: F401 (re-exported: the AOT list and tests use them)
 from .logn_attention_rules import (
     allowed,
     block_d,
@@ -250,9 +251,19 @@ def logn_fwd_kernel(
 
 
 def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
-    """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles."""
+    """Runs the forward over problem ``pb`` (see the launchers) with the family's tiles: the
+    default, or the fastest of its candidates for this key once timed (``_tile_tuner``)."""
     d, hq, hkv = row_length(q.shape[-1]), q.shape[1], k.shape[1]  # rows padded by the launchers
-    t = tiles(family, d, flags["IEEE"], flags["HAS_MASK"])
+
+    def run(t):
+        _launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, d, hq, hkv, t)
+
+    length = _tile_tuner.length_bucket(max(pb.max_q, pb.max_k))
+    key = ("logn_fwd", family, d, q.dtype, tuple(sorted(flags.items())), length)
+    _tile_tuner.pick(key, candidates(family, d, flags["IEEE"], flags["HAS_MASK"]), run, q.device)
+
+
+def _launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, d, hq, hkv, t) -> None:
     grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
     logn_fwd_kernel[grid](
         q,

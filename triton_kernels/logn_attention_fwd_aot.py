@@ -1,7 +1,9 @@
 """Every configuration the log-n attention forward launcher (:mod:`.logn_attention_fwd`) can pick,
 as ``AOT_CONFIGS`` for tests/gpu_compile.py: each (family, head dim, dtype) with the lightest
 switches (non-causal, no mask: the unmasked path alone), the heaviest dense ones (causal + mask +
-gradmax) and the packed ones (causal + gradmax + varlen). Head dims that are not multiples of 16
+gradmax) and the packed ones (causal + gradmax + varlen), for every tile candidate the launcher
+may time (``candidates``: the default tile and its alternates; an alternate also in the dense
+causal form without a mask, as some have no masked form). Head dims that are not multiples of 16
 (40, 72) are listed with D unaligned and aligned row strides: the launchers copy such inputs into
 rows of a multiple of 16 elements."""
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .logn_attention_fwd import logn_fwd_kernel, tiles
+from .logn_attention_fwd import candidates, logn_fwd_kernel
 from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, unaligned_ints
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -61,55 +63,64 @@ def _expect(family: int, mode: int) -> tuple:
     return need + (("wgmma",) if family == 90 else ())
 
 
+def _config(family, archs, dtype, mode, d, t, causal, has_mask, gradmax, varlen) -> dict:
+    bd = block_d(d)
+    consts = dict(
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        LOGN=True,
+        CLIP=False,
+        GRADMAX=gradmax,
+        IEEE=mode,
+        VARLEN=varlen,
+        EVEN_D=d == bd,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_D=bd,
+    )
+    switches = (
+        ("causal" if causal else "full")
+        + (" mask" if has_mask else "")
+        + (" gradmax" if gradmax else "")
+        + (" varlen" if varlen else "")
+    )
+    kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+    return dict(
+        name=(
+            f"logn_fwd {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} {switches} "
+            f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
+        ),
+        kernel=logn_fwd_kernel,
+        signature=dict(**signature(_PTR[dtype]), **dict.fromkeys(consts, "constexpr")),
+        constexprs=consts,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+        archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
+        unaligned_ints=unaligned_ints(varlen),
+        # the launchers align every pointer (_aligned / _rows there): no plain form
+        aligned_only=True,
+        expect=_expect(family, mode),
+    )
+
+
 def _aot_configs() -> list[dict]:
     configs = []
     for family, archs in _ARCHS.items():
         for dtype, mode in _MODES:
             if mode == FP32_IEEE and family != 80:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
-            ptr = _PTR[dtype]
-            kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
             for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
-                bd = block_d(d)
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
-                    t = tiles(family, d, mode, has_mask)  # d itself: 96 is listed as the padded case
-                    consts = dict(
-                        CAUSAL=causal,
-                        HAS_MASK=has_mask,
-                        LOGN=True,
-                        CLIP=False,
-                        GRADMAX=gradmax,
-                        IEEE=mode,
-                        VARLEN=varlen,
-                        EVEN_D=d == bd,
-                        BLOCK_M=t.block_m,
-                        BLOCK_N=t.block_n,
-                        BLOCK_D=bd,
+                    default, *alternates = candidates(family, d, mode, has_mask)  # d itself: 96 is padded
+                    configs.append(_config(family, archs, dtype, mode, d, default, causal, has_mask, gradmax, varlen))
+                    # an alternate without a mask is also listed in the dense causal form, which the
+                    # default's masked form covers for the default (the same tile, more registers)
+                    both = ((causal, has_mask, gradmax, varlen),) + (
+                        ((True, False, True, False),) if not causal else ()
                     )
-                    switches = (
-                        ("causal" if causal else "full")
-                        + (" mask" if has_mask else "")
-                        + (" gradmax" if gradmax else "")
-                        + (" varlen" if varlen else "")
-                    )
-                    configs.append(
-                        dict(
-                            name=(
-                                f"logn_fwd {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} {switches} "
-                                f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
-                            ),
-                            kernel=logn_fwd_kernel,
-                            signature=dict(**signature(ptr), **dict.fromkeys(consts, "constexpr")),
-                            constexprs=consts,
-                            num_warps=t.num_warps,
-                            num_stages=t.num_stages,
-                            archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-                            unaligned_ints=unaligned_ints(varlen),
-                            # the launchers align every pointer (_aligned / _rows there): no plain form
-                            aligned_only=True,
-                            expect=_expect(family, mode),
-                        )
-                    )
+                    for t in alternates:
+                        for sw in both:
+                            configs.append(_config(family, archs, dtype, mode, d, t, *sw))
     return configs
 
 

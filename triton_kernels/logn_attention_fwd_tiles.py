@@ -98,3 +98,32 @@ def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> 
         # a padded head on sm_86 / sm_89: 128x32 in two stages kept 16 B of stack (causal varlen)
         return Tiles(128, 16, 8, 2)
     return _TILES_16[family][d]
+
+
+# Further clean 16-bit tiles the launcher times against the default (triton_kernels/_tile_tuner.py):
+# 64 rows on 4 warps give twice the programs of the default's 128 (short sequences, few heads);
+# 128 x 128 in one stage on sm_90 halves the key steps of 128 x 64 at d=128. Each is listed in
+# AOT_CONFIGS and checked with tests/gpu_compile.py like the defaults. Left out because they kept a
+# stack (triton 3.9): sm_80 64 x 64 on 4 warps at d=64 (8..40 B, either stage count), sm_80 64 x 32
+# at d=128 (16 B), 64 x 128 on 4 warps at d=128 on sm_90 (24..72 B); and every d=128 alternate
+# with a padding mask (24..72 B), so d=128 has alternates without a mask only.
+_ALTERNATES_16 = {
+    (90, 64): (Tiles(64, 128, 4, 3),),
+    (86, 64): (Tiles(64, 64, 4, 2),),
+    (90, 128): (Tiles(64, 64, 4, 2), Tiles(128, 128, 8, 1)),
+    (86, 128): (Tiles(64, 32, 4, 2),),
+}
+_UNMASKED_ONLY = {(90, 128), (86, 128)}
+
+
+def candidates(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> tuple[Tiles, ...]:
+    """The tiles the launcher may run for these arguments: :func:`tiles`' default first, then the
+    alternates it is timed against. Only 16-bit inputs whose default is the plain table entry
+    have alternates (the mask and padded-head special cases were each fitted to one tile)."""
+    default = tiles(family, head_dim, dot_mode, has_mask)
+    d = block_d(head_dim)
+    if tile_mode(dot_mode) in (FP32_IEEE, TF32) or default != _TILES_16[family].get(d):
+        return (default,)
+    if has_mask and (family, d) in _UNMASKED_ONLY:
+        return (default,)
+    return (default, *_ALTERNATES_16.get((family, d), ()))

@@ -1,7 +1,8 @@
 // Test hook: the CUDA sign-optimizer step's launch plan and plan cache (kexue/sign_optim_plan.h),
 // driven on CPU tensors, so that the host logic the CUDA step runs -- structure keys, which jobs
-// get a pre-pass, spans and outs, when a plan is built and when the jobs are uploaded -- is tested
-// on machines without a GPU. The "upload" here is a plain copy into a CPU tensor.
+// get a pre-pass, spans and outs, which tensors move as 128-bit accesses (the items' vec column),
+// when a plan is built and when the jobs are uploaded -- is tested on machines without a GPU. The
+// "upload" here is a plain copy into a CPU tensor.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -59,14 +60,14 @@ sign_optim_plan_probe(const std::vector<at::Tensor>& params, const std::vector<a
   TORCH_CHECK(plan.tables.numel() == static_cast<int64_t>(l.bytes.size()) &&
                   std::memcmp(plan.tables.data_ptr(), l.bytes.data(), l.bytes.size()) == 0,
               "sign_optim_plan_probe: the uploaded tables are not the layout's bytes");
-  const auto item = [](const Item& x) { return std::vector<int64_t>{x.job, x.begin, x.end}; };
+  const auto item = [](const Item& x) { return std::vector<int64_t>{x.job, x.begin, x.end, x.vec}; };
   const auto launch = [](const Launch& x) { return std::vector<int64_t>{x.ps, x.ms, x.first, x.count}; };
   const auto span = [](const Span& x) { return std::vector<int64_t>{x.job, x.first, x.count}; };
   const PlanStats stats = cache.stats();
   return {stats.builds,
           stats.uploads,
           static_cast<int64_t>(cache.size()),
-          rows_of(l.items, 3, item),
+          rows_of(l.items, 4, item),
           rows_of(l.prepass, 4, launch),
           rows_of(l.steps, 4, launch),
           rows_of(l.spans, 3, span),

@@ -17,10 +17,16 @@
 //
 // One-pass Tiger (kRmsCarried / kSsqOut, python/kexue/optim/_carried_rms.py): the step sums the
 // squares of the theta it stores, in the order in which the pre-pass would read them -- per item
-// the same thread strides and block reduction, per row the same lane strides and warp reduction --
-// and ssq_out_kernel adds the item partials in item order as finish_kernel does. The sum handed
-// on is therefore bit for bit the one a pre-pass over the new theta would compute, and the next
-// step reads it instead of theta.
+// the same groups per thread and block reduction, per row the same groups per lane and warp
+// reduction -- and ssq_out_kernel adds the item partials in item order as finish_kernel does. The
+// sum handed on is therefore bit for bit the one a pre-pass over the new theta would compute, and
+// the next step reads it instead of theta.
+//
+// Memory accesses (sign_optim_access.cuh): every sweep takes groups of kGroup = 8 consecutive
+// elements per thread; a tensor whose param, grad and momentum start on 16 bytes (mask: 8) moves
+// its full groups as 128-bit loads and stores (Item::vec, decided by the plan), any other group
+// element by element in the same order. So the choice changes no bit, sums of squares included,
+// and an aligned tensor and an unaligned copy of it step alike.
 //
 // The element arithmetic comes from sign_optim.h, shared with the C++ CPU kernel; the checks and
 // the decoding of the table into jobs from sign_optim_host.h. In capturable mode the rows flagged
@@ -42,6 +48,7 @@
 
 #include "kexue/ops.h"
 #include "kexue/sign_optim.h"
+#include "kexue/sign_optim_access.cuh"
 #include "kexue/sign_optim_host.h"
 #include "kexue/sign_optim_plan.h"
 
@@ -59,53 +66,6 @@ __device__ __forceinline__ Job row_of(const Job* __restrict__ jobs, const double
   Job j = jobs[t];
   if (dyn != nullptr && has(j, kDynamic)) apply_dynamic(j, dyn + t * kNumDyn);
   return j;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Storage.
-
-// The tensors' addresses come from the jobs array, not from kernel arguments, so the compiler
-// cannot tell that they point to global memory and would emit generic accesses (LD/ST, which
-// resolve the address space at run time); the assumption lets it emit LDG/STG.
-__device__ __forceinline__ void assume_global(const void* p) { __builtin_assume(__isGlobal(p)); }
-
-// p, known to point to global memory (only where p is dereferenced: null is not global).
-template <typename T>
-__device__ __forceinline__ T* global(T* p) {
-  assume_global(p);
-  return p;
-}
-
-template <int S>
-__device__ __forceinline__ float load(const void* p, int64_t i) {
-  assume_global(p);
-  if constexpr (S == kF32) {
-    return static_cast<const float*>(p)[i];
-  } else if constexpr (S == kBF16) {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
-  } else {
-    return __half2float(static_cast<const __half*>(p)[i]);
-  }
-}
-
-// Stores x and returns the value stored (rounded to the storage type), whose square a carried
-// sum adds.
-template <int S>
-__device__ __forceinline__ float store(void* p, int64_t i, float x, bool stochastic, uint32_t k0, uint32_t k1) {
-  assume_global(p);
-  if constexpr (S == kF32) {
-    static_cast<float*>(p)[i] = x;
-    return x;
-  } else if constexpr (S == kBF16) {
-    const uint16_t b = stochastic ? float_to_bf16_bits_stochastic(x, element_bits(k0, k1, static_cast<uint64_t>(i)))
-                                  : float_to_bf16_bits(x);
-    static_cast<uint16_t*>(p)[i] = b;
-    return bf16_bits_to_float(b);
-  } else {
-    const __half h = __float2half_rn(x);
-    static_cast<__half*>(p)[i] = h;
-    return __half2float(h);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,7 +101,10 @@ __device__ __forceinline__ double block_sum(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernels.
+// Kernels. Every sweep over elements goes through for_groups (sign_optim_access.cuh): a thread of
+// a block takes groups of kGroup consecutive elements, threadIdx.x, threadIdx.x + kThreads, ...; a
+// lane of a row's warp takes groups lane, lane + 32, ... of the row. A group of a vectorizable
+// item moves as 128-bit accesses (Vec), others element by element, in the same order.
 
 // Per item: the sum of squares of theta (a whole-tensor RMS that is not carried, or the sum to
 // hand on where theta stays) and whether the grads hold a NaN or inf. Reads the static flags: in
@@ -157,10 +120,22 @@ __global__ void prepass_kernel(const Item* __restrict__ items, const Job* __rest
   const bool guard = j.nan_group >= 0;
   float ssq = 0.f;
   int nan = 0;
-  for (int64_t i = item.begin + threadIdx.x; i < item.end; i += kThreads) {
-    if (rms) ssq = add_square(ssq, load<PS>(j.param, i));
-    if (guard) nan |= non_finite(load<PS>(j.grad, i));  // NaN or +-inf (sign_optim.h)
-  }
+  for_groups(item.begin, item.end, threadIdx.x, kThreads, item.vec, [&](auto vec, int64_t i, int n) {
+    constexpr bool V = decltype(vec)::value;
+    float x[kGroupN];
+    if (rms) {
+      load_group<PS, V>(j.param, i, n, x);
+#pragma unroll
+      for (int e = 0; e < kGroupN; ++e) {
+        if (V || e < n) ssq = add_square(ssq, x[e]);
+      }
+    }
+    if (guard) {
+      load_group<PS, V>(j.grad, i, n, x);  // zeros past n: finite
+#pragma unroll
+      for (int e = 0; e < kGroupN; ++e) nan |= non_finite(x[e]);  // NaN or +-inf (sign_optim.h)
+    }
+  });
   __shared__ int s_nan[kWarps];
   nan = warp_or(nan);
   if (threadIdx.x % 32 == 0) s_nan[threadIdx.x / 32] = nan;
@@ -215,30 +190,52 @@ __global__ void ssq_out_kernel(const Span* __restrict__ outs, int64_t n, const J
   }
 }
 
-// The element update (sign_optim.h): momentum always, theta when `update`. Returns theta as
-// stored (0 when not stored).
-template <int PS, int MS>
-__device__ __forceinline__ float update_element(const Job& j, int64_t i, const Coefs& k, bool update, bool live,
-                                                bool freeze, bool gated, bool stochastic) {
-  float g = load<PS>(j.grad, i);
-  const float m = load<MS>(j.mom, i);
-  bool keep = true;
+// The element update (sign_optim.h) of the group [i, i + n): momentum always, theta when `update`;
+// adds to acc the squares of the theta stored, in element order (nothing when not stored).
+template <int PS, int MS, bool V>
+__device__ __forceinline__ void update_group(const Job& j, int64_t i, int n, const Coefs& k, bool update, bool live,
+                                             bool freeze, bool gated, bool stochastic, float& acc) {
+  float g[kGroupN], m[kGroupN], th[kGroupN];
+  load_group<PS, V>(j.grad, i, n, g);
+  load_group<MS, V>(j.mom, i, n, m);
+  if (update) load_group<PS, V>(j.param, i, n, th);  // issued with the others, before any arithmetic
+  bool keep[kGroupN];
   if (has(j, kMaskF)) {
-    keep = keep_element(element_bits(j.mask_k0, j.mask_k1, static_cast<uint64_t>(i)), j.mask_threshold);
+#pragma unroll
+    for (int e = 0; e < kGroupN; ++e) {
+      keep[e] = keep_element(element_bits(j.mask_k0, j.mask_k1, static_cast<uint64_t>(i + e)), j.mask_threshold);
+    }
   } else if (gated) {
-    keep = global(j.mask)[i] != 0;
+    uint8_t b[kGroupN];
+    load_bytes<V>(j.mask, i, n, b);
+#pragma unroll
+    for (int e = 0; e < kGroupN; ++e) keep[e] = b[e] != 0;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kGroupN; ++e) keep[e] = true;
   }
-  g = keep ? g * j.gscale : 0.f;
-  const float mn = new_momentum(m, g, k);
-  float stored = 0.f;
+  float mn[kGroupN];
+#pragma unroll
+  for (int e = 0; e < kGroupN; ++e) {
+    g[e] = keep[e] ? g[e] * j.gscale : 0.f;
+    mn[e] = new_momentum(m[e], g[e], k);
+  }
   if (update) {
-    const float th = load<PS>(j.param, i);
-    const float tn = stepped(th, direction(m, mn, g, k, has(j, kUseNewMomentum)), k);
-    const bool movable = live && (keep || !(gated && has(j, kMaskUpdate)));
-    stored = store<PS>(j.param, i, movable ? tn : th, stochastic, j.round_k0, j.round_k1);
+#pragma unroll
+    for (int e = 0; e < kGroupN; ++e) {
+      const float tn = stepped(th[e], direction(m[e], mn[e], g[e], k, has(j, kUseNewMomentum)), k);
+      const bool movable = live && (keep[e] || !(gated && has(j, kMaskUpdate)));
+      th[e] = movable ? tn : th[e];
+    }
+    store_group<PS, V>(j.param, i, n, th, stochastic, j.round_k0, j.round_k1);
+#pragma unroll
+    for (int e = 0; e < kGroupN; ++e) {
+      if (V || e < n) acc = add_square(acc, th[e]);
+    }
   }
-  store<MS>(j.mom, i, freeze ? m : mn, false, 0, 0);
-  return stored;
+#pragma unroll
+  for (int e = 0; e < kGroupN; ++e) mn[e] = freeze ? m[e] : mn[e];
+  store_group<MS, V>(j.mom, i, n, mn, false, 0, 0);
 }
 
 __device__ __forceinline__ Coefs coefs_for(const Job& j, double lr) {
@@ -247,6 +244,21 @@ __device__ __forceinline__ Coefs coefs_for(const Job& j, double lr) {
   k.decay = static_cast<float>(1.0 - lr * j.wd);
   k.c_m = j.c_m, k.c_g = j.c_g, k.m_m = j.m_m, k.m_g = j.m_g;
   return k;
+}
+
+// Theta of the group [i, i + n) pulled towards the centre (Tiger's NaN guard); adds the squares
+// of what it stores to acc.
+template <int PS, bool V>
+__device__ __forceinline__ void shrink_group(const Job& j, int64_t i, int n, bool stochastic, float& acc) {
+  float th[kGroupN];
+  load_group<PS, V>(j.param, i, n, th);
+#pragma unroll
+  for (int e = 0; e < kGroupN; ++e) th[e] = nan_shrink(th[e], j.shrink, j.centre);
+  store_group<PS, V>(j.param, i, n, th, stochastic, j.round_k0, j.round_k1);
+#pragma unroll
+  for (int e = 0; e < kGroupN; ++e) {
+    if (V || e < n) acc = add_square(acc, th[e]);
+  }
 }
 
 // Tiger's NaN guard over one item: momentum untouched, theta pulled towards the centre. Row sums
@@ -258,21 +270,18 @@ __device__ void shrink_item(const Job& j, const Item& item, bool stochastic, dou
     const int64_t len = j.row_len;
     for (int64_t r = item.begin / len + warp; r < item.end / len; r += kWarps) {
       float acc = 0.f;
-      for (int64_t c = lane; c < len; c += 32) {
-        const int64_t i = r * len + c;
-        acc = add_square(acc, store<PS>(j.param, i, nan_shrink(load<PS>(j.param, i), j.shrink, j.centre),
-                                        stochastic, j.round_k0, j.round_k1));
-      }
+      for_groups(r * len, (r + 1) * len, lane, 32, item.vec, [&](auto vec, int64_t i, int n) {
+        shrink_group<PS, decltype(vec)::value>(j, i, n, stochastic, acc);
+      });
       acc = warp_sum(acc);
       if (lane == 0) global(j.ssq)[r] = static_cast<double>(acc);
     }
     return;
   }
   float acc = 0.f;
-  for (int64_t i = item.begin + threadIdx.x; i < item.end; i += kThreads) {
-    acc = add_square(acc, store<PS>(j.param, i, nan_shrink(load<PS>(j.param, i), j.shrink, j.centre), stochastic,
-                                    j.round_k0, j.round_k1));
-  }
+  for_groups(item.begin, item.end, threadIdx.x, kThreads, item.vec, [&](auto vec, int64_t i, int n) {
+    shrink_group<PS, decltype(vec)::value>(j, i, n, stochastic, acc);
+  });
   if (has(j, kSsqOut)) {
     const double total = block_sum(acc);
     if (threadIdx.x == 0) *part = total;
@@ -293,10 +302,22 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
     const int64_t s = r * len;
     int present = 0;
     float ssq = 0.f;
-    for (int64_t c = lane; c < len; c += 32) {
-      if (lazy) present |= load<PS>(j.grad, s + c) != 0.f;  // NaN counts as present
-      if (read) ssq = add_square(ssq, load<PS>(j.param, s + c));
-    }
+    for_groups(s, s + len, lane, 32, item.vec, [&](auto vec, int64_t i, int n) {
+      constexpr bool V = decltype(vec)::value;
+      float x[kGroupN];
+      if (lazy) {
+        load_group<PS, V>(j.grad, i, n, x);  // zeros past n: absent
+#pragma unroll
+        for (int e = 0; e < kGroupN; ++e) present |= x[e] != 0.f;  // NaN counts as present
+      }
+      if (read) {
+        load_group<PS, V>(j.param, i, n, x);
+#pragma unroll
+        for (int e = 0; e < kGroupN; ++e) {
+          if (V || e < n) ssq = add_square(ssq, x[e]);
+        }
+      }
+    });
     present = warp_or(present);
     const double before = carried ? global(j.ssq)[r] : static_cast<double>(warp_sum(ssq));
     bool live = true, freeze = false;
@@ -308,16 +329,18 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
     const double row_lr = row_rms ? lr * sqrt(before / static_cast<double>(len)) : lr;
     const Coefs k = coefs_for(j, row_lr);
     float after = 0.f;
-    for (int64_t c = lane; c < len; c += 32) {
-      after = add_square(after, update_element<PS, MS>(j, s + c, k, update && live, live, freeze, gated, stochastic));
-    }
+    for_groups(s, s + len, lane, 32, item.vec, [&](auto vec, int64_t i, int n) {
+      update_group<PS, MS, decltype(vec)::value>(j, i, n, k, update && live, live, freeze, gated, stochastic, after);
+    });
     after = warp_sum(after);
     if (out && lane == 0) global(j.ssq)[r] = update && live ? static_cast<double>(after) : before;
   }
 }
 
+// 3 blocks of 256 threads per SM (at most 85 registers; 80 used, no spills on sm_80 / sm_90),
+// as the element-by-element float32 step had: uncapped, the groups' registers took 96 (2 blocks).
 template <int PS, int MS>
-__global__ void step_kernel(const Item* __restrict__ items, const Job* __restrict__ jobs,
+__global__ void __launch_bounds__(kThreads, 3) step_kernel(const Item* __restrict__ items, const Job* __restrict__ jobs,
                             const double* __restrict__ dyn, const double* __restrict__ lr_eff,
                             const int* __restrict__ group_nan, double* parts) {
   const Item item = items[blockIdx.x];
@@ -337,9 +360,9 @@ __global__ void step_kernel(const Item* __restrict__ items, const Job* __restric
   }
   const Coefs k = coefs_for(j, lr);
   float acc = 0.f;
-  for (int64_t i = item.begin + threadIdx.x; i < item.end; i += kThreads) {
-    acc = add_square(acc, update_element<PS, MS>(j, i, k, update, true, false, gated, stochastic));
-  }
+  for_groups(item.begin, item.end, threadIdx.x, kThreads, item.vec, [&](auto vec, int64_t i, int n) {
+    update_group<PS, MS, decltype(vec)::value>(j, i, n, k, update, true, false, gated, stochastic, acc);
+  });
   if (has(j, kSsqOut)) {  // the partial of the theta stored (ssq_out_kernel ignores it without kUpdate)
     const double total = block_sum(acc);
     if (threadIdx.x == 0) parts[blockIdx.x] = total;

@@ -143,9 +143,11 @@ def test_aot_configs_cover_every_pickable_config():
     GPU check sees it): each family x head-dim class x dtype, for every kernel."""
     from kexue.triton_kernels.logn_attention_rules import block_d, dot_mode
 
-    def listed(module, kernel, constexprs):
+    def listed(module, kernel, constexprs, warps_stages=None):
         return any(
-            c["kernel"] is kernel and all(c["constexprs"].get(k) == v for k, v in constexprs.items())
+            c["kernel"] is kernel
+            and all(c["constexprs"].get(k) == v for k, v in constexprs.items())
+            and (warps_stages is None or (c["num_warps"], c["num_stages"]) == warps_stages)
             for c in module.AOT_CONFIGS
         )
 
@@ -156,11 +158,28 @@ def test_aot_configs_cover_every_pickable_config():
                 d = K.row_length(head_dim)  # what the launchers pass
                 bd = block_d(d)
                 for has_mask in (False, True):
-                    t = logn_attention_fwd.tiles(family, d, mode, has_mask)
-                    want = dict(
-                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, HAS_MASK=has_mask, EVEN_D=d == bd
-                    )
-                    assert listed(logn_attention_fwd_aot, logn_attention_fwd.logn_fwd_kernel, want), (family, dtype, d)
+                    default, *alternates = logn_attention_fwd.candidates(family, d, mode, has_mask)
+                    # the default's dense causal form is covered by its masked one (same tile); an
+                    # alternate without a mask is listed in both forms itself, with one in the causal
+                    alt_causals = (True,) if has_mask else (False, True)
+                    for t, causals in ((default, (None,)), *((a, alt_causals) for a in alternates)):
+                        for causal in causals:
+                            want = dict(
+                                BLOCK_M=t.block_m,
+                                BLOCK_N=t.block_n,
+                                BLOCK_D=bd,
+                                IEEE=mode,
+                                HAS_MASK=has_mask,
+                                EVEN_D=d == bd,
+                                **({} if causal is None else {"CAUSAL": causal}),
+                            )
+                            ws = (t.num_warps, t.num_stages)
+                            assert listed(logn_attention_fwd_aot, logn_attention_fwd.logn_fwd_kernel, want, ws), (
+                                family,
+                                dtype,
+                                d,
+                                t,
+                            )
                 b = logn_attention_bwd_tiles.tiles(family, d, mode)
                 assert listed(
                     logn_attention_bwd_dkdv,

@@ -84,8 +84,8 @@ def _exact_sums(p: torch.Tensor, per_row: bool) -> torch.Tensor:
     return x.pow(2).sum(-1) if per_row else x.pow(2).sum().reshape(1)
 
 
-# float32 sums of 256 squares per thread (65536-element items over 256 threads; rows: row_len / 32
-# per lane, here 1), then a 32-lane tree: relative error below (256 + 5) * 2^-24 < 2e-5.
+# float32 sums of 256 squares per thread (65536-element items over 256 threads; rows: groups of 8
+# per lane, here one), then a 32-lane tree: relative error below (256 + 5) * 2^-24 < 2e-5.
 SUM_RTOL = 2e-5
 
 

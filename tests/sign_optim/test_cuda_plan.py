@@ -1,7 +1,8 @@
 """The CUDA C++ step's launch plan (csrc/include/kexue/sign_optim_plan.h), tested without a GPU.
 
 The CUDA step keeps one plan per call structure and uploads the jobs array (addresses,
-coefficients, flags) only when its bytes change. ``kexue._C.sign_optim_plan_probe`` runs that very
+coefficients, flags) only when its bytes change. Whether a tensor moves as 128-bit accesses is part
+of the structure (the items' fourth column, ``vec``). ``kexue._C.sign_optim_plan_probe`` runs that very
 host code on CPU tensors, with a cache of its own, and reports the builds, the uploads and the
 plan. A spy on ``ops.fused_step`` feeds it every call the optimizer makes on the ``cpu`` backend,
 whose table rows are the ones the CUDA step gets (both carry Tiger's sums of squares).
@@ -123,7 +124,7 @@ def _covers(items, job, numel, row_len=0):
     assert mine[0, 1] == 0 and mine[-1, 2] == numel
     assert torch.equal(mine[1:, 1], mine[:-1, 2])
     if row_len:
-        assert bool((mine[:, 1:] % row_len == 0).all())
+        assert bool((mine[:, 1:3] % row_len == 0).all())
 
 
 def _tiger_model():
@@ -202,3 +203,115 @@ def test_carried_sums_in_capturable_rows_are_refused():
         _C.sign_optim_plan_probe(*args, True, True)
     ints[0, table.FLAGS] = table.RMS_TENSOR | table.SSQ_OUT
     assert _C.sign_optim_plan_probe(*args, False, True)[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 128-bit accesses: which tensors the plan marks vectorizable, and a new plan when that changes.
+
+
+def _at(n, offset=0, dtype=torch.float32, fill=None):
+    """``n`` elements of ``dtype`` starting ``offset`` elements into a fresh (aligned) buffer."""
+    buf = torch.randn(n + offset).to(dtype) if fill is None else torch.full((n + offset,), fill, dtype=dtype)
+    return buf[offset:]
+
+
+def _raw(params, grads, moms, masks=None, flags=0, row_len=0):
+    """The probe's arguments for Lion-like rows over the given tensors (no NaN guard, no sums)."""
+    T = len(params)
+    hyper = torch.zeros(T, table.NUM_FLOATS, dtype=torch.float64)
+    ints = torch.zeros(T, table.NUM_INTS, dtype=torch.int64)
+    ints[:, table.NAN_GROUP] = -1
+    ints[:, table.FLAGS] = table.UPDATE | flags
+    ints[:, table.ROW_LEN] = row_len
+    empty = [torch.empty(0, dtype=torch.uint8)] * T
+    ssq = [torch.empty(0, dtype=torch.float64)] * T
+    return (params, grads, moms, masks or [None] * T, empty, ssq, hyper, ints)
+
+
+def _vec(out) -> dict[int, set[int]]:
+    """The vec column of the step items, by job (one value per job: every item of a job agrees)."""
+    _, _, _, items, prepass, _, _, _ = out
+    steps = items[int(prepass[:, 3].sum()) :] if prepass.shape[0] else items
+    return {int(j): set(steps[steps[:, 0] == j, 3].tolist()) for j in steps[:, 0].unique()}
+
+
+# (param dtype, momentum dtype, numel, element offsets of param / grad / momentum, vectorizable):
+# every array must start on 16 bytes and hold at least one group of 8 elements.
+ALIGNMENT_CASES = {
+    "f32 aligned": (torch.float32, torch.float32, 64, (0, 0, 0), 1),
+    "f32 odd length": (torch.float32, torch.float32, 13, (0, 0, 0), 1),  # the tail group goes scalar
+    "f32 shorter than a group": (torch.float32, torch.float32, 7, (0, 0, 0), 0),
+    "f32 param at +4 bytes": (torch.float32, torch.float32, 64, (1, 0, 0), 0),
+    "f32 grad at +8 bytes (bucket view)": (torch.float32, torch.float32, 64, (0, 2, 0), 0),
+    "f32 grad at +16 bytes": (torch.float32, torch.float32, 64, (0, 4, 0), 1),
+    "bf16 aligned, f32 momentum": (torch.bfloat16, torch.float32, 40, (0, 0, 0), 1),
+    "bf16 at +16 bytes, f32 momentum": (torch.bfloat16, torch.float32, 40, (8, 8, 0), 1),
+    "bf16 at +8 bytes": (torch.bfloat16, torch.float32, 40, (4, 0, 0), 0),
+    "bf16, f32 momentum at +8 bytes": (torch.bfloat16, torch.float32, 40, (0, 0, 2), 0),
+    "f16, bf16 momentum at +2 bytes": (torch.float16, torch.bfloat16, 40, (0, 0, 1), 0),
+    "f32, bf16 momentum at +16 bytes": (torch.float32, torch.bfloat16, 40, (0, 0, 8), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIGNMENT_CASES))
+def test_vectorizable_per_tensor(case):
+    """Each tensor's decision is its own: an aligned neighbour stays vectorizable."""
+    ps, ms, n, (op, og, om), want = ALIGNMENT_CASES[case]
+    params = [_at(n, op, ps), _at(64)]
+    grads = [_at(n, og, ps), _at(64)]
+    moms = [_at(n, om, ms, fill=0.0), _at(64, fill=0.0)]
+    out = _C.sign_optim_plan_probe(*_raw(params, grads, moms), False, True)
+    assert _vec(out) == {0: {want}, 1: {1}}
+
+
+@pytest.mark.parametrize("offset, want", [(0, 1), (8, 1), (4, 0), (1, 0)])
+def test_child_tuning_d_mask_alignment(offset, want):
+    """A mask is read 8 bytes at a time: it must start on 8 bytes."""
+    n = 48
+    mask = _at(n, offset, torch.bool, fill=True)
+    args = _raw([_at(n)], [_at(n)], [_at(n, fill=0.0)], masks=[mask], flags=table.MASK_D)
+    assert _vec(_C.sign_optim_plan_probe(*args, False, True)) == {0: {want}}
+
+
+@pytest.mark.parametrize("row_len, want", [(24, 1), (8, 1), (20, 0), (3, 0)])
+def test_rows_must_be_whole_groups(row_len, want):
+    """A tensor updated row by row starts a group at every row: its row length must be a multiple of 8."""
+    n = row_len * 6
+    args = _raw([_at(n)], [_at(n)], [_at(n, fill=0.0)], flags=table.LAZY_ROWS, row_len=row_len)
+    out = _C.sign_optim_plan_probe(*args, False, True)
+    assert _vec(out) == {0: {want}}
+    _covers(out[3], 0, n, row_len)
+
+
+def test_alignment_change_builds_a_plan_and_back_finds_it():
+    """A gradient that moves to an unaligned address is a new structure (the kernels would otherwise
+    issue a misaligned 128-bit access); moving back finds the first plan again, and another aligned
+    address only uploads the jobs."""
+    n = 70_001  # two work items, a tail group of 1
+    p, m = _at(n), _at(n, fill=0.0)
+    aligned, shifted = _at(n), _at(n, 1)
+    first = _C.sign_optim_plan_probe(*_raw([p], [aligned], [m]), False, True)
+    assert first[:3] == (1, 1, 1) and _vec(first) == {0: {1}}
+    assert first[3][:, 3].tolist() == [1, 1]  # every item of the job carries the decision
+    second = _C.sign_optim_plan_probe(*_raw([p], [shifted], [m]), False, False)
+    assert second[:3] == (2, 2, 2) and _vec(second) == {0: {0}}
+    third = _C.sign_optim_plan_probe(*_raw([p], [aligned], [m]), False, False)
+    assert third[:3] == (2, 2, 2) and _vec(third) == {0: {1}}  # the first plan, its jobs unchanged
+    fourth = _C.sign_optim_plan_probe(*_raw([p], [_at(n, 4)], [m]), False, False)  # +16 bytes: aligned
+    assert fourth[:3] == (2, 3, 2) and _vec(fourth) == {0: {1}}
+
+
+def test_optimizer_gradient_in_a_flat_bucket(monkeypatch):
+    """Gradients that are views into one flat buffer (as DDP's buckets) are vectorizable only where
+    their offset is a multiple of 16 bytes; the optimizer's own state is always aligned."""
+    probe = Probe(monkeypatch)
+    params = _params(shapes=((5, 7), (41,), (3, 4)))
+    bucket = torch.zeros(sum(p.numel() for p in params))
+    opt = Lion(params, lr=1e-3)
+    with kexue.use_backend("cpu"):
+        at = 0
+        for p in params:
+            p.grad = bucket[at : at + p.numel()].view_as(p).normal_()
+            at += p.numel()
+        opt.step()
+    assert _vec(tuple(probe.last[k] for k in Probe.FIELDS)) == {0: {1}, 1: {0}, 2: {1}}  # at 0, 140, 304 B

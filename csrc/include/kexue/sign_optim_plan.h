@@ -7,10 +7,15 @@
 // slots of pre-pass partial sums (spans, for the finishing kernel) and, for the tensors that hand
 // on a whole-tensor sum of squares (kSsqOut), their slots of step partial sums (outs). It depends
 // only on the call's structure -- sizes, storage types, the flags that decide which passes run,
-// NaN-guard groups, row lengths -- so it is built and uploaded once per structure, as
-// triton_kernels/sign_optim_plan.py does for the Triton step. What changes from step to step
-// (addresses, coefficients, the kUpdate switch, random keys) lives in the jobs array, which goes to
-// the device in one copy when its bytes differ from the last upload, and not at all otherwise.
+// NaN-guard groups, row lengths, which tensors are vectorizable -- so it is built and uploaded
+// once per structure, as triton_kernels/sign_optim_plan.py does for the Triton step. What changes
+// from step to step (addresses, coefficients, the kUpdate switch, random keys) lives in the jobs
+// array, which goes to the device in one copy when its bytes differ from the last upload, and not
+// at all otherwise.
+//
+// One thing of the addresses is structural: whether a tensor's arrays are aligned for 128-bit
+// accesses (vectorizable). The plan records it in each work item (Item::vec), and it is part of
+// the structure key, so a tensor whose gradient moves to an unaligned address gets another plan.
 #pragma once
 
 #include <algorithm>
@@ -31,12 +36,17 @@ namespace sign_optim {
 
 constexpr int64_t kChunk = 65536;  // elements per work item (as ATen's multi_tensor_apply)
 
+// Elements per group: the kernels sweep every tensor in groups of kGroup consecutive elements, one
+// group per thread at a time (sign_optim_access.cuh). A group is 16 bytes of a 16-bit array, two
+// times 16 bytes of a float32 one and 8 bytes of a mask, so one width serves every dtype pair.
+constexpr int64_t kGroup = 8;
+
 // The flags a plan depends on. kUpdate is not one: Tiger clears it on accumulation micro-steps and
 // the kernels read it at run time, so one plan serves both kinds of micro-step.
 constexpr int64_t kStructuralFlags = kRmsTensor | kRmsRow | kLazyRows | kSsqOut | kRmsCarried | kDynamic;
 
-struct Item {  // elements [begin, end) of job `job`
-  int64_t job, begin, end;
+struct Item {  // elements [begin, end) of job `job`; vec: its full groups move as 128-bit accesses
+  int64_t job, begin, end, vec;
 };
 
 struct Span {  // the partial-sum slots [first, first + count) of job `job`
@@ -73,9 +83,23 @@ struct Layout {
   std::vector<uint8_t> bytes;
 };
 
+inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Whether a job's full groups may move as 128-bit accesses: param, grad and momentum 16-byte
+// aligned and a ChildTuning-D mask 8-byte aligned (a group of each starts on such a boundary, as
+// items and rows start on group boundaries: kChunk and, for a job updated row by row, its row
+// length are multiples of kGroup), and at least one full group. The last group of a tensor whose
+// numel is not a multiple of kGroup, and every group of a job that is not vectorizable, go element
+// by element in the same order, so the choice changes no result bit.
+inline bool vectorizable(const Job& j) {
+  return j.numel >= kGroup && aligned_to(j.param, 16) && aligned_to(j.grad, 16) && aligned_to(j.mom, 16) &&
+         (j.mask == nullptr || aligned_to(j.mask, 8)) && (!by_rows(j) || j.row_len % kGroup == 0);
+}
+
 inline void cut_items(const Job& j, int64_t job, bool rows, std::vector<Item>& out) {
   const int64_t step = rows && by_rows(j) ? std::max<int64_t>(1, kChunk / j.row_len) * j.row_len : kChunk;
-  for (int64_t b = 0; b < j.numel; b += step) out.push_back({job, b, std::min(j.numel, b + step)});
+  const int64_t vec = vectorizable(j) ? 1 : 0;
+  for (int64_t b = 0; b < j.numel; b += step) out.push_back({job, b, std::min(j.numel, b + step), vec});
 }
 
 template <typename T>
@@ -139,13 +163,14 @@ inline void check_plan_jobs(const char* op, const std::vector<Job>& jobs) {
   }
 }
 
-// What a plan depends on, per job: numel, storage types, structural flags, NaN group, row length.
-// Not the addresses, nor any coefficient.
+// What a plan depends on, per job: numel, storage types, structural flags, NaN group, row length,
+// whether it is vectorizable. Not the addresses themselves, nor any coefficient.
 inline std::string structure_key(const std::vector<Job>& jobs) {
   std::string key;
-  key.reserve(jobs.size() * 40);
+  key.reserve(jobs.size() * 56);
   for (const Job& j : jobs) {
-    const int64_t fields[] = {j.numel, j.ps, j.ms, j.flags & kStructuralFlags, j.nan_group, j.row_len};
+    const int64_t fields[] = {j.numel, j.ps, j.ms, j.flags & kStructuralFlags, j.nan_group, j.row_len,
+                              vectorizable(j) ? 1 : 0};
     key.append(reinterpret_cast<const char*>(fields), sizeof(fields));
   }
   return key;

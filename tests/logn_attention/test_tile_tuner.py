@@ -1,0 +1,139 @@
+"""The forward's tile candidates and their tuner (triton_kernels/_tile_tuner.py): the choice, its
+cache, when nothing is timed, and every alternate tile against the float64 reference.
+
+Timing needs a GPU; here a fake timer stands in for CUDA events, so the tests pin the tuner's
+logic (which candidate runs last, what is cached, what is never timed), and the interpreter runs
+each alternate tile at shapes that cross its edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from kexue.triton_kernels import _tile_tuner as tuner  # noqa: E402  (after the skip)
+from kexue.triton_kernels import logn_attention as K  # noqa: E402
+from kexue.triton_kernels import logn_attention_fwd  # noqa: E402
+from kexue.triton_kernels.logn_attention_rules import NATIVE, TF32, interpreting  # noqa: E402
+from tests.logn_attention.test_triton import _check  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv("KEXUE_AUTOTUNE", raising=False)
+    tuner.forget()
+    yield
+    tuner.forget()
+
+
+def _fake_timer(times: dict, timed: list):
+    """A timer that runs the thunk once and reports the candidate's entry in ``times``."""
+
+    def timer(thunk):
+        thunk()
+        timed.append(ran[-1])
+        return times[ran[-1]]
+
+    ran: list = []
+    return timer, ran
+
+
+def test_the_fastest_runs_last_and_is_kept(monkeypatch):
+    monkeypatch.setattr(tuner, "may_time", lambda device: True)
+    timed: list = []
+    timer, ran = _fake_timer({"a": 3.0, "b": 1.0, "c": 2.0}, timed)
+    cpu = torch.device("cpu")
+    assert tuner.pick("k", ("a", "b", "c"), ran.append, cpu, timer) == "b"
+    assert timed == ["a", "b", "c"] and ran[-1] == "b"  # every one timed, the winner launched last
+    ran.clear()
+    assert tuner.pick("k", ("a", "b", "c"), ran.append, cpu, timer) == "b"
+    assert ran == ["b"] and len(timed) == 3  # no timing on a known key
+    assert tuner.chosen() == {"k": 1}
+    assert tuner.pick("other", ("a", "c"), ran.append, cpu, timer) == "c"  # keys are independent
+
+
+def test_a_single_candidate_is_never_timed(monkeypatch):
+    monkeypatch.setattr(tuner, "may_time", lambda device: True)
+    ran: list = []
+
+    def timer(thunk):
+        raise AssertionError("timed a lone candidate")
+
+    assert tuner.pick("k", ("only",), ran.append, torch.device("cpu"), timer) == "only"
+    assert ran == ["only"] and tuner.chosen() == {}
+
+
+def test_no_timing_off_cuda_while_compiling_or_when_disabled(monkeypatch):
+    assert not tuner.may_time(torch.device("cpu"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not tuner.may_time(torch.device("cuda"))
+    monkeypatch.undo()
+    monkeypatch.setenv("KEXUE_AUTOTUNE", "0")
+    assert not tuner.may_time(torch.device("cuda"))
+
+
+def test_untimed_calls_use_a_known_choice_unless_disabled(monkeypatch):
+    timer, ran = _fake_timer({"a": 2.0, "b": 1.0}, [])
+    monkeypatch.setattr(tuner, "may_time", lambda device: True)
+    tuner.pick("k", ("a", "b"), ran.append, torch.device("cpu"), timer)
+    monkeypatch.setattr(tuner, "may_time", lambda device: False)  # e.g. a later CUDA-graph capture
+    ran.clear()
+    assert tuner.pick("k", ("a", "b"), ran.append, torch.device("cpu"), timer) == "b" and ran == ["b"]
+    monkeypatch.setenv("KEXUE_AUTOTUNE", "0")
+    assert tuner.pick("k", ("a", "b"), ran.append, torch.device("cpu"), timer) == "a"
+    assert tuner.pick("new", ("a", "b"), ran.append, torch.device("cpu"), timer) == "a"
+    assert "new" not in tuner.chosen()  # an untimed call caches nothing
+
+
+@pytest.mark.parametrize(
+    "length,bucket", [(1, 512), (512, 512), (513, 2048), (2048, 2048), (8192, 8192), (8193, 32768), (10**6, 32768)]
+)
+def test_length_buckets(length, bucket):
+    assert tuner.length_bucket(length) == bucket
+
+
+def test_alternates_only_where_the_default_is_the_table_entry():
+    cands = logn_attention_fwd.candidates
+    assert len(cands(90, 128, NATIVE)) == 3 and len(cands(86, 64, NATIVE, True)) == 2
+    assert len(cands(90, 128, NATIVE, True)) == 1  # d=128 alternates kept a stack with a mask
+    assert len(cands(90, 128, TF32)) == 1 and len(cands(86, 96, NATIVE)) == 1  # padded heads: one tile
+    for family in (80, 86, 90):
+        for d in (16, 32, 64, 96, 128):
+            for mask in (False, True):
+                c = cands(family, d, NATIVE, mask)
+                assert c[0] == logn_attention_fwd.tiles(family, d, NATIVE, mask) and len(set(c)) == len(c)
+
+
+def _with_alternates() -> list:
+    """(family, head dim, masked) for every case with an alternate tile."""
+    cases = []
+    for family in (80, 86, 90):
+        for d in (64, 128):
+            for masked in (False, True):
+                if len(logn_attention_fwd.candidates(family, d, NATIVE, masked)) > 1:
+                    cases.append(pytest.param(family, d, masked, id=f"sm{family}-d{d}-mask{int(masked)}"))
+    return cases
+
+
+@pytest.mark.parametrize("family,d,masked", _with_alternates())
+def test_each_alternate_against_the_reference(triton_device, monkeypatch, family, d, masked):
+    """Every alternate tile wins once (by a fake timer) and computes the forward and backward of a
+    causal GQA problem whose lengths cross its row and key edges, with and without padding."""
+    if interpreting():
+        monkeypatch.setattr(K, "arch_family", lambda device: family)
+    else:
+        family = K.arch_family(triton_device)
+    cands = logn_attention_fwd.candidates(family, d, NATIVE, has_mask=masked)
+    if len(cands) == 1:  # on a GPU whose family has no alternate here
+        pytest.skip(f"sm_{family} d={d} mask={masked} has no alternate tile")
+    monkeypatch.setattr(tuner, "may_time", lambda device: True)
+    launched: list = []
+    real_launch = logn_attention_fwd._launch
+    monkeypatch.setattr(logn_attention_fwd, "_launch", lambda *a: (launched.append(a[-1]), real_launch(*a))[1])
+    for winner in range(1, len(cands)):
+        tuner.forget()
+        launched.clear()
+        times = {c: (0.0 if i == winner else 1.0) for i, c in enumerate(cands)}
+        monkeypatch.setattr(tuner, "cuda_time", lambda thunk, times=times: (thunk(), times[launched[-1]])[1])
+        _check(triton_device, 1, 2, 1, 70, 131, d, torch.float16, True, mask_p=0.1 if masked else None)
+        assert launched[-1] == cands[winner] and set(launched) == set(cands)
