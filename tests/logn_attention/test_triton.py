@@ -239,6 +239,18 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
     assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
 
 
+def test_every_gpu_dot_config_demands_unreplicated_tiles():
+    # tests/gpu_compile.py fails a dot replicated across warps only where a configuration demands
+    # so: every log-n configuration with dots that a GPU runs does, none exempt (the preprocess
+    # and the decode merge have no dots)
+    from kexue.triton_kernels import logn_attention_decode_aot
+
+    for module in (logn_attention_fwd_aot, logn_attention_bwd_dkdv, logn_attention_bwd_dq, logn_attention_decode_aot):
+        for c in module.AOT_CONFIGS:
+            if c.get("archs", (80,)) != () and c["kernel"] is not logn_attention_decode.logn_decode_combine_kernel:
+                assert "no_replication" in c["expect"], c["name"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The restructured kernels: the two-stage causal split, head dims, GQA ratios, decode.
 
