@@ -41,26 +41,28 @@ class BwdTiles(NamedTuple):
 
 
 # family -> padded head dim -> tiles for 16-bit inputs. dK/dV: the key block is the dots' M, so
-# 128 keys on 8 warps is 64 rows a warpgroup on sm_90 (wgmma, no replicated tile), 64 keys on 4
-# warps 16 rows a warp on mma.sync targets; 16 query rows a step keep the score tile (128 x 16
-# fp32) small next to the dK and dV accumulators (128 x d fp32 each). On sm_90 that holds up to
-# d=128 since the loop over (query head, query block) is flat (see the kernel); sm_80 keeps 8
-# warps on 32 x 32 from d=128 on (16 rows a warp kept a 40..128 byte stack in triton 3.9), whose
-# score tiles are replicated across warps (flagged so by tests/gpu_compile.py); dQ at d=256 likewise.
+# 16 rows a warp (mma.sync) or 64 a warpgroup (wgmma on sm_90); 16 query rows a step keep the
+# score tile (keys x 16 fp32) small next to the dK and dV accumulators (keys x d fp32 each).
+# Which warp layout Triton gives the dots decides replication, not the tile alone: the four dots
+# are chained (scores feed the dK / dV products), and for chained mma.sync dots Triton (3.9) puts
+# every warp along M when M >= N, along N otherwise, where N is the head dim of the dK / dV
+# products. So at d=128, 64 keys on 4 warps lay the warps along the 16 query columns of the score
+# tile (64 x 16 on [1, 4] warps: replicated, 246..255 registers, no stack), and 32 keys on 8 warps
+# likewise (the table's tile until then); 128 keys on 8 warps are 128 x 128 (warps along the
+# keys, 16 rows each: unreplicated), as on sm_90. That holds up to d=128 since the loop over
+# (query head, query block) is flat and the store offsets are recomputed after it (see the
+# kernel). dQ at d=256: 16 x 16 on 4 warps, replicated (interpreter only: GPUs stop at 128).
 _T = Tiles
-# On sm_80 / sm_86 ptxas keeps 8 to 24 bytes on a stack (at 80 to 170 registers: not pressure)
-# for some (head dim, stages, switches): the stage counts there are the ones that compiled clean
-# for every switch combination, in the jit form with arbitrary head counts and lse strides (d=64:
-# 1 stage kept 8 bytes there, non-causal; 3 are clean, also for heads padded to 64 columns).
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
     80: {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1)),
         32: BwdTiles(_T(16, 64, 4, 1), _T(64, 32, 4, 1)),
         64: BwdTiles(_T(16, 64, 4, 3), _T(64, 32, 4, 2)),
+        # 242..255 registers, no stack, with 1, 2 or 3 stages (72 KB with 2) on sm_80 / 86 / 89
+        128: BwdTiles(_T(16, 128, 8, 2), _T(64, 32, 4, 2)),
     },
 }
-_TILES_16[80][128] = BwdTiles(_T(32, 32, 8, 2), _T(64, 32, 4, 2))
 for _f in (80, 90):
     _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
 _TILES_16[86] = _TILES_16[80]
@@ -81,9 +83,14 @@ _TILES_IEEE = {
 # loop: the kernel recomputes its store offsets after the loop for that reason (held, they kept
 # 56..176 bytes of stack). sm_90 d=128: 128 keys on 8 warps (wgmma, 231..254 registers, 161 KB);
 # 64 keys on 4 warps kept 16..56 bytes. sm_86 / sm_89 d=128: 32 keys on 2 warps, two stages
-# (clean); on sm_80 that tile keeps 32 bytes in the packed (varlen) form (int64 row offsets) and
-# 8..32 bytes with one or three stages, so sm_80 keeps 16 x 32 on 4 warps, whose warps split the
-# keys (score tiles replicated). Checked with tests/gpu_compile.py.
+# (clean; the warps split the head dim, see the 16-bit table). sm_80 d=128: 32 keys x 32 query
+# rows on 4 warps, two stages (220..250 registers, 80 KB): the warps split the 32 query columns
+# of the score tile and the head dim of dK / dV, 8 and 32 columns each, so no warp repeats
+# another's products and each holds a quarter of the accumulators (64 registers). Rejected there
+# (bytes of stack over the 9 switch x head-dim forms, all at 255 registers): 32 keys on 2 warps
+# (32 in the packed form with 2 stages, 8..32 with 1 or 3); 128 keys on 8 warps (64..208 with 1
+# stage, 160..256 with 2); 64 keys x 32 rows on 4 warps (8..104 with 1 stage, 0..128 with 2);
+# 16 keys on 1 warp (112..264). The old 16 x 32 tile on 4 warps was clean but replicated.
 _TILES_TF32 = {
     90: {
         16: BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2)),
@@ -95,7 +102,7 @@ _TILES_TF32 = {
         16: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 2)),
         32: BwdTiles(_T(16, 64, 4, 4), _T(64, 32, 4, 2)),
         64: BwdTiles(_T(16, 32, 2, 2), _T(32, 32, 2, 1)),
-        128: BwdTiles(_T(16, 32, 4, 1), _T(32, 16, 2, 1)),
+        128: BwdTiles(_T(32, 32, 4, 2), _T(32, 16, 2, 1)),
     },
 }
 # sm_80 family d=32 / d=64: the dK/dV stage counts without the 8..16-byte stacks ptxas kept at
@@ -140,21 +147,15 @@ _INTS = (
 )
 
 
-def _expect(family: int, mode: int, tile: Tiles, kernel: str) -> tuple:
+def _expect(family: int, mode: int) -> tuple:
     """What the static check demands: tensor cores for 16-bit and TF32 inputs (TF32 operands for
-    the latter); on sm_90 wgmma and unreplicated tiles in both kernels, for every dtype and head
-    dim (demanded, not derived from the tile: a table change that loses them fails the check);
-    elsewhere no replicated tile where the dots' M (keys in dK/dV, queries in dQ) gives each warp
-    16 rows."""
+    the latter), no dot tile replicated across warps on any target, and wgmma on sm_90, for every
+    dtype and head dim (demanded, not derived from the tile: a table change that loses them fails
+    the check)."""
     if mode == FP32_IEEE:
         return ()
     kind = ("tensor_cores", "tf32") if mode == TF32 else ("tensor_cores",)
-    if family == 90:
-        return ("wgmma", "no_replication", *kind)
-    rows = tile.block_n if kernel == "dkdv" else tile.block_m
-    if rows < 16 * tile.num_warps:
-        return kind
-    return ("no_replication", *kind)
+    return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
 
 
 def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
@@ -215,7 +216,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
                             unaligned_ints=unaligned_ints(varlen),
                             # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
                             aligned_only=True,
-                            expect=_expect(family, mode, tile, name),
+                            expect=_expect(family, mode),
                         )
                     )
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logn_attention_rules import allowed, block_d, dot, interpreting, row_length, row_scale, visible
+from .logn_attention_rules import allowed, arch_family, block_d, dot, interpreting, row_length, row_scale, visible
 
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
@@ -31,22 +31,34 @@ def _block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
-def _num_stages(block_d: int, itemsize: int = 2) -> int:
+def _block_d(head_dim: int) -> int:
+    # At least 32 columns: with 16 the 16-row output tile (16 x 16) is narrower than any two mma
+    # tiles, so Triton's layout for the chained dots (warps along M when M >= N) stacked all 4
+    # warps on its 16 rows, each computing the same products (replicated; one warp would not, at a
+    # quarter of the warps a program). At 32 the 4 warps split its columns, 8 each.
+    # The extra 16 columns are zeros (masked loads read no more memory) in a tile this small.
+    return max(32, block_d(head_dim))
+
+
+def _num_stages(block_d: int, itemsize: int = 2, family: int = 80) -> int:
     # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean.
     # float32 k / v tiles are twice as large: two stages (64 keys x 128 x 4 B x 2 tensors x 2 = 128 KB
-    # would pass sm_86's 99 KB, so d=128 float32 takes one)
+    # would pass sm_86's 99 KB, so d=128 float32 takes one there and on sm_80; sm_90 takes two, the
+    # 4-warp 64-row tile kept a 16-byte stack with one)
     if itemsize == 4:
-        return 2 if block_d <= 64 else 1
+        return 2 if block_d <= 64 or family == 90 else 1
     return 2 if block_d <= 64 else 3
 
 
-def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2) -> int:
-    # Four warps at least: with 16 rows Triton lays them along the keys (16 x 16 scores each, no
-    # replication), and one warp alone would hold the whole k and v tiles as mma operands (spills
-    # at d=128). From 64 rows on, 16 rows a warp; but float32 (TF32) at d=128 with 64 rows kept a
-    # 16..120-byte stack on 4 warps (sm_80 to sm_90): 8 there (mma.sync lays them along the keys;
-    # on sm_90 two warpgroups share the 64 wgmma rows, a replicated score tile).
-    if itemsize == 4 and block_d >= 128 and block_r >= 64:
+def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2, family: int = 80) -> int:
+    # Four warps at least: with 16 rows Triton lays them along the columns (no replication from
+    # 32 columns on, see _block_d), and one warp alone would hold the whole k and v tiles as mma
+    # operands (spills at d=128). From 64 rows on, 16 rows a warp (64 a warpgroup on sm_90). But
+    # float32 (TF32) at d=128 with 64 rows kept a 16..120-byte stack on 4 warps on sm_80 / sm_86:
+    # 8 there (mma.sync lays them along the head dim: unreplicated, 181..208 registers). On sm_90
+    # 8 warps would put two warpgroups on the 64 wgmma rows (replicated); 4 with two stages are
+    # clean there (252..254 registers, 161 KB).
+    if itemsize == 4 and block_d >= 128 and block_r >= 64 and family != 90:
         return 8
     return max(4, min(8, block_r // 16))
 
@@ -230,7 +242,8 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     b, hq, lq, _ = q.shape
     d = row_length(q.shape[-1])  # rows padded by the launchers
     hkv, lk = k.shape[1], k.shape[2]
-    bd = block_d(d)
+    bd = _block_d(d)
+    family = arch_family(q.device)
     block_r = _block_rows(hq // hkv * lq)
     splits = num_splits(b * hkv, lk, q.device)
     chunk = triton.cdiv(triton.cdiv(lk, splits), BLOCK_N) * BLOCK_N
@@ -260,8 +273,8 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
         BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
         BLOCK_D=bd,
-        num_warps=_num_warps(block_r, bd, q.element_size()),
-        num_stages=_num_stages(bd, q.element_size()),
+        num_warps=_num_warps(block_r, bd, q.element_size(), family),
+        num_stages=_num_stages(bd, q.element_size(), family),
     )
     logn_decode_combine_kernel[(b * hkv,)](
         part_o,

@@ -10,24 +10,28 @@ import torch
 
 from .logn_attention_decode import (
     BLOCK_N,
+    _block_d,
     _num_stages,
     _num_warps,
     logn_decode_combine_kernel,
     logn_decode_split_kernel,
 )
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, row_length
+from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, gpu_targets, row_length
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
 _INTS = ("Hq", "Hkv", "Lq", "Lk", "D", "chunk")
 _STRIDES = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn")
+_ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}  # target family (arch_family) -> the targets it serves
 
 
-def _split_config(dtype, mode: int, head: int, block_r: int, lq: int | None, causal: bool, has_mask: bool) -> dict:
-    """The split kernel for one case (``head``: the head size; the kernel sees it padded).
-    ``lq=1``: one token a step, which the JIT specialises as the constant 1 (ints equal to 1
-    become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
-    d = block_d(row_length(head))
+def _split_config(
+    family: int, dtype, mode: int, head: int, block_r: int, lq: int | None, causal: bool, has_mask: bool
+) -> dict:
+    """The split kernel for one case on one target family (``head``: the head size; the kernel
+    sees it padded). ``lq=1``: one token a step, which the JIT specialises as the constant 1 (ints
+    equal to 1 become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
+    d = _block_d(row_length(head))
     consts = dict(
         CAUSAL=causal,
         HAS_MASK=has_mask,
@@ -56,24 +60,22 @@ def _split_config(dtype, mode: int, head: int, block_r: int, lq: int | None, cau
     )
     sig.update(dict.fromkeys(consts, "constexpr"))
     sig = {name: sig[name] for name in logn_decode_split_kernel.arg_names}  # in the kernel's order
-    warps = _num_warps(block_r, d, dtype.itemsize)  # as the launcher: by the padded width
+    warps = _num_warps(block_r, d, dtype.itemsize, family)  # as the launcher: by the padded width
     kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
-    expect = () if mode == FP32_IEEE else ("tensor_cores",) + (("tf32",) if mode == TF32 else ())
-    # not demanded: TF32 d=128 x 64 rows (see _num_warps), and d=16 x 16 rows, whose 16 x 16 output
-    # tile is smaller than 4 warps' mma tiles (a few hundred FLOPs a key tile; one warp would
-    # serialise the cache reads instead)
-    if (mode == NATIVE or warps == _num_warps(block_r)) and not (d == 16 and block_r == 16):
-        expect += ("no_replication",)
+    # demanded of every configuration a GPU runs: a table change that replicates a dot fails
+    expect = () if mode == FP32_IEEE else ("tensor_cores", "no_replication") + (("tf32",) if mode == TF32 else ())
+    target = "any-sm" if mode == FP32_IEEE else f"sm{family}"
     return dict(
         name=(
-            f"logn_decode {kind} d{head} rows{block_r} {'q1' if lq == 1 else 'qn'} {'causal' if causal else 'full'}"
-            f"{' mask gradmax' if has_mask else ''} w{warps}"
+            f"logn_decode {target} {kind} d{head} rows{block_r} {'q1' if lq == 1 else 'qn'} "
+            f"{'causal' if causal else 'full'}{' mask gradmax' if has_mask else ''} w{warps}"
         ),
         kernel=logn_decode_split_kernel,
         signature=sig,
         constexprs=consts,
         num_warps=warps,
-        num_stages=_num_stages(d, dtype.itemsize),
+        num_stages=_num_stages(d, dtype.itemsize, family),
+        archs=_ARCHS[family],
         # chunk is a multiple of BLOCK_N; Lk, and the head counts of the GQA packing, are arbitrary
         unaligned_ints=tuple(n for n in ("Hq", "Hkv", "Lq", "Lk") if n not in consts),
         aligned_only=True,  # q, k, v aligned by the launchers; the partials are fresh allocations
@@ -86,12 +88,14 @@ def _aot_configs() -> list[dict]:
     for dtype, mode in _MODES:
         # GPUs stop at 128 (MAX_HEAD_DIM in the launchers); 40 and 72: rows padded to 48 / 80, EVEN_D off
         for head in (16, 32, 64, 128, 40, 72):
-            d = block_d(row_length(head))
+            d = _block_d(row_length(head))
             # 16 rows: one token (Lq = 1) with GQA groups up to 16, or a few tokens of a small
             # group; 64 rows: 16 draft tokens with groups of 4
             for block_r, lq in ((16, 1), (16, None), (64, None)):
                 for causal, has_mask in ((True, False), (True, True)):
-                    configs.append(_split_config(dtype, mode, head, block_r, lq, causal, has_mask))
+                    # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
+                    for family in (80,) if mode == FP32_IEEE else _ARCHS:
+                        configs.append(_split_config(family, dtype, mode, head, block_r, lq, causal, has_mask))
             if mode == TF32 or head != d:
                 continue  # the merge has no dots: the float32 entry serves both modes
             consts = dict(BLOCK_R=16, BLOCK_D=d)

@@ -145,6 +145,27 @@ def test_tf32_tiles_of_other_targets(triton_device, monkeypatch, family):
     _check_bound(triton_device, 1, 4, 2, 131, 140, 96, True, 0.1)
 
 
+@pytest.mark.parametrize("lq,lk", [(31, 65), (64, 33)])
+def test_tf32_sm80_dkdv_tile_at_d128(triton_device, lq, lk):
+    # sm_80's dK/dV tile from 128 padded columns (the interpreter runs it): 32 keys x 32 query rows
+    # on 4 warps; query and key blocks ragged on either side of 32 and 64, GQA, causal, padding
+    from kexue.triton_kernels import logn_attention_bwd_tiles
+
+    assert logn_attention_bwd_tiles.tiles(80, 96, 3).dkdv == (32, 32, 4, 2)
+    _check_bound(triton_device, 1, 4, 2, lq, lk, 96, True, 0.1)
+
+
+def test_tf32_decode_with_the_sm90_choices(triton_device, monkeypatch):
+    # the decode launcher asks arch_family for its warps and stages: on sm_90, 64 packed rows of
+    # TF32 at d=128 take one warpgroup (4 warps, 2 stages), elsewhere 8 warps (1 stage)
+    from kexue.triton_kernels import logn_attention_decode as dec
+
+    monkeypatch.setattr(dec, "arch_family", lambda device: 90)
+    assert (dec._num_warps(64, 128, 4, 90), dec._num_stages(128, 4, 90)) == (4, 2)
+    assert (dec._num_warps(64, 128, 4, 86), dec._num_stages(128, 4, 86)) == (8, 1)
+    _check_bound(triton_device, 1, 8, 2, 16, 150, 128, True, 0.1)  # 4 heads x 16 tokens: 64 rows
+
+
 def test_tf32_gradmax_within_the_derived_bound(triton_device):
     _check_bound(triton_device, 1, 2, 1, 40, 60, 32, True, scale="gradmax")
 

@@ -2,7 +2,7 @@
 
 Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1) with the sm_80 tile table, which is slow: shapes are small but cross the tile
-edges (128 and 64 query rows, 64 and 32 keys; 16 / 32 in float32), include a single position,
+edges (128 and 64 query rows, 128, 64 and 32 keys; 16 / 32 in float32), include a single position,
 grouped heads (GQA ratios 1, 2, 4, 8), every head-dim class up to 256, causal attention after a KV
 cache (Lq < Lk) and before it (Lq > Lk, queries that see nothing), padding masks with a fully
 padded batch row, each scale rule, packed variable-length sequences (cu_seqlens) with lengths 0,
@@ -218,19 +218,37 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
                 continue
             assert c["constexprs"]["BLOCK_D"] <= widest, c["name"]
             assert c["constexprs"].get("IEEE") != FP32_IEEE, c["name"]
-    # the decode kernel: every padded width, EVEN_D and warp count the launcher can pick
-    for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
-        for head in (8, 40, 64, 72, 96, 128):
-            bd = block_d(K.row_length(head))
-            for rows in (16, 64):
-                want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
-                warps = logn_attention_decode._num_warps(rows, bd, dtype.itemsize)
-                assert any(
-                    c["num_warps"] == warps and all(c["constexprs"].get(k) == v for k, v in want.items())
-                    for c in logn_attention_decode_aot.AOT_CONFIGS
-                ), (dtype, head, rows)
+    # the decode kernel: every padded width, EVEN_D, warp and stage count the launcher can pick on
+    # each target family, compiled for that family's targets
+    dec = logn_attention_decode
+    for family, arch in ((80, 80), (86, 89), (90, 90)):
+        for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
+            for head in (8, 40, 64, 72, 96, 128):
+                bd = dec._block_d(K.row_length(head))
+                for rows in (16, 64):
+                    want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
+                    warps = dec._num_warps(rows, bd, dtype.itemsize, family)
+                    stages = dec._num_stages(bd, dtype.itemsize, family)
+                    assert any(
+                        (c["num_warps"], c.get("num_stages")) == (warps, stages)
+                        and arch in c.get("archs", (arch,))
+                        and all(c["constexprs"].get(k) == v for k, v in want.items())
+                        for c in logn_attention_decode_aot.AOT_CONFIGS
+                    ), (family, dtype, head, rows)
     prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
     assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
+
+
+def test_every_gpu_dot_config_demands_unreplicated_tiles():
+    # tests/gpu_compile.py fails a dot replicated across warps only where a configuration demands
+    # so: every log-n configuration with dots that a GPU runs does, none exempt (the preprocess
+    # and the decode merge have no dots)
+    from kexue.triton_kernels import logn_attention_decode_aot
+
+    for module in (logn_attention_fwd_aot, logn_attention_bwd_dkdv, logn_attention_bwd_dq, logn_attention_decode_aot):
+        for c in module.AOT_CONFIGS:
+            if c.get("archs", (80,)) != () and c["kernel"] is not logn_attention_decode.logn_decode_combine_kernel:
+                assert "no_replication" in c["expect"], c["name"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +276,17 @@ def test_sm90_tiles(triton_device, monkeypatch, d):
     monkeypatch.setattr(K, "arch_family", lambda device: 90)
     assert logn_attention_bwd_tiles.tiles(90, K.row_length(d), 0).dkdv.block_n == 128
     _check(triton_device, 1, 4, 2, 150, 150, d, torch.float16, True, mask_p=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk", [(17, 129), (40, 127)])
+def test_dkdv_128_keys_from_d128(triton_device, dtype, lq, lk):
+    # the sm_80-family dK/dV tile from 128 padded columns (d=96: EVEN_D off), as on sm_90: 128 keys
+    # on 8 warps, 16 query rows a step; key blocks ragged past 128 and short of it, GQA, the causal
+    # diagonal, padding, a ragged last query block
+    assert logn_attention_bwd_tiles.tiles(80, 96, 0).dkdv == (16, 128, 8, 2)
+    assert logn_attention_bwd_tiles.tiles(86, 128, 0).dkdv == (16, 128, 8, 2)
+    _check(triton_device, 1, 4, 2, lq, lk, 96, dtype, True, mask_p=0.1)
 
 
 @pytest.mark.parametrize("d", [8, 40, 72])
@@ -291,6 +320,14 @@ def test_decode_cache_offsets(triton_device, lq, lk, hq, hkv):
 @pytest.mark.parametrize("kw", [dict(), dict(scale="gradmax"), dict(clip=True, train_len=32)])
 def test_decode_padding_and_rules(triton_device, kw):
     _check(triton_device, 2, 4, 2, 2, 150, 24, torch.float32, True, mask_p=0.3, full_row=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_narrow_heads_take_32_columns(triton_device, dtype):
+    # heads of up to 16 columns run the decode tiles 32 wide (_block_d: 16 x 16 output tiles would
+    # be replicated across the 4 warps), the extra columns zero; eight query heads on one KV head
+    assert logn_attention_decode._block_d(K.row_length(8)) == 32
+    _check(triton_device, 1, 8, 1, 1, 150, 8, dtype, True, mask_p=0.2)
 
 
 def test_decode_splits_cover_the_cache():
