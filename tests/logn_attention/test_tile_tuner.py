@@ -15,6 +15,7 @@ from kexue.triton_kernels import _tile_tuner as tuner  # noqa: E402  (after the 
 from kexue.triton_kernels import logn_attention as K  # noqa: E402
 from kexue.triton_kernels import logn_attention_fwd  # noqa: E402
 from kexue.triton_kernels.logn_attention_rules import NATIVE, TF32, interpreting  # noqa: E402
+
 from tests.logn_attention.test_triton import _check  # noqa: E402
 
 
