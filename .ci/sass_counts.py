@@ -38,24 +38,40 @@ def kernels(sass: str):
             yield arch, head.split()[2], part
 
 
-def main(obj: str, cuobjdump: str) -> int:
+def counted(obj: str, cuobjdump: str, counts: dict, strip: str) -> list:
+    """(demangled name less ``strip``, arch, {count name: occurrences}) per kernel of ``obj``."""
     sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
     rows = []
     for arch, name, body in kernels(sass):
         pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
-        pretty = re.sub(r"^void |\(anonymous namespace\)::|kexue::logn_attention::tiled::", "", pretty).split("(")[0]
-        rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in COUNTS.items()}))
-    if not rows:
-        sys.exit(f"sass_counts: no kernels in {obj}")
+        pretty = re.sub(strip, "", pretty).split("(")[0]
+        rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in counts.items()}))
+    return rows
+
+
+def failures(rows: list, counts: dict, needs, column: int) -> list:
+    """Prints the table of ``rows`` and returns the kernels that miss a count ``needs(name)`` asks
+    for or touch local memory."""
     width = max(len(r[0]) for r in rows)
-    print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>7}" for k in COUNTS))
+    print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>{column}}" for k in counts))
     bad = []
     for name, arch, c in sorted(rows):
-        print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>7}" for k in COUNTS))
-        sixteen = "__half" in name or "__nv_bfloat16" in name
-        need = ("HMMA", "LDSM", "LDGSTS") if sixteen else ("LDGSTS",)
-        if any(c[k] == 0 for k in need) or c["LDL/STL"]:
+        print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>{column}}" for k in counts))
+        if any(c[k] == 0 for k in needs(name)) or c["LDL/STL"]:
             bad.append(f"{name} ({arch})")
+    return bad
+
+
+def tiled_needs(name: str) -> tuple:
+    sixteen = "__half" in name or "__nv_bfloat16" in name
+    return ("HMMA", "LDSM", "LDGSTS") if sixteen else ("LDGSTS",)
+
+
+def main(obj: str, cuobjdump: str) -> int:
+    rows = counted(obj, cuobjdump, COUNTS, r"^void |\(anonymous namespace\)::|kexue::logn_attention::tiled::")
+    if not rows:
+        sys.exit(f"sass_counts: no kernels in {obj}")
+    bad = failures(rows, COUNTS, tiled_needs, 7)
     if bad:
         sys.exit("sass_counts: FAILED: missing HMMA/LDSM/LDGSTS or local memory in " + ", ".join(bad))
     print(f"sass_counts: {len(rows)} tiled kernel builds: tensor cores and cp.async where required, no local memory")
@@ -83,23 +99,13 @@ def storage_names(args: str) -> str:
 
 
 def sign_optim(obj: str, cuobjdump: str) -> int:
-    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for arch, name, body in kernels(sass):
-        pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
-        pretty = re.sub(r"^void |\(anonymous namespace\)::|kexue::", "", pretty).split("(")[0]
-        pretty = re.sub(r"<([\d, ]+)>", lambda m: "<" + storage_names(m[1]) + ">", pretty)  # <0, 1> -> <f32, bf16>
-        rows.append((pretty, arch, {k: len(re.findall(p, body)) for k, p in SIGN_COUNTS.items()}))
+    rows = [
+        (re.sub(r"<([\d, ]+)>", lambda m: "<" + storage_names(m[1]) + ">", name), arch, c)  # <0, 1> -> <f32, bf16>
+        for name, arch, c in counted(obj, cuobjdump, SIGN_COUNTS, r"^void |\(anonymous namespace\)::|kexue::")
+    ]
     if not any(name.startswith("step_kernel") for name, _, _ in rows):
         sys.exit(f"sass_counts: no sign-optimizer step kernels in {obj}")
-    width = max(len(r[0]) for r in rows)
-    print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>9}" for k in SIGN_COUNTS))
-    bad = []
-    for name, arch, c in sorted(rows):
-        print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>9}" for k in SIGN_COUNTS))
-        need = SIGN_NEEDS.get(name.split("<")[0], ())
-        if any(c[k] == 0 for k in need) or c["LDL/STL"]:
-            bad.append(f"{name} ({arch})")
+    bad = failures(rows, SIGN_COUNTS, lambda name: SIGN_NEEDS.get(name.split("<")[0], ()), 9)
     if bad:
         sys.exit("sass_counts: FAILED: missing 128-bit global loads/stores or local memory in " + ", ".join(bad))
     print(f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit accesses where required, no local memory")
