@@ -19,7 +19,9 @@ No timing, the first candidate instead, and nothing cached:
 * ``KEXUE_AUTOTUNE=0`` in the environment (read at each call);
 * tensors off CUDA (the interpreter runs on CPU tensors);
 * during CUDA-graph capture or torch.compile tracing: timing synchronises the device, and a
-  captured graph would replay every candidate. A later eager call tunes the key.
+  captured graph would replay every candidate. A later eager call tunes the key;
+* while ``torch.cuda.set_sync_debug_mode`` warns or raises on synchronising calls: a user who
+  asked to hear of every host synchronisation gets none from the tuner.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def may_time(device: torch.device) -> bool:
     """Whether a call on ``device`` may time candidates now (see the module docstring)."""
     if device.type != "cuda" or not enabled() or torch.compiler.is_compiling():
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    return not torch.cuda.is_current_stream_capturing() and torch.cuda.get_sync_debug_mode() == 0
 
 
 def cuda_time(run: Callable[[], None]) -> float:

@@ -73,6 +73,14 @@ def test_no_timing_off_cuda_while_compiling_or_when_disabled(monkeypatch):
     assert not tuner.may_time(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_no_timing_while_syncs_are_reported(monkeypatch, mode):
+    # set_sync_debug_mode 1 warns and 2 raises on a synchronising call; timing synchronises
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode)
+    assert tuner.may_time(torch.device("cuda")) == (mode == 0)
+
+
 def test_untimed_calls_use_a_known_choice_unless_disabled(monkeypatch):
     timer, ran = _fake_timer({"a": 2.0, "b": 1.0}, [])
     monkeypatch.setattr(tuner, "may_time", lambda device: True)
