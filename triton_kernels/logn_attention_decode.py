@@ -6,7 +6,10 @@ all padding, and one program per (batch, head) would read the cache with a handf
 
 * GQA packing: one program serves every query head of a key/value head, all their ``Lq`` rows
   stacked as the rows of one tile (row ``r`` is head ``r // Lq``, position ``r % Lq``), so the
-  cache is read once per key/value head, not once per query head.
+  cache is read once per key/value head, not once per query head. Past ``MAX_ROWS`` packed rows
+  the rows are cut into row blocks, one program each; the row blocks of a key/value head are
+  neighbours on the grid's first axis, so they read the same cache chunk at about the same time
+  (the later ones can then be served from L2).
 * Split-K: the keys are cut into ``splits`` chunks, one program each, so that a single sequence
   still fills the GPU; each writes its chunk's normalised partial output and log-sum-exp, and
   ``logn_decode_combine_kernel`` merges the chunks per row.
@@ -25,10 +28,17 @@ from .logn_attention_rules import allowed, arch_family, block_d, dot, interpreti
 
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
+MAX_ROWS = 64  # packed rows a tile; more take several row blocks
 
 
 def _block_rows(rows: int) -> int:
-    return max(16, triton.next_power_of_2(rows))
+    # Two tile heights only, the two the static check compiles for every target: 16 (one token of
+    # up to 16 query heads a KV head) and 64. Rows 17..63 run in the 64-row tile: the kernel is
+    # bound by reading the cache, which costs the same for 32 rows as for 64 (a 64-row tile does
+    # 64 flops a byte of k and v at d=128, a fifth of what an H100's tensor cores sustain per byte of
+    # HBM), and a 32-row tile would be one more layout to keep unreplicated. Past 64 rows (e.g. 16
+    # draft tokens of 8 query heads a KV head) the rows are cut into blocks of 64.
+    return 16 if rows <= 16 else MAX_ROWS
 
 
 def _block_d(head_dim: int) -> int:
@@ -40,12 +50,16 @@ def _block_d(head_dim: int) -> int:
     return max(32, block_d(head_dim))
 
 
-def _num_stages(block_d: int, itemsize: int = 2, family: int = 80) -> int:
+def _num_stages(block_d: int, itemsize: int = 2, family: int = 80, block_r: int = 16) -> int:
     # ptxas keeps an 8-byte stack in the 3-stage d=64 form on sm_90 (at 72 registers); 2 is clean.
     # float32 k / v tiles are twice as large: two stages (64 keys x 128 x 4 B x 2 tensors x 2 = 128 KB
     # would pass sm_86's 99 KB, so d=128 float32 takes one there and on sm_80; sm_90 takes two, the
-    # 4-warp 64-row tile kept a 16-byte stack with one)
+    # 4-warp 64-row tile kept a 16-byte stack with one). TF32 with 64 rows 32 wide on sm_80 kept
+    # 24 bytes of stack (not spills) with two stages in the padding-mask form and 8 with three;
+    # one is clean (190 registers).
     if itemsize == 4:
+        if family == 80 and block_d == 32 and block_r == 64:
+            return 1
         return 2 if block_d <= 64 or family == 90 else 1
     return 2 if block_d <= 64 else 3
 
@@ -63,7 +77,14 @@ def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2, family: int =
     return max(4, min(8, block_r // 16))
 
 
-@triton.jit
+# Triton compiles an integer argument equal to 1 as a constant. For these kernels that is common
+# (one token a step, Lq = 1; multi-query models, Hkv = 1; one split of a short cache) and the
+# constant forms are not the code the static check compiles: the 64-row split kernel with Lq = 1
+# kept an 8-byte stack on sm_86 and 24 bytes in TF32 on sm_90 where the general form has none
+# (tests/gpu_compile.py, triton 3.9). So head counts, lengths, the number of splits and the lse
+# strides (Lq and Hq * Lq) stay runtime values; folding them saved a few integer operations a
+# program, outside the key loop.
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Lq", "Lk"))
 def logn_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -99,14 +120,17 @@ def logn_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # part_o: (B * Hkv, splits, BLOCK_R, BLOCK_D) float32; part_lse: (B * Hkv, splits, BLOCK_R).
-    bh = tl.program_id(0)
+    # part_o: (B * Hkv, splits, R, BLOCK_D) float32; part_lse: (B * Hkv, splits, R), where
+    # R = BLOCK_R x row_blocks covers the packed rows.
+    groups = Hq // Hkv
+    row_blocks = tl.cdiv(groups * Lq, BLOCK_R)
+    bh = tl.program_id(0) // row_blocks
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    rows = row_blocks * BLOCK_R
     b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
     hk = (bh % Hkv).to(tl.int64)
-    groups = Hq // Hkv
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) % row_blocks * BLOCK_R + tl.arange(0, BLOCK_R)
     pos = r % Lq  # query position of each packed row
     head = hk * groups + r // Lq
     row_ok = r < groups * Lq
@@ -166,12 +190,12 @@ def logn_decode_split_kernel(
     empty = l_i == 0.0
     o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), m_i * 0.6931471805599453 + tl.log(tl.where(empty, 1.0, l_i)))
-    part = (bh.to(tl.int64) * splits + split) * BLOCK_R + r
+    part = (bh.to(tl.int64) * splits + split) * rows + r
     tl.store(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :], o)
     tl.store(part_lse_ptr + part, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"))
 def logn_decode_combine_kernel(
     part_o_ptr,
     part_lse_ptr,
@@ -190,23 +214,25 @@ def logn_decode_combine_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Merges the splits of one (batch, key/value head): per row, softmax-weighted by the splits'
-    log-sum-exps (a split that saw no key has -inf and weight 0)."""
-    bh = tl.program_id(0)
+    """Merges the splits of one (batch, key/value head, row block): per row, softmax-weighted by the
+    splits' log-sum-exps (a split that saw no key has -inf and weight 0)."""
+    groups = Hq // Hkv
+    row_blocks = tl.cdiv(groups * Lq, BLOCK_R)
+    bh = tl.program_id(0) // row_blocks
+    rows = row_blocks * BLOCK_R
     b = (bh // Hkv).to(tl.int64)  # 32-bit division, then widen
     hk = (bh % Hkv).to(tl.int64)
-    groups = Hq // Hkv
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) % row_blocks * BLOCK_R + tl.arange(0, BLOCK_R)
     dcol = tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for i in range(splits):
-        m = tl.maximum(m, tl.load(part_lse_ptr + (bh.to(tl.int64) * splits + i) * BLOCK_R + r))
+        m = tl.maximum(m, tl.load(part_lse_ptr + (bh.to(tl.int64) * splits + i) * rows + r))
     empty = m == float("-inf")
     shift = tl.where(empty, 0.0, m)
     total = tl.zeros([BLOCK_R], tl.float32)
     o = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for i in range(splits):
-        part = (bh.to(tl.int64) * splits + i) * BLOCK_R + r
+        part = (bh.to(tl.int64) * splits + i) * rows + r
         w = tl.exp(tl.load(part_lse_ptr + part) - shift)
         total += w
         o += w[:, None] * tl.load(part_o_ptr + part[:, None] * BLOCK_D + dcol[None, :])
@@ -224,17 +250,17 @@ def logn_decode_combine_kernel(
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + pos, lse, mask=row_ok)
 
 
-def num_splits(batch_heads: int, lk: int, device: torch.device) -> int:
-    """Enough chunks for about four programs per SM (a program of 16 packed rows is one warp, and
-    the cache is read at full bandwidth only with many in flight; the merge re-reads about 3% of
-    the cache's bytes at Lq=1, d=128, 32k keys), each at least one key tile. Under the
+def num_splits(programs: int, lk: int, device: torch.device) -> int:
+    """Enough chunks for about four programs per SM, given ``programs`` (key/value heads x row
+    blocks) a chunk (the cache is read at full bandwidth only with many programs in flight; the
+    merge re-reads about 3% of the cache's bytes at Lq=1, d=128, 32k keys), each at least one key tile. Under the
     interpreter: up to 4, so that the tests exercise the merge."""
     target = (
         4
         if interpreting() or device.type != "cuda"
         else 4 * torch.cuda.get_device_properties(device).multi_processor_count
     )
-    return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(lk, BLOCK_N), 128))
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(lk, BLOCK_N), 128))
 
 
 def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
@@ -245,13 +271,14 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     bd = _block_d(d)
     family = arch_family(q.device)
     block_r = _block_rows(hq // hkv * lq)
-    splits = num_splits(b * hkv, lk, q.device)
+    row_blocks = triton.cdiv(hq // hkv * lq, block_r)
+    splits = num_splits(b * hkv * row_blocks, lk, q.device)
     chunk = triton.cdiv(triton.cdiv(lk, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(lk, chunk)
-    part_o = torch.empty(b * hkv, splits, block_r, bd, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(b * hkv, splits, block_r, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(b * hkv, splits, row_blocks * block_r, bd, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b * hkv, splits, row_blocks * block_r, dtype=torch.float32, device=q.device)
     rule = {key: flags[key] for key in ("CAUSAL", "HAS_MASK", "LOGN", "CLIP", "GRADMAX", "IEEE")}
-    logn_decode_split_kernel[(b * hkv, splits)](
+    logn_decode_split_kernel[(b * hkv * row_blocks, splits)](
         q,
         k,
         v,
@@ -274,9 +301,9 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
         BLOCK_N=BLOCK_N,
         BLOCK_D=bd,
         num_warps=_num_warps(block_r, bd, q.element_size(), family),
-        num_stages=_num_stages(bd, q.element_size(), family),
+        num_stages=_num_stages(bd, q.element_size(), family, block_r),
     )
-    logn_decode_combine_kernel[(b * hkv,)](
+    logn_decode_combine_kernel[(b * hkv * row_blocks,)](
         part_o,
         part_lse,
         out,

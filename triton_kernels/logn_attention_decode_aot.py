@@ -1,8 +1,9 @@
 """The log-n attention decode kernels' configurations (:mod:`.logn_attention_decode`), as
-``AOT_CONFIGS`` for tests/gpu_compile.py: the packed row counts of Lq = 1 with GQA groups 1..8
-(16 rows; Lq = 1 compiled as the constant the JIT makes of it) and of 16 draft tokens with groups of
-4 (64 rows), per dtype, dot mode and head dim. Hkv = 1 (multi-query attention) is specialised
-to a constant too; it only folds the head arithmetic and is not compiled separately."""
+``AOT_CONFIGS`` for tests/gpu_compile.py: the two tile heights the launcher picks, 16 packed rows
+(e.g. one token with GQA groups up to 16) and 64 (every larger row count, in row blocks of 64), per
+dtype, dot mode and head dim, and the merge at both heights. The kernels never see a head count,
+length or split count as the constant 1 (``do_not_specialize``), so one form serves Lq = 1 and
+multi-query models too."""
 
 from __future__ import annotations
 
@@ -25,12 +26,10 @@ _STRIDES = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "st
 _ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}  # target family (arch_family) -> the targets it serves
 
 
-def _split_config(
-    family: int, dtype, mode: int, head: int, block_r: int, lq: int | None, causal: bool, has_mask: bool
-) -> dict:
+def _split_config(family: int, dtype, mode: int, head: int, block_r: int, causal: bool, has_mask: bool) -> dict:
     """The split kernel for one case on one target family (``head``: the head size; the kernel
-    sees it padded). ``lq=1``: one token a step, which the JIT specialises as the constant 1 (ints
-    equal to 1 become constexprs); ``None``: a draft of several tokens, Lq arbitrary."""
+    sees it padded). Head counts and lengths are
+    compiled as runtime values, as the kernel asks (``do_not_specialize``)."""
     d = _block_d(row_length(head))
     consts = dict(
         CAUSAL=causal,
@@ -44,8 +43,6 @@ def _split_config(
         BLOCK_N=BLOCK_N,
         BLOCK_D=d,
     )
-    if lq is not None:
-        consts["Lq"] = lq
     ptr = _PTR[dtype]
     sig = dict(
         q_ptr=ptr,
@@ -67,17 +64,17 @@ def _split_config(
     target = "any-sm" if mode == FP32_IEEE else f"sm{family}"
     return dict(
         name=(
-            f"logn_decode {target} {kind} d{head} rows{block_r} {'q1' if lq == 1 else 'qn'} "
+            f"logn_decode {target} {kind} d{head} rows{block_r} "
             f"{'causal' if causal else 'full'}{' mask gradmax' if has_mask else ''} w{warps}"
         ),
         kernel=logn_decode_split_kernel,
         signature=sig,
         constexprs=consts,
         num_warps=warps,
-        num_stages=_num_stages(d, dtype.itemsize, family),
+        num_stages=_num_stages(d, dtype.itemsize, family, block_r),
         archs=_ARCHS[family],
         # chunk is a multiple of BLOCK_N; Lk, and the head counts of the GQA packing, are arbitrary
-        unaligned_ints=tuple(n for n in ("Hq", "Hkv", "Lq", "Lk") if n not in consts),
+        unaligned_ints=("Hq", "Hkv", "Lq", "Lk"),
         aligned_only=True,  # q, k, v aligned by the launchers; the partials are fresh allocations
         expect=expect,
     )
@@ -89,37 +86,42 @@ def _aot_configs() -> list[dict]:
         # GPUs stop at 128 (MAX_HEAD_DIM in the launchers); 40 and 72: rows padded to 48 / 80, EVEN_D off
         for head in (16, 32, 64, 128, 40, 72):
             d = _block_d(row_length(head))
-            # 16 rows: one token (Lq = 1) with GQA groups up to 16, or a few tokens of a small
-            # group; 64 rows: 16 draft tokens with groups of 4
-            for block_r, lq in ((16, 1), (16, None), (64, None)):
+            # 16 rows: one token with GQA groups up to 16, or a few tokens of a small group;
+            # 64 rows: every larger count, e.g. one token of 17..64 query heads a KV head or 16
+            # draft tokens with groups of 4
+            for block_r in (16, 64):
                 for causal, has_mask in ((True, False), (True, True)):
                     # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
                     for family in (80,) if mode == FP32_IEEE else _ARCHS:
-                        configs.append(_split_config(family, dtype, mode, head, block_r, lq, causal, has_mask))
+                        configs.append(_split_config(family, dtype, mode, head, block_r, causal, has_mask))
             if mode == TF32 or head != d:
                 continue  # the merge has no dots: the float32 entry serves both modes
-            consts = dict(BLOCK_R=16, BLOCK_D=d)
-            ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
-            sig = dict(
-                part_o_ptr="*fp32",
-                part_lse_ptr="*fp32",
-                out_ptr=_PTR[dtype],
-                lse_ptr="*fp32",
-                **dict.fromkeys(ints, "i32"),
-                **dict.fromkeys(consts, "constexpr"),
-            )
-            configs.append(
-                dict(
-                    name=f"logn_decode_combine {str(dtype)[6:]} d{d}",
-                    kernel=logn_decode_combine_kernel,
-                    signature=sig,
-                    constexprs=consts,
-                    num_warps=4,
-                    unaligned_ints=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"),
-                    aligned_only=True,
-                )
-            )
+            for block_r in (16, 64):
+                configs.append(_combine_config(dtype, d, block_r))
     return configs
+
+
+def _combine_config(dtype, d: int, block_r: int) -> dict:
+    """The merge of the splits for one dtype, padded head size and tile height."""
+    consts = dict(BLOCK_R=block_r, BLOCK_D=d)
+    ints = ("Hq", "Hkv", "Lq", "D", "splits", "stride_qb", "stride_qh", "stride_qm", "stride_lb", "stride_lh")
+    sig = dict(
+        part_o_ptr="*fp32",
+        part_lse_ptr="*fp32",
+        out_ptr=_PTR[dtype],
+        lse_ptr="*fp32",
+        **dict.fromkeys(ints, "i32"),
+        **dict.fromkeys(consts, "constexpr"),
+    )
+    return dict(
+        name=f"logn_decode_combine {str(dtype)[6:]} d{d} rows{block_r}",
+        kernel=logn_decode_combine_kernel,
+        signature=sig,
+        constexprs=consts,
+        num_warps=4,
+        unaligned_ints=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"),
+        aligned_only=True,
+    )
 
 
 AOT_CONFIGS = gpu_targets(_aot_configs())

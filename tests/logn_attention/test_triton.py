@@ -15,6 +15,8 @@ The tests at the end need CUDA (production sizes, bf16) and are skipped without 
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -225,16 +227,24 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
         for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
             for head in (8, 40, 64, 72, 96, 128):
                 bd = dec._block_d(K.row_length(head))
-                for rows in (16, 64):
+                for rows in sorted({dec._block_rows(n) for n in range(1, 17 * 64)}):
                     want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
                     warps = dec._num_warps(rows, bd, dtype.itemsize, family)
-                    stages = dec._num_stages(bd, dtype.itemsize, family)
+                    stages = dec._num_stages(bd, dtype.itemsize, family, rows)
                     assert any(
                         (c["num_warps"], c.get("num_stages")) == (warps, stages)
                         and arch in c.get("archs", (arch,))
                         and all(c["constexprs"].get(k) == v for k, v in want.items())
                         for c in logn_attention_decode_aot.AOT_CONFIGS
                     ), (family, dtype, head, rows)
+                    # and the merge of the splits at that height and width
+                    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}.get(dtype, "*fp32")
+                    assert any(
+                        c["kernel"] is dec.logn_decode_combine_kernel
+                        and c["signature"]["out_ptr"] == ptr
+                        and (c["constexprs"]["BLOCK_R"], c["constexprs"]["BLOCK_D"]) == (rows, bd)
+                        for c in logn_attention_decode_aot.AOT_CONFIGS
+                    ), (dtype, head, rows)
     prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
     assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
 
@@ -328,6 +338,37 @@ def test_decode_narrow_heads_take_32_columns(triton_device, dtype):
     # be replicated across the 4 warps), the extra columns zero; eight query heads on one KV head
     assert logn_attention_decode._block_d(K.row_length(8)) == 32
     _check(triton_device, 1, 8, 1, 1, 150, 8, dtype, True, mask_p=0.2)
+
+
+@pytest.mark.parametrize("lq,hq,hkv", [(8, 8, 2), (1, 72, 1), (16, 8, 1), (3, 48, 2)])
+def test_decode_row_blocks(triton_device, lq, hq, hkv):
+    # Hq / Hkv x Lq packed rows: 32 run in one 64-row tile, half of it empty; 72 with Lq = 1 take
+    # two row blocks; 128 two full ones; 72 with Lq = 3 cut the rows inside a head's queries
+    rows = hq // hkv * lq
+    assert logn_attention_decode._block_rows(rows) == 64
+    _check(triton_device, 1, hq, hkv, lq, 90, 16, torch.bfloat16, True, mask_p=0.2)
+
+
+def test_decode_tile_heights_are_the_compiled_ones():
+    # the launcher only picks the two tile heights the AOT list compiles, whatever the row count
+    assert {logn_attention_decode._block_rows(n) for n in range(1, 1025)} == {16, 64}
+    assert logn_attention_decode._block_rows(16) == 16 and logn_attention_decode._block_rows(17) == 64
+
+
+def test_decode_kernels_never_fold_a_one_into_a_constant():
+    # the AOT list compiles head counts, lengths and splits as runtime ints (a 64-row split kernel
+    # with Lq folded to 1 kept a stack on sm_86 and sm_90); the compiled JIT functions must agree.
+    # A child process: this one runs Triton's interpreter, whose functions keep no such flags.
+    code = (
+        "from kexue.triton_kernels import logn_attention_decode as d\n"
+        "for k in (d.logn_decode_split_kernel, d.logn_decode_combine_kernel):\n"
+        "    print(sorted(p.name for p in k.params if p.do_not_specialize))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    split, combine = out.splitlines()
+    assert split == str(sorted(["Hq", "Hkv", "Lq", "Lk"]))
+    assert combine == str(sorted(["Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"]))
 
 
 def test_decode_splits_cover_the_cache():
