@@ -158,67 +158,71 @@ def _expect(family: int, mode: int) -> tuple:
     return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
 
 
+def config(name: str, kernel, outs: tuple[str, ...], family: int, dtype, mode: int, d: int, tile: Tiles, switches) -> dict:
+    """One AOT entry of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: ``tile`` for that
+    kernel at head dim ``d`` (padded rows: 96 is not a BLOCK_D), ``switches`` (causal, mask, varlen)."""
+    causal, has_mask, varlen = switches
+    bd = block_d(d)
+    kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+    form = ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
+    consts = dict(
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        IEEE=mode,
+        VARLEN=varlen,
+        EVEN_D=d == bd,
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        BLOCK_D=bd,
+    )
+    ptr = PTR[dtype]
+    sig = dict(
+        q_ptr=ptr,
+        k_ptr=ptr,
+        v_ptr=ptr,
+        do_ptr=ptr,
+        lse_ptr="*fp32",
+        delta_ptr="*fp32",
+        sc_ptr="*fp32",
+        mask_ptr="*u8",
+        **dict.fromkeys(outs, ptr),
+        cu_q_ptr="*i32",
+        cu_k_ptr="*i32",
+        **dict.fromkeys(_INTS, "i32"),
+        **dict.fromkeys(consts, "constexpr"),
+    )
+    return dict(
+        name=(
+            f"logn_bwd_{name} {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} "
+            f"{form} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+        ),
+        kernel=kernel,
+        signature=sig,
+        constexprs=consts,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        archs=_ARCHS[family] if mode != FP32_IEEE else (80, 86, 89, 90),
+        unaligned_ints=unaligned_ints(varlen),
+        # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
+        aligned_only=True,
+        expect=_expect(family, mode),
+    )
+
+
 def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
     """The AOT list of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: every family, dtype,
     head-dim class and switch combination, with ``outs`` the kernel's output pointers. The two
     kernels take the same arguments but their outputs, so one builder serves both."""
     configs = []
-    for family, archs in _ARCHS.items():
+    for family in _ARCHS:
         for dtype, mode in MODES:
             if mode == FP32_IEEE and family != 80:
                 continue
-            ptr = PTR[dtype]
-            kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
             for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
-                t, bd = tiles(family, d, mode), block_d(d)
+                t = tiles(family, d, mode)
                 tile = t.dkdv if name == "dkdv" else t.dq
-                for causal, has_mask, varlen in _SWITCHES:
-                    switches = (
-                        ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
-                    )
-                    consts = dict(
-                        CAUSAL=causal,
-                        HAS_MASK=has_mask,
-                        IEEE=mode,
-                        VARLEN=varlen,
-                        EVEN_D=d == bd,
-                        BLOCK_M=tile.block_m,
-                        BLOCK_N=tile.block_n,
-                        BLOCK_D=bd,
-                    )
-                    sig = dict(
-                        q_ptr=ptr,
-                        k_ptr=ptr,
-                        v_ptr=ptr,
-                        do_ptr=ptr,
-                        lse_ptr="*fp32",
-                        delta_ptr="*fp32",
-                        sc_ptr="*fp32",
-                        mask_ptr="*u8",
-                        **dict.fromkeys(outs, ptr),
-                        cu_q_ptr="*i32",
-                        cu_k_ptr="*i32",
-                        **dict.fromkeys(_INTS, "i32"),
-                        **dict.fromkeys(consts, "constexpr"),
-                    )
-                    configs.append(
-                        dict(
-                            name=(
-                                f"logn_bwd_{name} {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} "
-                                f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
-                            ),
-                            kernel=kernel,
-                            signature=sig,
-                            constexprs=consts,
-                            num_warps=tile.num_warps,
-                            num_stages=tile.num_stages,
-                            archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-                            unaligned_ints=unaligned_ints(varlen),
-                            # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
-                            aligned_only=True,
-                            expect=_expect(family, mode),
-                        )
-                    )
+                for switches in _SWITCHES:
+                    configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the
     # lightest 16-bit one (sm_80 d=16) first, the heaviest (sm_90 d=128 causal varlen) last, and the
     # interpreter-only float32 entries, which no target compiles, between them
