@@ -25,7 +25,16 @@ from typing import NamedTuple
 
 import torch
 
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, tile_mode, unaligned_ints
+from .logn_attention_rules import (
+    FP32_IEEE,
+    NATIVE,
+    TF32,
+    block_d,
+    gpu_targets,
+    tile_candidates,
+    tile_mode,
+    unaligned_ints,
+)
 
 
 class Tiles(NamedTuple):
@@ -120,6 +129,37 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     return _TILES_16[family][d]
 
 
+# Further clean 16-bit tiles the launcher times against the default (triton_kernels/_tile_tuner.py),
+# per kernel and (family, head dim), for heads that fill their BLOCK_D (64, 128; a padded head runs
+# its default). Each is in AOT_CONFIGS in every switch form listed and checked by
+# tests/gpu_compile.py like the defaults (tensor cores, wgmma on sm_90, no replicated tile, no stack
+# or spills, shared memory). dK/dV: half the keys a program (twice the programs: short sequences,
+# few heads) or twice the query rows a step (half the steps). dQ: half or twice the query rows a
+# program. What was tried and left out, and why: docs/logn_attention.md.
+_ALTERNATES_16: dict[str, dict[tuple[int, int], tuple[Tiles, ...]]] = {
+    "dkdv": {
+        (90, 64): (_T(16, 64, 4, 2), _T(32, 128, 8, 2)),
+        (90, 128): (_T(16, 64, 4, 2),),
+        (80, 64): (_T(32, 64, 4, 2), _T(16, 128, 8, 2)),
+    },
+    "dq": {
+        (90, 64): (_T(64, 64, 4, 2),),
+        (90, 128): (_T(64, 64, 4, 2), _T(128, 32, 8, 2)),
+        (80, 64): (_T(128, 32, 8, 2),),
+    },
+}
+for _k in _ALTERNATES_16.values():
+    _k.update({(86, d): _k[80, d] for d in (64, 128) if (80, d) in _k})  # same tiles, same checks passed
+
+
+def candidates(kernel: str, family: int, head_dim: int, dot_mode: int) -> tuple[Tiles, ...]:
+    """The tiles the launcher may run for the dK/dV (``kernel="dkdv"``) or dQ (``"dq"``) kernel:
+    :func:`tiles`' default first, then the alternates it is timed against."""
+    default = getattr(tiles(family, head_dim, dot_mode), kernel)
+    plain = getattr(_TILES_16[family][block_d(head_dim)], kernel)
+    return tile_candidates(default, plain, _ALTERNATES_16[kernel].get((family, head_dim), ()), dot_mode)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every configuration the launcher can pick, for tests/gpu_compile.py (see the forward's list).
 
@@ -158,7 +198,9 @@ def _expect(family: int, mode: int) -> tuple:
     return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
 
 
-def config(name: str, kernel, outs: tuple[str, ...], family: int, dtype, mode: int, d: int, tile: Tiles, switches) -> dict:
+def config(
+    name: str, kernel, outs: tuple[str, ...], family: int, dtype, mode: int, d: int, tile: Tiles, switches
+) -> dict:
     """One AOT entry of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: ``tile`` for that
     kernel at head dim ``d`` (padded rows: 96 is not a BLOCK_D), ``switches`` (causal, mask, varlen)."""
     causal, has_mask, varlen = switches
@@ -219,10 +261,9 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
             if mode == FP32_IEEE and family != 80:
                 continue
             for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
-                t = tiles(family, d, mode)
-                tile = t.dkdv if name == "dkdv" else t.dq
                 for switches in _SWITCHES:
-                    configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))
+                    for tile in candidates(name, family, d, mode):
+                        configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the
     # lightest 16-bit one (sm_80 d=16) first, the heaviest (sm_90 d=128 causal varlen) last, and the
     # interpreter-only float32 entries, which no target compiles, between them
