@@ -183,30 +183,14 @@ def test_aot_configs_cover_every_pickable_config():
                                 t,
                             )
                 # the backward: each kernel's default and alternates (which do not depend on the
-                # switches), each in the three switch forms the lists sample: the plain one, the
-                # dense causal one with a mask and the packed causal one
-                for module, kernel, name in (
-                    (logn_attention_bwd_dkdv, logn_attention_bwd_dkdv.logn_bwd_dkdv_kernel, "dkdv"),
-                    (logn_attention_bwd_dq, logn_attention_bwd_dq.logn_bwd_dq_kernel, "dq"),
-                ):
+                # switches), each with and without a mask and packed
+                for module, name in ((logn_attention_bwd_dkdv, "dkdv"), (logn_attention_bwd_dq, "dq")):
+                    kernel = getattr(module, f"logn_bwd_{name}_kernel")
                     for t in logn_attention_bwd_tiles.candidates(name, family, d, mode):
-                        for causal, has_mask, varlen in (
-                            (False, False, False),
-                            (True, True, False),
-                            (True, False, True),
-                        ):
-                            want = dict(
-                                BLOCK_M=t.block_m,
-                                BLOCK_N=t.block_n,
-                                BLOCK_D=bd,
-                                IEEE=mode,
-                                EVEN_D=d == bd,
-                                CAUSAL=causal,
-                                HAS_MASK=has_mask,
-                                VARLEN=varlen,
-                            )
-                            ws = (t.num_warps, t.num_stages)
-                            assert listed(module, kernel, want, ws), (name, family, dtype, d, t, causal, has_mask)
+                        for has_mask, varlen in ((False, False), (True, False), (False, True)):
+                            want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd)
+                            want.update(HAS_MASK=has_mask, VARLEN=varlen)
+                            assert listed(module, kernel, want, (t.num_warps, t.num_stages)), (name, family, d, t)
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
     assert K.MAX_HEAD_DIM == 128
