@@ -16,7 +16,8 @@ The backward is FlashAttention-2's split into three kernels, one module each, pl
 
 Tiles: the dK/dV dots have the key block as M, the dQ dots the query block, so each is 64 rows a
 warpgroup (wgmma on sm_90) or 16 rows a warp (mma.sync), as in the forward. This module holds
-what the kernel modules and the launcher share: :func:`tiles` and :func:`attention_configs`.
+what the kernel modules and the launcher share: :func:`tiles`, the tile :func:`candidates` the
+launcher times per kernel (triton_kernels/_tile_tuner.py) and :func:`attention_configs`.
 """
 
 from __future__ import annotations
@@ -139,17 +140,18 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
 _ALTERNATES_16: dict[str, dict[tuple[int, int], tuple[Tiles, ...]]] = {
     "dkdv": {
         (90, 64): (_T(16, 64, 4, 2), _T(32, 128, 8, 2)),
-        (90, 128): (_T(16, 64, 4, 2),),
-        (80, 64): (_T(32, 64, 4, 2), _T(16, 128, 8, 2)),
+        (90, 128): (_T(16, 64, 4, 2), _T(32, 128, 8, 1)),
+        **{(f, 64): (_T(32, 64, 4, 2), _T(16, 128, 8, 2)) for f in (80, 86)},
+        # at d=128 only the default's shape compiled clean (see the table): its other stage counts
+        **{(f, 128): (_T(16, 128, 8, 1), _T(16, 128, 8, 3)) for f in (80, 86)},
     },
     "dq": {
         (90, 64): (_T(64, 64, 4, 2),),
         (90, 128): (_T(64, 64, 4, 2), _T(128, 32, 8, 2)),
-        (80, 64): (_T(128, 32, 8, 2),),
+        **{(f, 64): (_T(128, 32, 8, 2),) for f in (80, 86)},
+        **{(f, 128): (_T(128, 16, 8, 2),) for f in (80, 86)},
     },
 }
-for _k in _ALTERNATES_16.values():
-    _k.update({(86, d): _k[80, d] for d in (64, 128) if (80, d) in _k})  # same tiles, same checks passed
 
 
 def candidates(kernel: str, family: int, head_dim: int, dot_mode: int) -> tuple[Tiles, ...]:
