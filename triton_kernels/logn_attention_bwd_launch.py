@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import _tile_tuner
 from .logn_attention_bwd_dkdv import logn_bwd_dkdv_kernel
 from .logn_attention_bwd_dq import logn_bwd_dq_kernel
 from .logn_attention_bwd_prep import PREP_ROWS, logn_bwd_prep_kernel
-from .logn_attention_bwd_tiles import tiles
-from .logn_attention_rules import block_d, row_length
+from .logn_attention_bwd_tiles import candidates
+from .logn_attention_rules import block_d, row_length, tuning_key
 
 
 def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefix, scalars, flags, family: int):
@@ -45,7 +46,6 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
         BLOCK_D=bd,
         num_warps=4,
     )
-    t = tiles(family, d, flags["IEEE"])
     common = dict(
         CAUSAL=flags["CAUSAL"],
         HAS_MASK=flags["HAS_MASK"],
@@ -54,58 +54,34 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
         EVEN_D=even_d,
         BLOCK_D=bd,
     )
+    args = (q, k, v, grad_out, lse, delta, sc, mask_u8)
+    shape = (pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d, *pb.q_strides, *pb.k_strides, *pb.l_strides)
+    switches = {key: flags[key] for key in ("CAUSAL", "HAS_MASK", "IEEE", "VARLEN")}
+
+    def tuned(name, kernel, outs, programs, length):
+        """Launches ``kernel`` over ``programs`` x (``length`` / its rows a program) with the tile
+        :func:`._tile_tuner.pick` gives its own key. Both kernels store each element of their
+        outputs once (no accumulation into dk, dv or dq, no atomics) and read only inputs and the
+        prep kernel's delta and sc, so a timing launch leaves nothing that the winner's launch,
+        last, does not overwrite."""
+
+        def run(t):
+            per_program = t.block_n if name == "dkdv" else t.block_m  # keys (dK/dV) or queries (dQ)
+            kernel[(programs, triton.cdiv(length, per_program))](
+                *args,
+                *outs,
+                *shape,
+                **common,
+                BLOCK_M=t.block_m,
+                BLOCK_N=t.block_n,
+                num_warps=t.num_warps,
+                num_stages=t.num_stages,
+            )
+
+        key = tuning_key(f"logn_bwd_{name}", family, d, q.dtype, switches, max(pb.max_q, pb.max_k))
+        _tile_tuner.pick(key, candidates(name, family, d, flags["IEEE"]), run, q.device)
+
     if pb.max_k > 0:
-        logn_bwd_dkdv_kernel[(pb.nseq * hkv, triton.cdiv(pb.max_k, t.dkdv.block_n))](
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            delta,
-            sc,
-            mask_u8,
-            dk,
-            dv,
-            pb.cu_q,
-            pb.cu_k,
-            hq,
-            hkv,
-            pb.lq,
-            pb.lk,
-            d,
-            *pb.q_strides,
-            *pb.k_strides,
-            *pb.l_strides,
-            **common,
-            BLOCK_M=t.dkdv.block_m,
-            BLOCK_N=t.dkdv.block_n,
-            num_warps=t.dkdv.num_warps,
-            num_stages=t.dkdv.num_stages,
-        )
+        tuned("dkdv", logn_bwd_dkdv_kernel, (dk, dv), pb.nseq * hkv, pb.max_k)
     if pb.max_q > 0:
-        logn_bwd_dq_kernel[(pb.nseq * hq, triton.cdiv(pb.max_q, t.dq.block_m))](
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            delta,
-            sc,
-            mask_u8,
-            dq,
-            pb.cu_q,
-            pb.cu_k,
-            hq,
-            hkv,
-            pb.lq,
-            pb.lk,
-            d,
-            *pb.q_strides,
-            *pb.k_strides,
-            *pb.l_strides,
-            **common,
-            BLOCK_M=t.dq.block_m,
-            BLOCK_N=t.dq.block_n,
-            num_warps=t.dq.num_warps,
-            num_stages=t.dq.num_stages,
-        )
+        tuned("dq", logn_bwd_dq_kernel, (dq,), pb.nseq * hq, pb.max_q)

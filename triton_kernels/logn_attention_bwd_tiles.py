@@ -16,7 +16,8 @@ The backward is FlashAttention-2's split into three kernels, one module each, pl
 
 Tiles: the dK/dV dots have the key block as M, the dQ dots the query block, so each is 64 rows a
 warpgroup (wgmma on sm_90) or 16 rows a warp (mma.sync), as in the forward. This module holds
-what the kernel modules and the launcher share: :func:`tiles` and :func:`attention_configs`.
+what the kernel modules and the launcher share: :func:`tiles`, the tile :func:`candidates` the
+launcher times per kernel (triton_kernels/_tile_tuner.py) and :func:`attention_configs`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from typing import NamedTuple
 
 import torch
 
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, tile_mode, unaligned_ints
+from .logn_attention_rules import (
+    FP32_IEEE,
+    NATIVE,
+    TF32,
+    block_d,
+    gpu_targets,
+    tile_candidates,
+    tile_mode,
+    unaligned_ints,
+)
 
 
 class Tiles(NamedTuple):
@@ -120,6 +130,38 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     return _TILES_16[family][d]
 
 
+# Further clean 16-bit tiles the launcher times against the default (triton_kernels/_tile_tuner.py),
+# per kernel and (family, head dim), for heads that fill their BLOCK_D (64, 128; a padded head runs
+# its default). Each is in AOT_CONFIGS in every switch form listed and checked by
+# tests/gpu_compile.py like the defaults (tensor cores, wgmma on sm_90, no replicated tile, no stack
+# or spills, shared memory). dK/dV: half the keys a program (twice the programs: short sequences,
+# few heads) or twice the query rows a step (half the steps). dQ: half or twice the query rows a
+# program. What was tried and left out, and why: docs/logn_attention.md.
+_ALTERNATES_16: dict[str, dict[tuple[int, int], tuple[Tiles, ...]]] = {
+    "dkdv": {
+        (90, 64): (_T(16, 64, 4, 2), _T(32, 128, 8, 2)),
+        (90, 128): (_T(16, 64, 4, 2), _T(32, 128, 8, 1)),
+        **{(f, 64): (_T(32, 64, 4, 2), _T(16, 128, 8, 2)) for f in (80, 86)},
+        # at d=128 only the default's shape compiled clean (see the table): its other stage counts
+        **{(f, 128): (_T(16, 128, 8, 1), _T(16, 128, 8, 3)) for f in (80, 86)},
+    },
+    "dq": {
+        (90, 64): (_T(64, 64, 4, 2),),
+        (90, 128): (_T(64, 64, 4, 2), _T(128, 32, 8, 2)),
+        **{(f, 64): (_T(128, 32, 8, 2),) for f in (80, 86)},
+        **{(f, 128): (_T(128, 16, 8, 2),) for f in (80, 86)},
+    },
+}
+
+
+def candidates(kernel: str, family: int, head_dim: int, dot_mode: int) -> tuple[Tiles, ...]:
+    """The tiles the launcher may run for the dK/dV (``kernel="dkdv"``) or dQ (``"dq"``) kernel:
+    :func:`tiles`' default first, then the alternates it is timed against."""
+    default = getattr(tiles(family, head_dim, dot_mode), kernel)
+    plain = getattr(_TILES_16[family][block_d(head_dim)], kernel)
+    return tile_candidates(default, plain, _ALTERNATES_16[kernel].get((family, head_dim), ()), dot_mode)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every configuration the launcher can pick, for tests/gpu_compile.py (see the forward's list).
 
@@ -158,67 +200,72 @@ def _expect(family: int, mode: int) -> tuple:
     return ("wgmma", "no_replication", *kind) if family == 90 else ("no_replication", *kind)
 
 
+def config(
+    name: str, kernel, outs: tuple[str, ...], family: int, dtype, mode: int, d: int, tile: Tiles, switches
+) -> dict:
+    """One AOT entry of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: ``tile`` for that
+    kernel at head dim ``d`` (padded rows: 96 is not a BLOCK_D), ``switches`` (causal, mask, varlen)."""
+    causal, has_mask, varlen = switches
+    bd = block_d(d)
+    kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
+    form = ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
+    consts = dict(
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        IEEE=mode,
+        VARLEN=varlen,
+        EVEN_D=d == bd,
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        BLOCK_D=bd,
+    )
+    ptr = PTR[dtype]
+    sig = dict(
+        q_ptr=ptr,
+        k_ptr=ptr,
+        v_ptr=ptr,
+        do_ptr=ptr,
+        lse_ptr="*fp32",
+        delta_ptr="*fp32",
+        sc_ptr="*fp32",
+        mask_ptr="*u8",
+        **dict.fromkeys(outs, ptr),
+        cu_q_ptr="*i32",
+        cu_k_ptr="*i32",
+        **dict.fromkeys(_INTS, "i32"),
+        **dict.fromkeys(consts, "constexpr"),
+    )
+    return dict(
+        name=(
+            f"logn_bwd_{name} {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} "
+            f"{form} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+        ),
+        kernel=kernel,
+        signature=sig,
+        constexprs=consts,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        archs=_ARCHS[family] if mode != FP32_IEEE else (80, 86, 89, 90),
+        unaligned_ints=unaligned_ints(varlen),
+        # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
+        aligned_only=True,
+        expect=_expect(family, mode),
+    )
+
+
 def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
     """The AOT list of the dK/dV (``name="dkdv"``) or dQ (``"dq"``) kernel: every family, dtype,
     head-dim class and switch combination, with ``outs`` the kernel's output pointers. The two
     kernels take the same arguments but their outputs, so one builder serves both."""
     configs = []
-    for family, archs in _ARCHS.items():
+    for family in _ARCHS:
         for dtype, mode in MODES:
             if mode == FP32_IEEE and family != 80:
                 continue
-            ptr = PTR[dtype]
-            kind = str(dtype)[6:] + (" tf32" if mode == TF32 else "")
             for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
-                t, bd = tiles(family, d, mode), block_d(d)
-                tile = t.dkdv if name == "dkdv" else t.dq
-                for causal, has_mask, varlen in _SWITCHES:
-                    switches = (
-                        ("causal" if causal else "full") + (" mask" if has_mask else "") + (" varlen" if varlen else "")
-                    )
-                    consts = dict(
-                        CAUSAL=causal,
-                        HAS_MASK=has_mask,
-                        IEEE=mode,
-                        VARLEN=varlen,
-                        EVEN_D=d == bd,
-                        BLOCK_M=tile.block_m,
-                        BLOCK_N=tile.block_n,
-                        BLOCK_D=bd,
-                    )
-                    sig = dict(
-                        q_ptr=ptr,
-                        k_ptr=ptr,
-                        v_ptr=ptr,
-                        do_ptr=ptr,
-                        lse_ptr="*fp32",
-                        delta_ptr="*fp32",
-                        sc_ptr="*fp32",
-                        mask_ptr="*u8",
-                        **dict.fromkeys(outs, ptr),
-                        cu_q_ptr="*i32",
-                        cu_k_ptr="*i32",
-                        **dict.fromkeys(_INTS, "i32"),
-                        **dict.fromkeys(consts, "constexpr"),
-                    )
-                    configs.append(
-                        dict(
-                            name=(
-                                f"logn_bwd_{name} {'any-sm' if mode == FP32_IEEE else f'sm{family}'} {kind} d{d} "
-                                f"{switches} {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
-                            ),
-                            kernel=kernel,
-                            signature=sig,
-                            constexprs=consts,
-                            num_warps=tile.num_warps,
-                            num_stages=tile.num_stages,
-                            archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-                            unaligned_ints=unaligned_ints(varlen),
-                            # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
-                            aligned_only=True,
-                            expect=_expect(family, mode),
-                        )
-                    )
+                for switches in _SWITCHES:
+                    for tile in candidates(name, family, d, mode):
+                        configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))
     # make test compiles each kernel's first and last entry (tests/gpu_compile.py, sample()): the
     # lightest 16-bit one (sm_80 d=16) first, the heaviest (sm_90 d=128 causal varlen) last, and the
     # interpreter-only float32 entries, which no target compiles, between them

@@ -34,6 +34,7 @@ from .logn_attention_rules import (
     row_length,
     row_scale,
     sequence_start,
+    tuning_key,
     visible,
 )
 
@@ -258,8 +259,7 @@ def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) 
     def run(t):
         _launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, d, hq, hkv, t)
 
-    length = _tile_tuner.length_bucket(max(pb.max_q, pb.max_k))
-    key = ("logn_fwd", family, d, q.dtype, tuple(sorted(flags.items())), length)
+    key = tuning_key("logn_fwd", family, d, q.dtype, flags, max(pb.max_q, pb.max_k))
     _tile_tuner.pick(key, candidates(family, d, flags["IEEE"], flags["HAS_MASK"]), run, q.device)
 
 

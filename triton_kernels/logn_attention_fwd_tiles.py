@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .logn_attention_rules import FP32_IEEE, TF32, block_d, tile_mode
+from .logn_attention_rules import FP32_IEEE, TF32, block_d, tile_candidates, tile_mode
 
 
 class Tiles(NamedTuple):
@@ -120,10 +120,6 @@ def candidates(family: int, head_dim: int, dot_mode: int, has_mask: bool = False
     """The tiles the launcher may run for these arguments: :func:`tiles`' default first, then the
     alternates it is timed against. Only 16-bit inputs whose default is the plain table entry
     have alternates (the mask and padded-head special cases were each fitted to one tile)."""
-    default = tiles(family, head_dim, dot_mode, has_mask)
     d = block_d(head_dim)
-    if tile_mode(dot_mode) in (FP32_IEEE, TF32) or default != _TILES_16[family].get(d):
-        return (default,)
-    if has_mask and (family, d) in _UNMASKED_ONLY:
-        return (default,)
-    return (default, *_ALTERNATES_16.get((family, d), ()))
+    alternates = () if has_mask and (family, d) in _UNMASKED_ONLY else _ALTERNATES_16.get((family, d), ())
+    return tile_candidates(tiles(family, head_dim, dot_mode, has_mask), _TILES_16[family][d], alternates, dot_mode)

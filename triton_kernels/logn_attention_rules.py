@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tile_tuner
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -77,6 +79,22 @@ def tile_mode(mode: int) -> int:
     """The dot mode whose tile table a mode uses: the interpreter's stand-ins run the tiles of the
     mode they stand for, so the tests exercise shipped configurations."""
     return {BF16_INTERPRETED: NATIVE, TF32_INTERPRETED: TF32}.get(mode, mode)
+
+
+def tile_candidates(default, table_entry, alternates: tuple, mode: int) -> tuple:
+    """The tiles a launcher may time for one kernel (triton_kernels/_tile_tuner.py): ``default``
+    first, then ``alternates``. Only 16-bit inputs whose default is the plain table entry
+    ``table_entry`` have alternates: the float32 tiles and the special cases (padding masks, padded
+    heads) were each fitted to one tile, and the alternates were checked only in the plain forms."""
+    if tile_mode(mode) != NATIVE or default != table_entry:
+        return (default,)
+    return (default, *alternates)
+
+
+def tuning_key(kernel: str, family: int, d: int, dtype: torch.dtype, flags: dict, max_len: int) -> tuple:
+    """The tuner's key of one launch: the kernel, target family, padded head dim, dtype, the
+    kernel's switches (its constexpr flags) and the length bucket of the longest sequence."""
+    return (kernel, family, d, dtype, tuple(sorted(flags.items())), _tile_tuner.length_bucket(max_len))
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""The forward's tile candidates and their tuner (triton_kernels/_tile_tuner.py): the choice, its
-cache, when nothing is timed, and every alternate tile against the float64 reference.
+"""The tile candidates of the forward and of the backward's dK/dV and dQ kernels, and their tuner
+(triton_kernels/_tile_tuner.py): the choice, its cache, when nothing is timed, and every alternate
+tile against the float64 reference.
 
 Timing needs a GPU; here a fake timer stands in for CUDA events, so the tests pin the tuner's
 logic (which candidate runs last, what is cached, what is never timed), and the interpreter runs
@@ -13,8 +14,8 @@ import torch
 pytest.importorskip("triton")
 from kexue.triton_kernels import _tile_tuner as tuner  # noqa: E402  (after the skip)
 from kexue.triton_kernels import logn_attention as K  # noqa: E402
-from kexue.triton_kernels import logn_attention_fwd  # noqa: E402
-from kexue.triton_kernels.logn_attention_rules import NATIVE, TF32, interpreting  # noqa: E402
+from kexue.triton_kernels import logn_attention_bwd_tiles, logn_attention_fwd  # noqa: E402
+from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, NATIVE, TF32, interpreting  # noqa: E402
 
 from tests.logn_attention.test_triton import _check  # noqa: E402
 
@@ -124,25 +125,103 @@ def _with_alternates() -> list:
     return cases
 
 
+def _make_winner(monkeypatch, kernel: str, tile) -> list:
+    """Lets every launch be timed, with a fake timer under which ``tile`` wins for ``kernel`` (a
+    tuning key's first element, e.g. ``"logn_bwd_dq"``) and every other kernel's default wins.
+    Returns the list the launches are recorded in, as (kernel, tile)."""
+    monkeypatch.setattr(tuner, "may_time", lambda device: True)
+    launched: list = []
+    defaults: dict = {}
+    real_pick = tuner.pick
+
+    def pick(key, cands, run, device, timer=None):
+        defaults[key[0]] = cands[0]
+        return real_pick(key, cands, lambda t: (launched.append((key[0], t)), run(t))[1], device, timer)
+
+    def timer(thunk):
+        thunk()
+        name, t = launched[-1]
+        return 0.0 if t == (tile if name == kernel else defaults[name]) else 1.0
+
+    monkeypatch.setattr(tuner, "pick", pick)
+    monkeypatch.setattr(tuner, "cuda_time", timer)
+    return launched
+
+
+def _on_family(monkeypatch, device, family) -> None:
+    """Runs the tiles of ``family``: under the interpreter by patching the family lookup, on a GPU
+    only if it is of that family (skipped otherwise)."""
+    if interpreting():
+        monkeypatch.setattr(K, "arch_family", lambda device: family)
+    elif K.arch_family(device) != family:
+        pytest.skip(f"not an sm_{family}-family GPU")
+
+
 @pytest.mark.parametrize("family,d,masked", _with_alternates())
 def test_each_alternate_against_the_reference(triton_device, monkeypatch, family, d, masked):
     """Every alternate tile wins once (by a fake timer) and computes the forward and backward of a
     causal GQA problem whose lengths cross its row and key edges, with and without padding."""
-    if interpreting():
-        monkeypatch.setattr(K, "arch_family", lambda device: family)
-    else:
-        family = K.arch_family(triton_device)
+    _on_family(monkeypatch, triton_device, family)
     cands = logn_attention_fwd.candidates(family, d, NATIVE, has_mask=masked)
-    if len(cands) == 1:  # on a GPU whose family has no alternate here
-        pytest.skip(f"sm_{family} d={d} mask={masked} has no alternate tile")
-    monkeypatch.setattr(tuner, "may_time", lambda device: True)
-    launched: list = []
-    real_launch = logn_attention_fwd._launch
-    monkeypatch.setattr(logn_attention_fwd, "_launch", lambda *a: (launched.append(a[-1]), real_launch(*a))[1])
-    for winner in range(1, len(cands)):
+    for winner in cands[1:]:
         tuner.forget()
-        launched.clear()
-        times = {c: (0.0 if i == winner else 1.0) for i, c in enumerate(cands)}
-        monkeypatch.setattr(tuner, "cuda_time", lambda thunk, times=times: (thunk(), times[launched[-1]])[1])
+        launched = _make_winner(monkeypatch, "logn_fwd", winner)
         _check(triton_device, 1, 2, 1, 70, 131, d, torch.float16, True, mask_p=0.1 if masked else None)
-        assert launched[-1] == cands[winner] and set(launched) == set(cands)
+        ran = [t for name, t in launched if name == "logn_fwd"]
+        assert ran[-1] == winner and set(ran) == set(cands)
+
+
+def _bwd_alternates() -> list:
+    """(kernel, family, head dim, tile) for every alternate tile of the backward's two kernels.
+    Under the interpreter a family whose candidates repeat another's (sm_86 those of sm_80) adds
+    nothing that would run differently; a GPU runs the cases of its own family."""
+    cases, seen = [], set()
+    for kernel in ("dkdv", "dq"):
+        for family in (80, 86, 90):
+            for d in (64, 128):
+                cands = logn_attention_bwd_tiles.candidates(kernel, family, d, NATIVE)
+                if interpreting() and (kernel, d, cands) in seen:
+                    continue
+                seen.add((kernel, d, cands))
+                for t in cands[1:]:
+                    tile = f"{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}"
+                    cases.append(pytest.param(kernel, family, d, t, id=f"{kernel}-sm{family}-d{d}-{tile}"))
+    return cases
+
+
+def test_backward_alternates_only_for_full_16_bit_heads():
+    cands = logn_attention_bwd_tiles.candidates
+    for kernel in ("dkdv", "dq"):
+        for family in (80, 86, 90):
+            for d in (16, 32, 48, 64, 80, 96, 128):
+                for mode in (NATIVE, TF32, FP32_IEEE):
+                    c = cands(kernel, family, d, mode)
+                    assert c[0] == getattr(logn_attention_bwd_tiles.tiles(family, d, mode), kernel)
+                    assert len(set(c)) == len(c)
+                    if mode != NATIVE or d not in (64, 128):
+                        assert len(c) == 1, (kernel, family, d, mode)
+    assert len(_bwd_alternates()) > 0
+
+
+@pytest.mark.usefixtures("nan_empty")  # an element a candidate leaves unwritten reads as NaN
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("kernel,family,d,tile", _bwd_alternates())
+def test_each_backward_alternate_against_the_reference(triton_device, monkeypatch, kernel, family, d, tile, masked):
+    """Every alternate tile of the dK/dV and dQ kernels wins once (by a fake timer, after every
+    candidate ran) and computes the backward of a causal GQA problem whose lengths cross its row
+    and key edges (130 queries, 131 keys), with and without padding. A second call, which looks the
+    choice up and launches the winner alone, returns the same bits: the timing launches left
+    nothing in the outputs, and the dK/dV sum is deterministic for a tile."""
+    _on_family(monkeypatch, triton_device, family)
+    name = f"logn_bwd_{kernel}"
+    cands = logn_attention_bwd_tiles.candidates(kernel, family, d, NATIVE)
+    launched = _make_winner(monkeypatch, name, tile)
+    mask_p = 0.1 if masked else None
+    first = _check(triton_device, 1, 2, 1, 130, 131, d, torch.float16, True, mask_p=mask_p)
+    ran = [t for n, t in launched if n == name]
+    assert ran[-1] == tile and set(ran) == set(cands) and len(ran) == len(cands) + 1
+    launched.clear()
+    again = _check(triton_device, 1, 2, 1, 130, 131, d, torch.float16, True, mask_p=mask_p)
+    assert [t for n, t in launched if n == name] == [tile]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs read as N
 
 
 def _check(device, b, hq, hkv, lq, lk, d, dtype, causal, mask_p=None, full_row=False, **kw):
+    """Forward and backward against the float64 reference; returns (out, lse, dq, dk, dv)."""
     gen = torch.Generator().manual_seed(lq * 1000 + lk)
     q = (torch.randn(b, hq, lq, d, generator=gen, dtype=torch.float64) * 1.5).to(dtype)
     k = (torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64) * 1.5).to(dtype)
@@ -72,6 +73,7 @@ def _check(device, b, hq, hkv, lq, lk, d, dtype, causal, mask_p=None, full_row=F
     for g, w, name in zip(grads, r_grads, "qkv", strict=True):
         assert g.dtype == dtype
         assert_close(g.cpu(), w, dtype, f"grad {name}", factor=2.0 if low else 1.0)
+    return (out, lse, *grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -182,17 +184,15 @@ def test_aot_configs_cover_every_pickable_config():
                                 d,
                                 t,
                             )
-                b = logn_attention_bwd_tiles.tiles(family, d, mode)
-                assert listed(
-                    logn_attention_bwd_dkdv,
-                    logn_attention_bwd_dkdv.logn_bwd_dkdv_kernel,
-                    dict(BLOCK_M=b.dkdv.block_m, BLOCK_N=b.dkdv.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd),
-                )
-                assert listed(
-                    logn_attention_bwd_dq,
-                    logn_attention_bwd_dq.logn_bwd_dq_kernel,
-                    dict(BLOCK_M=b.dq.block_m, BLOCK_N=b.dq.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd),
-                )
+                # the backward: each kernel's default and alternates (which do not depend on the
+                # switches), each with and without a mask and packed
+                for module, name in ((logn_attention_bwd_dkdv, "dkdv"), (logn_attention_bwd_dq, "dq")):
+                    kernel = getattr(module, f"logn_bwd_{name}_kernel")
+                    for t in logn_attention_bwd_tiles.candidates(name, family, d, mode):
+                        for has_mask, varlen in ((False, False), (True, False), (False, True)):
+                            want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd)
+                            want.update(HAS_MASK=has_mask, VARLEN=varlen)
+                            assert listed(module, kernel, want, (t.num_warps, t.num_stages)), (name, family, d, t)
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
     assert K.MAX_HEAD_DIM == 128
