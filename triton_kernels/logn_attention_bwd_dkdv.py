@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import attention_configs
-from .logn_attention_rules import dot, sequence_start
+from .logn_attention_rules import RUNTIME_INTS, dot, sequence_start
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_bwd_dkdv_kernel(
     q_ptr,
     k_ptr,

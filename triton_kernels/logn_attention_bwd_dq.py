@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import attention_configs
-from .logn_attention_rules import allowed, dot, sequence_start
+from .logn_attention_rules import RUNTIME_INTS, allowed, dot, sequence_start
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _dq_step(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_bwd_dq_kernel(
     q_ptr,
     k_ptr,

@@ -12,12 +12,12 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import PTR
-from .logn_attention_rules import gpu_targets, row_scale, sequence_start, unaligned_ints, visible
+from .logn_attention_rules import RUNTIME_INTS, gpu_targets, row_scale, sequence_start, unaligned_ints, visible
 
 PREP_ROWS = 64  # query rows a program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_bwd_prep_kernel(
     out_ptr,
     do_ptr,

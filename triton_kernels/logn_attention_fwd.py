@@ -28,6 +28,7 @@ import triton.language as tl
 from . import _tile_tuner
 from .logn_attention_fwd_tiles import candidates, tiles  # noqa: F401 (re-exported: the AOT list and tests use them)
 from .logn_attention_rules import (
+    RUNTIME_INTS,
     allowed,
     block_d,
     dot,
@@ -102,7 +103,7 @@ def _attend(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_fwd_kernel(
     q_ptr,
     k_ptr,

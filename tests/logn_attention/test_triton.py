@@ -15,6 +15,7 @@ The tests at the end need CUDA (production sizes, bf16) and are skipped without 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -355,20 +356,41 @@ def test_decode_tile_heights_are_the_compiled_ones():
     assert logn_attention_decode._block_rows(16) == 16 and logn_attention_decode._block_rows(17) == 64
 
 
-def test_decode_kernels_never_fold_a_one_into_a_constant():
-    # the AOT list compiles head counts, lengths and splits as runtime ints (a 64-row split kernel
-    # with Lq folded to 1 kept a stack on sm_86 and sm_90); the compiled JIT functions must agree.
-    # A child process: this one runs Triton's interpreter, whose functions keep no such flags.
+def test_kernels_never_fold_a_one_the_static_check_did_not():
+    # Triton compiles an int equal to 1 as a constant unless the kernel says not to; every int the
+    # AOT lists compile as a runtime value that can be 1 (head counts; for the decode kernels also
+    # lengths and splits) must be one the kernel keeps at runtime, or the GPU would run code no
+    # static check compiled (the Lq = 1 decode and Hkv = 1 forward forms kept stacks). A child
+    # process: this one runs Triton's interpreter, whose functions keep no such flags.
+    from kexue.triton_kernels import logn_attention_bwd_prep, logn_attention_decode_aot
+    from kexue.triton_kernels.logn_attention_rules import RUNTIME_INTS
+
     code = (
-        "from kexue.triton_kernels import logn_attention_decode as d\n"
-        "for k in (d.logn_decode_split_kernel, d.logn_decode_combine_kernel):\n"
-        "    print(sorted(p.name for p in k.params if p.do_not_specialize))"
+        "import json\n"
+        "from kexue.triton_kernels import logn_attention_fwd as f, logn_attention_bwd_dkdv as a, "
+        "logn_attention_bwd_dq as q, logn_attention_bwd_prep as p, logn_attention_decode as d\n"
+        "ks = (f.logn_fwd_kernel, a.logn_bwd_dkdv_kernel, q.logn_bwd_dq_kernel, p.logn_bwd_prep_kernel,\n"
+        "      d.logn_decode_split_kernel, d.logn_decode_combine_kernel)\n"
+        "print(json.dumps({k.fn.__name__: [x.name for x in k.params if x.do_not_specialize] for k in ks}))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    split, combine = out.splitlines()
-    assert split == str(sorted(["Hq", "Hkv", "Lq", "Lk"]))
-    assert combine == str(sorted(["Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"]))
+    runtime = {name: set(names) for name, names in json.loads(out).items()}
+    assert runtime["logn_decode_split_kernel"] == {"Hq", "Hkv", "Lq", "Lk"}
+    assert runtime["logn_decode_combine_kernel"] == {"Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"}
+    modules = (
+        logn_attention_fwd_aot,
+        logn_attention_bwd_dkdv,
+        logn_attention_bwd_dq,
+        logn_attention_bwd_prep,
+        logn_attention_decode_aot,
+    )
+    for module in modules:
+        for c in module.AOT_CONFIGS:
+            kept = runtime[c["kernel"].fn.__name__]
+            assert set(RUNTIME_INTS) & set(c["signature"]) <= kept, c["name"]
+            for name in kept:  # compiled as what the JIT passes: a runtime int, no alignment claim
+                assert name in c["unaligned_ints"] and name not in c["constexprs"], (c["name"], name)
 
 
 def test_decode_splits_cover_the_cache():
