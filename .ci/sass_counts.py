@@ -49,15 +49,15 @@ def counted(obj: str, cuobjdump: str, counts: dict, strip: str) -> list:
     return rows
 
 
-def failures(rows: list, counts: dict, needs, column: int) -> list:
+def failures(rows: list, counts: dict, needs, column: int, zero: tuple = ("LDL/STL",)) -> list:
     """Prints the table of ``rows`` and returns the kernels that miss a count ``needs(name)`` asks
-    for or touch local memory."""
+    for or have any of the counts ``zero`` (local memory, by default)."""
     width = max(len(r[0]) for r in rows)
     print(f"{'kernel':<{width}}  arch   " + " ".join(f"{k:>{column}}" for k in counts))
     bad = []
     for name, arch, c in sorted(rows):
         print(f"{name:<{width}}  {arch:<6} " + " ".join(f"{c[k]:>{column}}" for k in counts))
-        if any(c[k] == 0 for k in needs(name)) or c["LDL/STL"]:
+        if any(c[k] == 0 for k in needs(name)) or any(c[k] for k in zero):
             bad.append(f"{name} ({arch})")
     return bad
 
@@ -82,16 +82,26 @@ def main(obj: str, cuobjdump: str) -> int:
 # stores of the tensors (LDG.E.128 / STG.E.128) against the scalar ones that unaligned tensors and
 # tails take (LDG / STG other than 128-bit, less the .CONSTANT reads of the job and item tables).
 # Every step_kernel must load and store 128 bits, every prepass_kernel load them; none may touch
-# local memory.
+# local memory. Nor may any of them flush subnormals: setup.py builds with --use_fast_math
+# (-ftz=true), and the step's float32 arithmetic goes through csrc/include/kexue/ieee_float.h so
+# that it keeps subnormals as the CPU step does; an instruction with .FTZ (FADD.FTZ, FFMA.FTZ,
+# FSETP.GT.FTZ ...) means some float operation bypassed it. Exempt: the F2I.FTZ...TRUNC of the
+# compiler's own integer division (a float reciprocal estimate truncated to an integer), which
+# no subnormal reaches.
 SIGN_COUNTS = {
     "LDG.128": r"\bLDG\.E\.128\b",
     "STG.128": r"\bSTG\.E\.128\b",
     "LDG other": r"\bLDG\.E(?!\.128\b)(?![.\w]*CONSTANT)[.\w]*",
     "STG other": r"\bSTG\.E(?!\.128\b)[.\w]*",
     "LDL/STL": r"\b(?:LDL|STL)\b",
+    "FTZ": r"\b(?!F2I(?:\.\w+)*\.TRUNC\b)[A-Z][A-Z0-9]*(?:\.\w+)*\.FTZ\b",
 }
 SIGN_NEEDS = {"step_kernel": ("LDG.128", "STG.128"), "prepass_kernel": ("LDG.128",)}
 STORAGE = {"0": "f32", "1": "bf16", "2": "f16"}
+
+
+def sign_needs(name: str) -> tuple:
+    return SIGN_NEEDS.get(name.split("<")[0], ())
 
 
 def storage_names(args: str) -> str:
@@ -105,10 +115,16 @@ def sign_optim(obj: str, cuobjdump: str) -> int:
     ]
     if not any(name.startswith("step_kernel") for name, _, _ in rows):
         sys.exit(f"sass_counts: no sign-optimizer step kernels in {obj}")
-    bad = failures(rows, SIGN_COUNTS, lambda name: SIGN_NEEDS.get(name.split("<")[0], ()), 9)
+    bad = failures(rows, SIGN_COUNTS, sign_needs, 9, zero=("LDL/STL", "FTZ"))
     if bad:
-        sys.exit("sass_counts: FAILED: missing 128-bit global loads/stores or local memory in " + ", ".join(bad))
-    print(f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit accesses where required, no local memory")
+        sys.exit(
+            "sass_counts: FAILED: missing 128-bit global loads/stores, local memory or .FTZ float instructions in "
+            + ", ".join(bad)
+        )
+    print(
+        f"sass_counts: {len(rows)} sign-optimizer kernel builds: 128-bit accesses where required, no local memory,"
+        " no .FTZ"
+    )
     return 0
 
 

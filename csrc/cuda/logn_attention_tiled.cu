@@ -56,6 +56,49 @@ __device__ __forceinline__ int64_t key_end(const Problem& s, int64_t i) {
 // The last row of the query block starting at q0 (q0 < Lq).
 __device__ __forceinline__ int64_t last_row(int64_t q0, int64_t Lq) { return q0 + kBlockM < Lq ? q0 + kBlockM - 1 : Lq - 1; }
 
+// What the forward and dQ kernels share (grid (ceil(Lq / 64), Hq, B)): their shared-memory
+// tiles -- Q, the dQ kernel's dO (kDout), K, V, the keys' bias -- and where the block and the
+// thread sit. Blocks run in reverse: with causal masking the last query blocks see the most keys.
+// The kernels form their K, V and padding pointers themselves: formed in here, the padding
+// pointer's select became a branch in the PTX and ptxas gave some kernels more registers.
+template <typename T>
+struct QueryBlock {
+  T *qs, *dos, *ks, *vs;
+  float* kbias;
+  int warp, g, t;            // warp of the block; the lane's row g and column pair t in an mma tile
+  int64_t b, head, kv_head;  // batch, query head, its KV head
+  int64_t q0, row0;          // first query row of the block and of the warp
+};
+
+template <typename T, int kD, bool kDout>
+__device__ __forceinline__ QueryBlock<T> query_block(const Problem& s) {
+  constexpr int kS = row_stride<T, kD>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  QueryBlock<T> qb;
+  qb.qs = reinterpret_cast<T*>(smem);
+  qb.dos = qb.qs + kBlockM * kS;
+  qb.ks = qb.qs + (kDout ? 2 : 1) * kBlockM * kS;
+  qb.vs = qb.ks + kBlockN * kS;
+  qb.kbias = reinterpret_cast<float*>(qb.vs + kBlockN * kS);
+
+  const int lane = threadIdx.x % 32;
+  qb.warp = threadIdx.x / 32, qb.g = lane / 4, qb.t = lane % 4;
+  qb.b = blockIdx.z, qb.head = qb.b * s.Hq + blockIdx.y, qb.kv_head = qb.b * s.Hkv + blockIdx.y / s.groups;
+  qb.q0 = (static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x) * kBlockM, qb.row0 = qb.q0 + 16 * qb.warp;
+  return qb;
+}
+
+// Keys the first row of the query block at q0 sees, and the key tiles its last row needs: key_end
+// is non-decreasing in i, so the block's last row sees the most keys, its first the fewest.
+struct KeyTiles {
+  int64_t first_end, n_tiles;
+};
+
+__device__ __forceinline__ KeyTiles key_tiles(const Problem& s, int64_t q0) {
+  const int64_t n_keys = key_end(s, last_row(q0, s.Lq));
+  return {key_end(s, q0), (n_keys + kBlockN - 1) / kBlockN};
+}
+
 // 0 for a key a query may see (in range, not padded), -inf otherwise; one per key of a tile.
 __device__ __forceinline__ void stage_key_bias(float* bias, const bool* pad, int64_t j0, int64_t Lk) {
   if (threadIdx.x < kBlockN) {
@@ -84,16 +127,8 @@ __global__ void __launch_bounds__(kThreads)
   __trap();  // the host sends only sm_80+ devices here
 #else
   constexpr int kS = row_stride<T, kD>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);
-  T* ks = qs + kBlockM * kS;
-  T* vs = ks + kBlockN * kS;
-  float* kbias = reinterpret_cast<float*>(vs + kBlockN * kS);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t b = blockIdx.z, head = b * s.Hq + blockIdx.y, kv_head = b * s.Hkv + blockIdx.y / s.groups;
-  // Blocks run in reverse: with causal masking the last query blocks see the most keys.
-  const int64_t q0 = (static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x) * kBlockM, row0 = q0 + 16 * warp;
+  [[maybe_unused]] const auto [qs, dos, ks, vs, kbias, warp, g, t, b, head, kv_head, q0, row0] =
+      query_block<T, kD, /*kDout=*/false>(s);  // dos: none here
   const T* kh = k + kv_head * s.Lk * s.D;
   const T* vh = v + kv_head * s.Lk * s.D;
   const bool* pb = pad == nullptr ? nullptr : pad + b * s.Lk;
@@ -106,9 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     c[r] = i < s.Lq ? scales[b * s.Lq + i] * kLog2e : 0.f;
     end[r] = key_end(s, i);
   }
-  // key_end is non-decreasing in i: the block's last row sees the most keys, its first the fewest.
-  const int64_t n_keys = key_end(s, last_row(q0, s.Lq)), first_end = key_end(s, q0);
-  const int64_t n_tiles = (n_keys + kBlockN - 1) / kBlockN;
+  const auto [first_end, n_tiles] = key_tiles(s, q0);
 
   load_tile<T, kD, kBlockM>(qs, q + head * s.Lq * s.D, q0, s.Lq, s.D);
   if (n_tiles > 0) load_tile<T, kD, kBlockN>(ks, kh, 0, s.Lk, s.D);
@@ -203,16 +236,8 @@ __global__ void __launch_bounds__(kThreads)
   __trap();
 #else
   constexpr int kS = row_stride<T, kD>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);
-  T* dos = qs + kBlockM * kS;
-  T* ks = dos + kBlockM * kS;
-  T* vs = ks + kBlockN * kS;
-  float* kbias = reinterpret_cast<float*>(vs + kBlockN * kS);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t b = blockIdx.z, head = b * s.Hq + blockIdx.y, kv_head = b * s.Hkv + blockIdx.y / s.groups;
-  const int64_t q0 = (static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x) * kBlockM, row0 = q0 + 16 * warp;
+  const auto [qs, dos, ks, vs, kbias, warp, g, t, b, head, kv_head, q0, row0] =
+      query_block<T, kD, /*kDout=*/true>(s);
   const T* kh = k + kv_head * s.Lk * s.D;
   const T* vh = v + kv_head * s.Lk * s.D;
   const bool* pb = pad == nullptr ? nullptr : pad + b * s.Lk;
@@ -230,8 +255,7 @@ __global__ void __launch_bounds__(kThreads)
     dl[r] = live ? delta[head * s.Lq + i] : 0.f;
     end[r] = key_end(s, i);
   }
-  const int64_t n_keys = key_end(s, last_row(q0, s.Lq)), first_end = key_end(s, q0);
-  const int64_t n_tiles = (n_keys + kBlockN - 1) / kBlockN;
+  const auto [first_end, n_tiles] = key_tiles(s, q0);
 
   load_tile<T, kD, kBlockM>(qs, q + head * s.Lq * s.D, q0, s.Lq, s.D);
   load_tile<T, kD, kBlockM>(dos, dout + head * s.Lq * s.D, q0, s.Lq, s.D);
@@ -275,7 +299,13 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   cp_async_wait<0>();
-  store_rows<T, kD>(acc, dq + head * s.Lq * s.D, row0, s.Lq, s.D, scale);
+  if constexpr (std::is_same_v<T, float>) {  // staged, float32 d32 took 212 registers instead of 168
+    store_rows<T, kD>(acc, dq + head * s.Lq * s.D, row0, s.Lq, s.D, scale);
+  } else {
+    // 128-bit stores, staged in the K tile: every warp read it for the last time before the loop's
+    // last barrier, and no copy into it is pending (none was issued when no key tile ran).
+    store_rows_staged<T, kD, kS>(acc, ks + 16 * warp * kS, dq + head * s.Lq * s.D, row0, s.Lq, s.D, scale);
+  }
 #endif
 }
 

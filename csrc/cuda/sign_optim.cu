@@ -73,11 +73,12 @@ __device__ __forceinline__ Job row_of(const Job* __restrict__ jobs, const double
 // carries the sum and the row sweeps use these very functions, so equal inputs give equal bits.
 
 // One explicit fused multiply-add, so that no contraction choice of the compiler can make two
-// sums of the same values differ.
-__device__ __forceinline__ float add_square(float acc, float x) { return __fmaf_rn(x, x, acc); }
+// sums of the same values differ. Float32 arithmetic in this file goes through kexue/ieee_float.h,
+// which keeps subnormals under --use_fast_math (-ftz=true), as the CPU step does.
+__device__ __forceinline__ float add_square(float acc, float x) { return ieee::fma(x, x, acc); }
 
 __device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = ieee::add(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
@@ -91,7 +92,7 @@ __device__ __forceinline__ int warp_or(int v) {
 __device__ __forceinline__ double block_sum(float v) {
   __shared__ double s_sum[kWarps];
   v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) s_sum[threadIdx.x / 32] = v;
+  if (threadIdx.x % 32 == 0) s_sum[threadIdx.x / 32] = ieee::widen(v);
   __syncthreads();
   double total = 0.0;
   if (threadIdx.x == 0) {
@@ -217,7 +218,7 @@ __device__ __forceinline__ void update_group(const Job& j, int64_t i, int n, con
   float mn[kGroupN];
 #pragma unroll
   for (int e = 0; e < kGroupN; ++e) {
-    g[e] = keep[e] ? g[e] * j.gscale : 0.f;
+    g[e] = keep[e] ? ieee::mul(g[e], j.gscale) : 0.f;
     mn[e] = new_momentum(m[e], g[e], k);
   }
   if (update) {
@@ -240,8 +241,8 @@ __device__ __forceinline__ void update_group(const Job& j, int64_t i, int n, con
 
 __device__ __forceinline__ Coefs coefs_for(const Job& j, double lr) {
   Coefs k;
-  k.lr = static_cast<float>(lr);
-  k.decay = static_cast<float>(1.0 - lr * j.wd);
+  k.lr = ieee::narrow(lr);
+  k.decay = ieee::narrow(1.0 - lr * j.wd);
   k.c_m = j.c_m, k.c_g = j.c_g, k.m_m = j.m_m, k.m_g = j.m_g;
   return k;
 }
@@ -274,7 +275,7 @@ __device__ void shrink_item(const Job& j, const Item& item, bool stochastic, dou
         shrink_group<PS, decltype(vec)::value>(j, i, n, stochastic, acc);
       });
       acc = warp_sum(acc);
-      if (lane == 0) global(j.ssq)[r] = static_cast<double>(acc);
+      if (lane == 0) global(j.ssq)[r] = ieee::widen(acc);
     }
     return;
   }
@@ -308,7 +309,7 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
       if (lazy) {
         load_group<PS, V>(j.grad, i, n, x);  // zeros past n: absent
 #pragma unroll
-        for (int e = 0; e < kGroupN; ++e) present |= x[e] != 0.f;  // NaN counts as present
+        for (int e = 0; e < kGroupN; ++e) present |= ieee::nonzero(x[e]);  // NaN counts as present
       }
       if (read) {
         load_group<PS, V>(j.param, i, n, x);
@@ -319,7 +320,7 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
       }
     });
     present = warp_or(present);
-    const double before = carried ? global(j.ssq)[r] : static_cast<double>(warp_sum(ssq));
+    const double before = carried ? global(j.ssq)[r] : ieee::widen(warp_sum(ssq));
     bool live = true, freeze = false;
     if (lazy) {
       live = present || (j.seen != nullptr && global(j.seen)[r] != 0);
@@ -333,7 +334,7 @@ __device__ void update_rows(const Job& j, const Item& item, double lr, bool upda
       update_group<PS, MS, decltype(vec)::value>(j, i, n, k, update && live, live, freeze, gated, stochastic, after);
     });
     after = warp_sum(after);
-    if (out && lane == 0) global(j.ssq)[r] = update && live ? static_cast<double>(after) : before;
+    if (out && lane == 0) global(j.ssq)[r] = update && live ? ieee::widen(after) : before;
   }
 }
 

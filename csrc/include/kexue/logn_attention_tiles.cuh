@@ -268,5 +268,53 @@ __device__ __forceinline__ void store_rows(const float (&acc)[N / 8][4], T* base
   }
 }
 
+// store_rows through shared memory: the warp writes its fragments into `stage`, 16 rows of row
+// stride kS that no other thread reads or copies into any more, then each lane stores whole
+// 16-byte chunks of those rows: 128-bit global stores where the matrix's rows start on 16 bytes
+// (base aligned, D a multiple of 16 / sizeof(T)), else the 4-byte (16-bit T) or 8-byte (float)
+// stores of store_rows. Same values, same bounds. (A fragment row holds 2 elements per lane, so
+// store_rows can store no more than 8 bytes at a time.)
+template <typename T, int N, int kS>
+__device__ __forceinline__ void store_rows_staged(const float (&acc)[N / 8][4], T* stage, T* base, int64_t row0,
+                                                  int64_t rows, int D, const float (&mul)[2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    T* srow = stage + (g + 8 * r) * kS;
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      const int c = 8 * nt + 2 * t;
+      const float x = acc[nt][2 * r] * mul[r], y = acc[nt][2 * r + 1] * mul[r];
+      if constexpr (std::is_same_v<T, float>) {
+        *reinterpret_cast<float2*>(srow + c) = make_float2(x, y);
+      } else {
+        *reinterpret_cast<uint32_t*>(srow + c) = pack2<T>(x, y);
+      }
+    }
+  }
+  __syncwarp();
+  constexpr int kCE = 16 / static_cast<int>(sizeof(T)), kPerRow = N / kCE;  // elements a chunk, chunks a row
+  static_assert((16 * kPerRow) % 32 == 0, "a warp's chunks must split evenly over its lanes");
+  const bool wide = D % kCE == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  const int left = rows - row0 < 16 ? static_cast<int>(rows - row0) : 16;  // the warp's rows in the matrix
+  T* const first = base + row0 * D;
+#pragma unroll
+  for (int i = lane; i < 16 * kPerRow; i += 32) {
+    const int rr = i / kPerRow, c = (i % kPerRow) * kCE;
+    if (rr >= left || c >= D) continue;
+    const T* src = stage + rr * kS + c;
+    T* dst = first + rr * D + c;
+    if (wide) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {  // pairs of elements (D is even), 4 or 8 bytes as store_rows stores them
+      using Pair = std::conditional_t<std::is_same_v<T, float>, uint2, uint32_t>;
+#pragma unroll
+      for (int k = 0; k < kCE; k += 2) {
+        if (c + k < D) *reinterpret_cast<Pair*>(dst + k) = *reinterpret_cast<const Pair*>(src + k);
+      }
+    }
+  }
+}
+
 }  // namespace logn_tiles
 }  // namespace kexue

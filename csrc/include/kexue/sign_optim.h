@@ -24,6 +24,7 @@
 // sign_optim_host.h.
 #pragma once
 
+#include "kexue/ieee_float.h"
 #include "kexue/macros.h"
 
 #include <cstdint>
@@ -142,8 +143,13 @@ inline TableRow decode_row(const double* h, const int64_t* i) {
 // Rounded as decode_row rounds the host table, so a dynamic row computes the same bits.
 KEXUE_HOST_DEVICE void apply_dynamic(TableRow& r, const double* d) {
   r.lr = d[kDLr];
+#ifdef __CUDA_ARCH__
+  r.m_m = ieee::narrow(d[kDMm]);  // the cast below, without the device's flush to zero
+  r.gscale = ieee::narrow(d[kDGscale]);
+#else
   r.m_m = static_cast<float>(d[kDMm]);
   r.gscale = static_cast<float>(d[kDGscale]);
+#endif
   if (d[kDUpdate] == 0.0) r.flags &= ~static_cast<int64_t>(kUpdate);
   r.skip = d[kDSkip] != 0.0;
   r.mask_k0 = static_cast<uint32_t>(d[kDMaskK0]);
@@ -196,7 +202,11 @@ KEXUE_HOST_DEVICE float bf16_bits_to_float(uint16_t b) {
 KEXUE_HOST_DEVICE uint16_t float_to_bf16_bits(float x) {
   const uint32_t u = float_bits(x);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+#ifdef __CUDA_ARCH__
+  return ieee::is_nan(x) ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+#else
   return x != x ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+#endif
 }
 
 // Stochastic rounding: add 16 random bits below the kept mantissa and truncate, so x rounds up
@@ -209,12 +219,19 @@ KEXUE_HOST_DEVICE uint16_t float_to_bf16_bits_stochastic(float x, uint32_t bits)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The element update.
+// The element update. On the device each formula is spelled with kexue/ieee_float.h, which keeps
+// subnormals under --use_fast_math, contracted as the host compiler contracts the host expression.
 
 // sign(0) = 0 (a zero interpolation gives no step), sign(+-inf) = +-1, and NaN stays NaN so that
 // a diverged momentum shows up in the parameters instead of being silently ignored (the rule of
 // every backend; torch.sign(NaN) is 0, so the torch backend spells it out).
-KEXUE_HOST_DEVICE float sign_of(float c) { return c > 0.f ? 1.f : (c < 0.f ? -1.f : c); }
+KEXUE_HOST_DEVICE float sign_of(float c) {
+#ifdef __CUDA_ARCH__
+  return ieee::positive(c) ? 1.f : (ieee::negative(c) ? -1.f : c);
+#else
+  return c > 0.f ? 1.f : (c < 0.f ? -1.f : c);
+#endif
+}
 
 // Coefficients of one tensor (or one row, when the RMS factor is per row), rounded to float32.
 struct Coefs {
@@ -224,16 +241,32 @@ struct Coefs {
 };
 
 // New momentum from the (already scaled/masked) gradient.
-KEXUE_HOST_DEVICE float new_momentum(float m, float g, const Coefs& k) { return k.m_m * m + k.m_g * g; }
+KEXUE_HOST_DEVICE float new_momentum(float m, float g, const Coefs& k) {
+#ifdef __CUDA_ARCH__
+  return ieee::fma(k.m_m, m, ieee::mul(k.m_g, g));
+#else
+  return k.m_m * m + k.m_g * g;
+#endif
+}
 
 // Direction of the step: Lion interpolates the OLD momentum with the gradient; Tiger uses m'.
 KEXUE_HOST_DEVICE float direction(float m, float m_new, float g, const Coefs& k, bool use_new_momentum) {
+#ifdef __CUDA_ARCH__
+  return sign_of(use_new_momentum ? m_new : ieee::fma(k.c_m, m, ieee::mul(k.c_g, g)));
+#else
   return sign_of(use_new_momentum ? m_new : k.c_m * m + k.c_g * g);
+#endif
 }
 
 // Decoupled weight decay from theta_{t-1} and the sign step: theta (1 - lr wd) - lr sign(c),
 // the order of the official Lion code (decay first).
-KEXUE_HOST_DEVICE float stepped(float theta, float s, const Coefs& k) { return theta * k.decay - k.lr * s; }
+KEXUE_HOST_DEVICE float stepped(float theta, float s, const Coefs& k) {
+#ifdef __CUDA_ARCH__
+  return ieee::fms(theta, k.decay, ieee::mul(k.lr, s));
+#else
+  return theta * k.decay - k.lr * s;
+#endif
+}
 
 // What Tiger's NaN guard looks for in a gradient: NaN or +-inf (the exponent all ones). On the
 // bits, so that no fast-math flag can fold the test away.
@@ -241,7 +274,11 @@ KEXUE_HOST_DEVICE bool non_finite(float x) { return (float_bits(x) & 0x7f800000u
 
 // Tiger's NaN guard: momentum untouched, theta pulled towards the centre (1 for norm gains).
 KEXUE_HOST_DEVICE float nan_shrink(float theta, float shrink, float centre) {
+#ifdef __CUDA_ARCH__
+  return ieee::fma(ieee::sub(theta, centre), shrink, centre);
+#else
   return (theta - centre) * shrink + centre;
+#endif
 }
 
 }  // namespace sign_optim
