@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .global_pointer_rope import load_rotated, store_unrotated
 from .global_pointer_tile_ops import (
+    RUNTIME_INTS,
     add_owned,
     batch_head,
     bias,
@@ -32,7 +33,7 @@ from .global_pointer_tile_ops import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_loss_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -96,7 +97,7 @@ def _gp_loss_fwd_kernel(
             tl.store(st + 3, s_pos, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_loss_bwd_rows_kernel(
     q_ptr,
     k_ptr,
@@ -150,7 +151,7 @@ def _gp_loss_bwd_rows_kernel(
     store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, SCALE, dq, BLOCK_H, ROPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_loss_bwd_cols_kernel(
     q_ptr,
     k_ptr,

@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 
 from .global_pointer_rope import load_rotated, store_unrotated
-from .global_pointer_tile_ops import add_owned, batch_head, bias, candidates, tile_dots, token_ok
+from .global_pointer_tile_ops import RUNTIME_INTS, add_owned, batch_head, bias, candidates, tile_dots, token_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_scores_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -71,7 +71,7 @@ def _grad_scores_tile(grad_ptr, bt, L, i, j, valid):
     return tl.load(rows[:, None] + j[None, :], mask=valid, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_scores_bwd_rows_kernel(
     k_ptr,
     mask_ptr,
@@ -115,7 +115,7 @@ def _gp_scores_bwd_rows_kernel(
     store_unrotated(dq_ptr, pid_bh * L * BLOCK_H, i, row_in, rope_ptr, SCALE, dq, BLOCK_H, ROPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _gp_scores_bwd_cols_kernel(
     q_ptr,
     mask_ptr,

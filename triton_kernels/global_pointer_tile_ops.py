@@ -18,6 +18,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# The kernels' integers that are 1 in ordinary use: one head (H = 1, Efficient GlobalPointer's
+# shared q/k), one type (T = 1), tril (TRIL = 1, the default) or a one-token sequence (L = 1).
+# Triton's JIT compiles an integer equal to 1 as a constant, code the static check
+# (tests/gpu_compile.py, which compiles them as runtime integers) never saw: with T the constant 1
+# nine float32 score-forward and three TF32 row-backward configurations kept 136..152-byte stacks
+# (triton 3.9). So the kernels keep them runtime values (``do_not_specialize``); they only steer
+# scalar index arithmetic and loop bounds.
+RUNTIME_INTS = ("H", "T", "L", "TRIL")
+
 
 @triton.jit
 def batch_head(H):

@@ -136,3 +136,21 @@ def test_rope_table_is_shared_across_lengths():
     assert (b[:, 0, 6:] == 1).all() and (b[:, 1, 6:] == 0).all()
     assert K._rope_table(65, 6, 16, 1e4, 1, torch.device("cpu")).shape[0] == 128
     assert K._rope_table(65, 6, 16, 1e4, 0, torch.device("cpu")).numel() == 0
+
+
+def test_kernels_keep_their_ones_at_runtime():
+    # one head (Efficient GlobalPointer), one type, tril and one-token sequences make H, T, TRIL or
+    # L equal to 1; folded into constants they compile to code the static check never saw (with T
+    # the constant 1, twelve float32 configurations kept stacks), so every kernel keeps them at runtime
+    from kexue.triton_kernels import global_pointer_aot
+    from kexue.triton_kernels.global_pointer_tile_ops import RUNTIME_INTS
+
+    from tests.jit_specialization import assert_compiled_as_kept, runtime_ints
+
+    kernels = {c["kernel"].fn.__name__: c["kernel"].fn.__module__ for c in global_pointer_aot.AOT_CONFIGS}
+    by_module: dict[str, list[str]] = {}
+    for name, module in kernels.items():
+        by_module.setdefault(module, []).append(name)
+    kept = runtime_ints(by_module)
+    assert len(kept) == 6 and all(ints == set(RUNTIME_INTS) for ints in kept.values()), kept
+    assert_compiled_as_kept(global_pointer_aot.AOT_CONFIGS, kept, RUNTIME_INTS)

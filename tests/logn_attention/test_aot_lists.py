@@ -6,11 +6,6 @@ at runtime. No kernel runs here."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -27,6 +22,8 @@ from kexue.triton_kernels import (  # noqa: E402
     logn_attention_fwd_aot,
 )
 from kexue.triton_kernels.logn_attention_rules import RUNTIME_INTS  # noqa: E402
+
+from tests.jit_specialization import assert_compiled_as_kept, runtime_ints  # noqa: E402
 
 AOT_MODULES = (
     logn_attention_fwd_aot,
@@ -154,28 +151,22 @@ def test_decode_tile_heights_are_the_compiled_ones():
 
 
 def test_kernels_never_fold_a_one_the_static_check_did_not():
-    # Triton compiles an int equal to 1 as a constant unless the kernel says not to; every int the
-    # AOT lists compile as a runtime value that can be 1 (head counts; for the decode kernels also
-    # lengths and splits) must be one the kernel keeps at runtime, or the GPU would run code no
-    # static check compiled (the Lq = 1 decode and Hkv = 1 forward forms kept stacks). A child
-    # process: this one runs Triton's interpreter, whose functions keep no such flags.
-
-    code = (
-        "import json\n"
-        "from kexue.triton_kernels import logn_attention_fwd as f, logn_attention_bwd_dkdv as a, "
-        "logn_attention_bwd_dq as q, logn_attention_bwd_prep as p, logn_attention_decode as d\n"
-        "ks = (f.logn_fwd_kernel, a.logn_bwd_dkdv_kernel, q.logn_bwd_dq_kernel, p.logn_bwd_prep_kernel,\n"
-        "      d.logn_decode_split_kernel, d.logn_decode_combine_kernel)\n"
-        "print(json.dumps({k.fn.__name__: [x.name for x in k.params if x.do_not_specialize] for k in ks}))"
+    # the ints the AOT lists compile as runtime values that are often 1 (head counts; for the
+    # decode kernels also lengths and splits) are kept at runtime by the kernels (the Lq = 1 decode
+    # and Hkv = 1 forward forms kept stacks)
+    kept = runtime_ints(
+        {
+            f"kexue.triton_kernels.{module}": kernels
+            for module, kernels in (
+                ("logn_attention_fwd", ["logn_fwd_kernel"]),
+                ("logn_attention_bwd_dkdv", ["logn_bwd_dkdv_kernel"]),
+                ("logn_attention_bwd_dq", ["logn_bwd_dq_kernel"]),
+                ("logn_attention_bwd_prep", ["logn_bwd_prep_kernel"]),
+                ("logn_attention_decode", ["logn_decode_split_kernel", "logn_decode_combine_kernel"]),
+            )
+        }
     )
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    runtime = {name: set(names) for name, names in json.loads(out).items()}
-    assert runtime["logn_decode_split_kernel"] == {"Hq", "Hkv", "Lq", "Lk"}
-    assert runtime["logn_decode_combine_kernel"] == {"Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"}
+    assert kept["logn_decode_split_kernel"] == {"Hq", "Hkv", "Lq", "Lk"}
+    assert kept["logn_decode_combine_kernel"] == {"Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"}
     for module in AOT_MODULES:
-        for c in module.AOT_CONFIGS:
-            kept = runtime[c["kernel"].fn.__name__]
-            assert set(RUNTIME_INTS) & set(c["signature"]) <= kept, c["name"]
-            for name in kept:  # compiled as what the JIT passes: a runtime int, no alignment claim
-                assert name in c["unaligned_ints"] and name not in c["constexprs"], (c["name"], name)
+        assert_compiled_as_kept(module.AOT_CONFIGS, kept, RUNTIME_INTS)
