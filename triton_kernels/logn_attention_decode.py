@@ -92,10 +92,9 @@ def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2, family: int =
 # constant forms are not the code the static check compiles: the 64-row split kernel with Lq = 1
 # kept an 8-byte stack on sm_86 and 24 bytes in TF32 on sm_90 where the general form has none
 # (tests/gpu_compile.py, triton 3.9). So head counts, lengths, the number of splits and the lse
-# strides stay runtime values (RUNTIME_INTS and, with no packed form here, Lq, Lk, splits and
-# the lse batch stride); folding them saved a few integer operations a program, outside the key
-# loop.
-@triton.jit(do_not_specialize=RUNTIME_INTS + ("Lq", "Lk"))
+# strides stay runtime values (RUNTIME_INTS and splits); folding them saved a few integer
+# operations a program, outside the key loop.
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -206,7 +205,7 @@ def logn_decode_split_kernel(
     tl.store(part_lse_ptr + part, lse)
 
 
-@triton.jit(do_not_specialize=RUNTIME_INTS + ("Lq", "splits", "stride_lb"))
+@triton.jit(do_not_specialize=RUNTIME_INTS + ("splits",))
 def logn_decode_combine_kernel(
     part_o_ptr,
     part_lse_ptr,

@@ -178,23 +178,25 @@ def allowed(rows, cols, b, Lq, Lk, mask_ptr, BOUNDS: tl.constexpr, CAUSAL: tl.co
     return ok
 
 
-# Integer arguments that are 1 in ordinary use (Hkv = 1: multi-query models; Hq = 1; the lse head
-# stride is Lq, 1 in the backward of a one-token step) and that no AOT form compiles as a multiple
-# of 16. Triton's JIT would compile a 1 as a constant, code the static check never compiled (the
-# forward with Hkv the constant 1 kept an 8-byte stack in the sm_80 TF32 d=64 padding-mask form,
-# triton 3.9), so the kernels keep them runtime values (``do_not_specialize``), at the cost of a few
-# integer operations a program. The dense Lq, Lk and lse batch stride are not listed: the packed
-# forms pass them as 0 and compile them as multiples of 16 (a 1 there: a one-key cache, or the
-# backward of a one-token step, runs Triton's folded form, not compiled by the static check).
-RUNTIME_INTS = ("Hq", "Hkv", "stride_lh")
+# Integer arguments that are 1 in ordinary use (Hkv = 1: multi-query models; Hq = 1; Lq = 1 and
+# the lse head stride Lq in the backward of a one-token step; Lk = 1, a one-key cache) and that no
+# AOT form compiles as multiples of 16 (the packed forms pass Lq, Lk and the lse batch stride as 0
+# and never read them). Triton's JIT would compile a 1 as a constant, code the static check never
+# compiled: the forward with Hkv the constant 1 kept an 8-byte stack in the sm_80 TF32 d=64
+# padding-mask form, and dQ with Lq the constant 1 one in the sm_80 TF32 d=64 form (triton 3.9).
+# So the kernels keep them runtime values (``do_not_specialize``), at the cost of a few integer
+# operations a program, and of the 16-divisibility hint a length that is a multiple of 16 used
+# to get (the lse rows' accesses may be narrower; k/v/q loads are masked by rows only and keep
+# their width).
+RUNTIME_INTS = ("Hq", "Hkv", "Lq", "Lk", "stride_lb", "stride_lh")
 
 
 def unaligned_ints(varlen: bool) -> tuple[str, ...]:
-    """The integer arguments a launch does not make multiples of 16, so that the jit form compiles
-    what the JIT specialises for ordinary shapes: sequence lengths, head counts and the lse strides
-    (dense: ``(Hq * Lq, Lq)``; packed: ``(0, total_q)``, with Lq = Lk = 0 passed) are arbitrary.
-    D and the row strides are multiples of 16 (:func:`row_length`)."""
-    return RUNTIME_INTS + (() if varlen else ("Lq", "Lk", "stride_lb"))
+    """The integer arguments the jit form compiles without a 16-divisibility hint, as Triton's JIT
+    passes them: :data:`RUNTIME_INTS`, in both forms (dense: lengths, head counts and the lse
+    strides ``(Hq * Lq, Lq)`` are arbitrary; packed: ``(0, total_q)`` with Lq = Lk = 0, which the
+    packed form does not read). D and the row strides are multiples of 16 (:func:`row_length`)."""
+    return RUNTIME_INTS
 
 
 def gpu_targets(configs: list[dict]) -> list[dict]:
