@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import PTR
-from .logn_attention_rules import RUNTIME_INTS, gpu_targets, row_scale, sequence_start, unaligned_ints, visible
+from .logn_attention_rules import RUNTIME_INTS, gpu_targets, row_scale, sequence_start, visible
 
 PREP_ROWS = 64  # query rows a program
 
@@ -122,7 +122,7 @@ def _aot_configs() -> list[dict]:
                         signature=sig,
                         constexprs=consts,
                         num_warps=4,
-                        unaligned_ints=tuple(n for n in unaligned_ints(varlen) if n in ints),
+                        unaligned_ints=tuple(n for n in RUNTIME_INTS if n in ints),
                         aligned_only=True,  # the launcher aligns out, dO and dlse too
                     )
                 )

@@ -29,12 +29,12 @@ import torch
 from .logn_attention_rules import (
     FP32_IEEE,
     NATIVE,
+    RUNTIME_INTS,
     TF32,
     block_d,
     gpu_targets,
     tile_candidates,
     tile_mode,
-    unaligned_ints,
 )
 
 
@@ -246,7 +246,7 @@ def config(
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
         archs=_ARCHS[family] if mode != FP32_IEEE else (80, 86, 89, 90),
-        unaligned_ints=unaligned_ints(varlen),
+        unaligned_ints=RUNTIME_INTS,
         # the launcher aligns every pointer (triton_kernels/_aligned.py): no plain form
         aligned_only=True,
         expect=_expect(family, mode),

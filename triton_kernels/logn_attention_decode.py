@@ -94,6 +94,9 @@ def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2, family: int =
 # (tests/gpu_compile.py, triton 3.9). So head counts, lengths, the number of splits and the lse
 # strides stay runtime values (RUNTIME_INTS and splits); folding them saved a few integer
 # operations a program, outside the key loop.
+COMBINE_RUNTIME_INTS = RUNTIME_INTS + ("splits",)
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def logn_decode_split_kernel(
     q_ptr,
@@ -205,7 +208,7 @@ def logn_decode_split_kernel(
     tl.store(part_lse_ptr + part, lse)
 
 
-@triton.jit(do_not_specialize=RUNTIME_INTS + ("splits",))
+@triton.jit(do_not_specialize=COMBINE_RUNTIME_INTS)
 def logn_decode_combine_kernel(
     part_o_ptr,
     part_lse_ptr,

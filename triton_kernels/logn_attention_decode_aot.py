@@ -11,13 +11,14 @@ import torch
 
 from .logn_attention_decode import (
     BLOCK_N,
+    COMBINE_RUNTIME_INTS,
     _block_d,
     _num_stages,
     _num_warps,
     logn_decode_combine_kernel,
     logn_decode_split_kernel,
 )
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, gpu_targets, row_length
+from .logn_attention_rules import FP32_IEEE, NATIVE, RUNTIME_INTS, TF32, gpu_targets, row_length
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -74,7 +75,7 @@ def _split_config(family: int, dtype, mode: int, head: int, block_r: int, causal
         num_stages=_num_stages(d, dtype.itemsize, family, block_r),
         archs=_ARCHS[family],
         # chunk is a multiple of BLOCK_N; Lk, and the head counts of the GQA packing, are arbitrary
-        unaligned_ints=("Hq", "Hkv", "Lq", "Lk"),
+        unaligned_ints=tuple(n for n in RUNTIME_INTS if n in sig),
         aligned_only=True,  # q, k, v aligned by the launchers; the partials are fresh allocations
         expect=expect,
     )
@@ -119,7 +120,7 @@ def _combine_config(dtype, d: int, block_r: int) -> dict:
         signature=sig,
         constexprs=consts,
         num_warps=4,
-        unaligned_ints=("Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"),
+        unaligned_ints=tuple(n for n in COMBINE_RUNTIME_INTS if n in sig),
         aligned_only=True,
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .logn_attention_fwd import candidates, logn_fwd_kernel
-from .logn_attention_rules import FP32_IEEE, NATIVE, TF32, block_d, gpu_targets, unaligned_ints
+from .logn_attention_rules import FP32_IEEE, NATIVE, RUNTIME_INTS, TF32, block_d, gpu_targets
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
@@ -96,7 +96,7 @@ def _config(family, archs, dtype, mode, d, t, causal, has_mask, gradmax, varlen)
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         archs=archs if mode != FP32_IEEE else (80, 86, 89, 90),
-        unaligned_ints=unaligned_ints(varlen),
+        unaligned_ints=RUNTIME_INTS,
         # the launchers align every pointer (_aligned / _rows there): no plain form
         aligned_only=True,
         expect=_expect(family, mode),

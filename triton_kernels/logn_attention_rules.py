@@ -188,15 +188,9 @@ def allowed(rows, cols, b, Lq, Lk, mask_ptr, BOUNDS: tl.constexpr, CAUSAL: tl.co
 # operations a program, and of the 16-divisibility hint a length that is a multiple of 16 used
 # to get (the lse rows' accesses may be narrower; k/v/q loads are masked by rows only and keep
 # their width).
+# The AOT lists compile exactly these as runtime ints (``unaligned_ints``), dense and packed alike;
+# D and the row strides are multiples of 16 (:func:`row_length`) and keep the JIT's hint.
 RUNTIME_INTS = ("Hq", "Hkv", "Lq", "Lk", "stride_lb", "stride_lh")
-
-
-def unaligned_ints(varlen: bool) -> tuple[str, ...]:
-    """The integer arguments the jit form compiles without a 16-divisibility hint, as Triton's JIT
-    passes them: :data:`RUNTIME_INTS`, in both forms (dense: lengths, head counts and the lse
-    strides ``(Hq * Lq, Lq)`` are arbitrary; packed: ``(0, total_q)`` with Lq = Lk = 0, which the
-    packed form does not read). D and the row strides are multiples of 16 (:func:`row_length`)."""
-    return RUNTIME_INTS
 
 
 def gpu_targets(configs: list[dict]) -> list[dict]:
