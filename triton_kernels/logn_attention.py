@@ -30,13 +30,8 @@ from . import logn_attention_bwd_launch as _bwd
 from . import logn_attention_decode as _decode
 from . import logn_attention_fwd as _fwd
 from ._aligned import aligned as _aligned
-from .logn_attention_rules import arch_family, block_d, dot_mode, row_length
+from .logn_attention_rules import arch_family, block_d, dot_mode, max_head_dim, row_length  # noqa: F401 (max_head_dim: the dispatcher's)
 
-# The widest head the kernels serve on a GPU: from 256 on, the forward's 16 rows a warp of fp32
-# accumulator and q operand (16 x d x 6 bytes) leave no registers for the scores, and every tile
-# tried spilled (sm_80 64x32 w4: 232 B of stack; sm_90 128x32 w8: 64 B). kexue.ops routes wider
-# heads on CUDA devices elsewhere; the interpreter still runs them.
-MAX_HEAD_DIM = 128
 
 
 def _rows(t: torch.Tensor, row: int) -> torch.Tensor:
@@ -144,7 +139,8 @@ def _forward(
     mask_u8, prefix, scalars, flags = _common(
         q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
     )
-    if not varlen and q.shape[2] <= _decode.MAX_Q:  # a few queries against a KV cache: split-K, heads packed
+    if not varlen and q.shape[2] <= _decode.MAX_Q and q.shape[-1] <= _decode.MAX_D:
+        # a few queries against a KV cache: split-K, heads packed
         _decode.launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags)
         return
     _fwd.launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, arch_family(q.device))

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import attention_configs
-from .logn_attention_rules import RUNTIME_INTS, dot, sequence_start
+from .logn_attention_rules import RUNTIME_INTS, dot, sequence_start, value_columns
 
 
 @triton.jit
@@ -27,6 +27,7 @@ def _dkdv_step(
     start,
     cols,
     dcol,
+    vcol,
     b,
     Lq,
     Lk,
@@ -39,6 +40,7 @@ def _dkdv_step(
     EVEN_D: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SPLIT_DV: tl.constexpr,
 ):
     """One query block's contribution to a key block's dK, dV, in transposed form (keys as rows).
     ``MASKED``: the block may hold rows past Lq or before the diagonal."""
@@ -79,10 +81,18 @@ def _dkdv_step(
         pT = tl.where(okT, pT, 0.0)
     elif HAS_MASK:
         pT = tl.where(key_ok[:, None], pT, 0.0)
-    dv += dot(pT.to(do.dtype), do, IEEE)
+    if SPLIT_DV:  # this program's columns of q and dO (the scores above took every column)
+        s_at = rows[:, None] * stride_qm + vcol[None, :]
+        s_mask = (row_ok[:, None] | (not MASKED)) & ((vcol[None, :] < D) | EVEN_D)
+        q_s = tl.load(q_base + s_at, mask=s_mask, other=0.0)
+        do_s = tl.load(do_base + s_at, mask=s_mask, other=0.0)
+    else:
+        q_s = q
+        do_s = do
+    dv += dot(pT.to(do.dtype), do_s, IEEE)
     dpT = dot(v, doT, IEEE)
     dsT = pT * (dpT - delta[None, :]) * sc[None, :]  # dS^T of the scaled scores, times the row scale
-    dk += dot(dsT.to(q.dtype), q, IEEE)
+    dk += dot(dsT.to(q.dtype), q_s, IEEE)
     return dk, dv
 
 
@@ -121,6 +131,7 @@ def logn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # dk, dv: like k, v (input dtype), at strides (kb, kh, kn).
     bh = tl.program_id(0)
@@ -151,8 +162,9 @@ def logn_bwd_dkdv_kernel(
         key_ok = tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=1) == 0
     else:
         key_ok = cols < Lk
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    vcol = value_columns(dcol, BLOCK_D, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if CAUSAL:
         # query rows below n0 - (Lk - Lq) see none of these keys; rows from n0 + BLOCK_N - 1 -
         # (Lk - Lq) on see all of them: between lies the diagonal, the only masked part.
@@ -190,6 +202,7 @@ def logn_bwd_dkdv_kernel(
             start,
             cols,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -202,6 +215,7 @@ def logn_bwd_dkdv_kernel(
             EVEN_D,
             IEEE,
             BLOCK_M,
+            BLOCK_DV < BLOCK_D,
         )
     for i in range(groups * n_masked):  # the diagonal blocks, then the ragged last one
         g = i // n_masked
@@ -222,6 +236,7 @@ def logn_bwd_dkdv_kernel(
             start,
             cols,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -234,12 +249,13 @@ def logn_bwd_dkdv_kernel(
             EVEN_D,
             IEEE,
             BLOCK_M,
+            BLOCK_DV < BLOCK_D,
         )
     # the store's offsets are recomputed here, in int64 so that no compiler pass merges them with
     # the load's: held across the loop they took 64 registers a thread (sm_90 TF32 d=128: a stack)
     cols64 = cols.to(tl.int64)
-    st_at = cols64[:, None] * stride_kn + dcol[None, :]
-    st_mask = (cols64[:, None] < Lk) & (dcol[None, :] < D)
+    st_at = cols64[:, None] * stride_kn + vcol[None, :]
+    st_mask = (cols64[:, None] < Lk) & (vcol[None, :] < D)
     tl.store(dk_ptr + kv_off + st_at, dk.to(dk_ptr.dtype.element_ty), mask=st_mask)
     tl.store(dv_ptr + kv_off + st_at, dv.to(dv_ptr.dtype.element_ty), mask=st_mask)
 

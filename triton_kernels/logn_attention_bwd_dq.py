@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import attention_configs
-from .logn_attention_rules import RUNTIME_INTS, allowed, dot, sequence_start
+from .logn_attention_rules import RUNTIME_INTS, allowed, dot, sequence_start, value_columns
 
 
 @triton.jit
@@ -25,6 +25,7 @@ def _dq_step(
     start,
     rows,
     dcol,
+    vcol,
     b,
     Lq,
     Lk,
@@ -37,6 +38,7 @@ def _dq_step(
     EVEN_D: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_DV: tl.constexpr,
 ):
     cols = start + tl.arange(0, BLOCK_N)
     kv_at = cols[:, None] * stride_kn + dcol[None, :]
@@ -59,7 +61,13 @@ def _dq_step(
         p = tl.where(ok, p, 0.0)
     dp = dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    dq += dot(ds.to(k.dtype), k, IEEE)
+    if SPLIT_DV:  # this program's columns of k (the scores above took every column)
+        s_at = cols[:, None] * stride_kn + vcol[None, :]
+        s_mask = ((cols[:, None] < Lk) | (not MASKED)) & ((vcol[None, :] < D) | EVEN_D)
+        k_s = tl.load(k_base + s_at, mask=s_mask, other=0.0)
+    else:
+        k_s = k
+    dq += dot(ds.to(k.dtype), k_s, IEEE)
     return dq
 
 
@@ -97,6 +105,7 @@ def logn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -132,7 +141,8 @@ def logn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + l_off + rows, mask=row_ok, other=0.0)
     sc = tl.load(sc_ptr + l_off + rows, mask=row_ok, other=0.0)
     sc2 = sc * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    vcol = value_columns(dcol, BLOCK_D, BLOCK_DV)
+    dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if CAUSAL:
         full = tl.minimum(tl.maximum(m0 + (Lk - Lq) + 1, 0), Lk) // BLOCK_N * BLOCK_N
         hi = tl.minimum(tl.maximum(m0 + BLOCK_M + (Lk - Lq), 0), Lk)
@@ -152,6 +162,7 @@ def logn_bwd_dq_kernel(
             start,
             rows,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -164,6 +175,7 @@ def logn_bwd_dq_kernel(
             EVEN_D,
             IEEE,
             BLOCK_N,
+            BLOCK_DV < BLOCK_D,
         )
     for start in range(full, hi, BLOCK_N):
         dq = _dq_step(
@@ -178,6 +190,7 @@ def logn_bwd_dq_kernel(
             start,
             rows,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -190,8 +203,12 @@ def logn_bwd_dq_kernel(
             EVEN_D,
             IEEE,
             BLOCK_N,
+            BLOCK_DV < BLOCK_D,
         )
     dq = dq * sc[:, None]
+    if BLOCK_DV < BLOCK_D:
+        q_at = rows[:, None] * stride_qm + vcol[None, :]
+        q_mask = row_ok[:, None] & (vcol[None, :] < D)
     tl.store(dq_ptr + q_off + q_at, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 

@@ -31,10 +31,13 @@ from .logn_attention_rules import (
     NATIVE,
     RUNTIME_INTS,
     TF32,
+    WIDE_HEAD_DIM,
     block_d,
     gpu_targets,
+    max_head_dim,
     tile_candidates,
     tile_mode,
+    value_block,
 )
 
 
@@ -61,7 +64,7 @@ class BwdTiles(NamedTuple):
 # likewise (the table's tile until then); 128 keys on 8 warps are 128 x 128 (warps along the
 # keys, 16 rows each: unreplicated), as on sm_90. That holds up to d=128 since the loop over
 # (query head, query block) is flat and the store offsets are recomputed after it (see the
-# kernel). dQ at d=256: 16 x 16 on 4 warps, replicated (interpreter only: GPUs stop at 128).
+# kernel).
 _T = Tiles
 _TILES_16 = {
     90: {d: BwdTiles(_T(16, 128, 8, 2), _T(128, 64, 8, 2)) for d in (16, 32, 64, 128)},
@@ -73,8 +76,15 @@ _TILES_16 = {
         128: BwdTiles(_T(16, 128, 8, 2), _T(64, 32, 4, 2)),
     },
 }
-for _f in (80, 90):
-    _TILES_16[_f][256] = BwdTiles(_T(16, 32, 8, 1), _T(16, 16, 4, 1))
+# d=256: dK/dV and dQ as two programs of 128 output columns each (value_block in
+# logn_attention_rules.py), scores over all 256 columns in each. Clean in every switch form
+# (triton 3.9): sm_90 dK/dV 16 x 128 on 8 warps in 2 stages (211..240 registers, 177 KB), dQ
+# 128 x 32 on 8 warps in 2 stages (158..201, 209 KB); sm_80 dK/dV 16 x 128 on 8 warps in 2 stages
+# (223..246, 152 KB), dQ 128 x 16 on 8 warps in 1 stage (232..252, 132 KB). sm_86 / sm_89 (99 KB)
+# have no clean dK/dV tile at d=256 (16 x 128 needs 152 KB; 16 x 32 on 2 warps kept 8..200 bytes
+# of stack): GPUs of that family stop at 128 (MAX_HEAD_DIM in the launchers).
+_TILES_16[90][256] = BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2))
+_TILES_16[80][256] = BwdTiles(_T(16, 128, 8, 2), _T(128, 16, 8, 1))
 _TILES_16[86] = _TILES_16[80]
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {
@@ -167,7 +177,7 @@ def candidates(kernel: str, family: int, head_dim: int, dot_mode: int) -> tuple[
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
-HEAD_DIMS = (16, 32, 64, 96, 128)  # GPUs stop at 128 (MAX_HEAD_DIM in the launchers)
+HEAD_DIMS = (16, 32, 64, 96, 128)  # and 256 where max_head_dim allows
 UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned (the rows are padded to 16, see the launchers)
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
 MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -218,6 +228,7 @@ def config(
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
         BLOCK_D=bd,
+        BLOCK_DV=value_block(d),
     )
     ptr = PTR[dtype]
     sig = dict(
@@ -262,7 +273,8 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
         for dtype, mode in MODES:
             if mode == FP32_IEEE and family != 80:
                 continue
-            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
+            wide = (WIDE_HEAD_DIM,) if max_head_dim(family, mode) >= WIDE_HEAD_DIM else ()
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS + wide):
                 for switches in _SWITCHES:
                     for tile in candidates(name, family, d, mode):
                         configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))

@@ -39,6 +39,9 @@ from .logn_attention_rules import (
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
 MAX_ROWS = 64  # packed rows a tile; more take several row blocks
+# The widest head sent here: its tiles hold all of a row's columns, and were fitted up to 128.
+# Wider heads (256) take the prefill forward, which splits the output columns.
+MAX_D = 128
 
 
 def _block_rows(rows: int) -> int:

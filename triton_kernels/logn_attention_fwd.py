@@ -36,6 +36,9 @@ from .logn_attention_rules import (
     row_scale,
     sequence_start,
     tuning_key,
+    value_block,
+    value_columns,
+    value_slices,
     visible,
 )
 
@@ -52,6 +55,7 @@ def _attend(
     start,
     rows,
     dcol,
+    vcol,
     b,
     Lq,
     Lk,
@@ -68,19 +72,21 @@ def _attend(
     """One key tile of the online softmax. ``MASKED``: the tile may hold keys past Lk or past a
     row's diagonal (bounds and causal mask built); otherwise only the padding mask, if any."""
     cols = start + tl.arange(0, BLOCK_N)
-    kv_at = cols[:, None] * stride_kn + dcol[None, :]
+    k_at = cols[:, None] * stride_kn + dcol[None, :]
+    v_at = cols[:, None] * stride_kn + vcol[None, :]
     if MASKED:
-        kv_mask = cols[:, None] < Lk
-        if not EVEN_D:
-            kv_mask = kv_mask & (dcol[None, :] < D)
-        k = tl.load(k_base + kv_at, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_at, mask=kv_mask, other=0.0)
+        if EVEN_D:
+            k = tl.load(k_base + k_at, mask=cols[:, None] < Lk, other=0.0)
+            v = tl.load(v_base + v_at, mask=cols[:, None] < Lk, other=0.0)
+        else:
+            k = tl.load(k_base + k_at, mask=(cols[:, None] < Lk) & (dcol[None, :] < D), other=0.0)
+            v = tl.load(v_base + v_at, mask=(cols[:, None] < Lk) & (vcol[None, :] < D), other=0.0)
     elif EVEN_D:
-        k = tl.load(k_base + kv_at)
-        v = tl.load(v_base + kv_at)
+        k = tl.load(k_base + k_at)
+        v = tl.load(v_base + v_at)
     else:
-        k = tl.load(k_base + kv_at, mask=dcol[None, :] < D, other=0.0)
-        v = tl.load(v_base + kv_at, mask=dcol[None, :] < D, other=0.0)
+        k = tl.load(k_base + k_at, mask=dcol[None, :] < D, other=0.0)
+        v = tl.load(v_base + v_at, mask=vcol[None, :] < D, other=0.0)
     qk = dot(q, tl.trans(k), IEEE)
     if MASKED or HAS_MASK:
         if MASKED:
@@ -142,6 +148,7 @@ def logn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # q, out: (.., Hq, rows, D) at strides (qb, qh, qm); k, v at (kb, kh, kn); lse at (lb, lh, 1).
     bh = tl.program_id(0)
@@ -167,6 +174,7 @@ def logn_fwd_kernel(
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
+    vcol = value_columns(dcol, BLOCK_D, BLOCK_DV)
     row_ok = rows < Lq
     io_mask = row_ok[:, None] & (dcol[None, :] < D)
     # Scalar base pointers first, so that the tile offsets stay 32-bit within a sequence (int64
@@ -181,7 +189,7 @@ def logn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if CAUSAL:
         # row m0 (the block's first) sees keys j <= m0 + Lk - Lq: whole tiles below that need no mask
         full = tl.minimum(tl.maximum(m0 + (Lk - Lq) + 1, 0), Lk) // BLOCK_N * BLOCK_N
@@ -201,6 +209,7 @@ def logn_fwd_kernel(
             start,
             rows,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -226,6 +235,7 @@ def logn_fwd_kernel(
             start,
             rows,
             dcol,
+            vcol,
             b,
             Lq,
             Lk,
@@ -246,10 +256,13 @@ def logn_fwd_kernel(
     # the store's offsets are recomputed in int64: no compiler pass merges them with the load's,
     # which held across the key loop took BLOCK_M * BLOCK_D / threads registers (see the dK/dV kernel)
     rows64 = rows.to(tl.int64)
-    out_at = rows64[:, None] * stride_qm + dcol[None, :]
-    out_mask = (rows64[:, None] < Lq) & (dcol[None, :] < D)
+    out_at = rows64[:, None] * stride_qm + vcol[None, :]
+    out_mask = (rows64[:, None] < Lq) & (vcol[None, :] < D)
     tl.store(out_ptr + q_off + out_at, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
+    if BLOCK_DV == BLOCK_D:
+        tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
+    elif tl.program_id(2) == 0:  # every slice has the same lse: the first writes it
+        tl.store(lse_ptr + l_off + rows, lse, mask=row_ok)
 
 
 def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) -> None:
@@ -265,7 +278,7 @@ def launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, family: int) 
 
 
 def _launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, d, hq, hkv, t) -> None:
-    grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m))
+    grid = (pb.nseq * hq, triton.cdiv(pb.max_q, t.block_m), value_slices(d))
     logn_fwd_kernel[grid](
         q,
         k,
@@ -287,6 +300,7 @@ def _launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, d, hq, hkv, 
         *scalars,
         **flags,
         EVEN_D=d == block_d(d),
+        BLOCK_DV=value_block(d),
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         num_warps=t.num_warps,

@@ -12,11 +12,21 @@ from __future__ import annotations
 import torch
 
 from .logn_attention_fwd import candidates, logn_fwd_kernel
-from .logn_attention_rules import FP32_IEEE, NATIVE, RUNTIME_INTS, TF32, block_d, gpu_targets
+from .logn_attention_rules import (
+    FP32_IEEE,
+    NATIVE,
+    RUNTIME_INTS,
+    TF32,
+    WIDE_HEAD_DIM,
+    block_d,
+    gpu_targets,
+    max_head_dim,
+    value_block,
+)
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
-HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); GPUs stop at 128
+HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); 256 where max_head_dim allows
 UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned, rows padded to 16 by the launchers
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
@@ -77,6 +87,7 @@ def _config(family, archs, dtype, mode, d, t, causal, has_mask, gradmax, varlen)
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         BLOCK_D=bd,
+        BLOCK_DV=value_block(d),
     )
     switches = (
         ("causal" if causal else "full")
@@ -109,7 +120,8 @@ def _aot_configs() -> list[dict]:
         for dtype, mode in _MODES:
             if mode == FP32_IEEE and family != 80:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
-            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS):
+            wide = (WIDE_HEAD_DIM,) if max_head_dim(family, mode) >= WIDE_HEAD_DIM else ()
+            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS + wide):
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
                     default, *alternates = candidates(family, d, mode, has_mask)  # d itself: 96 is padded
                     configs.append(_config(family, archs, dtype, mode, d, default, causal, has_mask, gradmax, varlen))

@@ -30,23 +30,28 @@ _TILES_16 = {
         32: Tiles(128, 128, 8, 3),
         64: Tiles(128, 128, 8, 3),
         128: Tiles(128, 64, 8, 3),
-        256: Tiles(128, 32, 8, 2),
+        256: Tiles(128, 64, 8, 2),
     },
     80: {
         16: Tiles(128, 64, 4, 3),
         32: Tiles(128, 64, 4, 3),
         64: Tiles(128, 64, 8, 3),
         128: Tiles(128, 32, 8, 3),
-        256: Tiles(64, 32, 4, 1),
+        256: Tiles(128, 16, 8, 2),
     },
     86: {
         16: Tiles(128, 64, 4, 2),
         32: Tiles(128, 64, 4, 2),
         64: Tiles(128, 64, 8, 2),
         128: Tiles(128, 32, 8, 2),
-        256: Tiles(64, 32, 4, 1),
+        256: Tiles(64, 32, 4, 1),  # (no GPU runs it: the backward has no clean d=256 tile on sm_86 / sm_89)
     },
 }
+# d=256 runs as two programs of 128 output columns each (value_block in logn_attention_rules.py):
+# each holds a 128-column float32 accumulator, and q, k at all 256 columns for the scores. Checked
+# clean in every switch form (triton 3.9): sm_90 128 x 64 on 8 warps in 2 stages (176..248
+# registers, 161 KB), sm_80 128 x 16 on 8 warps in 2 stages (128..168 registers, 76 KB). One
+# program holding all 256 columns kept 16..448 bytes of stack on every tile tried.
 # A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
 # with 32 keys): half the keys per step there.
 _TILES_16_MASK = {(80, 128): Tiles(128, 16, 8, 3)}

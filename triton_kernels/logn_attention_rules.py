@@ -25,6 +25,39 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# The widest slice of value / output columns one program accumulates. A wider head (256) is cut
+# into slices, one program each along the grid's third axis: every slice computes the block's full
+# scores (q.k over all columns), and keeps float32 accumulators for its slice only. At d=256 that
+# costs one more q.k per key tile (forward 1.5x the flops of one program, dK/dV likewise), and it
+# is what fits: one program holding 256 accumulator columns kept 16..448 bytes of stack on every
+# tile tried (sm_80 to sm_90, triton 3.9), the split compiles clean (tests/gpu_compile.py).
+MAX_VALUE_BLOCK = 128
+
+
+# The widest head a GPU of each target family runs here. 256 for 16-bit inputs on sm_80 and sm_90,
+# whose d=256 tiles (two 128-column slices) compile clean. 128 otherwise: the sm_86 / sm_89 family
+# has no clean d=256 dK/dV tile in its 99 KB of shared memory, and no d=256 tile was fitted for
+# float32 with TF32. The dispatcher (python/kexue/ops/_logn_attention_backends.py) sends wider
+# heads on a GPU elsewhere; the interpreter runs every width.
+WIDE_HEAD_DIM = 256
+NARROW_HEAD_DIM = 128
+
+
+def max_head_dim(family: int, mode: int) -> int:
+    """The widest head the kernels serve on a GPU of target ``family`` in dot ``mode``."""
+    return WIDE_HEAD_DIM if mode == NATIVE and family in (80, 90) else NARROW_HEAD_DIM
+
+
+def value_block(head_dim: int) -> int:
+    """BLOCK_DV: the output columns a program owns (``block_d`` up to :data:`MAX_VALUE_BLOCK`)."""
+    return min(block_d(head_dim), MAX_VALUE_BLOCK)
+
+
+def value_slices(head_dim: int) -> int:
+    """How many programs share a row block's output columns (the grid's third axis)."""
+    return block_d(head_dim) // value_block(head_dim)
+
+
 def row_length(head_dim: int) -> int:
     """The row length (elements) the kernels see: ``head_dim`` rounded up to a multiple of 16.
 
@@ -119,6 +152,17 @@ def dot(a, b, IEEE: tl.constexpr):
     if IEEE == 4:
         return tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def value_columns(dcol, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The output columns of this program: all of ``dcol`` or its ``program_id(2)``-th slice of
+    BLOCK_DV (see :data:`MAX_VALUE_BLOCK`)."""
+    if BLOCK_DV < BLOCK_D:
+        cols = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    else:
+        cols = dcol
+    return cols
 
 
 @triton.jit
