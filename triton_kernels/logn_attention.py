@@ -33,7 +33,6 @@ from ._aligned import aligned as _aligned
 from .logn_attention_rules import arch_family, block_d, dot_mode, max_head_dim, row_length  # noqa: F401 (max_head_dim: the dispatcher's)
 
 
-
 def _rows(t: torch.Tensor, row: int) -> torch.Tensor:
     """``t`` (last dim d) as the kernels read it (:func:`.logn_attention_rules.row_length`):
     contiguous and aligned when ``row == d``, else a view ``buf[..., :d]`` of a buffer whose rows
