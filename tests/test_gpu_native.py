@@ -64,6 +64,7 @@ ATTENTION_CASES = [
     (torch.bfloat16, 64, 8, False),
     (torch.float16, 128, 2, True),
     (torch.float16, 64, 8, False),
+    (torch.bfloat16, 256, 2, True),  # split into 128-column programs on sm_80 / sm_90
 ]
 
 

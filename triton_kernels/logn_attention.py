@@ -138,8 +138,7 @@ def _forward(
     mask_u8, prefix, scalars, flags = _common(
         q, k, mask, causal, scale, train_len, logn, clip, min_n, gradmax, varlen, allow_tf32
     )
-    if not varlen and q.shape[2] <= _decode.MAX_Q and q.shape[-1] <= _decode.MAX_D:
-        # a few queries against a KV cache: split-K, heads packed
+    if not varlen and q.shape[2] <= _decode.MAX_Q:  # a few queries against a KV cache: split-K, heads packed
         _decode.launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags)
         return
     _fwd.launch(q, k, v, out, lse, pb, mask_u8, prefix, scalars, flags, arch_family(q.device))

@@ -136,7 +136,7 @@ def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
     if dot_mode == FP32_IEEE:
         return _TILES_IEEE[d]
     if dot_mode == TF32:
-        return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (MAX_HEAD_DIM)
+        return _TILES_TF32[family].get(d, _TILES_IEEE[d])  # d=256: interpreter only (max_head_dim)
     return _TILES_16[family][d]
 
 

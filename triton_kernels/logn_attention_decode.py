@@ -39,19 +39,19 @@ from .logn_attention_rules import (
 MAX_Q = 16  # the longest query block the dispatcher sends here
 BLOCK_N = 64
 MAX_ROWS = 64  # packed rows a tile; more take several row blocks
-# The widest head sent here: its tiles hold all of a row's columns, and were fitted up to 128.
-# Wider heads (256) take the prefill forward, which splits the output columns.
-MAX_D = 128
 
 
-def _block_rows(rows: int) -> int:
+def _block_rows(rows: int, block_d: int = 128) -> int:
     # Two tile heights only, the two the static check compiles for every target: 16 (one token of
     # up to 16 query heads a KV head) and 64. Rows 17..63 run in the 64-row tile: the kernel is
     # bound by reading the cache, which costs the same for 32 rows as for 64 (a 64-row tile does
     # 64 flops a byte of k and v at d=128, a fifth of what an H100's tensor cores sustain per byte of
     # HBM), and a 32-row tile would be one more layout to keep unreplicated. Past 64 rows (e.g. 16
     # draft tokens of 8 query heads a KV head) the rows are cut into blocks of 64.
-    return 16 if rows <= 16 else MAX_ROWS
+    # Heads of 256 take 16-row blocks only: the 64-row tile at d=256 kept a stack or replicated its
+    # scores on sm_90 in every warp / stage count tried (16..48 bytes with 4 warps; 8 warps put two
+    # warpgroups on 64 rows), and one token of a GQA group of up to 16 fits one 16-row block.
+    return 16 if rows <= 16 or block_d > 128 else MAX_ROWS
 
 
 def _block_d(head_dim: int) -> int:
@@ -70,11 +70,13 @@ def _num_stages(block_d: int, itemsize: int = 2, family: int = 80, block_r: int 
     # 4-warp 64-row tile kept a 16-byte stack with one). TF32 with 64 rows 32 wide on sm_80 kept
     # 24 bytes of stack (not spills) with two stages in the padding-mask form and 8 with three;
     # one is clean (190 registers).
+    # 16-bit at d=256: three stages of 64-key k and v tiles (192 KB) pass sm_80's 163 KB; two (74 KB
+    # at 16 rows, 4 warps) are clean on every target.
     if itemsize == 4:
         if family == 80 and block_d == 32 and block_r == 64:
             return 1
         return 2 if block_d <= 64 or family == 90 else 1
-    return 2 if block_d <= 64 else 3
+    return 2 if block_d <= 64 or block_d > 128 else 3
 
 
 def _num_warps(block_r: int, block_d: int = 64, itemsize: int = 2, family: int = 80) -> int:
@@ -286,7 +288,7 @@ def launch(q, k, v, out, lse, mask_u8, prefix, scalars, flags) -> None:
     hkv, lk = k.shape[1], k.shape[2]
     bd = _block_d(d)
     family = arch_family(q.device)
-    block_r = _block_rows(hq // hkv * lq)
+    block_r = _block_rows(hq // hkv * lq, bd)
     row_blocks = triton.cdiv(hq // hkv * lq, block_r)
     splits = num_splits(b * hkv * row_blocks, lk, q.device)
     chunk = triton.cdiv(triton.cdiv(lk, splits), BLOCK_N) * BLOCK_N

@@ -1,7 +1,8 @@
 """The log-n attention decode kernels' configurations (:mod:`.logn_attention_decode`), as
 ``AOT_CONFIGS`` for tests/gpu_compile.py: the two tile heights the launcher picks, 16 packed rows
 (e.g. one token with GQA groups up to 16) and 64 (every larger row count, in row blocks of 64), per
-dtype, dot mode and head dim, and the merge at both heights. The kernels never see a head count,
+dtype, dot mode and head dim, and the merge at both heights; heads of 256 (16-bit, sm_80 and sm_90)
+in 16-row blocks only. The kernels never see a head count,
 length or split count as the constant 1 (``do_not_specialize``), so one form serves Lq = 1 and
 multi-query models too."""
 
@@ -12,13 +13,25 @@ import torch
 from .logn_attention_decode import (
     BLOCK_N,
     COMBINE_RUNTIME_INTS,
+    MAX_ROWS,
     _block_d,
+    _block_rows,
     _num_stages,
     _num_warps,
     logn_decode_combine_kernel,
     logn_decode_split_kernel,
 )
-from .logn_attention_rules import FP32_IEEE, NATIVE, RUNTIME_INTS, TF32, gpu_targets, row_length
+from .logn_attention_rules import (
+    FP32_IEEE,
+    NARROW_HEAD_DIM,
+    NATIVE,
+    RUNTIME_INTS,
+    TF32,
+    WIDE_HEAD_DIM,
+    gpu_targets,
+    max_head_dim,
+    row_length,
+)
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -84,21 +97,25 @@ def _split_config(family: int, dtype, mode: int, head: int, block_r: int, causal
 def _aot_configs() -> list[dict]:
     configs = []
     for dtype, mode in _MODES:
-        # GPUs stop at 128 (MAX_HEAD_DIM in the launchers); 40 and 72: rows padded to 48 / 80, EVEN_D off
-        for head in (16, 32, 64, 128, 40, 72):
+        # 40 and 72: rows padded to 48 / 80, EVEN_D off; 256 on the families max_head_dim allows
+        for head in (16, 32, 64, 128, 40, 72, WIDE_HEAD_DIM):
             d = _block_d(row_length(head))
+            # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
+            families = [f for f in ((80,) if mode == FP32_IEEE else _ARCHS) if head <= max_head_dim(f, mode)]
             # 16 rows: one token with GQA groups up to 16, or a few tokens of a small group;
             # 64 rows: every larger count, e.g. one token of 17..64 query heads a KV head or 16
-            # draft tokens with groups of 4
-            for block_r in (16, 64):
+            # draft tokens with groups of 4 (the launcher's _block_rows: 16 only at d=256)
+            for block_r in sorted({_block_rows(n, d) for n in (1, MAX_ROWS)}):
                 for causal, has_mask in ((True, False), (True, True)):
-                    # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
-                    for family in (80,) if mode == FP32_IEEE else _ARCHS:
+                    for family in families:
                         configs.append(_split_config(family, dtype, mode, head, block_r, causal, has_mask))
-            if mode == TF32 or head != d:
+            if mode == TF32 or head != d or not families:
                 continue  # the merge has no dots: the float32 entry serves both modes
-            for block_r in (16, 64):
-                configs.append(_combine_config(dtype, d, block_r))
+            for block_r in sorted({_block_rows(n, d) for n in (1, MAX_ROWS)}):
+                merge = _combine_config(dtype, d, block_r)
+                if head > NARROW_HEAD_DIM:
+                    merge["archs"] = tuple(a for f in families for a in _ARCHS[f])
+                configs.append(merge)
     return configs
 
 

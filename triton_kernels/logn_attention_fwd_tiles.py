@@ -81,13 +81,13 @@ _TILES_TF32 = {
     80: {16: Tiles(64, 32, 4, 2), 32: Tiles(64, 32, 4, 2), 64: Tiles(64, 16, 4, 2), 128: Tiles(128, 16, 8, 2)},
 }
 _TILES_TF32[86] = _TILES_TF32[80]
-_TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 (interpreter only: MAX_HEAD_DIM), as small as a dot goes
+_TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 TF32 (interpreter only: max_head_dim), as small as a dot goes
 
 
 def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
     """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
-    padding mask. Head dims above 128 are listed for the interpreter only (see MAX_HEAD_DIM in
-    the launchers): they spill on every target."""
+    padding mask. d=256 runs on GPUs for 16-bit inputs on sm_80 and sm_90 only (``max_head_dim``
+    in logn_attention_rules.py); its other entries serve the interpreter."""
     d = block_d(head_dim)
     dot_mode = tile_mode(dot_mode)
     if dot_mode == FP32_IEEE:

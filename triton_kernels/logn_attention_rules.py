@@ -44,8 +44,9 @@ NARROW_HEAD_DIM = 128
 
 
 def max_head_dim(family: int, mode: int) -> int:
-    """The widest head the kernels serve on a GPU of target ``family`` in dot ``mode``."""
-    return WIDE_HEAD_DIM if mode == NATIVE and family in (80, 90) else NARROW_HEAD_DIM
+    """The widest head the kernels serve on a GPU of target ``family`` in dot ``mode`` (an
+    interpreter mode counts as the GPU mode it stands for, see :func:`tile_mode`)."""
+    return WIDE_HEAD_DIM if tile_mode(mode) == NATIVE and family in (80, 90) else NARROW_HEAD_DIM
 
 
 def value_block(head_dim: int) -> int:

@@ -40,6 +40,7 @@ DEFAULT_SHAPES = [
     (4, 16, 4, 4096, 64, True),
     (4, 16, 4, 4096, 128, False),
     (4, 16, 16, 4096, 128, True),
+    (2, 16, 4, 4096, 256, True),  # heads of 256 (two 128-column programs a row block on sm_80 / sm_90)
 ]
 FULL_SHAPES = [
     (4, 16, hkv, length, d, causal)

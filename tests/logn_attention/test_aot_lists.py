@@ -37,7 +37,7 @@ AOT_MODULES = (
 def test_aot_configs_cover_every_pickable_config():
     """Every tile configuration the launchers can pick is in an AOT_CONFIGS list (so the static
     GPU check sees it): each family x head-dim class x dtype, for every kernel."""
-    from kexue.triton_kernels.logn_attention_rules import block_d, dot_mode
+    from kexue.triton_kernels.logn_attention_rules import block_d, dot_mode, max_head_dim, value_block
 
     def listed(module, kernel, constexprs, warps_stages=None):
         return any(
@@ -50,7 +50,8 @@ def test_aot_configs_cover_every_pickable_config():
     for family in (80, 86, 90):
         for dtype, tf32 in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 0), (torch.float32, 1)):
             mode = {torch.float32: 3 if tf32 else 1}.get(dtype, 0)  # the GPU's modes, not the interpreter's
-            for head_dim in (8, 24, 40, 64, 72, 80, 96, 128):  # wider heads leave Triton on a GPU (MAX_HEAD_DIM)
+            heads = (8, 24, 40, 64, 72, 80, 96, 128, 256)
+            for head_dim in (h for h in heads if h <= max_head_dim(family, mode)):  # wider: not Triton
                 d = K.row_length(head_dim)  # what the launchers pass
                 bd = block_d(d)
                 for has_mask in (False, True):
@@ -64,6 +65,7 @@ def test_aot_configs_cover_every_pickable_config():
                                 BLOCK_M=t.block_m,
                                 BLOCK_N=t.block_n,
                                 BLOCK_D=bd,
+                                BLOCK_DV=value_block(d),
                                 IEEE=mode,
                                 HAS_MASK=has_mask,
                                 EVEN_D=d == bd,
@@ -83,35 +85,41 @@ def test_aot_configs_cover_every_pickable_config():
                     for t in logn_attention_bwd_tiles.candidates(name, family, d, mode):
                         for has_mask, varlen in ((False, False), (True, False), (False, True)):
                             want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd)
+                            want.update(BLOCK_DV=value_block(d))
                             want.update(HAS_MASK=has_mask, VARLEN=varlen)
                             assert listed(module, kernel, want, (t.num_warps, t.num_stages)), (name, family, d, t)
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
-    assert K.MAX_HEAD_DIM == 128
+    # d=256 on sm_80 / sm_90 for 16-bit inputs only (no clean sm_86 dK/dV tile, no TF32 tiles fitted)
+    assert [max_head_dim(f, 0) for f in (80, 86, 90)] == [256, 128, 256]
+    assert {max_head_dim(f, m) for f in (80, 86, 90) for m in (1, 3)} == {128}
 
 
 def test_aot_lists_stop_where_the_dispatcher_stops():
     """Every configuration compiled for a GPU target is one the dispatcher can launch there: padded
-    head sizes up to MAX_HEAD_DIM, never float32 without TF32; and the preprocess lists each
-    padded head size of every dtype (it runs before the dK/dV and dQ kernels in every backward)."""
-    from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, block_d
+    head sizes up to the target's max_head_dim, never float32 without TF32; and the preprocess lists
+    each padded head size of every dtype (it runs before the dK/dV and dQ kernels in every backward)."""
+    from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, block_d, max_head_dim
 
-    widest = block_d(K.MAX_HEAD_DIM)
+    family = {80: 80, 86: 86, 89: 86, 90: 90}
     for module in AOT_MODULES:
         for c in module.AOT_CONFIGS:
+            # the kernels without dots (preprocess, decode merge) have no IEEE switch: float32 counts as TF32
+            mode = c["constexprs"].get("IEEE", 3 if c["signature"].get("out_ptr") == "*fp32" else 0)
             if c.get("archs", (80,)) == ():
-                assert c["constexprs"].get("IEEE") == FP32_IEEE or c["constexprs"]["BLOCK_D"] > widest, c["name"]
+                assert mode == FP32_IEEE, c["name"]
                 continue
-            assert c["constexprs"]["BLOCK_D"] <= widest, c["name"]
-            assert c["constexprs"].get("IEEE") != FP32_IEEE, c["name"]
+            for arch in c.get("archs", (80, 86, 89, 90)):
+                assert c["constexprs"]["BLOCK_D"] <= block_d(max_head_dim(family[arch], mode)), (c["name"], arch)
+            assert mode != FP32_IEEE, c["name"]
     # the decode kernel: every padded width, EVEN_D, warp and stage count the launcher can pick on
     # each target family, compiled for that family's targets
     dec = logn_attention_decode
     for family, arch in ((80, 80), (86, 89), (90, 90)):
         for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
-            for head in (8, 40, 64, 72, 96, 128):
+            for head in (h for h in (8, 40, 64, 72, 96, 128, 256) if h <= max_head_dim(family, mode)):
                 bd = dec._block_d(K.row_length(head))
-                for rows in sorted({dec._block_rows(n) for n in range(1, 17 * 64)}):
+                for rows in sorted({dec._block_rows(n, bd) for n in range(1, 17 * 64)}):
                     want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
                     warps = dec._num_warps(rows, bd, dtype.itemsize, family)
                     stages = dec._num_stages(bd, dtype.itemsize, family, rows)
@@ -130,7 +138,10 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
                         for c in logn_attention_decode_aot.AOT_CONFIGS
                     ), (dtype, head, rows)
     prep = {(c["signature"]["out_ptr"], c["constexprs"]["BLOCK_D"]) for c in logn_attention_bwd_prep.AOT_CONFIGS}
-    assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)}
+    assert prep == {(p, d) for p in ("*fp16", "*bf16", "*fp32") for d in (16, 32, 64, 128)} | {
+        ("*fp16", 256),
+        ("*bf16", 256),
+    }
 
 
 def test_every_gpu_dot_config_demands_unreplicated_tiles():
@@ -145,9 +156,11 @@ def test_every_gpu_dot_config_demands_unreplicated_tiles():
 
 
 def test_decode_tile_heights_are_the_compiled_ones():
-    # the launcher only picks the two tile heights the AOT list compiles, whatever the row count
+    # the launcher only picks the two tile heights the AOT list compiles, whatever the row count;
+    # heads of 256 only the 16-row one
     assert {logn_attention_decode._block_rows(n) for n in range(1, 1025)} == {16, 64}
     assert logn_attention_decode._block_rows(16) == 16 and logn_attention_decode._block_rows(17) == 64
+    assert {logn_attention_decode._block_rows(n, 256) for n in range(1, 1025)} == {16}
 
 
 def test_kernels_never_fold_a_one_the_static_check_did_not():
@@ -170,3 +183,30 @@ def test_kernels_never_fold_a_one_the_static_check_did_not():
     assert kept["logn_decode_combine_kernel"] == {"Hq", "Hkv", "Lq", "splits", "stride_lb", "stride_lh"}
     for module in AOT_MODULES:
         assert_compiled_as_kept(module.AOT_CONFIGS, kept, RUNTIME_INTS)
+
+
+@pytest.mark.parametrize(
+    "family,dtype,allow_tf32,d,served",
+    [
+        (90, torch.bfloat16, False, 256, True),
+        (80, torch.float16, False, 256, True),
+        (86, torch.bfloat16, False, 256, False),  # no clean d=256 dK/dV tile in 99 KB
+        (86, torch.bfloat16, False, 128, True),
+        (90, torch.float32, True, 256, False),  # no d=256 TF32 tiles
+        (90, torch.float32, True, 128, True),
+        (90, torch.float32, False, 64, False),  # float32 without TF32 never
+    ],
+)
+def test_the_dispatcher_asks_the_family_for_its_widest_head(monkeypatch, family, dtype, allow_tf32, d, served):
+    """What the op's Triton backend takes on a GPU (a stand-in for a CUDA tensor, the family
+    patched): heads up to max_head_dim for that family and dot mode, and what it refuses it names."""
+    from types import SimpleNamespace
+
+    from kexue.ops import _logn_attention_backends as backends
+
+    monkeypatch.setattr(K, "arch_family", lambda device: family)
+    q = SimpleNamespace(is_cuda=True, device=None, dtype=dtype, shape=(1, 2, 3, d))
+    reason = backends._triton_serves(q, allow_tf32)
+    assert (reason is None) == served, reason
+    if not served and d > 128:
+        assert "heads wider than 128" in reason

@@ -27,6 +27,7 @@ from tests.helpers import assert_close
 pytest.importorskip("triton")
 from kexue.triton_kernels import logn_attention as K  # noqa: E402  (after the skip)
 from kexue.triton_kernels import logn_attention_bwd_tiles, logn_attention_decode  # noqa: E402
+from kexue.triton_kernels.logn_attention_rules import value_block, value_slices  # noqa: E402
 
 ref = sys.modules["kexue.reference.logn_attention"]
 
@@ -150,6 +151,30 @@ def test_head_dims(triton_device, d):
     _check(triton_device, 1, 2, 1, 37, 70, d, torch.float16, True, mask_p=0.2)
 
 
+@pytest.mark.parametrize("family", [80, 90])
+def test_wide_heads_split_their_columns(triton_device, monkeypatch, family):
+    # d=256 (the sm_80 and sm_90 tables): two programs per row block, each owning 128 of the output
+    # columns (dK, dV and dQ likewise) and computing the scores over all 256; GQA, a 128-row tile
+    # edge crossed, padding
+    monkeypatch.setattr(K, "arch_family", lambda device: family)
+    assert (value_block(256), value_slices(256)) == (128, 2)
+    assert (value_block(128), value_slices(128)) == (128, 1)
+    _check(triton_device, 1, 4, 2, 130, 130, 256, torch.bfloat16, True, mask_p=0.1)
+
+
+@pytest.mark.parametrize("lq,hq,hkv", [(1, 4, 2), (3, 16, 2)])
+def test_wide_heads_decode(triton_device, lq, hq, hkv):
+    # the decode kernel at d=256: 16-row blocks only, so 3 tokens of 8 query heads a KV head (24
+    # rows) take two row blocks; a cache offset and padding
+    assert logn_attention_decode._block_rows(hq // hkv * lq, 256) == 16
+    _check(triton_device, 1, hq, hkv, lq, 150, 256, torch.bfloat16, True, mask_p=0.1)
+
+
+def test_wide_heads_packed(triton_device, monkeypatch):
+    monkeypatch.setattr(K, "arch_family", lambda device: 90)
+    _check_packed(triton_device, [130, 1, 0, 64], [130, 1, 0, 70], 4, 2, 256, torch.float16, True)
+
+
 @pytest.mark.parametrize("d", [72, 96])
 def test_sm90_tiles(triton_device, monkeypatch, d):
     # the interpreter runs the sm_80 table; this runs sm_90's: dK/dV 16 query rows x 128 keys with
@@ -254,6 +279,6 @@ def test_cuda_production_decode(lq):
 
 
 @cuda_only
-def test_cuda_wide_heads_leave_triton_and_stay_correct():
-    # d=256 is past MAX_HEAD_DIM: the triton backend hands it to CUDA C++ (or the reference)
+def test_cuda_wide_heads():
+    # d=256: the Triton kernels on sm_80 / sm_90 (two 128-column programs), CUDA C++ elsewhere
     _check(torch.device("cuda"), 1, 4, 2, 300, 300, 256, torch.bfloat16, True, mask_p=0.1)
