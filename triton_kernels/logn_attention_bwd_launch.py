@@ -11,8 +11,8 @@ from . import _tile_tuner
 from .logn_attention_bwd_dkdv import logn_bwd_dkdv_kernel
 from .logn_attention_bwd_dq import logn_bwd_dq_kernel
 from .logn_attention_bwd_prep import PREP_ROWS, logn_bwd_prep_kernel
-from .logn_attention_bwd_tiles import candidates
-from .logn_attention_rules import block_d, row_length, tuning_key, value_block, value_slices
+from .logn_attention_bwd_tiles import candidates, value_width
+from .logn_attention_rules import block_d, row_length, tuning_key, value_slices
 
 
 def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefix, scalars, flags, family: int):
@@ -53,7 +53,6 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
         VARLEN=flags["VARLEN"],
         EVEN_D=even_d,
         BLOCK_D=bd,
-        BLOCK_DV=value_block(d),
     )
     args = (q, k, v, grad_out, lse, delta, sc, mask_u8)
     shape = (pb.cu_q, pb.cu_k, hq, hkv, pb.lq, pb.lk, d, *pb.q_strides, *pb.k_strides, *pb.l_strides)
@@ -68,11 +67,13 @@ def launch(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, pb, mask_u8, prefi
 
         def run(t):
             per_program = t.block_n if name == "dkdv" else t.block_m  # keys (dK/dV) or queries (dQ)
-            kernel[(programs, triton.cdiv(length, per_program), value_slices(d))](
+            block_dv = value_width(name, family, d)
+            kernel[(programs, triton.cdiv(length, per_program), value_slices(d, block_dv))](
                 *args,
                 *outs,
                 *shape,
                 **common,
+                BLOCK_DV=block_dv,
                 BLOCK_M=t.block_m,
                 BLOCK_N=t.block_n,
                 num_warps=t.num_warps,

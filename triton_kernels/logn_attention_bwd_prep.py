@@ -13,16 +13,7 @@ import triton
 import triton.language as tl
 
 from .logn_attention_bwd_tiles import PTR
-from .logn_attention_rules import (
-    NATIVE,
-    RUNTIME_INTS,
-    WIDE_HEAD_DIM,
-    gpu_targets,
-    max_head_dim,
-    row_scale,
-    sequence_start,
-    visible,
-)
+from .logn_attention_rules import RUNTIME_INTS, WIDE_HEAD_DIM, gpu_targets, row_scale, sequence_start, visible
 
 PREP_ROWS = 64  # query rows a program
 
@@ -92,14 +83,10 @@ def logn_bwd_prep_kernel(
     tl.store(sc_ptr + l_off + rows, sc, mask=row_ok)
 
 
-# the targets whose families run d=256 with 16-bit inputs (max_head_dim)
-WIDE_ARCHS = tuple(f for f in (80, 90) if max_head_dim(f, NATIVE) >= WIDE_HEAD_DIM)
-
-
 def _aot_configs() -> list[dict]:
     """No dots: per dtype and padded head size the GPUs take (16 to 128, and 256 for 16-bit
-    inputs on the targets :func:`.logn_attention_rules.max_head_dim` allows it on), the dense form
-    with every switch on and the packed one."""
+    inputs: :func:`.logn_attention_rules.max_head_dim`), the dense form with every switch on and
+    the packed one."""
     configs = []
     for dtype, ptr in PTR.items():
         wide = (WIDE_HEAD_DIM,) if dtype != torch.float32 else ()
@@ -140,7 +127,6 @@ def _aot_configs() -> list[dict]:
                         num_warps=4,
                         unaligned_ints=tuple(n for n in RUNTIME_INTS if n in ints),
                         aligned_only=True,  # the launcher aligns out, dO and dlse too
-                        **({"archs": WIDE_ARCHS} if d == WIDE_HEAD_DIM else {}),
                     )
                 )
     return configs

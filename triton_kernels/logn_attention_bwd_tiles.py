@@ -80,12 +80,14 @@ _TILES_16 = {
 # logn_attention_rules.py), scores over all 256 columns in each. Clean in every switch form
 # (triton 3.9): sm_90 dK/dV 16 x 128 on 8 warps in 2 stages (211..240 registers, 177 KB), dQ
 # 128 x 32 on 8 warps in 2 stages (158..201, 209 KB); sm_80 dK/dV 16 x 128 on 8 warps in 2 stages
-# (223..246, 152 KB), dQ 128 x 16 on 8 warps in 1 stage (232..252, 132 KB). sm_86 / sm_89 (99 KB)
-# have no clean dK/dV tile at d=256 (16 x 128 needs 152 KB; 16 x 32 on 2 warps kept 8..200 bytes
-# of stack): GPUs of that family stop at 128 (MAX_HEAD_DIM in the launchers).
+# (223..246, 152 KB), dQ 128 x 16 on 8 warps in 1 stage (232..252, 132 KB). sm_86 / sm_89 (99 KB):
+# 16 x 128 dK/dV needs 152 KB and 16 x 32 on 2 warps kept 8..200 bytes of stack with 128-column
+# slices, so dK/dV there takes 64-column slices (four programs a key block, see value_width):
+# 16 x 64 on 4 warps in 2 stages (128 registers, 84 KB; in 1 stage it kept 8..56 bytes); dQ 64 x 32
+# on 4 warps in 1 stage (218..254, 80 KB).
 _TILES_16[90][256] = BwdTiles(_T(16, 128, 8, 2), _T(128, 32, 8, 2))
 _TILES_16[80][256] = BwdTiles(_T(16, 128, 8, 2), _T(128, 16, 8, 1))
-_TILES_16[86] = _TILES_16[80]
+_TILES_16[86] = {**_TILES_16[80], 256: BwdTiles(_T(16, 64, 4, 2), _T(64, 32, 4, 1))}
 # float32 without TF32 (FMA dots): small tiles, sized to compile without spills
 _TILES_IEEE = {
     16: BwdTiles(_T(16, 32, 2, 2), _T(16, 32, 2, 2)),
@@ -128,6 +130,15 @@ _TILES_TF32 = {
 # sm_80 family d=32 / d=64: the dK/dV stage counts without the 8..16-byte stacks ptxas kept at
 # 128 registers on sm_86 with 16 x 64 on 4 warps, 1 or 2 stages
 _TILES_TF32[86] = {**_TILES_TF32[80], 128: BwdTiles(_T(16, 32, 2, 2), _T(32, 16, 2, 1))}
+
+
+def value_width(kernel: str, family: int, head_dim: int) -> int:
+    """BLOCK_DV of the dK/dV (``kernel="dkdv"``) or dQ (``"dq"``) kernel: the output columns one
+    program owns. 128-column slices (value_block), but 64 for dK/dV at d=256 on the sm_86 family,
+    whose 99 KB of shared memory fit no clean tile with 128."""
+    if kernel == "dkdv" and family == 86 and block_d(head_dim) > 128:
+        return value_block(head_dim, 64)
+    return value_block(head_dim)
 
 
 def tiles(family: int, head_dim: int, dot_mode: int) -> BwdTiles:
@@ -228,7 +239,7 @@ def config(
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
         BLOCK_D=bd,
-        BLOCK_DV=value_block(d),
+        BLOCK_DV=value_width(name, family, d),
     )
     ptr = PTR[dtype]
     sig = dict(

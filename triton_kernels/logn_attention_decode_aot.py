@@ -1,8 +1,8 @@
 """The log-n attention decode kernels' configurations (:mod:`.logn_attention_decode`), as
 ``AOT_CONFIGS`` for tests/gpu_compile.py: the two tile heights the launcher picks, 16 packed rows
 (e.g. one token with GQA groups up to 16) and 64 (every larger row count, in row blocks of 64), per
-dtype, dot mode and head dim, and the merge at both heights; heads of 256 (16-bit, sm_80 and sm_90)
-in 16-row blocks only. The kernels never see a head count,
+dtype, dot mode and head dim, and the merge at both heights; heads of 256 (16-bit) in 16-row
+blocks only. The kernels never see a head count,
 length or split count as the constant 1 (``do_not_specialize``), so one form serves Lq = 1 and
 multi-query models too."""
 
@@ -23,7 +23,6 @@ from .logn_attention_decode import (
 )
 from .logn_attention_rules import (
     FP32_IEEE,
-    NARROW_HEAD_DIM,
     NATIVE,
     RUNTIME_INTS,
     TF32,
@@ -112,10 +111,7 @@ def _aot_configs() -> list[dict]:
             if mode == TF32 or head != d or not families:
                 continue  # the merge has no dots: the float32 entry serves both modes
             for block_r in sorted({_block_rows(n, d) for n in (1, MAX_ROWS)}):
-                merge = _combine_config(dtype, d, block_r)
-                if head > NARROW_HEAD_DIM:
-                    merge["archs"] = tuple(a for f in families for a in _ARCHS[f])
-                configs.append(merge)
+                configs.append(_combine_config(dtype, d, block_r))
     return configs
 
 

@@ -44,13 +44,14 @@ _TILES_16 = {
         32: Tiles(128, 64, 4, 2),
         64: Tiles(128, 64, 8, 2),
         128: Tiles(128, 32, 8, 2),
-        256: Tiles(64, 32, 4, 1),  # (no GPU runs it: the backward has no clean d=256 tile on sm_86 / sm_89)
+        256: Tiles(64, 32, 4, 1),
     },
 }
 # d=256 runs as two programs of 128 output columns each (value_block in logn_attention_rules.py):
 # each holds a 128-column float32 accumulator, and q, k at all 256 columns for the scores. Checked
 # clean in every switch form (triton 3.9): sm_90 128 x 64 on 8 warps in 2 stages (176..248
-# registers, 161 KB), sm_80 128 x 16 on 8 warps in 2 stages (128..168 registers, 76 KB). One
+# registers, 161 KB), sm_80 128 x 16 on 8 warps in 2 stages (128..168 registers, 76 KB), sm_86 /
+# sm_89 64 x 32 on 4 warps in 1 stage (168..241, 48 KB; 128 x 16 in 2 stages kept 8 bytes). One
 # program holding all 256 columns kept 16..448 bytes of stack on every tile tried.
 # A padding mask costs registers the sm_80 d=128 tile lacks (255 registers and an 8-byte stack
 # with 32 keys): half the keys per step there.
@@ -86,8 +87,8 @@ _TILES_TF32_WIDE = Tiles(16, 16, 1, 1)  # d=256 TF32 (interpreter only: max_head
 
 def tiles(family: int, head_dim: int, dot_mode: int, has_mask: bool = False) -> Tiles:
     """The forward tiles for a target family (see ``arch_family``), head size, dot mode and
-    padding mask. d=256 runs on GPUs for 16-bit inputs on sm_80 and sm_90 only (``max_head_dim``
-    in logn_attention_rules.py); its other entries serve the interpreter."""
+    padding mask. d=256 runs on GPUs for 16-bit inputs only (``max_head_dim`` in
+    logn_attention_rules.py); its other entries serve the interpreter."""
     d = block_d(head_dim)
     dot_mode = tile_mode(dot_mode)
     if dot_mode == FP32_IEEE:

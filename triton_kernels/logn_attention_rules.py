@@ -34,29 +34,30 @@ def block_d(head_dim: int) -> int:
 MAX_VALUE_BLOCK = 128
 
 
-# The widest head a GPU of each target family runs here. 256 for 16-bit inputs on sm_80 and sm_90,
-# whose d=256 tiles (two 128-column slices) compile clean. 128 otherwise: the sm_86 / sm_89 family
-# has no clean d=256 dK/dV tile in its 99 KB of shared memory, and no d=256 tile was fitted for
-# float32 with TF32. The dispatcher (python/kexue/ops/_logn_attention_backends.py) sends wider
-# heads on a GPU elsewhere; the interpreter runs every width.
+# The widest head a GPU runs here. 256 for 16-bit inputs, whose d=256 tiles (output columns split
+# into slices, see MAX_VALUE_BLOCK) compile clean on every target family. 128 for float32 with
+# TF32: no d=256 tile was fitted for it. The dispatcher (python/kexue/ops/_logn_attention_backends.py)
+# sends wider heads on a GPU elsewhere; the interpreter runs every width.
 WIDE_HEAD_DIM = 256
 NARROW_HEAD_DIM = 128
 
 
 def max_head_dim(family: int, mode: int) -> int:
     """The widest head the kernels serve on a GPU of target ``family`` in dot ``mode`` (an
-    interpreter mode counts as the GPU mode it stands for, see :func:`tile_mode`)."""
-    return WIDE_HEAD_DIM if tile_mode(mode) == NATIVE and family in (80, 90) else NARROW_HEAD_DIM
+    interpreter mode counts as the GPU mode it stands for, see :func:`tile_mode`). Every family
+    has its d=256 tiles today; the AOT lists and the dispatcher ask per family all the same."""
+    return WIDE_HEAD_DIM if tile_mode(mode) == NATIVE else NARROW_HEAD_DIM
 
 
-def value_block(head_dim: int) -> int:
-    """BLOCK_DV: the output columns a program owns (``block_d`` up to :data:`MAX_VALUE_BLOCK`)."""
-    return min(block_d(head_dim), MAX_VALUE_BLOCK)
+def value_block(head_dim: int, widest: int = MAX_VALUE_BLOCK) -> int:
+    """BLOCK_DV: the output columns a program owns (``block_d`` up to ``widest``; a kernel whose
+    tiles need narrower slices on some target passes its own, see the dK/dV tiles)."""
+    return min(block_d(head_dim), widest)
 
 
-def value_slices(head_dim: int) -> int:
+def value_slices(head_dim: int, block_dv: int | None = None) -> int:
     """How many programs share a row block's output columns (the grid's third axis)."""
-    return block_d(head_dim) // value_block(head_dim)
+    return block_d(head_dim) // (block_dv or value_block(head_dim))
 
 
 def row_length(head_dim: int) -> int:

@@ -85,13 +85,15 @@ def test_aot_configs_cover_every_pickable_config():
                     for t in logn_attention_bwd_tiles.candidates(name, family, d, mode):
                         for has_mask, varlen in ((False, False), (True, False), (False, True)):
                             want = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, IEEE=mode, EVEN_D=d == bd)
-                            want.update(BLOCK_DV=value_block(d))
+                            want.update(BLOCK_DV=logn_attention_bwd_tiles.value_width(name, family, d))
                             want.update(HAS_MASK=has_mask, VARLEN=varlen)
                             assert listed(module, kernel, want, (t.num_warps, t.num_stages)), (name, family, d, t)
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
-    # d=256 on sm_80 / sm_90 for 16-bit inputs only (no clean sm_86 dK/dV tile, no TF32 tiles fitted)
-    assert [max_head_dim(f, 0) for f in (80, 86, 90)] == [256, 128, 256]
+    # d=256 for 16-bit inputs only (no TF32 tiles fitted); sm_86 dK/dV in 64-column slices
+    assert [max_head_dim(f, 0) for f in (80, 86, 90)] == [256, 256, 256]
+    assert [logn_attention_bwd_tiles.value_width("dkdv", f, 256) for f in (80, 86, 90)] == [128, 64, 128]
+    assert [logn_attention_bwd_tiles.value_width("dq", f, 256) for f in (80, 86, 90)] == [128, 128, 128]
     assert {max_head_dim(f, m) for f in (80, 86, 90) for m in (1, 3)} == {128}
 
 
@@ -190,7 +192,7 @@ def test_kernels_never_fold_a_one_the_static_check_did_not():
     [
         (90, torch.bfloat16, False, 256, True),
         (80, torch.float16, False, 256, True),
-        (86, torch.bfloat16, False, 256, False),  # no clean d=256 dK/dV tile in 99 KB
+        (86, torch.bfloat16, False, 256, True),  # dK/dV in 64-column slices there
         (86, torch.bfloat16, False, 128, True),
         (90, torch.float32, True, 256, False),  # no d=256 TF32 tiles
         (90, torch.float32, True, 128, True),

@@ -151,14 +151,15 @@ def test_head_dims(triton_device, d):
     _check(triton_device, 1, 2, 1, 37, 70, d, torch.float16, True, mask_p=0.2)
 
 
-@pytest.mark.parametrize("family", [80, 90])
+@pytest.mark.parametrize("family", [80, 86, 90])
 def test_wide_heads_split_their_columns(triton_device, monkeypatch, family):
-    # d=256 (the sm_80 and sm_90 tables): two programs per row block, each owning 128 of the output
-    # columns (dK, dV and dQ likewise) and computing the scores over all 256; GQA, a 128-row tile
-    # edge crossed, padding
+    # d=256 (each family's table): two programs per row block, each owning 128 of the output
+    # columns (dQ likewise; dK and dV too, but in four 64-column programs on sm_86) and computing
+    # the scores over all 256; GQA, a 128-row tile edge crossed, padding
     monkeypatch.setattr(K, "arch_family", lambda device: family)
     assert (value_block(256), value_slices(256)) == (128, 2)
     assert (value_block(128), value_slices(128)) == (128, 1)
+    assert value_slices(256, 64) == 4
     _check(triton_device, 1, 4, 2, 130, 130, 256, torch.bfloat16, True, mask_p=0.1)
 
 
