@@ -15,6 +15,9 @@ Structure, and why:
   is exact because every scale is >= 0.
 * Causal programs run longest first (the last row block is launched first), so the short blocks
   fill the tail of the launch.
+* A head wider than 128 columns (256) is split across programs on the grid's third axis: each
+  computes the scores over all columns but accumulates and stores only its BLOCK_DV output
+  columns (``value_columns``; why in :data:`.logn_attention_rules.MAX_VALUE_BLOCK`).
 * Tiles are chosen per target family and head dim (:func:`.logn_attention_fwd_tiles.tiles`) so that no warp recomputes
   another's scores: with chained dots Triton lays the warps along M, so BLOCK_M is 16 rows per
   warp on mma.sync targets and 64 rows per warpgroup (4 warps) for wgmma on sm_90.
