@@ -206,7 +206,7 @@ def logn_bwd_dq_kernel(
             BLOCK_DV < BLOCK_D,
         )
     dq = dq * sc[:, None]
-    if BLOCK_DV < BLOCK_D:
+    if BLOCK_DV < BLOCK_D:  # the store covers this program's columns only
         q_at = rows[:, None] * stride_qm + vcol[None, :]
         q_mask = row_ok[:, None] & (vcol[None, :] < D)
     tl.store(dq_ptr + q_off + q_at, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)

@@ -122,7 +122,7 @@ def _triton_serves(q: Tensor, allow_tf32: bool = False) -> str | None:
     kernels = _triton_module()
     widest = kernels.max_head_dim(kernels.arch_family(q.device), kernels.dot_mode(q.dtype, allow_tf32))
     if q.shape[-1] > widest:
-        return f"heads wider than {widest} for {q.dtype} on this GPU (wider tiles spill or overflow shared memory)"
+        return f"heads wider than {widest} for {q.dtype} on a GPU (no Triton tiles fitted for them)"
     if q.dtype == torch.float32 and not allow_tf32:
         return "float32 on a GPU without allow_tf32 (its FMA-dot tiles keep a stack frame; pass allow_tf32=True)"
     return None
