@@ -31,10 +31,9 @@ from .logn_attention_rules import (
     NATIVE,
     RUNTIME_INTS,
     TF32,
-    WIDE_HEAD_DIM,
+    aot_head_dims,
     block_d,
     gpu_targets,
-    max_head_dim,
     tile_candidates,
     tile_mode,
     value_block,
@@ -188,8 +187,6 @@ def candidates(kernel: str, family: int, head_dim: int, dot_mode: int) -> tuple[
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False), (True, True, False), (True, False, True))  # causal, mask, varlen
-HEAD_DIMS = (16, 32, 64, 96, 128)  # and 256 where max_head_dim allows
-UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned (the rows are padded to 16, see the launchers)
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
 MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
 _ARCHS = {80: (80,), 86: (86, 89), 90: (90,)}
@@ -284,8 +281,7 @@ def attention_configs(name: str, kernel, outs: tuple[str, ...]) -> list[dict]:
         for dtype, mode in MODES:
             if mode == FP32_IEEE and family != 80:
                 continue
-            wide = (WIDE_HEAD_DIM,) if max_head_dim(family, mode) >= WIDE_HEAD_DIM else ()
-            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS + wide):
+            for d in aot_head_dims(mode):
                 for switches in _SWITCHES:
                     for tile in candidates(name, family, d, mode):
                         configs.append(config(name, kernel, outs, family, dtype, mode, d, tile, switches))

@@ -96,21 +96,23 @@ def _split_config(family: int, dtype, mode: int, head: int, block_r: int, causal
 def _aot_configs() -> list[dict]:
     configs = []
     for dtype, mode in _MODES:
-        # 40 and 72: rows padded to 48 / 80, EVEN_D off; 256 on the families max_head_dim allows
+        # 40 and 72: rows padded to 48 / 80, EVEN_D off; 256 where max_head_dim allows
         for head in (16, 32, 64, 128, 40, 72, WIDE_HEAD_DIM):
+            if head > max_head_dim(mode):
+                continue
             d = _block_d(row_length(head))
-            # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
-            families = [f for f in ((80,) if mode == FP32_IEEE else _ARCHS) if head <= max_head_dim(f, mode)]
             # 16 rows: one token with GQA groups up to 16, or a few tokens of a small group;
             # 64 rows: every larger count, e.g. one token of 17..64 query heads a KV head or 16
             # draft tokens with groups of 4 (the launcher's _block_rows: 16 only at d=256)
-            for block_r in sorted({_block_rows(n, d) for n in (1, MAX_ROWS)}):
+            heights = sorted({_block_rows(n, d) for n in (1, MAX_ROWS)})
+            for block_r in heights:
                 for causal, has_mask in ((True, False), (True, True)):
-                    for family in families:
+                    # float32 IEEE: interpreter only (gpu_targets), which runs the sm_80 choices
+                    for family in (80,) if mode == FP32_IEEE else _ARCHS:
                         configs.append(_split_config(family, dtype, mode, head, block_r, causal, has_mask))
-            if mode == TF32 or head != d or not families:
+            if mode == TF32 or head != d:
                 continue  # the merge has no dots: the float32 entry serves both modes
-            for block_r in sorted({_block_rows(n, d) for n in (1, MAX_ROWS)}):
+            for block_r in heights:
                 configs.append(_combine_config(dtype, d, block_r))
     return configs
 

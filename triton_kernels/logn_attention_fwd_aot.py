@@ -17,17 +17,14 @@ from .logn_attention_rules import (
     NATIVE,
     RUNTIME_INTS,
     TF32,
-    WIDE_HEAD_DIM,
+    aot_head_dims,
     block_d,
     gpu_targets,
-    max_head_dim,
     value_block,
 )
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SWITCHES = ((False, False, False, False), (True, True, True, False), (True, False, True, True))
-HEAD_DIMS = (16, 32, 64, 96, 128)  # 96: a head dim padded to BLOCK_D (EVEN_D False); 256 where max_head_dim allows
-UNALIGNED_HEAD_DIMS = (40, 72)  # not multiples of 16: D unaligned, rows padded to 16 by the launchers
 _ARCHS = {90: (90,), 80: (80,), 86: (86, 89)}
 # (dtype, dot mode) pairs listed: 16-bit, float32 IEEE (interpreter only), float32 with allow_tf32
 _MODES = ((torch.float16, NATIVE), (torch.bfloat16, NATIVE), (torch.float32, FP32_IEEE), (torch.float32, TF32))
@@ -120,8 +117,7 @@ def _aot_configs() -> list[dict]:
         for dtype, mode in _MODES:
             if mode == FP32_IEEE and family != 80:
                 continue  # the IEEE tiles do not depend on the family: compiled once, for every target
-            wide = (WIDE_HEAD_DIM,) if max_head_dim(family, mode) >= WIDE_HEAD_DIM else ()
-            for d in sorted(HEAD_DIMS + UNALIGNED_HEAD_DIMS + wide):
+            for d in aot_head_dims(mode):
                 for causal, has_mask, gradmax, varlen in _SWITCHES:
                     default, *alternates = candidates(family, d, mode, has_mask)  # d itself: 96 is padded
                     configs.append(_config(family, archs, dtype, mode, d, default, causal, has_mask, gradmax, varlen))

@@ -42,11 +42,21 @@ WIDE_HEAD_DIM = 256
 NARROW_HEAD_DIM = 128
 
 
-def max_head_dim(family: int, mode: int) -> int:
-    """The widest head the kernels serve on a GPU of target ``family`` in dot ``mode`` (an
-    interpreter mode counts as the GPU mode it stands for, see :func:`tile_mode`). Every family
-    has its d=256 tiles today; the AOT lists and the dispatcher ask per family all the same."""
+def max_head_dim(mode: int) -> int:
+    """The widest head the kernels serve on a GPU in dot ``mode`` (an interpreter mode counts as
+    the GPU mode it stands for, see :func:`tile_mode`); the same on every target family."""
     return WIDE_HEAD_DIM if tile_mode(mode) == NATIVE else NARROW_HEAD_DIM
+
+
+# The head sizes the forward and backward AOT lists compile, one per class of padded width and
+# EVEN_D: 96 runs in a 128-column BLOCK_D (EVEN_D off); 40 and 72 are not multiples of 16 (D
+# unaligned, rows padded to 48 / 80 by the launchers).
+AOT_HEAD_DIMS = (16, 32, 40, 64, 72, 96, 128)
+
+
+def aot_head_dims(mode: int) -> tuple:
+    """:data:`AOT_HEAD_DIMS`, and 256 where :func:`max_head_dim` allows it in ``mode``."""
+    return AOT_HEAD_DIMS + ((WIDE_HEAD_DIM,) if max_head_dim(mode) >= WIDE_HEAD_DIM else ())
 
 
 def value_block(head_dim: int, widest: int = MAX_VALUE_BLOCK) -> int:

@@ -51,7 +51,7 @@ def test_aot_configs_cover_every_pickable_config():
         for dtype, tf32 in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 0), (torch.float32, 1)):
             mode = {torch.float32: 3 if tf32 else 1}.get(dtype, 0)  # the GPU's modes, not the interpreter's
             heads = (8, 24, 40, 64, 72, 80, 96, 128, 256)
-            for head_dim in (h for h in heads if h <= max_head_dim(family, mode)):  # wider: not Triton
+            for head_dim in (h for h in heads if h <= max_head_dim(mode)):  # wider: not Triton
                 d = K.row_length(head_dim)  # what the launchers pass
                 bd = block_d(d)
                 for has_mask in (False, True):
@@ -91,19 +91,18 @@ def test_aot_configs_cover_every_pickable_config():
     assert dot_mode(torch.float32) == 1 and dot_mode(torch.float16) == 0
     assert dot_mode(torch.float32, allow_tf32=True) in (3, 4) and dot_mode(torch.float16, allow_tf32=True) == 0
     # d=256 for 16-bit inputs only (no TF32 tiles fitted); sm_86 dK/dV in 64-column slices
-    assert [max_head_dim(f, 0) for f in (80, 86, 90)] == [256, 256, 256]
+    assert max_head_dim(0) == 256
     assert [logn_attention_bwd_tiles.value_width("dkdv", f, 256) for f in (80, 86, 90)] == [128, 64, 128]
     assert [logn_attention_bwd_tiles.value_width("dq", f, 256) for f in (80, 86, 90)] == [128, 128, 128]
-    assert {max_head_dim(f, m) for f in (80, 86, 90) for m in (1, 3)} == {128}
+    assert {max_head_dim(m) for m in (1, 3)} == {128}
 
 
 def test_aot_lists_stop_where_the_dispatcher_stops():
     """Every configuration compiled for a GPU target is one the dispatcher can launch there: padded
-    head sizes up to the target's max_head_dim, never float32 without TF32; and the preprocess lists
+    head sizes up to max_head_dim, never float32 without TF32; and the preprocess lists
     each padded head size of every dtype (it runs before the dK/dV and dQ kernels in every backward)."""
     from kexue.triton_kernels.logn_attention_rules import FP32_IEEE, block_d, max_head_dim
 
-    family = {80: 80, 86: 86, 89: 86, 90: 90}
     for module in AOT_MODULES:
         for c in module.AOT_CONFIGS:
             # the kernels without dots (preprocess, decode merge) have no IEEE switch: float32 counts as TF32
@@ -111,15 +110,14 @@ def test_aot_lists_stop_where_the_dispatcher_stops():
             if c.get("archs", (80,)) == ():
                 assert mode == FP32_IEEE, c["name"]
                 continue
-            for arch in c.get("archs", (80, 86, 89, 90)):
-                assert c["constexprs"]["BLOCK_D"] <= block_d(max_head_dim(family[arch], mode)), (c["name"], arch)
+            assert c["constexprs"]["BLOCK_D"] <= block_d(max_head_dim(mode)), c["name"]
             assert mode != FP32_IEEE, c["name"]
     # the decode kernel: every padded width, EVEN_D, warp and stage count the launcher can pick on
     # each target family, compiled for that family's targets
     dec = logn_attention_decode
     for family, arch in ((80, 80), (86, 89), (90, 90)):
         for dtype, mode in ((torch.float16, 0), (torch.bfloat16, 0), (torch.float32, 3)):
-            for head in (h for h in (8, 40, 64, 72, 96, 128, 256) if h <= max_head_dim(family, mode)):
+            for head in (h for h in (8, 40, 64, 72, 96, 128, 256) if h <= max_head_dim(mode)):
                 bd = dec._block_d(K.row_length(head))
                 for rows in sorted({dec._block_rows(n, bd) for n in range(1, 17 * 64)}):
                     want = dict(BLOCK_D=bd, EVEN_D=K.row_length(head) == bd, BLOCK_R=rows, IEEE=mode)
@@ -199,9 +197,9 @@ def test_kernels_never_fold_a_one_the_static_check_did_not():
         (90, torch.float32, False, 64, False),  # float32 without TF32 never
     ],
 )
-def test_the_dispatcher_asks_the_family_for_its_widest_head(monkeypatch, family, dtype, allow_tf32, d, served):
+def test_the_dispatcher_takes_heads_up_to_max_head_dim(monkeypatch, family, dtype, allow_tf32, d, served):
     """What the op's Triton backend takes on a GPU (a stand-in for a CUDA tensor, the family
-    patched): heads up to max_head_dim for that family and dot mode, and what it refuses it names."""
+    patched): heads up to max_head_dim for the dot mode on every family, and what it refuses it names."""
     from types import SimpleNamespace
 
     from kexue.ops import _logn_attention_backends as backends

@@ -120,7 +120,7 @@ def _triton_serves(q: Tensor, allow_tf32: bool = False) -> str | None:
     if not q.is_cuda:
         return None
     kernels = _triton_module()
-    widest = kernels.max_head_dim(kernels.arch_family(q.device), kernels.dot_mode(q.dtype, allow_tf32))
+    widest = kernels.max_head_dim(kernels.dot_mode(q.dtype, allow_tf32))
     if q.shape[-1] > widest:
         return f"heads wider than {widest} for {q.dtype} on a GPU (no Triton tiles fitted for them)"
     if q.dtype == torch.float32 and not allow_tf32:
